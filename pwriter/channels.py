@@ -1,0 +1,311 @@
+"""From many producer tasks to full stripe buffers.
+
+Theory of operation
+-------------------
+A trio channel ``send`` costs microseconds; a trace event is ~200 bytes.  So
+a :class:`Producer` never sends single lines: it appends them to a local list
+and sends one joined *block* (whole, newline-terminated lines) when the list
+holds ``batch_bytes``.  Each producer is bound to one coalescer's bounded
+channel; all lines of one producer therefore pass through one coalescer in
+order, and since a coalescer's chunks are placed in the order it fills them,
+**lines of one producer keep their order** in the output (in the sharded
+layout, in read order).  Across producers there is no order.
+
+A :class:`Coalescer` receives blocks and copies them into a stripe buffer
+taken from the :class:`BufferPool`, a fixed set of page-aligned buffers
+carved from one anonymous ``mmap``.  A buffer is handed to ``flush`` when the
+next line would not fit, when its oldest byte has waited ``max_delay``
+seconds on the trio clock, or when the channel closes.  Blocks are cut only
+at newlines, so a chunk always holds whole lines.  A single line longer than
+a buffer is written on its own as an oversized chunk.
+
+Backpressure: ``flush`` hands the buffer to a write that gives it back to the
+pool when the kernel is done with it.  When every buffer is in flight,
+``pool.take()`` waits, the coalescer stops receiving, its channel fills, and
+producers wait in ``send``.  Memory is thus bounded by the pool plus
+``channel_blocks`` blocks per coalescer plus one batch per producer.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import mmap
+from collections.abc import Awaitable, Callable, Iterable
+
+import trio
+
+__all__ = ["BufferPool", "Producer", "Coalescer", "CoalescerStatistics", "DEFAULT_BATCH_BYTES"]
+
+DEFAULT_BATCH_BYTES = 64 << 10
+NEWLINE = b"\n"
+
+
+class BufferPool:
+    """``count`` page-aligned buffers of ``size`` bytes each.
+
+    :meth:`take` gives a buffer (a writable memoryview) and waits while all
+    are out; :meth:`give_back` returns one.  The caller that took a buffer
+    owns it until it gives it back.
+    """
+
+    def __init__(self, count: int, size: int) -> None:
+        if count < 1 or size < 1:
+            raise ValueError("a pool needs at least one buffer of at least one byte")
+        self.count = count
+        self.size = size
+        self._memory = mmap.mmap(-1, count * size)
+        whole = memoryview(self._memory)
+        self._send, self._receive = trio.open_memory_channel[memoryview](count)
+        for index in range(count):
+            self._send.send_nowait(whole[index * size : (index + 1) * size])
+        whole.release()
+        self.waits = 0
+
+    @property
+    def available(self) -> int:
+        return self._receive.statistics().current_buffer_used
+
+    async def take(self) -> memoryview:
+        try:
+            return self._receive.receive_nowait()
+        except trio.WouldBlock:
+            self.waits += 1
+            return await self._receive.receive()
+
+    def give_back(self, buffer: memoryview) -> None:
+        self._send.send_nowait(buffer)
+
+    def close(self) -> None:
+        """Release the memory; every buffer must have been given back."""
+        while True:
+            try:
+                self._receive.receive_nowait().release()
+            except trio.WouldBlock:
+                break
+        self._send.close()
+        self._receive.close()
+        try:
+            self._memory.close()
+        except BufferError:  # a buffer is still out (an aborted write): let the GC free it
+            pass
+
+
+class Producer:
+    """A handle through which one task writes lines.
+
+    Use it from one task at a time (``async with writer.producer() as p:``).
+    Lines are bytes; a line is one record and must not contain a newline
+    except at its end; one is added when missing.  Lines are batched locally
+    and reach the writer in blocks; :meth:`flush` pushes the batch now, and
+    the writer also pushes a batch that has waited ``max_delay`` seconds.
+    Closing the handle pushes what is left.  Cancelling a ``send_*`` call
+    loses nothing that an earlier call accepted.
+    """
+
+    def __init__(self, channel: trio.MemorySendChannel[bytes], *, batch_bytes: int = DEFAULT_BATCH_BYTES) -> None:
+        self._channel = channel
+        self._batch_bytes = batch_bytes
+        self._pending: list[bytes] = []
+        self._pending_bytes = 0
+        self.pending_since = math.inf
+        self.closed = False
+
+    async def send_line(self, line: bytes) -> None:
+        """Queue one line (a newline is added if it has none)."""
+        if not line.endswith(NEWLINE):
+            line += NEWLINE
+        if not self._pending:
+            self.pending_since = trio.current_time()
+        self._pending.append(line)
+        self._pending_bytes += len(line)
+        if self._pending_bytes >= self._batch_bytes:
+            await self.flush()
+
+    async def send_lines(self, lines: Iterable[bytes]) -> None:
+        """Queue many lines at once (newlines added where missing)."""
+        if not self._pending:
+            self.pending_since = trio.current_time()
+        pending = self._pending
+        for line in lines:
+            if not line.endswith(NEWLINE):
+                line += NEWLINE
+            pending.append(line)
+            self._pending_bytes += len(line)
+        if self._pending_bytes >= self._batch_bytes:
+            await self.flush()
+
+    async def send_block(self, block: bytes) -> None:
+        """Send a block of whole lines (newline-terminated; one is added at the end if missing).
+
+        The block is sent as it is, after anything queued before it.
+        """
+        if not block:
+            return
+        if not block.endswith(NEWLINE):
+            block += NEWLINE
+        await self.flush()
+        await self._channel.send(block)
+
+    async def flush(self) -> None:
+        """Send the queued lines now."""
+        block = self.take_pending()
+        if block:
+            await self._channel.send(block)
+
+    def take_pending(self) -> bytes:
+        """Remove and return the queued lines as one block (b"" when none)."""
+        if not self._pending:
+            return b""
+        block = b"".join(self._pending)
+        self._pending = []
+        self._pending_bytes = 0
+        self.pending_since = math.inf
+        return block
+
+    def send_pending_nowait(self) -> bool:
+        """Send the queued lines if the channel has room now; False if it has not."""
+        if not self._pending:
+            return True
+        block = b"".join(self._pending)
+        try:
+            self._channel.send_nowait(block)
+        except trio.WouldBlock:
+            return False
+        self._pending = []
+        self._pending_bytes = 0
+        self.pending_since = math.inf
+        return True
+
+    async def aclose(self) -> None:
+        """Push what is queued and close this handle's channel; idempotent."""
+        if self.closed:
+            return
+        try:
+            await self.flush()
+        finally:
+            self.closed = True
+            self._channel.close()
+
+    async def __aenter__(self) -> Producer:
+        return self
+
+    async def __aexit__(self, *exc_info: object) -> None:
+        await self.aclose()
+
+
+@dataclasses.dataclass(frozen=True)
+class CoalescerStatistics:
+    """What one coalescer did: ``chunks`` flushed (``bytes`` of lines in them),
+    how many were flushed by the delay deadline, and how many oversized
+    single-line chunks went around the pool."""
+
+    worker: int
+    chunks: int
+    bytes: int
+    deadline_flushes: int
+    oversized_chunks: int
+
+
+FlushBuffer = Callable[[int, memoryview, int], Awaitable[None]]
+WriteOversized = Callable[[int, memoryview], Awaitable[None]]
+
+
+class Coalescer:
+    """Packs the blocks of one channel into stripe buffers (see module docstring).
+
+    ``flush(worker, buffer, filled)`` takes ownership of ``buffer`` (it must
+    give it back to the pool when written); ``write_oversized(worker, view)``
+    writes a single line longer than ``capacity`` and returns when done.
+    """
+
+    def __init__(
+        self,
+        worker: int,
+        blocks: trio.MemoryReceiveChannel[bytes],
+        pool: BufferPool,
+        *,
+        capacity: int,
+        max_delay: float,
+        flush: FlushBuffer,
+        write_oversized: WriteOversized,
+    ) -> None:
+        if capacity > pool.size:
+            raise ValueError("chunk capacity exceeds the pool's buffer size")
+        self.worker = worker
+        self._blocks = blocks
+        self._pool = pool
+        self._capacity = capacity
+        self._max_delay = max_delay
+        self._flush = flush
+        self._write_oversized = write_oversized
+        self._buffer: memoryview | None = None
+        self._filled = 0
+        self._deadline = math.inf
+        self._chunks = 0
+        self._bytes = 0
+        self._deadline_flushes = 0
+        self._oversized = 0
+
+    def statistics(self) -> CoalescerStatistics:
+        return CoalescerStatistics(self.worker, self._chunks, self._bytes, self._deadline_flushes, self._oversized)
+
+    async def run(self) -> None:
+        """Consume blocks until the channel is closed, then flush the last buffer."""
+        with self._blocks:
+            while True:
+                with trio.move_on_at(self._deadline) as waited:
+                    try:
+                        block = await self._blocks.receive()
+                    except trio.EndOfChannel:
+                        break
+                if waited.cancelled_caught:
+                    self._deadline_flushes += 1
+                    await self._flush_buffer()
+                    continue
+                await self._add(block)
+        await self._flush_buffer()
+
+    async def _add(self, block: bytes) -> None:
+        view = memoryview(block)
+        position, size = 0, len(block)
+        while position < size:
+            if self._buffer is None:
+                self._buffer = await self._pool.take()
+                self._filled = 0
+                self._deadline = trio.current_time() + self._max_delay
+            room = self._capacity - self._filled
+            if size - position <= room:
+                cut = size
+            else:
+                cut = block.rfind(NEWLINE, position, position + room) + 1
+                if cut <= 0:  # not even one line fits in what is left
+                    if self._filled:
+                        await self._flush_buffer()
+                        continue
+                    cut = block.index(NEWLINE, position) + 1  # one line larger than a buffer
+                    self._oversized += 1
+                    self._chunks += 1
+                    self._bytes += cut - position
+                    await self._write_oversized(self.worker, view[position:cut])
+                    position = cut
+                    continue
+            length = cut - position
+            self._buffer[self._filled : self._filled + length] = view[position:cut]
+            self._filled += length
+            position = cut
+            if self._filled >= self._capacity or cut < size:
+                await self._flush_buffer()
+
+    async def _flush_buffer(self) -> None:
+        buffer, filled = self._buffer, self._filled
+        self._deadline = math.inf
+        if buffer is None:
+            return
+        self._buffer, self._filled = None, 0
+        if not filled:
+            self._pool.give_back(buffer)
+            return
+        self._chunks += 1
+        self._bytes += filled
+        await self._flush(self.worker, buffer, filled)

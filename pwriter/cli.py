@@ -1,0 +1,223 @@
+"""The ``pwriter`` command line.
+
+Start-up is kept light: this module imports only the standard library at
+the top; trio, pydantic and psutil are imported by the command that needs
+them.  Errors print one line, ``pwriter: error: <file>: <problem>``, and exit
+with the code documented in :mod:`pwriter.errors` (0 ok, 1 data or I/O
+error while working, 2 wrong before any data was read, 130 interrupted).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+from collections.abc import Sequence
+from typing import Any, NoReturn
+
+__all__ = ["main"]
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message: str) -> NoReturn:
+        self.exit(2, f"pwriter: error: {message} (see {self.prog} --help)\n")
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = _Parser(prog="pwriter", description="Merge and write DFTracer traces at the speed of the storage.")
+    commands = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
+
+    merge = commands.add_parser("merge", help="merge .pfw / .pfw.gz traces into one trace")
+    merge.add_argument("inputs", nargs="*", metavar="INPUT", help="trace files (.pfw or .pfw.gz, mixed)")
+    merge.add_argument("-d", "--directory", metavar="DIR", help="also merge every *.pfw and *.pfw.gz in DIR")
+    merge.add_argument("-o", "--output", required=True, metavar="OUTPUT", help="the merged trace to write")
+    merge.add_argument("--layout", choices=("auto", "striped", "padded-striped", "sharded"), default=None)
+    merge.add_argument("--backend", choices=("auto", "io_uring", "threads"), default=None)
+    merge.add_argument("--stripe-size", metavar="SIZE", default=None, help="bytes per write, e.g. 4MiB, 1M")
+    merge.add_argument("--workers", metavar="N", default=None, help="writer workers (shards when sharded)")
+    merge.add_argument("--force", action="store_true", help="replace an existing output")
+    merge.add_argument("--fsync", action=argparse.BooleanOptionalAction, default=None,
+                       help="fsync the output before publishing it (default: on)")
+    merge.add_argument("--json", action="store_true", help="print one JSON object describing the result")
+    merge.add_argument("--progress", action=argparse.BooleanOptionalAction, default=None,
+                       help="show progress on stderr (default: when stderr is a terminal)")
+
+    info = commands.add_parser("info", help="show the filesystem, sizing and backends for a path")
+    info.add_argument("path", metavar="PATH")
+    info.add_argument("--json", action="store_true")
+
+    gen = commands.add_parser("gen-corpus", help="write an example corpus of mixed traces")
+    gen.add_argument("directory", metavar="DIR")
+    gen.add_argument("--files", type=int, default=200)
+    gen.add_argument("--events", type=int, default=500, help="events per file")
+    gen.add_argument("--seed", type=int, default=0)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Run the command line; returns the exit code."""
+    args = _parser().parse_args(argv)
+    from .errors import PwriterError
+
+    try:
+        if args.command == "merge":
+            return _merge(args)
+        if args.command == "info":
+            return _info(args)
+        return _gen_corpus(args)
+    except PwriterError as exc:
+        print(f"pwriter: error: {exc}", file=sys.stderr)
+        return exc.exit_code
+    except KeyboardInterrupt:
+        print("pwriter: interrupted", file=sys.stderr)
+        return 130
+
+
+def _settings(args: argparse.Namespace) -> Any:
+    from .settings import load_settings
+
+    return load_settings(
+        layout=getattr(args, "layout", None),
+        backend=getattr(args, "backend", None),
+        stripe_size=getattr(args, "stripe_size", None),
+        workers=getattr(args, "workers", None),
+        fsync=getattr(args, "fsync", None),
+    )
+
+
+def _merge(args: argparse.Namespace) -> int:
+    import trio
+
+    from .merge import MergeProgress, collect_inputs, merge
+    from .output import manifest_path, read_shard_set
+
+    settings = _settings(args)
+    manifest = manifest_path(args.output)
+    exclude = [args.output, manifest, *read_shard_set(manifest)]
+    inputs = collect_inputs(args.inputs, args.directory, exclude=exclude)
+    progress = MergeProgress(total_input_bytes=sum(os.path.getsize(path) for path in inputs))
+    show_progress = args.progress if args.progress is not None else sys.stderr.isatty()
+
+    async def run() -> Any:
+        async with trio.open_nursery() as nursery:
+            if show_progress:
+                nursery.start_soon(_show_progress, progress)
+            result = await merge(inputs, args.output, settings=settings, force=args.force, progress=progress)
+            nursery.cancel_scope.cancel()
+        if show_progress:
+            print(file=sys.stderr)
+        return result
+
+    try:
+        result = trio.run(run, strict_exception_groups=True)
+    except BaseExceptionGroup as group:
+        raise _first_leaf(group) from None
+    stats = result.writer
+    if args.json:
+        report = {
+            "outputs": list(stats.outputs),
+            "manifest": result.manifest,
+            "layout": stats.layout,
+            "backend": stats.backend,
+            "fs_kind": stats.fs_kind,
+            "stripe_size": stats.stripe_size,
+            "workers": stats.workers,
+            "inputs": result.inputs,
+            "events": result.events,
+            "input_bytes": result.input_bytes,
+            "bytes_written": stats.bytes_written,
+            "chunks": stats.chunks,
+            "writes": stats.io.writes,
+            "fsync": settings.fsync,
+            "seconds": round(stats.seconds, 6),
+        }
+        print(json.dumps(report))
+    else:
+        rate = stats.bytes_written / stats.seconds / (1 << 20) if stats.seconds > 0 else 0.0
+        where = ", ".join(stats.outputs) if not result.manifest else f"{result.manifest} ({len(stats.outputs)} shards)"
+        print(
+            f"merged {result.inputs} inputs, {result.events} events, {stats.bytes_written} bytes into {where} "
+            f"[{stats.layout}, {stats.backend}, {stats.workers} workers] in {stats.seconds:.2f} s ({rate:.0f} MiB/s)"
+        )
+    return 0
+
+
+def _first_leaf(group: BaseExceptionGroup[BaseException]) -> BaseException:
+    first: BaseException = group
+    while isinstance(first, BaseExceptionGroup):
+        first = first.exceptions[0]
+    return first
+
+
+async def _show_progress(progress: Any) -> None:
+    import trio
+
+    start = trio.current_time()
+    while True:
+        done = progress.input_bytes()
+        total = max(1, progress.total_input_bytes)
+        fraction = min(1.0, done / total)
+        elapsed = max(1e-9, trio.current_time() - start)
+        bar = "#" * int(fraction * 30)
+        sys.stderr.write(
+            f"\r[{bar:<30}] {fraction:6.1%} {progress.files_done} files, {progress.events} events, "
+            f"{done / elapsed / (1 << 20):.0f} MiB/s in"
+        )
+        sys.stderr.flush()
+        await trio.sleep(0.5)
+
+
+def _info(args: argparse.Namespace) -> int:
+    from .backends import available_backends
+    from .writer import plan
+
+    settings = _settings(args)
+    fs, sizing = plan(args.path, settings)
+    backends = available_backends()
+    if args.json:
+        print(
+            json.dumps(
+                {
+                    "path": args.path,
+                    "fs_kind": fs.kind.value,
+                    "fs_magic": hex(fs.magic),
+                    "mount_point": fs.mount_point,
+                    "block_size": fs.block_size,
+                    "fs_stripe_size": fs.stripe_size,
+                    "fs_stripe_count": fs.stripe_count,
+                    "layout": sizing.layout,
+                    "workers": sizing.workers,
+                    "stripe_size": sizing.stripe_size,
+                    "buffers": sizing.buffers,
+                    "queue_depth": sizing.queue_depth,
+                    "memory_budget": sizing.memory_budget,
+                    "reasons": list(sizing.reasons),
+                    "backends": {name: {"available": why is None, "reason": why} for name, why in backends.items()},
+                }
+            )
+        )
+        return 0
+    print(f"path:         {args.path}")
+    print(f"filesystem:   {fs.kind.value} (magic {fs.magic:#x}) mounted at {fs.mount_point}")
+    print(f"block size:   {fs.block_size}")
+    print(f"fs stripes:   size {fs.stripe_size or 'unknown'}, count {fs.stripe_count or 'unknown'}")
+    print("sizing:")
+    for reason in sizing.reasons:
+        print(f"  {reason}")
+    print("backends:")
+    for name, why in backends.items():
+        print(f"  {name}: {'available' if why is None else 'unavailable: ' + why}")
+    return 0
+
+
+def _gen_corpus(args: argparse.Namespace) -> int:
+    from .corpus import write_corpus
+
+    paths = write_corpus(args.directory, files=args.files, events_per_file=args.events, seed=args.seed)
+    print(f"wrote {len(paths)} traces ({args.events} events each) to {args.directory}")
+    return 0
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())

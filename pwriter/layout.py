@@ -1,0 +1,242 @@
+"""Layout planners: which file, and which offset, every byte goes to.
+
+Theory of operation
+-------------------
+Workers (coalescers) fill buffers with whole lines and, when a buffer is
+full, ask the planner for a :class:`Placement`: a file index, an offset, and
+what surrounds the chunk there.  The planner answers at once and never does
+I/O; the writer then writes ``[header] + chunk + [padding]`` at that offset
+with a single vectored write.  Because offsets are decided when a chunk is
+*ready* rather than in advance, workers never wait for each other, and the
+order of chunks in the file is the order in which they became ready.
+
+Each planner keeps one invariant, checked by the property tests: the
+placements it hands out tile every file from offset 0 to its final size with
+no gap and no overlap.  A gap would be a hole of zero bytes (which trace
+readers refuse); an overlap would lose data.
+
+* **striped**: one file.  The header takes ``[0, len(header))`` at open;
+  every chunk takes the next ``len(chunk)`` bytes from a counter (a fetch-add
+  that needs no lock, since planners run in the trio thread); the footer is
+  reserved last, at close, so it ends the file whatever order workers finish in.
+
+* **padded-striped**: one file cut into slots of ``stripe_size`` bytes.  Every
+  chunk starts on a slot boundary and the rest of its last slot is filled with
+  padding, so that each write covers whole stripes.  The header is written in
+  the same write as the first chunk, at offset 0 (workers fill at most
+  ``stripe_size - len(header)`` bytes so that it fits).  A chunk larger than
+  its slot (only a single line longer than the stripe makes one) takes as many
+  whole slots as it needs; the next chunk starts at the next free slot.
+  Padding is never shorter than ``min_padding`` bytes: when the remainder of
+  a slot is smaller, the chunk's padding runs on through one more slot
+  (plain text needs 1 byte, ``"\\n"``; an empty gzip member needs more).  The
+  footer follows the last slot, unpadded.  If no chunk was ever written, the
+  file is just header and footer.
+
+* **sharded**: one file per worker.  The header starts shard 0, the footer ends
+  the last shard; each worker appends its chunks to its own shard.  Read order
+  is shard 0, 1, 2, ...: concatenating the shards in that order gives one
+  well-formed file.
+
+Plain padding is ``n - 1`` spaces and a newline: a whitespace-only line, which
+every trace reader skips (see NOTES.md section 2).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Literal, Protocol
+
+__all__ = [
+    "Placement",
+    "Planner",
+    "StripedPlanner",
+    "PaddedStripedPlanner",
+    "ShardedPlanner",
+    "make_planner",
+    "plain_padding",
+]
+
+LayoutName = Literal["striped", "padded-striped", "sharded"]
+
+
+@dataclasses.dataclass(frozen=True)
+class Placement:
+    """Where one write goes: ``head`` header bytes, then ``body`` bytes of
+    chunk (or footer), then ``pad`` bytes of padding, from ``offset`` on in
+    output file number ``file``."""
+
+    file: int
+    offset: int
+    head: int
+    body: int
+    pad: int
+
+    @property
+    def length(self) -> int:
+        return self.head + self.body + self.pad
+
+    @property
+    def end(self) -> int:
+        return self.offset + self.length
+
+
+class Planner(Protocol):
+    """The interface shared by the three planners."""
+
+    layout: LayoutName
+    files: int
+    chunk_capacity: int
+
+    def open(self) -> Placement | None:
+        """Placement of the header at open, or None when it rides with the first chunk."""
+
+    def place(self, worker: int, length: int) -> Placement:
+        """Reserve room for a chunk of ``length`` bytes (``length`` > 0) from ``worker``."""
+
+    def close(self, footer_length: int) -> Placement:
+        """Reserve the footer; no chunk may be placed afterwards."""
+
+    def file_sizes(self) -> list[int]:
+        """Size each file has once everything placed so far is written."""
+
+
+def plain_padding(length: int) -> bytes:
+    """``length`` bytes of plain-text padding: spaces ending in a newline."""
+    if length <= 0:
+        return b""
+    return b" " * (length - 1) + b"\n"
+
+
+class _Closed:
+    closed = False
+
+    def _check_open(self) -> None:
+        if self.closed:
+            raise RuntimeError("planner is closed: no chunk may follow the footer")
+
+
+class StripedPlanner(_Closed):
+    """One file; header, chunks and footer from one running counter."""
+
+    layout: LayoutName = "striped"
+    files = 1
+
+    def __init__(self, *, header_length: int, stripe_size: int) -> None:
+        self.header_length = header_length
+        self.chunk_capacity = stripe_size
+        self._next = 0
+
+    def open(self) -> Placement:
+        self._next = self.header_length
+        return Placement(0, 0, self.header_length, 0, 0)
+
+    def place(self, worker: int, length: int) -> Placement:
+        self._check_open()
+        offset, self._next = self._next, self._next + length
+        return Placement(0, offset, 0, length, 0)
+
+    def close(self, footer_length: int) -> Placement:
+        self._check_open()
+        self.closed = True
+        offset, self._next = self._next, self._next + footer_length
+        return Placement(0, offset, 0, footer_length, 0)
+
+    def file_sizes(self) -> list[int]:
+        return [self._next]
+
+
+class PaddedStripedPlanner(_Closed):
+    """One file of stripe-aligned, padded slots (see the module docstring)."""
+
+    layout: LayoutName = "padded-striped"
+    files = 1
+
+    def __init__(self, *, header_length: int, stripe_size: int, min_padding: int = 1) -> None:
+        if header_length >= stripe_size:
+            raise ValueError("the header must be shorter than a stripe")
+        if min_padding >= stripe_size:
+            raise ValueError("min_padding must be smaller than a stripe")
+        self.header_length = header_length
+        self.stripe_size = stripe_size
+        self.min_padding = min_padding
+        self.chunk_capacity = stripe_size - header_length
+        self._next = 0  # always a multiple of stripe_size
+        self._header_pending = True
+
+    def open(self) -> None:
+        return None
+
+    def place(self, worker: int, length: int) -> Placement:
+        self._check_open()
+        head = self.header_length if self._header_pending else 0
+        self._header_pending = False
+        used = head + length
+        slots = -(-used // self.stripe_size)
+        pad = slots * self.stripe_size - used
+        if 0 < pad < self.min_padding:
+            pad += self.stripe_size
+        placement = Placement(0, self._next, head, length, pad)
+        self._next = placement.end
+        return placement
+
+    def close(self, footer_length: int) -> Placement:
+        self._check_open()
+        self.closed = True
+        head = self.header_length if self._header_pending else 0
+        self._header_pending = False
+        placement = Placement(0, self._next, head, footer_length, 0)
+        self._next = placement.end
+        return placement
+
+    def file_sizes(self) -> list[int]:
+        return [self._next]
+
+
+class ShardedPlanner(_Closed):
+    """One file per worker; header starts shard 0, footer ends the last."""
+
+    layout: LayoutName = "sharded"
+
+    def __init__(self, *, header_length: int, stripe_size: int, shards: int) -> None:
+        if shards < 1:
+            raise ValueError("at least one shard is needed")
+        self.header_length = header_length
+        self.chunk_capacity = stripe_size
+        self.files = shards
+        self._next = [0] * shards
+
+    def open(self) -> Placement:
+        self._next[0] = self.header_length
+        return Placement(0, 0, self.header_length, 0, 0)
+
+    def place(self, worker: int, length: int) -> Placement:
+        self._check_open()
+        shard = worker % self.files
+        offset = self._next[shard]
+        self._next[shard] = offset + length
+        return Placement(shard, offset, 0, length, 0)
+
+    def close(self, footer_length: int) -> Placement:
+        self._check_open()
+        self.closed = True
+        last = self.files - 1
+        offset = self._next[last]
+        self._next[last] = offset + footer_length
+        return Placement(last, offset, 0, footer_length, 0)
+
+    def file_sizes(self) -> list[int]:
+        return list(self._next)
+
+
+def make_planner(
+    layout: LayoutName, *, header_length: int, stripe_size: int, workers: int, min_padding: int = 1
+) -> Planner:
+    """The planner for ``layout``; sharded layouts get one shard per worker."""
+    if layout == "striped":
+        return StripedPlanner(header_length=header_length, stripe_size=stripe_size)
+    if layout == "padded-striped":
+        return PaddedStripedPlanner(header_length=header_length, stripe_size=stripe_size, min_padding=min_padding)
+    if layout == "sharded":
+        return ShardedPlanner(header_length=header_length, stripe_size=stripe_size, shards=workers)
+    raise ValueError(f"unknown layout {layout!r}")

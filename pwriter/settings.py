@@ -1,0 +1,119 @@
+"""User-facing settings: one pydantic-settings model, read from ``PWRITER_*``.
+
+Every field may be left at its default, in which case :mod:`pwriter.sizing`
+derives a value from the filesystem and the machine.  Explicit values (from
+the environment, the command line or the library call) always win.
+
+Sizes accept a plain number of bytes or a number with a binary unit:
+``"4MiB"``, ``"4M"``, ``"4MB"`` and ``"4 mib"`` all mean 4 x 1024 x 1024 bytes
+(HPC tools such as ``lfs setstripe -S 4M`` and mpifileutils use binary units
+whatever the spelling, and so do we).
+"""
+
+from __future__ import annotations
+
+import re
+from typing import Annotated, Any, Literal
+
+from pydantic import BeforeValidator, Field, ValidationError
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+from .errors import UsageError
+
+__all__ = ["ConfigError", "LayoutName", "BackendName", "Settings", "parse_size", "load_settings"]
+
+LayoutName = Literal["auto", "striped", "padded-striped", "sharded"]
+BackendName = Literal["auto", "io_uring", "threads"]
+
+_SIZE_RE = re.compile(r"^\s*(\d+)\s*([kmgt]?)(i?b)?\s*$", re.IGNORECASE)
+_UNIT = {"": 1, "k": 1 << 10, "m": 1 << 20, "g": 1 << 30, "t": 1 << 40}
+
+
+class ConfigError(UsageError, ValueError):
+    """A setting has an invalid value; ``str()`` is one line naming the field."""
+
+
+def parse_size(value: object) -> int:
+    """Return a size in bytes from an int or a string such as ``"4MiB"``.
+
+    Raises ValueError with a message saying what is accepted.
+    """
+    if isinstance(value, bool):
+        raise ValueError("expected a size such as 4MiB, got a boolean")
+    if isinstance(value, int):
+        return value
+    match = _SIZE_RE.match(str(value))
+    if match is None:
+        raise ValueError(f"cannot read {value!r} as a size (examples: 4MiB, 1M, 512KB, 65536)")
+    number, unit, suffix = match.groups()
+    if suffix and suffix.lower() == "b" and not unit:
+        return int(number)  # "4096B"
+    return int(number) * _UNIT[unit.lower()]
+
+
+def _optional_size(value: object) -> int | None:
+    if value is None or (isinstance(value, str) and value.strip().lower() in ("", "auto")):
+        return None
+    return parse_size(value)
+
+
+def _optional_int(value: object) -> object:
+    if isinstance(value, str) and value.strip().lower() in ("", "auto"):
+        return None
+    return value
+
+
+def _count(low: int, high: int) -> Any:
+    return Annotated[Annotated[int, Field(ge=low, le=high)] | None, BeforeValidator(_optional_int)]
+
+
+def _size(low: int) -> Any:
+    return Annotated[Annotated[int, Field(ge=low)] | None, BeforeValidator(_optional_size)]
+
+
+class Settings(BaseSettings):
+    """How pwriter writes; ``None`` means "let the sizing policy decide".
+
+    Every field can be set from the environment as ``PWRITER_<FIELD>``, for
+    example ``PWRITER_STRIPE_SIZE=8MiB`` or ``PWRITER_LAYOUT=sharded``.
+    """
+
+    model_config = SettingsConfigDict(env_prefix="PWRITER_", frozen=True, extra="forbid")
+
+    layout: LayoutName = "auto"
+    backend: BackendName = "auto"
+    stripe_size: _size(64 << 10) = None
+    workers: _count(1, 1024) = None
+    buffers_per_worker: _count(2, 64) = None
+    queue_depth: _count(1, 4096) = None
+    fsync: bool = True
+    direct: bool = False
+    memory_budget: _size(16 << 20) = None
+    max_delay: float = Field(default=1.0, gt=0, le=3600)
+    """Longest time (seconds, trio clock) a written line may wait in a buffer."""
+
+
+def load_settings(**overrides: Any) -> Settings:
+    """Build :class:`Settings` from the environment plus ``overrides``.
+
+    ``overrides`` whose value is ``None`` are ignored, so that command-line
+    options that were not given fall back to the environment.  Raises
+    :class:`ConfigError` with one line naming the first bad field.
+    """
+    given = {name: value for name, value in overrides.items() if value is not None}
+    try:
+        return Settings(**given)
+    except ValidationError as exc:
+        raise ConfigError(_describe(exc)) from None
+
+
+def _describe(exc: ValidationError) -> str:
+    error = exc.errors(include_url=False)[0]
+    field = ".".join(str(part) for part in error["loc"]) or "settings"
+    message = error["msg"]
+    if message.startswith("Value error, "):
+        message = message[len("Value error, ") :]
+    shown = error.get("input")
+    if isinstance(shown, (str, int, float)) and not isinstance(shown, bool):
+        return f"invalid setting {field}={shown!r}: {message}"
+    return f"invalid setting {field}: {message}"

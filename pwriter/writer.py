@@ -1,0 +1,348 @@
+"""The writer service: ``async with open_writer(path) as writer: ...``.
+
+Task structure (all in one nursery owned by :func:`open_writer`)::
+
+    producers --(blocks)--> coalescer 0 --(full buffer)--> write task --> backend
+              --(blocks)--> coalescer 1 --(full buffer)--> write task --> backend
+                                     ...
+    ticker: pushes producer batches older than max_delay
+
+When the body of the ``async with`` ends normally, the writer pushes what
+producers still hold, closes the channels, waits until every coalescer has
+flushed and every chunk is placed, places and writes the footer, waits for
+every write, fsyncs (unless disabled), and publishes the output atomically.
+When the body raises or is cancelled, or a write fails, every task is
+cancelled, the temporary files are removed (shielded from cancellation) and
+the target is untouched; the exception propagates unwrapped.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+from collections.abc import AsyncIterator, Sequence
+from contextlib import asynccontextmanager
+
+import trio
+
+from .backends import Backend, BackendStatistics, open_backend
+from .channels import DEFAULT_BATCH_BYTES, BufferPool, Coalescer, Producer
+from .errors import WriteError
+from .layout import Placement, Planner, make_planner, plain_padding
+from .output import OutputSet
+from .settings import Settings, load_settings
+from .sizing import FsInfo, Sizing, plan_sizing
+
+__all__ = ["Writer", "WriterStatistics", "open_writer", "plan", "HEADER", "FOOTER"]
+
+HEADER = b"[\n"
+FOOTER = b"]\n"
+CHANNEL_BLOCKS = 8
+
+
+def plan(
+    path: str, settings: Settings, *, producers: int | None = None, fs: FsInfo | None = None
+) -> tuple[FsInfo, Sizing]:
+    """Detect the filesystem of ``path`` (unless ``fs`` is given) and size the writer."""
+    import psutil
+
+    from .detect import detect_filesystem
+
+    fs = fs if fs is not None else detect_filesystem(path)
+    sizing = plan_sizing(
+        fs,
+        settings,
+        producers=producers,
+        available_memory=psutil.virtual_memory().available,
+        cpu_count=os.cpu_count() or 1,
+    )
+    return fs, sizing
+
+
+@dataclasses.dataclass(frozen=True)
+class WriterStatistics:
+    """What a writer did so far.
+
+    ``line_bytes`` counts the bytes of lines received; ``bytes_written``
+    every byte placed in the output files (lines, header, footer, padding).
+    ``seconds`` is measured on the trio clock from open.
+    """
+
+    outputs: tuple[str, ...]
+    layout: str
+    backend: str
+    fs_kind: str
+    stripe_size: int
+    workers: int
+    chunks: int
+    line_bytes: int
+    bytes_written: int
+    deadline_flushes: int
+    oversized_chunks: int
+    buffer_waits: int
+    seconds: float
+    published: bool
+    io: BackendStatistics
+
+
+class Writer:
+    """A running writer; obtain one from :func:`open_writer`."""
+
+    def __init__(
+        self,
+        *,
+        nursery: trio.Nursery,
+        settings: Settings,
+        fs: FsInfo,
+        sizing: Sizing,
+        planner: Planner,
+        output: OutputSet,
+        backend: Backend,
+        pool: BufferPool,
+        header: bytes,
+        footer: bytes,
+    ) -> None:
+        self.settings = settings
+        self.fs = fs
+        self.sizing = sizing
+        self._nursery = nursery
+        self._planner = planner
+        self._output = output
+        self._backend = backend
+        self._pool = pool
+        self._header = header
+        self._footer = footer
+        self._fds = list(output.fds)
+        self._sends: list[trio.MemorySendChannel[bytes]] = []
+        self._coalescers: list[Coalescer] = []
+        self._producers: list[Producer] = []
+        self._next_worker = 0
+        self._coalesced = trio.Event()
+        self._bytes_written = 0
+        self._started = trio.current_time()
+        self._finished: float | None = None
+        self.published = False
+
+    @property
+    def outputs(self) -> list[str]:
+        """The output files in read order (their final names)."""
+        return list(self._output.targets)
+
+    @property
+    def manifest(self) -> str | None:
+        """The manifest of a sharded output, else None."""
+        return self._output.manifest
+
+    def producer(self, *, batch_bytes: int = DEFAULT_BATCH_BYTES) -> Producer:
+        """A new handle for one producer task; close it (``async with``) when done.
+
+        Handles are spread over the workers in turn.  A handle left open when
+        the writer's block ends is flushed and closed by the writer.
+        """
+        if self._coalesced.is_set():
+            raise RuntimeError("the writer is closing: no new producers")
+        send = self._sends[self._next_worker % len(self._sends)]
+        self._next_worker += 1
+        producer = Producer(send.clone(), batch_bytes=batch_bytes)
+        self._producers = [existing for existing in self._producers if not existing.closed]
+        self._producers.append(producer)
+        return producer
+
+    def statistics(self) -> WriterStatistics:
+        coalesced = [coalescer.statistics() for coalescer in self._coalescers]
+        end = self._finished if self._finished is not None else trio.current_time()
+        return WriterStatistics(
+            outputs=tuple(self.outputs),
+            layout=self.sizing.layout,
+            backend=self._backend.name,
+            fs_kind=self.fs.kind.value,
+            stripe_size=self.sizing.stripe_size,
+            workers=self.sizing.workers,
+            chunks=sum(stat.chunks for stat in coalesced),
+            line_bytes=sum(stat.bytes for stat in coalesced),
+            bytes_written=self._bytes_written,
+            deadline_flushes=sum(stat.deadline_flushes for stat in coalesced),
+            oversized_chunks=sum(stat.oversized_chunks for stat in coalesced),
+            buffer_waits=self._pool.waits,
+            seconds=end - self._started,
+            published=self.published,
+            io=self._backend.statistics(),
+        )
+
+    # -- internals ---------------------------------------------------------
+
+    def _start(self) -> None:
+        for worker in range(self.sizing.workers):
+            send, receive = trio.open_memory_channel[bytes](CHANNEL_BLOCKS)
+            self._sends.append(send)
+            self._coalescers.append(
+                Coalescer(
+                    worker,
+                    receive,
+                    self._pool,
+                    capacity=self._planner.chunk_capacity,
+                    max_delay=self.settings.max_delay,
+                    flush=self._flush_buffer,
+                    write_oversized=self._write_oversized,
+                )
+            )
+        header = self._planner.open()
+        if header is not None:
+            self._nursery.start_soon(self._write, header, b"")
+        self._nursery.start_soon(self._run_coalescers)
+        self._nursery.start_soon(self._push_stale_batches)
+
+    async def _run_coalescers(self) -> None:
+        async with trio.open_nursery() as nursery:
+            for coalescer in self._coalescers:
+                nursery.start_soon(coalescer.run)
+        footer = self._planner.close(len(self._footer))
+        self._coalesced.set()
+        await self._write(footer, self._footer)
+
+    async def _push_stale_batches(self) -> None:
+        delay = self.settings.max_delay
+        while not self._coalesced.is_set():
+            with trio.move_on_after(delay / 2):
+                await self._coalesced.wait()
+            now = trio.current_time()
+            for producer in self._producers:
+                if not producer.closed and producer.pending_since + delay <= now:
+                    producer.send_pending_nowait()
+
+    async def _flush_buffer(self, worker: int, buffer: memoryview, filled: int) -> None:
+        placement = self._planner.place(worker, filled)
+        self._nursery.start_soon(self._write_and_give_back, placement, buffer, filled)
+
+    async def _write_and_give_back(self, placement: Placement, buffer: memoryview, filled: int) -> None:
+        try:
+            await self._write(placement, buffer[:filled])
+        finally:
+            # The backend returns only once the kernel is done with the buffer.
+            self._pool.give_back(buffer)
+
+    async def _write_oversized(self, worker: int, line: memoryview) -> None:
+        await self._write(self._planner.place(worker, len(line)), line)
+
+    async def _write(self, placement: Placement, body: bytes | memoryview) -> None:
+        parts: list[bytes | memoryview] = []
+        if placement.head:
+            parts.append(self._header)
+        if placement.body:
+            parts.append(body)
+        if placement.pad:
+            parts.append(plain_padding(placement.pad))
+        try:
+            await self._backend.write(self._fds[placement.file], parts, placement.offset)
+        except OSError as exc:
+            name = self._output.targets[placement.file]
+            raise WriteError(name, exc.strerror or str(exc), exc.errno) from None
+        self._bytes_written += placement.length
+
+    async def _close_producers(self) -> None:
+        for producer in self._producers:
+            await producer.aclose()
+        for send in self._sends:
+            send.close()
+        await self._coalesced.wait()
+
+    async def _sync(self) -> None:
+        for fd, name in zip(self._fds, self._output.targets):
+            try:
+                await self._backend.fsync(fd)
+            except OSError as exc:
+                raise WriteError(name, exc.strerror or str(exc), exc.errno) from None
+
+
+@asynccontextmanager
+async def open_writer(
+    path: str | os.PathLike[str],
+    *,
+    settings: Settings | None = None,
+    producers: int | None = None,
+    force: bool = False,
+    inputs: Sequence[str] = (),
+    header: bytes = HEADER,
+    footer: bytes = FOOTER,
+    fs: FsInfo | None = None,
+    backend: Backend | None = None,
+) -> AsyncIterator[Writer]:
+    """Open a writer that publishes ``path`` when the block ends without error.
+
+    ``settings`` default to :func:`~pwriter.settings.load_settings` (the
+    environment); ``producers`` is a hint for the sizing.  The output is
+    refused (:class:`~pwriter.errors.UsageError`) when its directory does not
+    exist, when it exists and ``force`` is false, or when it is one of
+    ``inputs``.  ``header`` starts and ``footer`` ends the output in every
+    layout.  ``fs`` replaces filesystem detection and ``backend`` the backend
+    named in the settings (both for tests).
+
+    On error or cancellation the temporary files are removed, the target is
+    untouched, and the exception propagates (a single failure is not wrapped
+    in an exception group).
+    """
+    settings = settings if settings is not None else load_settings()
+    target = os.fspath(path)
+    fs, sizing = plan(target, settings, producers=producers, fs=fs)
+    planner = make_planner(
+        sizing.layout, header_length=len(header), stripe_size=sizing.stripe_size, workers=sizing.workers
+    )
+    output = OutputSet(target, sharded=sizing.layout == "sharded", files=planner.files, force=force)
+    output.check(inputs)
+    if backend is None:
+        backend = open_backend(settings.backend, queue_depth=sizing.queue_depth)
+    pool = BufferPool(sizing.buffers, sizing.stripe_size)
+    writer: Writer | None = None
+    try:
+        output.create()
+        for fd, name in zip(output.fds, output.targets):
+            backend.register(fd, name)
+        try:
+            async with trio.open_nursery() as nursery:
+                writer = Writer(
+                    nursery=nursery,
+                    settings=settings,
+                    fs=fs,
+                    sizing=sizing,
+                    planner=planner,
+                    output=output,
+                    backend=backend,
+                    pool=pool,
+                    header=header,
+                    footer=footer,
+                )
+                writer._start()
+                yield writer
+                await writer._close_producers()
+        except BaseExceptionGroup as group:
+            raise _first_error(group) from None
+        if settings.fsync:
+            await writer._sync()
+        output.publish(fsync=settings.fsync)
+        writer.published = True
+        writer._finished = trio.current_time()
+    finally:
+        with trio.CancelScope(shield=True):
+            for fd in output.fds:
+                backend.unregister(fd)
+            output.discard()
+            await backend.aclose()
+            pool.close()
+
+
+def _first_error(group: BaseExceptionGroup[BaseException]) -> BaseException:
+    """The exception to raise for a group: the first that is not Cancelled."""
+    leaves: list[BaseException] = []
+
+    def walk(exc: BaseException) -> None:
+        if isinstance(exc, BaseExceptionGroup):
+            for inner in exc.exceptions:
+                walk(inner)
+        else:
+            leaves.append(exc)
+
+    walk(group)
+    for leaf in leaves:
+        if not isinstance(leaf, trio.Cancelled):
+            return leaf
+    return leaves[0] if leaves else group
