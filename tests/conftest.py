@@ -1,0 +1,60 @@
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+import sys
+
+import pytest
+
+from pwriter.backends import BACKEND_NAMES, available_backends
+from pwriter.settings import load_settings
+
+# The dftracer-utils binaries live beside this interpreter in the venv.
+BIN = os.path.dirname(sys.executable)
+
+
+def dftracer_tool(name: str) -> str:
+    path = shutil.which(name, path=BIN + os.pathsep + os.environ.get("PATH", ""))
+    if path is None:
+        pytest.skip(f"{name} is not installed (pip install dftracer-utils)")
+    return path
+
+
+@pytest.fixture(params=BACKEND_NAMES)
+def backend_name(request: pytest.FixtureRequest) -> str:
+    """Every backend; a backend that cannot run here is skipped with its reason."""
+    reason = available_backends()[request.param]
+    if reason is not None:
+        pytest.skip(f"backend {request.param} unavailable: {reason}")
+    return request.param
+
+
+@pytest.fixture
+def settings_for(backend_name: str):
+    """Build settings for the backend under test (fsync off unless asked: tests are about content)."""
+
+    def make(**overrides: object):
+        overrides.setdefault("fsync", False)
+        return load_settings(backend=backend_name, **overrides)
+
+    return make
+
+
+@pytest.fixture(autouse=True)
+def _clean_pwriter_env(monkeypatch: pytest.MonkeyPatch) -> None:
+    for name in list(os.environ):
+        if name.startswith("PWRITER_"):
+            monkeypatch.delenv(name)
+
+
+def run_cli(*args: str, cwd: str | os.PathLike[str] | None = None, env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
+    """Run the installed ``pwriter`` command as a user would."""
+    return subprocess.run(
+        [os.path.join(BIN, "pwriter"), *args],
+        cwd=cwd,
+        capture_output=True,
+        text=True,
+        env={**os.environ, **(env or {})},
+        timeout=300,
+    )

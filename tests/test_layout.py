@@ -1,0 +1,132 @@
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+import pytest
+
+from pwriter.layout import (
+    PaddedStripedPlanner,
+    Placement,
+    ShardedPlanner,
+    StripedPlanner,
+    make_planner,
+    plain_padding,
+)
+
+chunk_lengths = st.lists(st.integers(min_value=1, max_value=5000), max_size=40)
+
+
+def apply(planner, chunks: list[tuple[int, int]], header: int, footer: int) -> list[Placement]:
+    placements = []
+    opened = planner.open()
+    if opened is not None:
+        placements.append(opened)
+    for worker, length in chunks:
+        placements.append(planner.place(worker, length))
+    placements.append(planner.close(footer))
+    return placements
+
+
+def assert_tiles(placements: list[Placement], sizes: list[int]) -> None:
+    """Every file is covered from 0 to its size with no gap and no overlap."""
+    for file, size in enumerate(sizes):
+        extents = sorted((p.offset, p.end) for p in placements if p.file == file and p.length)
+        position = 0
+        for start, end in extents:
+            assert start == position, f"gap or overlap at {position} in file {file}"
+            position = end
+        assert position == size
+
+
+@given(chunk_lengths, st.integers(0, 8), st.integers(0, 8))
+def test_striped_tiles_with_header_first_and_footer_last(lengths, header, footer) -> None:
+    planner = StripedPlanner(header_length=header, stripe_size=4096)
+    placements = apply(planner, [(i % 3, n) for i, n in enumerate(lengths)], header, footer)
+    sizes = planner.file_sizes()
+    assert sizes == [header + sum(lengths) + footer]
+    assert_tiles(placements, sizes)
+    assert placements[0] == Placement(0, 0, header, 0, 0)
+    assert placements[-1].end == sizes[0] and placements[-1].body == footer
+
+
+@given(chunk_lengths, st.integers(1, 8), st.integers(1, 8), st.sampled_from([1, 22, 25]),
+       st.sampled_from([64, 100, 4096]))
+def test_padded_every_chunk_on_a_stripe_and_never_a_short_pad(lengths, header, footer, min_padding, stripe) -> None:
+    planner = PaddedStripedPlanner(header_length=header, stripe_size=stripe, min_padding=min_padding)
+    placements = apply(planner, [(i % 4, n) for i, n in enumerate(lengths)], header, footer)
+    sizes = planner.file_sizes()
+    assert_tiles(placements, sizes)
+    chunks, closing = placements[:-1], placements[-1]
+    for placement in chunks:
+        assert placement.offset % stripe == 0
+        assert placement.end % stripe == 0
+        assert placement.pad == 0 or placement.pad >= min_padding
+    # The header starts the file, once; the footer ends it.
+    with_header = [p for p in placements if p.head]
+    assert len(with_header) == 1 and with_header[0].offset == 0
+    assert closing.end == sizes[0] and closing.body == footer and closing.pad == 0
+    # A chunk that fits its slot takes exactly one slot.
+    for placement in chunks:
+        if placement.head + placement.body + min_padding <= stripe:
+            assert placement.length == stripe
+
+
+def test_padded_oversized_chunk_takes_whole_slots() -> None:
+    planner = PaddedStripedPlanner(header_length=2, stripe_size=100, min_padding=1)
+    assert planner.chunk_capacity == 98
+    first = planner.place(0, 98)
+    assert (first.offset, first.head, first.body, first.pad) == (0, 2, 98, 0)
+    big = planner.place(0, 250)
+    assert (big.offset, big.length) == (100, 300)
+    after = planner.place(1, 10)
+    assert after.offset == 400
+    # A remainder smaller than the smallest padding runs on through another slot.
+    gz = PaddedStripedPlanner(header_length=2, stripe_size=100, min_padding=25)
+    tight = gz.place(0, 80)  # 2 + 80 leaves 18 < 25
+    assert (tight.length, tight.pad) == (200, 118)
+
+
+def test_padded_without_chunks_is_header_and_footer() -> None:
+    planner = PaddedStripedPlanner(header_length=2, stripe_size=4096)
+    assert planner.open() is None
+    closing = planner.close(2)
+    assert closing == Placement(0, 0, 2, 2, 0)
+    assert planner.file_sizes() == [4]
+
+
+@given(chunk_lengths, st.integers(1, 5), st.integers(0, 8), st.integers(0, 8))
+def test_sharded_header_in_first_footer_in_last(lengths, shards, header, footer) -> None:
+    planner = ShardedPlanner(header_length=header, stripe_size=4096, shards=shards)
+    chunks = [(i % 7, n) for i, n in enumerate(lengths)]
+    placements = apply(planner, chunks, header, footer)
+    sizes = planner.file_sizes()
+    assert_tiles(placements, sizes)
+    assert placements[0] == Placement(0, 0, header, 0, 0)
+    assert placements[-1].file == shards - 1 and placements[-1].end == sizes[-1]
+    for (worker, _), placement in zip(chunks, placements[1:-1]):
+        assert placement.file == worker % shards
+    assert sum(sizes) == header + sum(lengths) + footer
+
+
+@settings(max_examples=50)
+@given(st.sampled_from(["striped", "padded-striped", "sharded"]), chunk_lengths)
+def test_chunks_of_one_worker_keep_their_order(layout, lengths) -> None:
+    planner = make_planner(layout, header_length=2, stripe_size=4096, workers=3)
+    planner.open()
+    offsets = [planner.place(1, n) for n in lengths]
+    assert all(a.file == b.file and a.offset < b.offset for a, b in zip(offsets, offsets[1:]))
+
+
+def test_no_chunk_after_close() -> None:
+    planner = StripedPlanner(header_length=2, stripe_size=4096)
+    planner.open()
+    planner.close(2)
+    with pytest.raises(RuntimeError):
+        planner.place(0, 10)
+
+
+@given(st.integers(0, 10_000))
+def test_plain_padding_is_whitespace_ending_in_newline(length) -> None:
+    padding = plain_padding(length)
+    assert len(padding) == length
+    if length:
+        assert padding.endswith(b"\n") and padding.strip() == b"" and b"\x00" not in padding
