@@ -109,6 +109,7 @@ class Producer:
         self._pending: list[bytes] = []
         self._pending_bytes = 0
         self.pending_since = math.inf
+        self._sending = False
         self.closed = False
 
     async def send_line(self, line: bytes) -> None:
@@ -148,34 +149,41 @@ class Producer:
         await self._channel.send(block)
 
     async def flush(self) -> None:
-        """Send the queued lines now."""
-        block = self.take_pending()
-        if block:
-            await self._channel.send(block)
+        """Send the queued lines now.
 
-    def take_pending(self) -> bytes:
-        """Remove and return the queued lines as one block (b"" when none)."""
+        If cancelled, the lines stay queued (nothing is lost or sent twice).
+        """
         if not self._pending:
-            return b""
+            return
         block = b"".join(self._pending)
-        self._pending = []
-        self._pending_bytes = 0
-        self.pending_since = math.inf
-        return block
+        self._sending = True
+        try:
+            await self._channel.send(block)
+        finally:
+            self._sending = False
+        self._clear_pending()
 
     def send_pending_nowait(self) -> bool:
-        """Send the queued lines if the channel has room now; False if it has not."""
+        """Send the queued lines if the channel has room now; False if not.
+
+        Used by the writer to push a batch that waited too long.  Does nothing
+        while the handle's own task is in the middle of sending.
+        """
         if not self._pending:
             return True
-        block = b"".join(self._pending)
+        if self._sending:
+            return False
         try:
-            self._channel.send_nowait(block)
+            self._channel.send_nowait(b"".join(self._pending))
         except trio.WouldBlock:
             return False
+        self._clear_pending()
+        return True
+
+    def _clear_pending(self) -> None:
         self._pending = []
         self._pending_bytes = 0
         self.pending_since = math.inf
-        return True
 
     async def aclose(self) -> None:
         """Push what is queued and close this handle's channel; idempotent."""

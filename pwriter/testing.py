@@ -11,12 +11,21 @@ from __future__ import annotations
 import collections
 import gzip
 import os
-from collections.abc import Iterable
+import dataclasses
+from collections.abc import Iterable, Sequence
+from typing import TYPE_CHECKING
+
+import trio
+
+from .backends import BackendStatistics
 
 from .output import read_shard_set
 from .traceformat import BlockCleaner, is_gzip_magic
 
-__all__ = ["read_text", "read_events", "event_counter"]
+if TYPE_CHECKING:
+    from typing_extensions import Buffer
+
+__all__ = ["read_text", "read_events", "event_counter", "MemoryBackend", "RecordedWrite"]
 
 
 def read_text(path: str | os.PathLike[str]) -> bytes:
@@ -43,3 +52,68 @@ def event_counter(paths: Iterable[str | os.PathLike[str]]) -> collections.Counte
     for path in paths:
         counter.update(read_events(path))
     return counter
+
+
+@dataclasses.dataclass(frozen=True)
+class RecordedWrite:
+    """One write seen by :class:`MemoryBackend`: the file name given at
+    register, the offset, the bytes, and the trio time it completed."""
+
+    name: str
+    offset: int
+    data: bytes
+    time: float
+
+
+class MemoryBackend:
+    """A backend that keeps every write in memory instead of on disk.
+
+    ``writes`` lists them in completion order; :meth:`contents` rebuilds each
+    file's bytes.  Writes checkpoint once and complete in the trio thread, so
+    tests with ``autojump_clock`` see exact times.  The files the writer
+    publishes stay empty.
+    """
+
+    name = "memory"
+
+    def __init__(self) -> None:
+        self.writes: list[RecordedWrite] = []
+        self._names: dict[int, str] = {}
+        self._fsyncs = 0
+
+    def register(self, fd: int, name: str) -> None:
+        self._names[fd] = name
+
+    def unregister(self, fd: int) -> None:
+        pass
+
+    async def write(self, fd: int, buffers: Sequence[Buffer], offset: int) -> None:
+        await trio.lowlevel.checkpoint()
+        data = b"".join(bytes(buffer) for buffer in buffers)
+        self.writes.append(RecordedWrite(self._names.get(fd, f"fd {fd}"), offset, data, trio.current_time()))
+
+    async def fsync(self, fd: int) -> None:
+        await trio.lowlevel.checkpoint()
+        self._fsyncs += 1
+
+    async def aclose(self) -> None:
+        pass
+
+    def contents(self) -> dict[str, bytes]:
+        """Each file's bytes as the writes left them (holes as NUL bytes)."""
+        files: dict[str, bytearray] = {}
+        for write in self.writes:
+            data = files.setdefault(write.name, bytearray())
+            end = write.offset + len(write.data)
+            if len(data) < end:
+                data.extend(bytes(end - len(data)))
+            data[write.offset : end] = write.data
+        return {name: bytes(data) for name, data in files.items()}
+
+    def statistics(self) -> BackendStatistics:
+        return BackendStatistics(
+            backend=self.name,
+            writes=len(self.writes),
+            bytes_written=sum(len(write.data) for write in self.writes),
+            fsyncs=self._fsyncs,
+        )

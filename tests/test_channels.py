@@ -1,0 +1,162 @@
+"""Producers and coalescers, without a disk: flushes are recorded in memory."""
+
+from __future__ import annotations
+
+import pytest
+import trio
+import trio.testing
+
+from pwriter.channels import BufferPool, Coalescer, Producer
+
+
+class Recorder:
+    """Plays the writer: records each flushed chunk and gives buffers back."""
+
+    def __init__(self, pool: BufferPool, hold: bool = False) -> None:
+        self.pool = pool
+        self.chunks: list[bytes] = []
+        self.oversized: list[bytes] = []
+        self.flush_times: list[float] = []
+        self.held: list[memoryview] = []
+        self.hold = hold
+
+    async def flush(self, worker: int, buffer: memoryview, filled: int) -> None:
+        self.chunks.append(bytes(buffer[:filled]))
+        self.flush_times.append(trio.current_time())
+        if self.hold:
+            self.held.append(buffer)
+        else:
+            self.pool.give_back(buffer)
+
+    async def write_oversized(self, worker: int, view: memoryview) -> None:
+        self.oversized.append(bytes(view))
+        self.chunks.append(bytes(view))
+
+    def release(self) -> None:
+        while self.held:
+            self.pool.give_back(self.held.pop())
+
+
+def make(capacity: int = 100, buffers: int = 4, max_delay: float = 1.0, hold: bool = False, channel: int = 8):
+    pool = BufferPool(buffers, max(capacity, 4096))
+    send, receive = trio.open_memory_channel[bytes](channel)
+    recorder = Recorder(pool, hold=hold)
+    coalescer = Coalescer(0, receive, pool, capacity=capacity, max_delay=max_delay, flush=recorder.flush,
+                          write_oversized=recorder.write_oversized)
+    return pool, send, recorder, coalescer
+
+
+def test_pool_buffers_are_page_aligned_and_disjoint() -> None:
+    import ctypes
+
+    pool = BufferPool(3, 8192)
+
+    async def take_all() -> list[memoryview]:
+        return [await pool.take() for _ in range(3)]
+
+    buffers = trio.run(take_all)
+    addresses = sorted(ctypes.addressof(ctypes.c_char.from_buffer(b)) for b in buffers)
+    assert all(address % 4096 == 0 for address in addresses)
+    assert [b - a for a, b in zip(addresses, addresses[1:])] == [8192, 8192]
+    for buffer in buffers:
+        pool.give_back(buffer)
+    pool.close()
+
+
+async def test_chunks_hold_whole_lines_and_everything_arrives() -> None:
+    pool, send, recorder, coalescer = make(capacity=100)
+    lines = [f'{{"id":{i},"pad":"{"x" * (i % 37)}"}}\n'.encode() for i in range(200)]
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(coalescer.run)
+        async with Producer(send, batch_bytes=150) as producer:
+            for line in lines:
+                await producer.send_line(line)
+    joined = b"".join(recorder.chunks)
+    assert joined == b"".join(lines)  # one producer: order kept
+    for chunk in recorder.chunks:
+        assert chunk.endswith(b"\n") and len(chunk) <= 100
+    stats = coalescer.statistics()
+    assert stats.chunks == len(recorder.chunks) and stats.bytes == len(joined)
+
+
+async def test_missing_newlines_are_added_never_glued() -> None:
+    pool, send, recorder, coalescer = make()
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(coalescer.run)
+        async with Producer(send) as producer:
+            await producer.send_line(b"{1}")
+            await producer.send_lines([b"{2}", b"{3}\n", b"{4}"])
+            await producer.send_block(b"{5}\n{6}")
+            await producer.send_line(b"{7}\n")
+    assert b"".join(recorder.chunks) == b"{1}\n{2}\n{3}\n{4}\n{5}\n{6}\n{7}\n"
+
+
+async def test_line_longer_than_a_buffer_is_written_alone() -> None:
+    pool, send, recorder, coalescer = make(capacity=64)
+    big = b"{" + b"x" * 300 + b"}\n"
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(coalescer.run)
+        async with Producer(send) as producer:
+            await producer.send_block(b"{a}\n" + big + b"{b}\n")
+    assert recorder.oversized == [big]
+    assert b"".join(recorder.chunks) == b"{a}\n" + big + b"{b}\n"
+    assert coalescer.statistics().oversized_chunks == 1
+
+
+async def test_max_delay_flushes_on_the_trio_clock(autojump_clock: trio.testing.MockClock) -> None:
+    pool, send, recorder, coalescer = make(capacity=4000, max_delay=10.0)
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(coalescer.run)
+        async with Producer(send) as producer:
+            start = trio.current_time()
+            await producer.send_block(b"{early}\n")
+            await trio.sleep(60)
+            assert recorder.chunks == [b"{early}\n"]
+            assert recorder.flush_times[0] - start == pytest.approx(10.0)
+    assert coalescer.statistics().deadline_flushes == 1
+
+
+async def test_backpressure_when_the_pool_is_empty() -> None:
+    pool, send, recorder, coalescer = make(capacity=10, buffers=2, hold=True, channel=1)
+    sent = 0
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(coalescer.run)
+
+        async def produce() -> None:
+            nonlocal sent
+            async with Producer(send) as producer:
+                for i in range(20):
+                    await producer.send_block(b"{%03d....}\n" % i)
+                    sent += 1
+
+        nursery.start_soon(produce)
+        await trio.testing.wait_all_tasks_blocked()
+        # Two buffers flushed and held; the coalescer waits for a third; the
+        # channel (1 block) is full; the producer waits.
+        assert len(recorder.chunks) == 2
+        assert sent < 20
+        stalled = sent
+        await trio.testing.wait_all_tasks_blocked()
+        assert sent == stalled
+        while sent < 20 or len(recorder.chunks) < 20:
+            recorder.release()
+            await trio.testing.wait_all_tasks_blocked()
+    recorder.release()
+    assert len(recorder.chunks) == 20
+    assert pool.waits > 0
+
+
+async def test_cancelled_send_loses_nothing_already_accepted() -> None:
+    pool, send, recorder, coalescer = make(capacity=4000, channel=1)
+    async with trio.open_nursery() as nursery:
+        producer = Producer(send, batch_bytes=1 << 20)
+        await producer.send_block(b"{first}\n")  # fills the channel: nobody receives yet
+        await producer.send_line(b"{queued}")
+        with trio.move_on_after(0.01) as scope:
+            await producer.flush()  # blocks: the channel is full
+        assert scope.cancelled_caught
+        with trio.move_on_after(0.01):
+            await producer.send_block(b"{cancelled}\n")
+        nursery.start_soon(coalescer.run)
+        await producer.aclose()
+    assert b"".join(recorder.chunks) == b"{first}\n{queued}\n"

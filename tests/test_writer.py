@@ -1,0 +1,231 @@
+"""The writer service, end to end on a real disk, for every layout and backend."""
+
+from __future__ import annotations
+
+import collections
+import errno
+import os
+
+import pytest
+import trio
+import trio.testing
+
+from pwriter.backends import BackendStatistics
+from pwriter.errors import UsageError, WriteError
+from pwriter.output import is_temporary_name
+from pwriter.sizing import FsInfo, FsKind
+from pwriter.testing import MemoryBackend, read_events, read_text
+from pwriter.writer import open_writer
+
+LAYOUTS = ["striped", "padded-striped", "sharded"]
+LOCAL = FsInfo(FsKind.LOCAL, 0xEF53, "/")
+
+
+def published(path: str, layout: str) -> str:
+    """The name to read the whole output from."""
+    return path + ".shards" if layout == "sharded" else path
+
+
+def leftovers(directory) -> list[str]:
+    return [name for name in os.listdir(directory) if is_temporary_name(name)]
+
+
+@pytest.mark.parametrize("layout", LAYOUTS)
+async def test_many_producers_every_line_once(tmp_path, settings_for, layout: str) -> None:
+    target = str(tmp_path / "out.pfw")
+    settings = settings_for(layout=layout, stripe_size="64KiB", workers=3)
+    expected: collections.Counter[bytes] = collections.Counter()
+    async with open_writer(target, settings=settings, fs=LOCAL) as writer:
+
+        async def produce(index: int) -> None:
+            async with writer.producer(batch_bytes=1000) as producer:
+                for n in range(700):
+                    line = b'{"producer":%d,"n":%d,"pad":"%s"}' % (index, n, b"y" * (n % 50))
+                    await producer.send_line(line)
+
+        for index in range(12):
+            expected.update(b'{"producer":%d,"n":%d,"pad":"%s"}' % (index, n, b"y" * (n % 50)) for n in range(700))
+        async with trio.open_nursery() as nursery:
+            for index in range(12):
+                nursery.start_soon(produce, index)
+        assert not os.path.exists(target)  # nothing visible before publication
+    text = read_text(published(target, layout))
+    assert text.startswith(b"[\n") and text.endswith(b"]\n")
+    assert b"\x00" not in text
+    events = read_events(published(target, layout))
+    assert collections.Counter(events) == expected
+    # Within one producer, order is kept.
+    for index in range(12):
+        mine = [e for e in events if e.startswith(b'{"producer":%d,' % index)]
+        assert [int(e.split(b'"n":')[1].split(b",")[0]) for e in mine] == list(range(700))
+    stats = writer.statistics()
+    assert stats.published and stats.layout == layout
+    assert stats.line_bytes == sum(len(line) + 1 for line in expected.elements())
+    assert stats.bytes_written == sum(os.path.getsize(p) for p in writer.outputs)
+    assert stats.io.bytes_written == stats.bytes_written
+    assert leftovers(tmp_path) == []
+    if layout == "padded-striped":
+        assert os.path.getsize(target) % (64 << 10) == 2  # whole slots, then the footer
+    if layout == "sharded":
+        assert len(writer.outputs) == 3
+        assert read_text(writer.outputs[0]).startswith(b"[\n")
+        assert read_text(writer.outputs[-1]).endswith(b"]\n")
+
+
+@pytest.mark.parametrize("layout", LAYOUTS)
+async def test_empty_output_is_header_and_footer(tmp_path, settings_for, layout: str) -> None:
+    target = str(tmp_path / "empty.pfw")
+    async with open_writer(target, settings=settings_for(layout=layout, workers=2), fs=LOCAL):
+        pass
+    assert read_text(published(target, layout)) == b"[\n]\n"
+
+
+async def test_oversized_line_in_every_layout(tmp_path, settings_for) -> None:
+    for layout in LAYOUTS:
+        target = str(tmp_path / f"{layout}.pfw")
+        big = b'{"big":"' + b"z" * 200_000 + b'"}'
+        async with open_writer(target, settings=settings_for(layout=layout, stripe_size="64KiB"), fs=LOCAL) as w:
+            async with w.producer() as producer:
+                await producer.send_line(b'{"small":1}')
+                await producer.send_line(big)
+                await producer.send_line(b'{"small":2}')
+        assert read_events(published(target, layout)) == [b'{"small":1}', big, b'{"small":2}']
+        assert w.statistics().oversized_chunks == 1
+
+
+async def test_error_in_body_removes_temporaries_and_propagates_unwrapped(tmp_path, settings_for) -> None:
+    target = tmp_path / "out.pfw"
+    with pytest.raises(KeyError, match="boom"):
+        async with open_writer(str(target), settings=settings_for(), fs=LOCAL) as writer:
+            async with writer.producer() as producer:
+                await producer.send_line(b'{"a":1}')
+            raise KeyError("boom")
+    assert not target.exists()
+    assert os.listdir(tmp_path) == []
+
+
+async def test_cancellation_removes_temporaries(tmp_path, settings_for) -> None:
+    target = tmp_path / "out.pfw"
+    with trio.move_on_after(0.2) as scope:
+        async with open_writer(str(target), settings=settings_for(), fs=LOCAL) as writer:
+            async with writer.producer() as producer:
+                while True:
+                    await producer.send_line(b'{"forever":true}')
+    assert scope.cancelled_caught
+    assert not target.exists()
+    assert os.listdir(tmp_path) == []
+
+
+async def test_existing_output_is_kept_without_force_and_replaced_with_it(tmp_path, settings_for) -> None:
+    target = tmp_path / "out.pfw"
+    target.write_bytes(b"precious\n")
+    with pytest.raises(UsageError, match="exists"):
+        async with open_writer(str(target), settings=settings_for(), fs=LOCAL):
+            pass
+    assert target.read_bytes() == b"precious\n"
+    async with open_writer(str(target), settings=settings_for(), fs=LOCAL, force=True) as writer:
+        async with writer.producer() as producer:
+            await producer.send_line(b'{"new":1}')
+    assert target.read_bytes() == b'[\n{"new":1}\n]\n'
+
+
+async def test_output_that_is_an_input_is_refused(tmp_path, settings_for) -> None:
+    source = tmp_path / "in.pfw"
+    source.write_bytes(b'{"a":1}\n')
+    alias = tmp_path / "alias.pfw"
+    os.link(source, alias)
+    with pytest.raises(UsageError, match="is the input"):
+        async with open_writer(str(alias), settings=settings_for(), fs=LOCAL, force=True, inputs=[str(source)]):
+            pass
+    assert source.read_bytes() == b'{"a":1}\n'
+
+
+async def test_missing_output_directory(tmp_path, settings_for) -> None:
+    with pytest.raises(UsageError, match="does not exist"):
+        async with open_writer(str(tmp_path / "nope" / "out.pfw"), settings=settings_for(), fs=LOCAL):
+            pass
+
+
+async def test_sharded_force_removes_stale_shards(tmp_path, settings_for) -> None:
+    target = str(tmp_path / "out.pfw")
+    async with open_writer(target, settings=settings_for(layout="sharded", workers=4), fs=LOCAL):
+        pass
+    assert len([n for n in os.listdir(tmp_path) if ".shard_" in n]) == 4
+    async with open_writer(target, settings=settings_for(layout="sharded", workers=2), fs=LOCAL, force=True) as w:
+        pass
+    assert sorted(n for n in os.listdir(tmp_path) if ".shard_" in n) == ["out.shard_000.pfw", "out.shard_001.pfw"]
+    assert read_text(target + ".shards") == b"[\n]\n"
+    assert [os.path.basename(p) for p in w.outputs] == ["out.shard_000.pfw", "out.shard_001.pfw"]
+
+
+async def test_fsync_on_close_when_enabled(tmp_path, settings_for) -> None:
+    target = str(tmp_path / "out.pfw")
+    async with open_writer(target, settings=settings_for(fsync=True, layout="sharded", workers=2), fs=LOCAL) as w:
+        pass
+    assert w.statistics().io.fsyncs == 2
+
+
+async def test_stale_batches_are_pushed_after_max_delay(tmp_path, settings_for, autojump_clock) -> None:
+    target = str(tmp_path / "out.pfw")
+    memory = MemoryBackend()
+    async with open_writer(target, settings=settings_for(max_delay=10.0), fs=LOCAL, backend=memory) as writer:
+        producer = writer.producer()
+        start = trio.current_time()
+        await producer.send_line(b'{"lonely":1}')
+        await trio.sleep(100)
+        data_writes = [write for write in memory.writes if b"lonely" in write.data]
+        assert len(data_writes) == 1
+        # The producer's batch waits max_delay (pushed at the ticker's next
+        # half-delay tick), then the coalescer's buffer waits max_delay.
+        assert 20.0 <= data_writes[0].time - start <= 25.0
+    assert memory.contents()[target] == b'[\n{"lonely":1}\n]\n'
+    assert writer.statistics().deadline_flushes == 1
+
+
+class FailingBackend:
+    """Fails the Nth write with an OSError, like a full disk."""
+
+    name = "failing"
+
+    def __init__(self, fail_at: int, error: int = errno.ENOSPC) -> None:
+        self.fail_at = fail_at
+        self.error = error
+        self.count = 0
+
+    def register(self, fd: int, name: str) -> None:
+        self.names = {fd: name}
+
+    def unregister(self, fd: int) -> None:
+        pass
+
+    async def write(self, fd, buffers, offset) -> None:
+        self.count += 1
+        await trio.sleep(0)
+        if self.count >= self.fail_at:
+            raise OSError(self.error, os.strerror(self.error), "somewhere")
+        os.pwritev(fd, buffers, offset)
+
+    async def fsync(self, fd: int) -> None:
+        pass
+
+    async def aclose(self) -> None:
+        pass
+
+    def statistics(self) -> BackendStatistics:
+        return BackendStatistics(backend=self.name, writes=self.count)
+
+
+@pytest.mark.parametrize("fail_at", [1, 2, 5])
+async def test_failed_write_publishes_nothing_and_names_the_output(tmp_path, settings_for, fail_at: int) -> None:
+    target = tmp_path / "out.pfw"
+    with pytest.raises(WriteError) as caught:
+        async with open_writer(str(target), settings=settings_for(stripe_size="64KiB"), fs=LOCAL,
+                               backend=FailingBackend(fail_at)) as writer:
+            async with writer.producer() as producer:
+                for n in range(20_000):
+                    await producer.send_line(b'{"n":%d}' % n)
+    assert str(target) in str(caught.value)
+    assert "No space left on device" in str(caught.value)
+    assert caught.value.errno == errno.ENOSPC
+    assert not target.exists()
+    assert os.listdir(tmp_path) == []
