@@ -127,10 +127,10 @@ class InputReader:
         try:
             text = self._stream.read(READ_SIZE)
         except EOFError:
-            raise InputError(self.path, "corrupt gzip: the file ends before its compressed stream does (truncated?)",
-                             self._cleaner.offset) from None
+            raise InputError(self.path, "truncated gzip: the file ends inside a compressed member "
+                             f"(after {self._cleaner.offset} bytes of text)") from None
         except (gzip.BadGzipFile, zlib.error) as exc:
-            raise InputError(self.path, f"corrupt gzip: {exc}", self._cleaner.offset) from None
+            raise InputError(self.path, f"corrupt gzip: {exc} (after {self._cleaner.offset} bytes of text)") from None
         except OSError as exc:
             raise DataError(f"{self.path}: read failed: {exc.strerror or exc}") from None
         if text:

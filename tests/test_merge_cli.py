@@ -1,0 +1,287 @@
+"""``pwriter merge`` as a user runs it: a mixed corpus, every layout, every
+backend, checked against the inputs and by the field's own C++ readers."""
+
+from __future__ import annotations
+
+import collections
+import gzip
+import json
+import os
+import re
+import subprocess
+
+import pytest
+
+from conftest import dftracer_tool, run_cli
+from pwriter.corpus import write_corpus
+from pwriter.output import is_temporary_name
+from pwriter.testing import event_counter, read_events, read_text
+
+LAYOUTS = ["striped", "padded-striped", "sharded"]
+JSON_FIELDS = {"outputs", "layout", "backend", "fs_kind", "stripe_size", "workers", "inputs", "events",
+               "bytes_written", "seconds"}
+
+
+@pytest.fixture(scope="module")
+def corpus(tmp_path_factory: pytest.TempPathFactory) -> str:
+    """200 files of our own (gzip and plain, array and NDJSON, indented, no
+    final newline) plus 6 ranks made by dftracer_gen_fake_trace."""
+    directory = tmp_path_factory.mktemp("corpus")
+    write_corpus(str(directory), files=200, events_per_file=120, seed=7)
+    fake = directory / "fake"
+    subprocess.run([dftracer_tool("dftracer_gen_fake_trace"), "-o", str(fake), "-p", "6", "-H", "2", "-e", "1",
+                    "-s", "20"], check=True, capture_output=True)
+    for path in fake.glob("*.pfw.gz"):
+        path.rename(directory / f"fake_{path.name}")
+    return str(directory)
+
+
+def inputs_of(corpus: str) -> list[str]:
+    return [os.path.join(corpus, name) for name in os.listdir(corpus) if name.endswith((".pfw", ".pfw.gz"))]
+
+
+def gzip_copy(text: bytes, directory, name: str = "merged.pfw.gz") -> str:
+    os.makedirs(directory, exist_ok=True)
+    path = os.path.join(directory, name)
+    with open(path, "wb") as handle:
+        handle.write(gzip.compress(text, compresslevel=1))
+    return path
+
+
+def event_count(directory) -> int:
+    done = subprocess.run([dftracer_tool("dftracer_event_count"), "-d", str(directory)], capture_output=True,
+                          text=True, check=True)
+    return int(done.stdout.strip().splitlines()[-1])
+
+
+@pytest.fixture(scope="module")
+def inputs_event_count(corpus: str, tmp_path_factory: pytest.TempPathFactory) -> int:
+    """dftracer_event_count over gzip copies of every input (it reads gzip only)."""
+    directory = tmp_path_factory.mktemp("inputs-gz")
+    for index, path in enumerate(inputs_of(corpus)):
+        gzip_copy(read_text(path), directory, f"in_{index}.pfw.gz")
+    return event_count(directory)
+
+
+def no_leftovers(directory) -> bool:
+    return not any(is_temporary_name(name) for name in os.listdir(directory))
+
+
+@pytest.mark.parametrize("layout", LAYOUTS)
+def test_merge_every_layout(corpus: str, inputs_event_count: int, tmp_path, backend_name: str, layout: str) -> None:
+    out = tmp_path / "merged.pfw"
+    done = run_cli("merge", "-d", corpus, "-o", str(out), "--layout", layout, "--backend", backend_name,
+                   "--stripe-size", "64KiB", "--json")
+    assert done.returncode == 0, done.stderr
+    report = json.loads(done.stdout)
+    assert JSON_FIELDS <= set(report)
+    assert (report["layout"], report["backend"], report["inputs"]) == (layout, backend_name, 206)
+    assert report["stripe_size"] == 65536 and report["fs_kind"] in ("local", "tmpfs")
+
+    whole = str(out) + ".shards" if layout == "sharded" else str(out)
+    assert [os.path.abspath(p) for p in report["outputs"]] == (
+        [os.path.join(tmp_path, os.path.basename(p)) for p in report["outputs"]])
+    text = read_text(whole)
+    assert text.startswith(b"[\n") and text.endswith(b"]\n")
+    assert b"\x00" not in text
+    # Lines are never split or glued: every line is a wrapper, padding, or an event.
+    for line in text.split(b"\n")[:-1]:
+        stripped = line.strip()
+        assert stripped in (b"[", b"]", b"") or (line.startswith(b"{") and line.endswith(b"}")), line[:80]
+    expected = event_counter(inputs_of(corpus))
+    assert collections.Counter(read_events(whole)) == expected
+    assert report["events"] == sum(expected.values())
+    assert report["bytes_written"] == sum(os.path.getsize(os.path.join(tmp_path, os.path.basename(p)))
+                                          for p in report["outputs"])
+    assert no_leftovers(tmp_path)
+
+    # The field's readers accept a gzipped copy and count the same events.
+    copy = gzip_copy(text, tmp_path / "gz")
+    validate = subprocess.run([dftracer_tool("dftracer_validate"), "--files", copy, "--log-level", "off"],
+                              capture_output=True, text=True)
+    assert validate.returncode == 0, validate.stdout + validate.stderr
+    assert "0 failed" in validate.stdout
+    assert event_count(tmp_path / "gz") == inputs_event_count
+
+
+def test_merge_lines_of_one_input_stay_in_order(corpus: str, tmp_path) -> None:
+    out = tmp_path / "merged.pfw"
+    assert run_cli("merge", "-d", corpus, "-o", str(out), "--stripe-size", "64KiB").returncode == 0
+    merged = read_events(out)
+    for path in inputs_of(corpus)[:20]:
+        mine = read_events(path)
+        positions = {line: index for index, line in enumerate(merged)}
+        if len(set(mine)) == len(mine):
+            assert [positions[line] for line in mine] == sorted(positions[line] for line in mine)
+
+
+def test_merge_explicit_files_and_human_summary(corpus: str, tmp_path) -> None:
+    chosen = sorted(inputs_of(corpus))[:5]
+    out = tmp_path / "five.pfw"
+    done = run_cli("merge", *chosen, "-o", str(out), "--no-progress")
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.startswith("merged 5 inputs")
+    assert collections.Counter(read_events(out)) == event_counter(chosen)
+
+
+def test_merge_into_the_directory_it_reads_can_be_repeated(tmp_path) -> None:
+    write_corpus(str(tmp_path), files=4, events_per_file=10)
+    out = tmp_path / "all.pfw"
+    assert run_cli("merge", "-d", str(tmp_path), "-o", str(out)).returncode == 0
+    first = read_events(out)
+    again = run_cli("merge", "-d", str(tmp_path), "-o", str(out), "--force")
+    assert again.returncode == 0, again.stderr
+    assert read_events(out) == first or collections.Counter(read_events(out)) == collections.Counter(first)
+    assert len(first) == 40
+
+
+def test_gen_corpus_and_info(tmp_path) -> None:
+    done = run_cli("gen-corpus", str(tmp_path / "c"), "--files", "3", "--events", "5")
+    assert done.returncode == 0
+    assert sorted(os.listdir(tmp_path / "c")) == ["rank_0.pfw", "rank_1.pfw.gz", "rank_2.pfw"]
+    info = run_cli("info", str(tmp_path), "--json")
+    assert info.returncode == 0, info.stderr
+    report = json.loads(info.stdout)
+    assert report["layout"] in ("striped", "padded-striped", "sharded")
+    assert report["backends"]["threads"]["available"] is True
+    assert report["reasons"]
+    text = run_cli("info", str(tmp_path))
+    assert "filesystem:" in text.stdout and "threads: available" in text.stdout
+
+
+# -- bad input: one line naming the file, the documented exit code, no output --
+
+
+def good_trace(path) -> str:
+    path.write_bytes(b'[\n{"id":1,"name":"read"}\n]\n')
+    return str(path)
+
+
+def expect_failure(done: subprocess.CompletedProcess[str], code: int, *needles: str) -> None:
+    assert done.returncode == code, (done.returncode, done.stdout, done.stderr)
+    lines = done.stderr.strip().splitlines()
+    assert len(lines) == 1, done.stderr
+    assert lines[0].startswith("pwriter: error: ")
+    for needle in needles:
+        assert needle in lines[0], lines[0]
+    assert done.stdout == ""
+
+
+def bad_inputs(tmp_path) -> dict[str, tuple[bytes, str]]:
+    good = gzip.compress(b"[\n" + b'{"id":1,"name":"read","pad":"' + b"x" * 5000 + b'"}\n' * 200 + b"]\n")
+    corrupt = bytearray(good)
+    corrupt[len(corrupt) // 2 : len(corrupt) // 2 + 64] = b"\xff" * 64
+    return {
+        "binary.pfw": (bytes(range(256)) * 64, "not a trace"),
+        "nul.pfw": (b'{"id":1}\n' + b"\x00" * 300 + b"\n", "NUL"),
+        "truncated.pfw.gz": (good[: len(good) // 2], "truncated"),
+        "corrupt.pfw.gz": (bytes(corrupt), "corrupt gzip"),
+        "badmagic.pfw.gz": (b"\x1f\x8b\x09" + b"\x00" * 40, "corrupt gzip"),
+    }
+
+
+@pytest.mark.parametrize("name", ["binary.pfw", "nul.pfw", "truncated.pfw.gz", "corrupt.pfw.gz", "badmagic.pfw.gz"])
+def test_damaged_input_exit_1_no_output(tmp_path, backend_name: str, name: str) -> None:
+    data, needle = bad_inputs(tmp_path)[name]
+    bad = tmp_path / name
+    bad.write_bytes(data)
+    good = good_trace(tmp_path / "good.pfw")
+    out = tmp_path / "out" / "merged.pfw"
+    out.parent.mkdir()
+    done = run_cli("merge", good, str(bad), "-o", str(out), "--backend", backend_name)
+    expect_failure(done, 1, str(bad), needle)
+    assert os.listdir(out.parent) == []
+
+
+def test_missing_input(tmp_path) -> None:
+    out = tmp_path / "merged.pfw"
+    done = run_cli("merge", good_trace(tmp_path / "a.pfw"), str(tmp_path / "nope.pfw"), "-o", str(out))
+    expect_failure(done, 2, "nope.pfw", "does not exist")
+    assert not out.exists()
+
+
+def test_directory_given_as_input(tmp_path) -> None:
+    (tmp_path / "sub").mkdir()
+    done = run_cli("merge", str(tmp_path / "sub"), "-o", str(tmp_path / "m.pfw"))
+    expect_failure(done, 2, "sub", "is a directory")
+
+
+@pytest.mark.skipif(os.geteuid() == 0, reason="root reads every file whatever its mode")
+def test_unreadable_input(tmp_path) -> None:
+    path = tmp_path / "secret.pfw"
+    good_trace(path)
+    path.chmod(0)
+    done = run_cli("merge", str(path), "-o", str(tmp_path / "m.pfw"))
+    expect_failure(done, 2, "secret.pfw", "permission denied")
+
+
+def test_directory_without_traces(tmp_path) -> None:
+    (tmp_path / "empty").mkdir()
+    (tmp_path / "empty" / "notes.txt").write_text("hello")
+    done = run_cli("merge", "-d", str(tmp_path / "empty"), "-o", str(tmp_path / "m.pfw"))
+    expect_failure(done, 2, "empty", "no *.pfw")
+    assert not (tmp_path / "m.pfw").exists()
+
+
+def test_not_a_directory(tmp_path) -> None:
+    done = run_cli("merge", "-d", good_trace(tmp_path / "a.pfw"), "-o", str(tmp_path / "m.pfw"))
+    expect_failure(done, 2, "a.pfw", "not a directory")
+
+
+def test_output_exists(tmp_path) -> None:
+    out = tmp_path / "m.pfw"
+    out.write_bytes(b"keep me")
+    done = run_cli("merge", good_trace(tmp_path / "a.pfw"), "-o", str(out))
+    expect_failure(done, 2, "m.pfw", "exists", "--force")
+    assert out.read_bytes() == b"keep me"
+
+
+@pytest.mark.parametrize("how", ["same", "symlink", "hardlink"])
+def test_output_is_an_input(tmp_path, how: str) -> None:
+    source = good_trace(tmp_path / "a.pfw")
+    out = tmp_path / "out.pfw"
+    if how == "same":
+        out = tmp_path / "a.pfw"
+    elif how == "symlink":
+        out.symlink_to(source)
+    else:
+        os.link(source, out)
+    before = (tmp_path / "a.pfw").read_bytes()
+    done = run_cli("merge", source, "-o", str(out), "--force")
+    expect_failure(done, 2, "is the input")
+    assert (tmp_path / "a.pfw").read_bytes() == before
+
+
+def test_missing_output_directory(tmp_path) -> None:
+    done = run_cli("merge", good_trace(tmp_path / "a.pfw"), "-o", str(tmp_path / "no" / "m.pfw"))
+    expect_failure(done, 2, "m.pfw", "does not exist")
+    assert not (tmp_path / "no").exists()
+
+
+@pytest.mark.parametrize(
+    ("option", "needle"),
+    [
+        (["--stripe-size", "4XB"], "stripe_size"),
+        (["--workers", "zero"], "workers"),
+        (["--layout", "diagonal"], "--layout"),
+        (["--bogus"], "--bogus"),
+    ],
+)
+def test_bad_option(tmp_path, option: list[str], needle: str) -> None:
+    done = run_cli("merge", good_trace(tmp_path / "a.pfw"), "-o", str(tmp_path / "m.pfw"), *option)
+    expect_failure(done, 2, needle)
+    assert not (tmp_path / "m.pfw").exists()
+
+
+def test_bad_environment_setting(tmp_path) -> None:
+    done = run_cli("merge", good_trace(tmp_path / "a.pfw"), "-o", str(tmp_path / "m.pfw"),
+                   env={"PWRITER_STRIPE_SIZE": "huge"})
+    expect_failure(done, 2, "stripe_size")
+
+
+def test_error_line_has_no_traceback(tmp_path) -> None:
+    bad = tmp_path / "bin.pfw"
+    bad.write_bytes(b"\x89PNG\r\n\x1a\n" + bytes(100))
+    done = run_cli("merge", str(bad), "-o", str(tmp_path / "m.pfw"))
+    assert "Traceback" not in done.stderr
+    assert re.match(r"pwriter: error: .*bin\.pfw: not a trace: line 1 ", done.stderr)
