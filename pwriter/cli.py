@@ -105,8 +105,6 @@ def _merge(args: argparse.Namespace) -> int:
                 nursery.start_soon(_show_progress, progress)
             result = await merge(inputs, args.output, settings=settings, force=args.force, progress=progress)
             nursery.cancel_scope.cancel()
-        if show_progress:
-            print(file=sys.stderr)
         return result
 
     try:
@@ -154,18 +152,24 @@ async def _show_progress(progress: Any) -> None:
     import trio
 
     start = trio.current_time()
-    while True:
-        done = progress.input_bytes()
-        total = max(1, progress.total_input_bytes)
-        fraction = min(1.0, done / total)
-        elapsed = max(1e-9, trio.current_time() - start)
-        bar = "#" * int(fraction * 30)
-        sys.stderr.write(
-            f"\r[{bar:<30}] {fraction:6.1%} {progress.files_done} files, {progress.events} events, "
-            f"{done / elapsed / (1 << 20):.0f} MiB/s in"
-        )
-        sys.stderr.flush()
-        await trio.sleep(0.5)
+    try:
+        while True:
+            _render_progress(progress, trio.current_time() - start)
+            await trio.sleep(0.5)
+    finally:
+        _render_progress(progress, trio.current_time() - start)
+        sys.stderr.write("\n")
+
+
+def _render_progress(progress: Any, elapsed: float) -> None:
+    done = progress.input_bytes()
+    fraction = min(1.0, done / max(1, progress.total_input_bytes))
+    bar = "#" * int(fraction * 30)
+    rate = done / max(elapsed, 1e-9) / (1 << 20)
+    sys.stderr.write(
+        f"\r[{bar:<30}] {fraction:6.1%}  {progress.files_done} files  {progress.events} events  {rate:.0f} MiB/s read"
+    )
+    sys.stderr.flush()
 
 
 def _info(args: argparse.Namespace) -> int:
