@@ -60,25 +60,24 @@ def statfs(path: str) -> StatfsResult:
     return StatfsResult(buf.f_type & 0xFFFFFFFF, buf.f_bsize)
 
 
-def nearest_existing(path: str) -> str:
-    """``path`` made absolute, or its nearest parent that exists."""
-    current = os.path.abspath(path)
-    while not os.path.exists(current):
+def _climb(start: str, found: Callable[[str], bool]) -> str:
+    """``start`` or its nearest parent for which ``found`` is true (else ``/``)."""
+    current = start
+    while not found(current):
         parent = os.path.dirname(current)
         if parent == current:
             break
         current = parent
     return current
+
+
+def nearest_existing(path: str) -> str:
+    """``path`` made absolute, or its nearest parent that exists."""
+    return _climb(os.path.abspath(path), os.path.exists)
 
 
 def _mount_point(path: str) -> str:
-    current = os.path.realpath(path)
-    while not os.path.ismount(current):
-        parent = os.path.dirname(current)
-        if parent == current:
-            break
-        current = parent
-    return current
+    return _climb(os.path.realpath(path), os.path.ismount)
 
 
 # lov_user_md v1 and v3 share their first 32 bytes:

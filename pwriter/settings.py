@@ -63,12 +63,12 @@ def _optional_int(value: object) -> object:
     return value
 
 
-def _count(low: int, high: int) -> Any:
-    return Annotated[Annotated[int, Field(ge=low, le=high)] | None, BeforeValidator(_optional_int)]
-
-
-def _size(low: int) -> Any:
-    return Annotated[Annotated[int, Field(ge=low)] | None, BeforeValidator(_optional_size)]
+# An optional size or count: "auto", "" or None mean "let the sizing decide".
+StripeSize = Annotated[Annotated[int, Field(ge=64 << 10)] | None, BeforeValidator(_optional_size)]
+MemoryBudget = Annotated[Annotated[int, Field(ge=16 << 20)] | None, BeforeValidator(_optional_size)]
+WorkerCount = Annotated[Annotated[int, Field(ge=1, le=1024)] | None, BeforeValidator(_optional_int)]
+BuffersPerWorker = Annotated[Annotated[int, Field(ge=2, le=64)] | None, BeforeValidator(_optional_int)]
+QueueDepth = Annotated[Annotated[int, Field(ge=1, le=4096)] | None, BeforeValidator(_optional_int)]
 
 
 class Settings(BaseSettings):
@@ -82,13 +82,13 @@ class Settings(BaseSettings):
 
     layout: LayoutName = "auto"
     backend: BackendName = "auto"
-    stripe_size: _size(64 << 10) = None
-    workers: _count(1, 1024) = None
-    buffers_per_worker: _count(2, 64) = None
-    queue_depth: _count(1, 4096) = None
+    stripe_size: StripeSize = None
+    workers: WorkerCount = None
+    buffers_per_worker: BuffersPerWorker = None
+    queue_depth: QueueDepth = None
     fsync: bool = True
     direct: bool = False
-    memory_budget: _size(16 << 20) = None
+    memory_budget: MemoryBudget = None
     max_delay: float = Field(default=1.0, gt=0, le=3600)
     """Longest time (seconds, trio clock) a written line may wait in a buffer."""
 
