@@ -126,7 +126,7 @@ def _merge(args: argparse.Namespace) -> int:
             "input_bytes": result.input_bytes,
             "bytes_written": stats.bytes_written,
             "chunks": stats.chunks,
-            "writes": stats.io.writes,
+            "writes": stats.writes,
             "fsync": settings.fsync,
             "seconds": round(stats.seconds, 6),
         }

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import dataclasses
 import gzip
+import io
 import os
 import re
 import zlib
@@ -98,13 +99,14 @@ class InputReader:
     def __init__(self, path: str) -> None:
         self.path = path
         try:
-            self._raw = open(path, "rb", buffering=0)  # noqa: SIM115 - closed in close()
+            self._raw = io.BufferedReader(io.FileIO(path, "rb"), buffer_size=READ_SIZE)
+            head = self._raw.peek(2)[:2]  # no seek: pipes and FIFOs are inputs too
         except OSError as exc:
             raise DataError(f"{path}: cannot open the input: {exc.strerror}") from None
-        head = self._raw.read(2)
-        self._raw.seek(0)
         self.compressed = is_gzip_magic(head)
-        self._stream = gzip.GzipFile(fileobj=self._raw, mode="rb") if self.compressed else self._raw
+        self._stream: io.BufferedReader[io.FileIO] | gzip.GzipFile = (
+            gzip.GzipFile(fileobj=self._raw, mode="rb") if self.compressed else self._raw
+        )
         self._cleaner = BlockCleaner(path)
         self._done = False
 

@@ -75,6 +75,8 @@ class WriterStatistics:
     stripe_size: int
     workers: int
     chunks: int
+    writes: int
+    """Write operations issued by the backend (a resumed short write counts again)."""
     line_bytes: int
     bytes_written: int
     deadline_flushes: int
@@ -151,6 +153,7 @@ class Writer:
     def statistics(self) -> WriterStatistics:
         coalesced = [coalescer.statistics() for coalescer in self._coalescers]
         end = self._finished if self._finished is not None else trio.current_time()
+        io = self._backend.statistics()
         return WriterStatistics(
             outputs=tuple(self.outputs),
             layout=self.sizing.layout,
@@ -159,6 +162,7 @@ class Writer:
             stripe_size=self.sizing.stripe_size,
             workers=self.sizing.workers,
             chunks=sum(stat.chunks for stat in coalesced),
+            writes=io.writes,
             line_bytes=sum(stat.bytes for stat in coalesced),
             bytes_written=self._bytes_written,
             deadline_flushes=sum(stat.deadline_flushes for stat in coalesced),
@@ -166,7 +170,7 @@ class Writer:
             buffer_waits=self._pool.waits,
             seconds=end - self._started,
             published=self.published,
-            io=self._backend.statistics(),
+            io=io,
         )
 
     # -- internals ---------------------------------------------------------

@@ -285,3 +285,53 @@ def test_error_line_has_no_traceback(tmp_path) -> None:
     done = run_cli("merge", str(bad), "-o", str(tmp_path / "m.pfw"))
     assert "Traceback" not in done.stderr
     assert re.match(r"pwriter: error: .*bin\.pfw: not a trace: line 1 ", done.stderr)
+
+
+def test_interrupt_exits_130_and_publishes_nothing(tmp_path) -> None:
+    """Ctrl-C in the middle of a merge: exit 130, no output, no temporaries.
+
+    The input is a FIFO that the test feeds, so the merge is certainly
+    running (and has its temporary file) when SIGINT arrives.
+    """
+    import signal
+    import time
+
+    from conftest import BIN
+
+    fifo = tmp_path / "live.pfw"
+    os.mkfifo(fifo)
+    out = tmp_path / "out" / "merged.pfw"
+    out.parent.mkdir()
+    process = subprocess.Popen([os.path.join(BIN, "pwriter"), "merge", str(fifo), "-o", str(out)],
+                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        with open(fifo, "wb") as feed:
+            feed.write(b'[\n' + b'{"id":1,"name":"read"}\n' * 1000)
+            feed.flush()
+            deadline = time.monotonic() + 30
+            while not os.listdir(out.parent) and time.monotonic() < deadline:
+                time.sleep(0.05)
+            assert os.listdir(out.parent), "the merge never started"
+            process.send_signal(signal.SIGINT)
+            time.sleep(0.3)
+        stdout, stderr = process.communicate(timeout=60)
+    finally:
+        process.kill()
+    assert process.returncode == 130, stderr
+    assert "interrupted" in stderr
+    assert os.listdir(out.parent) == []
+
+
+def test_input_from_a_pipe(tmp_path) -> None:
+    fifo = tmp_path / "pipe.pfw"
+    os.mkfifo(fifo)
+    out = tmp_path / "m.pfw"
+    from conftest import BIN
+
+    process = subprocess.Popen([os.path.join(BIN, "pwriter"), "merge", str(fifo), "-o", str(out)],
+                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    with open(fifo, "wb") as feed:
+        feed.write(gzip.compress(b'[\n{"id":1}\n{"id":2}\n]\n'))
+    process.communicate(timeout=60)
+    assert process.returncode == 0
+    assert read_events(out) == [b'{"id":1}', b'{"id":2}']
