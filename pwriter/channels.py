@@ -56,10 +56,12 @@ class BufferPool:
         self.size = size
         self._memory = mmap.mmap(-1, count * size)
         whole = memoryview(self._memory)
-        self._send, self._receive = trio.open_memory_channel[memoryview](count)
-        for index in range(count):
-            self._send.send_nowait(whole[index * size : (index + 1) * size])
+        self.buffers = [whole[index * size : (index + 1) * size] for index in range(count)]
+        """Every buffer of the pool (for registration with a backend), taken or not."""
         whole.release()
+        self._send, self._receive = trio.open_memory_channel[memoryview](count)
+        for buffer in self.buffers:
+            self._send.send_nowait(buffer)
         self.waits = 0
 
     @property
@@ -78,11 +80,8 @@ class BufferPool:
 
     def close(self) -> None:
         """Release the memory; every buffer must have been given back."""
-        while True:
-            try:
-                self._receive.receive_nowait().release()
-            except trio.WouldBlock:
-                break
+        for buffer in self.buffers:
+            buffer.release()
         self._send.close()
         self._receive.close()
         try:

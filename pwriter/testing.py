@@ -87,6 +87,9 @@ class MemoryBackend:
     def unregister(self, fd: int) -> None:
         pass
 
+    def register_buffers(self, buffers: Sequence[memoryview]) -> None:
+        pass
+
     async def write(self, fd: int, buffers: Sequence[Buffer], offset: int) -> None:
         await trio.lowlevel.checkpoint()
         data = b"".join(bytes(buffer) for buffer in buffers)

@@ -18,6 +18,7 @@ the target is untouched; the exception propagates unwrapped.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import os
 from collections.abc import AsyncIterator, Sequence
@@ -293,44 +294,48 @@ async def open_writer(
     )
     output = OutputSet(target, sharded=sizing.layout == "sharded", files=planner.files, force=force)
     output.check(inputs)
-    if backend is None:
-        backend = open_backend(settings.backend, queue_depth=sizing.queue_depth)
     pool = BufferPool(sizing.buffers, sizing.stripe_size)
     writer: Writer | None = None
+    opened = contextlib.nullcontext(backend) if backend is not None else open_backend(
+        settings.backend, queue_depth=sizing.queue_depth
+    )
     try:
-        output.create()
-        for fd, name in zip(output.fds, output.targets):
-            backend.register(fd, name)
         try:
-            async with trio.open_nursery() as nursery:
-                writer = Writer(
-                    nursery=nursery,
-                    settings=settings,
-                    fs=fs,
-                    sizing=sizing,
-                    planner=planner,
-                    output=output,
-                    backend=backend,
-                    pool=pool,
-                    header=header,
-                    footer=footer,
-                )
-                writer._start()
-                yield writer
-                await writer._close_producers()
+            async with opened as io:
+                io.register_buffers(pool.buffers)
+                output.create()
+                for fd, name in zip(output.fds, output.targets):
+                    io.register(fd, name)
+                try:
+                    async with trio.open_nursery() as nursery:
+                        writer = Writer(
+                            nursery=nursery,
+                            settings=settings,
+                            fs=fs,
+                            sizing=sizing,
+                            planner=planner,
+                            output=output,
+                            backend=io,
+                            pool=pool,
+                            header=header,
+                            footer=footer,
+                        )
+                        writer._start()
+                        yield writer
+                        await writer._close_producers()
+                    if settings.fsync:
+                        await writer._sync()
+                finally:
+                    for fd in output.fds:
+                        io.unregister(fd)
         except BaseExceptionGroup as group:
             raise _first_error(group) from None
-        if settings.fsync:
-            await writer._sync()
         output.publish(fsync=settings.fsync)
         writer.published = True
         writer._finished = trio.current_time()
     finally:
         with trio.CancelScope(shield=True):
-            for fd in output.fds:
-                backend.unregister(fd)
             output.discard()
-            await backend.aclose()
             pool.close()
 
 

@@ -9,7 +9,7 @@ import pytest
 import trio
 
 from pwriter.backends import BackendUnavailable, available_backends, open_backend
-from pwriter.backends.threads import ThreadBackend, pwritev_fully
+from pwriter.backends.threads import ThreadBackend, WriteCounts, pwritev_fully
 
 
 def test_short_writes_are_resumed(tmp_path, monkeypatch: pytest.MonkeyPatch) -> None:
@@ -25,14 +25,16 @@ def test_short_writes_are_resumed(tmp_path, monkeypatch: pytest.MonkeyPatch) -> 
     monkeypatch.setattr(os, "pwritev", stingy)
     path = tmp_path / "f"
     fd = os.open(path, os.O_WRONLY | os.O_CREAT)
+    result = WriteCounts()
     try:
-        result = pwritev_fully(fd, [b"hello", b"", b" world\n"], 10, "f")
+        pwritev_fully(fd, [b"hello", b"", b" world\n"], 10, "f", result)
     finally:
         os.close(fd)
     data = path.read_bytes()
     assert data[10:] == b"hello world\n"
     assert data[:10] == bytes(10)
-    assert result[0] == len(calls) == 5 and result[1] == 4  # 3+2, 3+3+1 bytes
+    assert result.calls == len(calls) == 5 and result.short == 4  # 3+2, 3+3+1 bytes
+    assert result.written == 12
 
 
 def test_eintr_is_retried(tmp_path, monkeypatch: pytest.MonkeyPatch) -> None:
@@ -47,18 +49,19 @@ def test_eintr_is_retried(tmp_path, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(os, "pwritev", flaky)
     path = tmp_path / "f"
     fd = os.open(path, os.O_WRONLY | os.O_CREAT)
+    counts = WriteCounts()
     try:
-        calls, short, interrupted = pwritev_fully(fd, [b"abc"], 0, "f")
+        pwritev_fully(fd, [b"abc"], 0, "f", counts)
     finally:
         os.close(fd)
     assert path.read_bytes() == b"abc"
-    assert (calls, short, interrupted) == (2, 0, 1)
+    assert (counts.calls, counts.short, counts.interrupted) == (2, 0, 1)
 
 
 def test_zero_byte_write_is_an_error_not_a_loop(tmp_path, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(os, "pwritev", lambda fd, buffers, offset: 0)
     with pytest.raises(OSError) as caught:
-        pwritev_fully(3, [b"abc"], 0, "named.pfw")
+        pwritev_fully(3, [b"abc"], 0, "named.pfw", WriteCounts())
     assert caught.value.errno == errno.EIO and caught.value.filename == "named.pfw"
 
 
@@ -93,14 +96,18 @@ async def test_statistics_and_concurrency_bound(tmp_path) -> None:
     assert (tmp_path / "f").read_bytes() == b"".join(b"%04d" % i for i in range(20))
 
 
-def test_selection_in_one_place() -> None:
+async def test_selection_in_one_place() -> None:
     reasons = available_backends()
     assert reasons["threads"] is None
-    assert open_backend("auto", queue_depth=4).name in reasons
-    assert open_backend("threads", queue_depth=4).name == "threads"
+    async with open_backend("auto", queue_depth=4) as backend:
+        assert backend.name == ("io_uring" if reasons["io_uring"] is None else "threads")
+    async with open_backend("threads", queue_depth=4) as backend:
+        assert backend.name == "threads"
     with pytest.raises(BackendUnavailable, match="unknown backend"):
-        open_backend("carrier-pigeon", queue_depth=4)
+        async with open_backend("carrier-pigeon", queue_depth=4):
+            pass
     if reasons["io_uring"] is not None:
         with pytest.raises(BackendUnavailable, match="io_uring") as caught:
-            open_backend("io_uring", queue_depth=4)
+            async with open_backend("io_uring", queue_depth=4):
+                pass
         assert caught.value.exit_code == 2

@@ -198,6 +198,9 @@ class FailingBackend:
     def unregister(self, fd: int) -> None:
         pass
 
+    def register_buffers(self, buffers) -> None:
+        pass
+
     async def write(self, fd, buffers, offset) -> None:
         self.count += 1
         await trio.sleep(0)

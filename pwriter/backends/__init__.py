@@ -16,26 +16,41 @@ base; :class:`Backend` is only a typing protocol):
 ``register(fd, name)`` / ``unregister(fd)``
     Tell the backend about a file before writing to it (and which name to
     put in errors).
+``register_buffers(buffers)``
+    Tell the backend which buffers most writes will come from (the writer's
+    stripe buffers), once, so that it may pin them; best effort.
 ``await aclose()``
     Release the backend's resources; idempotent.
 ``statistics()``
     A frozen :class:`BackendStatistics`.
 
-The backend is chosen in exactly one place, :func:`open_backend`.
+The backend is chosen in exactly one place, :func:`open_backend`, an async
+context manager (the io_uring backend runs a reaper task while it is open).
 """
 
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Sequence
+from collections.abc import AsyncIterator, Sequence
+from contextlib import asynccontextmanager
 from typing import TYPE_CHECKING, Protocol
+
+import trio
 
 from ..errors import UsageError
 
 if TYPE_CHECKING:
     from typing_extensions import Buffer
 
-__all__ = ["Backend", "BackendStatistics", "BackendUnavailable", "BACKEND_NAMES", "available_backends", "open_backend"]
+__all__ = [
+    "Backend",
+    "BackendStatistics",
+    "BackendUnavailable",
+    "BACKEND_NAMES",
+    "available_backends",
+    "open_backend",
+    "resolve_backend_name",
+]
 
 BACKEND_NAMES = ("io_uring", "threads")
 
@@ -50,12 +65,22 @@ class BackendStatistics:
 
     backend: str
     writes: int = 0
-    """Write operations issued to the kernel (a retried short write counts again)."""
+    """Write operations issued to the kernel (a resumed short write counts again)."""
     bytes_written: int = 0
     short_writes: int = 0
     interrupted: int = 0
     fsyncs: int = 0
     most_in_flight: int = 0
+    submissions: int = 0
+    """io_uring: operations submitted (writes and fsyncs)."""
+    enter_calls: int = 0
+    """io_uring: io_uring_enter system calls made to submit them."""
+    fixed_buffer_writes: int = 0
+    """io_uring: writes sent from a registered buffer (WRITE_FIXED)."""
+
+    @property
+    def ops_per_enter(self) -> float:
+        return self.submissions / self.enter_calls if self.enter_calls else 0.0
 
 
 class Backend(Protocol):
@@ -64,6 +89,8 @@ class Backend(Protocol):
     def register(self, fd: int, name: str) -> None: ...
 
     def unregister(self, fd: int) -> None: ...
+
+    def register_buffers(self, buffers: Sequence[memoryview]) -> None: ...
 
     async def write(self, fd: int, buffers: Sequence[Buffer], offset: int) -> None: ...
 
@@ -74,28 +101,48 @@ class Backend(Protocol):
     def statistics(self) -> BackendStatistics: ...
 
 
-def _io_uring_unavailable_reason() -> str:
-    return "the io_uring backend is not built into this version of pwriter yet; use --backend threads"
-
-
 def available_backends() -> dict[str, str | None]:
     """Each backend name, with ``None`` when it can run here or the reason it cannot."""
-    return {"io_uring": _io_uring_unavailable_reason(), "threads": None}
+    from .io_uring import unavailable_reason
+
+    return {"io_uring": unavailable_reason(), "threads": None}
 
 
-def open_backend(name: str, *, queue_depth: int) -> Backend:
-    """Open the backend called ``name`` (``auto``: the best one available).
-
-    ``queue_depth`` bounds the writes in flight at once.  Raises
-    :class:`BackendUnavailable` when the named backend cannot run here.
-    """
+def resolve_backend_name(name: str) -> str:
+    """The backend ``name`` stands for (``auto``: io_uring when it can run here,
+    else threads); raises :class:`BackendUnavailable` with the reason."""
     reasons = available_backends()
     if name == "auto":
-        name = next(candidate for candidate in BACKEND_NAMES if reasons[candidate] is None)
+        return next(candidate for candidate in BACKEND_NAMES if reasons[candidate] is None)
     if name not in reasons:
         raise BackendUnavailable(f"unknown backend {name!r} (choose from auto, {', '.join(BACKEND_NAMES)})")
-    if reasons[name] is not None:
-        raise BackendUnavailable(f"backend {name} is unavailable: {reasons[name]}")
+    reason = reasons[name]
+    if reason is not None:
+        raise BackendUnavailable(f"backend {name} is unavailable: {reason}")
+    return name
+
+
+@asynccontextmanager
+async def open_backend(name: str, *, queue_depth: int) -> AsyncIterator[Backend]:
+    """Open the backend called ``name`` (``auto``: the best one available).
+
+    ``queue_depth`` bounds the operations in flight at once.  On exit the
+    backend waits (shielded) for what is in flight and releases its
+    resources.  Raises :class:`BackendUnavailable` when the named backend
+    cannot run here.
+    """
+    name = resolve_backend_name(name)
+    if name == "io_uring":
+        from .io_uring import open_io_uring_backend
+
+        async with open_io_uring_backend(queue_depth=queue_depth) as backend:
+            yield backend
+        return
     from .threads import ThreadBackend
 
-    return ThreadBackend(queue_depth=queue_depth)
+    threads = ThreadBackend(queue_depth=queue_depth)
+    try:
+        yield threads
+    finally:
+        with trio.CancelScope(shield=True):
+            await threads.aclose()

@@ -13,6 +13,7 @@ for at most one write per thread.
 
 from __future__ import annotations
 
+import dataclasses
 import errno
 import os
 from collections.abc import Sequence
@@ -25,11 +26,21 @@ from . import BackendStatistics
 if TYPE_CHECKING:
     from typing_extensions import Buffer
 
-__all__ = ["ThreadBackend", "pwritev_fully"]
+__all__ = ["ThreadBackend", "WriteCounts", "pwritev_fully"]
 
 
-def pwritev_fully(fd: int, buffers: Sequence[Buffer], offset: int, name: str) -> tuple[int, int, int]:
-    """Write all of ``buffers`` at ``offset``; returns (calls, short writes, EINTRs).
+@dataclasses.dataclass
+class WriteCounts:
+    """What one :func:`pwritev_fully` call did, kept even when it fails."""
+
+    calls: int = 0
+    short: int = 0
+    interrupted: int = 0
+    written: int = 0
+
+
+def pwritev_fully(fd: int, buffers: Sequence[Buffer], offset: int, name: str, counts: WriteCounts) -> None:
+    """Write all of ``buffers`` at ``offset``, counting into ``counts``.
 
     A short write is resumed where it stopped; EINTR is retried; a write of
     zero bytes for a non-empty request is reported as EIO rather than looped
@@ -37,22 +48,22 @@ def pwritev_fully(fd: int, buffers: Sequence[Buffer], offset: int, name: str) ->
     """
     views = [memoryview(buffer).cast("B") for buffer in buffers]
     views = [view for view in views if view.nbytes]
-    calls = short = interrupted = 0
     while views:
         wanted = sum(view.nbytes for view in views)
         try:
-            calls += 1
+            counts.calls += 1
             done = os.pwritev(fd, views, offset)
         except InterruptedError:
-            interrupted += 1
+            counts.interrupted += 1
             continue
         except OSError as exc:
             raise OSError(exc.errno, f"write of {wanted} bytes at offset {offset} failed: {exc.strerror}", name) from None
+        counts.written += done
         if done == wanted:
             break
         if done == 0:
             raise OSError(errno.EIO, f"write of {wanted} bytes at offset {offset} wrote nothing", name)
-        short += 1
+        counts.short += 1
         offset += done
         while done:
             if done >= views[0].nbytes:
@@ -61,7 +72,6 @@ def pwritev_fully(fd: int, buffers: Sequence[Buffer], offset: int, name: str) ->
             else:
                 views[0] = views[0][done:]
                 done = 0
-    return calls, short, interrupted
 
 
 class ThreadBackend:
@@ -87,22 +97,24 @@ class ThreadBackend:
     def unregister(self, fd: int) -> None:
         self._names.pop(fd, None)
 
+    def register_buffers(self, buffers: Sequence[memoryview]) -> None:
+        pass  # plain pwritev gains nothing from knowing the buffers
+
     async def write(self, fd: int, buffers: Sequence[Buffer], offset: int) -> None:
         if self._closed:
             raise RuntimeError("backend is closed")
         name = self._names.get(fd, f"fd {fd}")
         self._in_flight += 1
         self._most_in_flight = max(self._most_in_flight, self._in_flight)
+        counts = WriteCounts()
         try:
-            calls, short, interrupted = await trio.to_thread.run_sync(
-                pwritev_fully, fd, buffers, offset, name, limiter=self._limiter
-            )
+            await trio.to_thread.run_sync(pwritev_fully, fd, buffers, offset, name, counts, limiter=self._limiter)
         finally:
             self._in_flight -= 1
-        self._writes += calls
-        self._short += short
-        self._interrupted += interrupted
-        self._bytes += sum(memoryview(buffer).nbytes for buffer in buffers)
+            self._writes += counts.calls
+            self._short += counts.short
+            self._interrupted += counts.interrupted
+            self._bytes += counts.written
 
     async def fsync(self, fd: int) -> None:
         name = self._names.get(fd, f"fd {fd}")

@@ -1,0 +1,420 @@
+"""The io_uring backend: liburing (through our cffi module) driven by trio.
+
+Theory of operation
+-------------------
+Some facts about io_uring, and what this module does about each.
+
+* A ring has a submission queue of ``entries`` slots and a completion queue of
+  twice that.  We never have more operations in flight than ``entries`` (a
+  trio Semaphore admits them), so an SQE is always available and the CQ does
+  not overflow in normal operation; the reaper still honours the overflow
+  flag, because completions lost there would hang their waiters forever.
+
+* Submitting costs one ``io_uring_enter`` system call however many SQEs it
+  carries.  A write task preps its SQE (one call into C) and then yields once
+  without being cancellable; the first task to run again submits everything
+  prepared in the meantime.  Writes that become ready in the same scheduling
+  round thus share one system call ("ops per enter" in the statistics).
+
+* Completions are announced on an eventfd registered with the ring.  One
+  reaper task, run by :func:`open_io_uring_backend`, waits for it with
+  ``trio.lowlevel.wait_readable``, reads the eventfd *first* (reading it after
+  draining could swallow the wake-up of a completion posted in between), then
+  drains every CQE, 256 per call into C.  The eventfd is only a hint: one
+  wake-up can stand for many completions, and a drain can find none.
+
+* The kernel reads a buffer until the operation's CQE is posted, whatever
+  happens to the task that submitted it.  Each operation keeps its buffers,
+  its iovec array and their cffi handles referenced until its CQE is reaped,
+  and the submitting task waits for the CQE shielded from cancellation, so
+  :meth:`write` never returns (normally or by Cancelled) while the kernel may
+  still read its buffers.  That is the contract of every backend: the caller
+  may reuse or return a buffer as soon as ``write`` returns.
+
+* Registered buffers: the writer's stripe buffers are registered once; a
+  write whose only buffer lies inside one of them goes out as WRITE_FIXED,
+  sparing the kernel the page pinning of every write.  Registration counts
+  against RLIMIT_MEMLOCK and can fail (ENOMEM); then every write is a writev.
+
+* Registered files: a sparse file table; :meth:`register` puts a file in a
+  slot and its operations carry IOSQE_FIXED_FILE (no file reference taken per
+  operation).  Kernels that refuse the table get plain descriptors.
+
+* Short writes are real (RLIMIT_FSIZE, signals): the rest is resubmitted.
+  A negative result is ``-errno``, raised as OSError with the file's name.
+
+* Buffered writes to one file are carried out by the kernel's io-wq workers,
+  serialised by the inode lock: a deeper queue buys no parallelism there, and
+  their CPU time shows in the process's rusage.  The gain of io_uring is one
+  Python thread with no thread hops and few system calls; it grows with
+  O_DIRECT and many small writes (see NOTES.md section 5).
+
+* Closing (shielded): wait until nothing is in flight, stop the reaper,
+  unregister files, buffers and the eventfd, ``notify_closing`` the eventfd
+  before closing it, and exit the ring.
+"""
+
+from __future__ import annotations
+
+import collections
+import errno
+import functools
+import os
+from collections.abc import AsyncIterator, Callable, Sequence
+from contextlib import asynccontextmanager
+from typing import TYPE_CHECKING, Any
+
+import trio
+
+from . import BackendStatistics, BackendUnavailable
+
+if TYPE_CHECKING:
+    from typing_extensions import Buffer
+
+__all__ = ["IoUringBackend", "open_io_uring_backend", "unavailable_reason", "PW_ABI"]
+
+#: Must equal PW_ABI in pwriter/_uring_build.py (a test checks it).
+PW_ABI = 1
+FILE_SLOTS = 64
+REAP_BATCH = 256
+MAX_ENTRIES = 4096
+_RETRY_SUBMIT = (errno.EAGAIN, errno.EBUSY, errno.EINTR)
+
+
+def _load() -> tuple[Any, Any]:
+    try:
+        from .. import _uring
+    except ImportError as exc:
+        raise BackendUnavailable(
+            f"the io_uring extension is not built ({exc}); install liburing-dev and reinstall pwriter"
+        ) from None
+    if _uring.lib.pw_abi() != PW_ABI:
+        raise BackendUnavailable("the compiled io_uring extension is stale; reinstall pwriter from a clean tree")
+    return _uring.ffi, _uring.lib
+
+
+@functools.cache
+def unavailable_reason() -> str | None:
+    """None when an io_uring can be created here, else why not (cached)."""
+    try:
+        ffi, lib = _load()
+    except BackendUnavailable as exc:
+        return str(exc)
+    ring = ffi.new("struct io_uring *")
+    rc = lib.io_uring_queue_init(2, ring, 0)
+    if rc < 0:
+        return f"the kernel refuses io_uring ({os.strerror(-rc)}; seccomp or kernel.io_uring_disabled?)"
+    lib.io_uring_queue_exit(ring)
+    return None
+
+
+class _Operation:
+    """One submitted operation: what the kernel may still be reading, and its result."""
+
+    __slots__ = ("done", "keep", "result")
+
+    def __init__(self, keep: object) -> None:
+        self.done = trio.Event()
+        self.keep = keep
+        self.result = 0
+
+
+class IoUringBackend:
+    """Writes through one io_uring of at least ``queue_depth`` entries.
+
+    Open it with :func:`open_io_uring_backend`, which also runs its reaper.
+    """
+
+    name = "io_uring"
+
+    def __init__(self, *, queue_depth: int) -> None:
+        self._ffi, self._lib = _load()
+        wanted = max(2, min(queue_depth, MAX_ENTRIES))
+        self.entries = 1 << (wanted - 1).bit_length()
+        self._ring = self._ffi.new("struct io_uring *")
+        rc = self._lib.io_uring_queue_init(self.entries, self._ring, 0)
+        if rc < 0:
+            raise BackendUnavailable(f"cannot create an io_uring of {self.entries} entries: {os.strerror(-rc)}")
+        self._eventfd = os.eventfd(0, os.EFD_CLOEXEC | os.EFD_NONBLOCK)
+        rc = self._lib.io_uring_register_eventfd(self._ring, self._eventfd)
+        if rc < 0:
+            os.close(self._eventfd)
+            self._lib.io_uring_queue_exit(self._ring)
+            raise BackendUnavailable(f"cannot register an eventfd with io_uring: {os.strerror(-rc)}")
+        self.fixed_files = self._lib.io_uring_register_files_sparse(self._ring, FILE_SLOTS) == 0
+        self._free_file_slots = list(range(FILE_SLOTS - 1, -1, -1)) if self.fixed_files else []
+        self._file_slot: dict[int, int] = {}
+        self._names: dict[int, str] = {}
+        self.fixed_buffers = False
+        self._registered: list[tuple[int, int]] = []  # (address, length) by buffer index
+        self._registered_keep: object = None
+        self._admit = trio.Semaphore(self.entries)
+        self._operations: dict[int, _Operation] = {}
+        self._next_user_data = 1
+        self._queued: collections.deque[int] = collections.deque()  # prepped, not yet submitted
+        self._broken: OSError | None = None
+        self._reap_user_data = self._ffi.new(f"uint64_t[{REAP_BATCH}]")
+        self._reap_result = self._ffi.new(f"int32_t[{REAP_BATCH}]")
+        self._idle = trio.Event()
+        self._idle.set()
+        self._closed = False
+        # statistics
+        self._submissions = 0
+        self._enter_calls = 0
+        self._writes = 0
+        self._fixed_writes = 0
+        self._bytes = 0
+        self._short = 0
+        self._interrupted = 0
+        self._fsyncs = 0
+        self._most_in_flight = 0
+
+    # -- files and buffers -------------------------------------------------
+
+    def register(self, fd: int, name: str) -> None:
+        self._names[fd] = name
+        if self._free_file_slots:
+            slot = self._free_file_slots.pop()
+            files = self._ffi.new("int[1]", [fd])
+            if self._lib.io_uring_register_files_update(self._ring, slot, files, 1) == 1:
+                self._file_slot[fd] = slot
+            else:
+                self._free_file_slots.append(slot)
+
+    def unregister(self, fd: int) -> None:
+        self._names.pop(fd, None)
+        slot = self._file_slot.pop(fd, None)
+        if slot is not None:
+            files = self._ffi.new("int[1]", [-1])
+            self._lib.io_uring_register_files_update(self._ring, slot, files, 1)
+            self._free_file_slots.append(slot)
+
+    def register_buffers(self, buffers: Sequence[memoryview]) -> None:
+        """Register the writer's buffers once (best effort: on failure, writev is used)."""
+        if self.fixed_buffers or not buffers:
+            return
+        handles = [self._ffi.from_buffer(buffer) for buffer in buffers]
+        iovecs = self._ffi.new("struct iovec[]", len(buffers))
+        for index, (handle, buffer) in enumerate(zip(handles, buffers)):
+            iovecs[index].iov_base = handle
+            iovecs[index].iov_len = buffer.nbytes
+        if self._lib.io_uring_register_buffers(self._ring, iovecs, len(buffers)) == 0:
+            self.fixed_buffers = True
+            self._registered = [(self._address(handle), buffer.nbytes) for handle, buffer in zip(handles, buffers)]
+            self._registered_keep = (handles, buffers)
+
+    def _address(self, handle: Any) -> int:
+        return int(self._ffi.cast("uintptr_t", handle))
+
+    def _fixed_index(self, address: int, length: int) -> int:
+        for index, (start, size) in enumerate(self._registered):
+            if start <= address and address + length <= start + size:
+                return index
+        return -1
+
+    # -- operations --------------------------------------------------------
+
+    async def write(self, fd: int, buffers: Sequence[Buffer], offset: int) -> None:
+        views = [memoryview(buffer).cast("B") for buffer in buffers]
+        views = [view for view in views if view.nbytes]
+        name = self._names.get(fd, f"fd {fd}")
+        while views:
+            wanted = sum(view.nbytes for view in views)
+            result = await self._operate(functools.partial(self._prep_write, fd, views, offset))
+            if result < 0:
+                if -result == errno.EINTR or -result == errno.EAGAIN:
+                    self._interrupted += 1
+                    continue
+                raise OSError(-result, f"write of {wanted} bytes at offset {offset} failed: {os.strerror(-result)}",
+                              name)
+            self._bytes += result
+            if result == wanted:
+                return
+            if result == 0:
+                raise OSError(errno.EIO, f"write of {wanted} bytes at offset {offset} wrote nothing", name)
+            self._short += 1
+            offset += result
+            while result:
+                if result >= views[0].nbytes:
+                    result -= views[0].nbytes
+                    views.pop(0)
+                else:
+                    views[0] = views[0][result:]
+                    result = 0
+            await trio.lowlevel.checkpoint_if_cancelled()
+
+    async def fsync(self, fd: int) -> None:
+        result = await self._operate(functools.partial(self._prep_fsync, fd))
+        if result < 0:
+            raise OSError(-result, f"fsync failed: {os.strerror(-result)}", self._names.get(fd, f"fd {fd}"))
+        self._fsyncs += 1
+
+    def _target(self, fd: int) -> tuple[int, int]:
+        slot = self._file_slot.get(fd)
+        return (fd, 0) if slot is None else (slot, 1)
+
+    def _prep_write(self, fd: int, views: list[memoryview], offset: int, user_data: int) -> tuple[int, object]:
+        target, fixed_file = self._target(fd)
+        self._writes += 1
+        handles = [self._ffi.from_buffer(view) for view in views]
+        if len(views) == 1 and self.fixed_buffers:
+            index = self._fixed_index(self._address(handles[0]), views[0].nbytes)
+            if index >= 0:
+                self._fixed_writes += 1
+                rc = self._lib.pw_prep_write_fixed(self._ring, target, fixed_file, handles[0], views[0].nbytes,
+                                                   offset, index, user_data)
+                return rc, (handles, views)
+        iovecs = self._ffi.new("struct iovec[]", len(views))
+        for index, (handle, view) in enumerate(zip(handles, views)):
+            iovecs[index].iov_base = handle
+            iovecs[index].iov_len = view.nbytes
+        rc = self._lib.pw_prep_writev(self._ring, target, fixed_file, iovecs, len(views), offset, user_data)
+        return rc, (iovecs, handles, list(views))
+
+    def _prep_fsync(self, fd: int, user_data: int) -> tuple[int, object]:
+        target, fixed_file = self._target(fd)
+        return self._lib.pw_prep_fsync(self._ring, target, fixed_file, user_data), None
+
+    async def _operate(self, prep: Callable[[int], tuple[int, object]]) -> int:
+        """Prep one SQE, get it submitted, and wait (uncancellably) for its CQE."""
+        if self._closed:
+            raise RuntimeError("io_uring backend is closed")
+        if self._broken is not None:
+            raise self._broken
+        await self._admit.acquire()  # cancellable: nothing is submitted yet
+        user_data = self._next_user_data
+        self._next_user_data += 1
+        rc, keep = prep(user_data)
+        if rc < 0:
+            self._admit.release()
+            raise OSError(-rc, f"cannot queue an io_uring operation: {os.strerror(-rc)}")
+        operation = _Operation(keep)
+        self._operations[user_data] = operation
+        self._idle = trio.Event() if self._idle.is_set() else self._idle
+        self._queued.append(user_data)
+        self._submissions += 1
+        self._most_in_flight = max(self._most_in_flight, len(self._operations))
+        try:
+            # Let the other ready tasks prep theirs, then submit them all at once.
+            await trio.lowlevel.cancel_shielded_checkpoint()
+            if self._queued:
+                self._submit()
+            with trio.CancelScope(shield=True):
+                await operation.done.wait()
+        finally:
+            self._admit.release()
+        return operation.result
+
+    def _submit(self) -> None:
+        """Submit every prepped SQE with one io_uring_enter.
+
+        A retryable failure (EAGAIN, EBUSY, EINTR) leaves them queued: the
+        reaper submits again after its next drain.  Any other failure means
+        the kernel took none of them: their operations fail with that errno
+        and the backend refuses further work (the SQEs are never submitted,
+        so the kernel never sees the buffers they name).
+        """
+        rc = self._lib.io_uring_submit(self._ring)
+        self._enter_calls += 1
+        if rc >= 0:
+            for _ in range(min(rc, len(self._queued))):
+                self._queued.popleft()
+            return
+        if -rc in _RETRY_SUBMIT:
+            return
+        self._broken = OSError(-rc, f"io_uring_enter failed: {os.strerror(-rc)}")
+        while self._queued:
+            operation = self._operations.pop(self._queued.popleft())
+            operation.result = rc
+            operation.keep = None
+            operation.done.set()
+        if not self._operations:
+            self._idle.set()
+
+    # -- completions -------------------------------------------------------
+
+    async def reap_forever(self) -> None:
+        """Wait for completions and hand each result to its waiter; runs until cancelled."""
+        while True:
+            await trio.lowlevel.wait_readable(self._eventfd)
+            try:
+                os.eventfd_read(self._eventfd)
+            except BlockingIOError:
+                pass
+            self.drain()
+
+    def drain(self) -> None:
+        """Reap every completion the ring holds (and any it kept aside on overflow)."""
+        while True:
+            count = self._lib.pw_reap(self._ring, self._reap_user_data, self._reap_result, REAP_BATCH)
+            for index in range(count):
+                operation = self._operations.pop(self._reap_user_data[index])
+                operation.result = self._reap_result[index]
+                operation.keep = None
+                operation.done.set()
+            if count == REAP_BATCH:
+                continue
+            if self._lib.pw_cq_has_overflow(self._ring):
+                self._lib.io_uring_submit_and_wait(self._ring, 0)  # flushes the overflowed CQEs
+                continue
+            break
+        if self._queued and self._broken is None:
+            self._submit()
+        if not self._operations:
+            self._idle.set()
+
+    # -- closing -----------------------------------------------------------
+
+    async def wait_idle(self) -> None:
+        """Return once no operation is in flight."""
+        while self._operations:
+            await self._idle.wait()
+
+    async def aclose(self) -> None:
+        """Release the ring; the caller has waited for :meth:`wait_idle`. Idempotent."""
+        if self._closed:
+            return
+        self._closed = True
+        if self.fixed_buffers:
+            self._lib.io_uring_unregister_buffers(self._ring)
+            self._registered_keep = None
+        if self.fixed_files:
+            self._lib.io_uring_unregister_files(self._ring)
+        self._lib.io_uring_unregister_eventfd(self._ring)
+        trio.lowlevel.notify_closing(self._eventfd)
+        os.close(self._eventfd)
+        self._lib.io_uring_queue_exit(self._ring)
+        await trio.lowlevel.checkpoint()
+
+    def statistics(self) -> BackendStatistics:
+        return BackendStatistics(
+            backend=self.name,
+            writes=self._writes,
+            bytes_written=self._bytes,
+            short_writes=self._short,
+            interrupted=self._interrupted,
+            fsyncs=self._fsyncs,
+            most_in_flight=self._most_in_flight,
+            submissions=self._submissions,
+            enter_calls=self._enter_calls,
+            fixed_buffer_writes=self._fixed_writes,
+        )
+
+
+@asynccontextmanager
+async def open_io_uring_backend(*, queue_depth: int) -> AsyncIterator[IoUringBackend]:
+    """An :class:`IoUringBackend` with its reaper running; on exit (shielded)
+    waits for every operation in flight, then closes the ring."""
+    backend = IoUringBackend(queue_depth=queue_depth)
+    try:
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(backend.reap_forever)
+            try:
+                yield backend
+            finally:
+                with trio.CancelScope(shield=True):
+                    await backend.wait_idle()
+                nursery.cancel_scope.cancel()
+    finally:
+        with trio.CancelScope(shield=True):
+            await backend.aclose()
