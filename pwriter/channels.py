@@ -39,6 +39,7 @@ __all__ = ["BufferPool", "Producer", "Coalescer", "CoalescerStatistics", "DEFAUL
 
 DEFAULT_BATCH_BYTES = 64 << 10
 NEWLINE = b"\n"
+_KEPT_ALIVE: list[mmap.mmap] = []
 
 
 class BufferPool:
@@ -86,8 +87,10 @@ class BufferPool:
         self._receive.close()
         try:
             self._memory.close()
-        except BufferError:  # a buffer is still out (an aborted write): let the GC free it
-            pass
+        except BufferError:
+            # Something still exports a buffer (an aborted operation).  Never
+            # unmap memory that may still be referenced: keep it to the end.
+            _KEPT_ALIVE.append(self._memory)
 
 
 class Producer:
@@ -257,6 +260,7 @@ class Coalescer:
     def statistics(self) -> CoalescerStatistics:
         return CoalescerStatistics(self.worker, self._chunks, self._bytes, self._deadline_flushes, self._oversized)
 
+    @trio.lowlevel.enable_ki_protection
     async def run(self) -> None:
         """Consume blocks until the channel is closed, then flush the last buffer."""
         with self._blocks:

@@ -14,6 +14,10 @@ every write, fsyncs (unless disabled), and publishes the output atomically.
 When the body raises or is cancelled, or a write fails, every task is
 cancelled, the temporary files are removed (shielded from cancellation) and
 the target is untouched; the exception propagates unwrapped.
+
+The writer's own code is KI-protected: Ctrl-C never lands in the middle of
+its bookkeeping, only at a checkpoint of the main task (or in user code),
+so that cleanup always runs whole.
 """
 
 from __future__ import annotations
@@ -197,6 +201,7 @@ class Writer:
         self._nursery.start_soon(self._run_coalescers)
         self._nursery.start_soon(self._push_stale_batches)
 
+    @trio.lowlevel.enable_ki_protection
     async def _run_coalescers(self) -> None:
         async with trio.open_nursery() as nursery:
             for coalescer in self._coalescers:
@@ -205,6 +210,7 @@ class Writer:
         self._coalesced.set()
         await self._write(footer, self._footer)
 
+    @trio.lowlevel.enable_ki_protection
     async def _push_stale_batches(self) -> None:
         delay = self.settings.max_delay
         while not self._coalesced.is_set():
@@ -219,6 +225,7 @@ class Writer:
         placement = self._planner.place(worker, filled)
         self._nursery.start_soon(self._write_and_give_back, placement, buffer, filled)
 
+    @trio.lowlevel.enable_ki_protection
     async def _write_and_give_back(self, placement: Placement, buffer: memoryview, filled: int) -> None:
         try:
             await self._write(placement, buffer[:filled])
@@ -229,6 +236,7 @@ class Writer:
     async def _write_oversized(self, worker: int, line: memoryview) -> None:
         await self._write(self._planner.place(worker, len(line)), line)
 
+    @trio.lowlevel.enable_ki_protection
     async def _write(self, placement: Placement, body: bytes | memoryview) -> None:
         parts: list[bytes | memoryview] = []
         if placement.head:
@@ -260,6 +268,7 @@ class Writer:
 
 
 @asynccontextmanager
+@trio.lowlevel.enable_ki_protection
 async def open_writer(
     path: str | os.PathLike[str],
     *,

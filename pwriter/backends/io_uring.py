@@ -49,6 +49,11 @@ Some facts about io_uring, and what this module does about each.
   Python thread with no thread hops and few system calls; it grows with
   O_DIRECT and many small writes (see NOTES.md section 5).
 
+* Ctrl-C: trio delivers KeyboardInterrupt to the main task even inside
+  shielded scopes, and raises it at once in unprotected code.  The code here
+  is KI-protected, and waits for completions hold a KeyboardInterrupt back
+  until the kernel is done, then re-raise it.
+
 * Closing (shielded): wait until nothing is in flight, stop the reaper,
   unregister files, buffers and the eventfd, ``notify_closing`` the eventfd
   before closing it, and exit the ring.
@@ -106,6 +111,21 @@ def unavailable_reason() -> str | None:
         return f"the kernel refuses io_uring ({os.strerror(-rc)}; seccomp or kernel.io_uring_disabled?)"
     lib.io_uring_queue_exit(ring)
     return None
+
+
+async def _wait_through_interrupts(event: trio.Event) -> None:
+    """Wait for ``event`` whatever happens: shielded from cancellation, and
+    holding back a KeyboardInterrupt (trio delivers it to the main task even
+    inside shielded scopes) until the event is set; then re-raise it."""
+    interrupted: BaseException | None = None
+    while not event.is_set():
+        try:
+            with trio.CancelScope(shield=True):
+                await event.wait()
+        except KeyboardInterrupt as exc:
+            interrupted = exc
+    if interrupted is not None:
+        raise interrupted
 
 
 class _Operation:
@@ -214,6 +234,7 @@ class IoUringBackend:
 
     # -- operations --------------------------------------------------------
 
+    @trio.lowlevel.enable_ki_protection
     async def write(self, fd: int, buffers: Sequence[Buffer], offset: int) -> None:
         views = [memoryview(buffer).cast("B") for buffer in buffers]
         views = [view for view in views if view.nbytes]
@@ -243,6 +264,7 @@ class IoUringBackend:
                     result = 0
             await trio.lowlevel.checkpoint_if_cancelled()
 
+    @trio.lowlevel.enable_ki_protection
     async def fsync(self, fd: int) -> None:
         result = await self._operate(functools.partial(self._prep_fsync, fd))
         if result < 0:
@@ -294,15 +316,20 @@ class IoUringBackend:
         self._queued.append(user_data)
         self._submissions += 1
         self._most_in_flight = max(self._most_in_flight, len(self._operations))
+        interrupted: BaseException | None = None
         try:
             # Let the other ready tasks prep theirs, then submit them all at once.
-            await trio.lowlevel.cancel_shielded_checkpoint()
+            try:
+                await trio.lowlevel.cancel_shielded_checkpoint()
+            except KeyboardInterrupt as exc:
+                interrupted = exc
             if self._queued:
                 self._submit()
-            with trio.CancelScope(shield=True):
-                await operation.done.wait()
+            await _wait_through_interrupts(operation.done)
         finally:
             self._admit.release()
+        if interrupted is not None:
+            raise interrupted
         return operation.result
 
     def _submit(self) -> None:
@@ -333,6 +360,7 @@ class IoUringBackend:
 
     # -- completions -------------------------------------------------------
 
+    @trio.lowlevel.enable_ki_protection
     async def reap_forever(self) -> None:
         """Wait for completions and hand each result to its waiter; runs until cancelled."""
         while True:
@@ -366,10 +394,11 @@ class IoUringBackend:
     # -- closing -----------------------------------------------------------
 
     async def wait_idle(self) -> None:
-        """Return once no operation is in flight."""
+        """Return once no operation is in flight (cancellation and Ctrl-C wait too)."""
         while self._operations:
-            await self._idle.wait()
+            await _wait_through_interrupts(self._idle)
 
+    @trio.lowlevel.enable_ki_protection
     async def aclose(self) -> None:
         """Release the ring; the caller has waited for :meth:`wait_idle`. Idempotent."""
         if self._closed:
@@ -402,6 +431,7 @@ class IoUringBackend:
 
 
 @asynccontextmanager
+@trio.lowlevel.enable_ki_protection
 async def open_io_uring_backend(*, queue_depth: int) -> AsyncIterator[IoUringBackend]:
     """An :class:`IoUringBackend` with its reaper running; on exit (shielded)
     waits for every operation in flight, then closes the ring."""
