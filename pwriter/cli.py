@@ -127,6 +127,15 @@ def _merge(args: argparse.Namespace) -> int:
             "bytes_written": stats.bytes_written,
             "chunks": stats.chunks,
             "writes": stats.writes,
+            "io": {
+                "submissions": stats.io.submissions,
+                "enter_calls": stats.io.enter_calls,
+                "ops_per_enter": round(stats.io.ops_per_enter, 3),
+                "fixed_buffer_writes": stats.io.fixed_buffer_writes,
+                "short_writes": stats.io.short_writes,
+                "most_in_flight": stats.io.most_in_flight,
+                "bytes_written": stats.io.bytes_written,
+            },
             "fsync": settings.fsync,
             "seconds": round(stats.seconds, 6),
         }
@@ -173,12 +182,13 @@ def _render_progress(progress: Any, elapsed: float) -> None:
 
 
 def _info(args: argparse.Namespace) -> int:
-    from .backends import available_backends
+    from .backends import available_backends, resolve_backend_name
     from .writer import plan
 
     settings = _settings(args)
     fs, sizing = plan(args.path, settings)
     backends = available_backends()
+    chosen = resolve_backend_name(settings.backend)
     if args.json:
         print(
             json.dumps(
@@ -196,6 +206,7 @@ def _info(args: argparse.Namespace) -> int:
                     "buffers": sizing.buffers,
                     "queue_depth": sizing.queue_depth,
                     "memory_budget": sizing.memory_budget,
+                    "backend": chosen,
                     "reasons": list(sizing.reasons),
                     "backends": {name: {"available": why is None, "reason": why} for name, why in backends.items()},
                 }
@@ -209,6 +220,7 @@ def _info(args: argparse.Namespace) -> int:
     print("sizing:")
     for reason in sizing.reasons:
         print(f"  {reason}")
+    print(f"backend:      {chosen}")
     print("backends:")
     for name, why in backends.items():
         print(f"  {name}: {'available' if why is None else 'unavailable: ' + why}")

@@ -77,6 +77,8 @@ def test_merge_every_layout(corpus: str, inputs_event_count: int, tmp_path, back
     assert JSON_FIELDS <= set(report)
     assert (report["layout"], report["backend"], report["inputs"]) == (layout, backend_name, 206)
     assert report["stripe_size"] == 65536 and report["fs_kind"] in ("local", "tmpfs")
+    if backend_name == "io_uring":
+        assert report["io"]["submissions"] >= report["io"]["enter_calls"] > 0
 
     whole = str(out) + ".shards" if layout == "sharded" else str(out)
     assert [os.path.abspath(p) for p in report["outputs"]] == (
@@ -144,6 +146,7 @@ def test_gen_corpus_and_info(tmp_path) -> None:
     report = json.loads(info.stdout)
     assert report["layout"] in ("striped", "padded-striped", "sharded")
     assert report["backends"]["threads"]["available"] is True
+    assert report["backend"] == ("io_uring" if report["backends"]["io_uring"]["available"] else "threads")
     assert report["reasons"]
     text = run_cli("info", str(tmp_path))
     assert "filesystem:" in text.stdout and "threads: available" in text.stdout
