@@ -2,9 +2,11 @@
 
 Not run in CI.  Builds (once) a corpus of plain NDJSON/array traces with
 pwriter's own event generator, then runs, interleaved and repeated, ``cat
-inputs > out`` and ``pwriter merge --no-fsync`` (each layout) into the same
-directory, and prints median wall seconds, GiB/s of output and the ratio to
-``cat`` measured in the same run.  The full benchmark of the speed issue
+inputs > out`` and ``pwriter merge --no-fsync`` (each layout, each backend
+that can run here) into the same directory, and prints median wall seconds,
+GiB/s of output, CPU seconds per GiB (user + system of the command and its
+threads, kernel io-wq workers included) and the ratio to ``cat`` measured in
+the same run.  The full benchmark of the speed issue
 (zcat, fio, dftracer_split, gzip inputs, fsync and O_DIRECT, RSS) is still
 to come; this one only gives a starting figure.
 
@@ -15,6 +17,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import resource
 import shutil
 import statistics
 import subprocess
@@ -35,10 +38,14 @@ def build_corpus(directory: str, files: int, per_file: int) -> list[str]:
     return paths
 
 
-def timed(command: list[str] | str, *, shell: bool = False) -> float:
+def timed(command: list[str] | str, *, shell: bool = False) -> tuple[float, float]:
+    """Wall seconds and CPU seconds (user + system) of one run."""
+    before = resource.getrusage(resource.RUSAGE_CHILDREN)
     start = time.perf_counter()
     subprocess.run(command, shell=shell, check=True, stdout=subprocess.DEVNULL)
-    return time.perf_counter() - start
+    wall = time.perf_counter() - start
+    after = resource.getrusage(resource.RUSAGE_CHILDREN)
+    return wall, (after.ru_utime - before.ru_utime) + (after.ru_stime - before.ru_stime)
 
 
 def main() -> None:
@@ -57,27 +64,34 @@ def main() -> None:
     size = sum(os.path.getsize(path) for path in paths)
     pwriter = os.path.join(os.path.dirname(sys.executable), "pwriter")
     quoted = " ".join(paths)
-    runs: dict[str, list[float]] = {}
+    from pwriter.backends import available_backends
+
+    backends = [name for name, reason in available_backends().items() if reason is None]
+    runs: dict[str, list[tuple[float, float]]] = {}
     configs = {
         "cat": (f"cat {quoted} > {out_dir}/cat.pfw", True),
         **{
-            f"pwriter {layout}": (
-                [pwriter, "merge", *paths, "-o", f"{out_dir}/m.pfw", "--force", "--no-fsync", "--layout", layout],
+            f"pwriter {layout} {backend}": (
+                [pwriter, "merge", *paths, "-o", f"{out_dir}/m.pfw", "--force", "--no-fsync", "--layout", layout,
+                 "--backend", backend],
                 False,
             )
             for layout in ("striped", "padded-striped", "sharded")
+            for backend in backends
         },
     }
     for _ in range(args.repeat):
         for name, (command, shell) in configs.items():
             runs.setdefault(name, []).append(timed(command, shell=shell))
-    base = statistics.median(runs["cat"])
+    base = statistics.median(wall for wall, _ in runs["cat"])
+    gib = size / 2**30
     print(f"corpus: {args.files} plain files, {size / 2**20:.0f} MiB, in {corpus}; {os.cpu_count()} CPUs; "
-          f"median of {args.repeat} interleaved runs, page cache warm, no fsync")
-    print(f"{'command':<24} {'seconds':>8} {'GiB/s':>7} {'vs cat':>7}")
-    for name, times in runs.items():
-        median = statistics.median(times)
-        print(f"{name:<24} {median:8.3f} {size / median / 2**30:7.2f} {base / median:7.2f}")
+          f"median of {args.repeat} interleaved runs, page cache warm, no fsync, start-up included")
+    print(f"{'command':<34} {'seconds':>8} {'GiB/s':>7} {'CPU s/GiB':>10} {'vs cat':>7}")
+    for name, results in runs.items():
+        wall = statistics.median(w for w, _ in results)
+        cpu = statistics.median(c for _, c in results)
+        print(f"{name:<34} {wall:8.3f} {gib / wall:7.2f} {cpu / gib:10.2f} {base / wall:7.2f}")
 
 
 if __name__ == "__main__":
