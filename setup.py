@@ -1,4 +1,4 @@
-"""Build hook: compile the optional io_uring binding where liburing is present.
+"""Build hook: compile the optional C helpers, and the io_uring binding where liburing is present.
 
 Everything else about the package is in pyproject.toml.  Where
 ``liburing.h`` cannot be found (or ``PWRITER_NO_URING=1`` is set) the
@@ -22,4 +22,7 @@ def _have_liburing() -> bool:
     return any(os.path.exists(os.path.join(d, "liburing.h")) for d in ("/usr/include", "/usr/local/include"))
 
 
-setup(cffi_modules=["pwriter/_uring_build.py:ffibuilder"] if _have_liburing() else [])
+modules = ["pwriter/_native_build.py:ffibuilder"]
+if _have_liburing():
+    modules.append("pwriter/_uring_build.py:ffibuilder")
+setup(cffi_modules=modules)

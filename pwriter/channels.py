@@ -16,8 +16,10 @@ taken from the :class:`BufferPool`, a fixed set of page-aligned buffers
 carved from one anonymous ``mmap``.  A buffer is handed to ``flush`` when the
 next line would not fit, when its oldest byte has waited ``max_delay``
 seconds on the trio clock, or when the channel closes.  Blocks are cut only
-at newlines, so a chunk always holds whole lines.  A single line longer than
-a buffer is written on its own as an oversized chunk.
+at newlines, so a chunk always holds whole lines.  A block that fills at
+least half a buffer by itself is not copied: it is written as it is, as a
+chunk of its own (a *direct* chunk; the merge reads in such blocks).  So is a
+single line longer than a buffer (an *oversized* chunk).
 
 Backpressure: ``flush`` hands the buffer to a write that gives it back to the
 pool when the kernel is done with it.  When every buffer is in flight,
@@ -39,7 +41,7 @@ __all__ = ["BufferPool", "Producer", "Coalescer", "CoalescerStatistics", "DEFAUL
 
 DEFAULT_BATCH_BYTES = 64 << 10
 NEWLINE = b"\n"
-_KEPT_ALIVE: list[mmap.mmap] = []
+_KEPT_ALIVE: list[object] = []
 
 
 class BufferPool:
@@ -81,16 +83,17 @@ class BufferPool:
 
     def close(self) -> None:
         """Release the memory; every buffer must have been given back."""
-        for buffer in self.buffers:
-            buffer.release()
         self._send.close()
         self._receive.close()
         try:
+            for buffer in self.buffers:
+                buffer.release()
             self._memory.close()
         except BufferError:
-            # Something still exports a buffer (an aborted operation).  Never
-            # unmap memory that may still be referenced: keep it to the end.
-            _KEPT_ALIVE.append(self._memory)
+            # Something still exports a buffer (an aborted operation, a live
+            # traceback).  Never unmap memory that may still be referenced:
+            # keep it, and its views, to the end of the process.
+            _KEPT_ALIVE.append((self._memory, self.buffers))
 
 
 class Producer:
@@ -207,26 +210,28 @@ class Producer:
 @dataclasses.dataclass(frozen=True)
 class CoalescerStatistics:
     """What one coalescer did: ``chunks`` flushed (``bytes`` of lines in them),
-    how many were flushed by the delay deadline, and how many oversized
-    single-line chunks went around the pool."""
+    how many were flushed by the delay deadline, how many were large blocks
+    written without a copy, and how many oversized single-line chunks."""
 
     worker: int
     chunks: int
     bytes: int
     deadline_flushes: int
+    direct_chunks: int
     oversized_chunks: int
 
 
 FlushBuffer = Callable[[int, memoryview, int], Awaitable[None]]
-WriteOversized = Callable[[int, memoryview], Awaitable[None]]
+WriteWhole = Callable[[int, memoryview], Awaitable[None]]
 
 
 class Coalescer:
     """Packs the blocks of one channel into stripe buffers (see module docstring).
 
     ``flush(worker, buffer, filled)`` takes ownership of ``buffer`` (it must
-    give it back to the pool when written); ``write_oversized(worker, view)``
-    writes a single line longer than ``capacity`` and returns when done.
+    give it back to the pool when written); ``write_whole(worker, view)``
+    places a chunk of whole lines that did not go through a buffer and gets
+    it written (it may return before the write completes: it keeps ``view``).
     """
 
     def __init__(
@@ -238,7 +243,7 @@ class Coalescer:
         capacity: int,
         max_delay: float,
         flush: FlushBuffer,
-        write_oversized: WriteOversized,
+        write_whole: WriteWhole,
     ) -> None:
         if capacity > pool.size:
             raise ValueError("chunk capacity exceeds the pool's buffer size")
@@ -248,17 +253,20 @@ class Coalescer:
         self._capacity = capacity
         self._max_delay = max_delay
         self._flush = flush
-        self._write_oversized = write_oversized
+        self._write_whole = write_whole
         self._buffer: memoryview | None = None
         self._filled = 0
         self._deadline = math.inf
         self._chunks = 0
         self._bytes = 0
         self._deadline_flushes = 0
+        self._direct = 0
         self._oversized = 0
 
     def statistics(self) -> CoalescerStatistics:
-        return CoalescerStatistics(self.worker, self._chunks, self._bytes, self._deadline_flushes, self._oversized)
+        return CoalescerStatistics(
+            self.worker, self._chunks, self._bytes, self._deadline_flushes, self._direct, self._oversized
+        )
 
     @trio.lowlevel.enable_ki_protection
     async def run(self) -> None:
@@ -280,6 +288,13 @@ class Coalescer:
     async def _add(self, block: bytes) -> None:
         view = memoryview(block)
         position, size = 0, len(block)
+        if self._capacity // 2 <= size <= self._capacity:
+            await self._flush_buffer()  # what came before goes first
+            self._direct += 1
+            self._chunks += 1
+            self._bytes += size
+            await self._write_whole(self.worker, view)
+            return
         while position < size:
             if self._buffer is None:
                 self._buffer = await self._pool.take()
@@ -298,7 +313,7 @@ class Coalescer:
                     self._oversized += 1
                     self._chunks += 1
                     self._bytes += cut - position
-                    await self._write_oversized(self.worker, view[position:cut])
+                    await self._write_whole(self.worker, view[position:cut])
                     position = cut
                     continue
             length = cut - position

@@ -22,12 +22,12 @@ import trio
 from .errors import DataError, InputError, UsageError
 from .output import is_temporary_name
 from .settings import Settings
-from .traceformat import BlockCleaner, is_gzip_magic
+from .traceformat import BlockCleaner, is_gzip_magic, rfind_newline
 from .writer import WriterStatistics, open_writer
 
 __all__ = ["MergeResult", "MergeProgress", "collect_inputs", "merge", "InputReader"]
 
-READ_SIZE = 1 << 20
+PEEK_SIZE = 64 << 10
 TRACE_SUFFIXES = (".pfw", ".pfw.gz")
 
 
@@ -93,22 +93,27 @@ def collect_inputs(paths: Sequence[str], directory: str | None = None, *, exclud
 
 
 class InputReader:
-    """Reads one input (plain or gzip, told apart by its magic number) in
-    cleaned blocks; blocking, meant to run in a worker thread."""
+    """Reads one input (plain or gzip, told apart by its magic number) and
+    cleans its text straight into the caller's stripe buffers.  Blocking:
+    meant to run in a worker thread.
+
+    The caller keeps a buffer in two parts: ``buffer[:done]`` holds cleaned
+    event lines, ``buffer[done:end]`` text read but not yet cleaned (the
+    start of a line whose newline has not been read).  :meth:`fill` reads
+    more, cleans every complete line in place and returns the new
+    ``(done, end, finished)``.
+    """
 
     def __init__(self, path: str) -> None:
         self.path = path
         try:
-            self._raw = io.BufferedReader(io.FileIO(path, "rb"), buffer_size=READ_SIZE)
+            self._raw = io.BufferedReader(io.FileIO(path, "rb"), buffer_size=PEEK_SIZE)
             head = self._raw.peek(2)[:2]  # no seek: pipes and FIFOs are inputs too
         except OSError as exc:
             raise DataError(f"{path}: cannot open the input: {exc.strerror}") from None
         self.compressed = is_gzip_magic(head)
-        self._stream: io.BufferedReader[io.FileIO] | gzip.GzipFile = (
-            gzip.GzipFile(fileobj=self._raw, mode="rb") if self.compressed else self._raw
-        )
+        self._gzip = gzip.GzipFile(fileobj=self._raw, mode="rb") if self.compressed else None
         self._cleaner = BlockCleaner(path)
-        self._done = False
 
     @property
     def events(self) -> int:
@@ -122,27 +127,84 @@ class InputReader:
         except (OSError, ValueError):
             return 0
 
-    def read_block(self) -> bytes | None:
-        """The next block of event lines (may be empty), or None at the end."""
-        if self._done:
-            return None
+    def fill(self, buffer: memoryview, done: int, end: int, capacity: int) -> tuple[int, int, bool]:
+        """Read into ``buffer[end:capacity]`` and clean the complete lines.
+
+        ``finished`` is true once the input is exhausted and all its lines
+        are cleaned (a last line without a newline gets one).  When the
+        buffer is full and no progress is possible, returns its arguments
+        unchanged: the caller must make room.
+        """
+        read = self._read_into(buffer, end, capacity) if end < capacity else 0
+        if read == 0 and end == capacity:
+            return done, end, False
+        if read == 0:  # end of input
+            if end > done:
+                buffer[end] = 10  # the last line had no newline
+                end += 1
+            done = self._cleaner.clean_in_place(buffer, done, end)
+            return done, done, True
+        end += read
+        last = rfind_newline(buffer, done, end)
+        if last < 0:
+            return done, end, False
+        cleaned = self._cleaner.clean_in_place(buffer, done, last + 1)
+        tail = end - (last + 1)
+        if tail and cleaned != last + 1:
+            buffer[cleaned : cleaned + tail] = buffer[last + 1 : end]
+        return cleaned, cleaned + tail, False
+
+    def read_long_line(self, start: bytes, size: int) -> tuple[bytes, bytes]:
+        """Finish a line longer than a buffer that begins with ``start``.
+
+        Returns the cleaned line (with its newline; empty for a wrapper line)
+        and the text read past its end (shorter than ``size``).
+        """
+        parts = [start]
+        while True:
+            data = self._read(size)
+            newline = data.find(b"\n")
+            if newline >= 0:
+                parts.append(data[: newline + 1])
+                rest = data[newline + 1 :]
+                break
+            parts.append(data)
+            if not data:
+                parts.append(b"\n")
+                rest = b""
+                break
+        return self._cleaner.feed(b"".join(parts)), rest
+
+    def _read(self, size: int) -> bytes:
         try:
-            text = self._stream.read(READ_SIZE)
+            return (self._gzip or self._raw).read(size)
         except EOFError:
-            raise InputError(self.path, "truncated gzip: the file ends inside a compressed member "
-                             f"(after {self._cleaner.offset} bytes of text)") from None
+            raise self._truncated() from None
         except (gzip.BadGzipFile, zlib.error) as exc:
-            raise InputError(self.path, f"corrupt gzip: {exc} (after {self._cleaner.offset} bytes of text)") from None
+            raise self._corrupt(exc) from None
         except OSError as exc:
             raise DataError(f"{self.path}: read failed: {exc.strerror or exc}") from None
-        if text:
-            return self._cleaner.feed(text)
-        self._done = True
-        return self._cleaner.finish()
+
+    def _read_into(self, buffer: memoryview, start: int, stop: int) -> int:
+        if self._gzip is not None:
+            data = self._read(stop - start)
+            buffer[start : start + len(data)] = data
+            return len(data)
+        try:
+            return self._raw.readinto(buffer[start:stop])
+        except OSError as exc:
+            raise DataError(f"{self.path}: read failed: {exc.strerror or exc}") from None
+
+    def _truncated(self) -> InputError:
+        return InputError(self.path, "truncated gzip: the file ends inside a compressed member "
+                          f"(after {self._cleaner.offset} bytes of text)")
+
+    def _corrupt(self, exc: Exception) -> InputError:
+        return InputError(self.path, f"corrupt gzip: {exc} (after {self._cleaner.offset} bytes of text)")
 
     def close(self) -> None:
-        if self._stream is not self._raw:
-            self._stream.close()
+        if self._gzip is not None:
+            self._gzip.close()
         self._raw.close()
 
 
@@ -198,32 +260,51 @@ async def merge(
         send_paths.send_nowait(index)
     send_paths.close()
 
-    async def read_inputs(producer_index: int, paths: trio.MemoryReceiveChannel[int]) -> None:
-        async with writer.producer() as producer:
-            with paths:
-                async for index in paths:
-                    path = inputs[index]
-                    reader = await trio.to_thread.run_sync(InputReader, path, limiter=limiter)
-                    progress.open_readers[producer_index] = reader
-                    try:
-                        while True:
-                            block = await trio.to_thread.run_sync(reader.read_block, limiter=limiter)
-                            if block is None:
-                                break
-                            if block:
-                                await producer.send_block(block)
-                    finally:
-                        del progress.open_readers[producer_index]
-                        reader.close()
-                    progress.done_input_bytes += sizes[index]
-                    progress.files_done += 1
-                    progress.events += reader.events
+    async def read_inputs(reader_index: int, paths: trio.MemoryReceiveChannel[int]) -> None:
+        # Each reader fills stripe buffers of its own, straight from its
+        # inputs, and hands every full one to the writer as a chunk of its
+        # worker: the lines of one input stay together and in order.
+        worker = reader_index % writer.sizing.workers
+        capacity = writer.chunk_capacity
+        buffer = await writer.take_buffer()
+        done = end = 0
+        with paths:
+            async for index in paths:
+                reader = await trio.to_thread.run_sync(InputReader, inputs[index], limiter=limiter)
+                progress.open_readers[reader_index] = reader
+                try:
+                    while True:
+                        if end == capacity and done == 0:  # one line longer than a buffer
+                            line, rest = await trio.to_thread.run_sync(
+                                reader.read_long_line, bytes(buffer[:end]), capacity, limiter=limiter
+                            )
+                            if line:
+                                await writer.write_lines(worker, line)
+                            buffer[: len(rest)] = rest
+                            end = len(rest)
+                        elif end == capacity:  # full: the complete lines go, the rest moves on
+                            fresh = await writer.take_buffer()
+                            fresh[: end - done] = buffer[done:end]
+                            await writer.write_buffer(worker, buffer, done)
+                            buffer, done, end = fresh, 0, end - done
+                        done, end, finished = await trio.to_thread.run_sync(
+                            reader.fill, buffer, done, end, capacity, limiter=limiter
+                        )
+                        if finished:
+                            break
+                finally:
+                    del progress.open_readers[reader_index]
+                    reader.close()
+                progress.done_input_bytes += sizes[index]
+                progress.files_done += 1
+                progress.events += reader.events
+        await writer.write_buffer(worker, buffer, done)
 
     async with open_writer(output, settings=settings, producers=readers, force=force, inputs=inputs) as writer:
         async with trio.open_nursery() as nursery:
             with receive_paths:
-                for producer_index in range(readers):
-                    nursery.start_soon(read_inputs, producer_index, receive_paths.clone())
+                for reader_index in range(readers):
+                    nursery.start_soon(read_inputs, reader_index, receive_paths.clone())
     return MergeResult(
         inputs=len(inputs),
         events=progress.events,

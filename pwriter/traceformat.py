@@ -10,17 +10,20 @@ NUL byte; events are not parsed.  Anything else means the input is not a
 trace.
 
 Speed comes from looking at whole blocks: a block in which every line
-already is a bare event (it starts with ``{``, every newline is followed by
-``{`` and preceded by ``}``, and there is no NUL) passes through untouched
-after three C-speed scans.  Only blocks with wrapper lines, blank lines,
-indentation or CRLF take the slow path, which trims line by line.
+already is a bare event (``{`` first, ``}`` last, no NUL byte) passes through
+untouched.  The check runs in C (``pwriter._native``, memchr speed, GIL
+released) where that module is built, else as three ``bytes`` scans.  Only
+lines that are not bare events (wrapper lines, blank lines, indentation,
+CRLF) are trimmed one by one in Python.
 """
 
 from __future__ import annotations
 
+from typing import Any
+
 from .errors import InputError
 
-__all__ = ["BlockCleaner", "is_gzip_magic"]
+__all__ = ["BlockCleaner", "is_gzip_magic", "rfind_newline"]
 
 GZIP_MAGIC = b"\x1f\x8b"
 BOM = b"\xef\xbb\xbf"
@@ -68,51 +71,145 @@ class BlockCleaner:
 
     def _clean(self, block: bytes) -> bytes:
         """Event lines of ``block`` (whole lines, newline-terminated)."""
-        lines = block.count(b"\n")
-        if _all_bare_events(block, lines):
-            kept, cleaned = lines, block
+        native = _native
+        if native is not None:
+            lines, kept, cleaned = self._clean_native(block, native)
         else:
-            # Wrapper lines sit at the start and end of a file: clean the first
-            # and last line one by one and keep the fast path for the middle.
-            first = block.index(b"\n") + 1
-            last = block.rindex(b"\n", 0, len(block) - 1) + 1 if lines > 2 else len(block)
-            middle = block[first:last]
-            if lines > 2 and _all_bare_events(middle, lines - 2):
-                head = self._clean_slowly(block[:first], self.offset, self.lines)
-                tail = self._clean_slowly(block[last:], self.offset + last, self.lines + lines - 1)
-                kept = head[0] + lines - 2 + tail[0]
-                cleaned = b"".join((head[1], middle, tail[1]))
-            else:
-                kept, cleaned = self._clean_slowly(block, self.offset, self.lines)
+            lines, kept, cleaned = self._clean_python(block)
         self.offset += len(block)
         self.lines += lines
         self.events += kept
         return cleaned
+
+    def _clean_native(self, block: bytes, native: tuple[Any, Any]) -> tuple[int, int, bytes]:
+        """Runs of bare events pass through; other lines are cleaned one by
+        one (wrapper lines sit at the ends of a file); after a few of those
+        in one block, the rest of it is cleaned line by line."""
+        ffi, lib = native
+        view, counted = ffi.from_buffer(block), ffi.new("size_t *")  # bytes: nothing to release
+        size, position, lines, kept = len(block), 0, 0, 0
+        pieces: list[bytes] = []
+        for _ in range(8):
+            stop = lib.pw_scan_events(view, position, size, counted)
+            if stop == size and position == 0:
+                return counted[0], counted[0], block  # the common case: no copy
+            if stop > position:
+                pieces.append(block[position:stop])
+                lines += counted[0]
+                kept += counted[0]
+            if stop == size:
+                return lines, kept, b"".join(pieces)
+            end = block.index(b"\n", stop) + 1
+            event = self._clean_line(block[stop : end - 1], self.offset + stop, self.lines + lines + 1)
+            lines += 1
+            if event:
+                pieces.append(event + b"\n")
+                kept += 1
+            position = end
+        rest = block[position:]
+        more, cleaned = self._clean_slowly(rest, self.offset + position, self.lines + lines)
+        return lines + rest.count(b"\n"), kept + more, b"".join(pieces) + cleaned
+
+    def clean_in_place(self, buffer: memoryview, start: int, stop: int) -> int:
+        """Clean the text in ``buffer[start:stop]`` (whole lines, the last
+        ending in a newline) where it lies: event lines are moved down over
+        dropped wrapper lines, trimmed lines are written back shorter.
+        Returns the end of the cleaned events (``<= stop``).  Counts and
+        errors as :meth:`feed`; with the C scanner, runs of bare events are
+        not even copied."""
+        native = _native
+        if stop <= start:
+            return start
+        if native is None:
+            cleaned = self._clean(bytes(buffer[start:stop]))
+            buffer[start : start + len(cleaned)] = cleaned
+            return start + len(cleaned)
+        ffi, lib = native
+        with ffi.from_buffer(buffer) as view:  # released even when a line is refused
+            return self._clean_in_place_native(buffer, start, stop, view, lib, ffi.new("size_t *"))
+
+    def _clean_in_place_native(self, buffer: memoryview, start: int, stop: int, view: Any, lib: Any,
+                               counted: Any) -> int:
+        position, write, lines, kept, irregular = start, start, 0, 0, 0
+        while position < stop:
+            bare_end = lib.pw_scan_events(view, position, stop, counted)
+            if bare_end > position:
+                if write != position:
+                    buffer[write : write + bare_end - position] = buffer[position:bare_end]
+                write += bare_end - position
+                lines += counted[0]
+                kept += counted[0]
+            if bare_end == stop:
+                break
+            irregular += 1
+            if irregular > 8:  # many odd lines (CRLF, indentation): clean the rest in bulk
+                rest = bytes(buffer[bare_end:stop])
+                more, cleaned = self._clean_slowly(rest, self.offset + bare_end - start, self.lines + lines)
+                buffer[write : write + len(cleaned)] = cleaned
+                write += len(cleaned)
+                lines += rest.count(b"\n")
+                kept += more
+                break
+            end = lib.pw_find_newline(view, bare_end, stop)
+            line = bytes(buffer[bare_end:end])
+            event = self._clean_line(line, self.offset + bare_end - start, self.lines + lines + 1)
+            lines += 1
+            if event:
+                buffer[write : write + len(event)] = event
+                buffer[write + len(event)] = 10  # newline
+                write += len(event) + 1
+                kept += 1
+            position = end + 1
+        self.offset += stop - start
+        self.lines += lines
+        self.events += kept
+        return write
+
+    def _clean_python(self, block: bytes) -> tuple[int, int, bytes]:
+        lines = block.count(b"\n")
+        if _all_bare_events(block, lines):
+            return lines, lines, block
+        # Wrapper lines sit at the start and end of a file: clean the first
+        # and last line one by one and keep the fast check for the middle.
+        first = block.index(b"\n") + 1
+        last = block.rindex(b"\n", 0, len(block) - 1) + 1 if lines > 2 else len(block)
+        middle = block[first:last]
+        if lines > 2 and _all_bare_events(middle, lines - 2):
+            head = self._clean_slowly(block[:first], self.offset, self.lines)
+            tail = self._clean_slowly(block[last:], self.offset + last, self.lines + lines - 1)
+            return lines, head[0] + lines - 2 + tail[0], b"".join((head[1], middle, tail[1]))
+        kept, cleaned = self._clean_slowly(block, self.offset, self.lines)
+        return lines, kept, cleaned
 
     def _clean_slowly(self, block: bytes, offset: int, lines_before: int) -> tuple[int, bytes]:
         """Trim and check line by line; ``offset`` and ``lines_before`` place
         ``block`` in the input, for error messages."""
         events: list[bytes] = []
         for index, line in enumerate(block.split(b"\n")[:-1]):
-            stripped = line.strip()
-            if offset == 0 and stripped.startswith(BOM):
-                stripped = stripped[len(BOM) :].strip()
-            if stripped in _WRAPPERS:
-                pass
-            elif stripped[:1] == b"{" and stripped[-1:] == b"}" and b"\x00" not in stripped:
-                events.append(stripped)
-            else:
-                number = lines_before + index + 1
-                if b"\x00" in line:
-                    problem = f"not a trace: line {number} holds NUL bytes"
-                else:
-                    problem = f"not a trace: line {number} is not a JSON event line ({_preview(stripped)})"
-                raise InputError(self.path, problem, offset)
+            event = self._clean_line(line, offset, lines_before + index + 1)
+            if event:
+                events.append(event)
             offset += len(line) + 1
         if not events:
             return 0, b""
         events.append(b"")
         return len(events) - 1, b"\n".join(events)
+
+    def _clean_line(self, line: bytes, offset: int, number: int) -> bytes:
+        """The event of one line (without its newline), or b"" for a wrapper
+        line; raises InputError for anything else."""
+        stripped = line.strip()
+        if offset == 0 and stripped.startswith(BOM):
+            stripped = stripped[len(BOM) :].strip()
+        if stripped in _WRAPPERS:
+            return b""
+        if stripped[:1] == b"{" and stripped[-1:] == b"}" and b"\x00" not in stripped:
+            return stripped
+        if b"\x00" in line:
+            problem = f"not a trace: line {number} holds NUL bytes"
+        else:
+            problem = f"not a trace: line {number} is not a JSON event line ({_preview(stripped)})"
+        raise InputError(self.path, problem, offset)
 
 
 def _all_bare_events(block: bytes, lines: int) -> bool:
@@ -126,6 +223,28 @@ def _all_bare_events(block: bytes, lines: int) -> bool:
         and block.count(b"}\n{") == lines - 1
         and b"\x00" not in block
     )
+
+
+def rfind_newline(buffer: memoryview, start: int, stop: int) -> int:
+    """Offset of the last newline in ``buffer[start:stop]``, or -1."""
+    native = _native
+    if native is not None:
+        ffi, lib = native
+        with ffi.from_buffer(buffer) as view:
+            return int(lib.pw_rfind_newline(view, start, stop))
+    found = bytes(buffer[start:stop]).rfind(b"\n")
+    return start + found if found >= 0 else -1
+
+
+def _load_native() -> tuple[Any, Any] | None:
+    try:
+        from . import _native as module
+    except ImportError:
+        return None
+    return module.ffi, module.lib
+
+
+_native = _load_native()
 
 
 def _preview(line: bytes) -> str:

@@ -85,6 +85,7 @@ class WriterStatistics:
     line_bytes: int
     bytes_written: int
     deadline_flushes: int
+    direct_chunks: int
     oversized_chunks: int
     buffer_waits: int
     seconds: float
@@ -125,6 +126,9 @@ class Writer:
         self._producers: list[Producer] = []
         self._next_worker = 0
         self._coalesced = trio.Event()
+        self._whole_slots = trio.Semaphore(pool.count)
+        self._buffer_chunks = 0
+        self._buffer_bytes = 0
         self._bytes_written = 0
         self._started = trio.current_time()
         self._finished: float | None = None
@@ -134,6 +138,12 @@ class Writer:
     def outputs(self) -> list[str]:
         """The output files in read order (their final names)."""
         return list(self._output.targets)
+
+    @property
+    def chunk_capacity(self) -> int:
+        """The most bytes of lines one chunk holds (a block at least half this
+        size, and at most this size, is written without a copy)."""
+        return self._planner.chunk_capacity
 
     @property
     def manifest(self) -> str | None:
@@ -155,6 +165,38 @@ class Writer:
         self._producers.append(producer)
         return producer
 
+    async def take_buffer(self) -> memoryview:
+        """A stripe buffer from the writer's pool (at least
+        :attr:`chunk_capacity` bytes; waits while all are in use).
+
+        For producers that fill whole chunks themselves: the caller owns the
+        buffer until it passes it to :meth:`write_buffer`.
+        """
+        return await self._pool.take()
+
+    async def write_buffer(self, worker: int, buffer: memoryview, filled: int) -> None:
+        """Write ``buffer[:filled]`` (whole lines, at most :attr:`chunk_capacity`
+        bytes) as one chunk of ``worker``, after that worker's earlier chunks.
+
+        The writer owns ``buffer`` from now on and returns it to the pool once
+        written; returns as soon as the chunk is placed.
+        """
+        if filled > self._planner.chunk_capacity:
+            raise ValueError("a chunk larger than the chunk capacity")
+        if filled == 0:
+            self._pool.give_back(buffer)
+            return
+        self._buffer_chunks += 1
+        self._buffer_bytes += filled
+        await self._flush_buffer(worker, buffer, filled)
+
+    async def write_lines(self, worker: int, lines: bytes) -> None:
+        """Write ``lines`` (whole lines, any length) as one chunk of ``worker``,
+        without a buffer; returns as soon as the chunk is placed."""
+        self._buffer_chunks += 1
+        self._buffer_bytes += len(lines)
+        await self._write_whole(worker, memoryview(lines))
+
     def statistics(self) -> WriterStatistics:
         coalesced = [coalescer.statistics() for coalescer in self._coalescers]
         end = self._finished if self._finished is not None else trio.current_time()
@@ -166,11 +208,12 @@ class Writer:
             fs_kind=self.fs.kind.value,
             stripe_size=self.sizing.stripe_size,
             workers=self.sizing.workers,
-            chunks=sum(stat.chunks for stat in coalesced),
+            chunks=self._buffer_chunks + sum(stat.chunks for stat in coalesced),
             writes=io.writes,
-            line_bytes=sum(stat.bytes for stat in coalesced),
+            line_bytes=self._buffer_bytes + sum(stat.bytes for stat in coalesced),
             bytes_written=self._bytes_written,
             deadline_flushes=sum(stat.deadline_flushes for stat in coalesced),
+            direct_chunks=sum(stat.direct_chunks for stat in coalesced),
             oversized_chunks=sum(stat.oversized_chunks for stat in coalesced),
             buffer_waits=self._pool.waits,
             seconds=end - self._started,
@@ -192,7 +235,7 @@ class Writer:
                     capacity=self._planner.chunk_capacity,
                     max_delay=self.settings.max_delay,
                     flush=self._flush_buffer,
-                    write_oversized=self._write_oversized,
+                    write_whole=self._write_whole,
                 )
             )
         header = self._planner.open()
@@ -233,8 +276,19 @@ class Writer:
             # The backend returns only once the kernel is done with the buffer.
             self._pool.give_back(buffer)
 
-    async def _write_oversized(self, worker: int, line: memoryview) -> None:
-        await self._write(self._planner.place(worker, len(line)), line)
+    async def _write_whole(self, worker: int, chunk: memoryview) -> None:
+        # Chunks that bypass the pool are bounded by their own slots, as many
+        # as there are pool buffers, so that memory stays bounded.
+        await self._whole_slots.acquire()
+        placement = self._planner.place(worker, len(chunk))
+        self._nursery.start_soon(self._write_and_release_slot, placement, chunk)
+
+    @trio.lowlevel.enable_ki_protection
+    async def _write_and_release_slot(self, placement: Placement, chunk: memoryview) -> None:
+        try:
+            await self._write(placement, chunk)
+        finally:
+            self._whole_slots.release()
 
     @trio.lowlevel.enable_ki_protection
     async def _write(self, placement: Placement, body: bytes | memoryview) -> None:

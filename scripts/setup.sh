@@ -22,7 +22,7 @@ if [ ! -x .venv/bin/python ]; then
     "$PYTHON" -m venv .venv
 fi
 stamp=.venv/.pwriter-installed
-wanted=$(cat pyproject.toml setup.py pwriter/_uring_build.py | sha256sum | cut -d" " -f1)
+wanted=$(cat pyproject.toml setup.py pwriter/_*_build.py | sha256sum | cut -d" " -f1)
 if [ "$(cat "$stamp" 2>/dev/null)" != "$wanted" ]; then
     echo "setup: installing pwriter and its test tools into .venv" >&2
     .venv/bin/python -m pip install -q --disable-pip-version-check -e '.[test]'

@@ -28,7 +28,7 @@ class Recorder:
         else:
             self.pool.give_back(buffer)
 
-    async def write_oversized(self, worker: int, view: memoryview) -> None:
+    async def write_whole(self, worker: int, view: memoryview) -> None:
         self.oversized.append(bytes(view))
         self.chunks.append(bytes(view))
 
@@ -42,7 +42,7 @@ def make(capacity: int = 100, buffers: int = 4, max_delay: float = 1.0, hold: bo
     send, receive = trio.open_memory_channel[bytes](channel)
     recorder = Recorder(pool, hold=hold)
     coalescer = Coalescer(0, receive, pool, capacity=capacity, max_delay=max_delay, flush=recorder.flush,
-                          write_oversized=recorder.write_oversized)
+                          write_whole=recorder.write_whole)
     return pool, send, recorder, coalescer
 
 
@@ -117,7 +117,8 @@ async def test_max_delay_flushes_on_the_trio_clock(autojump_clock: trio.testing.
 
 
 async def test_backpressure_when_the_pool_is_empty() -> None:
-    pool, send, recorder, coalescer = make(capacity=10, buffers=2, hold=True, channel=1)
+    pool, send, recorder, coalescer = make(capacity=30, buffers=2, hold=True, channel=1)
+    blocks = [b"{%03d....}\n" % i for i in range(20)]  # 10 bytes: three per buffer
     sent = 0
     async with trio.open_nursery() as nursery:
         nursery.start_soon(coalescer.run)
@@ -125,8 +126,8 @@ async def test_backpressure_when_the_pool_is_empty() -> None:
         async def produce() -> None:
             nonlocal sent
             async with Producer(send) as producer:
-                for i in range(20):
-                    await producer.send_block(b"{%03d....}\n" % i)
+                for block in blocks:
+                    await producer.send_block(block)
                     sent += 1
 
         nursery.start_soon(produce)
@@ -138,11 +139,12 @@ async def test_backpressure_when_the_pool_is_empty() -> None:
         stalled = sent
         await trio.testing.wait_all_tasks_blocked()
         assert sent == stalled
-        while sent < 20 or len(recorder.chunks) < 20:
+        while sent < 20 or b"".join(recorder.chunks) != b"".join(blocks):
             recorder.release()
             await trio.testing.wait_all_tasks_blocked()
     recorder.release()
-    assert len(recorder.chunks) == 20
+    assert b"".join(recorder.chunks) == b"".join(blocks)
+    assert all(len(chunk) <= 30 for chunk in recorder.chunks)
     assert pool.waits > 0
 
 
@@ -160,3 +162,17 @@ async def test_cancelled_send_loses_nothing_already_accepted() -> None:
         nursery.start_soon(coalescer.run)
         await producer.aclose()
     assert b"".join(recorder.chunks) == b"{first}\n{queued}\n"
+
+
+async def test_large_blocks_are_written_without_a_copy() -> None:
+    pool, send, recorder, coalescer = make(capacity=100)
+    half = b"{" + b"h" * 58 + b"}\n"  # 61 bytes: at least half a buffer
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(coalescer.run)
+        async with Producer(send) as producer:
+            await producer.send_block(b"{s}\n")
+            await producer.send_block(half)
+            await producer.send_block(b"{t}\n")
+    assert recorder.chunks == [b"{s}\n", half, b"{t}\n"]  # order kept: the small one is flushed first
+    assert recorder.oversized == [half]
+    assert coalescer.statistics().direct_chunks == 1

@@ -3,8 +3,25 @@ from hypothesis import strategies as st
 
 import pytest
 
+import contextlib
+
+import pwriter.traceformat as traceformat
 from pwriter.errors import InputError
 from pwriter.traceformat import BlockCleaner
+
+# The C scanner (pwriter._native) and the pure-Python scan must agree: every
+# test of the cleaner runs both ways (the C one only where it is built).
+SCANNERS = ["python"] + (["native"] if traceformat._native is not None else [])
+
+
+@contextlib.contextmanager
+def scanner(name: str):
+    saved = traceformat._native
+    traceformat._native = saved if name == "native" else None
+    try:
+        yield
+    finally:
+        traceformat._native = saved
 
 event = st.builds(lambda n, pad: b'{"id":%d,"p":"%s"}' % (n, b"x" * pad), st.integers(0, 10**6), st.integers(0, 40))
 decoration = st.sampled_from([b"", b"  ", b"\t", b" \r"])
@@ -37,18 +54,31 @@ def clean(text: bytes, cuts: list[int]) -> tuple[bytes, BlockCleaner]:
     return b"".join(pieces), cleaner
 
 
-@given(traces(), st.lists(st.integers(0, 10**6), max_size=6))
-def test_cleaning_keeps_exactly_the_events_wherever_the_text_is_cut(trace, cuts) -> None:
+@given(traces(), st.lists(st.integers(0, 10**6), max_size=6), st.sampled_from(SCANNERS))
+def test_cleaning_keeps_exactly_the_events_wherever_the_text_is_cut(trace, cuts, name) -> None:
     text, events = trace
-    cleaned, cleaner = clean(text, cuts)
+    with scanner(name):
+        cleaned, cleaner = clean(text, cuts)
     assert cleaned == b"".join(e + b"\n" for e in events)
     assert cleaner.events == len(events)
+    assert cleaner.lines == text.count(b"\n") + (0 if not text or text.endswith(b"\n") else 1)
 
 
-def test_fast_path_returns_the_block_itself() -> None:
+@pytest.mark.parametrize("name", SCANNERS)
+def test_many_irregular_lines_in_one_block(name: str) -> None:
+    text = b"".join(b'  {"id":%d}\r\n' % n for n in range(100)) + b"[\n" + b'{"x":1}\n' * 50 + b"]"
+    with scanner(name):
+        cleaned, cleaner = clean(text, [])
+    assert cleaned == b"".join(b'{"id":%d}\n' % n for n in range(100)) + b'{"x":1}\n' * 50
+    assert cleaner.events == 150 and cleaner.lines == 152
+
+
+@pytest.mark.parametrize("name", SCANNERS)
+def test_fast_path_returns_the_block_itself(name: str) -> None:
     block = b'{"a":1}\n{"b":2}\n'
     cleaner = BlockCleaner("t")
-    assert cleaner.feed(block) is block
+    with scanner(name):
+        assert cleaner.feed(block) is block
 
 
 def test_last_line_without_newline_is_kept() -> None:
@@ -65,8 +95,9 @@ def test_last_line_without_newline_is_kept() -> None:
         (b"\x89PNG\r\n", 1, 0, "not a JSON event line"),
     ],
 )
-def test_errors_name_file_line_and_offset(text: bytes, line: int, offset: int, needle: str) -> None:
-    with pytest.raises(InputError) as caught:
+@pytest.mark.parametrize("name", SCANNERS)
+def test_errors_name_file_line_and_offset(text: bytes, line: int, offset: int, needle: str, name: str) -> None:
+    with pytest.raises(InputError) as caught, scanner(name):
         clean(text, [])
     message = str(caught.value)
     assert message.startswith("t.pfw: not a trace: ")
@@ -74,9 +105,45 @@ def test_errors_name_file_line_and_offset(text: bytes, line: int, offset: int, n
     assert caught.value.offset == offset
 
 
-def test_error_position_counts_earlier_blocks() -> None:
+@pytest.mark.parametrize("name", SCANNERS)
+def test_error_position_counts_earlier_blocks(name: str) -> None:
     cleaner = BlockCleaner("t.pfw")
-    cleaner.feed(b'{"a":1}\n' * 10)
-    with pytest.raises(InputError) as caught:
-        cleaner.feed(b'{"a":1}\nnot json\n')
-    assert "line 12 " in str(caught.value) and caught.value.offset == 88
+    with scanner(name):
+        cleaner.feed(b'{"a":1}\n' * 10)
+        with pytest.raises(InputError) as caught:
+            cleaner.feed(b'{"a":1}\n[\nnot json\n')
+    assert "line 13 " in str(caught.value) and caught.value.offset == 90
+
+
+@given(traces(), st.sampled_from(SCANNERS), st.integers(0, 64))
+def test_cleaning_in_place_agrees_with_feed(trace, name, start) -> None:
+    text, events = trace
+    if text and not text.endswith(b"\n"):
+        text += b"\n"
+    buffer = memoryview(bytearray(b"#" * start + text + b"tail"))
+    cleaner = BlockCleaner("t.pfw")
+    with scanner(name):
+        end = cleaner.clean_in_place(buffer, start, start + len(text))
+    assert bytes(buffer[:start]) == b"#" * start
+    assert bytes(buffer[start:end]) == b"".join(e + b"\n" for e in events)
+    assert cleaner.events == len(events) and cleaner.lines == text.count(b"\n")
+    assert cleaner.offset == len(text)
+
+
+@pytest.mark.parametrize("name", SCANNERS)
+def test_in_place_errors_name_line_and_offset(name: str) -> None:
+    cleaner = BlockCleaner("t.pfw")
+    text = b'{"a":1}\n' * 3 + b"[\n" + b"oops\n"
+    buffer = memoryview(bytearray(b"xx" + text))
+    with scanner(name), pytest.raises(InputError) as caught:
+        cleaner.clean_in_place(buffer, 2, 2 + len(text))
+    assert "line 5 " in str(caught.value) and caught.value.offset == 26
+
+
+@pytest.mark.parametrize("name", SCANNERS)
+def test_rfind_newline(name: str) -> None:
+    buffer = memoryview(bytearray(b"ab\ncd\nef"))
+    with scanner(name):
+        assert traceformat.rfind_newline(buffer, 0, 8) == 5
+        assert traceformat.rfind_newline(buffer, 6, 8) == -1
+        assert traceformat.rfind_newline(buffer, 0, 3) == 2
