@@ -14,6 +14,7 @@ import gzip
 import io
 import os
 import re
+import typing
 import zlib
 from collections.abc import Sequence
 
@@ -92,6 +93,30 @@ def collect_inputs(paths: Sequence[str], directory: str | None = None, *, exclud
     return inputs
 
 
+def _gzip_file(raw: io.BufferedReader[io.FileIO]) -> gzip.GzipFile:
+    """A gzip reader over ``raw``: python-isal's where installed.
+
+    Measured here on a 15 MiB trace (bench notes in the README): stdlib gzip
+    0.59 GiB/s and no gain from a second thread (it reads 8 KiB at a time
+    under the GIL); zlib-ng 1.21 GiB/s, 1.8x with two threads; isal 1.46
+    GiB/s, 1.66x with two threads.  Multi-member files work with all three.
+    """
+    try:
+        from isal import igzip
+    except ImportError:
+        return gzip.GzipFile(fileobj=raw, mode="rb")
+    return igzip.GzipFile(fileobj=raw, mode="rb")  # type: ignore[no-untyped-call]
+
+
+def _gzip_errors() -> tuple[type[Exception], ...]:
+    """The decompressors' own error classes (evaluated only on an error)."""
+    try:
+        from isal.igzip_lib import IsalError
+    except ImportError:
+        return (zlib.error,)
+    return (zlib.error, typing.cast(type[Exception], IsalError))
+
+
 class InputReader:
     """Reads one input (plain or gzip, told apart by its magic number) and
     cleans its text straight into the caller's stripe buffers.  Blocking:
@@ -112,7 +137,7 @@ class InputReader:
         except OSError as exc:
             raise DataError(f"{path}: cannot open the input: {exc.strerror}") from None
         self.compressed = is_gzip_magic(head)
-        self._gzip = gzip.GzipFile(fileobj=self._raw, mode="rb") if self.compressed else None
+        self._gzip = _gzip_file(self._raw) if self.compressed else None
         self._cleaner = BlockCleaner(path)
 
     @property
@@ -180,7 +205,7 @@ class InputReader:
             return (self._gzip or self._raw).read(size)
         except EOFError:
             raise self._truncated() from None
-        except (gzip.BadGzipFile, zlib.error) as exc:
+        except (gzip.BadGzipFile, *_gzip_errors()) as exc:  # type: ignore[misc]
             raise self._corrupt(exc) from None
         except OSError as exc:
             raise DataError(f"{self.path}: read failed: {exc.strerror or exc}") from None
