@@ -160,16 +160,21 @@ class InputReader:
         buffer is full and no progress is possible, returns its arguments
         unchanged: the caller must make room.
         """
-        read = self._read_into(buffer, end, capacity) if end < capacity else 0
-        if read == 0 and end == capacity:
-            return done, end, False
-        if read == 0:  # end of input
-            if end > done:
+        start, at_end = end, False
+        while end < capacity:  # fill the buffer or read to the end: one thread hop for a small file
+            got = self._read_into(buffer, end, capacity)
+            if got == 0:
+                at_end = True
+                break
+            end += got
+        if at_end:  # (so end < capacity: there is room for a newline)
+            if end > done and buffer[end - 1] != 10:
                 buffer[end] = 10  # the last line had no newline
                 end += 1
             done = self._cleaner.clean_in_place(buffer, done, end)
             return done, done, True
-        end += read
+        if end == start:
+            return done, end, False  # full: the caller must make room
         last = rfind_newline(buffer, done, end)
         if last < 0:
             return done, end, False
@@ -231,6 +236,17 @@ class InputReader:
         if self._gzip is not None:
             self._gzip.close()
         self._raw.close()
+
+
+def _open_and_fill(
+    path: str, buffer: memoryview, done: int, end: int, capacity: int
+) -> tuple[InputReader, int, int, bool]:
+    reader = InputReader(path)
+    try:
+        return (reader, *reader.fill(buffer, done, end, capacity))
+    except BaseException:
+        reader.close()
+        raise
 
 
 @dataclasses.dataclass
@@ -295,10 +311,13 @@ async def merge(
         done = end = 0
         with paths:
             async for index in paths:
-                reader = await trio.to_thread.run_sync(InputReader, inputs[index], limiter=limiter)
+                # Open and first fill in one thread hop: a small file is done in one.
+                reader, done, end, finished = await trio.to_thread.run_sync(
+                    _open_and_fill, inputs[index], buffer, done, end, capacity, limiter=limiter
+                )
                 progress.open_readers[reader_index] = reader
                 try:
-                    while True:
+                    while not finished:
                         if end == capacity and done == 0:  # one line longer than a buffer
                             line, rest = await trio.to_thread.run_sync(
                                 reader.read_long_line, bytes(buffer[:end]), capacity, limiter=limiter
@@ -315,8 +334,6 @@ async def merge(
                         done, end, finished = await trio.to_thread.run_sync(
                             reader.fill, buffer, done, end, capacity, limiter=limiter
                         )
-                        if finished:
-                            break
                 finally:
                     del progress.open_readers[reader_index]
                     reader.close()

@@ -1,0 +1,219 @@
+"""pwriter's benchmark: every configuration beside its baselines, in one run.
+
+Not run in CI.  One command (from the repository, after ``bash scripts/setup.sh``)::
+
+    .venv/bin/python bench/bench.py                # 1 GiB corpus, 3 rounds (about 10 minutes)
+    .venv/bin/python bench/bench.py --mib 256 --rounds 1   # a quick look
+
+It builds, once, in ``--dir`` (default /tmp/pwriter-bench):
+
+* ``plain/``: 64 plain traces (half array style, half NDJSON) of realistic
+  events from pwriter's own generator, ``--mib`` MiB in all;
+* ``gzip/``: gzip copies of them (python-isal, level 3);
+* ``small/``: 1,024 plain traces of 256 KiB;
+* ``fake/``: ``dftracer_gen_fake_trace`` output, when that tool is installed.
+
+Then it runs each command ``--rounds`` times, the commands of one group
+interleaved, page cache warm (one untimed warm-up round), Python start-up
+included, and prints per command: median wall seconds, GiB/s of output text,
+CPU seconds (user + system of the process and its threads, kernel io-wq
+workers included) per GiB, peak RSS, and the ratio of its throughput to the
+group's baseline measured in the same run.  Output files go to ``--out``
+(default: beside the corpus) and are removed after each run.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import os
+import shutil
+import statistics
+import subprocess
+import sys
+import time
+
+from pwriter.corpus import events, write_trace
+
+GiB = 1 << 30
+MiB = 1 << 20
+BIN = os.path.dirname(sys.executable)
+PWRITER = os.path.join(BIN, "pwriter")
+
+
+@dataclasses.dataclass
+class Run:
+    wall: float
+    cpu: float
+    rss_kib: int
+
+
+def measure(command: list[str] | str, *, shell: bool = False, env: dict[str, str] | None = None) -> Run:
+    """Wall time, CPU time and peak RSS of one command (os.wait4: this child only)."""
+    start = time.perf_counter()
+    process = subprocess.Popen(command, shell=shell, stdout=subprocess.DEVNULL, env=env)
+    _, status, usage = os.wait4(process.pid, 0)
+    wall = time.perf_counter() - start
+    process.returncode = os.waitstatus_to_exitcode(status)
+    if process.returncode != 0:
+        raise SystemExit(f"benchmark command failed ({process.returncode}): {command}")
+    return Run(wall, usage.ru_utime + usage.ru_stime, usage.ru_maxrss)
+
+
+def build_plain(directory: str, total_mib: int, files: int) -> list[str]:
+    stamp = os.path.join(directory, f".built-{total_mib}-{files}")
+    paths = [os.path.join(directory, f"rank_{rank}.pfw") for rank in range(files)]
+    if os.path.exists(stamp):
+        return paths
+    shutil.rmtree(directory, ignore_errors=True)
+    os.makedirs(directory)
+    per_file = total_mib * MiB // files
+    events_per_file = max(1, per_file // 215)  # generator events average about 215 bytes
+    for rank, path in enumerate(paths):
+        write_trace(path, list(events(rank, events_per_file)), array=rank % 2 == 0)
+    open(stamp, "w").close()
+    return paths
+
+
+def build_gzip(plain: list[str], directory: str) -> list[str]:
+    from isal import igzip
+
+    stamp = os.path.join(directory, f".built-{len(plain)}-{sum(os.path.getsize(p) for p in plain)}")
+    paths = [os.path.join(directory, os.path.basename(p) + ".gz") for p in plain]
+    if os.path.exists(stamp):
+        return paths
+    shutil.rmtree(directory, ignore_errors=True)
+    os.makedirs(directory)
+    for source, target in zip(plain, paths):
+        with open(source, "rb") as handle:
+            data = handle.read()
+        with open(target, "wb") as handle:
+            handle.write(igzip.compress(data, compresslevel=3))
+    open(stamp, "w").close()
+    return paths
+
+
+def tool(name: str) -> str | None:
+    return shutil.which(name, path=BIN + os.pathsep + os.environ.get("PATH", ""))
+
+
+def text_bytes(paths: list[str]) -> int:
+    from pwriter.testing import read_text
+
+    return sum(len(read_text(path)) for path in paths)
+
+
+def pwriter_merge(inputs: list[str], output: str, *extra: str) -> list[str]:
+    return [PWRITER, "merge", *inputs, "-o", output, "--force", "--no-progress", *extra]
+
+
+def run_group(title: str, size: int, commands: dict[str, list[str] | str], rounds: int, out: str,
+              results: list[dict[str, object]]) -> None:
+    """Run the commands interleaved; the first one is the baseline.  ``out``
+    (where they write) is emptied after each run."""
+    runs: dict[str, list[Run]] = {name: [] for name in commands}
+    for round_index in range(rounds + 1):
+        for name, command in commands.items():
+            run = measure(command, shell=isinstance(command, str))
+            if round_index:  # round 0 warms the page cache
+                runs[name].append(run)
+            shutil.rmtree(out, ignore_errors=True)
+            os.makedirs(out)
+    base_name = next(iter(commands))
+    base = statistics.median(r.wall for r in runs[base_name])
+    print(f"\n{title} ({size / MiB:.0f} MiB of text; baseline: {base_name})")
+    print(f"  {'command':<44} {'seconds':>8} {'GiB/s':>7} {'CPU s/GiB':>10} {'RSS MiB':>8} {'x base':>7}")
+    for name, measured in runs.items():
+        wall = statistics.median(r.wall for r in measured)
+        cpu = statistics.median(r.cpu for r in measured)
+        rss = max(r.rss_kib for r in measured) / 1024
+        ratio = base / wall
+        print(f"  {name:<44} {wall:8.3f} {size / GiB / wall:7.2f} {cpu / (size / GiB):10.2f} {rss:8.0f} {ratio:7.2f}")
+        results.append({"group": title, "command": name, "seconds": wall, "gib_per_s": size / GiB / wall,
+                         "cpu_s_per_gib": cpu / (size / GiB), "peak_rss_mib": rss, "ratio_to_baseline": ratio})
+    sys.stdout.flush()
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--mib", type=int, default=1024, help="size of the plain corpus (default 1024)")
+    parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--dir", default="/tmp/pwriter-bench")
+    parser.add_argument("--json", metavar="FILE", help="also write the results as JSON")
+    args = parser.parse_args()
+
+    from pwriter.backends import available_backends
+
+    backends = [name for name, reason in available_backends().items() if reason is None]
+    out = os.path.join(args.dir, "out")
+    os.makedirs(out, exist_ok=True)
+    started = time.perf_counter()
+    plain = build_plain(os.path.join(args.dir, "plain"), args.mib, 64)
+    gz = build_gzip(plain, os.path.join(args.dir, "gzip"))
+    small = build_plain(os.path.join(args.dir, "small"), 256, 1024)
+    size = text_bytes(plain)
+    small_size = text_bytes(small)
+    print(f"pwriter bench: {os.cpu_count()} CPUs, corpus {args.dir} built/checked in {time.perf_counter() - started:.0f} s;"
+          f" backends {', '.join(backends)}; median of {args.rounds} rounds after a warm-up round")
+    merged = os.path.join(out, "merged.pfw")
+    results: list[dict[str, object]] = []
+    plain_list = " ".join(plain)
+
+    run_group("plain to plain, no fsync", size, {
+        "cat > out": f"cat {plain_list} > {out}/cat.pfw",
+        **{f"pwriter {layout} {backend} --no-fsync": pwriter_merge(plain, merged, "--layout", layout, "--backend",
+                                                                   backend, "--no-fsync")
+           for layout in ("striped", "padded-striped", "sharded") for backend in backends},
+    }, args.rounds, out, results)
+
+    run_group("plain to plain, durable", size, {
+        "cat > out && sync": f"cat {plain_list} > {out}/cat.pfw && sync",
+        **{f"pwriter striped {backend} (fsync)": pwriter_merge(plain, merged, "--layout", "striped", "--backend",
+                                                               backend) for backend in backends},
+    }, args.rounds, out, results)
+
+    run_group("gzip to plain, no fsync", size, {
+        "zcat > out": f"zcat {' '.join(gz)} > {out}/zcat.pfw",
+        **{f"pwriter striped {backend} --no-fsync": pwriter_merge(gz, merged, "--backend", backend, "--no-fsync")
+           for backend in backends},
+    }, args.rounds, out, results)
+
+    run_group("1,024 files of 256 KiB, no fsync", small_size, {
+        "cat > out": f"cat {os.path.join(args.dir, 'small')}/*.pfw > {out}/cat.pfw",
+        **{f"pwriter striped {backend} --no-fsync": pwriter_merge(small, merged, "--backend", backend, "--no-fsync")
+           for backend in backends},
+    }, args.rounds, out, results)
+
+    fio = tool("fio")
+    if fio:
+        fio_cmd = (f"{fio} --name=seq --rw=write --bs=1M --size={size // MiB}M --direct=1 --ioengine=psync "
+                   f"--filename={out}/fio.dat --output-format=terse >/dev/null")
+        run_group("the disk itself (fio sequential write, O_DIRECT, 1 MiB)", size, {
+            "fio direct write": fio_cmd,
+            **{f"pwriter striped {backend} (fsync)": pwriter_merge(plain, merged, "--backend", backend)
+               for backend in backends},
+        }, args.rounds, out, results)
+    else:
+        print("\nfio is not installed: the disk's own limit is not measured (apt-get install fio)")
+
+    split = tool("dftracer_split")
+    if split:
+        split_out = os.path.join(out, "split")
+        run_group("gzip traces merged by dftracer_split (C++, gzip output) against pwriter (plain output)", size, {
+            "dftracer_split -s 100000": f"mkdir -p {split_out} && {split} -d {os.path.join(args.dir, 'gzip')} "
+                                        f"-o {split_out} -s 100000 >/dev/null 2>&1",
+            **{f"pwriter striped {backend} --no-fsync": pwriter_merge(gz, merged, "--backend", backend,
+                                                                      "--no-fsync") for backend in backends},
+        }, args.rounds, out, results)
+        print("  (not like for like until pwriter writes gzip output: the C++ tool also compresses)")
+    else:
+        print("\ndftracer_split is not installed (pip install dftracer-utils): no C++ baseline")
+
+    if args.json:
+        with open(args.json, "w") as handle:
+            json.dump(results, handle, indent=1)
+
+
+if __name__ == "__main__":
+    main()
