@@ -271,6 +271,12 @@ class Writer:
     @trio.lowlevel.enable_ki_protection
     async def _write_and_give_back(self, placement: Placement, buffer: memoryview, filled: int) -> None:
         try:
+            if placement.pad and not placement.head and filled + placement.pad <= len(buffer):
+                # Pad inside the buffer: one contiguous, whole-stripe write
+                # (a registered buffer for io_uring, aligned for O_DIRECT).
+                buffer[filled : filled + placement.pad] = plain_padding(placement.pad)
+                filled += placement.pad
+                placement = dataclasses.replace(placement, body=filled, pad=0)
             await self._write(placement, buffer[:filled])
         finally:
             # The backend returns only once the kernel is done with the buffer.
