@@ -11,7 +11,6 @@ It builds, once, in ``--dir`` (default /tmp/pwriter-bench):
   events from pwriter's own generator, ``--mib`` MiB in all;
 * ``gzip/``: gzip copies of them (python-isal, level 3);
 * ``small/``: 1,024 plain traces of 256 KiB;
-* ``fake/``: ``dftracer_gen_fake_trace`` output, when that tool is installed.
 
 Then it runs each command ``--rounds`` times, the commands of one group
 interleaved, page cache warm (one untimed warm-up round), Python start-up
@@ -209,6 +208,17 @@ def main() -> None:
         print("  (not like for like until pwriter writes gzip output: the C++ tool also compresses)")
     else:
         print("\ndftracer_split is not installed (pip install dftracer-utils): no C++ baseline")
+
+    print("\nlibrary path: 8 producer tasks, 200-byte lines, striped file, no fsync (bench/library.py)")
+    print(f"  {'call':<12} {'backend':<10} {'lines/s':>12} {'MiB/s':>8}")
+    for backend in backends:
+        for call in ("line", "lines"):
+            done = subprocess.run([sys.executable, os.path.join(os.path.dirname(__file__), "library.py"),
+                                   "--call", call, "--backend", backend, "--out", os.path.join(out, "lib.pfw")],
+                                  capture_output=True, text=True, check=True)
+            report = json.loads(done.stdout)
+            print(f"  send_{call:<7} {backend:<10} {report['lines_per_second']:>12,} {report['mib_per_second']:>8}")
+            results.append({"group": "library", **report})
 
     if args.json:
         with open(args.json, "w") as handle:

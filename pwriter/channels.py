@@ -119,11 +119,13 @@ class Producer:
 
     async def send_line(self, line: bytes) -> None:
         """Queue one line (a newline is added if it has none)."""
-        if not line.endswith(NEWLINE):
+        # The hot path of the library: kept to a few operations per line.
+        if line[-1:] != NEWLINE:
             line += NEWLINE
-        if not self._pending:
+        pending = self._pending
+        if not pending:
             self.pending_since = trio.current_time()
-        self._pending.append(line)
+        pending.append(line)
         self._pending_bytes += len(line)
         if self._pending_bytes >= self._batch_bytes:
             await self.flush()
