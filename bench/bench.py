@@ -170,6 +170,8 @@ def main() -> None:
         "cat > out && sync": f"cat {plain_list} > {out}/cat.pfw && sync",
         **{f"pwriter striped {backend} (fsync)": pwriter_merge(plain, merged, "--layout", "striped", "--backend",
                                                                backend) for backend in backends},
+        **{f"pwriter --direct {backend} (fsync)": pwriter_merge(plain, merged, "--direct", "--backend", backend)
+           for backend in backends},
     }, args.rounds, out, results)
 
     run_group("gzip to plain, no fsync", size, {
@@ -190,7 +192,7 @@ def main() -> None:
                    f"--filename={out}/fio.dat --output-format=terse >/dev/null")
         run_group("the disk itself (fio sequential write, O_DIRECT, 1 MiB)", size, {
             "fio direct write": fio_cmd,
-            **{f"pwriter striped {backend} (fsync)": pwriter_merge(plain, merged, "--backend", backend)
+            **{f"pwriter --direct {backend} (fsync)": pwriter_merge(plain, merged, "--direct", "--backend", backend)
                for backend in backends},
         }, args.rounds, out, results)
     else:
@@ -208,6 +210,23 @@ def main() -> None:
         print("  (not like for like until pwriter writes gzip output: the C++ tool also compresses)")
     else:
         print("\ndftracer_split is not installed (pip install dftracer-utils): no C++ baseline")
+
+    # Memory against corpus size: a quarter of the corpus, the corpus, and the corpus twice (copies).
+    twice = os.path.join(args.dir, "plain-copy")
+    if not os.path.exists(os.path.join(twice, ".built")):
+        shutil.rmtree(twice, ignore_errors=True)
+        shutil.copytree(os.path.join(args.dir, "plain"), twice)
+        open(os.path.join(twice, ".built"), "w").close()
+    copies = [os.path.join(twice, os.path.basename(path)) for path in plain]
+    print("\npeak RSS against corpus size (pwriter striped, auto backend, no fsync)")
+    print(f"  {'corpus':<10} {'MiB':>8} {'seconds':>8} {'RSS MiB':>8}")
+    for label, paths in (("quarter", plain[: len(plain) // 4]), ("whole", plain), ("twice", plain + copies)):
+        run = measure(pwriter_merge(paths, merged, "--no-fsync"))
+        shutil.rmtree(out, ignore_errors=True)
+        os.makedirs(out)
+        mib = sum(os.path.getsize(path) for path in paths) / MiB
+        print(f"  {label:<10} {mib:8.0f} {run.wall:8.3f} {run.rss_kib / 1024:8.0f}")
+        results.append({"group": "memory", "corpus_mib": mib, "seconds": run.wall, "peak_rss_mib": run.rss_kib / 1024})
 
     print("\nlibrary path: 8 producer tasks, 200-byte lines, striped file, no fsync (bench/library.py)")
     print(f"  {'call':<12} {'backend':<10} {'lines/s':>12} {'MiB/s':>8}")

@@ -39,6 +39,8 @@ def _parser() -> argparse.ArgumentParser:
     merge.add_argument("--force", action="store_true", help="replace an existing output")
     merge.add_argument("--fsync", action=argparse.BooleanOptionalAction, default=None,
                        help="fsync the output before publishing it (default: on)")
+    merge.add_argument("--direct", action="store_true", default=None,
+                       help="write with O_DIRECT (padded-striped layout; for the durable path)")
     merge.add_argument("--json", action="store_true", help="print one JSON object describing the result")
     merge.add_argument("--progress", action=argparse.BooleanOptionalAction, default=None,
                        help="show progress on stderr (default: when stderr is a terminal)")
@@ -83,6 +85,7 @@ def _settings(args: argparse.Namespace) -> Any:
         stripe_size=getattr(args, "stripe_size", None),
         workers=getattr(args, "workers", None),
         fsync=getattr(args, "fsync", None),
+        direct=getattr(args, "direct", None),
     )
 
 
@@ -137,6 +140,8 @@ def _merge(args: argparse.Namespace) -> int:
                 "bytes_written": stats.io.bytes_written,
             },
             "fsync": settings.fsync,
+            "direct": settings.direct,
+            "direct_writes": stats.direct_writes,
             "seconds": round(stats.seconds, 6),
         }
         print(json.dumps(report))

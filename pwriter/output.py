@@ -13,6 +13,7 @@ recognisable, and never matching ``*.pfw`` or ``*.pfw.gz``.
 
 from __future__ import annotations
 
+import errno
 import os
 import secrets
 from collections.abc import Iterable, Sequence
@@ -73,6 +74,7 @@ class OutputSet:
         self.manifest = manifest_path(target) if sharded else None
         self.temporaries: list[str] = []
         self.fds: list[int] = []
+        self.direct_fds: list[int] = []
 
     @property
     def names(self) -> list[str]:
@@ -105,26 +107,35 @@ class OutputSet:
             if not self.force:
                 raise UsageError(f"{name}: output exists (use --force to replace it)")
 
-    def create(self) -> list[int]:
-        """Create the temporary files exclusively; returns their descriptors in read order."""
+    def create(self, *, direct: bool = False) -> list[int]:
+        """Create the temporary files exclusively; returns their descriptors in read order.
+
+        With ``direct``, each file also gets a second descriptor opened with
+        O_DIRECT (:attr:`direct_fds`), for the writes that are aligned.
+        """
         try:
             for target in self.targets:
                 temporary = _temporary_name(target)
                 fd = os.open(temporary, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o666)
                 self.temporaries.append(temporary)
                 self.fds.append(fd)
+                if direct:
+                    self.direct_fds.append(os.open(temporary, os.O_WRONLY | os.O_DIRECT | os.O_CLOEXEC))
         except OSError as exc:
             self.discard()
+            if direct and exc.errno == errno.EINVAL:
+                raise UsageError(f"{self.target}: this filesystem does not support O_DIRECT (--direct)") from None
             raise WriteError(self.target, f"cannot create a temporary file: {exc.strerror}", exc.errno) from None
         return self.fds
 
     def close_files(self) -> None:
-        for fd in self.fds:
+        for fd in self.fds + self.direct_fds:
             try:
                 os.close(fd)
             except OSError:
                 pass
         self.fds = []
+        self.direct_fds = []
 
     def publish(self, *, fsync: bool) -> None:
         """Rename the (already written and synced) temporaries into place.

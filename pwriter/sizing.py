@@ -21,6 +21,8 @@ Stripe size (the unit of every write, and the flush threshold)
     MiB.  Always a multiple of 4 KiB so that buffers can be used with O_DIRECT.
 
 Layout
+    O_DIRECT (``direct``): padded-striped, the one layout whose writes all
+    start and end on stripe boundaries.
     NFS: sharded.  The NFS client keeps no coherence between writers of one
     file beyond close-to-open, and serialises writes per inode; one file per
     worker is both safe and parallel.
@@ -185,7 +187,15 @@ def plan_sizing(
 
     # Layout.
     layout: Layout
-    if settings.layout != "auto":
+    if settings.direct and settings.layout not in ("auto", "padded-striped"):
+        raise ConfigError(
+            f"invalid setting layout={settings.layout!r}: O_DIRECT (direct) needs the padded-striped layout, "
+            "whose writes cover whole stripes"
+        )
+    if settings.direct:
+        layout = "padded-striped"
+        reasons.append("layout padded-striped: O_DIRECT needs writes of whole, aligned stripes")
+    elif settings.layout != "auto":
         layout = settings.layout
         reasons.append(f"layout {layout}: set explicitly")
     elif fs.kind is FsKind.NFS:

@@ -43,6 +43,7 @@ __all__ = ["Writer", "WriterStatistics", "open_writer", "plan", "HEADER", "FOOTE
 HEADER = b"[\n"
 FOOTER = b"]\n"
 CHANNEL_BLOCKS = 8
+DIRECT_ALIGNMENT = 4096
 
 
 def plan(
@@ -88,6 +89,8 @@ class WriterStatistics:
     direct_chunks: int
     oversized_chunks: int
     buffer_waits: int
+    direct_writes: int
+    """Writes that went through the O_DIRECT descriptor."""
     seconds: float
     published: bool
     io: BackendStatistics
@@ -121,6 +124,7 @@ class Writer:
         self._header = header
         self._footer = footer
         self._fds = list(output.fds)
+        self._direct_fds = list(output.direct_fds)  # empty unless O_DIRECT
         self._sends: list[trio.MemorySendChannel[bytes]] = []
         self._coalescers: list[Coalescer] = []
         self._producers: list[Producer] = []
@@ -128,6 +132,7 @@ class Writer:
         self._coalesced = trio.Event()
         self._whole_slots = trio.Semaphore(pool.count)
         self._buffer_chunks = 0
+        self._direct_writes = 0
         self._buffer_bytes = 0
         self._bytes_written = 0
         self._started = trio.current_time()
@@ -216,6 +221,7 @@ class Writer:
             direct_chunks=sum(stat.direct_chunks for stat in coalesced),
             oversized_chunks=sum(stat.oversized_chunks for stat in coalesced),
             buffer_waits=self._pool.waits,
+            direct_writes=self._direct_writes,
             seconds=end - self._started,
             published=self.published,
             io=io,
@@ -271,13 +277,18 @@ class Writer:
     @trio.lowlevel.enable_ki_protection
     async def _write_and_give_back(self, placement: Placement, buffer: memoryview, filled: int) -> None:
         try:
-            if placement.pad and not placement.head and filled + placement.pad <= len(buffer):
-                # Pad inside the buffer: one contiguous, whole-stripe write
-                # (a registered buffer for io_uring, aligned for O_DIRECT).
-                buffer[filled : filled + placement.pad] = plain_padding(placement.pad)
-                filled += placement.pad
-                placement = dataclasses.replace(placement, body=filled, pad=0)
-            await self._write(placement, buffer[:filled])
+            if placement.head + filled + placement.pad <= len(buffer) and (placement.head or placement.pad):
+                # Header and padding inside the buffer: one contiguous write of
+                # whole stripes (a registered buffer for io_uring, aligned for
+                # O_DIRECT).  Only the first chunk has a header to make room for.
+                head = placement.head
+                if head:
+                    buffer[head : head + filled] = buffer[:filled]
+                    buffer[:head] = self._header
+                buffer[head + filled : head + filled + placement.pad] = plain_padding(placement.pad)
+                filled = placement.length
+                placement = dataclasses.replace(placement, head=0, body=filled, pad=0)
+            await self._write(placement, buffer[:filled], aligned_memory=True)
         finally:
             # The backend returns only once the kernel is done with the buffer.
             self._pool.give_back(buffer)
@@ -297,7 +308,14 @@ class Writer:
             self._whole_slots.release()
 
     @trio.lowlevel.enable_ki_protection
-    async def _write(self, placement: Placement, body: bytes | memoryview) -> None:
+    async def _write(self, placement: Placement, body: bytes | memoryview, *, aligned_memory: bool = False) -> None:
+        """Write ``placement`` (header, ``body``, padding) to its file.
+
+        With O_DIRECT, a write of one page-aligned buffer (``aligned_memory``)
+        at an aligned offset and of an aligned length goes through the direct
+        descriptor; any other (the footer, a line longer than a stripe) goes
+        through the buffered one.  Their ranges never share a page.
+        """
         parts: list[bytes | memoryview] = []
         if placement.head:
             parts.append(self._header)
@@ -305,8 +323,18 @@ class Writer:
             parts.append(body)
         if placement.pad:
             parts.append(plain_padding(placement.pad))
+        fd = self._fds[placement.file]
+        if (
+            self._direct_fds
+            and aligned_memory
+            and len(parts) == 1
+            and placement.offset % DIRECT_ALIGNMENT == 0
+            and placement.length % DIRECT_ALIGNMENT == 0
+        ):
+            fd = self._direct_fds[placement.file]
+            self._direct_writes += 1
         try:
-            await self._backend.write(self._fds[placement.file], parts, placement.offset)
+            await self._backend.write(fd, parts, placement.offset)
         except OSError as exc:
             name = self._output.targets[placement.file]
             raise WriteError(name, exc.strerror or str(exc), exc.errno) from None
@@ -372,8 +400,8 @@ async def open_writer(
         try:
             async with opened as io:
                 io.register_buffers(pool.buffers)
-                output.create()
-                for fd, name in zip(output.fds, output.targets):
+                output.create(direct=settings.direct)
+                for fd, name in zip(output.fds + output.direct_fds, output.targets + output.targets):
                     io.register(fd, name)
                 try:
                     async with trio.open_nursery() as nursery:
@@ -395,7 +423,7 @@ async def open_writer(
                     if settings.fsync:
                         await writer._sync()
                 finally:
-                    for fd in output.fds:
+                    for fd in output.fds + output.direct_fds:
                         io.unregister(fd)
         except BaseExceptionGroup as group:
             raise _first_error(group) from None

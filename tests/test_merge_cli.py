@@ -377,3 +377,22 @@ async def test_merge_lines_of_every_length_through_small_buffers(tmp_path, backe
     for path in paths:
         mine = [line for line in merged if line.startswith(b'{"f":%d,' % paths.index(path))]
         assert mine == read_events(path)
+
+
+def test_direct_io_merge(corpus: str, tmp_path, backend_name: str) -> None:
+    out = tmp_path / "direct.pfw"
+    done = run_cli("merge", "-d", corpus, "-o", str(out), "--direct", "--backend", backend_name,
+                   "--stripe-size", "64KiB", "--json")
+    assert done.returncode == 0, done.stderr
+    report = json.loads(done.stdout)
+    assert report["layout"] == "padded-striped" and report["direct"] is True
+    assert report["direct_writes"] > 0  # whole stripes went through O_DIRECT
+    text = read_text(out)
+    assert text.startswith(b"[\n") and text.endswith(b"]\n") and b"\x00" not in text
+    assert collections.Counter(read_events(out)) == event_counter(inputs_of(corpus))
+
+
+def test_direct_io_refuses_unaligned_layouts(tmp_path) -> None:
+    done = run_cli("merge", good_trace(tmp_path / "a.pfw"), "-o", str(tmp_path / "m.pfw"), "--direct",
+                   "--layout", "striped")
+    expect_failure(done, 2, "layout", "padded-striped")

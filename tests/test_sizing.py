@@ -178,3 +178,11 @@ def test_memory_budget_too_small_is_an_error() -> None:
 def test_stripe_size_must_be_page_multiple() -> None:
     with pytest.raises(ConfigError, match="stripe_size"):
         plan(FsInfo(FsKind.LUSTRE, 0, "/", stripe_size=100_000))
+
+
+def test_direct_io_means_padded_striped() -> None:
+    sizing = plan(FsInfo(FsKind.LOCAL, 0xEF53, "/"), direct=True)
+    assert sizing.layout == "padded-striped"
+    assert any("O_DIRECT" in reason for reason in sizing.reasons)
+    with pytest.raises(ConfigError, match="padded-striped"):
+        plan(FsInfo(FsKind.LOCAL, 0xEF53, "/"), direct=True, layout="sharded")
