@@ -18,7 +18,7 @@ next line would not fit, when its oldest byte has waited ``max_delay``
 seconds on the trio clock, or when the channel closes.  Blocks are cut only
 at newlines, so a chunk always holds whole lines.  A block that fills at
 least half a buffer by itself is not copied: it is written as it is, as a
-chunk of its own (a *direct* chunk; the merge reads in such blocks).  So is a
+chunk of its own (an *uncopied* chunk).  So is a
 single line longer than a buffer (an *oversized* chunk).
 
 Backpressure: ``flush`` hands the buffer to a write that gives it back to the
@@ -219,7 +219,7 @@ class CoalescerStatistics:
     chunks: int
     bytes: int
     deadline_flushes: int
-    direct_chunks: int
+    uncopied_chunks: int
     oversized_chunks: int
 
 
@@ -262,12 +262,12 @@ class Coalescer:
         self._chunks = 0
         self._bytes = 0
         self._deadline_flushes = 0
-        self._direct = 0
+        self._uncopied = 0
         self._oversized = 0
 
     def statistics(self) -> CoalescerStatistics:
         return CoalescerStatistics(
-            self.worker, self._chunks, self._bytes, self._deadline_flushes, self._direct, self._oversized
+            self.worker, self._chunks, self._bytes, self._deadline_flushes, self._uncopied, self._oversized
         )
 
     @trio.lowlevel.enable_ki_protection
@@ -292,7 +292,7 @@ class Coalescer:
         position, size = 0, len(block)
         if self._capacity // 2 <= size <= self._capacity:
             await self._flush_buffer()  # what came before goes first
-            self._direct += 1
+            self._uncopied += 1
             self._chunks += 1
             self._bytes += size
             await self._write_whole(self.worker, view)

@@ -1,10 +1,13 @@
 """``pwriter merge``: many trace files in, one well-formed trace out.
 
-Reader tasks take input files one at a time from a shared channel; each
-reads its file in blocks in a worker thread (decompressing gzip there, where
-zlib releases the GIL), cleans each block (:mod:`pwriter.traceformat`) and
-sends it through its own producer handle, so the lines of one input stay in
-order and together.  The writer does the rest.
+The inputs are cut, in order, into one run per reader of about equal bytes
+(:func:`partition`).  Each reader task fills stripe buffers taken from the
+writer's pool straight from its inputs, in a worker thread: it reads (and
+decompresses gzip, with python-isal, which releases the GIL) into the
+buffer, cleans the text in place (:mod:`pwriter.traceformat`, in C where
+built) and hands every full buffer to the writer as one chunk.  A small
+input costs no thread hop of its own; a bare-event text is never copied in
+Python.  The lines of one input stay together and in order.
 """
 
 from __future__ import annotations
@@ -26,7 +29,7 @@ from .settings import Settings
 from .traceformat import BlockCleaner, is_gzip_magic, rfind_newline
 from .writer import WriterStatistics, open_writer
 
-__all__ = ["MergeResult", "MergeProgress", "collect_inputs", "merge", "InputReader"]
+__all__ = ["MergeResult", "MergeProgress", "collect_inputs", "merge", "partition", "InputReader", "InputRun"]
 
 PEEK_SIZE = 64 << 10
 TRACE_SUFFIXES = (".pfw", ".pfw.gz")
@@ -238,15 +241,73 @@ class InputReader:
         self._raw.close()
 
 
-def _open_and_fill(
-    path: str, buffer: memoryview, done: int, end: int, capacity: int
-) -> tuple[InputReader, int, int, bool]:
-    reader = InputReader(path)
-    try:
-        return (reader, *reader.fill(buffer, done, end, capacity))
-    except BaseException:
-        reader.close()
-        raise
+class InputRun:
+    """The inputs of one reader, read one after another into its buffers.
+
+    :meth:`fill` goes on from input to input until the buffer is full or the
+    run is over, so that many small inputs cost one thread hop, not one each.
+    Counters are the run's own (written by one thread at a time, read by the
+    progress display).
+    """
+
+    def __init__(self, paths: Sequence[str], sizes: Sequence[int]) -> None:
+        self._paths = paths
+        self._sizes = sizes
+        self._next = 0
+        self.reader: InputReader | None = None
+        self.files_done = 0
+        self.events = 0
+        self.bytes_done = 0
+
+    def fill(self, buffer: memoryview, done: int, end: int, capacity: int) -> tuple[int, int, bool]:
+        """Like :meth:`InputReader.fill`, across the run's inputs: returns
+        ``(done, end, finished)``; not finished means the buffer is full."""
+        while True:
+            if self.reader is None:
+                if self._next == len(self._paths):
+                    return done, end, True
+                self.reader = InputReader(self._paths[self._next])
+            done, end, finished = self.reader.fill(buffer, done, end, capacity)
+            if finished:
+                self.events += self.reader.events
+                self.close()
+                self.files_done += 1
+                self.bytes_done += self._sizes[self._next]
+                self._next += 1
+            elif end == capacity:
+                return done, end, False
+
+    def read_long_line(self, start: bytes, size: int) -> tuple[bytes, bytes]:
+        """See :meth:`InputReader.read_long_line` (for the current input)."""
+        assert self.reader is not None
+        return self.reader.read_long_line(start, size)
+
+    def input_bytes(self) -> int:
+        reader = self.reader
+        return self.bytes_done + (reader.raw_offset if reader is not None else 0)
+
+    def close(self) -> None:
+        reader, self.reader = self.reader, None
+        if reader is not None:
+            reader.close()
+
+
+def partition(sizes: Sequence[int], parts: int) -> list[range]:
+    """Cut the inputs, in order, into ``min(parts, len(sizes))`` non-empty runs
+    of about equal bytes."""
+    parts = max(1, min(parts, len(sizes)))
+    goal = sum(sizes) / parts
+    runs: list[range] = []
+    start = filled = 0
+    for index, size in enumerate(sizes):
+        filled += size
+        files_left = len(sizes) - index - 1
+        runs_left = parts - len(runs) - 1  # after cutting here
+        if runs_left and files_left and (filled >= goal * (len(runs) + 1) or files_left == runs_left):
+            runs.append(range(start, index + 1))
+            start = index + 1
+    runs.append(range(start, len(sizes)))
+    return runs
 
 
 @dataclasses.dataclass
@@ -254,13 +315,18 @@ class MergeProgress:
     """Live counters of a merge (read by the progress display)."""
 
     total_input_bytes: int
-    done_input_bytes: int = 0
-    files_done: int = 0
-    events: int = 0
-    open_readers: dict[int, InputReader] = dataclasses.field(default_factory=dict)
+    runs: list[InputRun] = dataclasses.field(default_factory=list)
+
+    @property
+    def files_done(self) -> int:
+        return sum(run.files_done for run in self.runs)
+
+    @property
+    def events(self) -> int:
+        return sum(run.events for run in self.runs)
 
     def input_bytes(self) -> int:
-        return self.done_input_bytes + sum(reader.raw_offset for reader in list(self.open_readers.values()))
+        return sum(run.input_bytes() for run in self.runs)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -286,9 +352,10 @@ async def merge(
     """Merge ``inputs`` (checked by :func:`collect_inputs`) into ``output``.
 
     Every event line of every input appears exactly once in the output,
-    between a ``[`` first line and a ``]`` last line; lines of one input
-    keep their order.  Raises :class:`InputError` / :class:`DataError` (and
-    publishes nothing) when an input is damaged or a read or write fails.
+    between a ``[`` first line and a ``]`` last line; the lines of one input
+    stay together and in order.  Raises :class:`InputError` /
+    :class:`DataError` (and publishes nothing) when an input is damaged or a
+    read or write fails.
     """
     sizes = [os.path.getsize(path) for path in inputs]
     if progress is None:
@@ -296,57 +363,46 @@ async def merge(
     if readers is None:
         readers = max(1, min(len(inputs), 2 * (os.cpu_count() or 1)))
     limiter = trio.CapacityLimiter(readers)
-    send_paths, receive_paths = trio.open_memory_channel[int](len(inputs))
-    for index in range(len(inputs)):
-        send_paths.send_nowait(index)
-    send_paths.close()
+    progress.runs = [
+        InputRun([inputs[i] for i in part], [sizes[i] for i in part]) for part in partition(sizes, readers)
+    ]
 
-    async def read_inputs(reader_index: int, paths: trio.MemoryReceiveChannel[int]) -> None:
+    async def read_run(worker: int, run: InputRun) -> None:
         # Each reader fills stripe buffers of its own, straight from its
         # inputs, and hands every full one to the writer as a chunk of its
         # worker: the lines of one input stay together and in order.
-        worker = reader_index % writer.sizing.workers
         capacity = writer.chunk_capacity
         buffer = await writer.take_buffer()
         done = end = 0
-        with paths:
-            async for index in paths:
-                # Open and first fill in one thread hop: a small file is done in one.
-                reader, done, end, finished = await trio.to_thread.run_sync(
-                    _open_and_fill, inputs[index], buffer, done, end, capacity, limiter=limiter
+        try:
+            while True:
+                done, end, finished = await trio.to_thread.run_sync(
+                    run.fill, buffer, done, end, capacity, limiter=limiter
                 )
-                progress.open_readers[reader_index] = reader
-                try:
-                    while not finished:
-                        if end == capacity and done == 0:  # one line longer than a buffer
-                            line, rest = await trio.to_thread.run_sync(
-                                reader.read_long_line, bytes(buffer[:end]), capacity, limiter=limiter
-                            )
-                            if line:
-                                await writer.write_lines(worker, line)
-                            buffer[: len(rest)] = rest
-                            end = len(rest)
-                        elif end == capacity:  # full: the complete lines go, the rest moves on
-                            fresh = await writer.take_buffer()
-                            fresh[: end - done] = buffer[done:end]
-                            await writer.write_buffer(worker, buffer, done)
-                            buffer, done, end = fresh, 0, end - done
-                        done, end, finished = await trio.to_thread.run_sync(
-                            reader.fill, buffer, done, end, capacity, limiter=limiter
-                        )
-                finally:
-                    del progress.open_readers[reader_index]
-                    reader.close()
-                progress.done_input_bytes += sizes[index]
-                progress.files_done += 1
-                progress.events += reader.events
+                if finished:
+                    break
+                if done == 0:  # one line longer than a buffer
+                    line, rest = await trio.to_thread.run_sync(
+                        run.read_long_line, bytes(buffer[:end]), capacity, limiter=limiter
+                    )
+                    if line:
+                        await writer.write_lines(worker, line)
+                    buffer[: len(rest)] = rest
+                    end = len(rest)
+                else:  # full: the complete lines go, the rest moves on
+                    fresh = await writer.take_buffer()
+                    fresh[: end - done] = buffer[done:end]
+                    await writer.write_buffer(worker, buffer, done)
+                    buffer, done, end = fresh, 0, end - done
+        finally:
+            run.close()
         await writer.write_buffer(worker, buffer, done)
 
-    async with open_writer(output, settings=settings, producers=readers, force=force, inputs=inputs) as writer:
+    async with open_writer(output, settings=settings, producers=len(progress.runs), force=force,
+                           inputs=inputs) as writer:
         async with trio.open_nursery() as nursery:
-            with receive_paths:
-                for reader_index in range(readers):
-                    nursery.start_soon(read_inputs, reader_index, receive_paths.clone())
+            for index, run in enumerate(progress.runs):
+                nursery.start_soon(read_run, index % writer.sizing.workers, run)
     return MergeResult(
         inputs=len(inputs),
         events=progress.events,
@@ -354,4 +410,3 @@ async def merge(
         writer=writer.statistics(),
         manifest=writer.manifest,
     )
-

@@ -86,7 +86,7 @@ class WriterStatistics:
     line_bytes: int
     bytes_written: int
     deadline_flushes: int
-    direct_chunks: int
+    uncopied_chunks: int
     oversized_chunks: int
     buffer_waits: int
     direct_writes: int
@@ -218,7 +218,7 @@ class Writer:
             line_bytes=self._buffer_bytes + sum(stat.bytes for stat in coalesced),
             bytes_written=self._bytes_written,
             deadline_flushes=sum(stat.deadline_flushes for stat in coalesced),
-            direct_chunks=sum(stat.direct_chunks for stat in coalesced),
+            uncopied_chunks=sum(stat.uncopied_chunks for stat in coalesced),
             oversized_chunks=sum(stat.oversized_chunks for stat in coalesced),
             buffer_waits=self._pool.waits,
             direct_writes=self._direct_writes,

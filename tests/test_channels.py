@@ -175,4 +175,4 @@ async def test_large_blocks_are_written_without_a_copy() -> None:
             await producer.send_block(b"{t}\n")
     assert recorder.chunks == [b"{s}\n", half, b"{t}\n"]  # order kept: the small one is flushed first
     assert recorder.oversized == [half]
-    assert coalescer.statistics().direct_chunks == 1
+    assert coalescer.statistics().uncopied_chunks == 1

@@ -147,3 +147,13 @@ def test_rfind_newline(name: str) -> None:
         assert traceformat.rfind_newline(buffer, 0, 8) == 5
         assert traceformat.rfind_newline(buffer, 6, 8) == -1
         assert traceformat.rfind_newline(buffer, 0, 3) == 2
+
+
+@given(st.lists(st.integers(0, 10**7), max_size=50), st.integers(1, 12))
+def test_partition_is_contiguous_complete_and_uses_every_reader(sizes, parts) -> None:
+    from pwriter.merge import partition
+
+    runs = partition(sizes, parts)
+    assert [i for run in runs for i in run] == list(range(len(sizes)))
+    assert all(len(run) > 0 for run in runs) or sizes == []
+    assert len(runs) == max(1, min(parts, len(sizes)))
