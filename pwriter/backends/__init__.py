@@ -101,6 +101,23 @@ class Backend(Protocol):
     def statistics(self) -> BackendStatistics: ...
 
 
+def byte_views(buffers: Sequence[Buffer]) -> list[memoryview]:
+    """The non-empty ``buffers`` as flat byte views, in order."""
+    views = [memoryview(buffer).cast("B") for buffer in buffers]
+    return [view for view in views if view.nbytes]
+
+
+def consume(views: list[memoryview], count: int) -> None:
+    """Drop the first ``count`` bytes of ``views`` (after a short write)."""
+    while count:
+        if count >= views[0].nbytes:
+            count -= views[0].nbytes
+            views.pop(0)
+        else:
+            views[0] = views[0][count:]
+            count = 0
+
+
 def available_backends() -> dict[str, str | None]:
     """Each backend name, with ``None`` when it can run here or the reason it cannot."""
     from .io_uring import unavailable_reason

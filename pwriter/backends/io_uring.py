@@ -71,7 +71,7 @@ from typing import TYPE_CHECKING, Any
 
 import trio
 
-from . import BackendStatistics, BackendUnavailable
+from . import BackendStatistics, BackendUnavailable, byte_views, consume
 
 if TYPE_CHECKING:
     from typing_extensions import Buffer
@@ -236,8 +236,7 @@ class IoUringBackend:
 
     @trio.lowlevel.enable_ki_protection
     async def write(self, fd: int, buffers: Sequence[Buffer], offset: int) -> None:
-        views = [memoryview(buffer).cast("B") for buffer in buffers]
-        views = [view for view in views if view.nbytes]
+        views = byte_views(buffers)
         name = self._names.get(fd, f"fd {fd}")
         while views:
             wanted = sum(view.nbytes for view in views)
@@ -255,13 +254,7 @@ class IoUringBackend:
                 raise OSError(errno.EIO, f"write of {wanted} bytes at offset {offset} wrote nothing", name)
             self._short += 1
             offset += result
-            while result:
-                if result >= views[0].nbytes:
-                    result -= views[0].nbytes
-                    views.pop(0)
-                else:
-                    views[0] = views[0][result:]
-                    result = 0
+            consume(views, result)
             await trio.lowlevel.checkpoint_if_cancelled()
 
     @trio.lowlevel.enable_ki_protection

@@ -21,7 +21,7 @@ from typing import TYPE_CHECKING
 
 import trio
 
-from . import BackendStatistics
+from . import BackendStatistics, byte_views, consume
 
 if TYPE_CHECKING:
     from typing_extensions import Buffer
@@ -46,8 +46,7 @@ def pwritev_fully(fd: int, buffers: Sequence[Buffer], offset: int, name: str, co
     zero bytes for a non-empty request is reported as EIO rather than looped
     on.  Errors raise OSError carrying ``name``.
     """
-    views = [memoryview(buffer).cast("B") for buffer in buffers]
-    views = [view for view in views if view.nbytes]
+    views = byte_views(buffers)
     while views:
         wanted = sum(view.nbytes for view in views)
         try:
@@ -65,13 +64,7 @@ def pwritev_fully(fd: int, buffers: Sequence[Buffer], offset: int, name: str, co
             raise OSError(errno.EIO, f"write of {wanted} bytes at offset {offset} wrote nothing", name)
         counts.short += 1
         offset += done
-        while done:
-            if done >= views[0].nbytes:
-                done -= views[0].nbytes
-                views.pop(0)
-            else:
-                views[0] = views[0][done:]
-                done = 0
+        consume(views, done)
 
 
 class ThreadBackend:
