@@ -71,44 +71,13 @@ class BlockCleaner:
 
     def _clean(self, block: bytes) -> bytes:
         """Event lines of ``block`` (whole lines, newline-terminated)."""
-        native = _native
-        if native is not None:
-            lines, kept, cleaned = self._clean_native(block, native)
-        else:
-            lines, kept, cleaned = self._clean_python(block)
-        self.offset += len(block)
-        self.lines += lines
-        self.events += kept
-        return cleaned
-
-    def _clean_native(self, block: bytes, native: tuple[Any, Any]) -> tuple[int, int, bytes]:
-        """Runs of bare events pass through; other lines are cleaned one by
-        one (wrapper lines sit at the ends of a file); after a few of those
-        in one block, the rest of it is cleaned line by line."""
-        ffi, lib = native
-        view, counted = ffi.from_buffer(block), ffi.new("size_t *")  # bytes: nothing to release
-        size, position, lines, kept = len(block), 0, 0, 0
-        pieces: list[bytes] = []
-        for _ in range(8):
-            stop = lib.pw_scan_events(view, position, size, counted)
-            if stop == size and position == 0:
-                return counted[0], counted[0], block  # the common case: no copy
-            if stop > position:
-                pieces.append(block[position:stop])
-                lines += counted[0]
-                kept += counted[0]
-            if stop == size:
-                return lines, kept, b"".join(pieces)
-            end = block.index(b"\n", stop) + 1
-            event = self._clean_line(block[stop : end - 1], self.offset + stop, self.lines + lines + 1)
-            lines += 1
-            if event:
-                pieces.append(event + b"\n")
-                kept += 1
-            position = end
-        rest = block[position:]
-        more, cleaned = self._clean_slowly(rest, self.offset + position, self.lines + lines)
-        return lines + rest.count(b"\n"), kept + more, b"".join(pieces) + cleaned
+        if _native is None:
+            return self._clean_python(block)
+        text = bytearray(block)
+        with memoryview(text) as view:
+            end = self.clean_in_place(view, 0, len(text))
+        del text[end:]
+        return bytes(text)
 
     def clean_in_place(self, buffer: memoryview, start: int, stop: int) -> int:
         """Clean the text in ``buffer[start:stop]`` (whole lines, the last
@@ -121,7 +90,7 @@ class BlockCleaner:
         if stop <= start:
             return start
         if native is None:
-            cleaned = self._clean(bytes(buffer[start:stop]))
+            cleaned = self._clean_python(bytes(buffer[start:stop]))
             buffer[start : start + len(cleaned)] = cleaned
             return start + len(cleaned)
         ffi, lib = native
@@ -165,21 +134,27 @@ class BlockCleaner:
         self.events += kept
         return write
 
-    def _clean_python(self, block: bytes) -> tuple[int, int, bytes]:
+    def _clean_python(self, block: bytes) -> bytes:
+        """:meth:`clean_in_place` without the C scanner, on a copy."""
         lines = block.count(b"\n")
         if _all_bare_events(block, lines):
-            return lines, lines, block
-        # Wrapper lines sit at the start and end of a file: clean the first
-        # and last line one by one and keep the fast check for the middle.
-        first = block.index(b"\n") + 1
-        last = block.rindex(b"\n", 0, len(block) - 1) + 1 if lines > 2 else len(block)
-        middle = block[first:last]
-        if lines > 2 and _all_bare_events(middle, lines - 2):
-            head = self._clean_slowly(block[:first], self.offset, self.lines)
-            tail = self._clean_slowly(block[last:], self.offset + last, self.lines + lines - 1)
-            return lines, head[0] + lines - 2 + tail[0], b"".join((head[1], middle, tail[1]))
-        kept, cleaned = self._clean_slowly(block, self.offset, self.lines)
-        return lines, kept, cleaned
+            kept, cleaned = lines, block
+        else:
+            # Wrapper lines sit at the start and end of a file: clean the first
+            # and last line one by one and keep the fast check for the middle.
+            first = block.index(b"\n") + 1
+            last = block.rindex(b"\n", 0, len(block) - 1) + 1 if lines > 2 else len(block)
+            middle = block[first:last]
+            if lines > 2 and _all_bare_events(middle, lines - 2):
+                head = self._clean_slowly(block[:first], self.offset, self.lines)
+                tail = self._clean_slowly(block[last:], self.offset + last, self.lines + lines - 1)
+                kept, cleaned = head[0] + lines - 2 + tail[0], b"".join((head[1], middle, tail[1]))
+            else:
+                kept, cleaned = self._clean_slowly(block, self.offset, self.lines)
+        self.offset += len(block)
+        self.lines += lines
+        self.events += kept
+        return cleaned
 
     def _clean_slowly(self, block: bytes, offset: int, lines_before: int) -> tuple[int, bytes]:
         """Trim and check line by line; ``offset`` and ``lines_before`` place

@@ -73,14 +73,6 @@ def test_many_irregular_lines_in_one_block(name: str) -> None:
     assert cleaner.events == 150 and cleaner.lines == 152
 
 
-@pytest.mark.parametrize("name", SCANNERS)
-def test_fast_path_returns_the_block_itself(name: str) -> None:
-    block = b'{"a":1}\n{"b":2}\n'
-    cleaner = BlockCleaner("t")
-    with scanner(name):
-        assert cleaner.feed(block) is block
-
-
 def test_last_line_without_newline_is_kept() -> None:
     cleaned, cleaner = clean(b'{"a":1}\n{"b":2}', [])
     assert cleaned == b'{"a":1}\n{"b":2}\n' and cleaner.events == 2
