@@ -16,6 +16,7 @@ CDEF = """
 size_t pw_scan_events(const char *buf, size_t start, size_t len, size_t *lines);
 long long pw_find_newline(const char *buf, size_t start, size_t stop);
 long long pw_rfind_newline(const char *buf, size_t start, size_t stop);
+size_t pw_count_newlines(const char *buf, size_t len);
 """
 
 SOURCE = r"""
@@ -47,6 +48,17 @@ long long pw_find_newline(const char *buf, size_t start, size_t stop)
 {
     const char *nl = start < stop ? memchr(buf + start, '\n', stop - start) : NULL;
     return nl == NULL ? -1 : (long long)(nl - buf);
+}
+
+size_t pw_count_newlines(const char *buf, size_t len)
+{
+    size_t count = 0;
+    const char *p = buf, *end = buf + len, *nl;
+    while (p < end && (nl = memchr(p, '\n', (size_t)(end - p))) != NULL) {
+        count++;
+        p = nl + 1;
+    }
+    return count;
 }
 
 long long pw_rfind_newline(const char *buf, size_t start, size_t stop)

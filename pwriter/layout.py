@@ -39,7 +39,9 @@ readers refuse); an overlap would lose data.
   well-formed file.
 
 Plain padding is ``n - 1`` spaces and a newline: a whitespace-only line, which
-every trace reader skips (see NOTES.md section 2).
+every trace reader skips (see NOTES.md section 2).  Gzip padding is one or
+more empty gzip members with an FEXTRA field (22 bytes at least, so gzip
+planners use ``min_padding=22``); chunks are then whole gzip members.
 """
 
 from __future__ import annotations
@@ -55,6 +57,8 @@ __all__ = [
     "ShardedPlanner",
     "make_planner",
     "plain_padding",
+    "gzip_padding",
+    "GZIP_MIN_PADDING",
 ]
 
 LayoutName = Literal["striped", "padded-striped", "sharded"]
@@ -106,6 +110,38 @@ def plain_padding(length: int) -> bytes:
     if length <= 0:
         return b""
     return b" " * (length - 1) + b"\n"
+
+
+#: The smallest padding gzip allows: one empty member (see :func:`gzip_padding`).
+GZIP_MIN_PADDING = 22
+_GZIP_MAX_MEMBER = GZIP_MIN_PADDING + 0xFFFF
+
+
+def _empty_member(size: int) -> bytes:
+    # Header with FEXTRA (flag 0x04), XLEN, XLEN bytes of spaces, an empty
+    # final deflate block (fixed Huffman: 03 00), CRC32 0 and ISIZE 0.
+    extra = size - GZIP_MIN_PADDING
+    return (
+        b"\x1f\x8b\x08\x04\x00\x00\x00\x00\x00\xff"
+        + extra.to_bytes(2, "little")
+        + b" " * extra
+        + b"\x03\x00"
+        + bytes(8)
+    )
+
+
+def gzip_padding(length: int) -> bytes:
+    """``length`` bytes of gzip padding: empty gzip members whose header
+    carries an FEXTRA field, which every gzip reader (zcat, Python,
+    dftracer's) decompresses to nothing.  Never a byte between members.
+    ``length`` is 0 or at least :data:`GZIP_MIN_PADDING`."""
+    if length == 0:
+        return b""
+    if length < GZIP_MIN_PADDING:
+        raise ValueError(f"gzip padding of {length} bytes is impossible (at least {GZIP_MIN_PADDING})")
+    count = -(-length // _GZIP_MAX_MEMBER)
+    base, extra = divmod(length, count)
+    return b"".join(_empty_member(base + (1 if index < extra else 0)) for index in range(count))
 
 
 class _Closed:

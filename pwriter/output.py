@@ -20,10 +20,15 @@ from collections.abc import Iterable, Sequence
 
 from .errors import UsageError, WriteError
 
-__all__ = ["OutputSet", "shard_paths", "manifest_path", "is_temporary_name", "TEMP_MARKER"]
+__all__ = ["OutputSet", "shard_paths", "manifest_path", "member_index_path", "is_temporary_name", "TEMP_MARKER"]
 
 TEMP_MARKER = ".pwriter-"
 _TRACE_SUFFIXES = (".pfw.gz", ".pfw", ".gz", ".json", ".jsonl", ".txt")
+
+
+def member_index_path(target: str) -> str:
+    """The member index of a compressed output: ``<target>.members.json``."""
+    return target + ".members.json"
 
 
 def manifest_path(target: str) -> str:
@@ -66,12 +71,13 @@ class OutputSet:
     (sharded) the manifest.  Created by :meth:`create`, finished by exactly
     one of :meth:`publish` or :meth:`discard`."""
 
-    def __init__(self, target: str, *, sharded: bool, files: int, force: bool) -> None:
+    def __init__(self, target: str, *, sharded: bool, files: int, force: bool, sidecars: Sequence[str] = ()) -> None:
         self.target = target
         self.sharded = sharded
         self.force = force
         self.targets = shard_paths(target, files) if sharded else [target]
         self.manifest = manifest_path(target) if sharded else None
+        self.sidecars = list(sidecars)
         self.temporaries: list[str] = []
         self.fds: list[int] = []
         self.direct_fds: list[int] = []
@@ -79,7 +85,7 @@ class OutputSet:
     @property
     def names(self) -> list[str]:
         """Every name this output will publish."""
-        return self.targets + ([self.manifest] if self.manifest else [])
+        return self.targets + self.sidecars + ([self.manifest] if self.manifest else [])
 
     def check(self, inputs: Iterable[str] = ()) -> None:
         """Refuse, with :class:`UsageError`, a missing output directory, an
@@ -137,10 +143,12 @@ class OutputSet:
         self.fds = []
         self.direct_fds = []
 
-    def publish(self, *, fsync: bool) -> None:
+    def publish(self, *, fsync: bool, sidecars: dict[str, bytes] | None = None) -> None:
         """Rename the (already written and synced) temporaries into place.
 
-        Sharded: every shard, then the manifest.  A shard left from an earlier,
+        Then the ``sidecars`` (name -> content, e.g. the member index) are
+        written and published.  Sharded: every shard, the sidecars, then the
+        manifest.  A shard left from an earlier,
         larger set (named in the manifest being replaced) is removed after.
         """
         self.close_files()
@@ -153,8 +161,13 @@ class OutputSet:
             for temporary, target in zip(self.temporaries, self.targets):
                 self._rename(temporary, target)
                 published.append(target)
+            for name, content in (sidecars or {}).items():
+                self._write_small(name, content, fsync=fsync)
+                published.append(name)
             if self.manifest:
-                self._write_manifest(fsync=fsync)
+                directory = os.path.dirname(os.path.abspath(self.manifest))
+                text = "".join(os.path.relpath(target, directory) + "\n" for target in self.targets)
+                self._write_small(self.manifest, text.encode(), fsync=fsync)
             if fsync:
                 _fsync_directory(os.path.dirname(os.path.abspath(self.target)))
         except (OSError, UsageError) as exc:
@@ -184,20 +197,18 @@ class OutputSet:
             return
         os.unlink(temporary)
 
-    def _write_manifest(self, *, fsync: bool) -> None:
-        assert self.manifest is not None
-        directory = os.path.dirname(os.path.abspath(self.manifest))
-        text = "".join(os.path.relpath(target, directory) + "\n" for target in self.targets)
-        temporary = _temporary_name(self.manifest)
+    def _write_small(self, name: str, content: bytes, *, fsync: bool) -> None:
+        """Publish a small file (manifest, index) through a temporary of its own."""
+        temporary = _temporary_name(name)
         fd = os.open(temporary, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o666)
         try:
-            os.write(fd, text.encode())
+            os.write(fd, content)
             if fsync:
                 os.fsync(fd)
         finally:
             os.close(fd)
         self.temporaries.append(temporary)
-        self._rename(temporary, self.manifest)
+        self._rename(temporary, name)
 
     def discard(self) -> None:
         """Close and remove every temporary file; the targets are untouched."""

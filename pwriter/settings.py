@@ -88,6 +88,10 @@ class Settings(BaseSettings):
     queue_depth: QueueDepth = None
     fsync: bool = True
     direct: bool = False
+    compress: bool = False
+    """Write gzip members (also implied by an output name ending in ``.gz``)."""
+    level: int = Field(default=1, ge=0, le=9)
+    """Compression level: 0 to 3 with python-isal (higher reads as 3), else zlib's 1 to 9."""
     memory_budget: MemoryBudget = None
     max_delay: float = Field(default=1.0, gt=0, le=3600)
     """Longest time (seconds, trio clock) a written line may wait in a buffer."""

@@ -23,7 +23,7 @@ from typing import Any
 
 from .errors import InputError
 
-__all__ = ["BlockCleaner", "is_gzip_magic", "rfind_newline"]
+__all__ = ["BlockCleaner", "is_gzip_magic", "rfind_newline", "count_newlines"]
 
 GZIP_MAGIC = b"\x1f\x8b"
 BOM = b"\xef\xbb\xbf"
@@ -198,6 +198,16 @@ def _all_bare_events(block: bytes, lines: int) -> bool:
         and block.count(b"}\n{") == lines - 1
         and b"\x00" not in block
     )
+
+
+def count_newlines(buffer: memoryview) -> int:
+    """Newlines in ``buffer``."""
+    native = _native
+    if native is not None:
+        ffi, lib = native
+        with ffi.from_buffer(buffer) as view:
+            return int(lib.pw_count_newlines(view, buffer.nbytes))
+    return bytes(buffer).count(b"\n")
 
 
 def rfind_newline(buffer: memoryview, start: int, stop: int) -> int:

@@ -24,8 +24,9 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import json
 import os
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import AsyncIterator, Callable, Sequence
 from contextlib import asynccontextmanager
 
 import trio
@@ -33,8 +34,9 @@ import trio
 from .backends import Backend, BackendStatistics, open_backend
 from .channels import DEFAULT_BATCH_BYTES, BufferPool, Coalescer, Producer
 from .errors import WriteError
-from .layout import Placement, Planner, make_planner, plain_padding
-from .output import OutputSet
+from .compress import count_lines, gzip_member
+from .layout import GZIP_MIN_PADDING, Placement, Planner, gzip_padding, make_planner, plain_padding
+from .output import OutputSet, member_index_path
 from .settings import Settings, load_settings
 from .sizing import FsInfo, Sizing, plan_sizing
 
@@ -112,6 +114,9 @@ class Writer:
         pool: BufferPool,
         header: bytes,
         footer: bytes,
+        compress: bool,
+        header_text: int,
+        footer_text: int,
     ) -> None:
         self.settings = settings
         self.fs = fs
@@ -123,6 +128,16 @@ class Writer:
         self._pool = pool
         self._header = header
         self._footer = footer
+        self.compressed = compress
+        self._header_text = header_text
+        self._footer_text = footer_text
+        self._padding = gzip_padding if compress else plain_padding
+        # Compressed chunks are placed in the order they were flushed, per
+        # worker, although they are compressed in parallel: each waits for the
+        # event of the one before it.
+        self._placed: dict[int, trio.Event] = {}
+        self._compress_limiter = trio.CapacityLimiter(max(1, os.cpu_count() or 1))
+        self._members: list[tuple[int, int, int, int, int]] = []  # file, offset, length, text length, events
         self._fds = list(output.fds)
         self._direct_fds = list(output.direct_fds)  # empty unless O_DIRECT
         self._sends: list[trio.MemorySendChannel[bytes]] = []
@@ -148,7 +163,7 @@ class Writer:
     def chunk_capacity(self) -> int:
         """The most bytes of lines one chunk holds (a block at least half this
         size, and at most this size, is written without a copy)."""
-        return self._planner.chunk_capacity
+        return self._pool.size if self.compressed else self._planner.chunk_capacity
 
     @property
     def manifest(self) -> str | None:
@@ -186,7 +201,7 @@ class Writer:
         The writer owns ``buffer`` from now on and returns it to the pool once
         written; returns as soon as the chunk is placed.
         """
-        if filled > self._planner.chunk_capacity:
+        if filled > self.chunk_capacity:
             raise ValueError("a chunk larger than the chunk capacity")
         if filled == 0:
             self._pool.give_back(buffer)
@@ -238,7 +253,7 @@ class Writer:
                     worker,
                     receive,
                     self._pool,
-                    capacity=self._planner.chunk_capacity,
+                    capacity=self.chunk_capacity,
                     max_delay=self.settings.max_delay,
                     flush=self._flush_buffer,
                     write_whole=self._write_whole,
@@ -246,6 +261,7 @@ class Writer:
             )
         header = self._planner.open()
         if header is not None:
+            self._record(header, text=self._header_text, events=0)
             self._nursery.start_soon(self._write, header, b"")
         self._nursery.start_soon(self._run_coalescers)
         self._nursery.start_soon(self._push_stale_batches)
@@ -255,7 +271,10 @@ class Writer:
         async with trio.open_nursery() as nursery:
             for coalescer in self._coalescers:
                 nursery.start_soon(coalescer.run)
+        for placed in list(self._placed.values()):
+            await placed.wait()  # every compressed chunk has its place
         footer = self._planner.close(len(self._footer))
+        self._record(footer, text=self._footer_text, events=0)
         self._coalesced.set()
         await self._write(footer, self._footer)
 
@@ -271,8 +290,60 @@ class Writer:
                     producer.send_pending_nowait()
 
     async def _flush_buffer(self, worker: int, buffer: memoryview, filled: int) -> None:
+        if self.compressed:
+            self._compress_in_order(worker, buffer[:filled], lambda: self._pool.give_back(buffer))
+            return
         placement = self._planner.place(worker, filled)
         self._nursery.start_soon(self._write_and_give_back, placement, buffer, filled)
+
+    def _compress_in_order(self, worker: int, text: memoryview, release: Callable[[], None]) -> None:
+        previous = self._placed.get(worker)
+        mine = self._placed[worker] = trio.Event()
+        self._nursery.start_soon(self._compress_and_write, worker, text, release, previous, mine)
+
+    @trio.lowlevel.enable_ki_protection
+    async def _compress_and_write(
+        self, worker: int, text: memoryview, release: Callable[[], None], previous: trio.Event | None,
+        mine: trio.Event,
+    ) -> None:
+        try:
+            member, events = await trio.to_thread.run_sync(
+                _compress_chunk, text, self.settings.level, limiter=self._compress_limiter
+            )
+        finally:
+            release()  # the text is no longer needed
+        if previous is not None:
+            await previous.wait()
+        placement = self._planner.place(worker, len(member))
+        self._record(placement, text=text.nbytes, events=events)
+        mine.set()
+        await self._write(placement, member)
+
+    def _record(self, placement: Placement, *, text: int, events: int) -> None:
+        """Remember the gzip members of ``placement`` for the member index."""
+        if not self.compressed:
+            return
+        if placement.head:
+            self._members.append((placement.file, placement.offset, placement.head, self._header_text, 0))
+        if placement.body:
+            self._members.append((placement.file, placement.offset + placement.head, placement.body, text, events))
+
+    def member_index(self) -> dict[str, object]:
+        """The member index of a compressed output (see the README for the format)."""
+        members = []
+        text_offset = first_event = 0
+        for file, offset, length, text, events in sorted(self._members):
+            members.append({
+                "file": file, "offset": offset, "length": length, "text_offset": text_offset,
+                "text_length": text, "first_event": first_event, "events": events,
+            })
+            text_offset += text
+            first_event += events
+        return {
+            "format": "pwriter-members/1",
+            "files": [os.path.basename(name) for name in self._output.targets],
+            "members": members,
+        }
 
     @trio.lowlevel.enable_ki_protection
     async def _write_and_give_back(self, placement: Placement, buffer: memoryview, filled: int) -> None:
@@ -297,6 +368,9 @@ class Writer:
         # Chunks that bypass the pool are bounded by their own slots, as many
         # as there are pool buffers, so that memory stays bounded.
         await self._whole_slots.acquire()
+        if self.compressed:
+            self._compress_in_order(worker, chunk, self._whole_slots.release)
+            return
         placement = self._planner.place(worker, len(chunk))
         self._nursery.start_soon(self._write_and_release_slot, placement, chunk)
 
@@ -322,7 +396,7 @@ class Writer:
         if placement.body:
             parts.append(body)
         if placement.pad:
-            parts.append(plain_padding(placement.pad))
+            parts.append(self._padding(placement.pad))
         fd = self._fds[placement.file]
         if (
             self._direct_fds
@@ -368,6 +442,7 @@ async def open_writer(
     footer: bytes = FOOTER,
     fs: FsInfo | None = None,
     backend: Backend | None = None,
+    compress: bool | None = None,
 ) -> AsyncIterator[Writer]:
     """Open a writer that publishes ``path`` when the block ends without error.
 
@@ -377,7 +452,10 @@ async def open_writer(
     exist, when it exists and ``force`` is false, or when it is one of
     ``inputs``.  ``header`` starts and ``footer`` ends the output in every
     layout.  ``fs`` replaces filesystem detection and ``backend`` the backend
-    named in the settings (both for tests).
+    named in the settings (both for tests).  ``compress`` (default: the
+    ``compress`` setting, or a ``path`` ending in ``.gz``) writes every chunk,
+    the header and the footer as standalone gzip members, compressed in
+    worker threads, and publishes a member index, ``<path>.members.json``.
 
     On error or cancellation the temporary files are removed, the target is
     untouched, and the exception propagates (a single failure is not wrapped
@@ -385,11 +463,18 @@ async def open_writer(
     """
     settings = settings if settings is not None else load_settings()
     target = os.fspath(path)
+    if compress is None:
+        compress = settings.compress or target.endswith(".gz")
+    header_text, footer_text = len(header), len(footer)
+    if compress:  # the header and the footer are gzip members of their own
+        header, footer = gzip_member(header, settings.level), gzip_member(footer, settings.level)
     fs, sizing = plan(target, settings, producers=producers, fs=fs)
     planner = make_planner(
-        sizing.layout, header_length=len(header), stripe_size=sizing.stripe_size, workers=sizing.workers
+        sizing.layout, header_length=len(header), stripe_size=sizing.stripe_size, workers=sizing.workers,
+        min_padding=GZIP_MIN_PADDING if compress else 1,
     )
-    output = OutputSet(target, sharded=sizing.layout == "sharded", files=planner.files, force=force)
+    output = OutputSet(target, sharded=sizing.layout == "sharded", files=planner.files, force=force,
+                       sidecars=[member_index_path(target)] if compress else [])
     output.check(inputs)
     pool = BufferPool(sizing.buffers, sizing.stripe_size)
     writer: Writer | None = None
@@ -416,6 +501,9 @@ async def open_writer(
                             pool=pool,
                             header=header,
                             footer=footer,
+                            compress=compress,
+                            header_text=header_text,
+                            footer_text=footer_text,
                         )
                         writer._start()
                         yield writer
@@ -427,13 +515,18 @@ async def open_writer(
                         io.unregister(fd)
         except BaseExceptionGroup as group:
             raise _first_error(group) from None
-        output.publish(fsync=settings.fsync)
+        sidecars = {member_index_path(target): json.dumps(writer.member_index()).encode()} if compress else {}
+        output.publish(fsync=settings.fsync, sidecars=sidecars)
         writer.published = True
         writer._finished = trio.current_time()
     finally:
         with trio.CancelScope(shield=True):
             output.discard()
             pool.close()
+
+
+def _compress_chunk(text: memoryview, level: int) -> tuple[bytes, int]:
+    return gzip_member(text, level), count_lines(text)
 
 
 def _first_error(group: BaseExceptionGroup[BaseException]) -> BaseException:

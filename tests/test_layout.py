@@ -130,3 +130,21 @@ def test_plain_padding_is_whitespace_ending_in_newline(length) -> None:
     assert len(padding) == length
     if length:
         assert padding.endswith(b"\n") and padding.strip() == b"" and b"\x00" not in padding
+
+
+@given(st.integers(0, 300_000).filter(lambda n: n == 0 or n >= 22))
+def test_gzip_padding_is_empty_members_of_exact_length(length) -> None:
+    import gzip
+
+    from pwriter.layout import gzip_padding
+
+    padding = gzip_padding(length)
+    assert len(padding) == length
+    assert gzip.decompress(gzip.compress(b"a\n") + padding + gzip.compress(b"b\n")) == b"a\nb\n"
+
+
+def test_gzip_padding_refuses_what_cannot_be_built() -> None:
+    from pwriter.layout import gzip_padding
+
+    with pytest.raises(ValueError):
+        gzip_padding(21)
