@@ -39,6 +39,9 @@ def _parser() -> argparse.ArgumentParser:
     merge.add_argument("--force", action="store_true", help="replace an existing output")
     merge.add_argument("--fsync", action=argparse.BooleanOptionalAction, default=None,
                        help="fsync the output before publishing it (default: on)")
+    merge.add_argument("--compress", action="store_true", default=None,
+                       help="write gzip members (implied by an OUTPUT ending in .gz)")
+    merge.add_argument("--level", metavar="N", default=None, help="compression level (isal: 0-3; default 1)")
     merge.add_argument("--direct", action="store_true", default=None,
                        help="write with O_DIRECT (padded-striped layout; for the durable path)")
     merge.add_argument("--json", action="store_true", help="print one JSON object describing the result")
@@ -86,6 +89,8 @@ def _settings(args: argparse.Namespace) -> Any:
         workers=getattr(args, "workers", None),
         fsync=getattr(args, "fsync", None),
         direct=getattr(args, "direct", None),
+        compress=getattr(args, "compress", None),
+        level=getattr(args, "level", None),
     )
 
 
@@ -142,6 +147,7 @@ def _merge(args: argparse.Namespace) -> int:
             "fsync": settings.fsync,
             "direct": settings.direct,
             "direct_writes": stats.direct_writes,
+            "compressed": stats.compressed,
             "seconds": round(stats.seconds, 6),
         }
         print(json.dumps(report))
@@ -194,6 +200,7 @@ def _info(args: argparse.Namespace) -> int:
     fs, sizing = plan(args.path, settings)
     backends = available_backends()
     chosen = resolve_backend_name(settings.backend)
+    members = _member_summary(args.path)
     if args.json:
         print(
             json.dumps(
@@ -214,6 +221,7 @@ def _info(args: argparse.Namespace) -> int:
                     "backend": chosen,
                     "reasons": list(sizing.reasons),
                     "backends": {name: {"available": why is None, "reason": why} for name, why in backends.items()},
+                    "members": members,
                 }
             )
         )
@@ -226,10 +234,36 @@ def _info(args: argparse.Namespace) -> int:
     for reason in sizing.reasons:
         print(f"  {reason}")
     print(f"backend:      {chosen}")
+    if members is not None:
+        print(
+            f"gzip members: {members['count']} in {len(members['files'])} file(s), {members['events']} events, "
+            f"{members['text_bytes']} bytes of text in {members['compressed_bytes']} (index {members['index']})"
+        )
     print("backends:")
     for name, why in backends.items():
         print(f"  {name}: {'available' if why is None else 'unavailable: ' + why}")
     return 0
+
+
+def _member_summary(path: str) -> dict[str, Any] | None:
+    """What the member index of a compressed output says, if it has one."""
+    from .output import member_index_path
+
+    index_path = member_index_path(path)
+    try:
+        with open(index_path, encoding="utf-8") as handle:
+            index = json.load(handle)
+    except (OSError, ValueError):
+        return None
+    members = index.get("members", [])
+    return {
+        "index": index_path,
+        "files": index.get("files", []),
+        "count": len(members),
+        "events": sum(member["events"] for member in members),
+        "text_bytes": sum(member["text_length"] for member in members),
+        "compressed_bytes": sum(member["length"] for member in members),
+    }
 
 
 def _gen_corpus(args: argparse.Namespace) -> int:

@@ -93,6 +93,7 @@ class WriterStatistics:
     buffer_waits: int
     direct_writes: int
     """Writes that went through the O_DIRECT descriptor."""
+    compressed: bool
     seconds: float
     published: bool
     io: BackendStatistics
@@ -237,6 +238,7 @@ class Writer:
             oversized_chunks=sum(stat.oversized_chunks for stat in coalesced),
             buffer_waits=self._pool.waits,
             direct_writes=self._direct_writes,
+            compressed=self.compressed,
             seconds=end - self._started,
             published=self.published,
             io=io,

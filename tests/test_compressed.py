@@ -1,0 +1,157 @@
+"""Compressed output: gzip members in every layout, read by every reader."""
+
+from __future__ import annotations
+
+import collections
+import gzip
+import json
+import os
+import pathlib
+import random
+import subprocess
+import zlib
+
+import pytest
+import trio
+
+from conftest import dftracer_tool, run_cli
+from pwriter.corpus import write_corpus
+from pwriter.settings import load_settings
+from pwriter.sizing import FsInfo, FsKind
+from pwriter.testing import event_counter, read_events, read_text
+from pwriter.writer import open_writer
+
+LAYOUTS = ["striped", "padded-striped", "sharded"]
+
+
+def members_of(data: bytes) -> list[tuple[int, int, bytes]]:
+    """Walk a multi-member gzip file: (offset, length, text) of each member.
+    Fails on any byte between members."""
+    members, offset = [], 0
+    while offset < len(data):
+        assert data[offset : offset + 2] == b"\x1f\x8b", f"not a gzip member at byte {offset}"
+        inflater = zlib.decompressobj(wbits=31)
+        text = inflater.decompress(data[offset:]) + inflater.flush()
+        assert inflater.eof, f"member at {offset} does not end"
+        length = len(data) - offset - len(inflater.unused_data)
+        members.append((offset, length, text))
+        offset += length
+    return members
+
+
+def output_files(out: str, report: dict[str, object]) -> list[str]:
+    directory = os.path.dirname(out)
+    return [os.path.join(directory, os.path.basename(str(p))) for p in report["outputs"]]  # type: ignore[union-attr]
+
+
+@pytest.fixture(scope="module")
+def corpus(tmp_path_factory: pytest.TempPathFactory) -> str:
+    directory = tmp_path_factory.mktemp("gz-corpus")
+    write_corpus(str(directory), files=40, events_per_file=150, seed=3)
+    return str(directory)
+
+
+def inputs_of(corpus: str) -> list[str]:
+    return sorted(os.path.join(corpus, n) for n in os.listdir(corpus) if n.endswith((".pfw", ".pfw.gz")))
+
+
+@pytest.mark.parametrize("layout", LAYOUTS)
+def test_gzip_output_every_layout(corpus: str, tmp_path, backend_name: str, layout: str) -> None:
+    out = str(tmp_path / "merged.pfw.gz")
+    done = run_cli("merge", "-d", corpus, "-o", out, "--layout", layout, "--backend", backend_name,
+                   "--stripe-size", "64KiB", "--json")
+    assert done.returncode == 0, done.stderr
+    report = json.loads(done.stdout)
+    files = output_files(out, report)
+    expected = event_counter(inputs_of(corpus))
+
+    # Python's gzip and zcat read the same text: "[", the events, "]".
+    text = b"".join(gzip.decompress(pathlib.Path(path).read_bytes()) for path in files)
+    zcat = b"".join(subprocess.run(["zcat", path], capture_output=True, check=True).stdout for path in files)
+    assert zcat == text
+    lines = text.split(b"\n")
+    assert lines[0] == b"[" and lines[-2:] == [b"]", b""]
+    assert collections.Counter(lines[1:-2]) == expected
+
+    # Members follow each other with no byte between them, in every file.
+    walked = [members_of(pathlib.Path(path).read_bytes()) for path in files]
+    if layout == "padded-striped":
+        for offset, length, member_text in walked[0]:
+            if member_text:
+                assert offset % 65536 == 0 or offset == 22 + 0  # chunks start on a slot (the first after the header)
+
+    # The member index lets a reader decompress any member alone.
+    index = json.loads(pathlib.Path(out + ".members.json").read_text())
+    assert index["format"] == "pwriter-members/1"
+    assert index["files"] == [os.path.basename(p) for p in files]
+    assert sum(m["events"] for m in index["members"]) == sum(expected.values())
+    data = [pathlib.Path(path).read_bytes() for path in files]
+    text_offset = 0
+    for member in index["members"]:
+        raw = data[member["file"]][member["offset"] : member["offset"] + member["length"]]
+        alone = gzip.decompress(raw)
+        assert len(alone) == member["text_length"]
+        assert alone.count(b"\n") >= member["events"]
+        assert text[member["text_offset"] : member["text_offset"] + member["text_length"]] == alone
+        text_offset += member["text_length"]
+    assert text_offset == len(text)
+
+    # The field's own tools read it (they look for *.pfw.gz names).
+    validate = subprocess.run([dftracer_tool("dftracer_validate"), "--files", *files, "--log-level", "off"],
+                              capture_output=True, text=True)
+    assert validate.returncode == 0 and " 0 failed" in validate.stdout, validate.stdout + validate.stderr
+
+
+def test_event_count_matches_the_inputs(corpus: str, tmp_path) -> None:
+    outdir = tmp_path / "out"
+    outdir.mkdir()
+    done = run_cli("merge", "-d", corpus, "-o", str(outdir / "merged.pfw.gz"), "--stripe-size", "64KiB")
+    assert done.returncode == 0, done.stderr
+    (outdir / "merged.pfw.gz.members.json").unlink()
+    ingz = tmp_path / "in"
+    ingz.mkdir()
+    for index, path in enumerate(inputs_of(corpus)):
+        (ingz / f"in_{index}.pfw.gz").write_bytes(gzip.compress(read_text(path)))
+
+    def count(directory) -> int:
+        return int(subprocess.run([dftracer_tool("dftracer_event_count"), "-d", str(directory)],
+                                  capture_output=True, text=True, check=True).stdout.split()[-1])
+
+    assert count(outdir) == count(ingz)
+
+
+@pytest.mark.parametrize("stripe", ["64KiB", "128KiB"])
+async def test_padded_gzip_sweep_never_leaves_bytes_between_members(tmp_path, backend_name: str, stripe: str) -> None:
+    """Lines of every length, some incompressible, so members end anywhere
+    in their slot, including a few bytes before its end."""
+    rng = random.Random(stripe)
+    settings = load_settings(backend=backend_name, layout="padded-striped", stripe_size=stripe, fsync=False,
+                             workers=2, level=1)
+    target = str(tmp_path / "sweep.pfw.gz")
+    sent = []
+    async with open_writer(target, settings=settings, fs=FsInfo(FsKind.LOCAL, 0, "/")) as writer:
+        async with writer.producer(batch_bytes=4096) as producer:
+            for n in range(3000):
+                noise = os.urandom(rng.randint(0, 120)).hex().encode()
+                line = b'{"n":%d,"r":"%s"}' % (n, noise)
+                sent.append(line)
+                await producer.send_line(line)
+                if n % 97 == 0:
+                    await trio.sleep(0)
+    data = pathlib.Path(target).read_bytes()
+    members = members_of(data)
+    assert b"".join(text for _, _, text in members).split(b"\n")[1:-2] == sent  # one producer: in order
+    slot = 65536 if stripe == "64KiB" else 131072
+    chunk_starts = [offset for offset, _, text in members if text and text not in (b"[\n", b"]\n")]
+    assert all(offset % slot == 0 or offset < slot for offset in chunk_starts)
+    assert read_events(target) == sent
+
+
+def test_info_reports_members(corpus: str, tmp_path) -> None:
+    out = tmp_path / "m.pfw.gz"
+    assert run_cli("merge", "-d", corpus, "-o", str(out)).returncode == 0
+    info = run_cli("info", str(out), "--json")
+    assert info.returncode == 0, info.stderr
+    report = json.loads(info.stdout)
+    assert report["members"]["count"] >= 3
+    assert report["members"]["events"] == sum(event_counter(inputs_of(corpus)).values())
