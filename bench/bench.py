@@ -201,13 +201,14 @@ def main() -> None:
     split = tool("dftracer_split")
     if split:
         split_out = os.path.join(out, "split")
-        run_group("gzip traces merged by dftracer_split (C++, gzip output) against pwriter (plain output)", size, {
+        merged_gz = os.path.join(out, "merged.pfw.gz")
+        run_group("gzip to gzip: dftracer_split (C++) against pwriter", size, {
             "dftracer_split -s 100000": f"mkdir -p {split_out} && {split} -d {os.path.join(args.dir, 'gzip')} "
                                         f"-o {split_out} -s 100000 >/dev/null 2>&1",
-            **{f"pwriter striped {backend} --no-fsync": pwriter_merge(gz, merged, "--backend", backend,
-                                                                      "--no-fsync") for backend in backends},
+            **{f"pwriter {layout} {backend} -o .pfw.gz --no-fsync": pwriter_merge(
+                gz, merged_gz, "--layout", layout, "--backend", backend, "--no-fsync")
+               for layout in ("striped", "sharded") for backend in backends},
         }, args.rounds, out, results)
-        print("  (not like for like until pwriter writes gzip output: the C++ tool also compresses)")
     else:
         print("\ndftracer_split is not installed (pip install dftracer-utils): no C++ baseline")
 
