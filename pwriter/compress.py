@@ -11,12 +11,12 @@ concatenation is an ordinary multi-member gzip file.  python-isal compresses
 from __future__ import annotations
 
 import gzip
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
     from typing_extensions import Buffer
 
-__all__ = ["gzip_member", "count_lines"]
+__all__ = ["gzip_member", "count_lines", "MemberBuilder"]
 
 
 def gzip_member(data: Buffer, level: int) -> bytes:
@@ -33,3 +33,54 @@ def count_lines(data: memoryview) -> int:
     from .traceformat import count_newlines
 
     return count_newlines(data)
+
+
+class MemberBuilder:
+    """One gzip member built from many text chunks, until it fills a slot.
+
+    For the padded-striped layout, where a member of one text chunk would
+    leave most of its stripe to padding: :meth:`feed` streams text into the
+    member and finishes it (returning ``(member, text bytes, lines)``) once
+    the text fed, times the compression ratio seen so far, reaches
+    ``target`` bytes.  The first member assumes a ratio of 1:2; later ones
+    use the last member's ratio plus a tenth, so that a member rarely
+    outgrows its slot (if it does, the planner gives it one more slot).
+    Blocking; one builder is fed by one thread at a time.
+    """
+
+    def __init__(self, level: int) -> None:
+        self.level = level
+        self.ratio = 0.5
+        self._reset()
+
+    def _reset(self) -> None:
+        self._compressor: Any
+        try:
+            from isal import isal_zlib
+
+            self._compressor = isal_zlib.compressobj(min(self.level, 3), isal_zlib.DEFLATED, 31)
+        except ImportError:
+            import zlib
+
+            self._compressor = zlib.compressobj(max(1, self.level), zlib.DEFLATED, 31)
+        self._parts: list[bytes] = []
+        self.text = 0
+        self.lines = 0
+
+    def feed(self, data: memoryview, target: int) -> tuple[bytes, int, int] | None:
+        self._parts.append(self._compressor.compress(data))
+        self.text += data.nbytes
+        self.lines += count_lines(data)
+        if self.text * self.ratio >= target:
+            return self.finish()
+        return None
+
+    def finish(self) -> tuple[bytes, int, int] | None:
+        """The member built so far (None if no text was fed)."""
+        if not self.text:
+            return None
+        self._parts.append(self._compressor.flush())
+        member, text, lines = b"".join(self._parts), self.text, self.lines
+        self.ratio = len(member) / text * 1.1
+        self._reset()
+        return member, text, lines

@@ -34,7 +34,7 @@ import trio
 from .backends import Backend, BackendStatistics, open_backend
 from .channels import DEFAULT_BATCH_BYTES, BufferPool, Coalescer, Producer
 from .errors import WriteError
-from .compress import count_lines, gzip_member
+from .compress import MemberBuilder, count_lines, gzip_member
 from .layout import GZIP_MIN_PADDING, Placement, Planner, gzip_padding, make_planner, plain_padding
 from .output import OutputSet, member_index_path
 from .settings import Settings, load_settings
@@ -139,6 +139,11 @@ class Writer:
         self._placed: dict[int, trio.Event] = {}
         self._compress_limiter = trio.CapacityLimiter(max(1, os.cpu_count() or 1))
         self._members: list[tuple[int, int, int, int, int]] = []  # file, offset, length, text length, events
+        # Padded-striped gzip: members are built from many chunks, to fill their slot.
+        self._builders: dict[int, MemberBuilder] | None = (
+            {} if compress and sizing.layout == "padded-striped" else None
+        )
+        self._member_target = int((sizing.stripe_size - len(header)) * 0.9)
         self._fds = list(output.fds)
         self._direct_fds = list(output.direct_fds)  # empty unless O_DIRECT
         self._sends: list[trio.MemorySendChannel[bytes]] = []
@@ -275,6 +280,12 @@ class Writer:
                 nursery.start_soon(coalescer.run)
         for placed in list(self._placed.values()):
             await placed.wait()  # every compressed chunk has its place
+        for worker, builder in sorted((self._builders or {}).items()):
+            finished = await trio.to_thread.run_sync(builder.finish, limiter=self._compress_limiter)
+            if finished is not None:
+                member, text_length, events = finished
+                placement = self._place_member(worker, member, text_length, events)
+                self._nursery.start_soon(self._write, placement, member)
         footer = self._planner.close(len(self._footer))
         self._record(footer, text=self._footer_text, events=0)
         self._coalesced.set()
@@ -301,7 +312,36 @@ class Writer:
     def _compress_in_order(self, worker: int, text: memoryview, release: Callable[[], None]) -> None:
         previous = self._placed.get(worker)
         mine = self._placed[worker] = trio.Event()
-        self._nursery.start_soon(self._compress_and_write, worker, text, release, previous, mine)
+        task = self._feed_member if self._builders is not None else self._compress_and_write
+        self._nursery.start_soon(task, worker, text, release, previous, mine)
+
+    @trio.lowlevel.enable_ki_protection
+    async def _feed_member(
+        self, worker: int, text: memoryview, release: Callable[[], None], previous: trio.Event | None,
+        mine: trio.Event,
+    ) -> None:
+        assert self._builders is not None
+        try:
+            if previous is not None:
+                await previous.wait()  # a worker's chunks enter its member in order
+            builder = self._builders.setdefault(worker, MemberBuilder(self.settings.level))
+            finished = await trio.to_thread.run_sync(
+                builder.feed, text, self._member_target, limiter=self._compress_limiter
+            )
+        finally:
+            release()
+        if finished is None:
+            mine.set()
+            return
+        member, text_length, events = finished
+        placement = self._place_member(worker, member, text_length, events)
+        mine.set()
+        await self._write(placement, member)
+
+    def _place_member(self, worker: int, member: bytes, text: int, events: int) -> Placement:
+        placement = self._planner.place(worker, len(member))
+        self._record(placement, text=text, events=events)
+        return placement
 
     @trio.lowlevel.enable_ki_protection
     async def _compress_and_write(
@@ -316,8 +356,7 @@ class Writer:
             release()  # the text is no longer needed
         if previous is not None:
             await previous.wait()
-        placement = self._planner.place(worker, len(member))
-        self._record(placement, text=text.nbytes, events=events)
+        placement = self._place_member(worker, member, text.nbytes, events)
         mine.set()
         await self._write(placement, member)
 
