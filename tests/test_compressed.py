@@ -155,3 +155,41 @@ def test_info_reports_members(corpus: str, tmp_path) -> None:
     report = json.loads(info.stdout)
     assert report["members"]["count"] >= 3
     assert report["members"]["events"] == sum(event_counter(inputs_of(corpus)).values())
+
+
+@pytest.mark.parametrize("short_by", range(1, 31))
+def test_members_ending_just_before_a_stripe_boundary(short_by: int) -> None:
+    """A member that ends 1 to 30 bytes before its slot's end leaves a
+    remainder smaller than one padding member: the padding runs on through
+    the next slot, and still no byte lies between members."""
+    from pwriter.layout import PaddedStripedPlanner, gzip_padding
+
+    stripe = 65536
+    header = gzip.compress(b"[\n", mtime=0)
+    footer = gzip.compress(b"]\n", mtime=0)
+
+    def stored_member(length: int) -> tuple[bytes, bytes]:  # a member of exactly `length` bytes (level 0)
+        for size in range(length - 40, length):
+            compressor = zlib.compressobj(0, zlib.DEFLATED, 31)
+            member = compressor.compress(b"x" * size) + compressor.flush()
+            if len(member) == length:
+                return member, b"x" * size
+        raise AssertionError("no stored member of that length")
+
+    planner = PaddedStripedPlanner(header_length=len(header), stripe_size=stripe, min_padding=22)
+    first, first_text = stored_member(stripe - len(header) - short_by)
+    second, second_text = stored_member(stripe - short_by)
+    image = bytearray()
+    for member in (first, second):
+        placement = planner.place(0, len(member))
+        assert placement.pad == 0 or placement.pad >= 22
+        parts = ([header] if placement.head else []) + [member, gzip_padding(placement.pad)]
+        assert placement.offset == len(image)
+        image += b"".join(parts)
+    closing = planner.close(len(footer))
+    image += footer
+    assert closing.end == len(image)
+    walked = members_of(bytes(image))
+    texts = [text for _, _, text in walked if text]
+    assert texts == [b"[\n", first_text, second_text, b"]\n"]
+    assert [offset for offset, _, text in walked if text.startswith(b"x")] == [len(header), 2 * stripe]
