@@ -192,4 +192,6 @@ def test_members_ending_just_before_a_stripe_boundary(short_by: int) -> None:
     walked = members_of(bytes(image))
     texts = [text for _, _, text in walked if text]
     assert texts == [b"[\n", first_text, second_text, b"]\n"]
-    assert [offset for offset, _, text in walked if text.startswith(b"x")] == [len(header), 2 * stripe]
+    # A remainder of 22 bytes or more is one padding member; a smaller one spills into the next slot.
+    second_slot = stripe if short_by >= 22 else 2 * stripe
+    assert [offset for offset, _, text in walked if text.startswith(b"x")] == [len(header), second_slot]
