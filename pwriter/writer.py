@@ -138,6 +138,7 @@ class Writer:
         # event of the one before it.
         self._placed: dict[int, trio.Event] = {}
         self._compress_limiter = trio.CapacityLimiter(max(1, os.cpu_count() or 1))
+        self._member_slots = trio.Semaphore(pool.count)
         self._members: list[tuple[int, int, int, int, int]] = []  # file, offset, length, text length, events
         # Padded-striped gzip: members are built from many chunks, to fill their slot.
         self._builders: dict[int, MemberBuilder] | None = (
@@ -304,12 +305,15 @@ class Writer:
 
     async def _flush_buffer(self, worker: int, buffer: memoryview, filled: int) -> None:
         if self.compressed:
-            self._compress_in_order(worker, buffer[:filled], lambda: self._pool.give_back(buffer))
+            await self._compress_in_order(worker, buffer[:filled], lambda: self._pool.give_back(buffer))
             return
         placement = self._planner.place(worker, filled)
         self._nursery.start_soon(self._write_and_give_back, placement, buffer, filled)
 
-    def _compress_in_order(self, worker: int, text: memoryview, release: Callable[[], None]) -> None:
+    async def _compress_in_order(self, worker: int, text: memoryview, release: Callable[[], None]) -> None:
+        # Compressed members wait for their write holding a slot, as many as
+        # the pool has buffers: memory stays bounded when the disk is slow.
+        await self._member_slots.acquire()
         previous = self._placed.get(worker)
         mine = self._placed[worker] = trio.Event()
         task = self._feed_member if self._builders is not None else self._compress_and_write
@@ -322,21 +326,24 @@ class Writer:
     ) -> None:
         assert self._builders is not None
         try:
-            if previous is not None:
-                await previous.wait()  # a worker's chunks enter its member in order
-            builder = self._builders.setdefault(worker, MemberBuilder(self.settings.level))
-            finished = await trio.to_thread.run_sync(
-                builder.feed, text, self._member_target, limiter=self._compress_limiter
-            )
-        finally:
-            release()
-        if finished is None:
+            try:
+                if previous is not None:
+                    await previous.wait()  # a worker's chunks enter its member in order
+                builder = self._builders.setdefault(worker, MemberBuilder(self.settings.level))
+                finished = await trio.to_thread.run_sync(
+                    builder.feed, text, self._member_target, limiter=self._compress_limiter
+                )
+            finally:
+                release()
+            if finished is None:
+                mine.set()
+                return
+            member, text_length, events = finished
+            placement = self._place_member(worker, member, text_length, events)
             mine.set()
-            return
-        member, text_length, events = finished
-        placement = self._place_member(worker, member, text_length, events)
-        mine.set()
-        await self._write(placement, member)
+            await self._write(placement, member)
+        finally:
+            self._member_slots.release()
 
     def _place_member(self, worker: int, member: bytes, text: int, events: int) -> Placement:
         placement = self._planner.place(worker, len(member))
@@ -349,16 +356,19 @@ class Writer:
         mine: trio.Event,
     ) -> None:
         try:
-            member, events = await trio.to_thread.run_sync(
-                _compress_chunk, text, self.settings.level, limiter=self._compress_limiter
-            )
+            try:
+                member, events = await trio.to_thread.run_sync(
+                    _compress_chunk, text, self.settings.level, limiter=self._compress_limiter
+                )
+            finally:
+                release()  # the text is no longer needed
+            if previous is not None:
+                await previous.wait()
+            placement = self._place_member(worker, member, text.nbytes, events)
+            mine.set()
+            await self._write(placement, member)
         finally:
-            release()  # the text is no longer needed
-        if previous is not None:
-            await previous.wait()
-        placement = self._place_member(worker, member, text.nbytes, events)
-        mine.set()
-        await self._write(placement, member)
+            self._member_slots.release()
 
     def _record(self, placement: Placement, *, text: int, events: int) -> None:
         """Remember the gzip members of ``placement`` for the member index."""
@@ -410,7 +420,7 @@ class Writer:
         # as there are pool buffers, so that memory stays bounded.
         await self._whole_slots.acquire()
         if self.compressed:
-            self._compress_in_order(worker, chunk, self._whole_slots.release)
+            await self._compress_in_order(worker, chunk, self._whole_slots.release)
             return
         placement = self._planner.place(worker, len(chunk))
         self._nursery.start_soon(self._write_and_release_slot, placement, chunk)
