@@ -178,3 +178,34 @@ def test_without_the_extension_auto_falls_back_and_io_uring_is_refused(tmp_path)
     assert '"backend": "threads"' in auto.stdout
     info = run("info", str(tmp_path))
     assert "io_uring: unavailable" in info.stdout
+
+
+def test_outer_cancellation_with_writes_in_flight_ends(tmp_path, backend_name: str) -> None:
+    """Cancelling a scope that holds the backend itself while writes are in
+    flight: the writes finish, the backend closes, nothing hangs.  (The
+    io_uring reaper once died with the scope and left its waiters hanging.)
+    Run in a subprocess so that a regression fails by timeout, not by hanging."""
+    script = f"""
+import os, trio
+from pwriter.backends import open_backend
+
+async def main():
+    fd = os.open({str(tmp_path / "f")!r}, os.O_WRONLY | os.O_CREAT)
+    with trio.CancelScope() as outer:
+        async with open_backend({backend_name!r}, queue_depth=8) as backend:
+            backend.register(fd, "f")
+            async with trio.open_nursery() as nursery:
+                for index in range(8):
+                    nursery.start_soon(backend.write, fd, [bytes(8 << 20)], index * (8 << 20))
+                await trio.sleep(0)
+                await trio.sleep(0)
+                outer.cancel()
+            backend.unregister(fd)
+    os.close(fd)
+    print("closed")
+
+trio.run(main)
+"""
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=60)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.strip() == "closed"

@@ -177,6 +177,7 @@ class IoUringBackend:
         self._reap_result = self._ffi.new(f"int32_t[{REAP_BATCH}]")
         self._idle = trio.Event()
         self._idle.set()
+        self._reaper_scope = trio.CancelScope(shield=True)
         self._closed = False
         # statistics
         self._submissions = 0
@@ -318,6 +319,12 @@ class IoUringBackend:
                 interrupted = exc
             if self._queued:
                 self._submit()
+            while self._queued and self._queued[0] <= user_data and self._broken is None:
+                # io_uring_enter refused for now (EAGAIN, EBUSY): try again
+                # shortly; nothing else would submit if nothing is in flight.
+                with trio.CancelScope(shield=True):
+                    await trio.sleep(0.001)
+                self._submit()
             await _wait_through_interrupts(operation.done)
         finally:
             self._admit.release()
@@ -355,14 +362,21 @@ class IoUringBackend:
 
     @trio.lowlevel.enable_ki_protection
     async def reap_forever(self) -> None:
-        """Wait for completions and hand each result to its waiter; runs until cancelled."""
-        while True:
-            await trio.lowlevel.wait_readable(self._eventfd)
-            try:
-                os.eventfd_read(self._eventfd)
-            except BlockingIOError:
-                pass
-            self.drain()
+        """Wait for completions and hand each result to its waiter, until
+        :meth:`stop_reaping`.  Shielded: an outer cancellation must not stop
+        the reaper while operations are in flight, or their waiters (which
+        cannot be cancelled) would wait forever."""
+        with self._reaper_scope:
+            while True:
+                await trio.lowlevel.wait_readable(self._eventfd)
+                try:
+                    os.eventfd_read(self._eventfd)
+                except BlockingIOError:
+                    pass
+                self.drain()
+
+    def stop_reaping(self) -> None:
+        self._reaper_scope.cancel()
 
     def drain(self) -> None:
         """Reap every completion the ring holds (and any it kept aside on overflow)."""
@@ -437,7 +451,7 @@ async def open_io_uring_backend(*, queue_depth: int) -> AsyncIterator[IoUringBac
             finally:
                 with trio.CancelScope(shield=True):
                     await backend.wait_idle()
-                nursery.cancel_scope.cancel()
+                backend.stop_reaping()
     finally:
         with trio.CancelScope(shield=True):
             await backend.aclose()
