@@ -4,7 +4,8 @@ Start-up is kept light: this module imports only the standard library at
 the top; trio, pydantic and psutil are imported by the command that needs
 them.  Errors print one line, ``pwriter: error: <file>: <problem>``, and exit
 with the code documented in :mod:`pwriter.errors` (0 ok, 1 data or I/O
-error while working, 2 wrong before any data was read, 130 interrupted).
+error while working, 2 wrong before any data was read, 130 interrupted by
+SIGINT, 143 terminated by SIGTERM; in both of the last, nothing is published).
 """
 
 from __future__ import annotations
@@ -12,6 +13,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import signal
 import sys
 from collections.abc import Sequence
 from typing import Any, NoReturn
@@ -77,6 +79,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("pwriter: interrupted", file=sys.stderr)
         return 130
+    except _Terminated:
+        print("pwriter: terminated", file=sys.stderr)
+        return 143
+
+
+class _Terminated(Exception):
+    """SIGTERM arrived: the merge was cancelled and published nothing."""
 
 
 def _settings(args: argparse.Namespace) -> Any:
@@ -108,11 +117,24 @@ def _merge(args: argparse.Namespace) -> int:
     show_progress = args.progress if args.progress is not None else sys.stderr.isatty()
 
     async def run() -> Any:
+        terminated = False
+
+        async def stop_on_sigterm(scope: trio.CancelScope) -> None:
+            nonlocal terminated
+            with trio.open_signal_receiver(signal.SIGTERM) as signals:
+                async for _ in signals:
+                    terminated = True
+                    scope.cancel()  # the writer removes its temporaries as it unwinds
+                    return
+
         async with trio.open_nursery() as nursery:
+            nursery.start_soon(stop_on_sigterm, nursery.cancel_scope)
             if show_progress:
                 nursery.start_soon(_show_progress, progress)
             result = await merge(inputs, args.output, settings=settings, force=args.force, progress=progress)
             nursery.cancel_scope.cancel()
+        if terminated:
+            raise _Terminated
         return result
 
     try:

@@ -290,11 +290,14 @@ def test_error_line_has_no_traceback(tmp_path) -> None:
     assert re.match(r"pwriter: error: .*bin\.pfw: not a trace: line 1 ", done.stderr)
 
 
-def test_interrupt_exits_130_and_publishes_nothing(tmp_path, backend_name: str) -> None:
-    """Ctrl-C in the middle of a merge: exit 130, no output, no temporaries.
+@pytest.mark.parametrize(("signame", "code", "said"), [("SIGINT", 130, "interrupted"), ("SIGTERM", 143, "terminated")])
+def test_interrupt_exits_130_and_publishes_nothing(tmp_path, backend_name: str, signame: str, code: int,
+                                                   said: str) -> None:
+    """Ctrl-C (or SIGTERM) in the middle of a merge: exit 130 (143), no
+    output, no temporaries.
 
     The input is a FIFO that the test feeds, so the merge is certainly
-    running (and has its temporary file) when SIGINT arrives.
+    running (and has its temporary file) when the signal arrives.
     """
     import signal
     import time
@@ -316,13 +319,13 @@ def test_interrupt_exits_130_and_publishes_nothing(tmp_path, backend_name: str) 
             while not os.listdir(out.parent) and time.monotonic() < deadline:
                 time.sleep(0.05)
             assert os.listdir(out.parent), "the merge never started"
-            process.send_signal(signal.SIGINT)
+            process.send_signal(getattr(signal, signame))
             time.sleep(0.3)
         stdout, stderr = process.communicate(timeout=60)
     finally:
         process.kill()
-    assert process.returncode == 130, stderr
-    assert stderr.strip() == "pwriter: interrupted"
+    assert process.returncode == code, stderr
+    assert stderr.strip() == f"pwriter: {said}"
     assert os.listdir(out.parent) == []
 
 
