@@ -50,6 +50,15 @@ def _parser() -> argparse.ArgumentParser:
     merge.add_argument("--progress", action=argparse.BooleanOptionalAction, default=None,
                        help="show progress on stderr (default: when stderr is a terminal)")
 
+    merge.add_argument("--verify", action="store_true",
+                       help="after publishing, check that the output holds exactly the inputs' event lines")
+
+    verify = commands.add_parser("verify", help="check that an output holds exactly the event lines of its inputs")
+    verify.add_argument("output", metavar="OUTPUT", help="a merged trace (plain, gzip, or a sharded set)")
+    verify.add_argument("inputs", nargs="*", metavar="INPUT")
+    verify.add_argument("-d", "--directory", metavar="DIR", help="also every *.pfw and *.pfw.gz in DIR")
+    verify.add_argument("--json", action="store_true")
+
     info = commands.add_parser("info", help="show the filesystem, sizing and backends for a path")
     info.add_argument("path", metavar="PATH")
     info.add_argument("--json", action="store_true")
@@ -72,6 +81,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             return _merge(args)
         if args.command == "info":
             return _info(args)
+        if args.command == "verify":
+            return _verify(args)
         return _gen_corpus(args)
     except PwriterError as exc:
         print(f"pwriter: error: {exc}", file=sys.stderr)
@@ -142,6 +153,13 @@ def _merge(args: argparse.Namespace) -> int:
     except BaseExceptionGroup as group:
         raise _first_leaf(group) from None
     stats = result.writer
+    if args.verify:
+        return _report_verification(args.output, inputs, as_json=args.json) or _print_merge(args, settings, result)
+    return _print_merge(args, settings, result)
+
+
+def _print_merge(args: argparse.Namespace, settings: Any, result: Any) -> int:
+    stats = result.writer
     if args.json:
         report = {
             "outputs": list(stats.outputs),
@@ -180,6 +198,44 @@ def _merge(args: argparse.Namespace) -> int:
             f"merged {result.inputs} inputs, {result.events} events, {stats.bytes_written} bytes into {where} "
             f"[{stats.layout}, {stats.backend}, {stats.workers} workers] in {stats.seconds:.2f} s ({rate:.0f} MiB/s)"
         )
+    return 0
+
+
+def _verify(args: argparse.Namespace) -> int:
+    from .merge import collect_inputs
+    from .output import manifest_path, read_shard_set
+    from .verify import output_files
+
+    outputs = output_files(args.output)
+    exclude = [args.output, manifest_path(args.output), *read_shard_set(manifest_path(args.output)), *outputs]
+    inputs = collect_inputs(args.inputs, args.directory, exclude=exclude)
+    return _report_verification(args.output, inputs, as_json=args.json)
+
+
+def _report_verification(output: str, inputs: list[str], *, as_json: bool) -> int:
+    """Verify, print the result (one JSON object, or lines), return the exit code."""
+    from .verify import verify
+
+    result = verify(output, inputs)
+    if as_json:
+        print(json.dumps({
+            "verified": result.match,
+            "output_events": result.output_events,
+            "input_events": result.input_events,
+            "missing": result.missing,
+            "extra": result.extra,
+            "missing_examples": [line.decode("utf-8", "replace") for line in result.missing_examples],
+            "extra_examples": [line.decode("utf-8", "replace") for line in result.extra_examples],
+        }))
+    elif result.match:
+        print(f"verified: {output} holds exactly the {result.input_events} event lines of {len(inputs)} inputs")
+    if not result.match:
+        print(
+            f"pwriter: error: {output}: does not match its inputs: {result.output_events} event lines against "
+            f"{result.input_events}, {result.missing} missing, {result.extra} extra",
+            file=sys.stderr,
+        )
+        return 1
     return 0
 
 
