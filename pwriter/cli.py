@@ -152,13 +152,16 @@ def _merge(args: argparse.Namespace) -> int:
         result = trio.run(run, strict_exception_groups=True)
     except BaseExceptionGroup as group:
         raise _first_leaf(group) from None
-    stats = result.writer
+    checked = None
     if args.verify:
-        return _report_verification(args.output, inputs, as_json=args.json) or _print_merge(args, settings, result)
-    return _print_merge(args, settings, result)
+        from .verify import verify
+
+        checked = verify(args.output, inputs)
+    _print_merge(args, settings, result, checked)
+    return _mismatch(args.output, checked) if checked is not None else 0
 
 
-def _print_merge(args: argparse.Namespace, settings: Any, result: Any) -> int:
+def _print_merge(args: argparse.Namespace, settings: Any, result: Any, checked: Any) -> None:
     stats = result.writer
     if args.json:
         report = {
@@ -190,6 +193,8 @@ def _print_merge(args: argparse.Namespace, settings: Any, result: Any) -> int:
             "compressed": stats.compressed,
             "seconds": round(stats.seconds, 6),
         }
+        if checked is not None:
+            report["verification"] = _verification_report(checked)
         print(json.dumps(report))
     else:
         rate = stats.bytes_written / stats.seconds / (1 << 20) if stats.seconds > 0 else 0.0
@@ -198,7 +203,8 @@ def _print_merge(args: argparse.Namespace, settings: Any, result: Any) -> int:
             f"merged {result.inputs} inputs, {result.events} events, {stats.bytes_written} bytes into {where} "
             f"[{stats.layout}, {stats.backend}, {stats.workers} workers] in {stats.seconds:.2f} s ({rate:.0f} MiB/s)"
         )
-    return 0
+        if checked is not None and checked.match:
+            print(f"verified: the output holds exactly the {checked.input_events} event lines of the inputs")
 
 
 def _verify(args: argparse.Namespace) -> int:
@@ -213,30 +219,39 @@ def _verify(args: argparse.Namespace) -> int:
 
 
 def _report_verification(output: str, inputs: list[str], *, as_json: bool) -> int:
-    """Verify, print the result (one JSON object, or lines), return the exit code."""
+    """Verify, print the result (one JSON object, or a line), return the exit code."""
     from .verify import verify
 
-    result = verify(output, inputs)
+    checked = verify(output, inputs)
     if as_json:
-        print(json.dumps({
-            "verified": result.match,
-            "output_events": result.output_events,
-            "input_events": result.input_events,
-            "missing": result.missing,
-            "extra": result.extra,
-            "missing_examples": [line.decode("utf-8", "replace") for line in result.missing_examples],
-            "extra_examples": [line.decode("utf-8", "replace") for line in result.extra_examples],
-        }))
-    elif result.match:
-        print(f"verified: {output} holds exactly the {result.input_events} event lines of {len(inputs)} inputs")
-    if not result.match:
-        print(
-            f"pwriter: error: {output}: does not match its inputs: {result.output_events} event lines against "
-            f"{result.input_events}, {result.missing} missing, {result.extra} extra",
-            file=sys.stderr,
-        )
-        return 1
-    return 0
+        print(json.dumps(_verification_report(checked)))
+    elif checked.match:
+        print(f"verified: {output} holds exactly the {checked.input_events} event lines of {len(inputs)} inputs")
+    return _mismatch(output, checked)
+
+
+def _verification_report(checked: Any) -> dict[str, Any]:
+    return {
+        "verified": checked.match,
+        "output_events": checked.output_events,
+        "input_events": checked.input_events,
+        "missing": checked.missing,
+        "extra": checked.extra,
+        "missing_examples": [line.decode("utf-8", "replace") for line in checked.missing_examples],
+        "extra_examples": [line.decode("utf-8", "replace") for line in checked.extra_examples],
+    }
+
+
+def _mismatch(output: str, checked: Any) -> int:
+    """Exit code of a verification: 0, or 1 with the one-line error on stderr."""
+    if checked.match:
+        return 0
+    print(
+        f"pwriter: error: {output}: does not match its inputs: {checked.output_events} event lines against "
+        f"{checked.input_events}, {checked.missing} missing, {checked.extra} extra",
+        file=sys.stderr,
+    )
+    return 1
 
 
 def _first_leaf(group: BaseExceptionGroup[BaseException]) -> BaseException:

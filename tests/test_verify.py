@@ -27,7 +27,12 @@ def test_merge_verify_passes(corpus, tmp_path, backend_name: str, layout: str, s
     done = run_cli("merge", *corpus, "-o", str(out), "--layout", layout, "--backend", backend_name,
                    "--stripe-size", "64KiB", "--verify")
     assert done.returncode == 0, done.stderr
-    assert done.stdout.startswith("verified: ") and "400 event lines of 8 inputs" in done.stdout
+    assert "verified: the output holds exactly the 400 event lines of the inputs" in done.stdout
+    with_json = run_cli("merge", *corpus, "-o", str(out), "--force", "--layout", layout, "--backend",
+                        backend_name, "--verify", "--json")
+    assert with_json.returncode == 0, with_json.stderr
+    report = json.loads(with_json.stdout)  # one JSON object, verification included
+    assert report["verification"]["verified"] is True and report["events"] == 400
     again = run_cli("verify", str(out), *corpus, "--json")
     assert again.returncode == 0, again.stderr
     assert json.loads(again.stdout)["verified"] is True
