@@ -50,6 +50,8 @@ def _parser() -> argparse.ArgumentParser:
     merge.add_argument("--progress", action=argparse.BooleanOptionalAction, default=None,
                        help="show progress on stderr (default: when stderr is a terminal)")
 
+    merge.add_argument("--salvage", action="store_true",
+                       help="keep the complete events of inputs cut short by a crash, drop their damaged tail")
     merge.add_argument("--verify", action="store_true",
                        help="after publishing, check that the output holds exactly the inputs' event lines")
 
@@ -142,7 +144,8 @@ def _merge(args: argparse.Namespace) -> int:
             nursery.start_soon(stop_on_sigterm, nursery.cancel_scope)
             if show_progress:
                 nursery.start_soon(_show_progress, progress)
-            result = await merge(inputs, args.output, settings=settings, force=args.force, progress=progress)
+            result = await merge(inputs, args.output, settings=settings, force=args.force, progress=progress,
+                                 salvage=args.salvage)
             nursery.cancel_scope.cancel()
         if terminated:
             raise _Terminated
@@ -152,6 +155,8 @@ def _merge(args: argparse.Namespace) -> int:
         result = trio.run(run, strict_exception_groups=True)
     except BaseExceptionGroup as group:
         raise _first_leaf(group) from None
+    for path, what, _ in result.salvaged:
+        print(f"pwriter: warning: {path}: salvaged: {what}", file=sys.stderr)
     checked = None
     if args.verify:
         from .verify import verify
@@ -192,6 +197,8 @@ def _print_merge(args: argparse.Namespace, settings: Any, result: Any, checked: 
             "direct_writes": stats.direct_writes,
             "compressed": stats.compressed,
             "seconds": round(stats.seconds, 6),
+            "dropped_lines": result.dropped_lines,
+            "salvaged_inputs": [path for path, _, _ in result.salvaged],
         }
         if checked is not None:
             report["verification"] = _verification_report(checked)

@@ -120,6 +120,33 @@ def _gzip_errors() -> tuple[type[Exception], ...]:
     return (zlib.error, typing.cast(type[Exception], IsalError))
 
 
+def _readable_gzip_text(path: str, *, skip: int) -> bytes:
+    """--salvage: the text a truncated gzip file still gives, after the first
+    ``skip`` bytes (already read).  Decompresses member by member and keeps
+    the output of the cut member up to where its data stops."""
+    rest = bytearray()
+    inflater = zlib.decompressobj(wbits=31)
+
+    def keep(piece: bytes) -> None:
+        nonlocal skip
+        cut = min(skip, len(piece))
+        skip -= cut
+        rest.extend(piece[cut:])
+
+    with open(path, "rb") as handle:
+        while chunk := handle.read(1 << 20):
+            while chunk:
+                try:
+                    keep(inflater.decompress(chunk))
+                except zlib.error:
+                    return bytes(rest)
+                if not inflater.eof:
+                    break
+                chunk = inflater.unused_data
+                inflater = zlib.decompressobj(wbits=31)
+    return bytes(rest)
+
+
 class InputReader:
     """Reads one input (plain or gzip, told apart by its magic number) and
     cleans its text straight into the caller's stripe buffers.  Blocking:
@@ -132,8 +159,13 @@ class InputReader:
     ``(done, end, finished)``.
     """
 
-    def __init__(self, path: str) -> None:
+    def __init__(self, path: str, *, salvage: bool = False) -> None:
         self.path = path
+        self.salvage = salvage
+        self.damage: str | None = None  # what --salvage dropped, if anything
+        self.dropped_lines = 0
+        self._text_read = 0
+        self._recovered: bytes | None = None  # the readable rest of a truncated gzip
         try:
             self._raw = io.BufferedReader(io.FileIO(path, "rb"), buffer_size=PEEK_SIZE)
             head = self._raw.peek(2)[:2]  # no seek: pipes and FIFOs are inputs too
@@ -172,8 +204,11 @@ class InputReader:
             end += got
         if at_end:  # (so end < capacity: there is room for a newline)
             if end > done and buffer[end - 1] != 10:
-                buffer[end] = 10  # the last line had no newline
-                end += 1
+                if self.salvage:
+                    end = self._drop_damaged_tail(buffer, done, end)
+                if end > done and buffer[end - 1] != 10:
+                    buffer[end] = 10  # the last line had no newline: a complete event is kept
+                    end += 1
             done = self._cleaner.clean_in_place(buffer, done, end)
             return done, done, True
         if end == start:
@@ -208,15 +243,37 @@ class InputReader:
                 break
         return self._cleaner.feed(b"".join(parts)), rest
 
+    def _drop_damaged_tail(self, buffer: memoryview, done: int, end: int) -> int:
+        """--salvage: a last line without its newline that is not a whole
+        event was cut short by a crash; drop it (returns the new end)."""
+        start = rfind_newline(buffer, done, end) + 1 or done
+        line = bytes(buffer[start:end])
+        stripped = line.strip()
+        if stripped in (b"", b"[", b"]") or (stripped[:1] == b"{" and stripped[-1:] == b"}" and b"\x00" not in line):
+            return end
+        self.dropped_lines += 1
+        self.damage = (self.damage + "; " if self.damage else "") + f"dropped a cut last line of {len(line)} bytes"
+        return start
+
     def _read(self, size: int) -> bytes:
+        if self._recovered is not None:
+            data, self._recovered = self._recovered[:size], self._recovered[size:]
+            self._text_read += len(data)
+            return data
         try:
-            return (self._gzip or self._raw).read(size)
+            data = (self._gzip or self._raw).read(size)
         except EOFError:
-            raise self._truncated() from None
+            if not self.salvage:
+                raise self._truncated() from None
+            self._recovered = _readable_gzip_text(self.path, skip=self._text_read)
+            self.damage = "truncated gzip: kept what decompresses"
+            return self._read(size)
         except (gzip.BadGzipFile, *_gzip_errors()) as exc:  # type: ignore[misc]
             raise self._corrupt(exc) from None
         except OSError as exc:
             raise DataError(f"{self.path}: read failed: {exc.strerror or exc}") from None
+        self._text_read += len(data)
+        return data
 
     def _read_into(self, buffer: memoryview, start: int, stop: int) -> int:
         if self._gzip is not None:
@@ -250,9 +307,11 @@ class InputRun:
     progress display).
     """
 
-    def __init__(self, paths: Sequence[str], sizes: Sequence[int]) -> None:
+    def __init__(self, paths: Sequence[str], sizes: Sequence[int], *, salvage: bool = False) -> None:
         self._paths = paths
         self._sizes = sizes
+        self._salvage = salvage
+        self.salvaged: list[tuple[str, str, int]] = []  # (input, what was dropped, lines dropped)
         self._next = 0
         self.reader: InputReader | None = None
         self.files_done = 0
@@ -266,10 +325,12 @@ class InputRun:
             if self.reader is None:
                 if self._next == len(self._paths):
                     return done, end, True
-                self.reader = InputReader(self._paths[self._next])
+                self.reader = InputReader(self._paths[self._next], salvage=self._salvage)
             done, end, finished = self.reader.fill(buffer, done, end, capacity)
             if finished:
                 self.events += self.reader.events
+                if self.reader.damage:
+                    self.salvaged.append((self.reader.path, self.reader.damage, self.reader.dropped_lines))
                 self.close()
                 self.files_done += 1
                 self.bytes_done += self._sizes[self._next]
@@ -338,6 +399,12 @@ class MergeResult:
     input_bytes: int
     writer: WriterStatistics
     manifest: str | None
+    salvaged: tuple[tuple[str, str, int], ...] = ()
+    """With ``salvage``: (input, what was dropped, lines dropped) per damaged input."""
+
+    @property
+    def dropped_lines(self) -> int:
+        return sum(lines for _, _, lines in self.salvaged)
 
 
 async def merge(
@@ -348,6 +415,7 @@ async def merge(
     force: bool = False,
     progress: MergeProgress | None = None,
     readers: int | None = None,
+    salvage: bool = False,
 ) -> MergeResult:
     """Merge ``inputs`` (checked by :func:`collect_inputs`) into ``output``.
 
@@ -355,7 +423,9 @@ async def merge(
     between a ``[`` first line and a ``]`` last line; the lines of one input
     stay together and in order.  Raises :class:`InputError` /
     :class:`DataError` (and publishes nothing) when an input is damaged or a
-    read or write fails.
+    read or write fails.  With ``salvage``, the damaged tail of an input
+    cut short by a crash (a last line that is not a whole event, a gzip file
+    without its end) is dropped instead, and reported in ``salvaged``.
     """
     sizes = [os.path.getsize(path) for path in inputs]
     if progress is None:
@@ -364,7 +434,8 @@ async def merge(
         readers = max(1, min(len(inputs), 2 * (os.cpu_count() or 1)))
     limiter = trio.CapacityLimiter(readers)
     progress.runs = [
-        InputRun([inputs[i] for i in part], [sizes[i] for i in part]) for part in partition(sizes, readers)
+        InputRun([inputs[i] for i in part], [sizes[i] for i in part], salvage=salvage)
+        for part in partition(sizes, readers)
     ]
 
     async def read_run(worker: int, run: InputRun) -> None:
@@ -409,4 +480,5 @@ async def merge(
         input_bytes=sum(sizes),
         writer=writer.statistics(),
         manifest=writer.manifest,
+        salvaged=tuple(entry for run in progress.runs for entry in run.salvaged),
     )

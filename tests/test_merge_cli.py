@@ -9,6 +9,7 @@ import json
 import os
 import re
 import subprocess
+import zlib
 
 import pytest
 
@@ -399,3 +400,45 @@ def test_direct_io_refuses_unaligned_layouts(tmp_path) -> None:
     done = run_cli("merge", good_trace(tmp_path / "a.pfw"), "-o", str(tmp_path / "m.pfw"), "--direct",
                    "--layout", "striped")
     expect_failure(done, 2, "layout", "padded-striped")
+
+
+def crashed_rank_inputs(tmp_path) -> tuple[list[str], list[bytes]]:
+    """A plain trace and a gzip trace cut short mid-line (a rank killed while
+    writing), and a complete trace whose last event merely lacks its newline.
+    Returns the paths and the complete events they still hold."""
+    events = [b'{"id":%d,"pad":"%s"}' % (index, b"x" * 100) for index in range(20000)]
+    text = b"[\n" + b"".join(event + b"\n" for event in events)
+    cut_plain = text[: len(text) // 2 + 37]
+    compressed = gzip.compress(text)
+    cut_gzip = compressed[: len(compressed) * 2 // 3]
+    (tmp_path / "cut.pfw").write_bytes(cut_plain)
+    (tmp_path / "cut.pfw.gz").write_bytes(cut_gzip)
+    (tmp_path / "ok.pfw").write_bytes(b'{"ok":1}')
+    inflater = zlib.decompressobj(wbits=31)
+    readable = inflater.decompress(cut_gzip)
+    kept = [line for line in cut_plain.split(b"\n")[1:-1]] + [line for line in readable.split(b"\n")[1:-1]]
+    return [str(tmp_path / "cut.pfw"), str(tmp_path / "cut.pfw.gz"), str(tmp_path / "ok.pfw")], kept + [b'{"ok":1}']
+
+
+def test_crashed_rank_is_an_error_by_default(tmp_path) -> None:
+    paths, _ = crashed_rank_inputs(tmp_path)
+    out = tmp_path / "out" / "m.pfw"
+    out.parent.mkdir()
+    done = run_cli("merge", *paths, "-o", str(out))
+    expect_failure(done, 1, "cut.pfw", "at byte")
+    assert os.listdir(out.parent) == []
+
+
+def test_salvage_keeps_every_complete_event(tmp_path, backend_name: str) -> None:
+    paths, kept = crashed_rank_inputs(tmp_path)
+    out = tmp_path / "m.pfw"
+    done = run_cli("merge", *paths, "-o", str(out), "--salvage", "--json", "--backend", backend_name)
+    assert done.returncode == 0, done.stderr
+    report = json.loads(done.stdout)
+    assert report["salvaged_inputs"] == [paths[0], paths[1]] or sorted(report["salvaged_inputs"]) == sorted(paths[:2])
+    assert report["dropped_lines"] == 2
+    warnings = done.stderr.strip().splitlines()
+    assert len(warnings) == 2 and all(line.startswith("pwriter: warning: ") for line in warnings)
+    assert any("cut.pfw.gz" in line and "truncated gzip" in line for line in warnings)
+    assert collections.Counter(read_events(out)) == collections.Counter(kept)
+    assert report["events"] == len(kept)
