@@ -9,23 +9,23 @@ multiset of event lines, to compare the events of inputs and outputs.
 from __future__ import annotations
 
 import collections
+import dataclasses
+import errno
 import gzip
 import os
-import dataclasses
 from collections.abc import Iterable, Sequence
 from typing import TYPE_CHECKING
 
 import trio
 
-from .backends import BackendStatistics
-
+from .backends import Backend, BackendStatistics
 from .output import read_shard_set
 from .traceformat import BlockCleaner, is_gzip_magic
 
 if TYPE_CHECKING:
     from typing_extensions import Buffer
 
-__all__ = ["read_text", "read_events", "event_counter", "MemoryBackend", "RecordedWrite"]
+__all__ = ["read_text", "read_events", "event_counter", "MemoryBackend", "RecordedWrite", "FaultBackend"]
 
 
 def read_text(path: str | os.PathLike[str]) -> bytes:
@@ -120,3 +120,59 @@ class MemoryBackend:
             bytes_written=sum(len(write.data) for write in self.writes),
             fsyncs=self._fsyncs,
         )
+
+
+class FaultBackend:
+    """Wraps a real backend and makes operation number ``fail_at`` (counting
+    writes and fsyncs from 1) fail with ``OSError(error)``, like a disk that
+    fills up (ENOSPC), breaks (EIO) or loses the file (EBADF); ``delay``
+    seconds (trio clock) are added before every operation completes.
+
+    Short writes and EINTR are not injected here: every backend absorbs them
+    itself (tests/test_backends.py provokes them for real).
+    """
+
+    def __init__(self, inner: Backend, *, fail_at: int | None = None, error: int = errno.EIO,
+                 on: str = "any", delay: float = 0.0) -> None:
+        self.inner = inner
+        self.name = inner.name
+        self.fail_at = fail_at
+        self.error = error
+        self.on = on  # "any", "write" or "fsync": which operations count
+        self.delay = delay
+        self.operations = 0
+        self.failed = False
+        self._names: dict[int, str] = {}
+
+    def register(self, fd: int, name: str) -> None:
+        self._names[fd] = name
+        self.inner.register(fd, name)
+
+    def unregister(self, fd: int) -> None:
+        self.inner.unregister(fd)
+
+    def register_buffers(self, buffers: Sequence[memoryview]) -> None:
+        self.inner.register_buffers(buffers)
+
+    async def _maybe_fail(self, kind: str, fd: int) -> None:
+        if self.delay:
+            await trio.sleep(self.delay)
+        if self.on in ("any", kind):
+            self.operations += 1
+            if self.operations == self.fail_at:
+                self.failed = True
+                raise OSError(self.error, os.strerror(self.error), self._names.get(fd, f"fd {fd}"))
+
+    async def write(self, fd: int, buffers: Sequence[Buffer], offset: int) -> None:
+        await self._maybe_fail("write", fd)
+        await self.inner.write(fd, buffers, offset)
+
+    async def fsync(self, fd: int) -> None:
+        await self._maybe_fail("fsync", fd)
+        await self.inner.fsync(fd)
+
+    async def aclose(self) -> None:
+        await self.inner.aclose()
+
+    def statistics(self) -> BackendStatistics:
+        return self.inner.statistics()

@@ -10,11 +10,12 @@ import pytest
 import trio
 import trio.testing
 
-from pwriter.backends import BackendStatistics
 from pwriter.errors import UsageError, WriteError
 from pwriter.output import is_temporary_name
 from pwriter.sizing import FsInfo, FsKind
-from pwriter.testing import MemoryBackend, read_events, read_text
+from pwriter.backends import open_backend
+from pwriter.settings import load_settings
+from pwriter.testing import FaultBackend, MemoryBackend, read_events, read_text
 from pwriter.writer import open_writer
 
 LAYOUTS = ["striped", "padded-striped", "sharded"]
@@ -182,53 +183,35 @@ async def test_stale_batches_are_pushed_after_max_delay(tmp_path, settings_for, 
     assert writer.statistics().deadline_flushes == 1
 
 
-class FailingBackend:
-    """Fails the Nth write with an OSError, like a full disk."""
-
-    name = "failing"
-
-    def __init__(self, fail_at: int, error: int = errno.ENOSPC) -> None:
-        self.fail_at = fail_at
-        self.error = error
-        self.count = 0
-
-    def register(self, fd: int, name: str) -> None:
-        self.names = {fd: name}
-
-    def unregister(self, fd: int) -> None:
-        pass
-
-    def register_buffers(self, buffers) -> None:
-        pass
-
-    async def write(self, fd, buffers, offset) -> None:
-        self.count += 1
-        await trio.sleep(0)
-        if self.count >= self.fail_at:
-            raise OSError(self.error, os.strerror(self.error), "somewhere")
-        os.pwritev(fd, buffers, offset)
-
-    async def fsync(self, fd: int) -> None:
-        pass
-
-    async def aclose(self) -> None:
-        pass
-
-    def statistics(self) -> BackendStatistics:
-        return BackendStatistics(backend=self.name, writes=self.count)
-
-
-@pytest.mark.parametrize("fail_at", [1, 2, 5])
-async def test_failed_write_publishes_nothing_and_names_the_output(tmp_path, settings_for, fail_at: int) -> None:
+@pytest.mark.parametrize("error", [errno.ENOSPC, errno.EIO, errno.EBADF])
+@pytest.mark.parametrize(("on", "fail_at"), [("write", 1), ("write", 2), ("write", 5), ("fsync", 1)])
+async def test_failed_operation_publishes_nothing_and_names_the_output(
+    tmp_path, backend_name: str, error: int, on: str, fail_at: int
+) -> None:
     target = tmp_path / "out.pfw"
-    with pytest.raises(WriteError) as caught:
-        async with open_writer(str(target), settings=settings_for(stripe_size="64KiB"), fs=LOCAL,
-                               backend=FailingBackend(fail_at)) as writer:
-            async with writer.producer() as producer:
-                for n in range(20_000):
-                    await producer.send_line(b'{"n":%d}' % n)
+    settings = load_settings(backend=backend_name, stripe_size="64KiB", fsync=True)
+    async with open_backend(backend_name, queue_depth=8) as inner:
+        faulty = FaultBackend(inner, fail_at=fail_at, error=error, on=on)
+        with pytest.raises(WriteError) as caught:
+            async with open_writer(str(target), settings=settings, fs=LOCAL, backend=faulty) as writer:
+                async with writer.producer() as producer:
+                    for n in range(20_000):
+                        await producer.send_line(b'{"n":%d}' % n)
+    assert faulty.failed
     assert str(target) in str(caught.value)
-    assert "No space left on device" in str(caught.value)
-    assert caught.value.errno == errno.ENOSPC
+    assert os.strerror(error) in str(caught.value)
+    assert caught.value.errno == error
     assert not target.exists()
     assert os.listdir(tmp_path) == []
+
+
+async def test_slow_completions_still_give_a_complete_output(tmp_path, backend_name: str, autojump_clock) -> None:
+    target = tmp_path / "out.pfw"
+    settings = load_settings(backend=backend_name, stripe_size="64KiB", fsync=True, workers=2)
+    async with open_backend(backend_name, queue_depth=4) as inner:
+        slow = FaultBackend(inner, delay=3.0)
+        async with open_writer(str(target), settings=settings, fs=LOCAL, backend=slow) as writer:
+            async with writer.producer() as producer:
+                for n in range(5000):
+                    await producer.send_line(b'{"n":%d}' % n)
+    assert read_events(target) == [b'{"n":%d}' % n for n in range(5000)]
