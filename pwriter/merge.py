@@ -286,11 +286,12 @@ class InputReader:
             raise DataError(f"{self.path}: read failed: {exc.strerror or exc}") from None
 
     def _truncated(self) -> InputError:
-        return InputError(self.path, "truncated gzip: the file ends inside a compressed member "
-                          f"(after {self._cleaner.offset} bytes of text)")
+        # The offset is in the decompressed text: how far reading got.
+        return InputError(self.path, "truncated gzip: the file ends inside a compressed member",
+                          self._text_read)
 
     def _corrupt(self, exc: Exception) -> InputError:
-        return InputError(self.path, f"corrupt gzip: {exc} (after {self._cleaner.offset} bytes of text)")
+        return InputError(self.path, f"corrupt gzip: {exc}", self._text_read)
 
     def close(self) -> None:
         if self._gzip is not None:
