@@ -99,10 +99,10 @@ def collect_inputs(paths: Sequence[str], directory: str | None = None, *, exclud
 def _gzip_file(raw: io.BufferedReader[io.FileIO]) -> gzip.GzipFile:
     """A gzip reader over ``raw``: python-isal's where installed.
 
-    Measured here on a 15 MiB trace (bench notes in the README): stdlib gzip
-    0.59 GiB/s and no gain from a second thread (it reads 8 KiB at a time
-    under the GIL); zlib-ng 1.21 GiB/s, 1.8x with two threads; isal 1.46
-    GiB/s, 1.66x with two threads.  Multi-member files work with all three.
+    Chosen by ``bench/gzip_readers.py --mib 64`` on this project's 2-CPU
+    machine: stdlib gzip 0.47 GiB/s of text, zlib-ng 1.46, python-isal 2.25
+    (each 1.7 to 1.9 times that with two threads).  Multi-member files work
+    with all three.
     """
     try:
         from isal import igzip

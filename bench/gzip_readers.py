@@ -1,0 +1,73 @@
+"""Which gzip reader for the merge: stdlib gzip, python-isal or zlib-ng.
+
+    .venv/bin/python bench/gzip_readers.py [--mib 64]
+
+Compresses ``--mib`` MiB of generated trace text (zlib level 6, as tracers
+do), then reads it back 4 MiB at a time with each library's GzipFile: best of
+three in one thread, and the speed-up of two threads reading two copies at
+once (1.0 = the library holds the GIL).  Not run in CI; needs
+``pip install zlib-ng`` for the zlib-ng row (isal is a dependency).
+"""
+
+from __future__ import annotations
+
+import argparse
+import gzip
+import io
+import threading
+import time
+
+from pwriter.corpus import events
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--mib", type=int, default=64)
+    args = parser.parse_args()
+    lines, size, rank = [], 0, 0
+    while size < args.mib << 20:
+        for line in events(rank, 10_000):
+            lines.append(line + b"\n")
+            size += len(line) + 1
+        rank += 1
+    raw = gzip.compress(b"".join(lines), compresslevel=6)
+    readers = {"gzip (stdlib)": gzip}
+    try:
+        from isal import igzip
+
+        readers["python-isal"] = igzip
+    except ImportError:
+        pass
+    try:
+        from zlib_ng import gzip_ng
+
+        readers["zlib-ng"] = gzip_ng
+    except ImportError:
+        pass
+    print(f"{size / 2**20:.0f} MiB of text, {len(raw) / 2**20:.0f} MiB of gzip")
+    print(f"{'reader':<16} {'GiB/s':>7} {'2 threads':>10}")
+    for name, module in readers.items():
+        def work() -> None:
+            reader = module.GzipFile(fileobj=io.BytesIO(raw))
+            while reader.read(4 << 20):
+                pass
+
+        one = min(_timed(work) for _ in range(3))
+        threads = [threading.Thread(target=work) for _ in range(2)]
+        start = time.perf_counter()
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join()
+        two = time.perf_counter() - start
+        print(f"{name:<16} {size / one / 2**30:7.2f} {2 * one / two:10.2f}")
+
+
+def _timed(work) -> float:  # type: ignore[no-untyped-def]
+    start = time.perf_counter()
+    work()
+    return time.perf_counter() - start
+
+
+if __name__ == "__main__":
+    main()
