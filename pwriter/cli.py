@@ -121,6 +121,7 @@ def _merge(args: argparse.Namespace) -> int:
 
     from .merge import MergeProgress, collect_inputs, merge
     from .output import manifest_path, read_shard_set
+    from .writer import first_error
 
     settings = _settings(args)
     manifest = manifest_path(args.output)
@@ -154,7 +155,7 @@ def _merge(args: argparse.Namespace) -> int:
     try:
         result = trio.run(run, strict_exception_groups=True)
     except BaseExceptionGroup as group:
-        raise _first_leaf(group) from None
+        raise first_error(group) from None
     for path, what, _ in result.salvaged:
         print(f"pwriter: warning: {path}: salvaged: {what}", file=sys.stderr)
     checked = None
@@ -259,13 +260,6 @@ def _mismatch(output: str, checked: Any) -> int:
         file=sys.stderr,
     )
     return 1
-
-
-def _first_leaf(group: BaseExceptionGroup[BaseException]) -> BaseException:
-    first: BaseException = group
-    while isinstance(first, BaseExceptionGroup):
-        first = first.exceptions[0]
-    return first
 
 
 async def _show_progress(progress: Any) -> None:

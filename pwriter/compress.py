@@ -13,10 +13,12 @@ from __future__ import annotations
 import gzip
 from typing import TYPE_CHECKING, Any
 
+from .traceformat import count_newlines
+
 if TYPE_CHECKING:
     from typing_extensions import Buffer
 
-__all__ = ["gzip_member", "count_lines", "MemberBuilder"]
+__all__ = ["gzip_member", "MemberBuilder"]
 
 
 def gzip_member(data: Buffer, level: int) -> bytes:
@@ -26,13 +28,6 @@ def gzip_member(data: Buffer, level: int) -> bytes:
     except ImportError:
         return gzip.compress(bytes(data), compresslevel=max(1, level), mtime=0)
     return igzip.compress(data, compresslevel=min(level, 3), mtime=0)
-
-
-def count_lines(data: memoryview) -> int:
-    """Newlines in ``data``."""
-    from .traceformat import count_newlines
-
-    return count_newlines(data)
 
 
 class MemberBuilder:
@@ -70,7 +65,7 @@ class MemberBuilder:
     def feed(self, data: memoryview, target: int) -> tuple[bytes, int, int] | None:
         self._parts.append(self._compressor.compress(data))
         self.text += data.nbytes
-        self.lines += count_lines(data)
+        self.lines += count_newlines(data)
         if self.text * self.ratio >= target:
             return self.finish()
         return None

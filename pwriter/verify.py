@@ -20,10 +20,10 @@ import os
 from collections.abc import Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 
+from . import traceformat
 from .errors import UsageError
 from .merge import InputReader
 from .output import manifest_path, read_shard_set
-from . import traceformat
 
 __all__ = ["VerifyResult", "verify", "output_files"]
 

@@ -33,14 +33,15 @@ import trio
 
 from .backends import Backend, BackendStatistics, open_backend
 from .channels import DEFAULT_BATCH_BYTES, BufferPool, Coalescer, Producer
+from .compress import MemberBuilder, gzip_member
 from .errors import WriteError
-from .compress import MemberBuilder, count_lines, gzip_member
 from .layout import GZIP_MIN_PADDING, Placement, Planner, gzip_padding, make_planner, plain_padding
 from .output import OutputSet, member_index_path
 from .settings import Settings, load_settings
 from .sizing import FsInfo, Sizing, plan_sizing
+from .traceformat import count_newlines
 
-__all__ = ["Writer", "WriterStatistics", "open_writer", "plan", "HEADER", "FOOTER"]
+__all__ = ["Writer", "WriterStatistics", "open_writer", "plan", "first_error", "HEADER", "FOOTER"]
 
 HEADER = b"[\n"
 FOOTER = b"]\n"
@@ -565,7 +566,7 @@ async def open_writer(
                     for fd in output.fds + output.direct_fds:
                         io.unregister(fd)
         except BaseExceptionGroup as group:
-            raise _first_error(group) from None
+            raise first_error(group) from None
         sidecars = {member_index_path(target): json.dumps(writer.member_index()).encode()} if compress else {}
         output.publish(fsync=settings.fsync, sidecars=sidecars)
         writer.published = True
@@ -577,10 +578,10 @@ async def open_writer(
 
 
 def _compress_chunk(text: memoryview, level: int) -> tuple[bytes, int]:
-    return gzip_member(text, level), count_lines(text)
+    return gzip_member(text, level), count_newlines(text)
 
 
-def _first_error(group: BaseExceptionGroup[BaseException]) -> BaseException:
+def first_error(group: BaseExceptionGroup[BaseException]) -> BaseException:
     """The exception to raise for a group: the first that is not Cancelled."""
     leaves: list[BaseException] = []
 

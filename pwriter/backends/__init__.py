@@ -44,6 +44,7 @@ if TYPE_CHECKING:
 
 __all__ = [
     "Backend",
+    "BackendCounters",
     "BackendStatistics",
     "BackendUnavailable",
     "BACKEND_NAMES",
@@ -81,6 +82,24 @@ class BackendStatistics:
     @property
     def ops_per_enter(self) -> float:
         return self.submissions / self.enter_calls if self.enter_calls else 0.0
+
+
+@dataclasses.dataclass
+class BackendCounters:
+    """The running counters of one backend; :meth:`snapshot` freezes them."""
+
+    writes: int = 0
+    bytes_written: int = 0
+    short_writes: int = 0
+    interrupted: int = 0
+    fsyncs: int = 0
+    most_in_flight: int = 0
+    submissions: int = 0
+    enter_calls: int = 0
+    fixed_buffer_writes: int = 0
+
+    def snapshot(self, backend: str) -> BackendStatistics:
+        return BackendStatistics(backend=backend, **dataclasses.asdict(self))
 
 
 class Backend(Protocol):

@@ -71,7 +71,7 @@ from typing import TYPE_CHECKING, Any
 
 import trio
 
-from . import BackendStatistics, BackendUnavailable, byte_views, consume
+from . import BackendCounters, BackendStatistics, BackendUnavailable, byte_views, consume
 
 if TYPE_CHECKING:
     from typing_extensions import Buffer
@@ -179,16 +179,7 @@ class IoUringBackend:
         self._idle.set()
         self._reaper_scope = trio.CancelScope(shield=True)
         self._closed = False
-        # statistics
-        self._submissions = 0
-        self._enter_calls = 0
-        self._writes = 0
-        self._fixed_writes = 0
-        self._bytes = 0
-        self._short = 0
-        self._interrupted = 0
-        self._fsyncs = 0
-        self._most_in_flight = 0
+        self._counts = BackendCounters()
 
     # -- files and buffers -------------------------------------------------
 
@@ -244,16 +235,16 @@ class IoUringBackend:
             result = await self._operate(functools.partial(self._prep_write, fd, views, offset))
             if result < 0:
                 if -result == errno.EINTR or -result == errno.EAGAIN:
-                    self._interrupted += 1
+                    self._counts.interrupted += 1
                     continue
                 raise OSError(-result, f"write of {wanted} bytes at offset {offset} failed: {os.strerror(-result)}",
                               name)
-            self._bytes += result
+            self._counts.bytes_written += result
             if result == wanted:
                 return
             if result == 0:
                 raise OSError(errno.EIO, f"write of {wanted} bytes at offset {offset} wrote nothing", name)
-            self._short += 1
+            self._counts.short_writes += 1
             offset += result
             consume(views, result)
             await trio.lowlevel.checkpoint_if_cancelled()
@@ -263,7 +254,7 @@ class IoUringBackend:
         result = await self._operate(functools.partial(self._prep_fsync, fd))
         if result < 0:
             raise OSError(-result, f"fsync failed: {os.strerror(-result)}", self._names.get(fd, f"fd {fd}"))
-        self._fsyncs += 1
+        self._counts.fsyncs += 1
 
     def _target(self, fd: int) -> tuple[int, int]:
         slot = self._file_slot.get(fd)
@@ -271,12 +262,12 @@ class IoUringBackend:
 
     def _prep_write(self, fd: int, views: list[memoryview], offset: int, user_data: int) -> tuple[int, object]:
         target, fixed_file = self._target(fd)
-        self._writes += 1
+        self._counts.writes += 1
         handles = [self._ffi.from_buffer(view) for view in views]
         if len(views) == 1 and self.fixed_buffers:
             index = self._fixed_index(self._address(handles[0]), views[0].nbytes)
             if index >= 0:
-                self._fixed_writes += 1
+                self._counts.fixed_buffer_writes += 1
                 rc = self._lib.pw_prep_write_fixed(self._ring, target, fixed_file, handles[0], views[0].nbytes,
                                                    offset, index, user_data)
                 return rc, (handles, views)
@@ -308,8 +299,8 @@ class IoUringBackend:
         self._operations[user_data] = operation
         self._idle = trio.Event() if self._idle.is_set() else self._idle
         self._queued.append(user_data)
-        self._submissions += 1
-        self._most_in_flight = max(self._most_in_flight, len(self._operations))
+        self._counts.submissions += 1
+        self._counts.most_in_flight = max(self._counts.most_in_flight, len(self._operations))
         interrupted: BaseException | None = None
         try:
             # Let the other ready tasks prep theirs, then submit them all at once.
@@ -342,7 +333,7 @@ class IoUringBackend:
         so the kernel never sees the buffers they name).
         """
         rc = self._lib.io_uring_submit(self._ring)
-        self._enter_calls += 1
+        self._counts.enter_calls += 1
         if rc >= 0:
             for _ in range(min(rc, len(self._queued))):
                 self._queued.popleft()
@@ -423,18 +414,7 @@ class IoUringBackend:
         await trio.lowlevel.checkpoint()
 
     def statistics(self) -> BackendStatistics:
-        return BackendStatistics(
-            backend=self.name,
-            writes=self._writes,
-            bytes_written=self._bytes,
-            short_writes=self._short,
-            interrupted=self._interrupted,
-            fsyncs=self._fsyncs,
-            most_in_flight=self._most_in_flight,
-            submissions=self._submissions,
-            enter_calls=self._enter_calls,
-            fixed_buffer_writes=self._fixed_writes,
-        )
+        return self._counts.snapshot(self.name)
 
 
 @asynccontextmanager

@@ -21,7 +21,7 @@ from typing import TYPE_CHECKING
 
 import trio
 
-from . import BackendStatistics, byte_views, consume
+from . import BackendCounters, BackendStatistics, byte_views, consume
 
 if TYPE_CHECKING:
     from typing_extensions import Buffer
@@ -75,13 +75,8 @@ class ThreadBackend:
     def __init__(self, *, queue_depth: int) -> None:
         self._limiter = trio.CapacityLimiter(max(1, queue_depth))
         self._names: dict[int, str] = {}
-        self._writes = 0
-        self._bytes = 0
-        self._short = 0
-        self._interrupted = 0
-        self._fsyncs = 0
+        self._counts = BackendCounters()
         self._in_flight = 0
-        self._most_in_flight = 0
         self._closed = False
 
     def register(self, fd: int, name: str) -> None:
@@ -98,16 +93,16 @@ class ThreadBackend:
             raise RuntimeError("backend is closed")
         name = self._names.get(fd, f"fd {fd}")
         self._in_flight += 1
-        self._most_in_flight = max(self._most_in_flight, self._in_flight)
+        self._counts.most_in_flight = max(self._counts.most_in_flight, self._in_flight)
         counts = WriteCounts()
         try:
             await trio.to_thread.run_sync(pwritev_fully, fd, buffers, offset, name, counts, limiter=self._limiter)
         finally:
             self._in_flight -= 1
-            self._writes += counts.calls
-            self._short += counts.short
-            self._interrupted += counts.interrupted
-            self._bytes += counts.written
+            self._counts.writes += counts.calls
+            self._counts.short_writes += counts.short
+            self._counts.interrupted += counts.interrupted
+            self._counts.bytes_written += counts.written
 
     async def fsync(self, fd: int) -> None:
         name = self._names.get(fd, f"fd {fd}")
@@ -115,18 +110,10 @@ class ThreadBackend:
             await trio.to_thread.run_sync(os.fsync, fd, limiter=self._limiter)
         except OSError as exc:
             raise OSError(exc.errno, f"fsync failed: {exc.strerror}", name) from None
-        self._fsyncs += 1
+        self._counts.fsyncs += 1
 
     async def aclose(self) -> None:
         self._closed = True
 
     def statistics(self) -> BackendStatistics:
-        return BackendStatistics(
-            backend=self.name,
-            writes=self._writes,
-            bytes_written=self._bytes,
-            short_writes=self._short,
-            interrupted=self._interrupted,
-            fsyncs=self._fsyncs,
-            most_in_flight=self._most_in_flight,
-        )
+        return self._counts.snapshot(self.name)
