@@ -128,6 +128,7 @@ class Producer:
         pending.append(line)
         self._pending_bytes += len(line)
         if self._pending_bytes >= self._batch_bytes:
+            del pending  # (so that flush can drop the line objects while it waits)
             await self.flush()
 
     async def send_lines(self, lines: Iterable[bytes]) -> None:
@@ -140,6 +141,7 @@ class Producer:
                 line += NEWLINE
             pending.append(line)
             self._pending_bytes += len(line)
+        del pending
         if self._pending_bytes >= self._batch_bytes:
             await self.flush()
 
@@ -163,6 +165,9 @@ class Producer:
         if not self._pending:
             return
         block = b"".join(self._pending)
+        # What waits for room is the block, not also the line objects it was
+        # made of: a waiting producer holds one batch of memory, not two.
+        self._pending = [block]
         self._sending = True
         try:
             await self._channel.send(block)

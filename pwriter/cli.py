@@ -119,7 +119,7 @@ def _settings(args: argparse.Namespace) -> Any:
 def _merge(args: argparse.Namespace) -> int:
     import trio
 
-    from .merge import MergeProgress, collect_inputs, merge
+    from .merge import MergeProgress, collect_inputs, input_size, merge
     from .output import manifest_path, read_shard_set
     from .writer import first_error
 
@@ -127,7 +127,7 @@ def _merge(args: argparse.Namespace) -> int:
     manifest = manifest_path(args.output)
     exclude = [args.output, manifest, *read_shard_set(manifest)]
     inputs = collect_inputs(args.inputs, args.directory, exclude=exclude)
-    progress = MergeProgress(total_input_bytes=sum(os.path.getsize(path) for path in inputs))
+    progress = MergeProgress(total_input_bytes=sum(input_size(path) for path in inputs))
     show_progress = args.progress if args.progress is not None else sys.stderr.isatty()
 
     async def run() -> Any:

@@ -29,7 +29,8 @@ from .settings import Settings
 from .traceformat import BlockCleaner, is_gzip_magic, rfind_newline
 from .writer import WriterStatistics, open_writer
 
-__all__ = ["MergeResult", "MergeProgress", "collect_inputs", "merge", "partition", "InputReader", "InputRun"]
+__all__ = ["MergeResult", "MergeProgress", "collect_inputs", "merge", "partition", "InputReader", "InputRun",
+           "input_size"]
 
 PEEK_SIZE = 64 << 10
 TRACE_SUFFIXES = (".pfw", ".pfw.gz")
@@ -147,6 +148,14 @@ def _readable_gzip_text(path: str, *, skip: int) -> bytes:
     return bytes(rest)
 
 
+def input_size(path: str) -> int:
+    """The size of an input now; :class:`DataError` if it has vanished since it was collected."""
+    try:
+        return os.path.getsize(path)
+    except OSError as exc:
+        raise DataError(f"{path}: the input vanished before it was read: {exc.strerror}") from None
+
+
 class InputReader:
     """Reads one input (plain or gzip, told apart by its magic number) and
     cleans its text straight into the caller's stripe buffers.  Blocking:
@@ -159,9 +168,10 @@ class InputReader:
     ``(done, end, finished)``.
     """
 
-    def __init__(self, path: str, *, salvage: bool = False) -> None:
+    def __init__(self, path: str, *, salvage: bool = False, size: int = 0) -> None:
         self.path = path
         self.salvage = salvage
+        self.size = size  # bytes when the merge began: reading fewer means it shrank
         self.damage: str | None = None  # what --salvage dropped, if anything
         self.dropped_lines = 0
         self._text_read = 0
@@ -203,6 +213,9 @@ class InputReader:
                 break
             end += got
         if at_end:  # (so end < capacity: there is room for a newline)
+            if self.raw_offset < self.size:
+                raise DataError(f"{self.path}: the input shrank while it was read ({self.size} bytes when the "
+                                f"merge began, {self.raw_offset} at the end)")
             if end > done and buffer[end - 1] != 10:
                 if self.salvage:
                     end = self._drop_damaged_tail(buffer, done, end)
@@ -326,7 +339,8 @@ class InputRun:
             if self.reader is None:
                 if self._next == len(self._paths):
                     return done, end, True
-                self.reader = InputReader(self._paths[self._next], salvage=self._salvage)
+                self.reader = InputReader(self._paths[self._next], salvage=self._salvage,
+                                          size=self._sizes[self._next])
             done, end, finished = self.reader.fill(buffer, done, end, capacity)
             if finished:
                 self.events += self.reader.events
@@ -428,7 +442,7 @@ async def merge(
     cut short by a crash (a last line that is not a whole event, a gzip file
     without its end) is dropped instead, and reported in ``salvaged``.
     """
-    sizes = [os.path.getsize(path) for path in inputs]
+    sizes = [input_size(path) for path in inputs]
     if progress is None:
         progress = MergeProgress(total_input_bytes=sum(sizes))
     if readers is None:

@@ -7,8 +7,13 @@ into place and fsyncs the directory.  A sharded output is published shard by
 shard, then its manifest ``<output>.shards`` (the shard names in read order,
 one per line) is published last: the manifest is the commit point of the set.
 
-Temporary names look like ``.<name>.pwriter-<pid>-<random>.tmp``: hidden,
-recognisable, and never matching ``*.pfw`` or ``*.pfw.gz``.
+Temporary names look like ``.<name>.pwriter-<host>-<pid>-<random>.tmp``:
+hidden, recognisable, and never matching ``*.pfw`` or ``*.pfw.gz``.  A
+process killed outright (SIGKILL, a node crash) leaves its temporaries
+behind; the next output to the same name removes those whose process, on
+this host, is gone (:func:`remove_stale_temporaries`), and ``merge -d``
+never reads them.  A temporary gets the target's final permissions: those
+of the file it replaces (``force``), else the umask's.
 """
 
 from __future__ import annotations
@@ -16,11 +21,13 @@ from __future__ import annotations
 import errno
 import os
 import secrets
+import stat as stat_module
 from collections.abc import Iterable, Sequence
 
 from .errors import UsageError, WriteError
 
-__all__ = ["OutputSet", "shard_paths", "manifest_path", "member_index_path", "is_temporary_name", "TEMP_MARKER"]
+__all__ = ["OutputSet", "shard_paths", "manifest_path", "member_index_path", "is_temporary_name",
+           "remove_stale_temporaries", "TEMP_MARKER"]
 
 TEMP_MARKER = ".pwriter-"
 _TRACE_SUFFIXES = (".pfw.gz", ".pfw", ".gz", ".json", ".jsonl", ".txt")
@@ -57,9 +64,72 @@ def is_temporary_name(name: str) -> bool:
     return base.startswith(".") and TEMP_MARKER in base and base.endswith(".tmp")
 
 
+def _host() -> str:
+    return os.uname().nodename.replace("/", "_") or "localhost"
+
+
 def _temporary_name(target: str) -> str:
     directory, name = os.path.split(target)
-    return os.path.join(directory, f".{name}{TEMP_MARKER}{os.getpid()}-{secrets.token_hex(4)}.tmp")
+    return os.path.join(directory, f".{name}{TEMP_MARKER}{_host()}-{os.getpid()}-{secrets.token_hex(4)}.tmp")
+
+
+def _process_is_gone(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return True
+    except OSError:  # it exists (EPERM: someone else's)
+        return False
+    return False
+
+
+def remove_stale_temporaries(target: str) -> list[str]:
+    """Remove the temporaries of ``target`` left by pwriter processes of
+    this host that no longer run (killed before they could clean up);
+    returns the names removed.  Temporaries of live processes and of other
+    hosts (shared storage) are left alone."""
+    directory, name = os.path.split(os.path.abspath(target))
+    prefix = f".{name}{TEMP_MARKER}{_host()}-"
+    removed: list[str] = []
+    try:
+        names = os.listdir(directory)
+    except OSError:
+        return removed
+    for entry in names:
+        if not (entry.startswith(prefix) and entry.endswith(".tmp")):
+            continue
+        pid, _, _ = entry[len(prefix) : -len(".tmp")].partition("-")
+        if pid.isdigit() and int(pid) != os.getpid() and _process_is_gone(int(pid)):
+            path = os.path.join(directory, entry)
+            _unlink_quietly(path)
+            removed.append(path)
+    return removed
+
+
+def _create_exclusively(target: str, flags: int = 0) -> tuple[str, int]:
+    """A new temporary file beside ``target`` (never through an existing
+    name or a planted symlink: ``O_EXCL``), with the target's final
+    permissions; returns its name and descriptor."""
+    try:
+        mode: int | None = stat_module.S_IMODE(os.stat(target).st_mode)
+    except OSError:
+        mode = None
+    for attempts_left in reversed(range(8)):  # a random name taken: take another
+        temporary = _temporary_name(target)
+        try:
+            fd = os.open(temporary, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC | flags, 0o666)
+            break
+        except FileExistsError:
+            if not attempts_left:
+                raise
+    if mode is not None:
+        try:
+            os.fchmod(fd, mode)
+        except OSError:
+            os.close(fd)
+            _unlink_quietly(temporary)
+            raise
+    return temporary, fd
 
 
 def _same_file(a: os.stat_result, b: os.stat_result) -> bool:
@@ -119,10 +189,11 @@ class OutputSet:
         With ``direct``, each file also gets a second descriptor opened with
         O_DIRECT (:attr:`direct_fds`), for the writes that are aligned.
         """
+        for name in self.names:
+            remove_stale_temporaries(name)
         try:
             for target in self.targets:
-                temporary = _temporary_name(target)
-                fd = os.open(temporary, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o666)
+                temporary, fd = _create_exclusively(target)
                 self.temporaries.append(temporary)
                 self.fds.append(fd)
                 if direct:
@@ -199,8 +270,7 @@ class OutputSet:
 
     def _write_small(self, name: str, content: bytes, *, fsync: bool) -> None:
         """Publish a small file (manifest, index) through a temporary of its own."""
-        temporary = _temporary_name(name)
-        fd = os.open(temporary, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o666)
+        temporary, fd = _create_exclusively(name)
         try:
             os.write(fd, content)
             if fsync:

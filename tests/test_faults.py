@@ -1,0 +1,353 @@
+"""Real faults, odd inputs, load and the safety of paths (not injected:
+full disks, read-only directories, inputs that change under the merge,
+descriptor limits, thousands of producers)."""
+
+from __future__ import annotations
+
+import collections
+import contextlib
+import gzip
+import json
+import os
+import resource
+import stat
+import subprocess
+import sys
+from collections.abc import Iterator
+
+import pytest
+
+from conftest import BIN, run_cli
+from pwriter.corpus import write_corpus
+from pwriter.errors import DataError
+from pwriter.output import is_temporary_name
+from pwriter.testing import event_counter, read_events
+
+LAYOUTS = ["striped", "padded-striped", "sharded"]
+
+
+def published(path, layout: str) -> str:
+    return f"{path}.shards" if layout == "sharded" else str(path)
+
+
+def one_error_line(done: subprocess.CompletedProcess[str], code: int, *needles: str) -> str:
+    assert done.returncode == code, (done.returncode, done.stdout, done.stderr)
+    lines = done.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("pwriter: error: "), done.stderr
+    for needle in needles:
+        assert needle in lines[0], lines[0]
+    return lines[0]
+
+
+@contextlib.contextmanager
+def mounted_tmpfs(path, options: str) -> Iterator[str]:
+    """A tmpfs of our own at ``path`` (root only: the test is skipped otherwise)."""
+    if os.geteuid() != 0:
+        pytest.skip("mounting a tmpfs needs root")
+    os.makedirs(path)
+    done = subprocess.run(["mount", "-t", "tmpfs", "-o", options, "tmpfs", str(path)], capture_output=True,
+                          text=True)
+    if done.returncode != 0:
+        pytest.skip(f"cannot mount a tmpfs here: {done.stderr.strip()}")
+    try:
+        yield str(path)
+    finally:
+        subprocess.run(["umount", "-l", str(path)], check=True)
+
+
+# -- inputs that are odd but valid -------------------------------------------------
+
+QUIRKS: dict[str, tuple[bytes, list[bytes]]] = {
+    # name: (file content before any compression, the event lines it holds)
+    "crlf.pfw": (b'[\r\n{"id":1,"name":"crlf"}\r\n{"id":2,"name":"crlf"}\r\n]\r\n',
+                 [b'{"id":1,"name":"crlf"}', b'{"id":2,"name":"crlf"}']),
+    "bom.pfw": (b'\xef\xbb\xbf[\n{"id":3,"name":"bom"}\n]\n', [b'{"id":3,"name":"bom"}']),
+    "bom-ndjson.pfw": (b'\xef\xbb\xbf{"id":4,"name":"bom-ndjson"}\n', [b'{"id":4,"name":"bom-ndjson"}']),
+    "no-final-newline.pfw": (b'{"id":5,"name":"last"}\n{"id":6,"name":"last"}', [b'{"id":5,"name":"last"}',
+                                                                                  b'{"id":6,"name":"last"}']),
+    "empty.pfw": (b"", []),
+    "empty.pfw.gz": (b"", []),
+    "brackets-only.pfw": (b"[\n]\n", []),
+    "brackets-one-line.pfw.gz": (b"[\n]", []),
+    "blank-lines.pfw": (b'\n\n[\n\n  {"id":7,"name":"blank"}\n\n]\n\n', [b'{"id":7,"name":"blank"}']),
+    "crlf-bom.pfw.gz": (b'\xef\xbb\xbf[\r\n  {"id":8,"name":"gz"}\r\n]', [b'{"id":8,"name":"gz"}']),
+}
+
+
+def write_quirks(directory) -> collections.Counter[bytes]:
+    expected: collections.Counter[bytes] = collections.Counter()
+    for name, (text, events) in QUIRKS.items():
+        data = gzip.compress(text) if name.endswith(".gz") else text
+        (directory / name).write_bytes(data)
+        expected.update(events)
+    # Several gzip members in one file (as `cat a.gz b.gz` makes).
+    members = [b'[\n{"id":9,"name":"m1"}\n', b'{"id":10,"name":"m2"}\n', b"]\n"]
+    (directory / "multi-member.pfw.gz").write_bytes(b"".join(gzip.compress(part) for part in members))
+    expected.update([b'{"id":9,"name":"m1"}', b'{"id":10,"name":"m2"}'])
+    return expected
+
+
+@pytest.mark.parametrize("layout", LAYOUTS)
+def test_odd_but_valid_inputs(tmp_path, backend_name: str, layout: str) -> None:
+    """CRLF, a UTF-8 BOM, no final newline, empty files, files of only `[`
+    and `]`, blank lines and multi-member gzip: every event, nothing else."""
+    inputs = tmp_path / "in"
+    inputs.mkdir()
+    expected = write_quirks(inputs)
+    out = tmp_path / "merged.pfw"
+    done = run_cli("merge", "-d", str(inputs), "-o", str(out), "--layout", layout, "--backend", backend_name,
+                   "--json")
+    assert done.returncode == 0, done.stderr
+    assert json.loads(done.stdout)["events"] == sum(expected.values()) == 10
+    assert collections.Counter(read_events(published(out, layout))) == expected
+
+
+# -- real faults of the output side -------------------------------------------------
+
+
+def test_full_disk_publishes_nothing(tmp_path, backend_name: str) -> None:
+    """A tmpfs of 4 MiB, a merge of 12 MiB: exit 1 naming the output and
+    ENOSPC's message; the directory holds only the file that was there."""
+    inputs = tmp_path / "in"
+    write_corpus(str(inputs), files=8, events_per_file=5000, seed=3)
+    with mounted_tmpfs(tmp_path / "small", "size=4m") as small:
+        keep = os.path.join(small, "keep.txt")
+        with open(keep, "wb") as handle:
+            handle.write(b"mine")
+        out = os.path.join(small, "merged.pfw")
+        done = run_cli("merge", "-d", str(inputs), "-o", out, "--backend", backend_name)
+        one_error_line(done, 1, out, "No space left on device")
+        assert os.listdir(small) == ["keep.txt"]
+        with open(keep, "rb") as handle:
+            assert handle.read() == b"mine"
+
+
+def test_read_only_output_directory(tmp_path, backend_name: str) -> None:
+    """An output directory that cannot be written: exit 1 naming the
+    output, nothing created.  As root, a read-only mount (root ignores file
+    modes); otherwise a directory of mode 0555."""
+    source = tmp_path / "a.pfw"
+    source.write_bytes(b'{"id":1}\n')
+    if os.geteuid() == 0:
+        context: contextlib.AbstractContextManager[str] = mounted_tmpfs(tmp_path / "ro", "ro,size=1m")
+        needle = "Read-only file system"
+    else:
+        (tmp_path / "ro").mkdir(mode=0o555)
+        context, needle = contextlib.nullcontext(str(tmp_path / "ro")), "Permission denied"
+    with context as directory:
+        out = os.path.join(directory, "merged.pfw")
+        done = run_cli("merge", str(source), "-o", out, "--backend", backend_name)
+        one_error_line(done, 1, out, needle)
+        assert os.listdir(directory) == []
+
+
+def test_file_size_limit_publishes_nothing(tmp_path, backend_name: str) -> None:
+    """RLIMIT_FSIZE below the output's size: the write fails with EFBIG
+    (SIGXFSZ ignored, as a batch system's limit would be), exit 1, no output."""
+    inputs = tmp_path / "in"
+    write_corpus(str(inputs), files=4, events_per_file=5000, seed=4)
+    out = tmp_path / "out"
+    out.mkdir()
+
+    def limit() -> None:
+        import signal
+
+        signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
+        resource.setrlimit(resource.RLIMIT_FSIZE, (1 << 20, 1 << 20))
+
+    done = subprocess.run([os.path.join(BIN, "pwriter"), "merge", "-d", str(inputs), "-o", str(out / "m.pfw"),
+                           "--backend", backend_name], capture_output=True, text=True, preexec_fn=limit,
+                          timeout=300)
+    one_error_line(done, 1, str(out / "m.pfw"), "File too large")
+    assert os.listdir(out) == []
+
+
+# -- inputs that change under the merge ---------------------------------------------
+
+
+async def merge_in_process(inputs: list[str], output: str, backend_name: str) -> None:
+    from pwriter.merge import merge
+    from pwriter.settings import load_settings
+
+    await merge(inputs, output, settings=load_settings(backend=backend_name, fsync=False))
+
+
+@pytest.mark.parametrize("change", ["shrinks", "vanishes-before-open", "vanishes-before-start"])
+async def test_input_that_changes_under_the_merge(tmp_path, backend_name: str, change: str,
+                                                  monkeypatch: pytest.MonkeyPatch) -> None:
+    """An input truncated after the merge measured it, or deleted before it
+    is opened: a DataError (exit 1) naming it, and no output."""
+    import pwriter.merge
+
+    inputs = write_corpus(str(tmp_path / "in"), files=3, events_per_file=2000, seed=5)
+    victim = inputs[2]  # plain (rank_2.pfw)
+    out = tmp_path / "out"
+    out.mkdir()
+    real_reader = pwriter.merge.InputReader
+
+    def reader(path: str, **kwargs: object) -> pwriter.merge.InputReader:
+        if path == victim and change == "shrinks":
+            os.truncate(path, os.path.getsize(path) // 2)
+        elif path == victim and change == "vanishes-before-open":
+            os.unlink(path)
+        return real_reader(path, **kwargs)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(pwriter.merge, "InputReader", reader)
+    if change == "vanishes-before-start":
+        os.unlink(victim)
+    with pytest.raises(DataError) as raised:
+        await merge_in_process(inputs, str(out / "m.pfw"), backend_name)
+    message = str(raised.value)
+    assert message.startswith(victim) and "\n" not in message
+    assert {"shrinks": "shrank while it was read", "vanishes-before-open": "No such file",
+            "vanishes-before-start": "vanished"}[change] in message
+    assert os.listdir(out) == []
+
+
+# -- load ----------------------------------------------------------------------------
+
+
+def test_ten_thousand_inputs_with_256_descriptors(tmp_path, backend_name: str) -> None:
+    """10,000 inputs under `ulimit -n 256`: inputs are opened a few at a time."""
+    inputs = tmp_path / "in"
+    inputs.mkdir()
+    for rank in range(10_000):
+        (inputs / f"rank_{rank}.pfw").write_bytes(b'{"rank":%d,"name":"a"}\n{"rank":%d,"name":"b"}\n' % (rank, rank))
+    out = tmp_path / "merged.pfw"
+
+    def limit() -> None:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (256, 256))
+
+    done = subprocess.run([os.path.join(BIN, "pwriter"), "merge", "-d", str(inputs), "-o", str(out), "--backend",
+                           backend_name, "--json"], capture_output=True, text=True, preexec_fn=limit, timeout=300)
+    assert done.returncode == 0, done.stderr
+    assert json.loads(done.stdout)["inputs"] == 10_000
+    events = read_events(out)
+    assert len(events) == 20_000 and len(set(events)) == 20_000
+
+
+PRODUCERS_SCRIPT = r"""
+import collections, resource, sys, trio
+from pwriter.settings import load_settings
+from pwriter.testing import read_events
+from pwriter.writer import open_writer
+
+producers, lines_each, backend, target = int(sys.argv[1]), int(sys.argv[2]), sys.argv[3], sys.argv[4]
+pad = b"x" * 150
+
+async def main():
+    settings = load_settings(backend=backend, fsync=False, stripe_size="1MiB", buffers_per_worker=4)
+    async with open_writer(target, settings=settings, producers=producers) as writer:
+        async def produce(number):
+            async with writer.producer() as producer:
+                for line in range(lines_each):
+                    await producer.send_line(b'{"p":%d,"l":%d,"pad":"%s"}' % (number, line, pad))
+        async with trio.open_nursery() as nursery:
+            for number in range(producers):
+                nursery.start_soon(produce, number)
+    return writer.sizing
+
+sizing = trio.run(main)
+peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+events = read_events(target) if len(sys.argv) > 5 else []
+print(peak, len(events), len(set(events)), sizing.buffers, file=sys.stdout)
+"""
+
+
+def test_a_thousand_producers_with_a_fixed_pool(tmp_path, backend_name: str) -> None:
+    """1,000 producer tasks through one writer with a fixed buffer pool:
+    every line arrives once, and peak memory grows with the producers (a
+    batch of at most 64 KiB each, plus its line objects) but not with the
+    volume written (80 MB and 200 MB give the same peak)."""
+    script = tmp_path / "producers.py"
+    script.write_text(PRODUCERS_SCRIPT)
+
+    def peak_rss(producers: int, lines_each: int, check: bool = False) -> int:
+        done = subprocess.run([sys.executable, str(script), str(producers), str(lines_each), backend_name,
+                               str(tmp_path / f"out_{producers}_{lines_each}.pfw"), *(["check"] if check else [])],
+                              capture_output=True, text=True, timeout=300)
+        assert done.returncode == 0, done.stderr
+        peak, events, distinct, _ = (int(field) for field in done.stdout.split())
+        if check:
+            assert events == distinct == producers * lines_each
+        return peak
+
+    few = peak_rss(10, 1000)
+    lighter = peak_rss(1000, 400)
+    heavier = peak_rss(1000, 1000, check=True)
+    # Bounds in bytes, not timings.  Measured: 47, 130 and 140 MB.
+    assert heavier - few < 1000 * (128 << 10), (few, heavier)
+    assert heavier - lighter < 32 << 20, (lighter, heavier)
+
+
+# -- safety of paths -----------------------------------------------------------------
+
+
+def test_replaced_output_keeps_its_permissions(tmp_path, backend_name: str) -> None:
+    """With --force, the new file has the mode of the file it replaces (the
+    temporary is created with it, so it is never more open than the target)."""
+    source = tmp_path / "a.pfw"
+    source.write_bytes(b'{"id":1}\n')
+    out = tmp_path / "m.pfw"
+    out.write_bytes(b"old")
+    out.chmod(0o640)
+    done = run_cli("merge", str(source), "-o", str(out), "--force", "--backend", backend_name)
+    assert done.returncode == 0, done.stderr
+    assert stat.S_IMODE(os.stat(out).st_mode) == 0o640
+    assert read_events(out) == [b'{"id":1}']
+    fresh = tmp_path / "fresh.pfw"
+    umask = os.umask(0)
+    os.umask(umask)
+    assert run_cli("merge", str(source), "-o", str(fresh)).returncode == 0
+    assert stat.S_IMODE(os.stat(fresh).st_mode) == 0o666 & ~umask
+
+
+async def test_a_symlink_planted_at_the_temporary_name_is_never_followed(tmp_path,
+                                                                         monkeypatch: pytest.MonkeyPatch) -> None:
+    """Someone who guesses the next temporary name and plants a symlink
+    there: O_EXCL refuses it, another name is drawn, the victim is untouched."""
+    import pwriter.output
+    from pwriter.settings import load_settings
+    from pwriter.writer import open_writer
+
+    victim = tmp_path / "victim"
+    victim.write_bytes(b"precious")
+    draws = iter(["guessed0", "guessed0"])
+    real = pwriter.output.secrets.token_hex
+
+    def token_hex(size: int) -> str:
+        return next(draws, None) or real(size)
+
+    monkeypatch.setattr(pwriter.output.secrets, "token_hex", token_hex)
+    target = tmp_path / "m.pfw"
+    planted = tmp_path / f".m.pfw.pwriter-{os.uname().nodename}-{os.getpid()}-guessed0.tmp"
+    planted.symlink_to(victim)
+    async with open_writer(str(target), settings=load_settings(backend="threads", fsync=False)) as writer:
+        await writer.write_lines(0, b'{"id":1}\n')
+    assert victim.read_bytes() == b"precious"
+    assert read_events(target) == [b'{"id":1}']
+    assert os.path.islink(planted)
+
+
+def test_temporaries_of_dead_processes_are_removed_and_never_read(tmp_path) -> None:
+    """What SIGKILL leaves: `.merged.pfw.pwriter-<host>-<pid>-<random>.tmp`.
+    `merge -d` does not read it; the next merge to that name removes it when
+    its process is gone; a live process's temporary and another host's stay."""
+    inputs = tmp_path / "in"
+    write_corpus(str(inputs), files=3, events_per_file=20)
+    host = os.uname().nodename
+    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True,
+                          text=True).stdout.strip()
+    stale = inputs / f".merged.pfw.pwriter-{host}-{dead}-0badc0de.tmp"
+    live = inputs / f".merged.pfw.pwriter-{host}-{os.getpid()}-0badc0de.tmp"
+    other_host = inputs / f".merged.pfw.pwriter-{host}x-{dead}-0badc0de.tmp"
+    for path in (stale, live, other_host):
+        path.write_bytes(b'{"half":')
+    out = inputs / "merged.pfw"
+    done = run_cli("merge", "-d", str(inputs), "-o", str(out))
+    assert done.returncode == 0, done.stderr
+    assert collections.Counter(read_events(out)) == event_counter(str(inputs / f"rank_{n}.pfw{'.gz' * (n % 2)}")
+                                                                  for n in range(3))
+    assert not stale.exists() and live.exists() and other_host.exists()
+    assert sorted(name for name in os.listdir(inputs) if is_temporary_name(name)) == sorted(
+        [live.name, other_host.name])
