@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import signal
 import sys
 from collections.abc import Sequence
@@ -52,6 +51,8 @@ def _parser() -> argparse.ArgumentParser:
 
     merge.add_argument("--salvage", action="store_true",
                        help="keep the complete events of inputs cut short by a crash, drop their damaged tail")
+    merge.add_argument("--validate", action="store_true",
+                       help="parse every event as JSON; a line that is not is an error (dropped with --salvage)")
     merge.add_argument("--verify", action="store_true",
                        help="after publishing, check that the output holds exactly the inputs' event lines")
 
@@ -146,7 +147,7 @@ def _merge(args: argparse.Namespace) -> int:
             if show_progress:
                 nursery.start_soon(_show_progress, progress)
             result = await merge(inputs, args.output, settings=settings, force=args.force, progress=progress,
-                                 salvage=args.salvage)
+                                 salvage=args.salvage, validate=args.validate)
             nursery.cancel_scope.cancel()
         if terminated:
             raise _Terminated
@@ -198,6 +199,7 @@ def _print_merge(args: argparse.Namespace, settings: Any, result: Any, checked: 
             "direct_writes": stats.direct_writes,
             "compressed": stats.compressed,
             "seconds": round(stats.seconds, 6),
+            "validated": args.validate,
             "dropped_lines": result.dropped_lines,
             "salvaged_inputs": [path for path, _, _ in result.salvaged],
         }

@@ -168,7 +168,7 @@ class InputReader:
     ``(done, end, finished)``.
     """
 
-    def __init__(self, path: str, *, salvage: bool = False, size: int = 0) -> None:
+    def __init__(self, path: str, *, salvage: bool = False, validate: bool = False, size: int = 0) -> None:
         self.path = path
         self.salvage = salvage
         self.size = size  # bytes when the merge began: reading fewer means it shrank
@@ -183,7 +183,7 @@ class InputReader:
             raise DataError(f"{path}: cannot open the input: {exc.strerror}") from None
         self.compressed = is_gzip_magic(head)
         self._gzip = _gzip_file(self._raw) if self.compressed else None
-        self._cleaner = BlockCleaner(path)
+        self._cleaner = BlockCleaner(path, validate=validate, drop_invalid=salvage)
 
     @property
     def events(self) -> int:
@@ -223,6 +223,7 @@ class InputReader:
                     buffer[end] = 10  # the last line had no newline: a complete event is kept
                     end += 1
             done = self._cleaner.clean_in_place(buffer, done, end)
+            self._note_invalid_lines()
             return done, done, True
         if end == start:
             return done, end, False  # full: the caller must make room
@@ -255,6 +256,15 @@ class InputReader:
                 rest = b""
                 break
         return self._cleaner.feed(b"".join(parts)), rest
+
+    def _note_invalid_lines(self) -> None:
+        """--salvage --validate: count and describe the invalid lines dropped."""
+        cleaner = self._cleaner
+        if cleaner.invalid:
+            self.dropped_lines += cleaner.invalid
+            shown = ", ".join(cleaner.invalid_examples) + (", ..." if cleaner.invalid > 3 else "")
+            what = f"dropped {cleaner.invalid} lines that are not valid JSON: {shown}"
+            self.damage = f"{self.damage}; {what}" if self.damage else what
 
     def _drop_damaged_tail(self, buffer: memoryview, done: int, end: int) -> int:
         """--salvage: a last line without its newline that is not a whole
@@ -321,10 +331,12 @@ class InputRun:
     progress display).
     """
 
-    def __init__(self, paths: Sequence[str], sizes: Sequence[int], *, salvage: bool = False) -> None:
+    def __init__(self, paths: Sequence[str], sizes: Sequence[int], *, salvage: bool = False,
+                 validate: bool = False) -> None:
         self._paths = paths
         self._sizes = sizes
         self._salvage = salvage
+        self._validate = validate
         self.salvaged: list[tuple[str, str, int]] = []  # (input, what was dropped, lines dropped)
         self._next = 0
         self.reader: InputReader | None = None
@@ -340,7 +352,7 @@ class InputRun:
                 if self._next == len(self._paths):
                     return done, end, True
                 self.reader = InputReader(self._paths[self._next], salvage=self._salvage,
-                                          size=self._sizes[self._next])
+                                          validate=self._validate, size=self._sizes[self._next])
             done, end, finished = self.reader.fill(buffer, done, end, capacity)
             if finished:
                 self.events += self.reader.events
@@ -431,6 +443,7 @@ async def merge(
     progress: MergeProgress | None = None,
     readers: int | None = None,
     salvage: bool = False,
+    validate: bool = False,
 ) -> MergeResult:
     """Merge ``inputs`` (checked by :func:`collect_inputs`) into ``output``.
 
@@ -440,7 +453,10 @@ async def merge(
     :class:`DataError` (and publishes nothing) when an input is damaged or a
     read or write fails.  With ``salvage``, the damaged tail of an input
     cut short by a crash (a last line that is not a whole event, a gzip file
-    without its end) is dropped instead, and reported in ``salvaged``.
+    without its end) is dropped instead, and reported in ``salvaged``.  With
+    ``validate``, every event line is parsed as JSON (in C, in the reader
+    threads, in parallel) and a line that is not valid JSON is damage too:
+    an error, or with ``salvage`` dropped and counted.
     """
     sizes = [input_size(path) for path in inputs]
     if progress is None:
@@ -449,7 +465,7 @@ async def merge(
         readers = max(1, min(len(inputs), 2 * (os.cpu_count() or 1)))
     limiter = trio.CapacityLimiter(readers)
     progress.runs = [
-        InputRun([inputs[i] for i in part], [sizes[i] for i in part], salvage=salvage)
+        InputRun([inputs[i] for i in part], [sizes[i] for i in part], salvage=salvage, validate=validate)
         for part in partition(sizes, readers)
     ]
 

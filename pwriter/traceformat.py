@@ -6,8 +6,9 @@ first event, sometimes no newline after the ``]``) or be plain NDJSON.  A
 merge keeps every *event line* and drops *wrapper lines*: lines that, once
 surrounding whitespace is trimmed, are empty, ``[`` or ``]``.  An event line
 is a line that, trimmed, starts with ``{`` and ends with ``}`` and holds no
-NUL byte; events are not parsed.  Anything else means the input is not a
-trace.
+NUL byte; events are not parsed unless asked (``validate``: each event line
+must then be valid JSON, checked in C where built, else by ``json.loads``).
+Anything else means the input is not a trace.
 
 Speed comes from looking at whole blocks: a block in which every line
 already is a bare event (``{`` first, ``}`` last, no NUL byte) passes through
@@ -19,11 +20,12 @@ CRLF) are trimmed one by one in Python.
 
 from __future__ import annotations
 
+import json
 from typing import Any
 
 from .errors import InputError
 
-__all__ = ["BlockCleaner", "is_gzip_magic", "rfind_newline", "count_newlines"]
+__all__ = ["BlockCleaner", "is_gzip_magic", "is_valid_json", "rfind_newline", "count_newlines"]
 
 GZIP_MAGIC = b"\x1f\x8b"
 BOM = b"\xef\xbb\xbf"
@@ -38,6 +40,10 @@ def is_gzip_magic(head: bytes) -> bool:
 class BlockCleaner:
     """Turns the text of one input, fed in pieces, into blocks of event lines.
 
+    With ``validate``, an event line must also be valid JSON; with
+    ``drop_invalid`` too, a line that is not is dropped and counted in
+    ``invalid`` (its first few in ``invalid_examples``) instead of raising.
+
     :meth:`feed` takes the next piece of text (cut anywhere) and returns the
     event lines completed by it, as one newline-terminated block (possibly
     empty); :meth:`finish` returns the last line when the text does not end
@@ -47,8 +53,12 @@ class BlockCleaner:
     byte offset of the first line that is not an event.
     """
 
-    def __init__(self, path: str) -> None:
+    def __init__(self, path: str, *, validate: bool = False, drop_invalid: bool = False) -> None:
         self.path = path
+        self.validate = validate
+        self.drop_invalid = drop_invalid
+        self.invalid = 0
+        self.invalid_examples: list[str] = []  # "line N (starts ...)", at most 3
         self.events = 0
         self.offset = 0
         self.lines = 0
@@ -101,7 +111,7 @@ class BlockCleaner:
                                counted: Any) -> int:
         position, write, lines, kept, irregular = start, start, 0, 0, 0
         while position < stop:
-            bare_end = lib.pw_scan_events(view, position, stop, counted)
+            bare_end = lib.pw_scan_events(view, position, stop, counted, self.validate)
             if bare_end > position:
                 if write != position:
                     buffer[write : write + bare_end - position] = buffer[position:bare_end]
@@ -137,7 +147,9 @@ class BlockCleaner:
     def _clean_python(self, block: bytes) -> bytes:
         """:meth:`clean_in_place` without the C scanner, on a copy."""
         lines = block.count(b"\n")
-        if _all_bare_events(block, lines):
+        if self.validate:  # every line is parsed anyway
+            kept, cleaned = self._clean_slowly(block, self.offset, self.lines)
+        elif _all_bare_events(block, lines):
             kept, cleaned = lines, block
         else:
             # Wrapper lines sit at the start and end of a file: clean the first
@@ -179,12 +191,35 @@ class BlockCleaner:
         if stripped in _WRAPPERS:
             return b""
         if stripped[:1] == b"{" and stripped[-1:] == b"}" and b"\x00" not in stripped:
-            return stripped
-        if b"\x00" in line:
+            if not self.validate or is_valid_json(stripped):
+                return stripped
+            if self.drop_invalid:
+                self.invalid += 1
+                if len(self.invalid_examples) < 3:
+                    self.invalid_examples.append(f"line {number} ({_preview(stripped)})")
+                return b""
+            problem = f"not a trace: line {number} is not valid JSON ({_preview(stripped)})"
+        elif b"\x00" in line:
             problem = f"not a trace: line {number} holds NUL bytes"
         else:
             problem = f"not a trace: line {number} is not a JSON event line ({_preview(stripped)})"
         raise InputError(self.path, problem, offset)
+
+
+def is_valid_json(text: bytes) -> bool:
+    """Whether ``text`` is one JSON value (strict: UTF-8, no NaN or Infinity)."""
+    native = _native
+    if native is not None:
+        return bool(native[1].pw_json_valid(text, len(text)))
+    try:
+        json.loads(text.decode("utf-8"), parse_constant=_refuse_constant)
+    except (ValueError, RecursionError):
+        return False
+    return True
+
+
+def _refuse_constant(name: str) -> object:
+    raise ValueError(f"{name} is not JSON")
 
 
 def _all_bare_events(block: bytes, lines: int) -> bool:

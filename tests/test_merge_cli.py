@@ -442,3 +442,42 @@ def test_salvage_keeps_every_complete_event(tmp_path, backend_name: str) -> None
     assert any("cut.pfw.gz" in line and "truncated gzip" in line for line in warnings)
     assert collections.Counter(read_events(out)) == collections.Counter(kept)
     assert report["events"] == len(kept)
+
+
+def invalid_json_inputs(tmp_path) -> tuple[list[str], list[bytes]]:
+    """Event-shaped lines that are not JSON, in a plain and a gzip input,
+    between valid ones; returns the paths and the valid events."""
+    good = [b'{"id":%d,"name":"read"}' % index for index in range(3000)]
+    plain = good[:1500]
+    plain_text = b"[\n" + b"\n".join(plain[:700] + [b'{"id":,"name":"cut"}'] + plain[700:]) + b"\n]\n"
+    gz_text = b"\n".join(good[1500:] + [b'{"id":1,"name":"\xff\xfe"}', b'{"a":NaN}']) + b"\n"
+    (tmp_path / "plain.pfw").write_bytes(plain_text)
+    (tmp_path / "other.pfw.gz").write_bytes(gzip.compress(gz_text))
+    return [str(tmp_path / "plain.pfw"), str(tmp_path / "other.pfw.gz")], good
+
+
+def test_validate_refuses_lines_that_are_not_json(tmp_path, backend_name: str) -> None:
+    paths, good = invalid_json_inputs(tmp_path)
+    out = tmp_path / "out" / "m.pfw"
+    out.parent.mkdir()
+    # Without --validate only the shape is checked: the lines pass as they are.
+    assert run_cli("merge", paths[0], "-o", str(out), "--backend", backend_name).returncode == 0
+    assert len(read_events(out)) == 1501
+    out.unlink()
+    done = run_cli("merge", paths[0], "-o", str(out), "--validate", "--backend", backend_name)
+    offset = 2 + sum(len(line) + 1 for line in good[:700])
+    expect_failure(done, 1, paths[0], "line 702 is not valid JSON", f"at byte {offset}")
+    assert os.listdir(out.parent) == []
+
+
+def test_validate_with_salvage_drops_and_counts(tmp_path, backend_name: str) -> None:
+    paths, good = invalid_json_inputs(tmp_path)
+    out = tmp_path / "m.pfw"
+    done = run_cli("merge", *paths, "-o", str(out), "--validate", "--salvage", "--json", "--backend", backend_name)
+    assert done.returncode == 0, done.stderr
+    report = json.loads(done.stdout)
+    assert (report["validated"], report["dropped_lines"], report["events"]) == (True, 3, 3000)
+    assert sorted(report["salvaged_inputs"]) == sorted(paths)
+    warnings = done.stderr.strip().splitlines()
+    assert len(warnings) == 2 and all("not valid JSON" in line for line in warnings)
+    assert collections.Counter(read_events(out)) == collections.Counter(good)

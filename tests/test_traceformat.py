@@ -149,3 +149,76 @@ def test_partition_is_contiguous_complete_and_uses_every_reader(sizes, parts) ->
     assert [i for run in runs for i in run] == list(range(len(sizes)))
     assert all(len(run) > 0 for run in runs) or sizes == []
     assert len(runs) == max(1, min(parts, len(sizes)))
+
+
+# -- --validate: every event parsed as JSON --------------------------------------
+
+json_values = st.recursive(
+    st.none() | st.booleans() | st.integers(-10**20, 10**20) | st.floats(allow_nan=False, allow_infinity=False)
+    | st.text(max_size=8),
+    lambda inner: st.lists(inner, max_size=4) | st.dictionaries(st.text(max_size=5), inner, max_size=4),
+    max_leaves=12,
+)
+
+
+def reference_valid(text: bytes) -> bool:
+    """The standard library's verdict on the strictly decoded text (json.loads
+    of bytes would let UTF-8-encoded surrogates through), NaN and Infinity refused."""
+    import json
+
+    def refuse(name: str) -> object:
+        raise ValueError(name)
+
+    try:
+        json.loads(text.decode("utf-8"), parse_constant=refuse)
+    except ValueError:
+        return False
+    return True
+
+
+@st.composite
+def json_texts(draw):
+    """Valid JSON, and the same with a byte inserted, deleted or replaced."""
+    import json
+
+    text = json.dumps(draw(json_values), ensure_ascii=draw(st.booleans())).encode()
+    for _ in range(draw(st.integers(0, 2))):
+        where = draw(st.integers(0, len(text)))
+        byte = bytes([draw(st.sampled_from(b'{}[]",:0-.eE+\\ \t\nu1fatrsl\x00\x1f\x80\xc3\xed\xf4\xff'))])
+        how = draw(st.sampled_from(["insert", "delete", "replace"]))
+        if how == "insert":
+            text = text[:where] + byte + text[where:]
+        elif how == "delete":
+            text = text[:where] + text[where + 1 :]
+        else:
+            text = text[:where] + byte + text[where + 1 :]
+    return text
+
+
+@pytest.mark.parametrize("name", SCANNERS)
+@given(text=json_texts())
+def test_json_check_agrees_with_the_standard_library(name: str, text: bytes) -> None:
+    with scanner(name):
+        assert traceformat.is_valid_json(text) == reference_valid(text), text
+
+
+@pytest.mark.parametrize("name", SCANNERS)
+@pytest.mark.parametrize("text", [b'{"a":01}', b'{"a":1,}', b'{"a":NaN}', b'{"a":Infinity}', b'{"a":"\xed\xa0\x80"}',
+                                  b'{"a":"\xc0\xaf"}', b'{"a":"tab\there"}', b'{"a":"\\x"}', b'{"a" 1}', b"{}}",
+                                  b"[" * 5000 + b"]" * 5000, b'{"a":.5}', b'{"a":1.}', b'{"a":-}', b"{'a':1}"])
+def test_json_check_refuses(name: str, text: bytes) -> None:
+    with scanner(name):
+        assert not traceformat.is_valid_json(text)
+
+
+@pytest.mark.parametrize("name", SCANNERS)
+def test_validating_cleaner_names_the_invalid_line_or_drops_it(name: str) -> None:
+    text = b'[\n{"id":1}\n  {"id":2,}\n{"id":3,"s":"\xff"}\n{"id":4}\n]\n'
+    with scanner(name):
+        assert BlockCleaner("t.pfw").feed(text).count(b"\n") == 4  # shape only: all four pass
+        with pytest.raises(InputError) as raised:
+            BlockCleaner("t.pfw", validate=True).feed(text)
+        assert str(raised.value) == "t.pfw: not a trace: line 3 is not valid JSON (starts '{\"id\":2,}') at byte 11"
+        cleaner = BlockCleaner("t.pfw", validate=True, drop_invalid=True)
+        assert cleaner.feed(text) == b'{"id":1}\n{"id":4}\n'
+        assert (cleaner.invalid, cleaner.events, len(cleaner.invalid_examples)) == (2, 2, 2)
