@@ -215,3 +215,43 @@ async def test_slow_completions_still_give_a_complete_output(tmp_path, backend_n
                 for n in range(5000):
                     await producer.send_line(b'{"n":%d}' % n)
     assert read_events(target) == [b'{"n":%d}' % n for n in range(5000)]
+
+
+async def test_short_writes_and_eintr_under_the_whole_service(tmp_path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The thread backend's syscall writes at most 1000 bytes at a time and
+    is interrupted every third call: the service still publishes every line,
+    and the backend counts what it absorbed.  (io_uring resubmits short
+    writes in the kernel's completion path: tests/test_backends.py provokes
+    them for real with RLIMIT_FSIZE.)"""
+    real = os.pwritev
+    calls = 0
+
+    def stingy_and_interrupted(fd, buffers, offset):
+        nonlocal calls
+        calls += 1
+        if calls % 3 == 0:
+            raise InterruptedError(errno.EINTR, "Interrupted system call")
+        return real(fd, [memoryview(buffers[0])[:1000]], offset)
+
+    monkeypatch.setattr(os, "pwritev", stingy_and_interrupted)
+    target = tmp_path / "out.pfw"
+    settings = load_settings(backend="threads", stripe_size="64KiB", fsync=True, workers=2)
+    lines = [b'{"n":%d,"pad":"%s"}' % (n, b"y" * (n % 300)) for n in range(3000)]
+    async with open_writer(str(target), settings=settings, fs=LOCAL) as writer:
+        async with writer.producer() as producer:
+            await producer.send_lines(lines)
+    assert read_events(target) == lines
+    statistics = writer.statistics().io
+    assert statistics.short_writes > 10 and statistics.interrupted > 10
+
+
+async def test_output_that_appears_while_writing_is_never_replaced(tmp_path, settings_for) -> None:
+    """Another process creates the target while we write (without --force):
+    its file stays, ours is discarded, and the error says why."""
+    target = tmp_path / "out.pfw"
+    with pytest.raises(UsageError, match="appeared while writing"):
+        async with open_writer(str(target), settings=settings_for(), fs=LOCAL) as writer:
+            await writer.write_lines(0, b'{"ours":1}\n')
+            target.write_bytes(b"theirs\n")
+    assert target.read_bytes() == b"theirs\n"
+    assert leftovers(tmp_path) == []
