@@ -100,12 +100,21 @@ class Producer:
     """A handle through which one task writes lines.
 
     Use it from one task at a time (``async with writer.producer() as p:``).
-    Lines are bytes; a line is one record and must not contain a newline
-    except at its end; one is added when missing.  Lines are batched locally
-    and reach the writer in blocks; :meth:`flush` pushes the batch now, and
-    the writer also pushes a batch that has waited ``max_delay`` seconds.
-    Closing the handle pushes what is left.  Cancelling a ``send_*`` call
-    loses nothing that an earlier call accepted.
+    Lines are ``bytes`` (kept by reference until their batch is sent, so
+    never pass a buffer you will change); a line is one record and must not
+    contain a newline except at its end; one is added when missing.  Lines
+    are batched locally and reach the writer in blocks; :meth:`flush`
+    pushes the batch now, and the writer also pushes a batch that has waited
+    ``max_delay`` seconds (trio clock).  Closing the handle pushes what is
+    left.  The lines of one handle keep their order in the output.
+
+    Cancellation: a ``send_*`` call that returned accepted its lines; they
+    will be written even if a later call is cancelled.  A cancelled
+    ``send_line`` / ``send_lines`` has queued its lines all the same, and a
+    cancelled :meth:`flush` keeps them queued (they go with the next flush
+    or at close: nothing is lost or sent twice); a cancelled
+    :meth:`send_block` has not taken its block.  Only cancelling the writer
+    itself discards lines, and then nothing is published.
     """
 
     def __init__(self, channel: trio.MemorySendChannel[bytes], *, batch_bytes: int = DEFAULT_BATCH_BYTES) -> None:

@@ -1,9 +1,20 @@
 """Helpers for tests of code that writes through pwriter.
 
-``read_text`` gives the whole text of an output (plain, gzip, or a sharded
-set through its manifest, in read order); ``read_events`` the event lines of
-any trace or output, wrapper and blank lines dropped; ``event_counter`` a
-multiset of event lines, to compare the events of inputs and outputs.
+Reading back: ``read_text`` gives the whole text of an output (plain, gzip,
+or a sharded set through its manifest, in read order); ``read_events`` the
+event lines of any trace or output, wrapper and blank lines dropped;
+``event_counter`` a multiset of event lines; ``assert_same_events`` compares
+an output with its inputs (or with the lines that were sent) and says which
+lines are missing or extra.
+
+Building corpora: ``events`` and ``write_corpus`` (from
+:mod:`pwriter.corpus`) make realistic DFTracer events and trace files.
+
+Doubles: :class:`MemoryBackend` records writes instead of making them;
+:class:`FaultBackend` makes the Nth operation fail, or every operation slow;
+:class:`FakeFilesystems` makes paths look as if they were on Lustre, GPFS,
+BeeGFS, NFS or tmpfs.  The pytest plugin (:mod:`pwriter.pytest_plugin`)
+hands them to tests as fixtures.
 """
 
 from __future__ import annotations
@@ -19,13 +30,16 @@ from typing import TYPE_CHECKING
 import trio
 
 from .backends import Backend, BackendStatistics
+from .corpus import events, write_corpus
 from .output import read_shard_set
+from .sizing import FsInfo, FsKind
 from .traceformat import BlockCleaner, is_gzip_magic
 
 if TYPE_CHECKING:
     from typing_extensions import Buffer
 
-__all__ = ["read_text", "read_events", "event_counter", "MemoryBackend", "RecordedWrite", "FaultBackend"]
+__all__ = ["read_text", "read_events", "event_counter", "assert_same_events", "events", "write_corpus",
+           "MemoryBackend", "RecordedWrite", "FaultBackend", "FakeFilesystems", "FS_MAGIC_OF"]
 
 
 def read_text(path: str | os.PathLike[str]) -> bytes:
@@ -41,9 +55,13 @@ def read_text(path: str | os.PathLike[str]) -> bytes:
 
 def read_events(path: str | os.PathLike[str]) -> list[bytes]:
     """Event lines (trimmed, without newline) of a trace or output, in file order."""
-    cleaner = BlockCleaner(os.fspath(path))
-    text = cleaner.feed(read_text(path)) + cleaner.finish()
-    return text.split(b"\n")[:-1] if text else []
+    return _events_of_text(read_text(path), os.fspath(path))
+
+
+def _events_of_text(text: bytes, name: str) -> list[bytes]:
+    cleaner = BlockCleaner(name)
+    cleaned = cleaner.feed(text) + cleaner.finish()
+    return cleaned.split(b"\n")[:-1] if cleaned else []
 
 
 def event_counter(paths: Iterable[str | os.PathLike[str]]) -> collections.Counter[bytes]:
@@ -52,6 +70,37 @@ def event_counter(paths: Iterable[str | os.PathLike[str]]) -> collections.Counte
     for path in paths:
         counter.update(read_events(path))
     return counter
+
+
+def assert_same_events(
+    output: str | os.PathLike[str] | Sequence[bytes],
+    expected: Iterable[str | os.PathLike[str]] | Iterable[bytes],
+) -> None:
+    """Assert that ``output`` holds exactly the expected event lines, as a
+    multiset (order is not compared: across producers there is none).
+
+    ``output`` is an output path (plain, gzip or sharded) or its event lines
+    (e.g. ``MemoryBackend.events()``); ``expected`` is input paths or the
+    lines that were sent (with or without their newlines).  The
+    AssertionError says how many lines are missing and extra, with examples.
+    """
+    got = collections.Counter(
+        read_events(output) if isinstance(output, (str, os.PathLike)) else [line.strip() for line in output]
+    )
+    wanted: collections.Counter[bytes] = collections.Counter()
+    for item in expected:
+        if isinstance(item, bytes):
+            wanted[item.strip()] += 1
+        else:
+            wanted.update(read_events(item))
+    if got == wanted:
+        return
+    missing, extra = wanted - got, got - wanted
+    raise AssertionError(
+        f"{sum(missing.values())} event lines missing (e.g. {list(missing)[:3]}), "
+        f"{sum(extra.values())} extra (e.g. {list(extra)[:3]}); "
+        f"{sum(got.values())} in the output, {sum(wanted.values())} expected"
+    )
 
 
 @dataclasses.dataclass(frozen=True)
@@ -103,8 +152,9 @@ class MemoryBackend:
         pass
 
     def contents(self) -> dict[str, bytes]:
-        """Each file's bytes as the writes left them (holes as NUL bytes)."""
-        files: dict[str, bytearray] = {}
+        """Each file's bytes as the writes left them (holes as NUL bytes),
+        files in the order they were registered (read order)."""
+        files: dict[str, bytearray] = {name: bytearray() for name in self._names.values()}
         for write in self.writes:
             data = files.setdefault(write.name, bytearray())
             end = write.offset + len(write.data)
@@ -112,6 +162,14 @@ class MemoryBackend:
                 data.extend(bytes(end - len(data)))
             data[write.offset : end] = write.data
         return {name: bytes(data) for name, data in files.items()}
+
+    def text(self) -> bytes:
+        """The whole output as a reader would see it: every file, in read order."""
+        return b"".join(self.contents().values())
+
+    def events(self) -> list[bytes]:
+        """The event lines of :meth:`text` (padding and wrapper lines dropped)."""
+        return _events_of_text(self.text(), "memory")
 
     def statistics(self) -> BackendStatistics:
         return BackendStatistics(
@@ -176,3 +234,58 @@ class FaultBackend:
 
     def statistics(self) -> BackendStatistics:
         return self.inner.statistics()
+
+
+#: A statfs magic number for each kind (ext4's for a local disk).
+FS_MAGIC_OF: dict[FsKind, int] = {
+    FsKind.LUSTRE: 0x0BD00BD0,
+    FsKind.GPFS: 0x47504653,
+    FsKind.BEEGFS: 0x19830326,
+    FsKind.NFS: 0x6969,
+    FsKind.TMPFS: 0x01021994,
+    FsKind.LOCAL: 0xEF53,
+}
+
+
+class FakeFilesystems:
+    """Paths that pretend to be on another filesystem, for sizing tests.
+
+    :meth:`add` declares that everything under a directory is on, say,
+    Lustre with 1 MiB stripes over 8 OSTs; :meth:`detect` answers like
+    :func:`pwriter.detect.detect_filesystem` (which it stands in for while
+    installed), from the declarations first and the real filesystem
+    otherwise.  The planners and the sizing policy see exactly what real
+    detection would have given them.
+    """
+
+    def __init__(self) -> None:
+        from .detect import detect_filesystem
+
+        self.declared: dict[str, FsInfo] = {}
+        self._real_detection = detect_filesystem
+
+    def add(self, path: str | os.PathLike[str], kind: FsKind | str, *, stripe_size: int | str | None = None,
+            stripe_count: int | None = None, block_size: int = 4096) -> FsInfo:
+        """Everything under ``path`` is on a ``kind`` filesystem (``"lustre"``,
+        ``"gpfs"``, ``"beegfs"``, ``"nfs"``, ``"tmpfs"``, ``"local"``) with
+        this stripe geometry (``stripe_size`` in bytes or as ``"1MiB"``);
+        returns what detection will report."""
+        from .settings import parse_size
+
+        kind = FsKind(kind)
+        size = parse_size(stripe_size) if stripe_size is not None else None
+        if kind is FsKind.GPFS and size is not None:
+            block_size = size  # GPFS reports its block size as the stripe
+        root = os.path.abspath(os.fspath(path))
+        info = FsInfo(kind=kind, magic=FS_MAGIC_OF[kind], mount_point=root, block_size=block_size,
+                      stripe_size=size, stripe_count=stripe_count)
+        self.declared[root] = info
+        return info
+
+    def detect(self, path: str) -> FsInfo:
+        """What detection reports for ``path`` while these fakes are installed."""
+        where = os.path.abspath(path)
+        for root in sorted(self.declared, key=len, reverse=True):
+            if where == root or where.startswith(root.rstrip(os.sep) + os.sep):
+                return self.declared[root]
+        return self._real_detection(path)

@@ -101,7 +101,20 @@ class WriterStatistics:
 
 
 class Writer:
-    """A running writer; obtain one from :func:`open_writer`."""
+    """A running writer; obtain one from :func:`open_writer`.
+
+    Lines reach it through producer handles (:meth:`producer`) or, for
+    code that fills whole chunks itself, through :meth:`take_buffer` /
+    :meth:`write_buffer` and :meth:`write_lines`.
+
+    Ordering: the lines of one producer handle (and the chunks of one
+    ``worker``) keep their order in the output (in the sharded layout, in
+    read order); across handles and workers there is no order.  Every line
+    accepted is written exactly once, whole, never glued to another.
+
+    Use it from the trio run and the task tree that opened it; it is not
+    thread-safe.
+    """
 
     def __init__(
         self,
@@ -220,12 +233,15 @@ class Writer:
 
     async def write_lines(self, worker: int, lines: bytes) -> None:
         """Write ``lines`` (whole lines, any length) as one chunk of ``worker``,
-        without a buffer; returns as soon as the chunk is placed."""
+        without a buffer; returns as soon as the chunk is placed.  The writer
+        keeps a reference to ``lines`` until it is written (bytes are
+        immutable, so the caller need not wait)."""
         self._buffer_chunks += 1
         self._buffer_bytes += len(lines)
         await self._write_whole(worker, memoryview(lines))
 
     def statistics(self) -> WriterStatistics:
+        """A snapshot of what the writer did so far (cheap; safe to call while it runs)."""
         coalesced = [coalescer.statistics() for coalescer in self._coalescers]
         end = self._finished if self._finished is not None else trio.current_time()
         io = self._backend.statistics()
@@ -509,9 +525,18 @@ async def open_writer(
     the header and the footer as standalone gzip members, compressed in
     worker threads, and publishes a member index, ``<path>.members.json``.
 
-    On error or cancellation the temporary files are removed, the target is
-    untouched, and the exception propagates (a single failure is not wrapped
-    in an exception group).
+    When the block ends without error, the writer closes every producer
+    handle still open (pushing what they queued), writes every accepted
+    line, fsyncs the files (``settings.fsync``, default on), renames them
+    into place and fsyncs the directory: when ``async with`` returns, the
+    output is complete under its final name (sharded: the manifest, written
+    last, commits the set).  ``Writer.statistics().published`` is then true.
+
+    On error or cancellation (of the block or of any task inside it) the
+    temporary files are removed, the target is untouched (a file it would
+    have replaced stays), and the exception propagates (a single failure
+    is not wrapped in an exception group).  Writes the kernel already holds
+    are waited for, shielded, before buffers are released.
     """
     settings = settings if settings is not None else load_settings()
     target = os.fspath(path)

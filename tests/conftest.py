@@ -10,6 +10,8 @@ import pytest
 from pwriter.backends import BACKEND_NAMES, available_backends
 from pwriter.settings import load_settings
 
+pytest_plugins = ["pytester"]  # tests/test_plugin.py runs pytest in a project of its own
+
 # The dftracer-utils binaries live beside this interpreter in the venv.
 BIN = os.path.dirname(sys.executable)
 

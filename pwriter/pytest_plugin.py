@@ -1,0 +1,153 @@
+"""pwriter's pytest plugin: fixtures for tests of code that writes through pwriter.
+
+Registered through the ``pytest11`` entry point ``pwriter``, so it is active
+wherever pwriter is installed; every fixture's name starts with ``pwriter_``.
+The fixtures are plain (synchronous) fixtures that hand out objects and
+factories, so they work in pytest-trio's ``trio_mode`` and with explicit
+``@pytest.mark.trio`` alike, and with the ``autojump_clock`` fixture: the
+writer's flush deadlines (``max_delay``) and :class:`~pwriter.testing.FaultBackend`
+delays are on the trio clock, so a test of a 10-second flush delay runs
+instantly::
+
+    async def test_events_arrive(pwriter_open_writer, pwriter_memory_backend, autojump_clock):
+        async with pwriter_open_writer(backend=pwriter_memory_backend, max_delay=10) as writer:
+            async with writer.producer() as producer:
+                await producer.send_line(b'{"name":"read"}')
+                await trio.sleep(30)  # no time passes for real
+            assert pwriter_memory_backend.events() == [b'{"name":"read"}']
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+from typing import TYPE_CHECKING, Any, Protocol
+
+import pytest
+
+if TYPE_CHECKING:  # imported by the fixtures, so that pytest starts fast where they are not used
+    from .backends import Backend
+    from .sizing import FsInfo, FsKind
+    from .testing import FaultBackend, MemoryBackend
+    from .writer import Writer
+
+__all__ = ["OpenWriter", "FakeFs"]
+
+
+class OpenWriter(Protocol):
+    """The type of the ``pwriter_open_writer`` fixture."""
+
+    def __call__(
+        self,
+        name: str = "out.pfw",
+        *,
+        backend: str | Backend = "threads",
+        force: bool = False,
+        producers: int | None = None,
+        compress: bool | None = None,
+        **settings: Any,
+    ) -> contextlib.AbstractAsyncContextManager[Writer]: ...
+
+
+class FakeFs(Protocol):
+    """The type of the ``pwriter_fake_fs`` fixture."""
+
+    def __call__(
+        self,
+        kind: FsKind | str,
+        *,
+        stripe_size: int | str | None = None,
+        stripe_count: int | None = None,
+        path: str | os.PathLike[str] | None = None,
+    ) -> FsInfo: ...
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    config.addinivalue_line(
+        "markers",
+        "pwriter_fault(fail_at=None, error=errno.EIO, on='any', delay=0.0, inner='threads'): "
+        "how the pwriter_fault_backend fixture misbehaves",
+    )
+
+
+@pytest.fixture
+def pwriter_memory_backend() -> MemoryBackend:
+    """A pwriter backend that keeps every write (file, offset, bytes, trio time) in memory."""
+    from .testing import MemoryBackend
+
+    return MemoryBackend()
+
+
+@pytest.fixture
+def pwriter_fault_backend(request: pytest.FixtureRequest) -> FaultBackend:
+    """A pwriter backend that fails the Nth write or fsync with an errno, or delays every one.
+
+    Configured per test by ``@pytest.mark.pwriter_fault(fail_at=2,
+    error=errno.ENOSPC, on="write", delay=0.0, inner="threads")`` (or by
+    setting the same attributes before use).  ``inner`` is the backend
+    that does the real work: ``"threads"`` (real files, the default) or
+    ``"memory"`` (its :class:`~pwriter.testing.MemoryBackend` is ``.inner``).
+    """
+    from .backends.threads import ThreadBackend
+    from .testing import FaultBackend, MemoryBackend
+
+    marker = request.node.get_closest_marker("pwriter_fault")
+    options = dict(marker.kwargs) if marker is not None else {}
+    inner_name = options.pop("inner", "threads")
+    if inner_name not in ("threads", "memory"):
+        raise pytest.UsageError(f"pwriter_fault: inner must be 'threads' or 'memory', not {inner_name!r}")
+    inner: Backend = MemoryBackend() if inner_name == "memory" else ThreadBackend(queue_depth=8)
+    return FaultBackend(inner, **options)
+
+
+@pytest.fixture
+def pwriter_fake_fs(monkeypatch: pytest.MonkeyPatch, tmp_path: os.PathLike[str]) -> FakeFs:
+    """Pretend that tmp_path (or a given path) is on Lustre, GPFS, BeeGFS, NFS or tmpfs, for sizing.
+
+    ``pwriter_fake_fs("lustre", stripe_size="1MiB", stripe_count=8)``
+    returns the :class:`~pwriter.sizing.FsInfo` that detection now reports
+    for every path under ``path`` (default: the test's ``tmp_path``), so
+    ``open_writer`` and ``pwriter_open_writer`` size themselves for it.
+    """
+    from .testing import FakeFilesystems
+
+    fakes = FakeFilesystems()
+    monkeypatch.setattr("pwriter.detect.detect_filesystem", fakes.detect)
+
+    def fake(kind: FsKind | str, *, stripe_size: int | str | None = None, stripe_count: int | None = None,
+             path: str | os.PathLike[str] | None = None) -> FsInfo:
+        return fakes.add(path if path is not None else tmp_path, kind, stripe_size=stripe_size,
+                         stripe_count=stripe_count)
+
+    return fake
+
+
+@pytest.fixture
+def pwriter_open_writer(tmp_path: os.PathLike[str]) -> OpenWriter:
+    """Open a pwriter writer on a file in tmp_path: ``async with pwriter_open_writer("out.pfw") as writer``.
+
+    ``backend`` is a backend name (``"threads"``, the default, ``"io_uring"``
+    or ``"auto"``) or a backend object (``pwriter_memory_backend``,
+    ``pwriter_fault_backend``); other keywords are settings
+    (``layout="sharded"``, ``stripe_size="64KiB"``, ``max_delay=10``, ...),
+    with ``fsync`` off unless given.  The output is published in
+    ``tmp_path`` when the block ends without error, as
+    :func:`pwriter.open_writer` promises.
+    """
+
+    def open_test_writer(name: str = "out.pfw", *, backend: str | Backend = "threads", force: bool = False,
+                         producers: int | None = None, compress: bool | None = None,
+                         **settings: Any) -> contextlib.AbstractAsyncContextManager[Writer]:
+        from .settings import load_settings
+        from .writer import open_writer
+
+        settings.setdefault("fsync", False)
+        backend_object = None
+        if isinstance(backend, str):
+            settings["backend"] = backend
+        else:
+            backend_object = backend
+        return open_writer(os.path.join(tmp_path, name), settings=load_settings(**settings), backend=backend_object,
+                           force=force, producers=producers, compress=compress)
+
+    return open_test_writer
