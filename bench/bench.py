@@ -134,13 +134,19 @@ def run_group(title: str, size: int, commands: dict[str, list[str] | str], round
     sys.stdout.flush()
 
 
+GROUPS = ("plain", "durable", "gzip", "small", "fio", "split", "memory", "library")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--mib", type=int, default=1024, help="size of the plain corpus (default 1024)")
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--dir", default="/tmp/pwriter-bench")
     parser.add_argument("--json", metavar="FILE", help="also write the results as JSON")
+    parser.add_argument("--only", metavar="GROUP", action="append", choices=GROUPS,
+                        help=f"run only these groups (repeatable): {', '.join(GROUPS)}")
     args = parser.parse_args()
+    wanted = set(args.only or GROUPS)
 
     from pwriter.backends import available_backends
 
@@ -159,14 +165,16 @@ def main() -> None:
     results: list[dict[str, object]] = []
     plain_list = " ".join(plain)
 
-    run_group("plain to plain, no fsync", size, {
+    if "plain" in wanted:
+        run_group("plain to plain, no fsync", size, {
         "cat > out": f"cat {plain_list} > {out}/cat.pfw",
         **{f"pwriter {layout} {backend} --no-fsync": pwriter_merge(plain, merged, "--layout", layout, "--backend",
                                                                    backend, "--no-fsync")
            for layout in ("striped", "padded-striped", "sharded") for backend in backends},
     }, args.rounds, out, results)
 
-    run_group("plain to plain, durable", size, {
+    if "durable" in wanted:
+        run_group("plain to plain, durable", size, {
         "cat > out && sync": f"cat {plain_list} > {out}/cat.pfw && sync",
         **{f"pwriter striped {backend} (fsync)": pwriter_merge(plain, merged, "--layout", "striped", "--backend",
                                                                backend) for backend in backends},
@@ -174,20 +182,24 @@ def main() -> None:
            for backend in backends},
     }, args.rounds, out, results)
 
-    run_group("gzip to plain, no fsync", size, {
+    if "gzip" in wanted:
+        run_group("gzip to plain, no fsync", size, {
         "zcat > out": f"zcat {' '.join(gz)} > {out}/zcat.pfw",
         **{f"pwriter striped {backend} --no-fsync": pwriter_merge(gz, merged, "--backend", backend, "--no-fsync")
            for backend in backends},
     }, args.rounds, out, results)
 
-    run_group("1,024 files of 256 KiB, no fsync", small_size, {
+    if "small" in wanted:
+        run_group("1,024 files of 256 KiB, no fsync", small_size, {
         "cat > out": f"cat {os.path.join(args.dir, 'small')}/*.pfw > {out}/cat.pfw",
         **{f"pwriter striped {backend} --no-fsync": pwriter_merge(small, merged, "--backend", backend, "--no-fsync")
            for backend in backends},
     }, args.rounds, out, results)
 
     fio = tool("fio")
-    if fio:
+    if "fio" not in wanted:
+        pass
+    elif fio:
         fio_cmd = (f"{fio} --name=seq --rw=write --bs=1M --size={size // MiB}M --direct=1 --ioengine=psync "
                    f"--filename={out}/fio.dat --output-format=terse >/dev/null")
         run_group("the disk itself (fio sequential write, O_DIRECT, 1 MiB)", size, {
@@ -199,7 +211,9 @@ def main() -> None:
         print("\nfio is not installed: the disk's own limit is not measured (apt-get install fio)")
 
     split = tool("dftracer_split")
-    if split:
+    if "split" not in wanted:
+        pass
+    elif split:
         split_out = os.path.join(out, "split")
         merged_gz = os.path.join(out, "merged.pfw.gz")
         run_group("gzip to gzip: dftracer_split (C++) against pwriter", size, {
@@ -212,33 +226,35 @@ def main() -> None:
     else:
         print("\ndftracer_split is not installed (pip install dftracer-utils): no C++ baseline")
 
-    # Memory against corpus size: a quarter of the corpus, the corpus, and the corpus twice (copies).
-    twice = os.path.join(args.dir, "plain-copy")
-    if not os.path.exists(os.path.join(twice, ".built")):
-        shutil.rmtree(twice, ignore_errors=True)
-        shutil.copytree(os.path.join(args.dir, "plain"), twice)
-        open(os.path.join(twice, ".built"), "w").close()
-    copies = [os.path.join(twice, os.path.basename(path)) for path in plain]
-    print("\npeak RSS against corpus size (pwriter striped, auto backend, no fsync)")
-    print(f"  {'corpus':<10} {'MiB':>8} {'seconds':>8} {'RSS MiB':>8}")
-    for label, paths in (("quarter", plain[: len(plain) // 4]), ("whole", plain), ("twice", plain + copies)):
-        run = measure(pwriter_merge(paths, merged, "--no-fsync"))
-        shutil.rmtree(out, ignore_errors=True)
-        os.makedirs(out)
-        mib = sum(os.path.getsize(path) for path in paths) / MiB
-        print(f"  {label:<10} {mib:8.0f} {run.wall:8.3f} {run.rss_kib / 1024:8.0f}")
-        results.append({"group": "memory", "corpus_mib": mib, "seconds": run.wall, "peak_rss_mib": run.rss_kib / 1024})
+    if "memory" in wanted:
+        # Memory against corpus size: a quarter of the corpus, the corpus, and the corpus twice (copies).
+        twice = os.path.join(args.dir, "plain-copy")
+        if not os.path.exists(os.path.join(twice, ".built")):
+            shutil.rmtree(twice, ignore_errors=True)
+            shutil.copytree(os.path.join(args.dir, "plain"), twice)
+            open(os.path.join(twice, ".built"), "w").close()
+        copies = [os.path.join(twice, os.path.basename(path)) for path in plain]
+        print("\npeak RSS against corpus size (pwriter striped, auto backend, no fsync)")
+        print(f"  {'corpus':<10} {'MiB':>8} {'seconds':>8} {'RSS MiB':>8}")
+        for label, paths in (("quarter", plain[: len(plain) // 4]), ("whole", plain), ("twice", plain + copies)):
+            run = measure(pwriter_merge(paths, merged, "--no-fsync"))
+            shutil.rmtree(out, ignore_errors=True)
+            os.makedirs(out)
+            mib = sum(os.path.getsize(path) for path in paths) / MiB
+            print(f"  {label:<10} {mib:8.0f} {run.wall:8.3f} {run.rss_kib / 1024:8.0f}")
+            results.append({"group": "memory", "corpus_mib": mib, "seconds": run.wall, "peak_rss_mib": run.rss_kib / 1024})
 
-    print("\nlibrary path: 8 producer tasks, 200-byte lines, striped file, no fsync (bench/library.py)")
-    print(f"  {'call':<12} {'backend':<10} {'lines/s':>12} {'MiB/s':>8}")
-    for backend in backends:
-        for call in ("line", "lines"):
-            done = subprocess.run([sys.executable, os.path.join(os.path.dirname(__file__), "library.py"),
-                                   "--call", call, "--backend", backend, "--out", os.path.join(out, "lib.pfw")],
-                                  capture_output=True, text=True, check=True)
-            report = json.loads(done.stdout)
-            print(f"  send_{call:<7} {backend:<10} {report['lines_per_second']:>12,} {report['mib_per_second']:>8}")
-            results.append({"group": "library", **report})
+    if "library" in wanted:
+        print("\nlibrary path: 8 producer tasks, 200-byte lines, striped file, no fsync (bench/library.py)")
+        print(f"  {'call':<12} {'backend':<10} {'lines/s':>12} {'MiB/s':>8}")
+        for backend in backends:
+            for call in ("line", "lines"):
+                done = subprocess.run([sys.executable, os.path.join(os.path.dirname(__file__), "library.py"),
+                                       "--call", call, "--backend", backend, "--out", os.path.join(out, "lib.pfw")],
+                                      capture_output=True, text=True, check=True)
+                report = json.loads(done.stdout)
+                print(f"  send_{call:<7} {backend:<10} {report['lines_per_second']:>12,} {report['mib_per_second']:>8}")
+                results.append({"group": "library", **report})
 
     if args.json:
         with open(args.json, "w") as handle:
