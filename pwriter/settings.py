@@ -1,4 +1,4 @@
-"""User-facing settings: one pydantic-settings model, read from ``PWRITER_*``.
+"""User-facing settings: one pydantic model, read from ``PWRITER_*``.
 
 Every field may be left at its default, in which case :mod:`pwriter.sizing`
 derives a value from the filesystem and the machine.  Explicit values (from
@@ -12,11 +12,11 @@ whatever the spelling, and so do we).
 
 from __future__ import annotations
 
+import os
 import re
 from typing import Annotated, Any, Literal
 
-from pydantic import BeforeValidator, Field, ValidationError
-from pydantic_settings import BaseSettings, SettingsConfigDict
+from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, ValidationError
 
 from .errors import UsageError
 
@@ -71,14 +71,18 @@ BuffersPerWorker = Annotated[Annotated[int, Field(ge=2, le=64)] | None, BeforeVa
 QueueDepth = Annotated[Annotated[int, Field(ge=1, le=4096)] | None, BeforeValidator(_optional_int)]
 
 
-class Settings(BaseSettings):
+ENV_PREFIX = "PWRITER_"
+
+
+class Settings(BaseModel):
     """How pwriter writes; ``None`` means "let the sizing policy decide".
 
-    Every field can be set from the environment as ``PWRITER_<FIELD>``, for
-    example ``PWRITER_STRIPE_SIZE=8MiB`` or ``PWRITER_LAYOUT=sharded``.
+    Build it with :func:`load_settings`, which also reads every field from
+    the environment as ``PWRITER_<FIELD>``, for example
+    ``PWRITER_STRIPE_SIZE=8MiB`` or ``PWRITER_LAYOUT=sharded``.
     """
 
-    model_config = SettingsConfigDict(env_prefix="PWRITER_", frozen=True, extra="forbid")
+    model_config = ConfigDict(frozen=True, extra="forbid")
 
     layout: LayoutName = "auto"
     backend: BackendName = "auto"
@@ -101,23 +105,36 @@ def load_settings(**overrides: Any) -> Settings:
     """Build :class:`Settings` from the environment plus ``overrides``.
 
     ``overrides`` whose value is ``None`` are ignored, so that command-line
-    options that were not given fall back to the environment.  Raises
-    :class:`ConfigError` with one line naming the first bad field.
+    options that were not given fall back to the environment.  Variable
+    names are not case-sensitive; ``PWRITER_*`` variables that name no
+    field are ignored.  Raises :class:`ConfigError` with one line naming the
+    first bad field (and the variable, when the value came from one).
+
+    (Our own few lines rather than pydantic-settings: that package costs
+    about 35 ms of start-up, a tenth of ``cat``'s time for 1 GiB.)
     """
-    given = {name: value for name, value in overrides.items() if value is not None}
+    from_environment = {}
+    for variable, value in os.environ.items():
+        name = variable[len(ENV_PREFIX) :].lower() if variable.upper().startswith(ENV_PREFIX) else ""
+        if name in Settings.model_fields:
+            from_environment[name] = (variable, value)
+    given: dict[str, Any] = {name: value for name, (_, value) in from_environment.items()}
+    given.update({name: value for name, value in overrides.items() if value is not None})
     try:
         return Settings(**given)
     except ValidationError as exc:
-        raise ConfigError(_describe(exc)) from None
+        raise ConfigError(_describe(exc, {name: variable for name, (variable, _) in from_environment.items()
+                                          if name not in overrides or overrides[name] is None})) from None
 
 
-def _describe(exc: ValidationError) -> str:
+def _describe(exc: ValidationError, variables: dict[str, str]) -> str:
     error = exc.errors(include_url=False)[0]
     field = ".".join(str(part) for part in error["loc"]) or "settings"
     message = error["msg"]
     if message.startswith("Value error, "):
         message = message[len("Value error, ") :]
+    source = f" (from {variables[field]})" if field in variables else ""
     shown = error.get("input")
     if isinstance(shown, (str, int, float)) and not isinstance(shown, bool):
-        return f"invalid setting {field}={shown!r}: {message}"
-    return f"invalid setting {field}: {message}"
+        return f"invalid setting {field}={shown!r}{source}: {message}"
+    return f"invalid setting {field}{source}: {message}"

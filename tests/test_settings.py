@@ -83,3 +83,19 @@ def test_invalid_environment_names_the_field(monkeypatch: pytest.MonkeyPatch) ->
     monkeypatch.setenv("PWRITER_QUEUE_DEPTH", "deep")
     with pytest.raises(ConfigError, match="queue_depth"):
         load_settings()
+
+
+def test_environment_error_names_the_variable_and_unknown_variables_are_ignored(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.setenv("PWRITER_NOT_A_SETTING", "whatever")
+    monkeypatch.setenv("pwriter_level", "2")  # names are not case-sensitive
+    assert load_settings().level == 2
+    monkeypatch.setenv("PWRITER_STRIPE_SIZE", "huge")
+    with pytest.raises(ConfigError) as caught:
+        load_settings()
+    assert str(caught.value).startswith("invalid setting stripe_size='huge' (from PWRITER_STRIPE_SIZE): ")
+    # An explicit value replaces the variable, and so does its blame.
+    with pytest.raises(ConfigError) as caught:
+        load_settings(stripe_size="4XB")
+    assert "(from" not in str(caught.value)
