@@ -5,7 +5,8 @@ Task structure (all in one nursery owned by :func:`open_writer`)::
     producers --(blocks)--> coalescer 0 --(full buffer)--> write task --> backend
               --(blocks)--> coalescer 1 --(full buffer)--> write task --> backend
                                      ...
-    ticker: pushes producer batches older than max_delay
+    ticker: pushes producer batches older than max_delay (and, for padded
+            gzip, finishes members whose oldest text is older than that)
 
 When the body of the ``async with`` ends normally, the writer pushes what
 producers still hold, closes the channels, waits until every coalescer has
@@ -89,6 +90,7 @@ class WriterStatistics:
     line_bytes: int
     bytes_written: int
     deadline_flushes: int
+    """Buffers (and padded gzip members) written because their oldest line waited ``max_delay``."""
     uncopied_chunks: int
     oversized_chunks: int
     buffer_waits: int
@@ -159,6 +161,9 @@ class Writer:
             {} if compress and sizing.layout == "padded-striped" else None
         )
         self._member_target = int((sizing.stripe_size - len(header)) * 0.9)
+        self._member_since: dict[int, float] = {}  # worker -> when its unfinished member got its first text
+        self._finishing_members = False  # set once the last members are being finished at close
+        self._deadline_members = 0
         self._fds = list(output.fds)
         self._direct_fds = list(output.direct_fds)  # empty unless O_DIRECT
         self._sends: list[trio.MemorySendChannel[bytes]] = []
@@ -256,7 +261,7 @@ class Writer:
             writes=io.writes,
             line_bytes=self._buffer_bytes + sum(stat.bytes for stat in coalesced),
             bytes_written=self._bytes_written,
-            deadline_flushes=sum(stat.deadline_flushes for stat in coalesced),
+            deadline_flushes=sum(stat.deadline_flushes for stat in coalesced) + self._deadline_members,
             uncopied_chunks=sum(stat.uncopied_chunks for stat in coalesced),
             oversized_chunks=sum(stat.oversized_chunks for stat in coalesced),
             buffer_waits=self._pool.waits,
@@ -296,6 +301,7 @@ class Writer:
         async with trio.open_nursery() as nursery:
             for coalescer in self._coalescers:
                 nursery.start_soon(coalescer.run)
+        self._finishing_members = True  # (the ticker starts no member of its own from now on)
         for placed in list(self._placed.values()):
             await placed.wait()  # every compressed chunk has its place
         for worker, builder in sorted((self._builders or {}).items()):
@@ -319,6 +325,44 @@ class Writer:
             for producer in self._producers:
                 if not producer.closed and producer.pending_since + delay <= now:
                     producer.send_pending_nowait()
+            for worker, since in list(self._member_since.items()):
+                if since + delay <= now and not self._finishing_members:
+                    self._finish_stale_member(worker)
+
+    def _finish_stale_member(self, worker: int) -> None:
+        """Padded gzip: finish ``worker``'s member now, in its place in the
+        worker's order, so that no text waits in a builder longer than
+        ``max_delay``.  Skipped (until the next tick) when every member slot
+        is taken."""
+        try:
+            self._member_slots.acquire_nowait()
+        except trio.WouldBlock:
+            return
+        del self._member_since[worker]
+        previous = self._placed.get(worker)
+        mine = self._placed[worker] = trio.Event()
+        self._nursery.start_soon(self._finish_member, worker, previous, mine)
+
+    @trio.lowlevel.enable_ki_protection
+    async def _finish_member(self, worker: int, previous: trio.Event | None, mine: trio.Event) -> None:
+        assert self._builders is not None
+        try:
+            if previous is not None:
+                await previous.wait()
+            builder = self._builders.get(worker)
+            finished = None
+            if builder is not None:
+                finished = await trio.to_thread.run_sync(builder.finish, limiter=self._compress_limiter)
+            if finished is None:
+                mine.set()
+                return
+            self._deadline_members += 1
+            member, text_length, events = finished
+            placement = self._place_member(worker, member, text_length, events)
+            mine.set()
+            await self._write(placement, member)
+        finally:
+            self._member_slots.release()
 
     async def _flush_buffer(self, worker: int, buffer: memoryview, filled: int) -> None:
         if self.compressed:
@@ -353,8 +397,10 @@ class Writer:
             finally:
                 release()
             if finished is None:
+                self._member_since.setdefault(worker, trio.current_time())
                 mine.set()
                 return
+            self._member_since.pop(worker, None)
             member, text_length, events = finished
             placement = self._place_member(worker, member, text_length, events)
             mine.set()

@@ -196,3 +196,34 @@ def test_members_ending_just_before_a_stripe_boundary(short_by: int) -> None:
     # A remainder of 22 bytes or more is one padding member; a smaller one spills into the next slot.
     second_slot = stripe if short_by >= 22 else 2 * stripe
     assert [offset for offset, _, text in walked if text.startswith(b"x")] == [len(header), second_slot]
+
+
+async def test_padded_gzip_members_are_finished_after_max_delay(tmp_path) -> None:
+    """Padded-striped gzip streams chunks into a member until it fills a
+    slot; a slow producer's lines must still reach the disk after the
+    delays (batch, buffer, member: max_delay each), not only at close.
+    (Real clock: compression runs in threads, which a virtual clock would
+    outrun; the wait is bounded, not timed.)"""
+    from pwriter.settings import load_settings
+    from pwriter.sizing import FsInfo, FsKind
+    from pwriter.testing import MemoryBackend
+    from pwriter.writer import open_writer
+
+    memory = MemoryBackend()
+    target = str(tmp_path / "out.pfw.gz")
+    settings = load_settings(layout="padded-striped", stripe_size="1MiB", max_delay=0.05, fsync=False)
+
+    def written_text() -> bytes:
+        data = b"".join(write.data for write in sorted(memory.writes, key=lambda write: write.offset))
+        return gzip.decompress(data) if data else b""
+
+    async with open_writer(target, settings=settings, fs=FsInfo(FsKind.LOCAL, 0xEF53, "/"),
+                           backend=memory) as writer:
+        async with writer.producer() as producer:
+            for number in (1, 2):
+                await producer.send_line(b'{"slow":%d}' % number)
+                with trio.fail_after(30):
+                    while b'{"slow":%d}\n' % number not in written_text():
+                        await trio.sleep(0.01)
+    assert writer.statistics().deadline_flushes >= 4  # two buffers and two members
+    assert gzip.decompress(memory.contents()[target]) == b'[\n{"slow":1}\n{"slow":2}\n]\n'
