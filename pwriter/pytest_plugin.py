@@ -7,7 +7,10 @@ factories, so they work in pytest-trio's ``trio_mode`` and with explicit
 ``@pytest.mark.trio`` alike, and with the ``autojump_clock`` fixture: the
 writer's flush deadlines (``max_delay``) and :class:`~pwriter.testing.FaultBackend`
 delays are on the trio clock, so a test of a 10-second flush delay runs
-instantly::
+instantly.  Assert on *when* data is written through
+``pwriter_memory_backend`` (plain output), which completes writes in the
+trio thread: real backends and gzip compression work in threads, which a
+virtual clock does not wait for::
 
     async def test_events_arrive(pwriter_open_writer, pwriter_memory_backend, autojump_clock):
         async with pwriter_open_writer(backend=pwriter_memory_backend, max_delay=10) as writer:
