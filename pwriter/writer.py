@@ -307,8 +307,7 @@ class Writer:
         for worker, builder in sorted((self._builders or {}).items()):
             finished = await trio.to_thread.run_sync(builder.finish, limiter=self._compress_limiter)
             if finished is not None:
-                member, text_length, events = finished
-                placement = self._place_member(worker, member, text_length, events)
+                placement, member = self._place_member(worker, finished)
                 self._nursery.start_soon(self._write, placement, member)
         footer = self._planner.close(len(self._footer))
         self._record(footer, text=self._footer_text, events=0)
@@ -357,8 +356,7 @@ class Writer:
                 mine.set()
                 return
             self._deadline_members += 1
-            member, text_length, events = finished
-            placement = self._place_member(worker, member, text_length, events)
+            placement, member = self._place_member(worker, finished)
             mine.set()
             await self._write(placement, member)
         finally:
@@ -401,17 +399,19 @@ class Writer:
                 mine.set()
                 return
             self._member_since.pop(worker, None)
-            member, text_length, events = finished
-            placement = self._place_member(worker, member, text_length, events)
+            placement, member = self._place_member(worker, finished)
             mine.set()
             await self._write(placement, member)
         finally:
             self._member_slots.release()
 
-    def _place_member(self, worker: int, member: bytes, text: int, events: int) -> Placement:
+    def _place_member(self, worker: int, finished: tuple[bytes, int, int]) -> tuple[Placement, bytes]:
+        """Place a finished member ``(member, text bytes, events)`` next in
+        ``worker``'s order and record it for the index."""
+        member, text, events = finished
         placement = self._planner.place(worker, len(member))
         self._record(placement, text=text, events=events)
-        return placement
+        return placement, member
 
     @trio.lowlevel.enable_ki_protection
     async def _compress_and_write(
@@ -427,7 +427,7 @@ class Writer:
                 release()  # the text is no longer needed
             if previous is not None:
                 await previous.wait()
-            placement = self._place_member(worker, member, text.nbytes, events)
+            placement, member = self._place_member(worker, (member, text.nbytes, events))
             mine.set()
             await self._write(placement, member)
         finally:
