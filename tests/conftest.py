@@ -60,3 +60,20 @@ def run_cli(*args: str, cwd: str | os.PathLike[str] | None = None, env: dict[str
         env={**os.environ, **(env or {})},
         timeout=300,
     )
+
+
+def expect_failure(done: subprocess.CompletedProcess[str], code: int, *needles: str) -> None:
+    """A command that failed as documented: exit ``code``, nothing on stdout,
+    one ``pwriter: error:`` line on stderr holding every one of ``needles``."""
+    assert done.returncode == code, (done.returncode, done.stdout, done.stderr)
+    lines = done.stderr.strip().splitlines()
+    assert len(lines) == 1, done.stderr
+    assert lines[0].startswith("pwriter: error: ")
+    for needle in needles:
+        assert needle in lines[0], lines[0]
+    assert done.stdout == ""
+
+
+def published(path: str | os.PathLike[str], layout: str) -> str:
+    """The name to read a whole output from (a sharded set: its manifest)."""
+    return f"{os.fspath(path)}.shards" if layout == "sharded" else os.fspath(path)

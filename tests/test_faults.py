@@ -17,26 +17,13 @@ from collections.abc import Iterator
 
 import pytest
 
-from conftest import BIN, run_cli
+from conftest import BIN, expect_failure, published, run_cli
 from pwriter.corpus import write_corpus
 from pwriter.errors import DataError
 from pwriter.output import is_temporary_name
 from pwriter.testing import event_counter, read_events
 
 LAYOUTS = ["striped", "padded-striped", "sharded"]
-
-
-def published(path, layout: str) -> str:
-    return f"{path}.shards" if layout == "sharded" else str(path)
-
-
-def one_error_line(done: subprocess.CompletedProcess[str], code: int, *needles: str) -> str:
-    assert done.returncode == code, (done.returncode, done.stdout, done.stderr)
-    lines = done.stderr.strip().splitlines()
-    assert len(lines) == 1 and lines[0].startswith("pwriter: error: "), done.stderr
-    for needle in needles:
-        assert needle in lines[0], lines[0]
-    return lines[0]
 
 
 @contextlib.contextmanager
@@ -116,7 +103,7 @@ def test_full_disk_publishes_nothing(tmp_path, backend_name: str) -> None:
             handle.write(b"mine")
         out = os.path.join(small, "merged.pfw")
         done = run_cli("merge", "-d", str(inputs), "-o", out, "--backend", backend_name)
-        one_error_line(done, 1, out, "No space left on device")
+        expect_failure(done, 1, out, "No space left on device")
         assert os.listdir(small) == ["keep.txt"]
         with open(keep, "rb") as handle:
             assert handle.read() == b"mine"
@@ -137,7 +124,7 @@ def test_read_only_output_directory(tmp_path, backend_name: str) -> None:
     with context as directory:
         out = os.path.join(directory, "merged.pfw")
         done = run_cli("merge", str(source), "-o", out, "--backend", backend_name)
-        one_error_line(done, 1, out, needle)
+        expect_failure(done, 1, out, needle)
         assert os.listdir(directory) == []
 
 
@@ -158,7 +145,7 @@ def test_file_size_limit_publishes_nothing(tmp_path, backend_name: str) -> None:
     done = subprocess.run([os.path.join(BIN, "pwriter"), "merge", "-d", str(inputs), "-o", str(out / "m.pfw"),
                            "--backend", backend_name], capture_output=True, text=True, preexec_fn=limit,
                           timeout=300)
-    one_error_line(done, 1, str(out / "m.pfw"), "File too large")
+    expect_failure(done, 1, str(out / "m.pfw"), "File too large")
     assert os.listdir(out) == []
 
 

@@ -13,7 +13,7 @@ import zlib
 
 import pytest
 
-from conftest import dftracer_tool, run_cli
+from conftest import dftracer_tool, expect_failure, run_cli
 from pwriter.corpus import write_corpus
 from pwriter.output import is_temporary_name
 from pwriter.testing import event_counter, read_events, read_text
@@ -159,16 +159,6 @@ def test_gen_corpus_and_info(tmp_path) -> None:
 def good_trace(path) -> str:
     path.write_bytes(b'[\n{"id":1,"name":"read"}\n]\n')
     return str(path)
-
-
-def expect_failure(done: subprocess.CompletedProcess[str], code: int, *needles: str) -> None:
-    assert done.returncode == code, (done.returncode, done.stdout, done.stderr)
-    lines = done.stderr.strip().splitlines()
-    assert len(lines) == 1, done.stderr
-    assert lines[0].startswith("pwriter: error: ")
-    for needle in needles:
-        assert needle in lines[0], lines[0]
-    assert done.stdout == ""
 
 
 def bad_inputs(tmp_path) -> dict[str, tuple[bytes, str]]:

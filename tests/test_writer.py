@@ -18,13 +18,10 @@ from pwriter.settings import load_settings
 from pwriter.testing import FaultBackend, MemoryBackend, read_events, read_text
 from pwriter.writer import open_writer
 
+from conftest import published
+
 LAYOUTS = ["striped", "padded-striped", "sharded"]
 LOCAL = FsInfo(FsKind.LOCAL, 0xEF53, "/")
-
-
-def published(path: str, layout: str) -> str:
-    """The name to read the whole output from."""
-    return path + ".shards" if layout == "sharded" else path
 
 
 def leftovers(directory) -> list[str]:
