@@ -14,8 +14,8 @@ from __future__ import annotations
 import argparse
 import gzip
 import io
-import threading
-import time
+
+from thread_scaling import one_and_two_threads
 
 from pwriter.corpus import events
 
@@ -52,21 +52,8 @@ def main() -> None:
             while reader.read(4 << 20):
                 pass
 
-        one = min(_timed(work) for _ in range(3))
-        threads = [threading.Thread(target=work) for _ in range(2)]
-        start = time.perf_counter()
-        for thread in threads:
-            thread.start()
-        for thread in threads:
-            thread.join()
-        two = time.perf_counter() - start
-        print(f"{name:<16} {size / one / 2**30:7.2f} {2 * one / two:10.2f}")
-
-
-def _timed(work) -> float:  # type: ignore[no-untyped-def]
-    start = time.perf_counter()
-    work()
-    return time.perf_counter() - start
+        one, speedup = one_and_two_threads(work)
+        print(f"{name:<16} {size / one / 2**30:7.2f} {speedup:10.2f}")
 
 
 if __name__ == "__main__":

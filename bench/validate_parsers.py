@@ -14,9 +14,9 @@ from __future__ import annotations
 
 import argparse
 import json
-import threading
-import time
 from collections.abc import Callable
+
+from thread_scaling import one_and_two_threads
 
 from pwriter.corpus import events
 from pwriter.traceformat import BlockCleaner
@@ -65,21 +65,8 @@ def main() -> None:
     print(f"{size / 2**20:.0f} MiB of text, {len(lines)} lines")
     print(f"{'parser':<18} {'GiB/s':>7} {'2 threads':>10}")
     for name, work in checks.items():
-        one = min(_timed(work) for _ in range(3))
-        threads = [threading.Thread(target=work) for _ in range(2)]
-        start = time.perf_counter()
-        for thread in threads:
-            thread.start()
-        for thread in threads:
-            thread.join()
-        two = time.perf_counter() - start
-        print(f"{name:<18} {size / one / 2**30:7.2f} {2 * one / two:9.2f}x")
-
-
-def _timed(work: Callable[[], None]) -> float:
-    start = time.perf_counter()
-    work()
-    return time.perf_counter() - start
+        one, speedup = one_and_two_threads(work)
+        print(f"{name:<18} {size / one / 2**30:7.2f} {speedup:9.2f}x")
 
 
 if __name__ == "__main__":
