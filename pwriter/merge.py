@@ -213,9 +213,10 @@ class InputReader:
                 break
             end += got
         if at_end:  # (so end < capacity: there is room for a newline)
-            if self.raw_offset < self.size:
+            consumed = self.raw_offset
+            if consumed < self.size:
                 raise DataError(f"{self.path}: the input shrank while it was read ({self.size} bytes when the "
-                                f"merge began, {self.raw_offset} at the end)")
+                                f"merge began, {consumed} at the end)")
             if end > done and buffer[end - 1] != 10:
                 if self.salvage:
                     end = self._drop_damaged_tail(buffer, done, end)

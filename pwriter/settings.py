@@ -123,8 +123,9 @@ def load_settings(**overrides: Any) -> Settings:
     try:
         return Settings(**given)
     except ValidationError as exc:
-        raise ConfigError(_describe(exc, {name: variable for name, (variable, _) in from_environment.items()
-                                          if name not in overrides or overrides[name] is None})) from None
+        variables = {name: variable for name, (variable, _) in from_environment.items()
+                     if overrides.get(name) is None}  # the values that did come from the environment
+        raise ConfigError(_describe(exc, variables)) from None
 
 
 def _describe(exc: ValidationError, variables: dict[str, str]) -> str:
