@@ -83,26 +83,30 @@ def _process_is_gone(pid: int) -> bool:
     return False
 
 
-def remove_stale_temporaries(target: str) -> list[str]:
-    """Remove the temporaries of ``target`` left by pwriter processes of
+def remove_stale_temporaries(targets: Iterable[str]) -> list[str]:
+    """Remove the temporaries of ``targets`` left by pwriter processes of
     this host that no longer run (killed before they could clean up);
     returns the names removed.  Temporaries of live processes and of other
-    hosts (shared storage) are left alone."""
-    directory, name = os.path.split(os.path.abspath(target))
-    prefix = f".{name}{TEMP_MARKER}{_host()}-"
+    hosts (shared storage) are left alone.  Each directory is listed once."""
+    prefixes: dict[str, list[str]] = {}  # directory -> the temporary-name prefixes of its targets
+    for target in targets:
+        directory, name = os.path.split(os.path.abspath(target))
+        prefixes.setdefault(directory, []).append(f".{name}{TEMP_MARKER}{_host()}-")
     removed: list[str] = []
-    try:
-        names = os.listdir(directory)
-    except OSError:
-        return removed
-    for entry in names:
-        if not (entry.startswith(prefix) and entry.endswith(".tmp")):
+    for directory, wanted in prefixes.items():
+        try:
+            entries = os.listdir(directory)
+        except OSError:
             continue
-        pid, _, _ = entry[len(prefix) : -len(".tmp")].partition("-")
-        if pid.isdigit() and int(pid) != os.getpid() and _process_is_gone(int(pid)):
-            path = os.path.join(directory, entry)
-            _unlink_quietly(path)
-            removed.append(path)
+        for entry in entries:
+            prefix = next((prefix for prefix in wanted if entry.startswith(prefix)), None)
+            if prefix is None or not entry.endswith(".tmp"):
+                continue
+            pid, _, _ = entry[len(prefix) : -len(".tmp")].partition("-")
+            if pid.isdigit() and int(pid) != os.getpid() and _process_is_gone(int(pid)):
+                path = os.path.join(directory, entry)
+                _unlink_quietly(path)
+                removed.append(path)
     return removed
 
 
@@ -189,8 +193,7 @@ class OutputSet:
         With ``direct``, each file also gets a second descriptor opened with
         O_DIRECT (:attr:`direct_fds`), for the writes that are aligned.
         """
-        for name in self.names:
-            remove_stale_temporaries(name)
+        remove_stale_temporaries(self.names)
         try:
             for target in self.targets:
                 temporary, fd = _create_exclusively(target)
