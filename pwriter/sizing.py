@@ -18,13 +18,13 @@ Stripe size (the unit of every write, and the flush threshold)
     GPFS: the filesystem block size, which GPFS stripes by.
     Otherwise 2 MiB: large enough that one ``pwritev`` per chunk costs little,
     small enough that a buffer is still in the CPU caches when it is written
-    after being read and scanned.  On the 2-CPU development machine, merging
-    953 MiB with 2 MiB buffers took 0.54 to 0.63 s (striped and sharded, both
-    backends, 4 shuffled rounds each) against 0.54 to 1.32 s with 4 MiB, 0.62
-    to 0.73 s with 1 MiB and 0.94 s with 512 KiB; a plain read/write copy
-    loop spent 0.31 s of system time per GiB with 512 KiB buffers and up to
-    1.2 s with 4 MiB ones.  Always a multiple of 4 KiB so that buffers can be
-    used with O_DIRECT.
+    after being read and scanned.  ``bench/buffer_sizes.py --rounds 4`` on the
+    2-CPU development machine (953 MiB corpus, striped, threads): merges
+    took 0.62 to 0.92 s with 2 MiB, 0.83 to 2.00 s with 4 MiB, 0.72 to 1.01 s
+    with 1 MiB and 0.96 to 1.13 s with 512 KiB; a plain read/write copy loop
+    took 0.31 to 0.35 s with 512 KiB buffers and 0.73 to 1.15 s with 4 MiB
+    ones (almost all of it system time).  Always a multiple of 4 KiB so that
+    buffers can be used with O_DIRECT.
 
 Layout
     O_DIRECT (``direct``): padded-striped, the one layout whose writes all

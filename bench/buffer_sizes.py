@@ -1,0 +1,117 @@
+"""Which buffer (stripe) size for local disks: the measurement behind the 2 MiB default.
+
+    .venv/bin/python bench/buffer_sizes.py [--mib 1024] [--rounds 4]
+
+Uses (and builds, if missing) the plain corpus of ``bench.py`` in ``--dir``.
+Two parts, each in shuffled rounds, printing every run sorted (this VM's
+kernel time swings from run to run, so the spread matters more than a mean):
+
+1. a plain copy of the corpus into one file, ``readv`` + ``pwrite`` through
+   one buffer of 128 KiB to 4 MiB, and ``copy_file_range`` (no user buffer):
+   wall and system seconds;
+2. ``pwriter merge --no-fsync`` of the corpus with ``--stripe-size`` 512 KiB
+   to 4 MiB (``--layout``, ``--backend`` and ``--inputs gzip`` choose the
+   case): wall, user and system seconds.
+
+Not run in CI.
+"""
+
+from __future__ import annotations
+
+import argparse
+import mmap
+import os
+import random
+import resource
+import shutil
+import subprocess
+import time
+
+from bench import PWRITER, build_gzip, build_plain
+
+KiB, MiB = 1 << 10, 1 << 20
+
+
+def copy_through_buffer(paths: list[str], out: int, size: int) -> None:
+    buffer = mmap.mmap(-1, size)
+    view = memoryview(buffer)
+    offset = 0
+    for path in paths:
+        fd = os.open(path, os.O_RDONLY)
+        while got := os.readv(fd, [view]):
+            with view[:got] as part:
+                os.pwrite(out, part, offset)
+            offset += got
+        os.close(fd)
+    view.release()
+    buffer.close()
+
+
+def copy_in_kernel(paths: list[str], out: int, _: int) -> None:
+    offset = 0
+    for path in paths:
+        fd = os.open(path, os.O_RDONLY)
+        size, done = os.fstat(fd).st_size, 0
+        while done < size:
+            done += os.copy_file_range(fd, out, size - done, done, offset + done)
+        offset += size
+        os.close(fd)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--mib", type=int, default=1024)
+    parser.add_argument("--rounds", type=int, default=4)
+    parser.add_argument("--dir", default="/tmp/pwriter-bench")
+    parser.add_argument("--layout", default="striped")
+    parser.add_argument("--backend", default="threads")
+    parser.add_argument("--inputs", choices=("plain", "gzip"), default="plain")
+    args = parser.parse_args()
+    plain = build_plain(os.path.join(args.dir, "plain"), args.mib, 64)
+    inputs = build_gzip(plain, os.path.join(args.dir, "gzip")) if args.inputs == "gzip" else plain
+    out_dir = os.path.join(args.dir, "out")
+
+    copies = [(f"read/write {size // KiB} KiB", copy_through_buffer, size) for size in (128 * KiB, 512 * KiB,
+                                                                                       1 * MiB, 4 * MiB)]
+    copies.append(("copy_file_range", copy_in_kernel, 0))
+    seen: dict[str, list[tuple[float, float]]] = {}
+    for _ in range(args.rounds):
+        random.shuffle(copies)
+        for name, copy, size in copies:
+            shutil.rmtree(out_dir, ignore_errors=True)
+            os.makedirs(out_dir)
+            out = os.open(os.path.join(out_dir, "copy"), os.O_WRONLY | os.O_CREAT, 0o644)
+            before, start = resource.getrusage(resource.RUSAGE_SELF), time.perf_counter()
+            copy(plain, out, size)
+            wall, after = time.perf_counter() - start, resource.getrusage(resource.RUSAGE_SELF)
+            os.close(out)
+            seen.setdefault(name, []).append((wall, after.ru_stime - before.ru_stime))
+    print(f"1. copy of the plain corpus ({args.mib} MiB), {args.rounds} rounds: wall s / system s")
+    for name, runs in sorted(seen.items()):
+        runs.sort()
+        print(f"  {name:<22} {' '.join(f'{w:.2f}/{s:.2f}' for w, s in runs)}")
+
+    stripes = ["512KiB", "1MiB", "2MiB", "4MiB"]
+    merged: dict[str, list[tuple[float, float, float]]] = {}
+    for _ in range(args.rounds):
+        random.shuffle(stripes)
+        for stripe in stripes:
+            shutil.rmtree(out_dir, ignore_errors=True)
+            os.makedirs(out_dir)
+            start = time.perf_counter()
+            process = subprocess.Popen([PWRITER, "merge", *inputs, "-o", os.path.join(out_dir, "m.pfw"),
+                                        "--no-fsync", "--layout", args.layout, "--backend", args.backend,
+                                        "--stripe-size", stripe], stdout=subprocess.DEVNULL)
+            _, status, usage = os.wait4(process.pid, 0)
+            if os.waitstatus_to_exitcode(status) != 0:
+                raise SystemExit(f"pwriter merge failed with --stripe-size {stripe}")
+            merged.setdefault(stripe, []).append((time.perf_counter() - start, usage.ru_utime, usage.ru_stime))
+    print(f"2. pwriter merge of the {args.inputs} corpus, {args.layout}, {args.backend}: wall s / user s / system s")
+    for stripe, runs in merged.items():
+        runs.sort()
+        print(f"  {stripe:<8} {' '.join(f'{w:.2f}/{u:.2f}/{s:.2f}' for w, u, s in runs)}")
+    shutil.rmtree(out_dir, ignore_errors=True)
+
+
+if __name__ == "__main__":
+    main()
