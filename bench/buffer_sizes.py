@@ -1,17 +1,21 @@
-"""Which buffer (stripe) size for local disks: the measurement behind the 2 MiB default.
+"""Which buffer (stripe) size and which write call size for local disks: the
+measurements behind the 2 MiB stripe and 512 KiB write call defaults.
 
     .venv/bin/python bench/buffer_sizes.py [--mib 1024] [--rounds 4]
 
 Uses (and builds, if missing) the plain corpus of ``bench.py`` in ``--dir``.
-Two parts, each in shuffled rounds, printing every run sorted (this VM's
-kernel time swings from run to run, so the spread matters more than a mean):
+Three parts, each in shuffled rounds, printing every run sorted and the
+median (this VM's kernel time swings from run to run, so the spread matters
+more than a mean):
 
-1. a plain copy of the corpus into one file, ``readv`` + ``pwrite`` through
-   one buffer of 128 KiB to 4 MiB, and ``copy_file_range`` (no user buffer):
-   wall and system seconds;
+1. a plain copy of the corpus into one file, ``readv`` into one buffer of
+   128 KiB to 4 MiB + ``pwrite`` of it whole or in calls of 512 KiB, and
+   ``copy_file_range`` (no user buffer): wall and system seconds;
 2. ``pwriter merge --no-fsync`` of the corpus with ``--stripe-size`` 512 KiB
-   to 4 MiB (``--layout``, ``--backend`` and ``--inputs gzip`` choose the
-   case): wall, user and system seconds.
+   to 4 MiB and the default write calls (``--layout``, ``--backend`` and
+   ``--inputs gzip`` choose the case): wall, user and system seconds;
+3. the same merge with 2 MiB stripes and ``PWRITER_WRITE_CALL_SIZE`` from
+   128 KiB to 2 MiB (one call per chunk).
 
 Not run in CI.
 """
@@ -24,6 +28,7 @@ import os
 import random
 import resource
 import shutil
+import statistics
 import subprocess
 import time
 
@@ -32,22 +37,22 @@ from bench import PWRITER, build_gzip, build_plain
 KiB, MiB = 1 << 10, 1 << 20
 
 
-def copy_through_buffer(paths: list[str], out: int, size: int) -> None:
+def copy_through_buffer(paths: list[str], out: int, size: int, call: int) -> None:
     buffer = mmap.mmap(-1, size)
     view = memoryview(buffer)
     offset = 0
     for path in paths:
         fd = os.open(path, os.O_RDONLY)
         while got := os.readv(fd, [view]):
-            with view[:got] as part:
-                os.pwrite(out, part, offset)
-            offset += got
+            for start in range(0, got, call):
+                with view[start : min(got, start + call)] as part:
+                    offset += os.pwrite(out, part, offset)
         os.close(fd)
     view.release()
     buffer.close()
 
 
-def copy_in_kernel(paths: list[str], out: int, _: int) -> None:
+def copy_in_kernel(paths: list[str], out: int, _: int, __: int) -> None:
     offset = 0
     for path in paths:
         fd = os.open(path, os.O_RDONLY)
@@ -66,50 +71,68 @@ def main() -> None:
     parser.add_argument("--layout", default="striped")
     parser.add_argument("--backend", default="threads")
     parser.add_argument("--inputs", choices=("plain", "gzip"), default="plain")
+    parser.add_argument("--part", type=int, action="append", choices=(1, 2, 3), help="run only these parts")
     args = parser.parse_args()
+    parts = set(args.part or (1, 2, 3))
     plain = build_plain(os.path.join(args.dir, "plain"), args.mib, 64)
     inputs = build_gzip(plain, os.path.join(args.dir, "gzip")) if args.inputs == "gzip" else plain
     out_dir = os.path.join(args.dir, "out")
 
-    copies = [(f"read/write {size // KiB} KiB", copy_through_buffer, size) for size in (128 * KiB, 512 * KiB,
-                                                                                       1 * MiB, 4 * MiB)]
-    copies.append(("copy_file_range", copy_in_kernel, 0))
+    copies = [(f"read/write {size // KiB} KiB", copy_through_buffer, size, size)
+              for size in (128 * KiB, 512 * KiB, 1 * MiB, 2 * MiB, 4 * MiB)]
+    copies += [(f"read {size // KiB} KiB, write 512 KiB", copy_through_buffer, size, 512 * KiB)
+               for size in (2 * MiB, 4 * MiB)]
+    copies.append(("copy_file_range", copy_in_kernel, 0, 0))
     seen: dict[str, list[tuple[float, float]]] = {}
-    for _ in range(args.rounds):
+    for _ in range(args.rounds if 1 in parts else 0):
         random.shuffle(copies)
-        for name, copy, size in copies:
+        for name, copy, size, call in copies:
             shutil.rmtree(out_dir, ignore_errors=True)
             os.makedirs(out_dir)
             out = os.open(os.path.join(out_dir, "copy"), os.O_WRONLY | os.O_CREAT, 0o644)
             before, start = resource.getrusage(resource.RUSAGE_SELF), time.perf_counter()
-            copy(plain, out, size)
+            copy(plain, out, size, call)
             wall, after = time.perf_counter() - start, resource.getrusage(resource.RUSAGE_SELF)
             os.close(out)
             seen.setdefault(name, []).append((wall, after.ru_stime - before.ru_stime))
-    print(f"1. copy of the plain corpus ({args.mib} MiB), {args.rounds} rounds: wall s / system s")
+    if 1 in parts:
+        print(f"1. copy of the plain corpus ({args.mib} MiB), {args.rounds} rounds: wall s / system s")
     for name, runs in sorted(seen.items()):
         runs.sort()
-        print(f"  {name:<22} {' '.join(f'{w:.2f}/{s:.2f}' for w, s in runs)}")
+        print(f"  {name:<32} median {statistics.median(w for w, _ in runs):.2f}:"
+              f" {' '.join(f'{w:.2f}/{s:.2f}' for w, s in runs)}")
 
-    stripes = ["512KiB", "1MiB", "2MiB", "4MiB"]
-    merged: dict[str, list[tuple[float, float, float]]] = {}
-    for _ in range(args.rounds):
-        random.shuffle(stripes)
-        for stripe in stripes:
-            shutil.rmtree(out_dir, ignore_errors=True)
-            os.makedirs(out_dir)
-            start = time.perf_counter()
-            process = subprocess.Popen([PWRITER, "merge", *inputs, "-o", os.path.join(out_dir, "m.pfw"),
-                                        "--no-fsync", "--layout", args.layout, "--backend", args.backend,
-                                        "--stripe-size", stripe], stdout=subprocess.DEVNULL)
-            _, status, usage = os.wait4(process.pid, 0)
-            if os.waitstatus_to_exitcode(status) != 0:
-                raise SystemExit(f"pwriter merge failed with --stripe-size {stripe}")
-            merged.setdefault(stripe, []).append((time.perf_counter() - start, usage.ru_utime, usage.ru_stime))
-    print(f"2. pwriter merge of the {args.inputs} corpus, {args.layout}, {args.backend}: wall s / user s / system s")
-    for stripe, runs in merged.items():
-        runs.sort()
-        print(f"  {stripe:<8} {' '.join(f'{w:.2f}/{u:.2f}/{s:.2f}' for w, u, s in runs)}")
+    def merges(title: str, cases: dict[str, tuple[str, str]]) -> None:
+        """Merge the corpus once per case and round; a case is (stripe size, write call size or "auto")."""
+        merged: dict[str, list[tuple[float, float, float]]] = {}
+        names = list(cases)
+        for _ in range(args.rounds):
+            random.shuffle(names)
+            for name in names:
+                stripe, call = cases[name]
+                shutil.rmtree(out_dir, ignore_errors=True)
+                os.makedirs(out_dir)
+                start = time.perf_counter()
+                process = subprocess.Popen([PWRITER, "merge", *inputs, "-o", os.path.join(out_dir, "m.pfw"),
+                                            "--no-fsync", "--layout", args.layout, "--backend", args.backend,
+                                            "--stripe-size", stripe], stdout=subprocess.DEVNULL,
+                                           env={**os.environ, "PWRITER_WRITE_CALL_SIZE": call})
+                _, status, usage = os.wait4(process.pid, 0)
+                if os.waitstatus_to_exitcode(status) != 0:
+                    raise SystemExit(f"pwriter merge failed with --stripe-size {stripe}, write calls of {call}")
+                merged.setdefault(name, []).append((time.perf_counter() - start, usage.ru_utime, usage.ru_stime))
+        print(f"{title} of the {args.inputs} corpus, {args.layout}, {args.backend}: wall s / user s / system s")
+        for name in cases:
+            runs = sorted(merged[name])
+            print(f"  {name:<22} median {statistics.median(w for w, _, _ in runs):.2f}:"
+                  f" {' '.join(f'{w:.2f}/{u:.2f}/{s:.2f}' for w, u, s in runs)}")
+
+    if 2 in parts:
+        merges("2. pwriter merge, stripe size (default write calls: at most 512 KiB)",
+               {f"stripe {stripe}": (stripe, "auto") for stripe in ("512KiB", "1MiB", "2MiB", "4MiB")})
+    if 3 in parts:
+        merges("3. pwriter merge, 2 MiB stripes, write call size",
+               {f"calls of {call}": ("2MiB", call) for call in ("128KiB", "256KiB", "512KiB", "1MiB", "2MiB")})
     shutil.rmtree(out_dir, ignore_errors=True)
 
 

@@ -313,6 +313,7 @@ def _info(args: argparse.Namespace) -> int:
                     "stripe_size": sizing.stripe_size,
                     "buffers": sizing.buffers,
                     "queue_depth": sizing.queue_depth,
+                    "write_call_size": sizing.write_call_size,
                     "memory_budget": sizing.memory_budget,
                     "backend": chosen,
                     "reasons": list(sizing.reasons),

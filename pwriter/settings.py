@@ -68,6 +68,7 @@ StripeSize = Annotated[Annotated[int, Field(ge=64 << 10)] | None, BeforeValidato
 MemoryBudget = Annotated[Annotated[int, Field(ge=16 << 20)] | None, BeforeValidator(_optional_size)]
 WorkerCount = Annotated[Annotated[int, Field(ge=1, le=1024)] | None, BeforeValidator(_optional_int)]
 BuffersPerWorker = Annotated[Annotated[int, Field(ge=2, le=64)] | None, BeforeValidator(_optional_int)]
+WriteCallSize = Annotated[Annotated[int, Field(ge=4096)] | None, BeforeValidator(_optional_size)]
 QueueDepth = Annotated[Annotated[int, Field(ge=1, le=4096)] | None, BeforeValidator(_optional_int)]
 
 
@@ -90,6 +91,8 @@ class Settings(BaseModel):
     workers: WorkerCount = None
     buffers_per_worker: BuffersPerWorker = None
     queue_depth: QueueDepth = None
+    write_call_size: WriteCallSize = None
+    """The most bytes one write system call (or io_uring operation) carries."""
     fsync: bool = True
     direct: bool = False
     compress: bool = False

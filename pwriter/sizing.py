@@ -16,15 +16,13 @@ Filesystem kind
 Stripe size (the unit of every write, and the flush threshold)
     Lustre: the layout's stripe size (``lustre.lov`` xattr or ``lfs``).
     GPFS: the filesystem block size, which GPFS stripes by.
-    Otherwise 2 MiB: large enough that one ``pwritev`` per chunk costs little,
-    small enough that a buffer is still in the CPU caches when it is written
-    after being read and scanned.  ``bench/buffer_sizes.py --rounds 4`` on the
-    2-CPU development machine (953 MiB corpus, striped, threads): merges
-    took 0.62 to 0.92 s with 2 MiB, 0.83 to 2.00 s with 4 MiB, 0.72 to 1.01 s
-    with 1 MiB and 0.96 to 1.13 s with 512 KiB; a plain read/write copy loop
-    took 0.31 to 0.35 s with 512 KiB buffers and 0.73 to 1.15 s with 4 MiB
-    ones (almost all of it system time).  Always a multiple of 4 KiB so that
-    buffers can be used with O_DIRECT.
+    Otherwise 2 MiB: large enough that the per-chunk work in Python costs
+    little; 4 MiB is no faster and doubles the memory.  ``bench/buffer_sizes.py --part 2
+    --rounds 6`` on the 2-CPU development machine (953 MiB corpus, striped,
+    default write calls), median merge times: threads 1.00 s with 512 KiB,
+    0.79 s with 1 MiB, 0.69 s with 2 MiB, 0.70 s with 4 MiB; io_uring 0.88,
+    0.73, 0.66, 0.68 s; gzip inputs 1.28, 1.04, 0.97, 0.97 s.  Always a
+    multiple of 4 KiB so that buffers can be used with O_DIRECT.
 
 Layout
     O_DIRECT (``direct``): padded-striped, the one layout whose writes all
@@ -57,6 +55,23 @@ Buffers
 Queue depth
     How many writes may be in flight at once: one per buffer, since a buffer
     is owned by its write until the write completes.
+
+Write call size (the most bytes one system call or io_uring operation carries)
+    Buffered writes: 512 KiB (at most the stripe size); a chunk is written in
+    as many calls as that takes.  Recent kernels fill the page cache with
+    folios as large as the write call and its offset's alignment allow (up
+    to 2 MiB).  On a virtual machine that hands free memory back to its host
+    (virtio-balloon free page reporting, as on the development machine),
+    large folios come from exactly the free blocks the host has taken back,
+    and writing them costs seconds of system time now and then.
+    ``bench/buffer_sizes.py --part 3 --rounds 8`` (953 MiB, 2 MiB stripes),
+    median and slowest of 8 merges with calls of 512 KiB / 1 MiB / 2 MiB:
+    striped threads 0.68 (0.69) / 0.65 (0.69) / 0.84 (1.03) s; striped
+    io_uring 0.64 (0.66) / 0.62 (0.63) / 0.81 (1.07) s; padded-striped
+    threads, whose writes start on 2 MiB boundaries, 0.67 (1.33) / 1.12
+    (2.07) / 1.88 (3.03) s.  Smaller calls cost more (256 KiB: 0.73 s
+    striped).  512 KiB is the choice that is never far from the best.
+    O_DIRECT writes bypass the page cache: one call per stripe.
 """
 
 from __future__ import annotations
@@ -80,6 +95,7 @@ __all__ = [
 MiB = 1 << 20
 DEFAULT_STRIPE_SIZE = 2 * MiB
 DEFAULT_BUFFERS_PER_WORKER = 4
+BUFFERED_WRITE_CALL_SIZE = 512 << 10
 DEFAULT_MEMORY_CAP = 256 * MiB
 MAX_STRIPE_SIZE = 256 * MiB
 PAGE = 4096
@@ -141,7 +157,9 @@ class Sizing:
     ``stripe_size`` is the capacity of every buffer and the flush threshold in
     bytes; ``buffers`` is the total number of such buffers (the writer's
     whole memory for data is ``buffers * stripe_size``); ``queue_depth`` is
-    the number of writes that may be in flight at once.
+    the number of writes that may be in flight at once; ``write_call_size``
+    is the most bytes the backend puts in one system call (or io_uring
+    operation): a write of a larger chunk takes several.
     """
 
     layout: Layout
@@ -149,6 +167,7 @@ class Sizing:
     stripe_size: int
     buffers: int
     queue_depth: int
+    write_call_size: int
     memory_budget: int
     fs_kind: FsKind
     reasons: tuple[str, ...]
@@ -264,12 +283,23 @@ def plan_sizing(
         queue_depth = buffers
     reasons.append(f"queue depth {queue_depth}")
 
+    if settings.write_call_size is not None:
+        write_call_size = settings.write_call_size
+        reasons.append(f"write calls of at most {write_call_size} bytes: set explicitly")
+    elif settings.direct:
+        write_call_size = stripe_size
+        reasons.append("write calls of one stripe: O_DIRECT bypasses the page cache")
+    else:
+        write_call_size = min(stripe_size, BUFFERED_WRITE_CALL_SIZE)
+        reasons.append(f"write calls of at most {write_call_size} bytes: page-cache folios no larger than that")
+
     return Sizing(
         layout=layout,
         workers=workers,
         stripe_size=stripe_size,
         buffers=buffers,
         queue_depth=queue_depth,
+        write_call_size=write_call_size,
         memory_budget=budget,
         fs_kind=fs.kind,
         reasons=tuple(reasons),

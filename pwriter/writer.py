@@ -602,7 +602,7 @@ async def open_writer(
     pool = BufferPool(sizing.buffers, sizing.stripe_size)
     writer: Writer | None = None
     opened = contextlib.nullcontext(backend) if backend is not None else open_backend(
-        settings.backend, queue_depth=sizing.queue_depth
+        settings.backend, queue_depth=sizing.queue_depth, write_call_size=sizing.write_call_size
     )
     try:
         try:

@@ -126,9 +126,31 @@ async def test_more_writes_than_the_queue_depth(tmp_path, backend_name: str) -> 
         assert stats.most_in_flight <= 2  # never more than the ring holds
 
 
+async def test_a_write_is_cut_into_calls_of_write_call_size(tmp_path, backend_name: str) -> None:
+    path = tmp_path / "f"
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT)
+    first = bytes(range(256)) * 800  # 204,800 bytes
+    second = b"tail\n" * 200  # 1,000 bytes
+    try:
+        async with open_backend(backend_name, queue_depth=4, write_call_size=64 << 10) as backend:
+            backend.register(fd, "f")
+            await backend.write(fd, [first, b"", second], 12_345)
+            await backend.write(fd, [b"small\n"], 12_345 + len(first) + len(second))
+            stats = backend.statistics()
+            backend.unregister(fd)
+    finally:
+        os.close(fd)
+    data = path.read_bytes()
+    assert data[:12_345] == bytes(12_345)
+    assert data[12_345:] == first + second + b"small\n"
+    # 205,800 bytes in calls of at most 65,536: 4 calls, then 1 for the small write.
+    assert stats.writes == 5 and stats.short_writes == 0
+    assert stats.bytes_written == len(first) + len(second) + 6
+
+
 async def test_writer_with_a_ring_smaller_than_its_buffers(tmp_path, backend_name: str) -> None:
     settings = load_settings(backend=backend_name, fsync=True, stripe_size="64KiB", workers=4,
-                             buffers_per_worker=4, queue_depth=2, layout="striped")
+                             buffers_per_worker=4, queue_depth=2, layout="striped", write_call_size="32KiB")
     target = str(tmp_path / "out.pfw")
     lines = [b'{"n":%d,"pad":"%s"}' % (n, b"p" * (n % 300)) for n in range(20_000)]
     async with open_writer(target, settings=settings, fs=FsInfo(FsKind.LOCAL, 0, "/")) as writer:
@@ -143,6 +165,8 @@ async def test_writer_with_a_ring_smaller_than_its_buffers(tmp_path, backend_nam
     assert sorted(read_events(target)) == sorted(lines)
     io = writer.statistics().io
     assert io.backend == backend_name
+    # 64 KiB stripes written in calls of at most 32 KiB: more calls than chunks.
+    assert io.writes >= io.bytes_written / (32 << 10) and io.writes > writer.statistics().chunks
     if backend_name == "io_uring":
         assert io.most_in_flight <= 2
         assert io.submissions >= io.enter_calls > 0

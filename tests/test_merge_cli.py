@@ -149,6 +149,7 @@ def test_gen_corpus_and_info(tmp_path) -> None:
     assert report["backends"]["threads"]["available"] is True
     assert report["backend"] == ("io_uring" if report["backends"]["io_uring"]["available"] else "threads")
     assert report["reasons"]
+    assert 4096 <= report["write_call_size"] <= report["stripe_size"]
     text = run_cli("info", str(tmp_path))
     assert "filesystem:" in text.stdout and "threads: available" in text.stdout
 

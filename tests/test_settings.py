@@ -41,13 +41,10 @@ def test_environment_is_read(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("PWRITER_LAYOUT", "sharded")
     monkeypatch.setenv("PWRITER_FSYNC", "false")
     monkeypatch.setenv("PWRITER_MEMORY_BUDGET", "64M")
+    monkeypatch.setenv("PWRITER_WRITE_CALL_SIZE", "256KiB")
     settings = load_settings()
-    assert (settings.stripe_size, settings.layout, settings.fsync, settings.memory_budget) == (
-        8 << 20,
-        "sharded",
-        False,
-        64 << 20,
-    )
+    assert (settings.stripe_size, settings.layout, settings.fsync, settings.memory_budget,
+            settings.write_call_size) == (8 << 20, "sharded", False, 64 << 20, 256 << 10)
 
 
 def test_explicit_values_beat_environment(monkeypatch: pytest.MonkeyPatch) -> None:
@@ -68,6 +65,7 @@ def test_explicit_values_beat_environment(monkeypatch: pytest.MonkeyPatch) -> No
         ({"buffers_per_worker": 1}, "buffers_per_worker"),
         ({"max_delay": -1}, "max_delay"),
         ({"memory_budget": "1K"}, "memory_budget"),
+        ({"write_call_size": "1K"}, "write_call_size"),
     ],
 )
 def test_invalid_values_name_the_field(overrides: dict[str, object], field: str) -> None:

@@ -117,6 +117,18 @@ def test_local_is_striped_with_default_stripe() -> None:
     assert sizing.buffers == 16 and sizing.queue_depth == 16
 
 
+def test_write_calls_are_cut_for_the_page_cache_not_for_o_direct() -> None:
+    local = FsInfo(FsKind.LOCAL, 0xEF53, "/")
+    assert plan(local).write_call_size == 512 << 10
+    assert plan(local, stripe_size="256KiB").write_call_size == 256 << 10  # never more than a stripe
+    assert plan(local, direct=True).write_call_size == DEFAULT_STRIPE_SIZE  # one call per stripe
+    lustre = FsInfo(FsKind.LUSTRE, 0x0BD00BD0, "/lustre", stripe_size=4 << 20, stripe_count=4)
+    assert plan(lustre).write_call_size == 512 << 10
+    explicit = plan(local, write_call_size="1MiB")
+    assert explicit.write_call_size == 1 << 20
+    assert any("write calls" in reason and "set explicitly" in reason for reason in explicit.reasons)
+
+
 def test_tmpfs_is_striped() -> None:
     assert plan(FsInfo(FsKind.TMPFS, 0x01021994, "/dev/shm")).layout == "striped"
 

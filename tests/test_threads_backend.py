@@ -37,6 +37,31 @@ def test_short_writes_are_resumed(tmp_path, monkeypatch: pytest.MonkeyPatch) -> 
     assert result.written == 12
 
 
+def test_calls_carry_at_most_write_call_size_even_after_short_writes(tmp_path, monkeypatch: pytest.MonkeyPatch) -> None:
+    real = os.pwritev
+    sizes = []
+
+    def stingy(fd, buffers, offset):
+        wanted = sum(memoryview(buffer).nbytes for buffer in buffers)
+        sizes.append(wanted)
+        if len(sizes) % 3 == 0:  # every third call stops after 1,000 bytes
+            return real(fd, [memoryview(buffers[0])[:1000]], offset)
+        return real(fd, buffers, offset)
+
+    monkeypatch.setattr(os, "pwritev", stingy)
+    path = tmp_path / "f"
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT)
+    parts = [bytes([65 + n]) * 10_000 for n in range(5)]
+    counts = WriteCounts()
+    try:
+        pwritev_fully(fd, parts, 0, "f", counts, write_call_size=4096)
+    finally:
+        os.close(fd)
+    assert path.read_bytes() == b"".join(parts)
+    assert max(sizes) == 4096 and len(sizes) == counts.calls
+    assert counts.short == counts.calls // 3 and counts.written == 50_000
+
+
 def test_eintr_is_retried(tmp_path, monkeypatch: pytest.MonkeyPatch) -> None:
     real = os.pwritev
     failures = [InterruptedError(errno.EINTR, "Interrupted")]

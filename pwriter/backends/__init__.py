@@ -5,7 +5,9 @@ base; :class:`Backend` is only a typing protocol):
 
 ``await write(fd, buffers, offset)``
     Write every byte of ``buffers`` (a list of bytes-like objects, written in
-    order) to ``fd`` from ``offset`` on, retrying short writes and EINTR.
+    order) to ``fd`` from ``offset`` on, retrying short writes and EINTR, in
+    calls of at most ``write_call_size`` bytes (given when the backend is
+    opened; ``None``: one call).
     Returns only when all bytes are written; raises OSError (with errno and
     the file name given at :meth:`register`) otherwise.  The buffers belong
     to the backend until ``write`` returns *or* until the kernel is done with
@@ -48,6 +50,7 @@ __all__ = [
     "BackendStatistics",
     "BackendUnavailable",
     "BACKEND_NAMES",
+    "leading",
     "available_backends",
     "open_backend",
     "resolve_backend_name",
@@ -126,6 +129,22 @@ def byte_views(buffers: Sequence[Buffer]) -> list[memoryview]:
     return [view for view in views if view.nbytes]
 
 
+def leading(views: list[memoryview], limit: int | None) -> tuple[list[memoryview], int]:
+    """The first ``limit`` bytes of ``views`` (all of them when ``limit`` is
+    ``None``) as views, and how many bytes that is: what one write call carries."""
+    if limit is None:
+        return views, sum(view.nbytes for view in views)
+    batch: list[memoryview] = []
+    size = 0
+    for view in views:
+        if size + view.nbytes >= limit:
+            batch.append(view[: limit - size])
+            return batch, limit
+        batch.append(view)
+        size += view.nbytes
+    return batch, size
+
+
 def consume(views: list[memoryview], count: int) -> None:
     """Drop the first ``count`` bytes of ``views`` (after a short write)."""
     while count:
@@ -159,10 +178,12 @@ def resolve_backend_name(name: str) -> str:
 
 
 @asynccontextmanager
-async def open_backend(name: str, *, queue_depth: int) -> AsyncIterator[Backend]:
+async def open_backend(name: str, *, queue_depth: int, write_call_size: int | None = None) -> AsyncIterator[Backend]:
     """Open the backend called ``name`` (``auto``: the best one available).
 
-    ``queue_depth`` bounds the operations in flight at once.  On exit the
+    ``queue_depth`` bounds the operations in flight at once;
+    ``write_call_size`` bounds the bytes of one write call (``None``: a
+    write is one call, however large).  On exit the
     backend waits (shielded) for what is in flight and releases its
     resources.  Raises :class:`BackendUnavailable` when the named backend
     cannot run here.
@@ -171,12 +192,12 @@ async def open_backend(name: str, *, queue_depth: int) -> AsyncIterator[Backend]
     if name == "io_uring":
         from .io_uring import open_io_uring_backend
 
-        async with open_io_uring_backend(queue_depth=queue_depth) as backend:
+        async with open_io_uring_backend(queue_depth=queue_depth, write_call_size=write_call_size) as backend:
             yield backend
         return
     from .threads import ThreadBackend
 
-    threads = ThreadBackend(queue_depth=queue_depth)
+    threads = ThreadBackend(queue_depth=queue_depth, write_call_size=write_call_size)
     try:
         yield threads
     finally:

@@ -71,7 +71,7 @@ from typing import TYPE_CHECKING, Any
 
 import trio
 
-from . import BackendCounters, BackendStatistics, BackendUnavailable, byte_views, consume
+from . import BackendCounters, BackendStatistics, BackendUnavailable, byte_views, consume, leading
 
 if TYPE_CHECKING:
     from typing_extensions import Buffer
@@ -140,14 +140,17 @@ class _Operation:
 
 
 class IoUringBackend:
-    """Writes through one io_uring of at least ``queue_depth`` entries.
+    """Writes through one io_uring of at least ``queue_depth`` entries, each
+    operation at most ``write_call_size`` bytes (a larger write takes several,
+    one after the other).
 
     Open it with :func:`open_io_uring_backend`, which also runs its reaper.
     """
 
     name = "io_uring"
 
-    def __init__(self, *, queue_depth: int) -> None:
+    def __init__(self, *, queue_depth: int, write_call_size: int | None = None) -> None:
+        self.write_call_size = write_call_size
         self._ffi, self._lib = _load()
         wanted = max(2, min(queue_depth, MAX_ENTRIES))
         self.entries = 1 << (wanted - 1).bit_length()
@@ -231,23 +234,23 @@ class IoUringBackend:
         views = byte_views(buffers)
         name = self._names.get(fd, f"fd {fd}")
         while views:
-            wanted = sum(view.nbytes for view in views)
-            result = await self._operate(functools.partial(self._prep_write, fd, views, offset))
+            batch, wanted = leading(views, self.write_call_size)
+            result = await self._operate(functools.partial(self._prep_write, fd, batch, offset))
             if result < 0:
                 if -result == errno.EINTR or -result == errno.EAGAIN:
                     self._counts.interrupted += 1
                     continue
                 raise OSError(-result, f"write of {wanted} bytes at offset {offset} failed: {os.strerror(-result)}",
                               name)
-            self._counts.bytes_written += result
-            if result == wanted:
-                return
             if result == 0:
                 raise OSError(errno.EIO, f"write of {wanted} bytes at offset {offset} wrote nothing", name)
-            self._counts.short_writes += 1
+            self._counts.bytes_written += result
+            if result < wanted:
+                self._counts.short_writes += 1
             offset += result
             consume(views, result)
-            await trio.lowlevel.checkpoint_if_cancelled()
+            if views:
+                await trio.lowlevel.checkpoint_if_cancelled()
 
     @trio.lowlevel.enable_ki_protection
     async def fsync(self, fd: int) -> None:
@@ -419,10 +422,11 @@ class IoUringBackend:
 
 @asynccontextmanager
 @trio.lowlevel.enable_ki_protection
-async def open_io_uring_backend(*, queue_depth: int) -> AsyncIterator[IoUringBackend]:
+async def open_io_uring_backend(*, queue_depth: int, write_call_size: int | None = None
+                                ) -> AsyncIterator[IoUringBackend]:
     """An :class:`IoUringBackend` with its reaper running; on exit (shielded)
     waits for every operation in flight, then closes the ring."""
-    backend = IoUringBackend(queue_depth=queue_depth)
+    backend = IoUringBackend(queue_depth=queue_depth, write_call_size=write_call_size)
     try:
         async with trio.open_nursery() as nursery:
             nursery.start_soon(backend.reap_forever)

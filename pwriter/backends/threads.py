@@ -21,7 +21,7 @@ from typing import TYPE_CHECKING
 
 import trio
 
-from . import BackendCounters, BackendStatistics, byte_views, consume
+from . import BackendCounters, BackendStatistics, byte_views, consume, leading
 
 if TYPE_CHECKING:
     from typing_extensions import Buffer
@@ -39,40 +39,43 @@ class WriteCounts:
     written: int = 0
 
 
-def pwritev_fully(fd: int, buffers: Sequence[Buffer], offset: int, name: str, counts: WriteCounts) -> None:
+def pwritev_fully(fd: int, buffers: Sequence[Buffer], offset: int, name: str, counts: WriteCounts,
+                  write_call_size: int | None = None) -> None:
     """Write all of ``buffers`` at ``offset``, counting into ``counts``.
 
-    A short write is resumed where it stopped; EINTR is retried; a write of
-    zero bytes for a non-empty request is reported as EIO rather than looped
-    on.  Errors raise OSError carrying ``name``.
+    Each ``pwritev`` carries at most ``write_call_size`` bytes (``None``: all
+    that is left).  A short write is resumed where it stopped; EINTR is
+    retried; a write of zero bytes for a non-empty request is reported as
+    EIO rather than looped on.  Errors raise OSError carrying ``name``.
     """
     views = byte_views(buffers)
     while views:
-        wanted = sum(view.nbytes for view in views)
+        batch, wanted = leading(views, write_call_size)
         try:
             counts.calls += 1
-            done = os.pwritev(fd, views, offset)
+            done = os.pwritev(fd, batch, offset)
         except InterruptedError:
             counts.interrupted += 1
             continue
         except OSError as exc:
             raise OSError(exc.errno, f"write of {wanted} bytes at offset {offset} failed: {exc.strerror}", name) from None
-        counts.written += done
-        if done == wanted:
-            break
         if done == 0:
             raise OSError(errno.EIO, f"write of {wanted} bytes at offset {offset} wrote nothing", name)
-        counts.short += 1
+        counts.written += done
+        if done < wanted:
+            counts.short += 1
         offset += done
         consume(views, done)
 
 
 class ThreadBackend:
-    """Writes with ``os.pwritev`` in up to ``queue_depth`` threads."""
+    """Writes with ``os.pwritev`` in up to ``queue_depth`` threads, each
+    call at most ``write_call_size`` bytes (a larger write loops in its thread)."""
 
     name = "threads"
 
-    def __init__(self, *, queue_depth: int) -> None:
+    def __init__(self, *, queue_depth: int, write_call_size: int | None = None) -> None:
+        self.write_call_size = write_call_size
         self._limiter = trio.CapacityLimiter(max(1, queue_depth))
         self._names: dict[int, str] = {}
         self._counts = BackendCounters()
@@ -96,7 +99,8 @@ class ThreadBackend:
         self._counts.most_in_flight = max(self._counts.most_in_flight, self._in_flight)
         counts = WriteCounts()
         try:
-            await trio.to_thread.run_sync(pwritev_fully, fd, buffers, offset, name, counts, limiter=self._limiter)
+            await trio.to_thread.run_sync(pwritev_fully, fd, buffers, offset, name, counts, self.write_call_size,
+                                         limiter=self._limiter)
         finally:
             self._in_flight -= 1
             self._counts.writes += counts.calls
