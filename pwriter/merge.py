@@ -498,11 +498,15 @@ async def merge(
                         await writer.write_lines(worker, line)
                     buffer[: len(rest)] = rest
                     end = len(rest)
-                else:  # full: the complete lines go, the rest moves on
-                    fresh = await writer.take_buffer()
-                    fresh[: end - done] = buffer[done:end]
+                else:  # full: the complete lines go, the start of the next line moves on
+                    # (copied out first: a reader that held its buffer while
+                    # waiting for another would deadlock a pool of fewer
+                    # buffers than readers)
+                    rest = bytes(buffer[done:end])
                     await writer.write_buffer(worker, buffer, done)
-                    buffer, done, end = fresh, 0, end - done
+                    buffer = await writer.take_buffer()
+                    buffer[: len(rest)] = rest
+                    done, end = 0, len(rest)
         finally:
             run.close()
         await writer.write_buffer(worker, buffer, done)

@@ -12,6 +12,7 @@ import subprocess
 import zlib
 
 import pytest
+import trio
 
 from conftest import dftracer_tool, expect_failure, run_cli
 from pwriter.corpus import write_corpus
@@ -372,6 +373,23 @@ async def test_merge_lines_of_every_length_through_small_buffers(tmp_path, backe
     for path in paths:
         mine = [line for line in merged if line.startswith(b'{"f":%d,' % paths.index(path))]
         assert mine == read_events(path)
+
+
+async def test_more_readers_than_buffers_do_not_deadlock(tmp_path, backend_name: str) -> None:
+    """Six readers sharing a pool of two buffers: a reader never waits for a
+    buffer while it holds one (it once did, and the merge hung forever)."""
+    from pwriter.merge import merge
+    from pwriter.settings import load_settings
+
+    paths = write_corpus(str(tmp_path / "in"), files=12, events_per_file=1500)
+    out = tmp_path / "merged.pfw"
+    settings = load_settings(backend=backend_name, stripe_size="64KiB", workers=1, buffers_per_worker=2,
+                             fsync=False, layout="striped")
+    with trio.fail_after(60):  # a hang guard, not a timing: the merge takes well under a second
+        result = await merge(paths, str(out), settings=settings, readers=6)
+    assert result.writer.chunks > 12  # many buffers' worth went through the two
+    assert collections.Counter(read_events(out)) == event_counter(paths)
+
 
 
 def test_direct_io_merge(corpus: str, tmp_path, backend_name: str) -> None:

@@ -1,0 +1,147 @@
+"""How far `pwriter merge` is from the least a Python program could do.
+
+    .venv/bin/python bench/floor.py [--inputs plain|gzip] [--rounds 5] [--threads 2]
+
+Uses (and builds, if missing) the corpus of ``bench.py`` in ``--dir``.  In
+shuffled rounds, in this one process (so without Python start-up), it times:
+
+* ``floor``: ``--threads`` plain threads, each taking every N-th input,
+  reading it with pwriter's own :class:`~pwriter.merge.InputReader` (the
+  same decompression and text cleaning into a 2 MiB buffer) and writing the
+  cleaned text with ``os.pwrite`` in 512 KiB calls at offsets reserved under
+  a lock.  No trio, no writer service, no header or footer: a lower bound
+  for the data phase of a merge, not a usable merge;
+* ``merge()``: :func:`pwriter.merge.merge` of the same inputs (striped,
+  ``--backend``, no fsync), from the call to the published output.
+
+and, as separate processes, the start-up of ``pwriter merge`` (one 19 KB
+trace, the exec to exit time) and of ``python -c "import trio"``.  Prints
+the medians, with user and system seconds.  Not run in CI.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import random
+import resource
+import statistics
+import subprocess
+import sys
+import threading
+import time
+
+import trio
+
+from bench import PWRITER, build_gzip, build_plain
+from pwriter.merge import InputReader, merge
+from pwriter.settings import load_settings
+
+KiB, MiB = 1 << 10, 1 << 20
+
+
+def floor(paths: list[str], target: str, threads: int) -> None:
+    out = os.open(target, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
+    lock = threading.Lock()
+    next_offset = 0
+
+    def work(mine: list[str]) -> None:
+        nonlocal next_offset
+        view = memoryview(bytearray(2 * MiB))
+        for path in mine:
+            reader, end = InputReader(path), 0
+            while True:
+                done, end, finished = reader.fill(view, 0, end, len(view))
+                with lock:
+                    offset, next_offset = next_offset, next_offset + done
+                for start in range(0, done, 512 * KiB):
+                    os.pwrite(out, view[start : min(done, start + 512 * KiB)], offset + start)
+                if finished:
+                    break
+                view[: end - done] = view[done:end]
+                end -= done
+            reader.close()
+
+    workers = [threading.Thread(target=work, args=(paths[index::threads],)) for index in range(threads)]
+    for worker in workers:
+        worker.start()
+    for worker in workers:
+        worker.join()
+    os.close(out)
+
+
+def merge_in_process(paths: list[str], target: str, backend: str) -> None:
+    settings = load_settings(backend=backend, layout="striped", fsync=False)
+    trio.run(lambda: merge(paths, target, settings=settings, force=True))
+
+
+def timed(work: object) -> tuple[float, float, float]:
+    before, start = resource.getrusage(resource.RUSAGE_SELF), time.perf_counter()
+    work()  # type: ignore[operator]
+    wall, after = time.perf_counter() - start, resource.getrusage(resource.RUSAGE_SELF)
+    return wall, after.ru_utime - before.ru_utime, after.ru_stime - before.ru_stime
+
+
+def exec_to_exit(command: list[str]) -> tuple[float, float, float]:
+    start = time.perf_counter()
+    process = subprocess.Popen(command, stdout=subprocess.DEVNULL)
+    _, status, usage = os.wait4(process.pid, 0)
+    if os.waitstatus_to_exitcode(status) != 0:
+        raise SystemExit(f"failed: {command}")
+    return time.perf_counter() - start, usage.ru_utime, usage.ru_stime
+
+
+def report(name: str, runs: list[tuple[float, float, float]]) -> None:
+    wall, user, system = (statistics.median(run[index] for run in runs) for index in range(3))
+    print(f"  {name:<34} {wall:7.3f} s   user {user:5.2f}   system {system:5.2f}   (fastest {min(runs)[0]:.3f})")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--mib", type=int, default=1024)
+    parser.add_argument("--rounds", type=int, default=5)
+    parser.add_argument("--dir", default="/tmp/pwriter-bench")
+    parser.add_argument("--inputs", choices=("plain", "gzip"), default="plain")
+    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--backend", default="auto")
+    args = parser.parse_args()
+    plain = build_plain(os.path.join(args.dir, "plain"), args.mib, 64)
+    inputs = build_gzip(plain, os.path.join(args.dir, "gzip")) if args.inputs == "gzip" else plain
+    small = build_plain(os.path.join(args.dir, "small"), 256, 1024)
+    out_dir = os.path.join(args.dir, "out")
+    os.makedirs(out_dir, exist_ok=True)
+    target = os.path.join(out_dir, "floor.pfw")
+
+    cases = {
+        f"floor ({args.threads} threads)": lambda: floor(inputs, target, args.threads),
+        f"merge() ({args.backend})": lambda: merge_in_process(inputs, target, args.backend),
+    }
+    runs: dict[str, list[tuple[float, float, float]]] = {name: [] for name in cases}
+    names = list(cases)
+    for _ in range(args.rounds):
+        random.shuffle(names)
+        for name in names:
+            runs[name].append(timed(cases[name]))
+            os.unlink(target)
+    print(f"data phase, {args.inputs} corpus ({args.mib} MiB), in one process, median of {args.rounds}:")
+    for name in cases:
+        report(name, runs[name])
+
+    tiny = [small[0]]
+    starts = {
+        "pwriter merge of one 256 KiB trace": [PWRITER, "merge", *tiny, "-o", target, "--force", "--no-fsync"],
+        'python -c "import trio"': [sys.executable, "-c", "import trio"],
+        "python -c pass": [sys.executable, "-c", "pass"],
+    }
+    started: dict[str, list[tuple[float, float, float]]] = {name: [] for name in starts}
+    for _ in range(4 * args.rounds):
+        for name, command in starts.items():
+            started[name].append(exec_to_exit(command))
+    print(f"start-up, exec to exit, median of {4 * args.rounds}:")
+    for name in starts:
+        report(name, started[name])
+    os.unlink(target)
+
+
+if __name__ == "__main__":
+    main()
