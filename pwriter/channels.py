@@ -62,29 +62,29 @@ class BufferPool:
         self.buffers = [whole[index * size : (index + 1) * size] for index in range(count)]
         """Every buffer of the pool (for registration with a backend), taken or not."""
         whole.release()
-        self._send, self._receive = trio.open_memory_channel[memoryview](count)
-        for buffer in self.buffers:
-            self._send.send_nowait(buffer)
+        self._free = self.buffers[::-1]  # a stack: the first buffer is taken first
+        self._free_count = trio.Semaphore(count)
         self.waits = 0
 
     @property
     def available(self) -> int:
-        return self._receive.statistics().current_buffer_used
+        return len(self._free)
 
     async def take(self) -> memoryview:
         try:
-            return self._receive.receive_nowait()
+            self._free_count.acquire_nowait()
         except trio.WouldBlock:
             self.waits += 1
-            return await self._receive.receive()
+            await self._free_count.acquire()
+        return self._free.pop()
 
     def give_back(self, buffer: memoryview) -> None:
-        self._send.send_nowait(buffer)
+        self._free.append(buffer)
+        self._free_count.release()
 
     def close(self) -> None:
         """Release the memory; every buffer must have been given back."""
-        self._send.close()
-        self._receive.close()
+        self._free.clear()
         try:
             for buffer in self.buffers:
                 buffer.release()

@@ -63,6 +63,34 @@ def test_pool_buffers_are_page_aligned_and_disjoint() -> None:
     pool.close()
 
 
+async def test_pool_reuses_the_last_buffer_given_back_and_serves_waiters_in_order() -> None:
+    pool = BufferPool(3, 4096)
+    first, second, third = [await pool.take() for _ in range(3)]
+    assert pool.available == 0
+    pool.give_back(first)
+    pool.give_back(second)
+    assert await pool.take() is second  # the one given back last: still warm in the caches
+    assert await pool.take() is first
+    served: list[str] = []
+
+    async def wait_for_one(name: str) -> None:
+        buffer = await pool.take()
+        served.append(name)
+        pool.give_back(buffer)
+
+    async with trio.open_nursery() as nursery:
+        for name in ("a", "b", "c"):
+            nursery.start_soon(wait_for_one, name)
+            await trio.testing.wait_all_tasks_blocked()
+        assert served == [] and pool.waits == 3
+        pool.give_back(first)
+    assert served == ["a", "b", "c"]
+    pool.give_back(second)
+    pool.give_back(third)
+    assert pool.available == 3
+    pool.close()
+
+
 async def test_chunks_hold_whole_lines_and_everything_arrives() -> None:
     pool, send, recorder, coalescer = make(capacity=100)
     lines = [f'{{"id":{i},"pad":"{"x" * (i % 37)}"}}\n'.encode() for i in range(200)]
