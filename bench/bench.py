@@ -7,9 +7,9 @@ Not run in CI.  One command (from the repository, after ``bash scripts/setup.sh`
 
 It builds, once, in ``--dir`` (default /tmp/pwriter-bench):
 
-* ``plain/``: 64 plain traces (half array style, half NDJSON) of realistic
+* ``plain-<MiB>MiB/``: 64 plain traces (half array style, half NDJSON) of realistic
   events from pwriter's own generator, ``--mib`` MiB in all;
-* ``gzip/``: gzip copies of them (python-isal, level 3);
+* ``gzip-<MiB>MiB/``: gzip copies of them (python-isal, level 3);
 * ``small/``: 1,024 plain traces of 256 KiB;
 
 Then it runs each command ``--rounds`` times, the commands of one group
@@ -100,6 +100,15 @@ def build_gzip(plain: list[str], directory: str) -> list[str]:
     return paths
 
 
+def build_corpus(root: str, total_mib: int, *, compressed: bool = True) -> tuple[list[str], list[str]]:
+    """The plain corpus of ``total_mib`` MiB (64 files) and, if asked, its gzip
+    copies, each size in directories of its own under ``root`` (so that a
+    quick run at another size does not rebuild the big corpus)."""
+    plain = build_plain(os.path.join(root, f"plain-{total_mib}MiB"), total_mib, 64)
+    gz = build_gzip(plain, os.path.join(root, f"gzip-{total_mib}MiB")) if compressed else []
+    return plain, gz
+
+
 def tool(name: str) -> str | None:
     return shutil.which(name, path=BIN + os.pathsep + os.environ.get("PATH", ""))
 
@@ -177,8 +186,7 @@ def main() -> None:
     out = os.path.join(args.dir, "out")
     os.makedirs(out, exist_ok=True)
     started = time.perf_counter()
-    plain = build_plain(os.path.join(args.dir, "plain"), args.mib, 64)
-    gz = build_gzip(plain, os.path.join(args.dir, "gzip"))
+    plain, gz = build_corpus(args.dir, args.mib)
     small = build_plain(os.path.join(args.dir, "small"), 256, 1024)
     size = text_bytes(plain)
     small_size = text_bytes(small)
@@ -241,7 +249,7 @@ def main() -> None:
         split_out = os.path.join(out, "split")
         merged_gz = os.path.join(out, "merged.pfw.gz")
         run_group("gzip to gzip: dftracer_split (C++) against pwriter", size, {
-            "dftracer_split -s 100000": f"mkdir -p {split_out} && {split} -d {os.path.join(args.dir, 'gzip')} "
+            "dftracer_split -s 100000": f"mkdir -p {split_out} && {split} -d {os.path.dirname(gz[0])} "
                                         f"-o {split_out} -s 100000 >/dev/null 2>&1",
             **{f"pwriter {layout} {backend} -o .pfw.gz --no-fsync": pwriter_merge(
                 gz, merged_gz, "--layout", layout, "--backend", backend, "--no-fsync")
@@ -252,10 +260,10 @@ def main() -> None:
 
     if "memory" in wanted:
         # Memory against corpus size: a quarter of the corpus, the corpus, and the corpus twice (copies).
-        twice = os.path.join(args.dir, "plain-copy")
+        twice = os.path.dirname(plain[0]) + "-copy"
         if not os.path.exists(os.path.join(twice, ".built")):
             shutil.rmtree(twice, ignore_errors=True)
-            shutil.copytree(os.path.join(args.dir, "plain"), twice)
+            shutil.copytree(os.path.dirname(plain[0]), twice)
             open(os.path.join(twice, ".built"), "w").close()
         copies = [os.path.join(twice, os.path.basename(path)) for path in plain]
         print("\npeak RSS against corpus size (pwriter striped, auto backend, no fsync)")

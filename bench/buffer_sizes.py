@@ -32,7 +32,7 @@ import statistics
 import subprocess
 import time
 
-from bench import PWRITER, build_gzip, build_plain
+from bench import PWRITER, build_corpus
 
 KiB, MiB = 1 << 10, 1 << 20
 
@@ -74,8 +74,8 @@ def main() -> None:
     parser.add_argument("--part", type=int, action="append", choices=(1, 2, 3), help="run only these parts")
     args = parser.parse_args()
     parts = set(args.part or (1, 2, 3))
-    plain = build_plain(os.path.join(args.dir, "plain"), args.mib, 64)
-    inputs = build_gzip(plain, os.path.join(args.dir, "gzip")) if args.inputs == "gzip" else plain
+    plain, gz = build_corpus(args.dir, args.mib, compressed=args.inputs == "gzip")
+    inputs = gz if args.inputs == "gzip" else plain
     out_dir = os.path.join(args.dir, "out")
 
     copies = [(f"read/write {size // KiB} KiB", copy_through_buffer, size, size)

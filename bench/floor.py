@@ -33,7 +33,7 @@ import time
 
 import trio
 
-from bench import PWRITER, build_gzip, build_plain
+from bench import PWRITER, build_corpus, build_plain
 from pwriter.merge import InputReader, merge
 from pwriter.settings import load_settings
 
@@ -105,8 +105,8 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--backend", default="auto")
     args = parser.parse_args()
-    plain = build_plain(os.path.join(args.dir, "plain"), args.mib, 64)
-    inputs = build_gzip(plain, os.path.join(args.dir, "gzip")) if args.inputs == "gzip" else plain
+    plain, gz = build_corpus(args.dir, args.mib, compressed=args.inputs == "gzip")
+    inputs = gz if args.inputs == "gzip" else plain
     small = build_plain(os.path.join(args.dir, "small"), 256, 1024)
     out_dir = os.path.join(args.dir, "out")
     os.makedirs(out_dir, exist_ok=True)
