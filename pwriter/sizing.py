@@ -285,6 +285,11 @@ def plan_sizing(
 
     if settings.write_call_size is not None:
         write_call_size = settings.write_call_size
+        if write_call_size % PAGE:
+            raise ConfigError(
+                f"invalid setting write_call_size={write_call_size}: must be a multiple of 4096 (O_DIRECT writes "
+                "are cut at these sizes)"
+            )
         reasons.append(f"write calls of at most {write_call_size} bytes: set explicitly")
     elif settings.direct:
         write_call_size = stripe_size

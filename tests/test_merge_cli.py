@@ -269,10 +269,14 @@ def test_bad_option(tmp_path, option: list[str], needle: str) -> None:
     assert not (tmp_path / "m.pfw").exists()
 
 
-def test_bad_environment_setting(tmp_path) -> None:
-    done = run_cli("merge", good_trace(tmp_path / "a.pfw"), "-o", str(tmp_path / "m.pfw"),
-                   env={"PWRITER_STRIPE_SIZE": "huge"})
-    expect_failure(done, 2, "stripe_size")
+@pytest.mark.parametrize(("variable", "value", "field"), [
+    ("PWRITER_STRIPE_SIZE", "huge", "stripe_size"),
+    ("PWRITER_WRITE_CALL_SIZE", "500000", "write_call_size"),  # not a multiple of 4096
+])
+def test_bad_environment_setting(tmp_path, variable: str, value: str, field: str) -> None:
+    done = run_cli("merge", good_trace(tmp_path / "a.pfw"), "-o", str(tmp_path / "m.pfw"), env={variable: value})
+    expect_failure(done, 2, field)
+    assert not (tmp_path / "m.pfw").exists()
 
 
 def test_error_line_has_no_traceback(tmp_path) -> None:

@@ -127,6 +127,8 @@ def test_write_calls_are_cut_for_the_page_cache_not_for_o_direct() -> None:
     explicit = plan(local, write_call_size="1MiB")
     assert explicit.write_call_size == 1 << 20
     assert any("write calls" in reason and "set explicitly" in reason for reason in explicit.reasons)
+    with pytest.raises(ConfigError, match="write_call_size=500000"):
+        plan(local, direct=True, write_call_size=500_000)
 
 
 def test_tmpfs_is_striped() -> None:
