@@ -82,6 +82,17 @@ def build_plain(directory: str, total_mib: int, files: int) -> list[str]:
     return paths
 
 
+def event_text(total_mib: int) -> bytes:
+    """At least ``total_mib`` MiB of generated event lines, each ending in a newline, in memory."""
+    lines, size, rank = [], 0, 0
+    while size < total_mib * MiB:
+        for line in events(rank, 10_000):
+            lines.append(line + b"\n")
+            size += len(line) + 1
+        rank += 1
+    return b"".join(lines)
+
+
 def build_gzip(plain: list[str], directory: str) -> list[str]:
     from isal import igzip
 

@@ -15,22 +15,17 @@ import argparse
 import gzip
 import io
 
+from bench import event_text
 from thread_scaling import one_and_two_threads
-
-from pwriter.corpus import events
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--mib", type=int, default=64)
     args = parser.parse_args()
-    lines, size, rank = [], 0, 0
-    while size < args.mib << 20:
-        for line in events(rank, 10_000):
-            lines.append(line + b"\n")
-            size += len(line) + 1
-        rank += 1
-    raw = gzip.compress(b"".join(lines), compresslevel=6)
+    text = event_text(args.mib)
+    size = len(text)
+    raw = gzip.compress(text, compresslevel=6)
     readers = {"gzip (stdlib)": gzip}
     try:
         from isal import igzip

@@ -16,9 +16,8 @@ import argparse
 import json
 from collections.abc import Callable
 
+from bench import event_text
 from thread_scaling import one_and_two_threads
-
-from pwriter.corpus import events
 from pwriter.traceformat import BlockCleaner
 
 
@@ -26,13 +25,8 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--mib", type=int, default=64)
     args = parser.parse_args()
-    lines, size, rank = [], 0, 0
-    while size < args.mib << 20:
-        for line in events(rank, 10_000):
-            lines.append(line)
-            size += len(line) + 1
-        rank += 1
-    text = b"\n".join(lines) + b"\n"
+    text = event_text(args.mib)
+    size, line_count = len(text), text.count(b"\n")
 
     def stdlib() -> None:
         loads = json.loads
@@ -62,7 +56,7 @@ def main() -> None:
 
     if _native is not None:
         checks["pwriter C check"] = native
-    print(f"{size / 2**20:.0f} MiB of text, {len(lines)} lines")
+    print(f"{size / 2**20:.0f} MiB of text, {line_count} lines")
     print(f"{'parser':<18} {'GiB/s':>7} {'2 threads':>10}")
     for name, work in checks.items():
         one, speedup = one_and_two_threads(work)
