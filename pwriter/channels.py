@@ -33,11 +33,12 @@ from __future__ import annotations
 import dataclasses
 import math
 import mmap
+import operator
 from collections.abc import Awaitable, Callable, Iterable
 
 import trio
 
-__all__ = ["BufferPool", "Producer", "Coalescer", "CoalescerStatistics", "DEFAULT_BATCH_BYTES"]
+__all__ = ["BufferPool", "Producer", "join_lines", "Coalescer", "CoalescerStatistics", "DEFAULT_BATCH_BYTES"]
 
 DEFAULT_BATCH_BYTES = 64 << 10
 NEWLINE = b"\n"
@@ -99,14 +100,18 @@ class BufferPool:
 class Producer:
     """A handle through which one task writes lines.
 
-    Use it from one task at a time (``async with writer.producer() as p:``).
-    Lines are ``bytes`` (kept by reference until their batch is sent, so
-    never pass a buffer you will change); a line is one record and must not
-    contain a newline except at its end; one is added when missing.  Lines
-    are batched locally and reach the writer in blocks; :meth:`flush`
-    pushes the batch now, and the writer also pushes a batch that has waited
-    ``max_delay`` seconds (trio clock).  Closing the handle pushes what is
-    left.  The lines of one handle keep their order in the output.
+    Use it from one task at a time (``async with writer.producer() as p:``);
+    a second task that calls it while the first is inside a call gets
+    :class:`~pwriter.errors.BusyError` (nothing of its call is taken).  A line
+    is one record: bytes-like, not empty, with no newline except at its end
+    (one is added when missing); anything else raises ``TypeError`` or
+    ``ValueError`` and takes nothing.  Lines are copied at the call (a
+    ``bytearray`` may be reused as soon as the call returns) and batched
+    locally; they reach the writer in blocks: :meth:`flush` pushes the batch
+    now, and the writer also pushes a batch that has waited ``max_delay``
+    seconds (trio clock).  Closing the handle pushes what is left.  The
+    lines of one handle keep their order in the output.  A call after the
+    handle (or its writer) closed raises :class:`~pwriter.errors.ClosedError`.
 
     Cancellation: a ``send_*`` call that returned accepted its lines; they
     will be written even if a later call is cancelled.  A cancelled
@@ -117,20 +122,36 @@ class Producer:
     itself discards lines, and then nothing is published.
     """
 
-    def __init__(self, channel: trio.MemorySendChannel[bytes], *, batch_bytes: int = DEFAULT_BATCH_BYTES) -> None:
+    def __init__(self, channel: trio.MemorySendChannel[bytes], *, batch_bytes: int = DEFAULT_BATCH_BYTES,
+                 check: Callable[[bytes], None] | None = None) -> None:
         self._channel = channel
         self._batch_bytes = batch_bytes
+        self._check = check  # validate=True: raises for a block that is not event lines
         self._pending: list[bytes] = []
         self._pending_bytes = 0
         self.pending_since = math.inf
-        self._sending = False
+        # Nonzero while a call of this handle waits (busy) or once it is
+        # closed: one test on the hot path covers both kinds of misuse.
+        self._blocked = 0
         self.closed = False
+        self.closed_by_writer = False
 
     async def send_line(self, line: bytes) -> None:
         """Queue one line (a newline is added if it has none)."""
         # The hot path of the library: kept to a few operations per line.
-        if line[-1:] != NEWLINE:
+        if type(line) is not bytes:
+            line = _copy_of(line, "send_line")
+        if self._blocked:
+            raise self._misuse("send_line")
+        newline = line.find(NEWLINE)
+        if newline < 0:
             line += NEWLINE
+        elif newline != len(line) - 1 or newline == 0:
+            raise _bad_line(line)
+        if not line or line == NEWLINE:
+            raise _bad_line(line)
+        if self._check is not None:
+            self._check(line)
         pending = self._pending
         if not pending:
             self.pending_since = trio.current_time()
@@ -141,58 +162,75 @@ class Producer:
             await self.flush()
 
     async def send_lines(self, lines: Iterable[bytes]) -> None:
-        """Queue many lines at once (newlines added where missing)."""
+        """Queue many lines at once (newlines added where missing; every
+        line is checked as in :meth:`send_line`, and if one is refused,
+        none of them is taken)."""
+        if self._blocked:
+            raise self._misuse("send_lines")
+        block = join_lines(lines)
+        if not block:
+            return
+        if self._check is not None:
+            self._check(block)
         if not self._pending:
             self.pending_since = trio.current_time()
-        pending = self._pending
-        for line in lines:
-            if not line.endswith(NEWLINE):
-                line += NEWLINE
-            pending.append(line)
-            self._pending_bytes += len(line)
-        del pending
+        self._pending.append(block)
+        self._pending_bytes += len(block)
         if self._pending_bytes >= self._batch_bytes:
             await self.flush()
 
     async def send_block(self, block: bytes) -> None:
         """Send a block of whole lines (newline-terminated; one is added at the end if missing).
 
-        The block is sent as it is, after anything queued before it.
+        The block is copied unless it is ``bytes``, and sent as it is, after
+        anything queued before it.
         """
+        if type(block) is not bytes:
+            block = _copy_of(block, "send_block")
+        if self._blocked:
+            raise self._misuse("send_block")
         if not block:
             return
         if not block.endswith(NEWLINE):
             block += NEWLINE
+        if self._check is not None:
+            self._check(block)
         await self.flush()
-        await self._channel.send(block)
+        self._blocked += 1
+        try:
+            await self._channel.send(block)
+        finally:
+            self._blocked -= 1
 
     async def flush(self) -> None:
         """Send the queued lines now.
 
         If cancelled, the lines stay queued (nothing is lost or sent twice).
         """
+        if self._blocked:
+            raise self._misuse("flush")
         if not self._pending:
             return
-        block = b"".join(self._pending)
+        block = b"".join(self._pending) if len(self._pending) > 1 else self._pending[0]
         # What waits for room is the block, not also the line objects it was
         # made of: a waiting producer holds one batch of memory, not two.
         self._pending = [block]
-        self._sending = True
+        self._blocked += 1
         try:
             await self._channel.send(block)
         finally:
-            self._sending = False
+            self._blocked -= 1
         self._clear_pending()
 
     def send_pending_nowait(self) -> bool:
         """Send the queued lines if the channel has room now; False if not.
 
         Used by the writer to push a batch that waited too long.  Does nothing
-        while the handle's own task is in the middle of sending.
+        while the handle's own task is in the middle of a call.
         """
         if not self._pending:
             return True
-        if self._sending:
+        if self._blocked:
             return False
         try:
             self._channel.send_nowait(b"".join(self._pending))
@@ -206,6 +244,16 @@ class Producer:
         self._pending_bytes = 0
         self.pending_since = math.inf
 
+    def _misuse(self, call: str) -> Exception:
+        from .errors import BusyError, ClosedError
+
+        if self.closed_by_writer:
+            return ClosedError(f"{call} on a producer handle after its writer closed: nothing was taken")
+        if self.closed:
+            return ClosedError(f"{call} on a producer handle that is closed: nothing was taken")
+        return BusyError(f"{call} on a producer handle that another task is using (one handle per task): "
+                         "nothing was taken")
+
     async def aclose(self) -> None:
         """Push what is queued and close this handle's channel; idempotent."""
         if self.closed:
@@ -214,13 +262,97 @@ class Producer:
             await self.flush()
         finally:
             self.closed = True
+            self._blocked += 1
             self._channel.close()
+
+    def close_for_writer(self) -> None:
+        """The writer is done with this handle (after :meth:`aclose`, or on
+        error): later calls raise :class:`~pwriter.errors.ClosedError`."""
+        if not self.closed:
+            self.closed = True
+            self._blocked += 1
+            self._channel.close()
+        self.closed_by_writer = True
 
     async def __aenter__(self) -> Producer:
         return self
 
     async def __aexit__(self, *exc_info: object) -> None:
         await self.aclose()
+
+
+def _copy_of(data: object, call: str) -> bytes:
+    """``data`` (any bytes-like object) as new bytes; TypeError in our words otherwise."""
+    if isinstance(data, (str, int)):
+        raise TypeError(f"{call} takes bytes (a line of UTF-8 text), not {type(data).__name__}")
+    try:
+        with memoryview(data) as view:  # type: ignore[arg-type]
+            return view.tobytes()
+    except TypeError:
+        raise TypeError(f"{call} takes bytes (a line of UTF-8 text), not {type(data).__name__}") from None
+
+
+def _bad_line(line: bytes) -> ValueError:
+    if not line.strip(NEWLINE):
+        return ValueError("a line must not be empty")
+    shown = line[:60] + (b"..." if len(line) > 60 else b"")
+    return ValueError(f"a line must be one record with no newline except at its end: {shown!r}")
+
+
+_ends_with_newline = operator.methodcaller("endswith", NEWLINE)
+
+
+def join_lines(lines: Iterable[bytes]) -> bytes:
+    """``lines`` as one block of newline-terminated lines, copied.
+
+    Each line must be bytes-like, not empty, with no newline except at its
+    end (one is added where missing); raises TypeError or ValueError
+    otherwise.  The usual cases (no line ends with a newline, or every
+    line does) are checked and joined in C, with no Python step per line.
+    """
+    if not isinstance(lines, (list, tuple)):
+        lines = list(lines)
+    if not lines:
+        return b""
+    try:
+        block = b"\n".join(lines)
+    except TypeError:
+        raise TypeError("send_lines takes bytes-like lines (UTF-8 text), not "
+                        + next(type(line).__name__ for line in lines if not _is_bytes_like(line))) from None
+    newlines = block.count(NEWLINE)
+    if newlines == len(lines) - 1 and block and b"\n\n" not in block and block[:1] != NEWLINE \
+            and block[-1:] != NEWLINE:
+        return block + NEWLINE  # no line has a newline (and none is empty)
+    if newlines == 2 * len(lines) - 1:
+        try:
+            every_line_ends = all(map(_ends_with_newline, lines))
+        except (AttributeError, TypeError):  # memoryviews have no endswith
+            every_line_ends = False
+        if every_line_ends:
+            block = b"".join(lines)
+            if b"\n\n" not in block and block[:1] != NEWLINE:
+                return block  # each line has exactly one newline, at its end
+    parts = []  # a mix: line by line
+    for line in lines:
+        if type(line) is not bytes:
+            line = _copy_of(line, "send_lines")
+        if not line or line == NEWLINE:
+            raise _bad_line(line)
+        newline = line.find(NEWLINE)
+        if newline < 0:
+            line += NEWLINE
+        elif newline != len(line) - 1:
+            raise _bad_line(line)
+        parts.append(line)
+    return b"".join(parts)
+
+
+def _is_bytes_like(data: object) -> bool:
+    try:
+        memoryview(data).release()  # type: ignore[arg-type]
+    except TypeError:
+        return False
+    return True
 
 
 @dataclasses.dataclass(frozen=True)

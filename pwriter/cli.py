@@ -77,7 +77,7 @@ def _parser() -> argparse.ArgumentParser:
 def main(argv: Sequence[str] | None = None) -> int:
     """Run the command line; returns the exit code."""
     args = _parser().parse_args(argv)
-    from .errors import PwriterError
+    from .errors import OutputExistsError, PwriterError, other_errors
 
     try:
         if args.command == "merge":
@@ -88,7 +88,13 @@ def main(argv: Sequence[str] | None = None) -> int:
             return _verify(args)
         return _gen_corpus(args)
     except PwriterError as exc:
-        print(f"pwriter: error: {exc}", file=sys.stderr)
+        message = exc.message("--force") if isinstance(exc, OutputExistsError) else str(exc)
+        print(f"pwriter: error: {message}", file=sys.stderr)
+        shown = {_error_kind(exc)}
+        for other in other_errors(exc):
+            if _error_kind(other) not in shown:  # the same failure on another write says nothing new
+                shown.add(_error_kind(other))
+                print(f"pwriter: also: {other}", file=sys.stderr)
         return exc.exit_code
     except KeyboardInterrupt:
         print("pwriter: interrupted", file=sys.stderr)
@@ -96,6 +102,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     except _Terminated:
         print("pwriter: terminated", file=sys.stderr)
         return 143
+
+
+def _error_kind(error: BaseException) -> tuple[object, ...]:
+    return (type(error), getattr(error, "path", None), getattr(error, "errno", None))
 
 
 class _Terminated(Exception):
@@ -122,7 +132,7 @@ def _merge(args: argparse.Namespace) -> int:
 
     from .merge import MergeProgress, collect_inputs, input_size, merge
     from .output import manifest_path, read_shard_set
-    from .writer import first_error
+    from .writer import error_to_raise
 
     settings = _settings(args)
     manifest = manifest_path(args.output)
@@ -156,7 +166,7 @@ def _merge(args: argparse.Namespace) -> int:
     try:
         result = trio.run(run, strict_exception_groups=True)
     except BaseExceptionGroup as group:
-        raise first_error(group) from None
+        raise error_to_raise(group) from None
     for path, what, _ in result.salvaged:
         print(f"pwriter: warning: {path}: salvaged: {what}", file=sys.stderr)
     checked = None

@@ -4,7 +4,7 @@ Each chunk becomes one standalone gzip member, so that any member can be
 decompressed alone (see the member index in :mod:`pwriter.writer`) and the
 concatenation is an ordinary multi-member gzip file.  python-isal compresses
 (it releases the GIL, so worker threads compress in parallel); its levels are
-0 to 3, and higher levels are read as 3.  Without isal, zlib does it (levels
+0 to 3, and a higher level is an error (:func:`check_level`).  Without isal, zlib does it (levels
 1 to 9).
 """
 
@@ -18,7 +18,21 @@ from .traceformat import count_newlines
 if TYPE_CHECKING:
     from typing_extensions import Buffer
 
-__all__ = ["gzip_member", "MemberBuilder"]
+__all__ = ["gzip_member", "check_level", "MemberBuilder"]
+
+
+def check_level(level: int) -> None:
+    """Refuse (:class:`~pwriter.settings.ConfigError`) a level the codec does not have."""
+    from .settings import ConfigError
+
+    try:
+        from isal import igzip  # noqa: F401
+    except ImportError:
+        lowest, highest, codec = 1, 9, "zlib"
+    else:
+        lowest, highest, codec = 0, 3, "python-isal"
+    if not lowest <= level <= highest:
+        raise ConfigError(f"invalid setting level={level}: {codec} compresses at levels {lowest} to {highest}")
 
 
 def gzip_member(data: Buffer, level: int) -> bytes:

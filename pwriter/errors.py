@@ -13,7 +13,7 @@ Exit codes (also in the README):
 
 from __future__ import annotations
 
-__all__ = ["PwriterError", "UsageError", "DataError", "InputError", "WriteError"]
+__all__ = ["attach_other_errors", "other_errors", "ClosedError", "BusyError", "PwriterError", "UsageError", "OutputExistsError", "DataError", "InputError", "WriteError"]
 
 
 class PwriterError(Exception):
@@ -26,6 +26,31 @@ class UsageError(PwriterError):
     """Wrong before any data was read (exit code 2)."""
 
     exit_code = 2
+
+
+class ClosedError(PwriterError, RuntimeError):
+    """A producer handle or a writer was used after it closed; the call took nothing."""
+
+
+class BusyError(PwriterError, RuntimeError):
+    """One producer handle was used by two tasks (or threads) at once; the
+    second call took nothing.  Give each task a handle of its own."""
+
+
+class OutputExistsError(UsageError):
+    """The output exists and replacing it was not asked for (``force``).
+
+    ``str()`` names the library's keyword; the command line says ``--force``
+    (:meth:`message` with the flag's name).
+    """
+
+    def __init__(self, path: str, problem: str) -> None:
+        self.path = path
+        self.problem = problem
+        super().__init__(self.message("force=True"))
+
+    def message(self, how_to_force: str) -> str:
+        return f"{self.path}: {self.problem} (use {how_to_force} to replace it)"
 
 
 class DataError(PwriterError):
@@ -56,3 +81,19 @@ class WriteError(DataError):
         self.path = path
         self.errno = errno
         super().__init__(f"{path}: {problem}")
+
+
+def attach_other_errors(error: BaseException, others: list[BaseException]) -> BaseException:
+    """Keep ``others`` (errors that happened alongside ``error``, which is
+    the one raised) on ``error``: :func:`other_errors` gives them back, and a
+    traceback shows them as notes.  Returns ``error``."""
+    if others:
+        error.pwriter_other_errors = tuple(others)  # type: ignore[attr-defined]
+        for other in others:
+            error.add_note(f"also: {type(other).__name__}: {other}")
+    return error
+
+
+def other_errors(error: BaseException) -> tuple[BaseException, ...]:
+    """The errors kept on ``error`` by :func:`attach_other_errors`."""
+    return tuple(getattr(error, "pwriter_other_errors", ()))

@@ -27,7 +27,7 @@ from .errors import DataError, InputError, UsageError
 from .output import is_temporary_name
 from .settings import Settings
 from .traceformat import BlockCleaner, is_gzip_magic, rfind_newline
-from .writer import WriterStatistics, open_writer
+from .writer import WriterStatistics, error_to_raise, open_writer
 
 __all__ = ["MergeResult", "MergeProgress", "collect_inputs", "merge", "partition", "InputReader", "InputRun",
            "input_size"]
@@ -482,6 +482,7 @@ async def merge(
         # worker: the lines of one input stay together and in order.
         capacity = writer.chunk_capacity
         buffer = await writer.take_buffer()
+        owned = True  # the buffer is ours until handed to write_buffer
         done = end = 0
         try:
             while True:
@@ -503,19 +504,30 @@ async def merge(
                     # waiting for another would deadlock a pool of fewer
                     # buffers than readers)
                     rest = bytes(buffer[done:end])
+                    owned = False
                     await writer.write_buffer(worker, buffer, done)
                     buffer = await writer.take_buffer()
+                    owned = True
                     buffer[: len(rest)] = rest
                     done, end = 0, len(rest)
+            owned = False
+            await writer.write_buffer(worker, buffer, done)
         finally:
             run.close()
-        await writer.write_buffer(worker, buffer, done)
+            if owned:  # an error or a cancellation: back to the pool, unwritten
+                writer.give_back(buffer)
 
     async with open_writer(output, settings=settings, producers=len(progress.runs), force=force,
                            inputs=inputs) as writer:
-        async with trio.open_nursery() as nursery:
-            for index, run in enumerate(progress.runs):
-                nursery.start_soon(read_run, index % writer.sizing.workers, run)
+        failure = None
+        try:
+            async with trio.open_nursery() as nursery:
+                for index, run in enumerate(progress.runs):
+                    nursery.start_soon(read_run, index % writer.sizing.workers, run)
+        except BaseExceptionGroup as group:  # the readers' own: one error raised, the others kept on it
+            failure = error_to_raise(group)
+        if failure is not None:
+            raise failure
     return MergeResult(
         inputs=len(inputs),
         events=progress.events,

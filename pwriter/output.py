@@ -2,10 +2,12 @@
 
 An output name is only ever seen complete: data goes to temporary files
 beside the targets, created exclusively (``O_EXCL``, so never through a
-planted symlink); publication fsyncs them (unless told not to), renames each
-into place and fsyncs the directory.  A sharded output is published shard by
-shard, then its manifest ``<output>.shards`` (the shard names in read order,
-one per line) is published last: the manifest is the commit point of the set.
+planted symlink).  Publication (:meth:`OutputSet.publish`) first writes and
+fsyncs every small file (member index, manifest) to a temporary of its own,
+keeps every file it will replace under a hard link, then renames everything
+into place (a sharded set: shards, sidecars, then the manifest
+``<output>.shards``, the commit point of the set) and fsyncs the directory.
+A failure at any of these steps puts the previous files back.
 
 Temporary names look like ``.<name>.pwriter-<host>-<pid>-<random>.tmp``:
 hidden, recognisable, and never matching ``*.pfw`` or ``*.pfw.gz``.  A
@@ -14,6 +16,21 @@ behind; the next output to the same name removes those whose process, on
 this host, is gone (:func:`remove_stale_temporaries`), and ``merge -d``
 never reads them.  A temporary gets the target's final permissions: those
 of the file it replaces (``force``), else the umask's.
+
+What a SIGKILL leaves, by the step it lands in:
+
+* while writing, or while staging the small files and the kept links:
+  temporaries only; every target holds its previous file (or is absent);
+* during the renames of a one-file output: the data file is the old or the
+  new one, whole (rename is atomic); a compressed output's member index
+  may still be the previous one beside new data (it is renamed right after);
+  the kept links of the old files are left as temporaries;
+* during the renames of a sharded set: the manifest names the old set or the
+  new one, and every shard it names is complete (new shards carry another
+  generation name than the ones the old manifest lists); shards of the other
+  set are left beside it, and removed by the next ``force`` output to that
+  name;
+* after the renames: the new output, and leftover temporaries.
 """
 
 from __future__ import annotations
@@ -24,10 +41,10 @@ import secrets
 import stat as stat_module
 from collections.abc import Iterable, Sequence
 
-from .errors import UsageError, WriteError
+from .errors import OutputExistsError, UsageError, WriteError
 
-__all__ = ["OutputSet", "shard_paths", "manifest_path", "member_index_path", "is_temporary_name",
-           "remove_stale_temporaries", "TEMP_MARKER"]
+__all__ = ["OutputSet", "StreamOutput", "shard_paths", "manifest_path", "member_index_path", "is_temporary_name",
+           "remove_stale_temporaries", "write_fully", "TEMP_MARKER"]
 
 TEMP_MARKER = ".pwriter-"
 _TRACE_SUFFIXES = (".pfw.gz", ".pfw", ".gz", ".json", ".jsonl", ".txt")
@@ -43,10 +60,11 @@ def manifest_path(target: str) -> str:
     return target + ".shards"
 
 
-def shard_paths(target: str, count: int) -> list[str]:
+def shard_paths(target: str, count: int, generation: int = 0) -> list[str]:
     """Shard names for ``target`` in read order: ``merged.pfw`` ->
-    ``merged.shard_000.pfw``, ...; the suffix is kept last so that tools that
-    select ``*.pfw`` / ``*.pfw.gz`` still see every shard."""
+    ``merged.shard_000.pfw``, ... (generation 1: ``merged.g1.shard_000.pfw``);
+    the suffix is kept last so that tools that select ``*.pfw`` /
+    ``*.pfw.gz`` still see every shard."""
     directory, name = os.path.split(target)
     for suffix in _TRACE_SUFFIXES:
         if name.endswith(suffix) and len(name) > len(suffix):
@@ -55,6 +73,8 @@ def shard_paths(target: str, count: int) -> list[str]:
     else:
         stem, suffix = name, ""
     width = max(3, len(str(count - 1)))
+    if generation:
+        stem = f"{stem}.g{generation}"
     return [os.path.join(directory, f"{stem}.shard_{index:0{width}d}{suffix}") for index in range(count)]
 
 
@@ -143,18 +163,35 @@ def _same_file(a: os.stat_result, b: os.stat_result) -> bool:
 class OutputSet:
     """The files of one output: targets in read order, their temporaries, and
     (sharded) the manifest.  Created by :meth:`create`, finished by exactly
-    one of :meth:`publish` or :meth:`discard`."""
+    one of :meth:`publish` or :meth:`discard`.
+
+    A sharded output replacing another (``force``) gets shard names of
+    another *generation* than the ones the current manifest lists
+    (``merged.shard_000.pfw`` and ``merged.g1.shard_000.pfw`` alternate), so
+    that a reader following the old manifest never sees a new shard.
+    """
 
     def __init__(self, target: str, *, sharded: bool, files: int, force: bool, sidecars: Sequence[str] = ()) -> None:
         self.target = target
         self.sharded = sharded
         self.force = force
-        self.targets = shard_paths(target, files) if sharded else [target]
         self.manifest = manifest_path(target) if sharded else None
+        self.targets = self._shard_generation(files) if sharded else [target]
         self.sidecars = list(sidecars)
         self.temporaries: list[str] = []
         self.fds: list[int] = []
         self.direct_fds: list[int] = []
+        self.can_sync = True
+
+    def _shard_generation(self, files: int) -> list[str]:
+        """Shard names that the current manifest does not list (see the class docstring)."""
+        assert self.manifest is not None
+        listed = set(read_shard_set(self.manifest)) if self.force else set()
+        for generation in range(len(listed) + 2):
+            names = shard_paths(self.target, files, generation)
+            if not listed.intersection(os.path.abspath(name) for name in names):
+                return names
+        raise AssertionError("unreachable: some generation is free")  # pragma: no cover
 
     @property
     def names(self) -> list[str]:
@@ -163,8 +200,11 @@ class OutputSet:
 
     def check(self, inputs: Iterable[str] = ()) -> None:
         """Refuse, with :class:`UsageError`, a missing output directory, an
-        existing output (without ``force``) and an output that is one of
-        ``inputs`` (same device and inode, whatever the path)."""
+        existing output (without ``force``), an output that is one of
+        ``inputs`` (same device and inode, whatever the path), and, even
+        with ``force``, an output name that is not a regular file or a
+        symlink to one (a directory, FIFO, socket, device, dangling link):
+        replacing such a name with a file is never what was meant."""
         directory = os.path.dirname(os.path.abspath(self.target))
         if not os.path.isdir(directory):
             raise UsageError(f"{self.target}: output directory {directory} does not exist")
@@ -176,16 +216,24 @@ class OutputSet:
                 continue
         for name in self.names:
             try:
-                stat = os.stat(name)
+                link = os.lstat(name)
             except FileNotFoundError:
                 continue
             except OSError as exc:
                 raise UsageError(f"{name}: cannot examine the output: {exc.strerror}") from None
+            try:
+                stat = os.stat(name)
+            except OSError:
+                raise UsageError(f"{name}: the output is a symlink to nothing; refusing to replace it") from None
+            if not stat_module.S_ISREG(stat.st_mode):
+                what = _kind_of(stat.st_mode)
+                via = " (through a symlink)" if stat_module.S_ISLNK(link.st_mode) else ""
+                raise UsageError(f"{name}: the output is {what}{via}, not a regular file; refusing to replace it")
             for path, input_stat in input_stats:
                 if _same_file(stat, input_stat):
                     raise UsageError(f"{name}: the output is the input {path}")
             if not self.force:
-                raise UsageError(f"{name}: output exists (use --force to replace it)")
+                raise OutputExistsError(name, "output exists")
 
     def create(self, *, direct: bool = False) -> list[int]:
         """Create the temporary files exclusively; returns their descriptors in read order.
@@ -218,70 +266,122 @@ class OutputSet:
         self.direct_fds = []
 
     def publish(self, *, fsync: bool, sidecars: dict[str, bytes] | None = None) -> None:
-        """Rename the (already written and synced) temporaries into place.
+        """Put the (already written and, with ``fsync``, synced) temporaries
+        in place, all or nothing.
 
-        Then the ``sidecars`` (name -> content, e.g. the member index) are
-        written and published.  Sharded: every shard, the sidecars, then the
-        manifest.  A shard left from an earlier,
-        larger set (named in the manifest being replaced) is removed after.
+        1. The ``sidecars`` (name -> content, e.g. the member index) and the
+           manifest are written fully to temporaries of their own (and
+           synced): every byte is on disk before the first rename.
+        2. With ``force``, every existing target is kept by a hard link
+           under a temporary name.
+        3. Renames, in order: the data files (shards), the sidecars, the
+           manifest last (the commit point of a sharded set); then the
+           directory is synced.
+        4. Only then are the kept links, and the shards of the replaced set
+           (named by the old manifest), removed.
+
+        Any failure in 1 to 3 puts every previous file back, byte for byte
+        (the same inode), removes what was new, and raises
+        :class:`WriteError` (or :class:`UsageError` for an output that
+        appeared meanwhile without ``force``).
         """
         self.close_files()
-        stale: list[str] = []
+        replaced_shards: list[str] = []
         if self.manifest and self.force:
             keep = {os.path.abspath(target) for target in self.targets}
-            stale = [name for name in read_shard_set(self.manifest) if name not in keep]
+            replaced_shards = [name for name in read_shard_set(self.manifest) if name not in keep]
+        renames = list(zip(self.temporaries, self.targets))
+        kept: dict[str, str] = {}  # target -> the temporary link that keeps its previous file
         published: list[str] = []
         try:
-            for temporary, target in zip(self.temporaries, self.targets):
-                self._rename(temporary, target)
-                published.append(target)
-            for name, content in (sidecars or {}).items():
-                self._write_small(name, content, fsync=fsync)
-                published.append(name)
+            smalls = dict(sidecars or {})
             if self.manifest:
                 directory = os.path.dirname(os.path.abspath(self.manifest))
-                text = "".join(os.path.relpath(target, directory) + "\n" for target in self.targets)
-                self._write_small(self.manifest, text.encode(), fsync=fsync)
+                smalls[self.manifest] = "".join(
+                    os.path.relpath(target, directory) + "\n" for target in self.targets).encode()
+            for name, content in smalls.items():
+                renames.append((self._stage_small(name, content, fsync=fsync), name))
+            if self.force:
+                for _, target in renames:
+                    if os.path.lexists(target):
+                        kept[target] = self._keep(target)
+            for temporary, target in renames:
+                self._rename(temporary, target)
+                published.append(target)
             if fsync:
                 _fsync_directory(os.path.dirname(os.path.abspath(self.target)))
         except (OSError, UsageError) as exc:
-            for name in published:
-                _unlink_quietly(name)
+            self._restore(published, kept, fsync=fsync)
             self.discard()
             if isinstance(exc, UsageError):
                 raise
-            raise WriteError(self.target, f"cannot publish the output: {exc.strerror}", exc.errno) from None
+            what = f"{exc.filename}: {exc.strerror}" if exc.filename else exc.strerror
+            raise WriteError(self.target, f"cannot publish the output: {what}", exc.errno) from None
         self.temporaries = []
-        for name in stale:
+        for name in [*kept.values(), *replaced_shards]:
             _unlink_quietly(name)
+
+    def _keep(self, target: str) -> str:
+        """Keep ``target``'s current file (or symlink) under a new temporary name."""
+        for attempts_left in reversed(range(8)):
+            backup = _temporary_name(target)
+            try:
+                os.link(target, backup, follow_symlinks=False)
+                self.temporaries.append(backup)
+                return backup
+            except FileExistsError:
+                if not attempts_left:
+                    raise
+        raise AssertionError("unreachable")  # pragma: no cover
+
+    def _restore(self, published: list[str], kept: dict[str, str], *, fsync: bool) -> None:
+        """Undo a failed publish: each name gets back what it held before (best effort, never raises)."""
+        for name in reversed(published):
+            backup = kept.pop(name, None)
+            try:
+                if backup is not None:
+                    os.replace(backup, name)
+                else:
+                    os.unlink(name)
+            except OSError:
+                pass
+        if fsync:
+            try:
+                _fsync_directory(os.path.dirname(os.path.abspath(self.target)))
+            except OSError:
+                pass
 
     def _rename(self, temporary: str, target: str) -> None:
         if self.force:
             os.replace(temporary, target)
             return
-        # Without --force, never replace a file that appeared while we wrote.
+        # Without force, never replace a file that appeared while we wrote.
         try:
             os.link(temporary, target)
         except FileExistsError:
-            raise UsageError(f"{target}: output appeared while writing (use --force to replace it)") from None
-        except OSError:  # no hard links here: fall back to a checked rename
+            raise OutputExistsError(target, "output appeared while writing") from None
+        except OSError as exc:
+            if exc.errno not in (errno.EPERM, errno.EOPNOTSUPP, errno.EXDEV, errno.EMLINK):
+                raise
+            # no hard links here: fall back to a checked rename
             if os.path.lexists(target):
-                raise UsageError(f"{target}: output appeared while writing (use --force to replace it)") from None
+                raise OutputExistsError(target, "output appeared while writing") from None
             os.rename(temporary, target)
             return
         os.unlink(temporary)
 
-    def _write_small(self, name: str, content: bytes, *, fsync: bool) -> None:
-        """Publish a small file (manifest, index) through a temporary of its own."""
+    def _stage_small(self, name: str, content: bytes, *, fsync: bool) -> str:
+        """Write a small file (manifest, index) fully to a temporary of its
+        own (short writes resumed) and sync it; returns the temporary."""
         temporary, fd = _create_exclusively(name)
+        self.temporaries.append(temporary)
         try:
-            os.write(fd, content)
+            write_fully(fd, content)
             if fsync:
                 os.fsync(fd)
         finally:
             os.close(fd)
-        self.temporaries.append(temporary)
-        self._rename(temporary, name)
+        return temporary
 
     def discard(self) -> None:
         """Close and remove every temporary file; the targets are untouched."""
@@ -289,6 +389,74 @@ class OutputSet:
         for temporary in self.temporaries:
             _unlink_quietly(temporary)
         self.temporaries = []
+
+
+class StreamOutput:
+    """An output that is a stream (standard output, a pipe, an open file):
+    the same interface as :class:`OutputSet`, for one file written in order.
+
+    There is nothing to create, publish or discard: bytes written to a
+    stream cannot be taken back.  The writer writes its chunks in offset
+    order (at the stream's own position: ``offset`` -1 for the backend).
+    """
+
+    sharded = False
+    manifest = None
+
+    def __init__(self, stream: object) -> None:
+        if stream == "-":
+            fd, self.target = 1, "<stdout>"
+        else:
+            fd = stream.fileno()  # type: ignore[attr-defined]
+            self.target = str(getattr(stream, "name", f"<fd {fd}>"))
+            flush = getattr(stream, "flush", None)
+            if flush is not None:
+                flush()  # what the caller wrote to it before comes first
+        self.targets = [self.target]
+        self.fds = [fd]
+        self.direct_fds: list[int] = []
+        self.temporaries: list[str] = []
+        mode = os.fstat(fd).st_mode
+        self.can_sync = stat_module.S_ISREG(mode) or stat_module.S_ISBLK(mode)
+
+    @property
+    def names(self) -> list[str]:
+        return []
+
+    def check(self, inputs: Iterable[str] = ()) -> None:
+        pass
+
+    def create(self, *, direct: bool = False) -> list[int]:
+        if direct:
+            raise UsageError(f"{self.target}: --direct needs a file, not a stream")
+        return self.fds
+
+    def publish(self, *, fsync: bool, sidecars: dict[str, bytes] | None = None) -> None:
+        pass
+
+    def discard(self) -> None:
+        pass
+
+
+def write_fully(fd: int, content: bytes) -> None:
+    """``os.write`` until every byte of ``content`` is written (short writes
+    resumed, EINTR retried); a write of nothing is EIO, not a loop."""
+    view = memoryview(content)
+    while view:
+        try:
+            done = os.write(fd, view)
+        except InterruptedError:
+            continue
+        if done == 0:
+            raise OSError(errno.EIO, "a write wrote nothing")
+        view = view[done:]
+
+
+def _kind_of(mode: int) -> str:
+    kinds = ((stat_module.S_ISDIR, "a directory"), (stat_module.S_ISFIFO, "a FIFO"),
+             (stat_module.S_ISSOCK, "a socket"), (stat_module.S_ISCHR, "a character device"),
+             (stat_module.S_ISBLK, "a block device"))
+    return next((what for test, what in kinds if test(mode)), "not a regular file")
 
 
 def read_shard_set(manifest: str) -> list[str]:

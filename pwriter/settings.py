@@ -20,7 +20,7 @@ from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, ValidationEr
 
 from .errors import UsageError
 
-__all__ = ["ConfigError", "LayoutName", "BackendName", "Settings", "parse_size", "load_settings"]
+__all__ = ["ConfigError", "LayoutName", "BackendName", "Settings", "parse_size", "load_settings", "settings_with"]
 
 LayoutName = Literal["auto", "striped", "padded-striped", "sharded"]
 BackendName = Literal["auto", "io_uring", "threads"]
@@ -98,7 +98,7 @@ class Settings(BaseModel):
     compress: bool = False
     """Write gzip members (also implied by an output name ending in ``.gz``)."""
     level: int = Field(default=1, ge=0, le=9)
-    """Compression level: 0 to 3 with python-isal (higher reads as 3), else zlib's 1 to 9."""
+    """Compression level: 0 to 3 with python-isal, else zlib's 1 to 9 (another is refused when compressing)."""
     memory_budget: MemoryBudget = None
     max_delay: float = Field(default=1.0, gt=0, le=3600)
     """Longest time (seconds, trio clock) a written line may wait in a buffer."""
@@ -129,6 +129,18 @@ def load_settings(**overrides: Any) -> Settings:
         variables = {name: variable for name, (variable, _) in from_environment.items()
                      if overrides.get(name) is None}  # the values that did come from the environment
         raise ConfigError(_describe(exc, variables)) from None
+
+
+def settings_with(settings: Settings, **overrides: Any) -> Settings:
+    """``settings`` with the ``overrides`` that are not ``None`` replaced,
+    validated like :func:`load_settings` (a bad value is a :class:`ConfigError`)."""
+    given = {name: value for name, value in overrides.items() if value is not None}
+    if not given:
+        return settings
+    try:
+        return Settings(**{**settings.model_dump(exclude_unset=False), **given})
+    except ValidationError as exc:
+        raise ConfigError(_describe(exc, {})) from None
 
 
 def _describe(exc: ValidationError, variables: dict[str, str]) -> str:

@@ -27,6 +27,7 @@ import contextlib
 import dataclasses
 import json
 import os
+import typing
 from collections.abc import AsyncIterator, Callable, Sequence
 from contextlib import asynccontextmanager
 
@@ -34,15 +35,15 @@ import trio
 
 from .backends import Backend, BackendStatistics, open_backend
 from .channels import DEFAULT_BATCH_BYTES, BufferPool, Coalescer, Producer
-from .compress import MemberBuilder, gzip_member
-from .errors import WriteError
+from .compress import MemberBuilder, check_level, gzip_member
+from .errors import ClosedError, InputError, WriteError, attach_other_errors
 from .layout import GZIP_MIN_PADDING, Placement, Planner, gzip_padding, make_planner, plain_padding
-from .output import OutputSet, member_index_path
-from .settings import Settings, load_settings
+from .output import OutputSet, StreamOutput, member_index_path
+from .settings import Settings, load_settings, settings_with
 from .sizing import FsInfo, Sizing, plan_sizing
-from .traceformat import count_newlines
+from .traceformat import BlockCleaner, count_newlines
 
-__all__ = ["Writer", "WriterStatistics", "open_writer", "plan", "first_error", "HEADER", "FOOTER"]
+__all__ = ["Writer", "WriterStatistics", "open_writer", "plan", "error_to_raise", "HEADER", "FOOTER"]
 
 HEADER = b"[\n"
 FOOTER = b"]\n"
@@ -126,7 +127,7 @@ class Writer:
         fs: FsInfo,
         sizing: Sizing,
         planner: Planner,
-        output: OutputSet,
+        output: OutputSet | StreamOutput,
         backend: Backend,
         pool: BufferPool,
         header: bytes,
@@ -134,6 +135,7 @@ class Writer:
         compress: bool,
         header_text: int,
         footer_text: int,
+        check_lines: Callable[[bytes], None] | None = None,
     ) -> None:
         self.settings = settings
         self.fs = fs
@@ -178,6 +180,14 @@ class Writer:
         self._bytes_written = 0
         self._started = trio.current_time()
         self._finished: float | None = None
+        self._closing = False
+        self._check_lines = check_lines
+        # A stream output is written in offset order: each write waits for
+        # the bytes before it (every placed chunk is ready to be written, so
+        # the earliest one can always go).
+        self._stream = isinstance(output, StreamOutput)
+        self._stream_next = 0
+        self._stream_moved = trio.Event()
         self.published = False
 
     @property
@@ -202,12 +212,14 @@ class Writer:
         Handles are spread over the workers in turn.  A handle left open when
         the writer's block ends is flushed and closed by the writer.
         """
-        if self._coalesced.is_set():
-            raise RuntimeError("the writer is closing: no new producers")
+        if self._closing:
+            raise ClosedError("producer() on a writer that is closing or closed")
         send = self._sends[self._next_worker % len(self._sends)]
         self._next_worker += 1
-        producer = Producer(send.clone(), batch_bytes=batch_bytes)
+        producer = Producer(send.clone(), batch_bytes=batch_bytes, check=self._check_lines)
         self._producers = [existing for existing in self._producers if not existing.closed]
+        # (a handle closed by its task is dropped here; close_for_writer
+        # is then not needed: it already refuses every call)
         self._producers.append(producer)
         return producer
 
@@ -216,19 +228,30 @@ class Writer:
         :attr:`chunk_capacity` bytes; waits while all are in use).
 
         For producers that fill whole chunks themselves: the caller owns the
-        buffer until it passes it to :meth:`write_buffer`.
+        buffer until it passes it to :meth:`write_buffer` or :meth:`give_back`.
         """
+        if self._closing:
+            raise ClosedError("take_buffer() on a writer that is closing or closed")
         return await self._pool.take()
+
+    def give_back(self, buffer: memoryview) -> None:
+        """Return a buffer from :meth:`take_buffer` unwritten (on an error path, say)."""
+        self._pool.give_back(buffer)
 
     async def write_buffer(self, worker: int, buffer: memoryview, filled: int) -> None:
         """Write ``buffer[:filled]`` (whole lines, at most :attr:`chunk_capacity`
         bytes) as one chunk of ``worker``, after that worker's earlier chunks.
 
-        The writer owns ``buffer`` from now on and returns it to the pool once
-        written; returns as soon as the chunk is placed.
+        The writer owns ``buffer`` from now on, whatever happens (on an error
+        it is back in the pool), and returns it to the pool once written;
+        returns as soon as the chunk is placed.
         """
-        if filled > self.chunk_capacity:
-            raise ValueError("a chunk larger than the chunk capacity")
+        if filled > self.chunk_capacity or filled < 0 or self._closing:
+            self._pool.give_back(buffer)
+            if self._closing:
+                raise ClosedError("write_buffer() on a writer that is closing or closed")
+            raise ValueError(f"a chunk of {filled} bytes: it must hold 0 to {self.chunk_capacity} bytes "
+                             "(the chunk capacity)")
         if filled == 0:
             self._pool.give_back(buffer)
             return
@@ -241,6 +264,10 @@ class Writer:
         without a buffer; returns as soon as the chunk is placed.  The writer
         keeps a reference to ``lines`` until it is written (bytes are
         immutable, so the caller need not wait)."""
+        if self._closing:
+            raise ClosedError("write_lines() on a writer that is closing or closed")
+        if type(lines) is not bytes:
+            raise TypeError(f"write_lines takes bytes, not {type(lines).__name__}")
         self._buffer_chunks += 1
         self._buffer_bytes += len(lines)
         await self._write_whole(worker, memoryview(lines))
@@ -521,19 +548,36 @@ class Writer:
         ):
             fd = self._direct_fds[placement.file]
             self._direct_writes += 1
+        offset = placement.offset
+        if self._stream:
+            while self._stream_next != offset:
+                await self._stream_moved.wait()
+            offset = -1  # at the stream's own position
         try:
-            await self._backend.write(fd, parts, placement.offset)
+            await self._backend.write(fd, parts, offset)
         except OSError as exc:
             name = self._output.targets[placement.file]
             raise WriteError(name, exc.strerror or str(exc), exc.errno) from None
         self._bytes_written += placement.length
+        if self._stream:
+            self._stream_next += placement.length
+            moved, self._stream_moved = self._stream_moved, trio.Event()
+            moved.set()
 
     async def _close_producers(self) -> None:
         for producer in self._producers:
             await producer.aclose()
+            producer.close_for_writer()
+        self._closing = True
         for send in self._sends:
             send.close()
         await self._coalesced.wait()
+
+    def _close_for_caller(self) -> None:
+        """After the writer's block (published or not): every handle and call is closed."""
+        self._closing = True
+        for producer in self._producers:
+            producer.close_for_writer()
 
     async def _sync(self) -> None:
         for fd, name in zip(self._fds, self._output.targets):
@@ -546,7 +590,7 @@ class Writer:
 @asynccontextmanager
 @trio.lowlevel.enable_ki_protection
 async def open_writer(
-    path: str | os.PathLike[str],
+    path: str | os.PathLike[str] | typing.BinaryIO,
     *,
     settings: Settings | None = None,
     producers: int | None = None,
@@ -557,19 +601,38 @@ async def open_writer(
     fs: FsInfo | None = None,
     backend: Backend | None = None,
     compress: bool | None = None,
+    fsync: bool | None = None,
+    level: int | None = None,
+    validate: bool = False,
 ) -> AsyncIterator[Writer]:
     """Open a writer that publishes ``path`` when the block ends without error.
 
     ``settings`` default to :func:`~pwriter.settings.load_settings` (the
-    environment); ``producers`` is a hint for the sizing.  The output is
-    refused (:class:`~pwriter.errors.UsageError`) when its directory does not
-    exist, when it exists and ``force`` is false, or when it is one of
-    ``inputs``.  ``header`` starts and ``footer`` ends the output in every
-    layout.  ``fs`` replaces filesystem detection and ``backend`` the backend
-    named in the settings (both for tests).  ``compress`` (default: the
-    ``compress`` setting, or a ``path`` ending in ``.gz``) writes every chunk,
-    the header and the footer as standalone gzip members, compressed in
-    worker threads, and publishes a member index, ``<path>.members.json``.
+    environment); ``fsync``, ``compress`` and ``level``, when given, replace
+    the setting of that name.  ``producers`` is a hint for the sizing.  The
+    output is refused (:class:`~pwriter.errors.UsageError`) when its
+    directory does not exist, when it exists and ``force`` is false
+    (:class:`~pwriter.errors.OutputExistsError`), when it is one of
+    ``inputs``, and, even with ``force``, when the name is not a regular file
+    or a symlink to one (a directory, FIFO, socket, device).  ``header``
+    starts and ``footer`` ends the output in every layout.  ``fs`` replaces
+    filesystem detection and ``backend`` the backend named in the settings
+    (both for tests).  ``compress`` (default: the ``compress`` setting, or a
+    ``path`` ending in ``.gz``) writes every chunk, the header and the footer
+    as standalone gzip members, compressed in worker threads, and publishes
+    a member index, ``<path>.members.json``; a ``level`` outside the
+    codec's range is a :class:`~pwriter.settings.ConfigError`.  With
+    ``validate``, every line sent through a producer handle must be a JSON
+    event line (``{...}``, valid JSON, the same C check as ``pwriter merge
+    --validate``); another raises :class:`~pwriter.errors.InputError` at the
+    call and takes nothing.
+
+    ``path`` may also be ``"-"`` (standard output) or a binary stream with a
+    ``fileno()`` (a pipe, a socket, an open file): the output is then
+    written to it in read order, as it is made, in the striped layout; a
+    compressed stream has no member index.  A stream cannot be unwritten:
+    on error, what was written stays, the footer is missing, and the error
+    is raised as for a file.
 
     When the block ends without error, the writer closes every producer
     handle still open (pushing what they queued), writes every accepted
@@ -577,30 +640,53 @@ async def open_writer(
     into place and fsyncs the directory: when ``async with`` returns, the
     output is complete under its final name (sharded: the manifest, written
     last, commits the set).  ``Writer.statistics().published`` is then true.
+    A file that ``force`` replaces is kept until the new output is wholly in
+    place, and put back if publishing fails.
 
     On error or cancellation (of the block or of any task inside it) the
     temporary files are removed, the target is untouched (a file it would
-    have replaced stays), and the exception propagates (a single failure
-    is not wrapped in an exception group).  Writes the kernel already holds
-    are waited for, shielded, before buffers are released.
+    have replaced stays), and the exception propagates: the block's own
+    exception (an exception group included) exactly as it was raised, else
+    the writer's first error, with any others kept on it
+    (:func:`~pwriter.errors.other_errors`).  Writes the kernel already holds
+    are waited for, shielded, before buffers are released.  After the block,
+    every producer handle and writer call raises
+    :class:`~pwriter.errors.ClosedError`.
     """
-    settings = settings if settings is not None else load_settings()
-    target = os.fspath(path)
+    overrides = {"fsync": fsync, "compress": compress, "level": level}
+    settings = settings_with(settings, **overrides) if settings is not None else load_settings(**overrides)
+    output: OutputSet | StreamOutput
+    if _is_stream(path):
+        output = StreamOutput(path)
+        target = output.target
+        settings = settings_with(settings, layout="striped")
+    elif isinstance(path, (str, os.PathLike)):
+        target = os.fspath(path)
+        if not isinstance(target, str):
+            raise TypeError(f"open_writer takes a str path, not {type(target).__name__}")
+        output = None  # type: ignore[assignment]  # made once the layout is known
+    else:
+        raise TypeError(f"open_writer takes a path, '-' or a binary stream with fileno(), not {type(path).__name__}")
     if compress is None:
-        compress = settings.compress or target.endswith(".gz")
+        compress = settings.compress or (target.endswith(".gz") and not isinstance(output, StreamOutput))
+    if compress:
+        check_level(settings.level)
     header_text, footer_text = len(header), len(footer)
     if compress:  # the header and the footer are gzip members of their own
         header, footer = gzip_member(header, settings.level), gzip_member(footer, settings.level)
-    fs, sizing = plan(target, settings, producers=producers, fs=fs)
+    fs, sizing = plan(target if output is None else ".", settings, producers=producers, fs=fs)
     planner = make_planner(
         sizing.layout, header_length=len(header), stripe_size=sizing.stripe_size, workers=sizing.workers,
         min_padding=GZIP_MIN_PADDING if compress else 1,
     )
-    output = OutputSet(target, sharded=sizing.layout == "sharded", files=planner.files, force=force,
-                       sidecars=[member_index_path(target)] if compress else [])
+    if output is None:
+        output = OutputSet(target, sharded=sizing.layout == "sharded", files=planner.files, force=force,
+                           sidecars=[member_index_path(target)] if compress else [])
     output.check(inputs)
     pool = BufferPool(sizing.buffers, sizing.stripe_size)
     writer: Writer | None = None
+    body_error: BaseException | None = None
+    failure: BaseException | None = None
     opened = contextlib.nullcontext(backend) if backend is not None else open_backend(
         settings.backend, queue_depth=sizing.queue_depth, write_call_size=sizing.write_call_size
     )
@@ -627,36 +713,72 @@ async def open_writer(
                             compress=compress,
                             header_text=header_text,
                             footer_text=footer_text,
+                            check_lines=_line_checker(target) if validate else None,
                         )
                         writer._start()
-                        yield writer
+                        try:
+                            yield writer
+                        except BaseException as exc:
+                            body_error = exc
+                            raise
                         await writer._close_producers()
-                    if settings.fsync:
+                    if settings.fsync and output.can_sync:
                         await writer._sync()
                 finally:
                     for fd in output.fds + output.direct_fds:
                         io.unregister(fd)
         except BaseExceptionGroup as group:
-            raise first_error(group) from None
+            failure = error_to_raise(group, body_error)
+        if failure is not None:
+            raise failure
+        assert writer is not None
         sidecars = {member_index_path(target): json.dumps(writer.member_index()).encode()} if compress else {}
         output.publish(fsync=settings.fsync, sidecars=sidecars)
         writer.published = True
         writer._finished = trio.current_time()
     finally:
+        if writer is not None:
+            writer._close_for_caller()
         with trio.CancelScope(shield=True):
             output.discard()
             pool.close()
+
+
+def _is_stream(path: object) -> bool:
+    return path == "-" or (not isinstance(path, (str, bytes, os.PathLike)) and hasattr(path, "fileno"))
+
+
+def _line_checker(target: str) -> Callable[[bytes], None]:
+    """``validate=True``: a check that raises InputError for a block that is not all JSON event lines."""
+    name = f"a line sent to {target}"
+
+    def check(block: bytes) -> None:
+        cleaned = BlockCleaner(name, validate=True).feed(block)
+        if cleaned != block:  # a wrapper, blank or untrimmed line: not an event line as sent
+            raise InputError(name, "not a JSON event line as sent (blank, wrapper or surrounded by spaces)")
+
+    return check
 
 
 def _compress_chunk(text: memoryview, level: int) -> tuple[bytes, int]:
     return gzip_member(text, level), count_newlines(text)
 
 
-def first_error(group: BaseExceptionGroup[BaseException]) -> BaseException:
-    """The exception to raise for a group: the first that is not Cancelled."""
+def error_to_raise(group: BaseExceptionGroup[BaseException], body_error: BaseException | None = None
+                   ) -> BaseException:
+    """The one exception to raise for a group that pwriter's own nurseries made.
+
+    ``body_error``, the exception of the caller's own code (an exception
+    group included), is returned as it is, untouched unless pwriter's tasks
+    failed too.  Otherwise the first error that is not ``Cancelled``.  The
+    other errors are kept on it (:func:`~pwriter.errors.attach_other_errors`),
+    never dropped.
+    """
     leaves: list[BaseException] = []
 
     def walk(exc: BaseException) -> None:
+        if exc is body_error:
+            return
         if isinstance(exc, BaseExceptionGroup):
             for inner in exc.exceptions:
                 walk(inner)
@@ -664,7 +786,11 @@ def first_error(group: BaseExceptionGroup[BaseException]) -> BaseException:
             leaves.append(exc)
 
     walk(group)
-    for leaf in leaves:
-        if not isinstance(leaf, trio.Cancelled):
-            return leaf
+    errors = [leaf for leaf in leaves if not isinstance(leaf, trio.Cancelled)]
+    if body_error is not None and not isinstance(body_error, trio.Cancelled):
+        return attach_other_errors(body_error, errors)
+    if errors:
+        return attach_other_errors(errors[0], errors[1:])
+    if body_error is not None:
+        return body_error
     return leaves[0] if leaves else group

@@ -64,10 +64,11 @@ def run_cli(*args: str, cwd: str | os.PathLike[str] | None = None, env: dict[str
 
 def expect_failure(done: subprocess.CompletedProcess[str], code: int, *needles: str) -> None:
     """A command that failed as documented: exit ``code``, nothing on stdout,
-    one ``pwriter: error:`` line on stderr holding every one of ``needles``."""
+    one ``pwriter: error:`` line on stderr holding every one of ``needles``
+    (then, for other failures that happened alongside, ``pwriter: also:`` lines)."""
     assert done.returncode == code, (done.returncode, done.stdout, done.stderr)
     lines = done.stderr.strip().splitlines()
-    assert len(lines) == 1, done.stderr
+    assert len(lines) >= 1 and all(line.startswith("pwriter: also: ") for line in lines[1:]), done.stderr
     assert lines[0].startswith("pwriter: error: ")
     for needle in needles:
         assert needle in lines[0], lines[0]

@@ -151,9 +151,18 @@ async def test_sharded_force_removes_stale_shards(tmp_path, settings_for) -> Non
     assert len([n for n in os.listdir(tmp_path) if ".shard_" in n]) == 4
     async with open_writer(target, settings=settings_for(layout="sharded", workers=2), fs=LOCAL, force=True) as w:
         pass
-    assert sorted(n for n in os.listdir(tmp_path) if ".shard_" in n) == ["out.shard_000.pfw", "out.shard_001.pfw"]
+    # The new set has names of another generation than the set it replaces
+    # (a reader of the old manifest never sees a new shard); the old ones are gone.
+    new = ["out.g1.shard_000.pfw", "out.g1.shard_001.pfw"]
+    assert sorted(n for n in os.listdir(tmp_path) if ".shard_" in n) == new
     assert read_text(target + ".shards") == b"[\n]\n"
-    assert [os.path.basename(p) for p in w.outputs] == ["out.shard_000.pfw", "out.shard_001.pfw"]
+    assert [os.path.basename(p) for p in w.outputs] == new
+    async with open_writer(target, settings=settings_for(layout="sharded", workers=3), fs=LOCAL, force=True) as w:
+        pass
+    again = ["out.shard_000.pfw", "out.shard_001.pfw", "out.shard_002.pfw"]
+    assert sorted(n for n in os.listdir(tmp_path) if ".shard_" in n) == again
+    assert [os.path.basename(p) for p in w.outputs] == again
+    assert sorted(os.listdir(tmp_path)) == sorted([*again, "out.pfw.shards"])
 
 
 async def test_fsync_on_close_when_enabled(tmp_path, settings_for) -> None:

@@ -7,7 +7,8 @@ base; :class:`Backend` is only a typing protocol):
     Write every byte of ``buffers`` (a list of bytes-like objects, written in
     order) to ``fd`` from ``offset`` on, retrying short writes and EINTR, in
     calls of at most ``write_call_size`` bytes (given when the backend is
-    opened; ``None``: one call).
+    opened; ``None``: one call).  ``offset`` -1 writes at the file's own
+    position (for streams: pipes, sockets, standard output).
     Returns only when all bytes are written; raises OSError (with errno and
     the file name given at :meth:`register`) otherwise.  The buffers belong
     to the backend until ``write`` returns *or* until the kernel is done with

@@ -233,13 +233,20 @@ class IoUringBackend:
     async def write(self, fd: int, buffers: Sequence[Buffer], offset: int) -> None:
         views = byte_views(buffers)
         name = self._names.get(fd, f"fd {fd}")
+        again = 0  # EAGAIN in a row (a non-blocking pipe that is full)
         while views:
             batch, wanted = leading(views, self.write_call_size)
             result = await self._operate(functools.partial(self._prep_write, fd, batch, offset))
             if result < 0:
-                if -result == errno.EINTR or -result == errno.EAGAIN:
+                if -result == errno.EINTR:
                     self._counts.interrupted += 1
                     continue
+                if -result == errno.EAGAIN:
+                    self._counts.interrupted += 1
+                    again += 1
+                    await trio.sleep(min(0.0005 * 2**again, 0.05))  # back off; nothing is in flight
+                    continue
+                again = 0
                 raise OSError(-result, f"write of {wanted} bytes at offset {offset} failed: {os.strerror(-result)}",
                               name)
             if result == 0:
@@ -247,7 +254,8 @@ class IoUringBackend:
             self._counts.bytes_written += result
             if result < wanted:
                 self._counts.short_writes += 1
-            offset += result
+            if offset >= 0:  # (-1: at the file's own position, which the kernel moves)
+                offset += result
             consume(views, result)
             if views:
                 await trio.lowlevel.checkpoint_if_cancelled()
@@ -294,7 +302,11 @@ class IoUringBackend:
         await self._admit.acquire()  # cancellable: nothing is submitted yet
         user_data = self._next_user_data
         self._next_user_data += 1
-        rc, keep = prep(user_data)
+        try:
+            rc, keep = prep(user_data)
+        except BaseException:
+            self._admit.release()  # nothing was queued
+            raise
         if rc < 0:
             self._admit.release()
             raise OSError(-rc, f"cannot queue an io_uring operation: {os.strerror(-rc)}")

@@ -16,6 +16,7 @@ from __future__ import annotations
 import dataclasses
 import errno
 import os
+import select
 from collections.abc import Sequence
 from typing import TYPE_CHECKING
 
@@ -43,7 +44,8 @@ def pwritev_fully(fd: int, buffers: Sequence[Buffer], offset: int, name: str, co
                   write_call_size: int | None = None) -> None:
     """Write all of ``buffers`` at ``offset``, counting into ``counts``.
 
-    Each ``pwritev`` carries at most ``write_call_size`` bytes (``None``: all
+    ``offset`` -1 writes at the file's own position (a stream, with
+    ``writev``).  Each ``pwritev`` carries at most ``write_call_size`` bytes (``None``: all
     that is left).  A short write is resumed where it stopped; EINTR is
     retried; a write of zero bytes for a non-empty request is reported as
     EIO rather than looped on.  Errors raise OSError carrying ``name``.
@@ -53,9 +55,15 @@ def pwritev_fully(fd: int, buffers: Sequence[Buffer], offset: int, name: str, co
         batch, wanted = leading(views, write_call_size)
         try:
             counts.calls += 1
-            done = os.pwritev(fd, batch, offset)
+            done = os.pwritev(fd, batch, offset) if offset >= 0 else os.writev(fd, batch)
         except InterruptedError:
             counts.interrupted += 1
+            continue
+        except BlockingIOError:  # a non-blocking pipe or socket that is full: wait until it drains
+            counts.interrupted += 1
+            poller = select.poll()
+            poller.register(fd, select.POLLOUT)
+            poller.poll()
             continue
         except OSError as exc:
             raise OSError(exc.errno, f"write of {wanted} bytes at offset {offset} failed: {exc.strerror}", name) from None
@@ -64,7 +72,8 @@ def pwritev_fully(fd: int, buffers: Sequence[Buffer], offset: int, name: str, co
         counts.written += done
         if done < wanted:
             counts.short += 1
-        offset += done
+        if offset >= 0:
+            offset += done
         consume(views, done)
 
 
