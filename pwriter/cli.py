@@ -32,7 +32,8 @@ def _parser() -> argparse.ArgumentParser:
     merge = commands.add_parser("merge", help="merge .pfw / .pfw.gz traces into one trace")
     merge.add_argument("inputs", nargs="*", metavar="INPUT", help="trace files (.pfw or .pfw.gz, mixed)")
     merge.add_argument("-d", "--directory", metavar="DIR", help="also merge every *.pfw and *.pfw.gz in DIR")
-    merge.add_argument("-o", "--output", required=True, metavar="OUTPUT", help="the merged trace to write")
+    merge.add_argument("-o", "--output", required=True, metavar="OUTPUT",
+                       help="the merged trace to write ('-': standard output, in read order)")
     merge.add_argument("--layout", choices=("auto", "striped", "padded-striped", "sharded"), default=None)
     merge.add_argument("--backend", choices=("auto", "io_uring", "threads"), default=None)
     merge.add_argument("--stripe-size", metavar="SIZE", default=None, help="bytes per write, e.g. 4MiB, 1M")
@@ -134,9 +135,16 @@ def _merge(args: argparse.Namespace) -> int:
     from .output import manifest_path, read_shard_set
     from .writer import error_to_raise
 
+    from .errors import UsageError
+
     settings = _settings(args)
+    to_stdout = args.output == "-"
+    if to_stdout and args.verify:
+        raise UsageError("-o -: --verify needs an output file to read back")
+    if to_stdout and sys.stdout.isatty():
+        raise UsageError("-o -: standard output is a terminal; redirect it to a file or a pipe")
     manifest = manifest_path(args.output)
-    exclude = [args.output, manifest, *read_shard_set(manifest)]
+    exclude = [] if to_stdout else [args.output, manifest, *read_shard_set(manifest)]
     inputs = collect_inputs(args.inputs, args.directory, exclude=exclude)
     progress = MergeProgress(total_input_bytes=sum(input_size(path) for path in inputs))
     show_progress = args.progress if args.progress is not None else sys.stderr.isatty()
@@ -215,16 +223,22 @@ def _print_merge(args: argparse.Namespace, settings: Any, result: Any, checked: 
         }
         if checked is not None:
             report["verification"] = _verification_report(checked)
-        print(json.dumps(report))
+        print(json.dumps(report), file=_report_stream(args))
     else:
         rate = stats.bytes_written / stats.seconds / (1 << 20) if stats.seconds > 0 else 0.0
         where = ", ".join(stats.outputs) if not result.manifest else f"{result.manifest} ({len(stats.outputs)} shards)"
         print(
             f"merged {result.inputs} inputs, {result.events} events, {stats.bytes_written} bytes into {where} "
-            f"[{stats.layout}, {stats.backend}, {stats.workers} workers] in {stats.seconds:.2f} s ({rate:.0f} MiB/s)"
+            f"[{stats.layout}, {stats.backend}, {stats.workers} workers] in {stats.seconds:.2f} s ({rate:.0f} MiB/s)",
+            file=_report_stream(args),
         )
         if checked is not None and checked.match:
             print(f"verified: the output holds exactly the {checked.input_events} event lines of the inputs")
+
+
+def _report_stream(args: argparse.Namespace) -> Any:
+    """Where the merge's report goes: stdout, unless the trace itself does (``-o -``)."""
+    return sys.stderr if args.output == "-" else sys.stdout
 
 
 def _verify(args: argparse.Namespace) -> int:

@@ -221,6 +221,9 @@ class OutputSet:
                 continue
             except OSError as exc:
                 raise UsageError(f"{name}: cannot examine the output: {exc.strerror}") from None
+            if _is_system_name(name):
+                raise UsageError(f"{name}: the output is a device or process file (/dev, /proc); "
+                                 "refusing to replace it (use -o - for standard output)")
             try:
                 stat = os.stat(name)
             except OSError:
@@ -450,6 +453,16 @@ def write_fully(fd: int, content: bytes) -> None:
         if done == 0:
             raise OSError(errno.EIO, "a write wrote nothing")
         view = view[done:]
+
+
+def _is_system_name(name: str) -> bool:
+    """Whether ``name`` is, or leads through symlinks to, a name under /dev or
+    /proc (``/dev/stdout`` -> ``/proc/self/fd/1`` -> whatever fd 1 is now);
+    /dev/shm, a plain tmpfs, is not."""
+    paths = [os.path.abspath(name), os.path.realpath(name)]
+    if os.path.islink(name):
+        paths.append(os.readlink(name))
+    return any(path.startswith(("/dev/", "/proc/")) and not path.startswith("/dev/shm/") for path in paths)
 
 
 def _kind_of(mode: int) -> str:

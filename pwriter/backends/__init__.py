@@ -52,6 +52,7 @@ __all__ = [
     "BackendUnavailable",
     "BACKEND_NAMES",
     "leading",
+    "at",
     "available_backends",
     "open_backend",
     "resolve_backend_name",
@@ -144,6 +145,11 @@ def leading(views: list[memoryview], limit: int | None) -> tuple[list[memoryview
         batch.append(view)
         size += view.nbytes
     return batch, size
+
+
+def at(offset: int) -> str:
+    """`` at offset N`` for an error message (nothing for a stream's own position, -1)."""
+    return f" at offset {offset}" if offset >= 0 else ""
 
 
 def consume(views: list[memoryview], count: int) -> None:

@@ -71,7 +71,7 @@ from typing import TYPE_CHECKING, Any
 
 import trio
 
-from . import BackendCounters, BackendStatistics, BackendUnavailable, byte_views, consume, leading
+from . import BackendCounters, BackendStatistics, BackendUnavailable, at, byte_views, consume, leading
 
 if TYPE_CHECKING:
     from typing_extensions import Buffer
@@ -84,6 +84,7 @@ FILE_SLOTS = 64
 REAP_BATCH = 256
 MAX_ENTRIES = 4096
 _RETRY_SUBMIT = (errno.EAGAIN, errno.EBUSY, errno.EINTR)
+_U64 = (1 << 64) - 1
 
 
 def _load() -> tuple[Any, Any]:
@@ -247,10 +248,10 @@ class IoUringBackend:
                     await trio.sleep(min(0.0005 * 2**again, 0.05))  # back off; nothing is in flight
                     continue
                 again = 0
-                raise OSError(-result, f"write of {wanted} bytes at offset {offset} failed: {os.strerror(-result)}",
+                raise OSError(-result, f"write of {wanted} bytes{at(offset)} failed: {os.strerror(-result)}",
                               name)
             if result == 0:
-                raise OSError(errno.EIO, f"write of {wanted} bytes at offset {offset} wrote nothing", name)
+                raise OSError(errno.EIO, f"write of {wanted} bytes{at(offset)} wrote nothing", name)
             self._counts.bytes_written += result
             if result < wanted:
                 self._counts.short_writes += 1
@@ -273,6 +274,7 @@ class IoUringBackend:
 
     def _prep_write(self, fd: int, views: list[memoryview], offset: int, user_data: int) -> tuple[int, object]:
         target, fixed_file = self._target(fd)
+        offset &= _U64  # -1 (the file's own position) is all ones to the kernel
         self._counts.writes += 1
         handles = [self._ffi.from_buffer(view) for view in views]
         if len(views) == 1 and self.fixed_buffers:

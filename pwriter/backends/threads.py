@@ -22,7 +22,7 @@ from typing import TYPE_CHECKING
 
 import trio
 
-from . import BackendCounters, BackendStatistics, byte_views, consume, leading
+from . import BackendCounters, BackendStatistics, at, byte_views, consume, leading
 
 if TYPE_CHECKING:
     from typing_extensions import Buffer
@@ -66,9 +66,9 @@ def pwritev_fully(fd: int, buffers: Sequence[Buffer], offset: int, name: str, co
             poller.poll()
             continue
         except OSError as exc:
-            raise OSError(exc.errno, f"write of {wanted} bytes at offset {offset} failed: {exc.strerror}", name) from None
+            raise OSError(exc.errno, f"write of {wanted} bytes{at(offset)} failed: {exc.strerror}", name) from None
         if done == 0:
-            raise OSError(errno.EIO, f"write of {wanted} bytes at offset {offset} wrote nothing", name)
+            raise OSError(errno.EIO, f"write of {wanted} bytes{at(offset)} wrote nothing", name)
         counts.written += done
         if done < wanted:
             counts.short += 1
