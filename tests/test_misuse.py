@@ -261,3 +261,12 @@ async def test_a_full_non_blocking_pipe_is_waited_for_not_spun_on(backend_name: 
         os.close(write_end)
     assert bytes(got) == payload
     assert retries < 200  # a hot loop would retry tens of thousands of times in 0.3 s
+
+
+async def test_wrong_argument_types_are_named(tmp_path) -> None:
+    with pytest.raises(TypeError, match="open_writer takes a path"):
+        async with open_writer(123, fs=LOCAL):  # type: ignore[arg-type]
+            pass
+    async with open_writer(str(tmp_path / "out.pfw"), fsync=False, fs=LOCAL) as writer:
+        with pytest.raises(TypeError, match="write_lines takes bytes"):
+            await writer.write_lines(0, "text")  # type: ignore[arg-type]
