@@ -40,8 +40,10 @@ readers refuse); an overlap would lose data.
 
 Plain padding is ``n - 1`` spaces and a newline: a whitespace-only line, which
 every trace reader skips (see NOTES.md section 2).  Gzip padding is one or
-more empty gzip members with an FEXTRA field (22 bytes at least, so gzip
-planners use ``min_padding=22``); chunks are then whole gzip members.
+more gzip members with an FEXTRA field that each hold one whitespace line,
+``"\n"`` (23 bytes at least, so gzip planners use ``min_padding=23``); never
+an empty member, which one field reader stops at.  Chunks are then whole
+gzip members.
 """
 
 from __future__ import annotations
@@ -58,6 +60,7 @@ __all__ = [
     "make_planner",
     "plain_padding",
     "gzip_padding",
+    "gzip_padding_members",
     "GZIP_MIN_PADDING",
 ]
 
@@ -112,36 +115,50 @@ def plain_padding(length: int) -> bytes:
     return b" " * (length - 1) + b"\n"
 
 
-#: The smallest padding gzip allows: one empty member (see :func:`gzip_padding`).
-GZIP_MIN_PADDING = 22
+#: The smallest padding gzip allows: one padding member (see :func:`gzip_padding`).
+GZIP_MIN_PADDING = 23
 _GZIP_MAX_MEMBER = GZIP_MIN_PADDING + 0xFFFF
+# The text of a padding member: one whitespace line.  Not an empty member:
+# dftracer_split (0.0.14) stops reading a file at its first empty member.
+_PADDING_TEXT = b"\n"
+# b"\n" as a final fixed-Huffman deflate block, then its CRC32 and ISIZE.
+_PADDING_DEFLATE = b"\xe3\x02\x00"
+_PADDING_TRAILER = (0x32D70693).to_bytes(4, "little") + len(_PADDING_TEXT).to_bytes(4, "little")
 
 
-def _empty_member(size: int) -> bytes:
-    # Header with FEXTRA (flag 0x04), XLEN, XLEN bytes of spaces, an empty
-    # final deflate block (fixed Huffman: 03 00), CRC32 0 and ISIZE 0.
+def _padding_member(size: int) -> bytes:
+    # Header with FEXTRA (flag 0x04), XLEN, XLEN bytes of spaces (to make
+    # the member exactly ``size`` bytes), then the deflated "\n".
     extra = size - GZIP_MIN_PADDING
     return (
         b"\x1f\x8b\x08\x04\x00\x00\x00\x00\x00\xff"
         + extra.to_bytes(2, "little")
         + b" " * extra
-        + b"\x03\x00"
-        + bytes(8)
+        + _PADDING_DEFLATE
+        + _PADDING_TRAILER
     )
 
 
 def gzip_padding(length: int) -> bytes:
-    """``length`` bytes of gzip padding: empty gzip members whose header
-    carries an FEXTRA field, which every gzip reader (zcat, Python,
-    dftracer's) decompresses to nothing.  Never a byte between members.
-    ``length`` is 0 or at least :data:`GZIP_MIN_PADDING`."""
+    """``length`` bytes of gzip padding: gzip members whose header carries
+    an FEXTRA field (sized to fill exactly ``length`` bytes) and whose text
+    is one whitespace line, ``"\n"``, which every trace reader skips
+    (zcat, Python, dftracer's split, event_count and validate).  Never an
+    empty member, never a byte between members.  ``length`` is 0 or at
+    least :data:`GZIP_MIN_PADDING`."""
     if length == 0:
         return b""
     if length < GZIP_MIN_PADDING:
         raise ValueError(f"gzip padding of {length} bytes is impossible (at least {GZIP_MIN_PADDING})")
-    count = -(-length // _GZIP_MAX_MEMBER)
+    count = gzip_padding_members(length)
     base, extra = divmod(length, count)
-    return b"".join(_empty_member(base + (1 if index < extra else 0)) for index in range(count))
+    return b"".join(_padding_member(base + (1 if index < extra else 0)) for index in range(count))
+
+
+def gzip_padding_members(length: int) -> int:
+    """How many members :func:`gzip_padding` makes ``length`` bytes of (each
+    decompresses to one ``"\n"``: that many bytes of text)."""
+    return -(-length // _GZIP_MAX_MEMBER)
 
 
 class _Closed:

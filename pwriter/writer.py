@@ -37,7 +37,8 @@ from .backends import Backend, BackendStatistics, open_backend
 from .channels import DEFAULT_BATCH_BYTES, BufferPool, Coalescer, Producer
 from .compress import MemberBuilder, check_level, gzip_member
 from .errors import ClosedError, InputError, WriteError, attach_other_errors
-from .layout import GZIP_MIN_PADDING, Placement, Planner, gzip_padding, make_planner, plain_padding
+from .layout import (GZIP_MIN_PADDING, Placement, Planner, gzip_padding, gzip_padding_members, make_planner,
+                     plain_padding)
 from .output import OutputSet, StreamOutput, member_index_path
 from .settings import Settings, load_settings, settings_with
 from .sizing import FsInfo, Sizing, plan_sizing
@@ -157,7 +158,8 @@ class Writer:
         self._placed: dict[int, trio.Event] = {}
         self._compress_limiter = trio.CapacityLimiter(max(1, os.cpu_count() or 1))
         self._member_slots = trio.Semaphore(pool.count)
-        self._members: list[tuple[int, int, int, int, int]] = []  # file, offset, length, text length, events
+        # file, offset, length, text length, events, listed (padding is not listed, but has text)
+        self._members: list[tuple[int, int, int, int, int, bool]] = []
         # Padded-striped gzip: members are built from many chunks, to fill their slot.
         self._builders: dict[int, MemberBuilder] | None = (
             {} if compress and sizing.layout == "padded-striped" else None
@@ -464,20 +466,25 @@ class Writer:
         """Remember the gzip members of ``placement`` for the member index."""
         if not self.compressed:
             return
+        file, offset = placement.file, placement.offset
         if placement.head:
-            self._members.append((placement.file, placement.offset, placement.head, self._header_text, 0))
+            self._members.append((file, offset, placement.head, self._header_text, 0, True))
         if placement.body:
-            self._members.append((placement.file, placement.offset + placement.head, placement.body, text, events))
+            self._members.append((file, offset + placement.head, placement.body, text, events, True))
+        if placement.pad:
+            self._members.append((file, offset + placement.head + placement.body, placement.pad,
+                                  gzip_padding_members(placement.pad), 0, False))
 
     def member_index(self) -> dict[str, object]:
         """The member index of a compressed output (see the README for the format)."""
         members = []
         text_offset = first_event = 0
-        for file, offset, length, text, events in sorted(self._members):
-            members.append({
-                "file": file, "offset": offset, "length": length, "text_offset": text_offset,
-                "text_length": text, "first_event": first_event, "events": events,
-            })
+        for file, offset, length, text, events, listed in sorted(self._members):
+            if listed:
+                members.append({
+                    "file": file, "offset": offset, "length": length, "text_offset": text_offset,
+                    "text_length": text, "first_event": first_event, "events": events,
+                })
             text_offset += text
             first_event += events
         return {
