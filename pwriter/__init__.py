@@ -1,11 +1,22 @@
 """pwriter: many trio producers, one stream of line records, written at the speed of the storage.
 
-The public API is imported lazily so that ``import pwriter`` (and the
-command line) stays cheap::
+Writing from trio tasks::
 
     async with pwriter.open_writer("merged.pfw") as writer:
         async with writer.producer() as producer:
             await producer.send_line(b'{"name":"read","ts":1}')
+
+From plain threads, asyncio (through ``asyncio.to_thread``) or dask::
+
+    with pwriter.open_writer_sync("merged.pfw") as writer:
+        with writer.producer() as producer:
+            producer.send_line(b'{"name":"read","ts":1}')
+
+Merging trace files: :func:`merge` (trio) and :func:`merge_sync`.
+
+The names below are imported on first use, so that ``import pwriter`` (and
+the command line) stays cheap; ``dir(pwriter)`` and ``help(pwriter)`` list
+them all.
 """
 
 from __future__ import annotations
@@ -27,8 +38,15 @@ __all__ = [
     "DataError",
     "InputError",
     "WriteError",
+    "ClosedError",
+    "BusyError",
+    "OutputExistsError",
     "merge",
+    "merge_sync",
     "collect_inputs",
+    "open_writer_sync",
+    "SyncWriter",
+    "SyncProducer",
 ]
 
 _LAZY = {
@@ -44,15 +62,24 @@ _LAZY = {
     "DataError": "errors",
     "InputError": "errors",
     "WriteError": "errors",
+    "ClosedError": "errors",
+    "BusyError": "errors",
+    "OutputExistsError": "errors",
     "merge": "merge",
     "collect_inputs": "merge",
+    "merge_sync": "sync",
+    "open_writer_sync": "sync",
+    "SyncWriter": "sync",
+    "SyncProducer": "sync",
 }
 
 if TYPE_CHECKING:
     from .channels import Producer
-    from .errors import DataError, InputError, PwriterError, UsageError, WriteError
+    from .errors import (BusyError, ClosedError, DataError, InputError, OutputExistsError, PwriterError, UsageError,
+                         WriteError)
     from .merge import collect_inputs, merge
     from .settings import ConfigError, Settings, load_settings
+    from .sync import SyncProducer, SyncWriter, merge_sync, open_writer_sync
     from .writer import Writer, WriterStatistics, open_writer
 
 
@@ -65,3 +92,8 @@ def __getattr__(name: str) -> Any:
     value = getattr(importlib.import_module(f".{module}", __name__), name)
     globals()[name] = value
     return value
+
+
+def __dir__() -> list[str]:
+    """The public API (imported or not yet) and the module's own dunders."""
+    return sorted({*__all__, *(name for name in globals() if name.startswith("__"))})

@@ -1,0 +1,298 @@
+"""The writer for code that is not trio: plain threads, asyncio, dask.
+
+Theory of operation
+-------------------
+:func:`open_writer_sync` starts one background thread that runs its own trio
+loop, and in it the very same service as :func:`~pwriter.writer.open_writer`
+(same sizing, backends, publish).  The caller's threads never run trio code
+themselves: a :class:`SyncProducer` batches lines in the calling thread
+(joined in C, as :meth:`~pwriter.channels.Producer.send_lines` does) and
+carries one whole block at a time into the trio thread with
+``trio.from_thread.run``, so the thread hop is paid once per ``batch_bytes``
+(64 KiB by default), not per line.  A sync handle is used by one thread at
+a time: a call while another thread is inside a call of the same handle
+raises :class:`~pwriter.errors.BusyError` and takes nothing (give each
+thread its own handle; passing one from thread to thread is fine).
+
+Ending the ``with`` block normally closes every handle (pushing what it
+holds), lets the service write the footer, fsync and publish, and joins the
+thread: when ``with`` returns, the output is complete under its name.  An
+exception inside the block cancels the service, which removes its
+temporaries and publishes nothing; the caller's exception propagates
+unchanged.  When the service fails on its own (a full disk), the next call
+from any thread, and the end of the block, raise that error, with the same
+exception type as the trio API.
+"""
+
+from __future__ import annotations
+
+import threading
+import typing
+from collections.abc import Callable, Iterable, Iterator
+from contextlib import contextmanager
+from typing import Any
+
+import trio
+
+from .channels import DEFAULT_BATCH_BYTES, Producer, join_lines
+from .errors import BusyError, ClosedError, InputError
+from .merge import MergeResult, merge
+from .writer import Writer, WriterStatistics, error_to_raise, open_writer
+
+__all__ = ["open_writer_sync", "SyncWriter", "SyncProducer", "merge_sync"]
+
+
+class _Aborted(Exception):
+    """The caller's block raised: the service must publish nothing."""
+
+
+class SyncWriter:
+    """A running writer for plain threads; obtain one from :func:`open_writer_sync`."""
+
+    def __init__(self, path: Any, options: dict[str, Any]) -> None:
+        self._path = path
+        self._options = options
+        self._ready = threading.Event()
+        self._error: BaseException | None = None
+        self._writer: Writer | None = None
+        self._token: trio.lowlevel.TrioToken | None = None
+        self._finish: trio.Event | None = None
+        self._abort = False
+        self._handles: list[SyncProducer] = []
+        self._handles_lock = threading.Lock()
+        self._closed = False
+        self._thread = threading.Thread(target=self._run, name="pwriter-sync", daemon=True)
+
+    # -- the trio side -----------------------------------------------------
+
+    def _run(self) -> None:
+        try:
+            trio.run(self._serve, strict_exception_groups=True)
+        except _Aborted:
+            pass
+        except BaseExceptionGroup as group:
+            self._error = error_to_raise(group)
+        except BaseException as exc:  # handed to the caller's thread
+            self._error = exc
+        finally:
+            self._ready.set()
+
+    async def _serve(self) -> None:
+        self._token = trio.lowlevel.current_trio_token()
+        self._finish = trio.Event()
+        async with open_writer(self._path, **self._options) as writer:
+            self._writer = writer
+            self._ready.set()
+            await self._finish.wait()
+            if self._abort:
+                raise _Aborted
+            for handle in list(self._handles):
+                await handle._async_close()
+
+    def _call(self, function: Any, *args: Any) -> Any:
+        """Run ``await function(*args)`` in the service's trio thread; the
+        service's own error, if it failed, is raised instead of what that
+        failure made the call raise."""
+        if self._closed:
+            raise ClosedError("the writer is closed")
+        try:
+            return trio.from_thread.run(function, *args, trio_token=self._token)
+        except (ValueError, TypeError, BusyError, ClosedError, InputError):
+            raise  # the call's own misuse: the service goes on
+        except BaseException as exc:
+            failure = self._failure()
+            if failure is not None:
+                raise failure from None
+            raise exc
+
+    def _failure(self) -> BaseException | None:
+        """The service's error, once its thread has ended (waited for when it is ending)."""
+        if self._thread.is_alive():
+            self._thread.join(timeout=60)
+        return self._error
+
+    # -- the caller's side -------------------------------------------------
+
+    def _start(self) -> None:
+        self._thread.start()
+        self._ready.wait()
+        if self._error is not None:
+            self._thread.join()
+            raise self._error
+
+    def _end(self, exc: BaseException | None) -> None:
+        """Finish the service: publish (``exc`` None) or abort, and join its thread."""
+        self._abort = exc is not None
+        try:
+            trio.from_thread.run_sync(self._finish_soon, trio_token=self._token)
+        except trio.RunFinishedError:
+            pass
+        self._thread.join()
+        self._closed = True
+        for handle in self._handles:
+            handle._closed = True
+        if exc is None and self._error is not None:
+            raise self._error
+
+    def _finish_soon(self) -> None:
+        assert self._finish is not None
+        self._finish.set()
+
+    def producer(self, *, batch_bytes: int = DEFAULT_BATCH_BYTES) -> SyncProducer:
+        """A new handle for one thread (close it, or use it as a context manager)."""
+        async def make() -> Producer:
+            assert self._writer is not None
+            return self._writer.producer(batch_bytes=batch_bytes)
+
+        assert self._writer is not None
+        handle = SyncProducer(self, self._call(make), batch_bytes, self._writer._check_lines)
+        with self._handles_lock:
+            self._handles.append(handle)
+        return handle
+
+    def statistics(self) -> WriterStatistics:
+        """A snapshot of what the writer did so far."""
+        assert self._writer is not None
+        if self._closed:
+            return self._writer.statistics()
+
+        async def snapshot() -> WriterStatistics:
+            assert self._writer is not None
+            return self._writer.statistics()
+
+        return typing.cast(WriterStatistics, self._call(snapshot))
+
+    @property
+    def outputs(self) -> list[str]:
+        assert self._writer is not None
+        return self._writer.outputs
+
+
+class SyncProducer:
+    """A handle through which one thread writes lines; the same promises as
+    :class:`~pwriter.channels.Producer` (lines checked and copied at the
+    call, one handle per thread, per-handle order, ``ClosedError`` after
+    close), with blocking calls.  Lines wait in the handle until it holds
+    ``batch_bytes`` (or :meth:`flush`, or :meth:`close`); the writer's
+    ``max_delay`` does not reach lines still in a sync handle."""
+
+    def __init__(self, writer: SyncWriter, inner: Producer, batch_bytes: int,
+                 check: Callable[[bytes], None] | None) -> None:
+        self._writer = writer
+        self._check = check  # validate=True: checked here, at the call, in the caller's thread
+        self._inner = inner
+        self._batch_bytes = batch_bytes
+        self._pending: list[bytes] = []
+        self._pending_bytes = 0
+        self._in_use = threading.Lock()  # held during a call: a second thread's call is refused
+        self._closed = False
+
+    def _enter(self, call: str) -> None:
+        if not self._in_use.acquire(blocking=False):
+            raise BusyError(f"{call} on a producer handle that another thread is using (one handle per thread): "
+                            "nothing was taken")
+        if self._closed:
+            self._in_use.release()
+            raise ClosedError(f"{call} on a producer handle that is closed: nothing was taken")
+
+    def send_line(self, line: bytes) -> None:
+        """Queue one line (a newline is added if it has none)."""
+        self.send_lines((line,))
+
+    def send_lines(self, lines: Iterable[bytes]) -> None:
+        """Queue many lines at once; if one is refused, none is taken."""
+        self._enter("send_lines")
+        try:
+            block = join_lines(lines)
+            if block and self._check is not None:
+                self._check(block)
+            if block:
+                self._pending.append(block)
+                self._pending_bytes += len(block)
+                if self._pending_bytes >= self._batch_bytes:
+                    self._flush()
+        finally:
+            self._in_use.release()
+
+    def send_block(self, block: bytes) -> None:
+        """Send a block of whole lines, after anything queued before it."""
+        self._enter("send_block")
+        try:
+            self._flush()
+            self._writer._call(self._inner.send_block, block)
+        finally:
+            self._in_use.release()
+
+    def flush(self) -> None:
+        """Hand the queued lines to the writer now."""
+        self._enter("flush")
+        try:
+            self._flush()
+        finally:
+            self._in_use.release()
+
+    def _flush(self) -> None:
+        if not self._pending:
+            return
+        block = b"".join(self._pending) if len(self._pending) > 1 else self._pending[0]
+        self._writer._call(self._inner.send_block, block)
+        self._pending = []
+        self._pending_bytes = 0
+
+    def close(self) -> None:
+        """Push what is queued and close the handle; idempotent."""
+        if self._closed:
+            return
+        self._enter("close")
+        try:
+            self._flush()
+            self._closed = True
+            self._writer._call(self._inner.aclose)
+        finally:
+            self._in_use.release()
+
+    async def _async_close(self) -> None:
+        """At the writer's close, in the trio thread: the handle's last lines go too."""
+        if not self._closed and self._pending:
+            block = b"".join(self._pending)
+            self._pending = []
+            await self._inner.send_block(block)
+        self._closed = True
+        await self._inner.aclose()
+
+    def __enter__(self) -> SyncProducer:
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        self.close()
+
+
+@contextmanager
+def open_writer_sync(path: Any, **options: Any) -> Iterator[SyncWriter]:
+    """:func:`~pwriter.writer.open_writer` as a plain context manager, for
+    code that is not trio: the same keywords, the same promises.
+
+    ``with open_writer_sync("merged.pfw") as writer:`` starts the service on
+    a trio loop of its own in a background thread; ``writer.producer()``
+    gives a handle per thread.  Leaving the block normally publishes the
+    output (complete when ``with`` returns); an exception inside it
+    publishes nothing and propagates unchanged.  Errors of the service reach
+    the caller's thread with the same exception types as the trio API.
+    """
+    writer = SyncWriter(path, options)
+    writer._start()
+    try:
+        yield writer
+    except BaseException as exc:
+        writer._end(exc)
+        raise
+    writer._end(None)
+
+
+def merge_sync(inputs: Any, output: str, **options: Any) -> MergeResult:
+    """:func:`~pwriter.merge.merge` for code that is not trio (a trio loop of
+    its own, in the calling thread); the same keywords and errors."""
+    try:
+        return trio.run(lambda: merge(inputs, output, **options), strict_exception_groups=True)
+    except BaseExceptionGroup as group:
+        raise error_to_raise(group) from None
