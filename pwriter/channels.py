@@ -314,24 +314,23 @@ def join_lines(lines: Iterable[bytes]) -> bytes:
         lines = list(lines)
     if not lines:
         return b""
+    count = len(lines)
     try:
-        block = b"\n".join(lines)
+        every_line_ends = all(map(_ends_with_newline, lines))
+    except (AttributeError, TypeError):  # memoryviews have no endswith; str's needs str
+        every_line_ends = False
+    try:
+        if every_line_ends:
+            block = b"".join(lines)
+            if block.count(NEWLINE) == count and b"\n\n" not in block and block[:1] != NEWLINE:
+                return block  # each line has exactly one newline, at its end (and none is empty)
+        else:
+            block = b"\n".join([*lines, b""])
+            if block.count(NEWLINE) == count and b"\n\n" not in block and block[:1] != NEWLINE:
+                return block  # no line had a newline (and none is empty)
     except TypeError:
         raise TypeError("send_lines takes bytes-like lines (UTF-8 text), not "
                         + next(type(line).__name__ for line in lines if not _is_bytes_like(line))) from None
-    newlines = block.count(NEWLINE)
-    if newlines == len(lines) - 1 and block and b"\n\n" not in block and block[:1] != NEWLINE \
-            and block[-1:] != NEWLINE:
-        return block + NEWLINE  # no line has a newline (and none is empty)
-    if newlines == 2 * len(lines) - 1:
-        try:
-            every_line_ends = all(map(_ends_with_newline, lines))
-        except (AttributeError, TypeError):  # memoryviews have no endswith
-            every_line_ends = False
-        if every_line_ends:
-            block = b"".join(lines)
-            if b"\n\n" not in block and block[:1] != NEWLINE:
-                return block  # each line has exactly one newline, at its end
     parts = []  # a mix: line by line
     for line in lines:
         if type(line) is not bytes:

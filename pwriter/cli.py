@@ -11,6 +11,7 @@ SIGINT, 143 terminated by SIGTERM; in both of the last, nothing is published).
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import signal
 import sys
@@ -25,11 +26,24 @@ class _Parser(argparse.ArgumentParser):
         self.exit(2, f"pwriter: error: {message} (see {self.prog} --help)\n")
 
 
-def _parser() -> argparse.ArgumentParser:
+def _settings_epilog() -> str:
+    """The PWRITER_* settings and what each means (built only for --help:
+    it imports pydantic, which a merge does not need to start)."""
+    from .settings import describe_settings
+
+    rows = describe_settings()
+    width = max(len(name) for name, _, _ in rows)
+    lines = [f"  {name:<{width}}  {description} (default {value})" for name, value, description in rows]
+    return "settings, from the environment (options above win):\n" + "\n".join(lines)
+
+
+def _parser(*, settings_help: bool = False) -> argparse.ArgumentParser:
     parser = _Parser(prog="pwriter", description="Merge and write DFTracer traces at the speed of the storage.")
     commands = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
 
-    merge = commands.add_parser("merge", help="merge .pfw / .pfw.gz traces into one trace")
+    merge = commands.add_parser("merge", help="merge .pfw / .pfw.gz traces into one trace",
+                                epilog=_settings_epilog() if settings_help else None,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
     merge.add_argument("inputs", nargs="*", metavar="INPUT", help="trace files (.pfw or .pfw.gz, mixed)")
     merge.add_argument("-d", "--directory", metavar="DIR", help="also merge every *.pfw and *.pfw.gz in DIR")
     merge.add_argument("-o", "--output", required=True, metavar="OUTPUT",
@@ -77,7 +91,8 @@ def _parser() -> argparse.ArgumentParser:
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Run the command line; returns the exit code."""
-    args = _parser().parse_args(argv)
+    arguments = sys.argv[1:] if argv is None else list(argv)
+    args = _parser(settings_help="-h" in arguments or "--help" in arguments).parse_args(arguments)
     from .errors import OutputExistsError, PwriterError, other_errors
 
     try:
@@ -163,7 +178,7 @@ def _merge(args: argparse.Namespace) -> int:
         async with trio.open_nursery() as nursery:
             nursery.start_soon(stop_on_sigterm, nursery.cancel_scope)
             if show_progress:
-                nursery.start_soon(_show_progress, progress)
+                nursery.start_soon(functools.partial(_show_progress, progress, tty=sys.stderr.isatty()))
             result = await merge(inputs, args.output, settings=settings, force=args.force, progress=progress,
                                  salvage=args.salvage, validate=args.validate)
             nursery.cancel_scope.cancel()
@@ -288,32 +303,63 @@ def _mismatch(output: str, checked: Any) -> int:
     return 1
 
 
-async def _show_progress(progress: Any) -> None:
+PROGRESS_EVERY_TTY = 0.5
+PROGRESS_EVERY_LOG = 5.0
+
+
+async def _show_progress(progress: Any, *, tty: bool) -> None:
+    """Progress on stderr: a line rewritten in place (and cleared, so that no
+    stale characters stay) on a terminal; elsewhere one plain line every few seconds."""
     import trio
 
     start = trio.current_time()
     try:
         while True:
-            _render_progress(progress, trio.current_time() - start)
-            await trio.sleep(0.5)
+            await trio.sleep(PROGRESS_EVERY_TTY if tty else PROGRESS_EVERY_LOG)
+            _render_progress(progress, trio.current_time() - start, tty=tty)
     finally:
-        _render_progress(progress, trio.current_time() - start)
-        sys.stderr.write("\n")
+        _render_progress(progress, trio.current_time() - start, tty=tty)
+        if tty:
+            sys.stderr.write("\n")
+        sys.stderr.flush()
 
 
-def _render_progress(progress: Any, elapsed: float) -> None:
-    done = progress.input_bytes()
-    fraction = min(1.0, done / max(1, progress.total_input_bytes))
-    bar = "#" * int(fraction * 30)
-    rate = done / max(elapsed, 1e-9) / (1 << 20)
-    sys.stderr.write(
-        f"\r[{bar:<30}] {fraction:6.1%}  {progress.files_done} files  {progress.events} events  {rate:.0f} MiB/s read"
-    )
+def progress_text(progress: Any, elapsed: float) -> str:
+    """One progress report: fraction, input files done of all, events,
+    text written, rate and ETA (from the input bytes read so far)."""
+    fraction = min(1.0, progress.input_bytes() / max(1, progress.total_input_bytes))
+    text = progress.text_bytes
+    rate = text / max(elapsed, 1e-9) / (1 << 20)
+    if fraction >= 1.0:
+        eta = "done"
+    elif fraction > 0 and elapsed > 0:
+        eta = "ETA " + _duration(elapsed * (1 - fraction) / fraction)
+    else:
+        eta = "ETA ?"
+    return (f"{fraction:6.1%}  {progress.files_done}/{progress.files} files  {progress.events:,} events  "
+            f"{text / (1 << 20):,.0f} MiB text  {rate:,.0f} MiB/s  {eta}")
+
+
+def _duration(seconds: float) -> str:
+    seconds = int(seconds + 0.5)
+    hours, rest = divmod(seconds, 3600)
+    return f"{hours}:{rest // 60:02d}:{rest % 60:02d}" if hours else f"{rest // 60}:{rest % 60:02d}"
+
+
+def _render_progress(progress: Any, elapsed: float, *, tty: bool) -> None:
+    line = progress_text(progress, elapsed)
+    if tty:
+        fraction = min(1.0, progress.input_bytes() / max(1, progress.total_input_bytes))
+        bar = "#" * int(fraction * 20)
+        sys.stderr.write(f"\r[{bar:<20}] {line}\x1b[K")
+    else:
+        sys.stderr.write(f"pwriter: {line.strip()}\n")
     sys.stderr.flush()
 
 
 def _info(args: argparse.Namespace) -> int:
     from .backends import available_backends, resolve_backend_name
+    from .settings import describe_settings
     from .writer import plan
 
     settings = _settings(args)
@@ -343,6 +389,8 @@ def _info(args: argparse.Namespace) -> int:
                     "reasons": list(sizing.reasons),
                     "backends": {name: {"available": why is None, "reason": why} for name, why in backends.items()},
                     "members": members,
+                    "settings": {name: {"value": value, "description": description}
+                                 for name, value, description in describe_settings(settings)},
                 }
             )
         )
@@ -360,6 +408,11 @@ def _info(args: argparse.Namespace) -> int:
             f"gzip members: {members['count']} in {len(members['files'])} file(s), {members['events']} events, "
             f"{members['text_bytes']} bytes of text in {members['compressed_bytes']} (index {members['index']})"
         )
+    print("settings (PWRITER_*; command-line options win):")
+    rows = describe_settings(settings)
+    width = max(len(name) for name, _, _ in rows)
+    for name, value, description in rows:
+        print(f"  {name:<{width}}  {value:<6}  {description}")
     print("backends:")
     for name, why in backends.items():
         print(f"  {name}: {'available' if why is None else 'unavailable: ' + why}")

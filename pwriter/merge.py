@@ -350,10 +350,16 @@ class InputRun:
         self.files_done = 0
         self.events = 0
         self.bytes_done = 0
+        self.text_bytes = 0  # cleaned event text handed on so far
 
     def fill(self, buffer: memoryview, done: int, end: int, capacity: int) -> tuple[int, int, bool]:
         """Like :meth:`InputReader.fill`, across the run's inputs: returns
         ``(done, end, finished)``; not finished means the buffer is full."""
+        result = self._fill(buffer, done, end, capacity)
+        self.text_bytes += result[0] - done
+        return result
+
+    def _fill(self, buffer: memoryview, done: int, end: int, capacity: int) -> tuple[int, int, bool]:
         while True:
             if self.reader is None:
                 if self._next == len(self._paths):
@@ -375,7 +381,9 @@ class InputRun:
     def read_long_line(self, start: bytes, size: int) -> tuple[bytes, bytes]:
         """See :meth:`InputReader.read_long_line` (for the current input)."""
         assert self.reader is not None
-        return self.reader.read_long_line(start, size)
+        line, rest = self.reader.read_long_line(start, size)
+        self.text_bytes += len(line)
+        return line, rest
 
     def input_bytes(self) -> int:
         reader = self.reader
@@ -422,6 +430,14 @@ class MergeProgress:
 
     def input_bytes(self) -> int:
         return sum(run.input_bytes() for run in self.runs)
+
+    @property
+    def files(self) -> int:
+        return sum(len(run._paths) for run in self.runs)
+
+    @property
+    def text_bytes(self) -> int:
+        return sum(run.text_bytes for run in self.runs)
 
 
 @dataclasses.dataclass(frozen=True)

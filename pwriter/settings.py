@@ -20,7 +20,8 @@ from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, ValidationEr
 
 from .errors import UsageError
 
-__all__ = ["ConfigError", "LayoutName", "BackendName", "Settings", "parse_size", "load_settings", "settings_with"]
+__all__ = ["ConfigError", "LayoutName", "BackendName", "Settings", "parse_size", "load_settings", "settings_with",
+           "describe_settings"]
 
 LayoutName = Literal["auto", "striped", "padded-striped", "sharded"]
 BackendName = Literal["auto", "io_uring", "threads"]
@@ -85,23 +86,47 @@ class Settings(BaseModel):
 
     model_config = ConfigDict(frozen=True, extra="forbid")
 
-    layout: LayoutName = "auto"
-    backend: BackendName = "auto"
-    stripe_size: StripeSize = None
-    workers: WorkerCount = None
-    buffers_per_worker: BuffersPerWorker = None
-    queue_depth: QueueDepth = None
-    write_call_size: WriteCallSize = None
-    """The most bytes one write system call (or io_uring operation) carries."""
-    fsync: bool = True
-    direct: bool = False
-    compress: bool = False
-    """Write gzip members (also implied by an output name ending in ``.gz``)."""
-    level: int = Field(default=1, ge=0, le=9)
-    """Compression level: 0 to 3 with python-isal, else zlib's 1 to 9 (another is refused when compressing)."""
-    memory_budget: MemoryBudget = None
-    max_delay: float = Field(default=1.0, gt=0, le=3600)
-    """Longest time (seconds, trio clock) a written line may wait in a buffer."""
+    layout: LayoutName = Field(
+        default="auto", description="striped, padded-striped or sharded; auto follows the filesystem")
+    backend: BackendName = Field(
+        default="auto", description="io_uring or threads; auto picks io_uring where it can run")
+    stripe_size: StripeSize = Field(
+        default=None, description="bytes per stripe buffer and slot (e.g. 4MiB); auto follows the filesystem")
+    workers: WorkerCount = Field(
+        default=None, description="write lanes (the number of shards when sharded); auto follows the filesystem")
+    buffers_per_worker: BuffersPerWorker = Field(
+        default=None, description="stripe buffers per worker (default 4, cut to the memory budget)")
+    queue_depth: QueueDepth = Field(
+        default=None, description="writes in flight at once (io_uring entries, or threads)")
+    write_call_size: WriteCallSize = Field(
+        default=None,
+        description="most bytes one write system call carries, a multiple of 4 KiB (default 512 KiB; "
+                    "one stripe with direct)")
+    fsync: bool = Field(default=True, description="fsync the output and its directory before publishing")
+    direct: bool = Field(default=False, description="write whole stripes with O_DIRECT (padded-striped)")
+    compress: bool = Field(
+        default=False, description="write gzip members (also implied by an output name ending in .gz)")
+    level: int = Field(
+        default=1, ge=0, le=9,
+        description="compression level: 0 to 3 with python-isal, else zlib's 1 to 9 (another is refused)")
+    memory_budget: MemoryBudget = Field(
+        default=None, description="most bytes of stripe buffers (default: a quarter of available memory, "
+                                  "at most 256 MiB)")
+    max_delay: float = Field(
+        default=1.0, gt=0, le=3600,
+        description="longest time in seconds (trio clock) a written line may wait in a buffer")
+
+
+def describe_settings(settings: Settings | None = None) -> list[tuple[str, str, str]]:
+    """``(PWRITER_<NAME>, value, description)`` for every setting (the
+    values of ``settings``, or the defaults), for ``pwriter info`` and
+    ``pwriter merge --help``."""
+    rows = []
+    for name, field in Settings.model_fields.items():
+        value = getattr(settings, name) if settings is not None else field.default
+        shown = "auto" if value is None else str(value).lower() if isinstance(value, bool) else str(value)
+        rows.append((ENV_PREFIX + name.upper(), shown, field.description or ""))
+    return rows
 
 
 def load_settings(**overrides: Any) -> Settings:
