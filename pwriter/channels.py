@@ -38,7 +38,9 @@ from collections.abc import Awaitable, Callable, Iterable
 
 import trio
 
-__all__ = ["BufferPool", "Producer", "join_lines", "Coalescer", "CoalescerStatistics", "DEFAULT_BATCH_BYTES"]
+from .traceformat import count_newlines
+
+__all__ = ["BufferPool", "Producer", "join_lines", "one_line", "Coalescer", "CoalescerStatistics", "DEFAULT_BATCH_BYTES"]
 
 DEFAULT_BATCH_BYTES = 64 << 10
 NEWLINE = b"\n"
@@ -143,13 +145,7 @@ class Producer:
             line = _copy_of(line, "send_line")
         if self._blocked:
             raise self._misuse("send_line")
-        newline = line.find(NEWLINE)
-        if newline < 0:
-            line += NEWLINE
-        elif newline != len(line) - 1 or newline == 0:
-            raise _bad_line(line)
-        if not line or line == NEWLINE:
-            raise _bad_line(line)
+        line = one_line(line)
         if self._check is not None:
             self._check(line)
         pending = self._pending
@@ -292,6 +288,18 @@ def _copy_of(data: object, call: str) -> bytes:
         raise TypeError(f"{call} takes bytes (a line of UTF-8 text), not {type(data).__name__}") from None
 
 
+def one_line(line: bytes) -> bytes:
+    """``line`` (bytes) as one newline-terminated record; ValueError for an
+    empty line or one with a newline other than at its end."""
+    newline = line.find(NEWLINE)
+    if newline < 0:
+        if line:
+            return line + NEWLINE
+    elif newline == len(line) - 1 and newline:
+        return line
+    raise _bad_line(line)
+
+
 def _bad_line(line: bytes) -> ValueError:
     if not line.strip(NEWLINE):
         return ValueError("a line must not be empty")
@@ -299,7 +307,7 @@ def _bad_line(line: bytes) -> ValueError:
     return ValueError(f"a line must be one record with no newline except at its end: {shown!r}")
 
 
-_ends_with_newline = operator.methodcaller("endswith", NEWLINE)
+_last_item = operator.itemgetter(-1)
 
 
 def join_lines(lines: Iterable[bytes]) -> bytes:
@@ -308,7 +316,9 @@ def join_lines(lines: Iterable[bytes]) -> bytes:
     Each line must be bytes-like, not empty, with no newline except at its
     end (one is added where missing); raises TypeError or ValueError
     otherwise.  The usual cases (no line ends with a newline, or every
-    line does) are checked and joined in C, with no Python step per line.
+    line does) are checked and joined in C, with no Python step per line:
+    the lengths, the last bytes and the newlines of the joined block tell
+    that each line holds exactly one newline, at its end.
     """
     if not isinstance(lines, (list, tuple)):
         lines = list(lines)
@@ -316,42 +326,20 @@ def join_lines(lines: Iterable[bytes]) -> bytes:
         return b""
     count = len(lines)
     try:
-        every_line_ends = all(map(_ends_with_newline, lines))
-    except (AttributeError, TypeError):  # memoryviews have no endswith; str's needs str
-        every_line_ends = False
-    try:
-        if every_line_ends:
-            block = b"".join(lines)
-            if block.count(NEWLINE) == count and b"\n\n" not in block and block[:1] != NEWLINE:
-                return block  # each line has exactly one newline, at its end (and none is empty)
-        else:
-            block = b"\n".join([*lines, b""])
-            if block.count(NEWLINE) == count and b"\n\n" not in block and block[:1] != NEWLINE:
-                return block  # no line had a newline (and none is empty)
-    except TypeError:
-        raise TypeError("send_lines takes bytes-like lines (UTF-8 text), not "
-                        + next(type(line).__name__ for line in lines if not _is_bytes_like(line))) from None
-    parts = []  # a mix: line by line
-    for line in lines:
-        if type(line) is not bytes:
-            line = _copy_of(line, "send_lines")
-        if not line or line == NEWLINE:
-            raise _bad_line(line)
-        newline = line.find(NEWLINE)
-        if newline < 0:
-            line += NEWLINE
-        elif newline != len(line) - 1:
-            raise _bad_line(line)
-        parts.append(line)
-    return b"".join(parts)
-
-
-def _is_bytes_like(data: object) -> bool:
-    try:
-        memoryview(data).release()  # type: ignore[arg-type]
-    except TypeError:
-        return False
-    return True
+        shortest = min(map(len, lines))
+        last_bytes = bytes(map(_last_item, lines))  # each line's last byte
+    except (TypeError, ValueError, IndexError):  # an empty line, or not bytes: see below, line by line
+        shortest, last_bytes = 0, b""
+    if shortest >= 2 and last_bytes.count(10) == count:
+        block = b"".join(lines)  # every line ends with a newline ...
+        if count_newlines(memoryview(block)) == count:
+            return block  # ... and has no other
+    elif shortest >= 1 and last_bytes.find(10) < 0:
+        block = b"\n".join([*lines, b""])  # no line ends with a newline ...
+        if count_newlines(memoryview(block)) == count:
+            return block  # ... and none has one inside
+    # A mix: line by line.
+    return b"".join([one_line(line if type(line) is bytes else _copy_of(line, "send_lines")) for line in lines])
 
 
 @dataclasses.dataclass(frozen=True)

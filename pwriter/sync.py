@@ -34,7 +34,7 @@ from typing import Any
 
 import trio
 
-from .channels import DEFAULT_BATCH_BYTES, Producer, join_lines
+from .channels import DEFAULT_BATCH_BYTES, Producer, join_lines, one_line
 from .errors import BusyError, ClosedError, InputError
 from .merge import MergeResult, merge
 from .writer import Writer, WriterStatistics, error_to_raise, open_writer
@@ -197,7 +197,19 @@ class SyncProducer:
 
     def send_line(self, line: bytes) -> None:
         """Queue one line (a newline is added if it has none)."""
-        self.send_lines((line,))
+        if type(line) is not bytes:
+            line = join_lines((line,))  # (copied, with the checks and messages of send_lines)
+        self._enter("send_line")
+        try:
+            line = one_line(line)
+            if self._check is not None:
+                self._check(line)
+            self._pending.append(line)
+            self._pending_bytes += len(line)
+            if self._pending_bytes >= self._batch_bytes:
+                self._flush()
+        finally:
+            self._in_use.release()
 
     def send_lines(self, lines: Iterable[bytes]) -> None:
         """Queue many lines at once; if one is refused, none is taken."""
