@@ -288,16 +288,21 @@ def main() -> None:
             results.append({"group": "memory", "corpus_mib": mib, "seconds": run.wall, "peak_rss_mib": run.rss_kib / 1024})
 
     if "library" in wanted:
-        print("\nlibrary path: 8 producer tasks, 200-byte lines, striped file, no fsync (bench/library.py)")
-        print(f"  {'call':<12} {'backend':<10} {'lines/s':>12} {'MiB/s':>8}")
+        print("\nlibrary path: 8 producers, 200-byte lines, batches of 10,000, striped file, no fsync "
+              "(bench/library.py: interleaved rounds against a one-thread join + write loop)")
         for backend in backends:
-            for call in ("line", "lines"):
-                done = subprocess.run([sys.executable, os.path.join(os.path.dirname(__file__), "library.py"),
-                                       "--call", call, "--backend", backend, "--out", os.path.join(out, "lib.pfw")],
-                                      capture_output=True, text=True, check=True)
-                report = json.loads(done.stdout)
-                print(f"  send_{call:<7} {backend:<10} {report['lines_per_second']:>12,} {report['mib_per_second']:>8}")
-                results.append({"group": "library", **report})
+            done = subprocess.run([sys.executable, os.path.join(os.path.dirname(__file__), "library.py"),
+                                   "--backend", backend, "--rounds", str(args.rounds), "--json",
+                                   "--out", os.path.join(out, "lib.pfw")],
+                                  capture_output=True, text=True, check=True)
+            report = json.loads(done.stdout)
+            rates = report["lines_per_second"]
+            loop = rates["loop"]["fastest"]
+            print(f"  backend {backend}: {'mode':<16} {'fastest M lines/s':>18} {'median':>8} {'vs loop':>8}")
+            for mode, rate in rates.items():
+                print(f"  {'':<{len(backend) + 10}}{mode:<16} {rate['fastest'] / 1e6:>18.2f} "
+                      f"{rate['median'] / 1e6:>8.2f} {rate['fastest'] / loop:>7.2f}x")
+            results.append({"group": "library", **report})
 
     reported_after = memory_handed_to_host_kib()
     if reported_before is not None and reported_after is not None:

@@ -35,7 +35,8 @@ from collections.abc import Callable
 import trio
 
 from bench import PWRITER, build_corpus, build_plain
-from pwriter.merge import InputReader, merge
+from pwriter.inputs import InputReader
+from pwriter.merge import merge
 from pwriter.settings import load_settings
 
 KiB, MiB = 1 << 10, 1 << 20

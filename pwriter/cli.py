@@ -257,7 +257,7 @@ def _report_stream(args: argparse.Namespace) -> Any:
 
 
 def _verify(args: argparse.Namespace) -> int:
-    from .merge import collect_inputs
+    from .inputs import collect_inputs
     from .output import manifest_path, read_shard_set
     from .verify import output_files
 

@@ -19,11 +19,12 @@ from typing import Annotated, Any, Literal
 from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, ValidationError
 
 from .errors import UsageError
+from .layout import LayoutName
 
-__all__ = ["ConfigError", "LayoutName", "BackendName", "Settings", "parse_size", "load_settings", "settings_with",
+__all__ = ["ConfigError", "LayoutChoice", "BackendName", "Settings", "parse_size", "load_settings", "settings_with",
            "describe_settings"]
 
-LayoutName = Literal["auto", "striped", "padded-striped", "sharded"]
+LayoutChoice = Literal["auto", LayoutName]  # (the layouts themselves: pwriter.layout.LayoutName)
 BackendName = Literal["auto", "io_uring", "threads"]
 
 _SIZE_RE = re.compile(r"^\s*(\d+)\s*([kmgt]?)(i?b)?\s*$", re.IGNORECASE)
@@ -86,7 +87,7 @@ class Settings(BaseModel):
 
     model_config = ConfigDict(frozen=True, extra="forbid")
 
-    layout: LayoutName = Field(
+    layout: LayoutChoice = Field(
         default="auto", description="striped, padded-striped or sharded; auto follows the filesystem")
     backend: BackendName = Field(
         default="auto", description="io_uring or threads; auto picks io_uring where it can run")

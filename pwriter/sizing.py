@@ -78,8 +78,8 @@ from __future__ import annotations
 
 import dataclasses
 import enum
-from typing import Literal
 
+from .layout import LayoutName
 from .settings import ConfigError, Settings
 
 __all__ = [
@@ -100,7 +100,6 @@ DEFAULT_MEMORY_CAP = 256 * MiB
 MAX_STRIPE_SIZE = 256 * MiB
 PAGE = 4096
 
-Layout = Literal["striped", "padded-striped", "sharded"]
 
 
 class FsKind(str, enum.Enum):
@@ -162,7 +161,7 @@ class Sizing:
     operation): a write of a larger chunk takes several.
     """
 
-    layout: Layout
+    layout: LayoutName
     workers: int
     stripe_size: int
     buffers: int
@@ -211,7 +210,7 @@ def plan_sizing(
     stripe_known = settings.stripe_size is not None or bool(fs.stripe_size)
 
     # Layout.
-    layout: Layout
+    layout: LayoutName
     if settings.direct and settings.layout not in ("auto", "padded-striped"):
         raise ConfigError(
             f"invalid setting layout={settings.layout!r}: O_DIRECT (direct) needs the padded-striped layout, "

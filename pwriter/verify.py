@@ -22,7 +22,7 @@ from concurrent.futures import ThreadPoolExecutor
 
 from . import traceformat
 from .errors import UsageError
-from .merge import InputReader
+from .inputs import InputReader, fill_step
 from .output import manifest_path, read_shard_set
 
 __all__ = ["VerifyResult", "verify", "output_files"]
@@ -58,23 +58,21 @@ def output_files(output: str) -> list[str]:
 
 
 def _cleaned_buffers(path: str) -> Iterator[memoryview]:
-    """The cleaned event text of ``path``, one buffer-full at a time (whole lines)."""
+    """The cleaned event text of ``path``, one buffer-full at a time (whole
+    lines), read with the merge's own step (:func:`~pwriter.inputs.fill_step`)."""
     buffer = memoryview(bytearray(BUFFER))
     reader = InputReader(path)
     try:
         done = end = 0
         while True:
-            done, end, finished = reader.fill(buffer, done, end, BUFFER)
+            done, end, finished, long_line = fill_step(reader, buffer, done, end, BUFFER)
+            if long_line is not None:
+                yield memoryview(long_line)
+                continue
             if done:
                 yield buffer[:done]
             if finished:
                 return
-            if done == 0 and end == BUFFER:  # a line longer than the buffer
-                line, rest = reader.read_long_line(bytes(buffer[:end]), BUFFER)
-                yield memoryview(line)
-                buffer[: len(rest)] = rest
-                end = len(rest)
-                continue
             buffer[: end - done] = buffer[done:end]
             end -= done
             done = 0

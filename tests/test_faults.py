@@ -164,22 +164,22 @@ async def test_input_that_changes_under_the_merge(tmp_path, backend_name: str, c
                                                   monkeypatch: pytest.MonkeyPatch) -> None:
     """An input truncated after the merge measured it, or deleted before it
     is opened: a DataError (exit 1) naming it, and no output."""
-    import pwriter.merge
+    import pwriter.inputs
 
     inputs = write_corpus(str(tmp_path / "in"), files=3, events_per_file=2000, seed=5)
     victim = inputs[2]  # plain (rank_2.pfw)
     out = tmp_path / "out"
     out.mkdir()
-    real_reader = pwriter.merge.InputReader
+    real_reader = pwriter.inputs.InputReader
 
-    def reader(path: str, **kwargs: object) -> pwriter.merge.InputReader:
+    def reader(path: str, **kwargs: object) -> pwriter.inputs.InputReader:
         if path == victim and change == "shrinks":
             os.truncate(path, os.path.getsize(path) // 2)
         elif path == victim and change == "vanishes-before-open":
             os.unlink(path)
         return real_reader(path, **kwargs)  # type: ignore[arg-type]
 
-    monkeypatch.setattr(pwriter.merge, "InputReader", reader)
+    monkeypatch.setattr(pwriter.inputs, "InputReader", reader)
     if change == "vanishes-before-start":
         os.unlink(victim)
     with pytest.raises(DataError) as raised:

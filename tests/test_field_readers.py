@@ -6,7 +6,6 @@ dftracer_validate, on 16 ranks made by dftracer_gen_fake_trace."""
 from __future__ import annotations
 
 import gzip
-import os
 import pathlib
 import re
 import subprocess

@@ -12,7 +12,7 @@ import pytest
 import trio
 
 import pwriter.channels
-import pwriter.merge
+import pwriter.inputs
 from pwriter.backends import open_backend
 from pwriter.errors import BusyError, ClosedError, DataError, InputError
 from pwriter.merge import merge
@@ -188,13 +188,13 @@ async def test_reader_buffers_go_back_to_the_pool(tmp_path, settings_for, monkey
         real_close(pool)
 
     monkeypatch.setattr(pwriter.channels.BufferPool, "close", close)
-    real_fill = pwriter.merge.InputRun.fill
+    real_fill = pwriter.inputs.InputRun.fill
 
-    def slow_fill(run: pwriter.merge.InputRun, *args: object) -> object:
+    def slow_fill(run: pwriter.inputs.InputRun, *args: object) -> object:
         time.sleep(0.02)  # (in the reader's thread) so that the merge is surely running at the cancel
         return real_fill(run, *args)  # type: ignore[arg-type]
 
-    monkeypatch.setattr(pwriter.merge.InputRun, "fill", slow_fill)
+    monkeypatch.setattr(pwriter.inputs.InputRun, "fill", slow_fill)
     (tmp_path / "out").mkdir()
     with trio.move_on_after(0.05 if how == "cancelled" else 60):
         with pytest.raises(DataError) if how == "bad input" else _nothing():

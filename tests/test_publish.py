@@ -9,17 +9,15 @@ import gzip
 import os
 import pathlib
 import subprocess
-import sys
 from collections.abc import AsyncIterator
 from typing import Any
 
 import pytest
-import trio
 
 import pwriter.output
 import pwriter.writer
 from pwriter.errors import OutputExistsError, UsageError, WriteError
-from pwriter.merge import collect_inputs, merge
+from pwriter.merge import merge
 from pwriter.output import is_temporary_name, read_shard_set
 from pwriter.testing import FaultBackend, event_counter, read_events, write_corpus
 
