@@ -146,7 +146,7 @@ def _settings(args: argparse.Namespace) -> Any:
 def _merge(args: argparse.Namespace) -> int:
     import trio
 
-    from .merge import MergeProgress, collect_inputs, input_size, merge
+    from .merge import MergeProgress, collect_inputs, merge
     from .output import manifest_path, read_shard_set
     from .writer import error_to_raise
 
@@ -161,7 +161,7 @@ def _merge(args: argparse.Namespace) -> int:
     manifest = manifest_path(args.output)
     exclude = [] if to_stdout else [args.output, manifest, *read_shard_set(manifest)]
     inputs = collect_inputs(args.inputs, args.directory, exclude=exclude)
-    progress = MergeProgress(total_input_bytes=sum(input_size(path) for path in inputs))
+    progress = MergeProgress(total_input_bytes=0)  # (merge() measures the inputs once, and sets it)
     show_progress = args.progress if args.progress is not None else sys.stderr.isatty()
 
     async def run() -> Any:

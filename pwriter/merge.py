@@ -114,8 +114,14 @@ async def merge(
     sizes = [input_size(path) for path in inputs]
     if progress is None:
         progress = MergeProgress(total_input_bytes=sum(sizes))
+    progress.total_input_bytes = sum(sizes)
     if readers is None:
-        readers = max(1, min(len(inputs), 2 * (os.cpu_count() or 1)))
+        # One reader per CPU: more contend for the GIL.  10,000 plain inputs
+        # of 64 KiB, in process: 1 and 2 readers 0.33-0.39 s, 4 readers
+        # 0.53-0.61 s (2 CPUs); a mixed 135 MiB corpus and its gzip copy: 2
+        # readers as fast as 4 or faster.
+        # An explicit --workers still gets that many lanes (shards).
+        readers = max(1, min(len(inputs), max(os.cpu_count() or 1, settings.workers or 1)))
     limiter = trio.CapacityLimiter(readers)
     progress.runs = [
         InputRun([inputs[i] for i in part], [sizes[i] for i in part], salvage=salvage, validate=validate)
