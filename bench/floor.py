@@ -106,13 +106,20 @@ def main() -> None:
     parser.add_argument("--inputs", choices=("plain", "gzip"), default="plain")
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--backend", default="auto")
+    parser.add_argument("--startup-only", action="store_true", help="only the start-up part")
     args = parser.parse_args()
-    plain, gz = build_corpus(args.dir, args.mib, compressed=args.inputs == "gzip")
-    inputs = gz if args.inputs == "gzip" else plain
     small = build_plain(os.path.join(args.dir, "small"), 256, 1024)
     out_dir = os.path.join(args.dir, "out")
     os.makedirs(out_dir, exist_ok=True)
     target = os.path.join(out_dir, "floor.pfw")
+    if not args.startup_only:
+        data_phase(args, target)
+    startup(args, [small[0]], target)
+
+
+def data_phase(args: argparse.Namespace, target: str) -> None:
+    plain, gz = build_corpus(args.dir, args.mib, compressed=args.inputs == "gzip")
+    inputs = gz if args.inputs == "gzip" else plain
 
     cases = {
         f"floor ({args.threads} threads)": lambda: floor(inputs, target, args.threads),
@@ -129,9 +136,14 @@ def main() -> None:
     for name in cases:
         report(name, runs[name])
 
-    tiny = [small[0]]
+
+
+def startup(args: argparse.Namespace, tiny: list[str], target: str) -> None:
+    merge_command = [PWRITER, "merge", *tiny, "-o", target, "--force", "--no-fsync"]
     starts = {
-        "pwriter merge of one 256 KiB trace": [PWRITER, "merge", *tiny, "-o", target, "--force", "--no-fsync"],
+        "pwriter merge of one 256 KiB trace": merge_command,
+        'python -c "import trio, pydantic, psutil"': [sys.executable, "-c", "import trio, pydantic, psutil"],
+        'python -c "import trio, pwriter.settings"': [sys.executable, "-c", "import trio, pwriter.settings"],
         'python -c "import trio"': [sys.executable, "-c", "import trio"],
         "python -c pass": [sys.executable, "-c", "pass"],
     }
@@ -143,6 +155,32 @@ def main() -> None:
     for name in starts:
         report(name, started[name])
     os.unlink(target)
+    importtime_breakdown([sys.executable, "-X", "importtime", "-c",
+                          "import sys; from pwriter.cli import main; sys.exit(main(sys.argv[1:]))",
+                          *merge_command[1:]])
+    os.unlink(target)
+
+
+def importtime_breakdown(command: list[str], top: int = 10) -> None:
+    """``python -X importtime`` of ``command``, summed by top-level package (self times)."""
+    done = subprocess.run(command, capture_output=True, text=True, check=True)
+    by_package: dict[str, int] = {}
+    for line in done.stderr.splitlines():
+        if not line.startswith("import time:") or "self [us]" in line:
+            continue
+        self_us, name = _fields(line)
+        package = name.strip().split(".")[0]
+        by_package[package] = by_package.get(package, 0) + int(self_us)
+    total = sum(by_package.values())
+    print(f"imports of the one-file merge (python -X importtime, self times by package), {total / 1000:.0f} ms:")
+    for package, micros in sorted(by_package.items(), key=lambda item: -item[1])[:top]:
+        print(f"  {package:<28} {micros / 1000:6.1f} ms")
+
+
+def _fields(line: str) -> tuple[str, str]:
+    """(self microseconds, module) of one ``-X importtime`` line."""
+    self_us, _cumulative, name = (part.strip() for part in line[len("import time:"):].split("|"))
+    return self_us, name
 
 
 if __name__ == "__main__":

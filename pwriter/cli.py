@@ -230,6 +230,7 @@ def _print_merge(args: argparse.Namespace, settings: Any, result: Any, checked: 
             "fsync": settings.fsync,
             "direct": settings.direct,
             "direct_writes": stats.direct_writes,
+            "writeback_hints": stats.writeback_hints,
             "compressed": stats.compressed,
             "seconds": round(stats.seconds, 6),
             "validated": args.validate,

@@ -104,6 +104,9 @@ class Settings(BaseModel):
         description="most bytes one write system call carries, a multiple of 4 KiB (default 512 KiB; "
                     "one stripe with direct)")
     fsync: bool = Field(default=True, description="fsync the output and its directory before publishing")
+    early_writeback: bool = Field(
+        default=True, description="with fsync: start writing each written range back at once, so that "
+                                  "writing and flushing overlap")
     direct: bool = Field(default=False, description="write whole stripes with O_DIRECT (padded-striped)")
     compress: bool = Field(
         default=False, description="write gzip members (also implied by an output name ending in .gz)")

@@ -261,3 +261,19 @@ async def test_output_that_appears_while_writing_is_never_replaced(tmp_path, set
             target.write_bytes(b"theirs\n")
     assert target.read_bytes() == b"theirs\n"
     assert leftovers(tmp_path) == []
+
+
+@pytest.mark.parametrize("early_writeback", [True, False])
+async def test_early_writeback_with_fsync(tmp_path, settings_for, early_writeback: bool) -> None:
+    """With fsync on, every written range of 256 KiB or more has its
+    writeback started at once; without fsync (or when turned off), none."""
+    target = str(tmp_path / "out.pfw")
+    line = b'{"pad":"%s"}' % (b"x" * 1000)
+    for fsync in (True, False):
+        settings = settings_for(fsync=fsync, early_writeback=early_writeback, stripe_size="1MiB", workers=1)
+        async with open_writer(target, settings=settings, fs=LOCAL, force=True) as writer:
+            async with writer.producer() as producer:
+                await producer.send_lines([line] * 5000)
+        hints = writer.statistics().writeback_hints
+        assert (hints >= 4) if (fsync and early_writeback) else (hints == 0)
+        assert read_events(target) == [line] * 5000
