@@ -11,6 +11,7 @@ It builds, once, in ``--dir`` (default /tmp/pwriter-bench):
   events from pwriter's own generator, ``--mib`` MiB in all;
 * ``gzip-<MiB>MiB/``: gzip copies of them (python-isal, level 3);
 * ``small/``: 1,024 plain traces of 256 KiB;
+* ``many/`` (group ``many``): 10,000 plain traces of 64 KiB, merged with ``-d``;
 
 Then it runs each command ``--rounds`` times, the commands of one group
 interleaved, page cache warm (one untimed warm-up round), Python start-up
@@ -56,15 +57,31 @@ class Run:
 
 
 def measure(command: list[str] | str, *, shell: bool = False, env: dict[str, str] | None = None) -> Run:
-    """Wall time, CPU time and peak RSS of one command (os.wait4: this child only)."""
+    """Wall time, CPU time and peak RSS of one command (os.wait4: this child only).
+
+    The peak RSS comes from GNU time's ``%M`` where it is installed: Linux
+    starts a forked child's peak RSS at its parent's, so wait4's figure for
+    a command forked from this (large) Python process is never below this
+    process's own RSS; GNU time is small, and forks the command itself.
+    """
+    argv = ["sh", "-c", command] if shell and isinstance(command, str) else list(command)
+    rss_file = None
+    if os.path.exists("/usr/bin/time"):
+        rss_file = os.path.join(os.environ.get("TMPDIR", "/tmp"), f".pwriter-bench-rss-{os.getpid()}")
+        argv = ["/usr/bin/time", "-f", "%M", "-o", rss_file, *argv]
     start = time.perf_counter()
-    process = subprocess.Popen(command, shell=shell, stdout=subprocess.DEVNULL, env=env)
+    process = subprocess.Popen(argv, stdout=subprocess.DEVNULL, env=env)
     _, status, usage = os.wait4(process.pid, 0)
     wall = time.perf_counter() - start
     process.returncode = os.waitstatus_to_exitcode(status)
     if process.returncode != 0:
         raise SystemExit(f"benchmark command failed ({process.returncode}): {command}")
-    return Run(wall, usage.ru_utime + usage.ru_stime, usage.ru_maxrss)
+    rss_kib = usage.ru_maxrss
+    if rss_file is not None:
+        with open(rss_file) as handle:
+            rss_kib = int(handle.read().split()[-1])
+        os.unlink(rss_file)
+    return Run(wall, usage.ru_utime + usage.ru_stime, rss_kib)
 
 
 def build_plain(directory: str, total_mib: int, files: int) -> list[str]:
@@ -177,7 +194,7 @@ def memory_handed_to_host_kib() -> int | None:
         return None
 
 
-GROUPS = ("plain", "durable", "gzip", "small", "fio", "split", "memory", "library")
+GROUPS = ("plain", "durable", "gzip", "small", "many", "fio", "split", "memory", "library")
 
 
 def main() -> None:
@@ -238,6 +255,15 @@ def main() -> None:
         **{f"pwriter striped {backend} --no-fsync": pwriter_merge(small, merged, "--backend", backend, "--no-fsync")
            for backend in backends},
     }, args.rounds, out, results)
+
+    if "many" in wanted:  # a 10,000-rank job's traces
+        many_dir = os.path.join(args.dir, "many")
+        many = build_plain(many_dir, 625, 10_000)
+        run_group("10,000 files of 64 KiB, -d DIR, no fsync", text_bytes(many), {
+        "cat DIR/* > out": f"cat {many_dir}/*.pfw > {out}/cat.pfw",
+        **{f"pwriter -d DIR {backend} --no-fsync": [PWRITER, "merge", "-d", many_dir, "-o", merged, "--no-progress", "--backend",
+                                                   backend, "--no-fsync"] for backend in backends},
+        }, args.rounds, out, results)
 
     fio = tool("fio")
     if "fio" not in wanted:

@@ -201,13 +201,7 @@ class SyncProducer:
             line = join_lines((line,))  # (copied, with the checks and messages of send_lines)
         self._enter("send_line")
         try:
-            line = one_line(line)
-            if self._check is not None:
-                self._check(line)
-            self._pending.append(line)
-            self._pending_bytes += len(line)
-            if self._pending_bytes >= self._batch_bytes:
-                self._flush()
+            self._queue(one_line(line))
         finally:
             self._in_use.release()
 
@@ -216,15 +210,19 @@ class SyncProducer:
         self._enter("send_lines")
         try:
             block = join_lines(lines)
-            if block and self._check is not None:
-                self._check(block)
             if block:
-                self._pending.append(block)
-                self._pending_bytes += len(block)
-                if self._pending_bytes >= self._batch_bytes:
-                    self._flush()
+                self._queue(block)
         finally:
             self._in_use.release()
+
+    def _queue(self, block: bytes) -> None:
+        """Queue checked, newline-terminated lines; flush once a batch is full."""
+        if self._check is not None:
+            self._check(block)
+        self._pending.append(block)
+        self._pending_bytes += len(block)
+        if self._pending_bytes >= self._batch_bytes:
+            self._flush()
 
     def send_block(self, block: bytes) -> None:
         """Send a block of whole lines, after anything queued before it."""

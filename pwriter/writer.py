@@ -11,10 +11,18 @@ Task structure (all in one nursery owned by :func:`open_writer`)::
 When the body of the ``async with`` ends normally, the writer pushes what
 producers still hold, closes the channels, waits until every coalescer has
 flushed and every chunk is placed, places and writes the footer, waits for
-every write, fsyncs (unless disabled), and publishes the output atomically.
-When the body raises or is cancelled, or a write fails, every task is
-cancelled, the temporary files are removed (shielded from cancellation) and
-the target is untouched; the exception propagates unwrapped.
+every write, fsyncs (unless disabled; with fsync, the writeback of each large
+written range was already started when it was written), and publishes the
+output all or nothing (:mod:`pwriter.output`).  When the body raises or is
+cancelled, or a write fails, every task is cancelled, the temporary files
+are removed (shielded from cancellation) and the target is untouched; the
+body's own exception propagates as it was raised, else the writer's first
+error with the others kept on it (:func:`error_to_raise`).  After the block
+every handle and call raises ClosedError.
+
+A stream output (standard output, a pipe) has no offsets to write at: each
+write waits until every byte placed before it is written, so the stream
+gets the read order.
 
 The writer's own code is KI-protected: Ctrl-C never lands in the middle of
 its bookkeeping, only at a checkpoint of the main task (or in user code),

@@ -8,6 +8,7 @@ import collections
 import errno
 import os
 import threading
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 
 import pytest
@@ -24,6 +25,15 @@ LAYOUTS = ["striped", "padded-striped", "sharded"]
 
 def line(worker: int, n: int) -> bytes:
     return b'{"worker":%d,"n":%d,"pad":"%s"}' % (worker, n, b"x" * (n % 50))
+
+
+def run_threads(target: Callable[[int], None], count: int) -> None:
+    """``target(0)``, ..., ``target(count - 1)`` in threads of their own, all joined."""
+    threads = [threading.Thread(target=target, args=(index,)) for index in range(count)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
 
 
 def assert_each_worker_in_order(events: list[bytes], workers: int, count: int) -> None:
@@ -49,11 +59,7 @@ def test_four_threads_every_line_once_in_order(tmp_path, settings_for, layout: s
                         for k in range(n, n + 50):
                             producer.send_line(line(worker, k))
 
-        threads = [threading.Thread(target=work, args=(worker,)) for worker in range(4)]
-        for thread in threads:
-            thread.start()
-        for thread in threads:
-            thread.join()
+        run_threads(work, 4)
     assert writer.statistics().published
     assert_each_worker_in_order(read_events(published(target, layout)), 4, 5000)
 
@@ -117,11 +123,7 @@ def test_one_handle_shared_by_two_threads_is_refused_and_loses_nothing(tmp_path,
                     with lock:
                         accepted.append(line(worker, n))
 
-        threads = [threading.Thread(target=hammer, args=(worker,)) for worker in range(2)]
-        for thread in threads:
-            thread.start()
-        for thread in threads:
-            thread.join()
+        run_threads(hammer, 2)
         held = shared._in_use  # a call in progress in another thread is refused, deterministically
         held.acquire()
         with pytest.raises(BusyError, match="another thread"):
