@@ -19,10 +19,35 @@ import trio
 
 from .inputs import InputReader, InputRun, collect_inputs, fill_step, input_size
 from .settings import Settings
-from .writer import WriterStatistics, error_to_raise, open_writer
+from .writer import Writer, WriterStatistics, error_to_raise, open_writer
 
 __all__ = ["MergeResult", "MergeProgress", "collect_inputs", "merge", "partition", "InputReader", "InputRun",
            "input_size"]
+
+
+def read_and_write(writer: Writer, run: InputRun, lane: int, buffer: memoryview) -> None:
+    """In a worker thread: read ``run`` into ``buffer`` and write every full
+    buffer as a chunk of ``lane`` through the writer's chunk sink, in this
+    thread.  Checks for cancellation between chunks."""
+    capacity = writer.chunk_capacity
+    done = end = 0
+    while True:
+        trio.from_thread.check_cancelled()
+        done, end, finished, long_line = fill_step(run, buffer, done, end, capacity)
+        if long_line is not None:  # one line longer than a buffer: a chunk of its own
+            if long_line:
+                writer.write_lines_in_thread(lane, long_line)
+            continue
+        if finished:
+            break
+        # Full: the complete lines go; the start of the next line is copied
+        # out first (the write may put padding after the chunk).
+        rest = bytes(buffer[done:end])
+        writer.write_chunk_in_thread(lane, buffer, done)
+        buffer[: len(rest)] = rest
+        done, end = 0, len(rest)
+    writer.write_chunk_in_thread(lane, buffer, done)
+    writer.finish_lane_in_thread(lane)
 
 
 def partition(sizes: Sequence[int], parts: int) -> list[range]:
@@ -128,42 +153,17 @@ async def merge(
         for part in partition(sizes, readers)
     ]
 
-    async def read_run(worker: int, run: InputRun) -> None:
-        # Each reader fills stripe buffers of its own, straight from its
-        # inputs, and hands every full one to the writer as a chunk of its
-        # worker: the lines of one input stay together and in order.
-        capacity = writer.chunk_capacity
+    async def read_run(lane: int, run: InputRun) -> None:
+        # Each reader fills a stripe buffer of its own, straight from its
+        # inputs, and writes every full one as a chunk of its lane, from its
+        # own thread: no hop back to trio per chunk.  The lines of one input
+        # stay together and in order.
         buffer = await writer.take_buffer()
-        owned = True  # the buffer is ours until handed to write_buffer
-        done = end = 0
         try:
-            while True:
-                done, end, finished, long_line = await trio.to_thread.run_sync(
-                    fill_step, run, buffer, done, end, capacity, limiter=limiter
-                )
-                if finished:
-                    break
-                if long_line is not None:  # one line longer than a buffer: a chunk of its own
-                    if long_line:
-                        await writer.write_lines(worker, long_line)
-                    continue
-                # Full: the complete lines go, the start of the next line moves on
-                # (copied out first: a reader that held its buffer while
-                # waiting for another would deadlock a pool of fewer
-                # buffers than readers).
-                rest = bytes(buffer[done:end])
-                owned = False
-                await writer.write_buffer(worker, buffer, done)
-                buffer = await writer.take_buffer()
-                owned = True
-                buffer[: len(rest)] = rest
-                done, end = 0, len(rest)
-            owned = False
-            await writer.write_buffer(worker, buffer, done)
+            await trio.to_thread.run_sync(read_and_write, writer, run, lane, buffer, limiter=limiter)
         finally:
             run.close()
-            if owned:  # an error or a cancellation: back to the pool, unwritten
-                writer.give_back(buffer)
+            writer.give_back(buffer)  # (the last write has returned: the kernel is done with it)
 
     async with open_writer(output, settings=settings, producers=len(progress.runs), force=force,
                            inputs=inputs) as writer:

@@ -144,6 +144,11 @@ class MemoryBackend:
         data = b"".join(bytes(buffer) for buffer in buffers)
         self.writes.append(RecordedWrite(self._names.get(fd, f"fd {fd}"), offset, data, trio.current_time()))
 
+    def write_in_thread(self, fd: int, buffers: Sequence[Buffer], offset: int) -> None:
+        data = b"".join(bytes(buffer) for buffer in buffers)
+        now = trio.from_thread.run_sync(trio.current_time)
+        self.writes.append(RecordedWrite(self._names.get(fd, f"fd {fd}"), offset, data, now))
+
     async def fsync(self, fd: int) -> None:
         await trio.lowlevel.checkpoint()
         self._fsyncs += 1
@@ -224,6 +229,10 @@ class FaultBackend:
     async def write(self, fd: int, buffers: Sequence[Buffer], offset: int) -> None:
         await self._maybe_fail("write", fd)
         await self.inner.write(fd, buffers, offset)
+
+    def write_in_thread(self, fd: int, buffers: Sequence[Buffer], offset: int) -> None:
+        trio.from_thread.run(self._maybe_fail, "write", fd)  # (counted, failed and delayed in trio, in order)
+        self.inner.write_in_thread(fd, buffers, offset)
 
     async def fsync(self, fd: int) -> None:
         await self._maybe_fail("fsync", fd)

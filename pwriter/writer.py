@@ -33,8 +33,10 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import functools
 import json
 import os
+import threading
 import typing
 from collections.abc import AsyncIterator, Callable, Sequence
 from contextlib import asynccontextmanager
@@ -57,6 +59,7 @@ __all__ = ["Writer", "WriterStatistics", "open_writer", "plan", "error_to_raise"
 HEADER = b"[\n"
 FOOTER = b"]\n"
 CHANNEL_BLOCKS = 8
+STREAM_POLL = 0.05  # seconds a stream write waiting for its turn sleeps between checks of cancellation
 # With fsync on, every written range of at least this size gets
 # posix_fadvise(DONTNEED), which starts its writeback at once (Linux) rather
 # than leaving every dirty page to the final fsync: writing and flushing then
@@ -199,15 +202,19 @@ class Writer:
         self._finished: float | None = None
         self._closing = False
         self._check_lines = check_lines
-        # A stream output is written in offset order: each write waits for
-        # the bytes before it (every placed chunk is ready to be written, so
-        # the earliest one can always go).
+        self._sink_lock = threading.Lock()  # placement, the member index and counters: threads write too
+        self._thread_builder = threading.local()  # padded gzip: each reader thread's unfinished member
+        # A stream output is written in offset order (see _write_in_thread).
+        # As many threads as stream writes can wait at once (every pool
+        # buffer, whole chunk and member in flight, the header and footer):
+        # a write holding a thread must never keep an earlier one from one.
         self._stream = isinstance(output, StreamOutput)
+        self._stream_turn = threading.Condition()
+        self._stream_limiter = trio.CapacityLimiter(3 * pool.count + 4)
         self._writeback = (settings.fsync and settings.early_writeback and not self._stream
                            and hasattr(os, "posix_fadvise"))
         self._writeback_hints = 0
         self._stream_next = 0
-        self._stream_moved = trio.Event()
         self.published = False
 
     @property
@@ -414,7 +421,7 @@ class Writer:
         if self.compressed:
             await self._compress_in_order(worker, buffer[:filled], lambda: self._pool.give_back(buffer))
             return
-        placement = self._planner.place(worker, filled)
+        placement = self._place(worker, filled)
         self._nursery.start_soon(self._write_and_give_back, placement, buffer, filled)
 
     async def _compress_in_order(self, worker: int, text: memoryview, release: Callable[[], None]) -> None:
@@ -457,7 +464,7 @@ class Writer:
         """Place a finished member ``(member, text bytes, events)`` next in
         ``worker``'s order and record it for the index."""
         member, text, events = finished
-        placement = self._planner.place(worker, len(member))
+        placement = self._place(worker, len(member))
         self._record(placement, text=text, events=events)
         return placement, member
 
@@ -485,6 +492,10 @@ class Writer:
         """Remember the gzip members of ``placement`` for the member index."""
         if not self.compressed:
             return
+        with self._sink_lock:
+            self._record_locked(placement, text=text, events=events)
+
+    def _record_locked(self, placement: Placement, *, text: int, events: int) -> None:
         file, offset = placement.file, placement.offset
         if placement.head:
             self._members.append((file, offset, placement.head, self._header_text, 0, True))
@@ -512,21 +523,27 @@ class Writer:
             "members": members,
         }
 
+    def _splice(self, placement: Placement, buffer: memoryview, filled: int) -> tuple[Placement, memoryview]:
+        """Put the header and the padding of ``placement`` inside ``buffer``
+        (around its first ``filled`` bytes) where they fit: one contiguous
+        write of whole stripes (a registered buffer for io_uring, aligned for
+        O_DIRECT).  Only the first chunk has a header to make room for; the
+        bytes of ``buffer`` after ``filled`` may be overwritten."""
+        if placement.head + filled + placement.pad <= len(buffer) and (placement.head or placement.pad):
+            head = placement.head
+            if head:
+                buffer[head : head + filled] = buffer[:filled]
+                buffer[:head] = self._header
+            buffer[head + filled : head + filled + placement.pad] = plain_padding(placement.pad)
+            filled = placement.length
+            placement = dataclasses.replace(placement, head=0, body=filled, pad=0)
+        return placement, buffer[:filled]
+
     @trio.lowlevel.enable_ki_protection
     async def _write_and_give_back(self, placement: Placement, buffer: memoryview, filled: int) -> None:
         try:
-            if placement.head + filled + placement.pad <= len(buffer) and (placement.head or placement.pad):
-                # Header and padding inside the buffer: one contiguous write of
-                # whole stripes (a registered buffer for io_uring, aligned for
-                # O_DIRECT).  Only the first chunk has a header to make room for.
-                head = placement.head
-                if head:
-                    buffer[head : head + filled] = buffer[:filled]
-                    buffer[:head] = self._header
-                buffer[head + filled : head + filled + placement.pad] = plain_padding(placement.pad)
-                filled = placement.length
-                placement = dataclasses.replace(placement, head=0, body=filled, pad=0)
-            await self._write(placement, buffer[:filled], aligned_memory=True)
+            placement, body = self._splice(placement, buffer, filled)
+            await self._write(placement, body, aligned_memory=True)
         finally:
             # The backend returns only once the kernel is done with the buffer.
             self._pool.give_back(buffer)
@@ -538,7 +555,7 @@ class Writer:
         if self.compressed:
             await self._compress_in_order(worker, chunk, self._whole_slots.release)
             return
-        placement = self._planner.place(worker, len(chunk))
+        placement = self._place(worker, len(chunk))
         self._nursery.start_soon(self._write_and_release_slot, placement, chunk)
 
     @trio.lowlevel.enable_ki_protection
@@ -557,6 +574,27 @@ class Writer:
         descriptor; any other (the footer, a line longer than a stripe) goes
         through the buffered one.  Their ranges never share a page.
         """
+        if self._stream:  # in order, through the one gate of stream writes (a thread's)
+            await trio.to_thread.run_sync(
+                functools.partial(self._write_in_thread, placement, body, aligned_memory=aligned_memory),
+                limiter=self._stream_limiter,
+            )
+            return
+        fd, parts = self._parts(placement, body, aligned_memory)
+        try:
+            await self._backend.write(fd, parts, placement.offset)
+        except OSError as exc:
+            raise self._write_error(placement, exc) from None
+        self._written(placement, fd)
+
+    def _parts(self, placement: Placement, body: bytes | memoryview,
+               aligned_memory: bool) -> tuple[int, list[bytes | memoryview]]:
+        """The descriptor and the buffers of one write: header, ``body``, padding.
+
+        With O_DIRECT, a write of one page-aligned buffer (``aligned_memory``)
+        at an aligned offset and of an aligned length goes through the direct
+        descriptor; any other goes through the buffered one.
+        """
         parts: list[bytes | memoryview] = []
         if placement.head:
             parts.append(self._header)
@@ -564,7 +602,6 @@ class Writer:
             parts.append(body)
         if placement.pad:
             parts.append(self._padding(placement.pad))
-        fd = self._fds[placement.file]
         if (
             self._direct_fds
             and aligned_memory
@@ -572,28 +609,115 @@ class Writer:
             and placement.offset % DIRECT_ALIGNMENT == 0
             and placement.length % DIRECT_ALIGNMENT == 0
         ):
-            fd = self._direct_fds[placement.file]
-            self._direct_writes += 1
-        offset = placement.offset
-        if self._stream:
-            while self._stream_next != offset:
-                await self._stream_moved.wait()
-            offset = -1  # at the stream's own position
-        try:
-            await self._backend.write(fd, parts, offset)
-        except OSError as exc:
-            name = self._output.targets[placement.file]
-            raise WriteError(name, exc.strerror or str(exc), exc.errno) from None
-        self._bytes_written += placement.length
+            return self._direct_fds[placement.file], parts
+        return self._fds[placement.file], parts
+
+    def _write_error(self, placement: Placement, exc: OSError) -> WriteError:
+        return WriteError(self._output.targets[placement.file], exc.strerror or str(exc), exc.errno)
+
+    def _written(self, placement: Placement, fd: int) -> None:
+        """Bookkeeping after a write (from the trio thread or a worker thread)."""
+        with self._sink_lock:
+            self._bytes_written += placement.length
+            if fd in self._direct_fds:
+                self._direct_writes += 1
         if self._writeback and placement.length >= WRITEBACK_MIN and fd not in self._direct_fds:
             # Durable output: start writing this range back now, so that the
             # final fsync finds little left to do (see WRITEBACK_MIN).
             os.posix_fadvise(fd, placement.offset, placement.length, os.POSIX_FADV_DONTNEED)
-            self._writeback_hints += 1
+            with self._sink_lock:
+                self._writeback_hints += 1
+
+    # -- the chunk sink, called from the worker thread that made the chunk --
+
+    def write_chunk_in_thread(self, lane: int, buffer: memoryview, filled: int) -> None:
+        """From a worker thread that trio started (never the trio thread):
+        write ``buffer[:filled]`` (whole lines, at most :attr:`chunk_capacity`
+        bytes) as one chunk of ``lane``, now, in this thread: placed under a
+        lock, compressed here for gzip output, written through the backend's
+        ``write_in_thread``.  Returns once the kernel is done with the
+        buffer; the caller keeps it (its bytes after ``filled`` may have been
+        overwritten by padding).  Not for stream outputs (:attr:`is_stream`)."""
+        if filled > self.chunk_capacity or filled < 0:
+            raise ValueError(f"a chunk of {filled} bytes: it must hold 0 to {self.chunk_capacity} bytes")
+        if filled == 0:
+            return
+        with self._sink_lock:
+            self._buffer_chunks += 1
+            self._buffer_bytes += filled
+        if self.compressed:
+            self._member_in_thread(lane, buffer[:filled])
+            return
+        placement, body = self._splice(self._place(lane, filled), buffer, filled)
+        self._write_in_thread(placement, body, aligned_memory=True)
+
+    def write_lines_in_thread(self, lane: int, lines: bytes) -> None:
+        """:meth:`write_chunk_in_thread` for whole lines of any length, not in a pool buffer."""
+        with self._sink_lock:
+            self._buffer_chunks += 1
+            self._buffer_bytes += len(lines)
+        if self.compressed:
+            self._member_in_thread(lane, memoryview(lines))
+            return
+        self._write_in_thread(self._place(lane, len(lines)), memoryview(lines))
+
+    def finish_lane_in_thread(self, lane: int) -> None:
+        """Padded gzip: finish and write this thread's unfinished member (at the end of its run)."""
+        builder = getattr(self._thread_builder, "builder", None)
+        self._thread_builder.builder = None
+        if builder is not None:
+            finished = builder.finish()
+            if finished is not None:
+                placement, member = self._place_member(lane, finished)
+                self._write_in_thread(placement, member)
+
+    @property
+    def is_stream(self) -> bool:
+        """Whether the output is a stream (written in order, from the trio thread only)."""
+        return self._stream
+
+    def _member_in_thread(self, lane: int, text: memoryview) -> None:
+        if self._builders is None:  # a member per chunk
+            member, events = _compress_chunk(text, self.settings.level)
+            placement, member = self._place_member(lane, (member, text.nbytes, events))
+            self._write_in_thread(placement, member)
+            return
+        builder = getattr(self._thread_builder, "builder", None)  # padded: members fill their slot
+        if builder is None:
+            builder = self._thread_builder.builder = MemberBuilder(self.settings.level)
+        finished = builder.feed(text, self._member_target)
+        if finished is not None:
+            self._thread_builder.builder = None
+            placement, member = self._place_member(lane, finished)
+            self._write_in_thread(placement, member)
+
+    def _write_in_thread(self, placement: Placement, body: bytes | memoryview, *,
+                         aligned_memory: bool = False) -> None:
+        fd, parts = self._parts(placement, body, aligned_memory)
+        offset = placement.offset
         if self._stream:
-            self._stream_next += placement.length
-            moved, self._stream_moved = self._stream_moved, trio.Event()
-            moved.set()
+            # A stream takes bytes in order: wait until every byte placed
+            # before these is written (each placed chunk is being written by
+            # the thread or task that placed it, so the earliest always goes).
+            with self._stream_turn:
+                while self._stream_next != offset:
+                    self._stream_turn.wait(STREAM_POLL)
+                    trio.from_thread.check_cancelled()
+            offset = -1  # at the stream's own position
+        try:
+            self._backend.write_in_thread(fd, parts, offset)
+        except OSError as exc:
+            raise self._write_error(placement, exc) from None
+        self._written(placement, fd)
+        if self._stream:
+            with self._stream_turn:
+                self._stream_next += placement.length
+                self._stream_turn.notify_all()
+
+    def _place(self, lane: int, length: int) -> Placement:
+        """The planner's placement of a chunk (under the lock: worker threads place too)."""
+        with self._sink_lock:
+            return self._planner.place(lane, length)
 
     async def _close_producers(self) -> None:
         for producer in self._producers:

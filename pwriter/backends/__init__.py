@@ -14,6 +14,11 @@ base; :class:`Backend` is only a typing protocol):
     to the backend until ``write`` returns *or* until the kernel is done with
     them, whichever is later: a cancelled ``write`` does not return before
     the kernel has let go of its buffers, so the caller may then reuse them.
+``write_in_thread(fd, buffers, offset)``
+    The same as ``write``, blocking, called from a worker thread that trio
+    started (never from the trio thread): a chunk is written by the thread
+    that made it, with no hop back to trio.  Returns once the kernel is done
+    with the buffers.
 ``await fsync(fd)``
     Flush the file's data and metadata to stable storage.
 ``register(fd, name)`` / ``unregister(fd)``
@@ -117,6 +122,8 @@ class Backend(Protocol):
     def register_buffers(self, buffers: Sequence[memoryview]) -> None: ...
 
     async def write(self, fd: int, buffers: Sequence[Buffer], offset: int) -> None: ...
+
+    def write_in_thread(self, fd: int, buffers: Sequence[Buffer], offset: int) -> None: ...
 
     async def fsync(self, fd: int) -> None: ...
 
