@@ -137,6 +137,8 @@ class Producer:
         self._blocked = 0
         self.closed = False
         self.closed_by_writer = False
+        self._channel_closed = False
+        self._sending = False  # the handle's task waits in a send (the writer's pushes keep off)
 
     async def send_line(self, line: bytes) -> None:
         """Queue one line (a newline is added if it has none)."""
@@ -193,10 +195,12 @@ class Producer:
             self._check(block)
         await self.flush()
         self._blocked += 1
+        self._sending = True
         try:
             await self._channel.send(block)
         finally:
             self._blocked -= 1
+            self._sending = False
 
     async def flush(self) -> None:
         """Send the queued lines now.
@@ -205,6 +209,10 @@ class Producer:
         """
         if self._blocked:
             raise self._misuse("flush")
+        await self._send_pending()
+
+    async def _send_pending(self) -> None:
+        """Send the queued lines as one block (they stay queued if cancelled)."""
         if not self._pending:
             return
         block = b"".join(self._pending) if len(self._pending) > 1 else self._pending[0]
@@ -212,21 +220,24 @@ class Producer:
         # made of: a waiting producer holds one batch of memory, not two.
         self._pending = [block]
         self._blocked += 1
+        self._sending = True
         try:
             await self._channel.send(block)
         finally:
             self._blocked -= 1
+            self._sending = False
         self._clear_pending()
 
     def send_pending_nowait(self) -> bool:
         """Send the queued lines if the channel has room now; False if not.
 
-        Used by the writer to push a batch that waited too long.  Does nothing
-        while the handle's own task is in the middle of a call.
+        Used by the writer to push a batch that waited too long (also one
+        left in a handle closed under cancellation).  Does nothing while the
+        handle's own task waits in a send.
         """
         if not self._pending:
             return True
-        if self._blocked:
+        if self._sending or self._channel_closed:
             return False
         try:
             self._channel.send_nowait(b"".join(self._pending))
@@ -251,24 +262,45 @@ class Producer:
                          "nothing was taken")
 
     async def aclose(self) -> None:
-        """Push what is queued and close this handle's channel; idempotent."""
+        """Push what is queued and close this handle's channel; idempotent.
+
+        If the push is cancelled (the producer's own task was), the lines
+        stay queued and the writer pushes them when it closes: lines a call
+        accepted are never lost, only the writer's own cancellation drops them.
+        """
         if self.closed:
             return
-        try:
-            await self.flush()
-        finally:
-            self.closed = True
-            self._blocked += 1
-            self._channel.close()
+        if self._blocked:
+            raise self._misuse("aclose")
+        self.closed = True
+        self._blocked += 1  # (no call from now on)
+        await self._send_pending()
+        self._close_channel()
 
-    def close_for_writer(self) -> None:
-        """The writer is done with this handle (after :meth:`aclose`, or on
-        error): later calls raise :class:`~pwriter.errors.ClosedError`."""
+    async def close_for_writer(self) -> None:
+        """At the writer's close: push what a handle closed under
+        cancellation still holds, close its channel; later calls raise
+        :class:`~pwriter.errors.ClosedError`."""
+        if not self.closed:
+            await self.aclose()
+        elif not self._channel_closed:
+            await self._send_pending()
+            self._close_channel()
+        self.closed_by_writer = True
+
+    def discard_for_writer(self) -> None:
+        """The writer ended without publishing (or is past publishing): close
+        the handle as it is; later calls raise :class:`~pwriter.errors.ClosedError`."""
         if not self.closed:
             self.closed = True
             self._blocked += 1
-            self._channel.close()
+        self._close_channel()
         self.closed_by_writer = True
+
+    def _close_channel(self) -> None:
+        if not self._channel_closed:
+            self._channel_closed = True
+            self._channel.close()
 
     async def __aenter__(self) -> Producer:
         return self

@@ -244,9 +244,9 @@ class Writer:
         send = self._sends[self._next_worker % len(self._sends)]
         self._next_worker += 1
         producer = Producer(send.clone(), batch_bytes=batch_bytes, check=self._check_lines)
-        self._producers = [existing for existing in self._producers if not existing.closed]
-        # (a handle closed by its task is dropped here; close_for_writer
-        # is then not needed: it already refuses every call)
+        # A handle closed by its task is dropped here, unless its last push
+        # was cancelled: the writer pushes that at its close.
+        self._producers = [existing for existing in self._producers if not existing._channel_closed]
         self._producers.append(producer)
         return producer
 
@@ -377,7 +377,7 @@ class Writer:
                 await self._coalesced.wait()
             now = trio.current_time()
             for producer in self._producers:
-                if not producer.closed and producer.pending_since + delay <= now:
+                if producer.pending_since + delay <= now:
                     producer.send_pending_nowait()
             for worker, since in list(self._member_since.items()):
                 if since + delay <= now and not self._finishing_members:
@@ -721,8 +721,7 @@ class Writer:
 
     async def _close_producers(self) -> None:
         for producer in self._producers:
-            await producer.aclose()
-            producer.close_for_writer()
+            await producer.close_for_writer()
         self._closing = True
         for send in self._sends:
             send.close()
@@ -732,7 +731,7 @@ class Writer:
         """After the writer's block (published or not): every handle and call is closed."""
         self._closing = True
         for producer in self._producers:
-            producer.close_for_writer()
+            producer.discard_for_writer()
 
     async def _sync(self) -> None:
         for fd, name in zip(self._fds, self._output.targets):
