@@ -19,35 +19,36 @@ import trio
 
 from .inputs import InputReader, InputRun, collect_inputs, fill_step, input_size
 from .settings import Settings
-from .writer import Writer, WriterStatistics, error_to_raise, open_writer
+from .sink import ChunkSink
+from .writer import WriterStatistics, error_to_raise, open_writer
 
 __all__ = ["MergeResult", "MergeProgress", "collect_inputs", "merge", "partition", "InputReader", "InputRun",
            "input_size"]
 
 
-def read_and_write(writer: Writer, run: InputRun, lane: int, buffer: memoryview) -> None:
+def read_and_write(sink: ChunkSink, run: InputRun, lane: int, buffer: memoryview) -> None:
     """In a worker thread: read ``run`` into ``buffer`` and write every full
-    buffer as a chunk of ``lane`` through the writer's chunk sink, in this
+    buffer as a chunk of ``lane`` through the writer's chunk ``sink``, in this
     thread.  Checks for cancellation between chunks."""
-    capacity = writer.chunk_capacity
+    capacity = sink.chunk_capacity
     done = end = 0
     while True:
         trio.from_thread.check_cancelled()
         done, end, finished, long_line = fill_step(run, buffer, done, end, capacity)
         if long_line is not None:  # one line longer than a buffer: a chunk of its own
             if long_line:
-                writer.write_lines_in_thread(lane, long_line)
+                sink.write_lines_in_thread(lane, long_line)
             continue
         if finished:
             break
         # Full: the complete lines go; the start of the next line is copied
         # out first (the write may put padding after the chunk).
         rest = bytes(buffer[done:end])
-        writer.write_chunk_in_thread(lane, buffer, done)
+        sink.write_chunk_in_thread(lane, buffer, done)
         buffer[: len(rest)] = rest
         done, end = 0, len(rest)
-    writer.write_chunk_in_thread(lane, buffer, done)
-    writer.finish_lane_in_thread(lane)
+    sink.write_chunk_in_thread(lane, buffer, done)
+    sink.finish_lane_in_thread(lane)
 
 
 def partition(sizes: Sequence[int], parts: int) -> list[range]:
@@ -160,7 +161,7 @@ async def merge(
         # stay together and in order.
         buffer = await writer.take_buffer()
         try:
-            await trio.to_thread.run_sync(read_and_write, writer, run, lane, buffer, limiter=limiter)
+            await trio.to_thread.run_sync(read_and_write, writer.sink, run, lane, buffer, limiter=limiter)
         finally:
             run.close()
             writer.give_back(buffer)  # (the last write has returned: the kernel is done with it)

@@ -2,11 +2,17 @@
 
 Task structure (all in one nursery owned by :func:`open_writer`)::
 
-    producers --(blocks)--> coalescer 0 --(full buffer)--> write task --> backend
-              --(blocks)--> coalescer 1 --(full buffer)--> write task --> backend
-                                     ...
+    producers --(blocks)--> coalescer 0 --(full buffer)--> write task --+
+              --(blocks)--> coalescer 1 --(full buffer)--> write task --+--> chunk sink --> backend
+                                     ...                               |    (pwriter.sink)
+    merge readers (worker threads) --(full buffer, written in the thread)+
     ticker: pushes producer batches older than max_delay (and, for padded
             gzip, finishes members whose oldest text is older than that)
+
+The writer is the control plane: it opens the output and the backend,
+runs the coalescers and the ticker, orders the gzip members of each
+coalescer, and closes and publishes.  Placement and writing are the chunk
+sink's (:mod:`pwriter.sink`), which makers in worker threads call directly.
 
 When the body of the ``async with`` ends normally, the writer pushes what
 producers still hold, closes the channels, waits until every coalescer has
@@ -20,10 +26,6 @@ body's own exception propagates as it was raised, else the writer's first
 error with the others kept on it (:func:`error_to_raise`).  After the block
 every handle and call raises ClosedError.
 
-A stream output (standard output, a pipe) has no offsets to write at: each
-write waits until every byte placed before it is written, so the stream
-gets the read order.
-
 The writer's own code is KI-protected: Ctrl-C never lands in the middle of
 its bookkeeping, only at a checkpoint of the main task (or in user code),
 so that cleanup always runs whole.
@@ -33,10 +35,8 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
-import functools
 import json
 import os
-import threading
 import typing
 from collections.abc import AsyncIterator, Callable, Sequence
 from contextlib import asynccontextmanager
@@ -46,26 +46,19 @@ import trio
 from .backends import Backend, BackendStatistics, open_backend
 from .channels import DEFAULT_BATCH_BYTES, BufferPool, Coalescer, Producer
 from .compress import MemberBuilder, check_level, gzip_member
-from .errors import ClosedError, InputError, WriteError, attach_other_errors
-from .layout import (GZIP_MIN_PADDING, Placement, Planner, gzip_padding, gzip_padding_members, make_planner,
-                     plain_padding)
+from .errors import ClosedError, InputError, attach_other_errors
+from .layout import (GZIP_MIN_PADDING, Placement, Planner, make_planner)
 from .output import OutputSet, StreamOutput, member_index_path
+from .sink import ChunkSink, compress_chunk
 from .settings import Settings, load_settings, settings_with
 from .sizing import FsInfo, Sizing, plan_sizing
-from .traceformat import BlockCleaner, count_newlines
+from .traceformat import BlockCleaner
 
 __all__ = ["Writer", "WriterStatistics", "open_writer", "plan", "error_to_raise", "HEADER", "FOOTER"]
 
 HEADER = b"[\n"
 FOOTER = b"]\n"
 CHANNEL_BLOCKS = 8
-STREAM_POLL = 0.05  # seconds a stream write waiting for its turn sleeps between checks of cancellation
-# With fsync on, every written range of at least this size gets
-# posix_fadvise(DONTNEED), which starts its writeback at once (Linux) rather
-# than leaving every dirty page to the final fsync: writing and flushing then
-# overlap.  (Smaller ranges are left to the fsync.)
-WRITEBACK_MIN = 256 << 10
-DIRECT_ALIGNMENT = 4096
 
 
 def plan(
@@ -169,15 +162,12 @@ class Writer:
         self.compressed = compress
         self._header_text = header_text
         self._footer_text = footer_text
-        self._padding = gzip_padding if compress else plain_padding
         # Compressed chunks are placed in the order they were flushed, per
         # worker, although they are compressed in parallel: each waits for the
         # event of the one before it.
         self._placed: dict[int, trio.Event] = {}
         self._compress_limiter = trio.CapacityLimiter(max(1, os.cpu_count() or 1))
         self._member_slots = trio.Semaphore(pool.count)
-        # file, offset, length, text length, events, listed (padding is not listed, but has text)
-        self._members: list[tuple[int, int, int, int, int, bool]] = []
         # Padded-striped gzip: members are built from many chunks, to fill their slot.
         self._builders: dict[int, MemberBuilder] | None = (
             {} if compress and sizing.layout == "padded-striped" else None
@@ -186,35 +176,24 @@ class Writer:
         self._member_since: dict[int, float] = {}  # worker -> when its unfinished member got its first text
         self._finishing_members = False  # set once the last members are being finished at close
         self._deadline_members = 0
-        self._fds = list(output.fds)
-        self._direct_fds = list(output.direct_fds)  # empty unless O_DIRECT
         self._sends: list[trio.MemorySendChannel[bytes]] = []
         self._coalescers: list[Coalescer] = []
         self._producers: list[Producer] = []
         self._next_worker = 0
         self._coalesced = trio.Event()
         self._whole_slots = trio.Semaphore(pool.count)
-        self._buffer_chunks = 0
-        self._direct_writes = 0
-        self._buffer_bytes = 0
-        self._bytes_written = 0
         self._started = trio.current_time()
         self._finished: float | None = None
         self._closing = False
         self._check_lines = check_lines
-        self._sink_lock = threading.Lock()  # placement, the member index and counters: threads write too
-        self._thread_builder = threading.local()  # padded gzip: each reader thread's unfinished member
-        # A stream output is written in offset order (see _write_in_thread).
-        # As many threads as stream writes can wait at once (every pool
-        # buffer, whole chunk and member in flight, the header and footer):
-        # a write holding a thread must never keep an earlier one from one.
-        self._stream = isinstance(output, StreamOutput)
-        self._stream_turn = threading.Condition()
-        self._stream_limiter = trio.CapacityLimiter(3 * pool.count + 4)
-        self._writeback = (settings.fsync and settings.early_writeback and not self._stream
-                           and hasattr(os, "posix_fadvise"))
-        self._writeback_hints = 0
-        self._stream_next = 0
+        self._sink = ChunkSink(
+            planner=planner, output=output, backend=backend, header=header, header_text=header_text,
+            compressed=compress, padded_members=self._builders is not None, level=settings.level,
+            member_target=self._member_target, chunk_capacity=self.chunk_capacity,
+            writeback=settings.fsync and settings.early_writeback,
+            # every pool buffer, whole chunk and member in flight, the header and the footer
+            stream_threads=3 * pool.count + 4,
+        )
         self.published = False
 
     @property
@@ -227,6 +206,12 @@ class Writer:
         """The most bytes of lines one chunk holds (a block at least half this
         size, and at most this size, is written without a copy)."""
         return self._pool.size if self.compressed else self._planner.chunk_capacity
+
+    @property
+    def sink(self) -> ChunkSink:
+        """Where chunks are placed and written: makers in worker threads (the
+        merge's readers) write through :meth:`ChunkSink.write_chunk_in_thread`."""
+        return self._sink
 
     @property
     def manifest(self) -> str | None:
@@ -282,8 +267,7 @@ class Writer:
         if filled == 0:
             self._pool.give_back(buffer)
             return
-        self._buffer_chunks += 1
-        self._buffer_bytes += filled
+        self._sink.count_chunk(filled)
         await self._flush_buffer(worker, buffer, filled)
 
     async def write_lines(self, worker: int, lines: bytes) -> None:
@@ -295,8 +279,7 @@ class Writer:
             raise ClosedError("write_lines() on a writer that is closing or closed")
         if type(lines) is not bytes:
             raise TypeError(f"write_lines takes bytes, not {type(lines).__name__}")
-        self._buffer_chunks += 1
-        self._buffer_bytes += len(lines)
+        self._sink.count_chunk(len(lines))
         await self._write_whole(worker, memoryview(lines))
 
     def statistics(self) -> WriterStatistics:
@@ -304,6 +287,7 @@ class Writer:
         coalesced = [coalescer.statistics() for coalescer in self._coalescers]
         end = self._finished if self._finished is not None else trio.current_time()
         io = self._backend.statistics()
+        sink = self._sink.counts()
         return WriterStatistics(
             outputs=tuple(self.outputs),
             layout=self.sizing.layout,
@@ -311,16 +295,16 @@ class Writer:
             fs_kind=self.fs.kind.value,
             stripe_size=self.sizing.stripe_size,
             workers=self.sizing.workers,
-            chunks=self._buffer_chunks + sum(stat.chunks for stat in coalesced),
+            chunks=sink.chunks + sum(stat.chunks for stat in coalesced),
             writes=io.writes,
-            line_bytes=self._buffer_bytes + sum(stat.bytes for stat in coalesced),
-            bytes_written=self._bytes_written,
+            line_bytes=sink.line_bytes + sum(stat.bytes for stat in coalesced),
+            bytes_written=sink.bytes_written,
             deadline_flushes=sum(stat.deadline_flushes for stat in coalesced) + self._deadline_members,
             uncopied_chunks=sum(stat.uncopied_chunks for stat in coalesced),
             oversized_chunks=sum(stat.oversized_chunks for stat in coalesced),
             buffer_waits=self._pool.waits,
-            direct_writes=self._direct_writes,
-            writeback_hints=self._writeback_hints,
+            direct_writes=sink.direct_writes,
+            writeback_hints=sink.writeback_hints,
             compressed=self.compressed,
             seconds=end - self._started,
             published=self.published,
@@ -344,10 +328,9 @@ class Writer:
                     write_whole=self._write_whole,
                 )
             )
-        header = self._planner.open()
+        header = self._sink.open()
         if header is not None:
-            self._record(header, text=self._header_text, events=0)
-            self._nursery.start_soon(self._write, header, b"")
+            self._nursery.start_soon(self._sink.write_placed, header, b"")
         self._nursery.start_soon(self._run_coalescers)
         self._nursery.start_soon(self._push_stale_batches)
 
@@ -362,12 +345,11 @@ class Writer:
         for worker, builder in sorted((self._builders or {}).items()):
             finished = await trio.to_thread.run_sync(builder.finish, limiter=self._compress_limiter)
             if finished is not None:
-                placement, member = self._place_member(worker, finished)
-                self._nursery.start_soon(self._write, placement, member)
-        footer = self._planner.close(len(self._footer))
-        self._record(footer, text=self._footer_text, events=0)
+                placement, member = self._sink.place_member(worker, finished)
+                self._nursery.start_soon(self._sink.write_placed, placement, member)
+        footer = self._sink.close(len(self._footer), self._footer_text)
         self._coalesced.set()
-        await self._write(footer, self._footer)
+        await self._sink.write_placed(footer, self._footer)
 
     @trio.lowlevel.enable_ki_protection
     async def _push_stale_batches(self) -> None:
@@ -411,9 +393,9 @@ class Writer:
                 mine.set()
                 return
             self._deadline_members += 1
-            placement, member = self._place_member(worker, finished)
+            placement, member = self._sink.place_member(worker, finished)
             mine.set()
-            await self._write(placement, member)
+            await self._sink.write_placed(placement, member)
         finally:
             self._member_slots.release()
 
@@ -421,7 +403,7 @@ class Writer:
         if self.compressed:
             await self._compress_in_order(worker, buffer[:filled], lambda: self._pool.give_back(buffer))
             return
-        placement = self._place(worker, filled)
+        placement = self._sink.place(worker, filled)
         self._nursery.start_soon(self._write_and_give_back, placement, buffer, filled)
 
     async def _compress_in_order(self, worker: int, text: memoryview, release: Callable[[], None]) -> None:
@@ -454,19 +436,11 @@ class Writer:
                 mine.set()
                 return
             self._member_since.pop(worker, None)
-            placement, member = self._place_member(worker, finished)
+            placement, member = self._sink.place_member(worker, finished)
             mine.set()
-            await self._write(placement, member)
+            await self._sink.write_placed(placement, member)
         finally:
             self._member_slots.release()
-
-    def _place_member(self, worker: int, finished: tuple[bytes, int, int]) -> tuple[Placement, bytes]:
-        """Place a finished member ``(member, text bytes, events)`` next in
-        ``worker``'s order and record it for the index."""
-        member, text, events = finished
-        placement = self._place(worker, len(member))
-        self._record(placement, text=text, events=events)
-        return placement, member
 
     @trio.lowlevel.enable_ki_protection
     async def _compress_and_write(
@@ -476,74 +450,23 @@ class Writer:
         try:
             try:
                 member, events = await trio.to_thread.run_sync(
-                    _compress_chunk, text, self.settings.level, limiter=self._compress_limiter
+                    compress_chunk, text, self.settings.level, limiter=self._compress_limiter
                 )
             finally:
                 release()  # the text is no longer needed
             if previous is not None:
                 await previous.wait()
-            placement, member = self._place_member(worker, (member, text.nbytes, events))
+            placement, member = self._sink.place_member(worker, (member, text.nbytes, events))
             mine.set()
-            await self._write(placement, member)
+            await self._sink.write_placed(placement, member)
         finally:
             self._member_slots.release()
-
-    def _record(self, placement: Placement, *, text: int, events: int) -> None:
-        """Remember the gzip members of ``placement`` for the member index."""
-        if not self.compressed:
-            return
-        with self._sink_lock:
-            self._record_locked(placement, text=text, events=events)
-
-    def _record_locked(self, placement: Placement, *, text: int, events: int) -> None:
-        file, offset = placement.file, placement.offset
-        if placement.head:
-            self._members.append((file, offset, placement.head, self._header_text, 0, True))
-        if placement.body:
-            self._members.append((file, offset + placement.head, placement.body, text, events, True))
-        if placement.pad:
-            self._members.append((file, offset + placement.head + placement.body, placement.pad,
-                                  gzip_padding_members(placement.pad), 0, False))
-
-    def member_index(self) -> dict[str, object]:
-        """The member index of a compressed output (see the README for the format)."""
-        members = []
-        text_offset = first_event = 0
-        for file, offset, length, text, events, listed in sorted(self._members):
-            if listed:
-                members.append({
-                    "file": file, "offset": offset, "length": length, "text_offset": text_offset,
-                    "text_length": text, "first_event": first_event, "events": events,
-                })
-            text_offset += text
-            first_event += events
-        return {
-            "format": "pwriter-members/1",
-            "files": [os.path.basename(name) for name in self._output.targets],
-            "members": members,
-        }
-
-    def _splice(self, placement: Placement, buffer: memoryview, filled: int) -> tuple[Placement, memoryview]:
-        """Put the header and the padding of ``placement`` inside ``buffer``
-        (around its first ``filled`` bytes) where they fit: one contiguous
-        write of whole stripes (a registered buffer for io_uring, aligned for
-        O_DIRECT).  Only the first chunk has a header to make room for; the
-        bytes of ``buffer`` after ``filled`` may be overwritten."""
-        if placement.head + filled + placement.pad <= len(buffer) and (placement.head or placement.pad):
-            head = placement.head
-            if head:
-                buffer[head : head + filled] = buffer[:filled]
-                buffer[:head] = self._header
-            buffer[head + filled : head + filled + placement.pad] = plain_padding(placement.pad)
-            filled = placement.length
-            placement = dataclasses.replace(placement, head=0, body=filled, pad=0)
-        return placement, buffer[:filled]
 
     @trio.lowlevel.enable_ki_protection
     async def _write_and_give_back(self, placement: Placement, buffer: memoryview, filled: int) -> None:
         try:
-            placement, body = self._splice(placement, buffer, filled)
-            await self._write(placement, body, aligned_memory=True)
+            placement, body = self._sink.splice(placement, buffer, filled)
+            await self._sink.write_placed(placement, body, aligned_memory=True)
         finally:
             # The backend returns only once the kernel is done with the buffer.
             self._pool.give_back(buffer)
@@ -555,169 +478,15 @@ class Writer:
         if self.compressed:
             await self._compress_in_order(worker, chunk, self._whole_slots.release)
             return
-        placement = self._place(worker, len(chunk))
+        placement = self._sink.place(worker, len(chunk))
         self._nursery.start_soon(self._write_and_release_slot, placement, chunk)
 
     @trio.lowlevel.enable_ki_protection
     async def _write_and_release_slot(self, placement: Placement, chunk: memoryview) -> None:
         try:
-            await self._write(placement, chunk)
+            await self._sink.write_placed(placement, chunk)
         finally:
             self._whole_slots.release()
-
-    @trio.lowlevel.enable_ki_protection
-    async def _write(self, placement: Placement, body: bytes | memoryview, *, aligned_memory: bool = False) -> None:
-        """Write ``placement`` (header, ``body``, padding) to its file.
-
-        With O_DIRECT, a write of one page-aligned buffer (``aligned_memory``)
-        at an aligned offset and of an aligned length goes through the direct
-        descriptor; any other (the footer, a line longer than a stripe) goes
-        through the buffered one.  Their ranges never share a page.
-        """
-        if self._stream:  # in order, through the one gate of stream writes (a thread's)
-            await trio.to_thread.run_sync(
-                functools.partial(self._write_in_thread, placement, body, aligned_memory=aligned_memory),
-                limiter=self._stream_limiter,
-            )
-            return
-        fd, parts = self._parts(placement, body, aligned_memory)
-        try:
-            await self._backend.write(fd, parts, placement.offset)
-        except OSError as exc:
-            raise self._write_error(placement, exc) from None
-        self._written(placement, fd)
-
-    def _parts(self, placement: Placement, body: bytes | memoryview,
-               aligned_memory: bool) -> tuple[int, list[bytes | memoryview]]:
-        """The descriptor and the buffers of one write: header, ``body``, padding.
-
-        With O_DIRECT, a write of one page-aligned buffer (``aligned_memory``)
-        at an aligned offset and of an aligned length goes through the direct
-        descriptor; any other goes through the buffered one.
-        """
-        parts: list[bytes | memoryview] = []
-        if placement.head:
-            parts.append(self._header)
-        if placement.body:
-            parts.append(body)
-        if placement.pad:
-            parts.append(self._padding(placement.pad))
-        if (
-            self._direct_fds
-            and aligned_memory
-            and len(parts) == 1
-            and placement.offset % DIRECT_ALIGNMENT == 0
-            and placement.length % DIRECT_ALIGNMENT == 0
-        ):
-            return self._direct_fds[placement.file], parts
-        return self._fds[placement.file], parts
-
-    def _write_error(self, placement: Placement, exc: OSError) -> WriteError:
-        return WriteError(self._output.targets[placement.file], exc.strerror or str(exc), exc.errno)
-
-    def _written(self, placement: Placement, fd: int) -> None:
-        """Bookkeeping after a write (from the trio thread or a worker thread)."""
-        with self._sink_lock:
-            self._bytes_written += placement.length
-            if fd in self._direct_fds:
-                self._direct_writes += 1
-        if self._writeback and placement.length >= WRITEBACK_MIN and fd not in self._direct_fds:
-            # Durable output: start writing this range back now, so that the
-            # final fsync finds little left to do (see WRITEBACK_MIN).
-            os.posix_fadvise(fd, placement.offset, placement.length, os.POSIX_FADV_DONTNEED)
-            with self._sink_lock:
-                self._writeback_hints += 1
-
-    # -- the chunk sink, called from the worker thread that made the chunk --
-
-    def write_chunk_in_thread(self, lane: int, buffer: memoryview, filled: int) -> None:
-        """From a worker thread that trio started (never the trio thread):
-        write ``buffer[:filled]`` (whole lines, at most :attr:`chunk_capacity`
-        bytes) as one chunk of ``lane``, now, in this thread: placed under a
-        lock, compressed here for gzip output, written through the backend's
-        ``write_in_thread``.  Returns once the kernel is done with the
-        buffer; the caller keeps it (its bytes after ``filled`` may have been
-        overwritten by padding).  Not for stream outputs (:attr:`is_stream`)."""
-        if filled > self.chunk_capacity or filled < 0:
-            raise ValueError(f"a chunk of {filled} bytes: it must hold 0 to {self.chunk_capacity} bytes")
-        if filled == 0:
-            return
-        with self._sink_lock:
-            self._buffer_chunks += 1
-            self._buffer_bytes += filled
-        if self.compressed:
-            self._member_in_thread(lane, buffer[:filled])
-            return
-        placement, body = self._splice(self._place(lane, filled), buffer, filled)
-        self._write_in_thread(placement, body, aligned_memory=True)
-
-    def write_lines_in_thread(self, lane: int, lines: bytes) -> None:
-        """:meth:`write_chunk_in_thread` for whole lines of any length, not in a pool buffer."""
-        with self._sink_lock:
-            self._buffer_chunks += 1
-            self._buffer_bytes += len(lines)
-        if self.compressed:
-            self._member_in_thread(lane, memoryview(lines))
-            return
-        self._write_in_thread(self._place(lane, len(lines)), memoryview(lines))
-
-    def finish_lane_in_thread(self, lane: int) -> None:
-        """Padded gzip: finish and write this thread's unfinished member (at the end of its run)."""
-        builder = getattr(self._thread_builder, "builder", None)
-        self._thread_builder.builder = None
-        if builder is not None:
-            finished = builder.finish()
-            if finished is not None:
-                placement, member = self._place_member(lane, finished)
-                self._write_in_thread(placement, member)
-
-    @property
-    def is_stream(self) -> bool:
-        """Whether the output is a stream (written in order, from the trio thread only)."""
-        return self._stream
-
-    def _member_in_thread(self, lane: int, text: memoryview) -> None:
-        if self._builders is None:  # a member per chunk
-            member, events = _compress_chunk(text, self.settings.level)
-            placement, member = self._place_member(lane, (member, text.nbytes, events))
-            self._write_in_thread(placement, member)
-            return
-        builder = getattr(self._thread_builder, "builder", None)  # padded: members fill their slot
-        if builder is None:
-            builder = self._thread_builder.builder = MemberBuilder(self.settings.level)
-        finished = builder.feed(text, self._member_target)
-        if finished is not None:
-            self._thread_builder.builder = None
-            placement, member = self._place_member(lane, finished)
-            self._write_in_thread(placement, member)
-
-    def _write_in_thread(self, placement: Placement, body: bytes | memoryview, *,
-                         aligned_memory: bool = False) -> None:
-        fd, parts = self._parts(placement, body, aligned_memory)
-        offset = placement.offset
-        if self._stream:
-            # A stream takes bytes in order: wait until every byte placed
-            # before these is written (each placed chunk is being written by
-            # the thread or task that placed it, so the earliest always goes).
-            with self._stream_turn:
-                while self._stream_next != offset:
-                    self._stream_turn.wait(STREAM_POLL)
-                    trio.from_thread.check_cancelled()
-            offset = -1  # at the stream's own position
-        try:
-            self._backend.write_in_thread(fd, parts, offset)
-        except OSError as exc:
-            raise self._write_error(placement, exc) from None
-        self._written(placement, fd)
-        if self._stream:
-            with self._stream_turn:
-                self._stream_next += placement.length
-                self._stream_turn.notify_all()
-
-    def _place(self, lane: int, length: int) -> Placement:
-        """The planner's placement of a chunk (under the lock: worker threads place too)."""
-        with self._sink_lock:
-            return self._planner.place(lane, length)
 
     async def _close_producers(self) -> None:
         for producer in self._producers:
@@ -732,14 +501,6 @@ class Writer:
         self._closing = True
         for producer in self._producers:
             producer.discard_for_writer()
-
-    async def _sync(self) -> None:
-        for fd, name in zip(self._fds, self._output.targets):
-            try:
-                await self._backend.fsync(fd)
-            except OSError as exc:
-                raise WriteError(name, exc.strerror or str(exc), exc.errno) from None
-
 
 @asynccontextmanager
 @trio.lowlevel.enable_ki_protection
@@ -877,7 +638,7 @@ async def open_writer(
                             raise
                         await writer._close_producers()
                     if settings.fsync and output.can_sync:
-                        await writer._sync()
+                        await writer._sink.sync()
                 finally:
                     for fd in output.fds + output.direct_fds:
                         io.unregister(fd)
@@ -886,7 +647,7 @@ async def open_writer(
         if failure is not None:
             raise failure
         assert writer is not None
-        sidecars = {member_index_path(target): json.dumps(writer.member_index()).encode()} if compress else {}
+        sidecars = {member_index_path(target): json.dumps(writer._sink.member_index()).encode()} if compress else {}
         output.publish(fsync=settings.fsync, sidecars=sidecars)
         writer.published = True
         writer._finished = trio.current_time()
@@ -912,10 +673,6 @@ def _line_checker(target: str) -> Callable[[bytes], None]:
             raise InputError(name, "not a JSON event line as sent (blank, wrapper or surrounded by spaces)")
 
     return check
-
-
-def _compress_chunk(text: memoryview, level: int) -> tuple[bytes, int]:
-    return gzip_member(text, level), count_newlines(text)
 
 
 def error_to_raise(group: BaseExceptionGroup[BaseException], body_error: BaseException | None = None

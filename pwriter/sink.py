@@ -1,0 +1,357 @@
+"""The chunk sink: where a chunk of whole lines becomes bytes in the output.
+
+Theory of operation
+-------------------
+Whoever made a chunk hands it to the sink, which places it (the pure
+planners of :mod:`pwriter.layout`, under one lock: worker threads place
+too), puts the header and the padding around it, and writes it through the
+backend.  There are two ways in, for the two kinds of makers:
+
+* from a worker thread that trio started (the merge's readers):
+  :meth:`ChunkSink.write_chunk_in_thread` places, compresses (gzip output)
+  and writes right there, through the backend's ``write_in_thread``, and
+  returns once the kernel is done with the buffer: no hop back to trio;
+* from the trio thread (the writer's coalescers, the header and footer):
+  :meth:`ChunkSink.place` now, then ``await`` :meth:`ChunkSink.write_placed` in a
+  task of its own.
+
+Either way the placement is taken when the chunk is ready, so the chunks of
+one lane are placed in the order their maker made them.  The sink keeps the
+gzip member index (every member's file, offset, length and text) and the
+counts of what it wrote.  A stream output (standard output, a pipe) has no
+offsets to write at: every write of a stream, from either way in, passes one
+gate that lets it through once every byte placed before it is written
+(each placed chunk is being written by whoever placed it, so the earliest
+one always can go).  With fsync on, the writeback of each large written
+range is started at once (``early_writeback``), so that the final fsync
+finds little left to do.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import os
+import threading
+
+import trio
+
+from .backends import Backend
+from .compress import MemberBuilder, gzip_member
+from .errors import WriteError
+from .layout import Placement, Planner, gzip_padding, gzip_padding_members, plain_padding
+from .output import OutputSet, StreamOutput
+from .traceformat import count_newlines
+
+__all__ = ["ChunkSink", "SinkCounts", "compress_chunk", "DIRECT_ALIGNMENT", "WRITEBACK_MIN"]
+
+DIRECT_ALIGNMENT = 4096
+# With fsync on, every written range of at least this size gets
+# posix_fadvise(DONTNEED), which starts its writeback at once (Linux) rather
+# than leaving every dirty page to the final fsync: writing and flushing then
+# overlap.  (Smaller ranges are left to the fsync.)
+WRITEBACK_MIN = 256 << 10
+STREAM_POLL = 0.05  # seconds a stream write waiting for its turn sleeps between checks of cancellation
+
+
+@dataclasses.dataclass(frozen=True)
+class SinkCounts:
+    """What a sink wrote: chunks handed to it and their bytes of lines, every
+    byte placed in the files, writes through the O_DIRECT descriptor, and
+    ranges whose writeback was started early."""
+
+    chunks: int
+    line_bytes: int
+    bytes_written: int
+    direct_writes: int
+    writeback_hints: int
+
+
+class ChunkSink:
+    """Places and writes the chunks of one output (see the module docstring).
+
+    ``header`` is what the planner's header placement holds (a gzip member
+    for compressed output); ``header_text`` its text length, for the member
+    index.  ``chunk_capacity`` is the most bytes of lines one chunk holds.
+    ``member_target``: padded gzip members are finished at about that size.
+    """
+
+    def __init__(self, *, planner: Planner, output: OutputSet | StreamOutput, backend: Backend, header: bytes,
+                 header_text: int, compressed: bool, padded_members: bool, level: int, member_target: int,
+                 chunk_capacity: int, writeback: bool, stream_threads: int) -> None:
+        self._planner = planner
+        self._output = output
+        self._backend = backend
+        self._header = header
+        self._header_text = header_text
+        self.compressed = compressed
+        self._padded_members = padded_members
+        self._level = level
+        self._member_target = member_target
+        self.chunk_capacity = chunk_capacity
+        self._padding = gzip_padding if compressed else plain_padding
+        self._fds = list(output.fds)
+        self._direct_fds = list(output.direct_fds)  # empty unless O_DIRECT
+        self._lock = threading.Lock()  # placement, the member index and the counts
+        # file, offset, length, text length, events, listed (padding is not listed, but has text)
+        self._members: list[tuple[int, int, int, int, int, bool]] = []
+        self._thread_builder = threading.local()  # padded gzip: each maker thread's unfinished member
+        self._stream = isinstance(output, StreamOutput)
+        self._stream_next = 0
+        self._stream_turn = threading.Condition()
+        # As many threads as stream writes can wait at once: a write holding
+        # a thread must never keep an earlier one from getting one.
+        self._stream_limiter = trio.CapacityLimiter(stream_threads)
+        self._writeback = writeback and not self._stream and hasattr(os, "posix_fadvise")
+        self._chunks = 0
+        self._line_bytes = 0
+        self._bytes_written = 0
+        self._direct_writes = 0
+        self._writeback_hints = 0
+
+    def counts(self) -> SinkCounts:
+        with self._lock:
+            return SinkCounts(self._chunks, self._line_bytes, self._bytes_written, self._direct_writes,
+                              self._writeback_hints)
+
+    def count_chunk(self, line_bytes: int) -> None:
+        """Count a chunk of ``line_bytes`` bytes of lines handed to the sink."""
+        with self._lock:
+            self._chunks += 1
+            self._line_bytes += line_bytes
+
+    def open(self) -> Placement | None:
+        """The header's placement (None when the layout puts it in the first chunk)."""
+        with self._lock:
+            header = self._planner.open()
+        if header is not None:
+            self.record(header, text=self._header_text, events=0)
+        return header
+
+    def close(self, footer_length: int, footer_text: int) -> Placement:
+        """The footer's placement, after every chunk's."""
+        with self._lock:
+            footer = self._planner.close(footer_length)
+        self.record(footer, text=footer_text, events=0)
+        return footer
+
+    def record(self, placement: Placement, *, text: int, events: int) -> None:
+        """Remember the gzip members of ``placement`` for the member index."""
+        if not self.compressed:
+            return
+        with self._lock:
+            self._record_locked(placement, text=text, events=events)
+
+    def _record_locked(self, placement: Placement, *, text: int, events: int) -> None:
+        file, offset = placement.file, placement.offset
+        if placement.head:
+            self._members.append((file, offset, placement.head, self._header_text, 0, True))
+        if placement.body:
+            self._members.append((file, offset + placement.head, placement.body, text, events, True))
+        if placement.pad:
+            self._members.append((file, offset + placement.head + placement.body, placement.pad,
+                                  gzip_padding_members(placement.pad), 0, False))
+
+    def member_index(self) -> dict[str, object]:
+        """The member index of a compressed output (see the README for the format)."""
+        members = []
+        text_offset = first_event = 0
+        for file, offset, length, text, events, listed in sorted(self._members):
+            if listed:
+                members.append({
+                    "file": file, "offset": offset, "length": length, "text_offset": text_offset,
+                    "text_length": text, "first_event": first_event, "events": events,
+                })
+            text_offset += text
+            first_event += events
+        return {
+            "format": "pwriter-members/1",
+            "files": [os.path.basename(name) for name in self._output.targets],
+            "members": members,
+        }
+
+    def splice(self, placement: Placement, buffer: memoryview, filled: int) -> tuple[Placement, memoryview]:
+        """Put the header and the padding of ``placement`` inside ``buffer``
+        (around its first ``filled`` bytes) where they fit: one contiguous
+        write of whole stripes (a registered buffer for io_uring, aligned for
+        O_DIRECT).  Only the first chunk has a header to make room for; the
+        bytes of ``buffer`` after ``filled`` may be overwritten."""
+        if placement.head + filled + placement.pad <= len(buffer) and (placement.head or placement.pad):
+            head = placement.head
+            if head:
+                buffer[head : head + filled] = buffer[:filled]
+                buffer[:head] = self._header
+            buffer[head + filled : head + filled + placement.pad] = plain_padding(placement.pad)
+            filled = placement.length
+            placement = dataclasses.replace(placement, head=0, body=filled, pad=0)
+        return placement, buffer[:filled]
+
+    @trio.lowlevel.enable_ki_protection
+    async def write_placed(self, placement: Placement, body: bytes | memoryview, *, aligned_memory: bool = False) -> None:
+        """Write ``placement`` (header, ``body``, padding) to its file.
+
+        With O_DIRECT, a write of one page-aligned buffer (``aligned_memory``)
+        at an aligned offset and of an aligned length goes through the direct
+        descriptor; any other (the footer, a line longer than a stripe) goes
+        through the buffered one.  Their ranges never share a page.
+        """
+        if self._stream:  # in order, through the one gate of stream writes (a thread's)
+            await trio.to_thread.run_sync(
+                functools.partial(self.write_placed_in_thread, placement, body, aligned_memory=aligned_memory),
+                limiter=self._stream_limiter,
+            )
+            return
+        fd, parts = self._parts(placement, body, aligned_memory)
+        try:
+            await self._backend.write(fd, parts, placement.offset)
+        except OSError as exc:
+            raise self._write_error(placement, exc) from None
+        self._written(placement, fd)
+
+    def _parts(self, placement: Placement, body: bytes | memoryview,
+               aligned_memory: bool) -> tuple[int, list[bytes | memoryview]]:
+        """The descriptor and the buffers of one write: header, ``body``, padding.
+
+        With O_DIRECT, a write of one page-aligned buffer (``aligned_memory``)
+        at an aligned offset and of an aligned length goes through the direct
+        descriptor; any other goes through the buffered one.
+        """
+        parts: list[bytes | memoryview] = []
+        if placement.head:
+            parts.append(self._header)
+        if placement.body:
+            parts.append(body)
+        if placement.pad:
+            parts.append(self._padding(placement.pad))
+        if (
+            self._direct_fds
+            and aligned_memory
+            and len(parts) == 1
+            and placement.offset % DIRECT_ALIGNMENT == 0
+            and placement.length % DIRECT_ALIGNMENT == 0
+        ):
+            return self._direct_fds[placement.file], parts
+        return self._fds[placement.file], parts
+
+    def _write_error(self, placement: Placement, exc: OSError) -> WriteError:
+        return WriteError(self._output.targets[placement.file], exc.strerror or str(exc), exc.errno)
+
+    def _written(self, placement: Placement, fd: int) -> None:
+        """Bookkeeping after a write (from the trio thread or a worker thread)."""
+        with self._lock:
+            self._bytes_written += placement.length
+            if fd in self._direct_fds:
+                self._direct_writes += 1
+        if self._writeback and placement.length >= WRITEBACK_MIN and fd not in self._direct_fds:
+            # Durable output: start writing this range back now, so that the
+            # final fsync finds little left to do (see WRITEBACK_MIN).
+            os.posix_fadvise(fd, placement.offset, placement.length, os.POSIX_FADV_DONTNEED)
+            with self._lock:
+                self._writeback_hints += 1
+
+    # -- the chunk sink, called from the worker thread that made the chunk --
+
+    def write_chunk_in_thread(self, lane: int, buffer: memoryview, filled: int) -> None:
+        """From a worker thread that trio started (never the trio thread):
+        write ``buffer[:filled]`` (whole lines, at most :attr:`chunk_capacity`
+        bytes) as one chunk of ``lane``, now, in this thread: placed under a
+        lock, compressed here for gzip output, written through the backend's
+        ``write_in_thread``.  Returns once the kernel is done with the
+        buffer; the caller keeps it (its bytes after ``filled`` may have been
+        overwritten by padding).  Not for stream outputs (:attr:`is_stream`)."""
+        if filled > self.chunk_capacity or filled < 0:
+            raise ValueError(f"a chunk of {filled} bytes: it must hold 0 to {self.chunk_capacity} bytes")
+        if filled == 0:
+            return
+        self.count_chunk(filled)
+        if self.compressed:
+            self._member_in_thread(lane, buffer[:filled])
+            return
+        placement, body = self.splice(self.place(lane, filled), buffer, filled)
+        self.write_placed_in_thread(placement, body, aligned_memory=True)
+
+    def write_lines_in_thread(self, lane: int, lines: bytes) -> None:
+        """:meth:`write_chunk_in_thread` for whole lines of any length, not in a pool buffer."""
+        self.count_chunk(len(lines))
+        if self.compressed:
+            self._member_in_thread(lane, memoryview(lines))
+            return
+        self.write_placed_in_thread(self.place(lane, len(lines)), memoryview(lines))
+
+    def finish_lane_in_thread(self, lane: int) -> None:
+        """Padded gzip: finish and write this thread's unfinished member (at the end of its run)."""
+        builder = getattr(self._thread_builder, "builder", None)
+        self._thread_builder.builder = None
+        if builder is not None:
+            finished = builder.finish()
+            if finished is not None:
+                placement, member = self.place_member(lane, finished)
+                self.write_placed_in_thread(placement, member)
+
+    def _member_in_thread(self, lane: int, text: memoryview) -> None:
+        if not self._padded_members:  # a member per chunk
+            member, events = compress_chunk(text, self._level)
+            placement, member = self.place_member(lane, (member, text.nbytes, events))
+            self.write_placed_in_thread(placement, member)
+            return
+        builder = getattr(self._thread_builder, "builder", None)  # padded: members fill their slot
+        if builder is None:
+            builder = self._thread_builder.builder = MemberBuilder(self._level)
+        finished = builder.feed(text, self._member_target)
+        if finished is not None:
+            self._thread_builder.builder = None
+            placement, member = self.place_member(lane, finished)
+            self.write_placed_in_thread(placement, member)
+
+    def write_placed_in_thread(self, placement: Placement, body: bytes | memoryview, *,
+                         aligned_memory: bool = False) -> None:
+        fd, parts = self._parts(placement, body, aligned_memory)
+        offset = placement.offset
+        if self._stream:
+            # A stream takes bytes in order: wait until every byte placed
+            # before these is written (each placed chunk is being written by
+            # the thread or task that placed it, so the earliest always goes).
+            with self._stream_turn:
+                while self._stream_next != offset:
+                    self._stream_turn.wait(STREAM_POLL)
+                    trio.from_thread.check_cancelled()
+            offset = -1  # at the stream's own position
+        try:
+            self._backend.write_in_thread(fd, parts, offset)
+        except OSError as exc:
+            raise self._write_error(placement, exc) from None
+        self._written(placement, fd)
+        if self._stream:
+            with self._stream_turn:
+                self._stream_next += placement.length
+                self._stream_turn.notify_all()
+
+    def place(self, lane: int, length: int) -> Placement:
+        """The planner's placement of a chunk (under the lock: worker threads place too)."""
+        with self._lock:
+            return self._planner.place(lane, length)
+
+    def place_member(self, worker: int, finished: tuple[bytes, int, int]) -> tuple[Placement, bytes]:
+        """Place a finished member ``(member, text bytes, events)`` next in
+        ``worker``'s order and record it for the index."""
+        member, text, events = finished
+        placement = self.place(worker, len(member))
+        self.record(placement, text=text, events=events)
+        return placement, member
+
+    async def sync(self) -> None:
+        for fd, name in zip(self._fds, self._output.targets):
+            try:
+                await self._backend.fsync(fd)
+            except OSError as exc:
+                raise WriteError(name, exc.strerror or str(exc), exc.errno) from None
+
+    @property
+    def is_stream(self) -> bool:
+        """Whether the output is a stream (written in read order, through one gate)."""
+        return self._stream
+
+
+def compress_chunk(text: memoryview, level: int) -> tuple[bytes, int]:
+    """``text`` as one gzip member, and the lines in it."""
+    return gzip_member(text, level), count_newlines(text)
