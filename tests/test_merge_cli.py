@@ -305,9 +305,13 @@ def test_interrupt_exits_130_and_publishes_nothing(tmp_path, backend_name: str, 
     os.mkfifo(fifo)
     out = tmp_path / "out" / "merged.pfw"
     out.parent.mkdir()
+    # A test run started in the background (``cmd &`` without job control)
+    # inherits SIGINT ignored, and so would pwriter, as any program does:
+    # give the child the default disposition, as a terminal would.
     process = subprocess.Popen([os.path.join(BIN, "pwriter"), "merge", str(fifo), "-o", str(out),
                                 "--backend", backend_name],
-                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                               preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     try:
         with open(fifo, "wb") as feed:
             feed.write(b'[\n' + b'{"id":1,"name":"read"}\n' * 1000)
