@@ -194,6 +194,11 @@ class Producer:
         if self._check is not None:
             self._check(block)
         await self.flush()
+        await self._send(block)
+
+    async def _send(self, block: bytes) -> None:
+        """Send one block, the handle marked busy meanwhile (a second task's
+        call is refused, the writer's pushes keep off)."""
         self._blocked += 1
         self._sending = True
         try:
@@ -219,13 +224,7 @@ class Producer:
         # What waits for room is the block, not also the line objects it was
         # made of: a waiting producer holds one batch of memory, not two.
         self._pending = [block]
-        self._blocked += 1
-        self._sending = True
-        try:
-            await self._channel.send(block)
-        finally:
-            self._blocked -= 1
-            self._sending = False
+        await self._send(block)
         self._clear_pending()
 
     def send_pending_nowait(self) -> bool:

@@ -83,7 +83,7 @@ from typing import TYPE_CHECKING, Any
 import trio
 
 from . import BackendCounters, BackendStatistics, BackendUnavailable, at, byte_views, consume, leading
-from .threads import WriteCounts, pwritev_fully
+from .threads import pwritev_counted
 
 if TYPE_CHECKING:
     from typing_extensions import Buffer
@@ -283,15 +283,8 @@ class IoUringBackend:
         slower)."""
         if self._closed:
             raise RuntimeError("io_uring backend is closed")
-        counts = WriteCounts()
-        try:
-            pwritev_fully(fd, buffers, offset, self._names.get(fd, f"fd {fd}"), counts, self.write_call_size)
-        finally:
-            with self._counts_lock:
-                self._thread_counts.writes += counts.calls
-                self._thread_counts.short_writes += counts.short
-                self._thread_counts.interrupted += counts.interrupted
-                self._thread_counts.bytes_written += counts.written
+        pwritev_counted(fd, buffers, offset, self._names.get(fd, f"fd {fd}"), self.write_call_size,
+                        self._thread_counts, self._counts_lock)
 
     @trio.lowlevel.enable_ki_protection
     async def fsync(self, fd: int) -> None:

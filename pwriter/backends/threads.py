@@ -28,7 +28,7 @@ from . import BackendCounters, BackendStatistics, at, byte_views, consume, leadi
 if TYPE_CHECKING:
     from typing_extensions import Buffer
 
-__all__ = ["ThreadBackend", "WriteCounts", "pwritev_fully"]
+__all__ = ["ThreadBackend", "WriteCounts", "pwritev_fully", "pwritev_counted"]
 
 
 @dataclasses.dataclass
@@ -78,6 +78,21 @@ def pwritev_fully(fd: int, buffers: Sequence[Buffer], offset: int, name: str, co
         consume(views, done)
 
 
+def pwritev_counted(fd: int, buffers: Sequence[Buffer], offset: int, name: str, write_call_size: int | None,
+                    counters: BackendCounters, lock: threading.Lock) -> None:
+    """:func:`pwritev_fully`, adding what it did to ``counters`` under ``lock``
+    (also when it fails): the write of every backend's ``write_in_thread``."""
+    counts = WriteCounts()
+    try:
+        pwritev_fully(fd, buffers, offset, name, counts, write_call_size)
+    finally:
+        with lock:
+            counters.writes += counts.calls
+            counters.short_writes += counts.short
+            counters.interrupted += counts.interrupted
+            counters.bytes_written += counts.written
+
+
 class ThreadBackend:
     """Writes with ``os.pwritev`` in up to ``queue_depth`` threads, each
     call at most ``write_call_size`` bytes (a larger write loops in its thread)."""
@@ -105,34 +120,19 @@ class ThreadBackend:
     async def write(self, fd: int, buffers: Sequence[Buffer], offset: int) -> None:
         if self._closed:
             raise RuntimeError("backend is closed")
-        name = self._names.get(fd, f"fd {fd}")
         self._in_flight += 1
         self._counts.most_in_flight = max(self._counts.most_in_flight, self._in_flight)
-        counts = WriteCounts()
         try:
-            await trio.to_thread.run_sync(pwritev_fully, fd, buffers, offset, name, counts, self.write_call_size,
-                                         limiter=self._limiter)
+            await trio.to_thread.run_sync(self.write_in_thread, fd, buffers, offset, limiter=self._limiter)
         finally:
             self._in_flight -= 1
-            with self._counts_lock:
-                self._counts.writes += counts.calls
-                self._counts.short_writes += counts.short
-                self._counts.interrupted += counts.interrupted
-                self._counts.bytes_written += counts.written
 
     def write_in_thread(self, fd: int, buffers: Sequence[Buffer], offset: int) -> None:
         """:meth:`write`, in the calling worker thread (no thread of ours, no limiter)."""
         if self._closed:
             raise RuntimeError("backend is closed")
-        counts = WriteCounts()
-        try:
-            pwritev_fully(fd, buffers, offset, self._names.get(fd, f"fd {fd}"), counts, self.write_call_size)
-        finally:
-            with self._counts_lock:
-                self._counts.writes += counts.calls
-                self._counts.short_writes += counts.short
-                self._counts.interrupted += counts.interrupted
-                self._counts.bytes_written += counts.written
+        pwritev_counted(fd, buffers, offset, self._names.get(fd, f"fd {fd}"), self.write_call_size, self._counts,
+                        self._counts_lock)
 
     async def fsync(self, fd: int) -> None:
         name = self._names.get(fd, f"fd {fd}")
