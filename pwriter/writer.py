@@ -10,9 +10,10 @@ Task structure (all in one nursery owned by :func:`open_writer`)::
             gzip, finishes members whose oldest text is older than that)
 
 The writer is the control plane: it opens the output and the backend,
-runs the coalescers and the ticker, orders the gzip members of each
-coalescer, and closes and publishes.  Placement and writing are the chunk
-sink's (:mod:`pwriter.sink`), which makers in worker threads call directly.
+runs the coalescers and the ticker, and closes and publishes.  Placement and
+writing are the chunk sink's (:mod:`pwriter.sink`), which makers in worker
+threads call directly; the coalescers' gzip members are the member stage's
+(:mod:`pwriter.members`).
 
 When the body of the ``async with`` ends normally, the writer pushes what
 producers still hold, closes the channels, waits until every coalescer has
@@ -45,11 +46,12 @@ import trio
 
 from .backends import Backend, BackendStatistics, open_backend
 from .channels import DEFAULT_BATCH_BYTES, BufferPool, Coalescer, Producer
-from .compress import MemberBuilder, check_level, gzip_member
+from .compress import check_level, gzip_member
 from .errors import ClosedError, InputError, attach_other_errors
 from .layout import (GZIP_MIN_PADDING, Placement, Planner, make_planner)
 from .output import OutputSet, StreamOutput, member_index_path
-from .sink import ChunkSink, compress_chunk
+from .members import MemberStage
+from .sink import ChunkSink
 from .settings import Settings, load_settings, settings_with
 from .sizing import FsInfo, Sizing, plan_sizing
 from .traceformat import BlockCleaner
@@ -162,20 +164,8 @@ class Writer:
         self.compressed = compress
         self._header_text = header_text
         self._footer_text = footer_text
-        # Compressed chunks are placed in the order they were flushed, per
-        # worker, although they are compressed in parallel: each waits for the
-        # event of the one before it.
-        self._placed: dict[int, trio.Event] = {}
-        self._compress_limiter = trio.CapacityLimiter(max(1, os.cpu_count() or 1))
-        self._member_slots = trio.Semaphore(pool.count)
-        # Padded-striped gzip: members are built from many chunks, to fill their slot.
-        self._builders: dict[int, MemberBuilder] | None = (
-            {} if compress and sizing.layout == "padded-striped" else None
-        )
-        self._member_target = int((sizing.stripe_size - len(header)) * 0.9)
-        self._member_since: dict[int, float] = {}  # worker -> when its unfinished member got its first text
-        self._finishing_members = False  # set once the last members are being finished at close
-        self._deadline_members = 0
+        padded_members = compress and sizing.layout == "padded-striped"
+        member_target = int((sizing.stripe_size - len(header)) * 0.9)  # padded gzip members: about 90% of a slot
         self._sends: list[trio.MemorySendChannel[bytes]] = []
         self._coalescers: list[Coalescer] = []
         self._producers: list[Producer] = []
@@ -188,12 +178,14 @@ class Writer:
         self._check_lines = check_lines
         self._sink = ChunkSink(
             planner=planner, output=output, backend=backend, header=header, header_text=header_text,
-            compressed=compress, padded_members=self._builders is not None, level=settings.level,
-            member_target=self._member_target, chunk_capacity=self.chunk_capacity,
+            compressed=compress, padded_members=padded_members, level=settings.level,
+            member_target=member_target, chunk_capacity=self.chunk_capacity,
             writeback=settings.fsync and settings.early_writeback,
             # every pool buffer, whole chunk and member in flight, the header and the footer
             stream_threads=3 * pool.count + 4,
         )
+        self._members = MemberStage(nursery=nursery, sink=self._sink, level=settings.level, padded=padded_members,
+                                    member_target=member_target, slots=pool.count)
         self.published = False
 
     @property
@@ -299,7 +291,7 @@ class Writer:
             writes=io.writes,
             line_bytes=sink.line_bytes + sum(stat.bytes for stat in coalesced),
             bytes_written=sink.bytes_written,
-            deadline_flushes=sum(stat.deadline_flushes for stat in coalesced) + self._deadline_members,
+            deadline_flushes=sum(stat.deadline_flushes for stat in coalesced) + self._members.deadline_members,
             uncopied_chunks=sum(stat.uncopied_chunks for stat in coalesced),
             oversized_chunks=sum(stat.oversized_chunks for stat in coalesced),
             buffer_waits=self._pool.waits,
@@ -339,14 +331,7 @@ class Writer:
         async with trio.open_nursery() as nursery:
             for coalescer in self._coalescers:
                 nursery.start_soon(coalescer.run)
-        self._finishing_members = True  # (the ticker starts no member of its own from now on)
-        for placed in list(self._placed.values()):
-            await placed.wait()  # every compressed chunk has its place
-        for worker, builder in sorted((self._builders or {}).items()):
-            finished = await trio.to_thread.run_sync(builder.finish, limiter=self._compress_limiter)
-            if finished is not None:
-                placement, member = self._sink.place_member(worker, finished)
-                self._nursery.start_soon(self._sink.write_placed, placement, member)
+        await self._members.finish_all()
         footer = self._sink.close(len(self._footer), self._footer_text)
         self._coalesced.set()
         await self._sink.write_placed(footer, self._footer)
@@ -361,106 +346,14 @@ class Writer:
             for producer in self._producers:
                 if producer.pending_since + delay <= now:
                     producer.send_pending_nowait()
-            for worker, since in list(self._member_since.items()):
-                if since + delay <= now and not self._finishing_members:
-                    self._finish_stale_member(worker)
-
-    def _finish_stale_member(self, worker: int) -> None:
-        """Padded gzip: finish ``worker``'s member now, in its place in the
-        worker's order, so that no text waits in a builder longer than
-        ``max_delay``.  Skipped (until the next tick) when every member slot
-        is taken."""
-        try:
-            self._member_slots.acquire_nowait()
-        except trio.WouldBlock:
-            return
-        del self._member_since[worker]
-        previous = self._placed.get(worker)
-        mine = self._placed[worker] = trio.Event()
-        self._nursery.start_soon(self._finish_member, worker, previous, mine)
-
-    @trio.lowlevel.enable_ki_protection
-    async def _finish_member(self, worker: int, previous: trio.Event | None, mine: trio.Event) -> None:
-        assert self._builders is not None
-        try:
-            if previous is not None:
-                await previous.wait()
-            builder = self._builders.get(worker)
-            finished = None
-            if builder is not None:
-                finished = await trio.to_thread.run_sync(builder.finish, limiter=self._compress_limiter)
-            if finished is None:
-                mine.set()
-                return
-            self._deadline_members += 1
-            placement, member = self._sink.place_member(worker, finished)
-            mine.set()
-            await self._sink.write_placed(placement, member)
-        finally:
-            self._member_slots.release()
+            self._members.finish_stale(now, delay)
 
     async def _flush_buffer(self, worker: int, buffer: memoryview, filled: int) -> None:
         if self.compressed:
-            await self._compress_in_order(worker, buffer[:filled], lambda: self._pool.give_back(buffer))
+            await self._members.add(worker, buffer[:filled], lambda: self._pool.give_back(buffer))
             return
         placement = self._sink.place(worker, filled)
         self._nursery.start_soon(self._write_and_give_back, placement, buffer, filled)
-
-    async def _compress_in_order(self, worker: int, text: memoryview, release: Callable[[], None]) -> None:
-        # Compressed members wait for their write holding a slot, as many as
-        # the pool has buffers: memory stays bounded when the disk is slow.
-        await self._member_slots.acquire()
-        previous = self._placed.get(worker)
-        mine = self._placed[worker] = trio.Event()
-        task = self._feed_member if self._builders is not None else self._compress_and_write
-        self._nursery.start_soon(task, worker, text, release, previous, mine)
-
-    @trio.lowlevel.enable_ki_protection
-    async def _feed_member(
-        self, worker: int, text: memoryview, release: Callable[[], None], previous: trio.Event | None,
-        mine: trio.Event,
-    ) -> None:
-        assert self._builders is not None
-        try:
-            try:
-                if previous is not None:
-                    await previous.wait()  # a worker's chunks enter its member in order
-                builder = self._builders.setdefault(worker, MemberBuilder(self.settings.level))
-                finished = await trio.to_thread.run_sync(
-                    builder.feed, text, self._member_target, limiter=self._compress_limiter
-                )
-            finally:
-                release()
-            if finished is None:
-                self._member_since.setdefault(worker, trio.current_time())
-                mine.set()
-                return
-            self._member_since.pop(worker, None)
-            placement, member = self._sink.place_member(worker, finished)
-            mine.set()
-            await self._sink.write_placed(placement, member)
-        finally:
-            self._member_slots.release()
-
-    @trio.lowlevel.enable_ki_protection
-    async def _compress_and_write(
-        self, worker: int, text: memoryview, release: Callable[[], None], previous: trio.Event | None,
-        mine: trio.Event,
-    ) -> None:
-        try:
-            try:
-                member, events = await trio.to_thread.run_sync(
-                    compress_chunk, text, self.settings.level, limiter=self._compress_limiter
-                )
-            finally:
-                release()  # the text is no longer needed
-            if previous is not None:
-                await previous.wait()
-            placement, member = self._sink.place_member(worker, (member, text.nbytes, events))
-            mine.set()
-            await self._sink.write_placed(placement, member)
-        finally:
-            self._member_slots.release()
 
     @trio.lowlevel.enable_ki_protection
     async def _write_and_give_back(self, placement: Placement, buffer: memoryview, filled: int) -> None:
@@ -476,7 +369,7 @@ class Writer:
         # as there are pool buffers, so that memory stays bounded.
         await self._whole_slots.acquire()
         if self.compressed:
-            await self._compress_in_order(worker, chunk, self._whole_slots.release)
+            await self._members.add(worker, chunk, self._whole_slots.release)
             return
         placement = self._sink.place(worker, len(chunk))
         self._nursery.start_soon(self._write_and_release_slot, placement, chunk)
