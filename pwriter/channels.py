@@ -379,7 +379,7 @@ class CoalescerStatistics:
     how many were flushed by the delay deadline, how many were large blocks
     written without a copy, and how many oversized single-line chunks."""
 
-    worker: int
+    lane: int
     chunks: int
     bytes: int
     deadline_flushes: int
@@ -394,15 +394,15 @@ WriteWhole = Callable[[int, memoryview], Awaitable[None]]
 class Coalescer:
     """Packs the blocks of one channel into stripe buffers (see module docstring).
 
-    ``flush(worker, buffer, filled)`` takes ownership of ``buffer`` (it must
-    give it back to the pool when written); ``write_whole(worker, view)``
+    ``flush(lane, buffer, filled)`` takes ownership of ``buffer`` (it must
+    give it back to the pool when written); ``write_whole(lane, view)``
     places a chunk of whole lines that did not go through a buffer and gets
     it written (it may return before the write completes: it keeps ``view``).
     """
 
     def __init__(
         self,
-        worker: int,
+        lane: int,
         blocks: trio.MemoryReceiveChannel[bytes],
         pool: BufferPool,
         *,
@@ -413,7 +413,7 @@ class Coalescer:
     ) -> None:
         if capacity > pool.size:
             raise ValueError("chunk capacity exceeds the pool's buffer size")
-        self.worker = worker
+        self.lane = lane
         self._blocks = blocks
         self._pool = pool
         self._capacity = capacity
@@ -431,7 +431,7 @@ class Coalescer:
 
     def statistics(self) -> CoalescerStatistics:
         return CoalescerStatistics(
-            self.worker, self._chunks, self._bytes, self._deadline_flushes, self._uncopied, self._oversized
+            self.lane, self._chunks, self._bytes, self._deadline_flushes, self._uncopied, self._oversized
         )
 
     @trio.lowlevel.enable_ki_protection
@@ -459,7 +459,7 @@ class Coalescer:
             self._uncopied += 1
             self._chunks += 1
             self._bytes += size
-            await self._write_whole(self.worker, view)
+            await self._write_whole(self.lane, view)
             return
         while position < size:
             if self._buffer is None:
@@ -479,7 +479,7 @@ class Coalescer:
                     self._oversized += 1
                     self._chunks += 1
                     self._bytes += cut - position
-                    await self._write_whole(self.worker, view[position:cut])
+                    await self._write_whole(self.lane, view[position:cut])
                     position = cut
                     continue
             length = cut - position
@@ -500,4 +500,4 @@ class Coalescer:
             return
         self._chunks += 1
         self._bytes += filled
-        await self._flush(self.worker, buffer, filled)
+        await self._flush(self.lane, buffer, filled)

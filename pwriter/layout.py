@@ -2,12 +2,14 @@
 
 Theory of operation
 -------------------
-Workers (coalescers) fill buffers with whole lines and, when a buffer is
-full, ask the planner for a :class:`Placement`: a file index, an offset, and
-what surrounds the chunk there.  The planner answers at once and never does
-I/O; the writer then writes ``[header] + chunk + [padding]`` at that offset
-with a single vectored write.  Because offsets are decided when a chunk is
-*ready* rather than in advance, workers never wait for each other, and the
+Makers (the writer's coalescers, the merge's readers) fill buffers with
+whole lines; each chunk belongs to a write *lane* (a shard, when sharded).
+When a buffer is full, the chunk sink asks the planner for a
+:class:`Placement`: a file index, an offset, and what surrounds the chunk
+there.  The planner answers at once and never does I/O; the sink then
+writes ``[header] + chunk + [padding]`` at that offset with a single
+vectored write.  Because offsets are decided when a chunk is
+*ready* rather than in advance, lanes never wait for each other, and the
 order of chunks in the file is the order in which they became ready.
 
 Each planner keeps one invariant, checked by the property tests: the
@@ -18,12 +20,12 @@ readers refuse); an overlap would lose data.
 * **striped**: one file.  The header takes ``[0, len(header))`` at open;
   every chunk takes the next ``len(chunk)`` bytes from a counter (a fetch-add
   that needs no lock, since planners run in the trio thread); the footer is
-  reserved last, at close, so it ends the file whatever order workers finish in.
+  reserved last, at close, so it ends the file whatever order lanes finish in.
 
 * **padded-striped**: one file cut into slots of ``stripe_size`` bytes.  Every
   chunk starts on a slot boundary and the rest of its last slot is filled with
   padding, so that each write covers whole stripes.  The header is written in
-  the same write as the first chunk, at offset 0 (workers fill at most
+  the same write as the first chunk, at offset 0 (lanes fill at most
   ``stripe_size - len(header)`` bytes so that it fits).  A chunk larger than
   its slot (only a single line longer than the stripe makes one) takes as many
   whole slots as it needs; the next chunk starts at the next free slot.
@@ -33,8 +35,8 @@ readers refuse); an overlap would lose data.
   footer follows the last slot, unpadded.  If no chunk was ever written, the
   file is just header and footer.
 
-* **sharded**: one file per worker.  The header starts shard 0, the footer ends
-  the last shard; each worker appends its chunks to its own shard.  Read order
+* **sharded**: one file per lane.  The header starts shard 0, the footer ends
+  the last shard; each lane appends its chunks to its own shard.  Read order
   is shard 0, 1, 2, ...: concatenating the shards in that order gives one
   well-formed file.
 
@@ -98,8 +100,8 @@ class Planner(Protocol):
     def open(self) -> Placement | None:
         """Placement of the header at open, or None when it rides with the first chunk."""
 
-    def place(self, worker: int, length: int) -> Placement:
-        """Reserve room for a chunk of ``length`` bytes (``length`` > 0) from ``worker``."""
+    def place(self, lane: int, length: int) -> Placement:
+        """Reserve room for a chunk of ``length`` bytes (``length`` > 0) from ``lane``."""
 
     def close(self, footer_length: int) -> Placement:
         """Reserve the footer; no chunk may be placed afterwards."""
@@ -184,7 +186,7 @@ class StripedPlanner(_Closed):
         self._next = self.header_length
         return Placement(0, 0, self.header_length, 0, 0)
 
-    def place(self, worker: int, length: int) -> Placement:
+    def place(self, lane: int, length: int) -> Placement:
         self._check_open()
         offset, self._next = self._next, self._next + length
         return Placement(0, offset, 0, length, 0)
@@ -220,7 +222,7 @@ class PaddedStripedPlanner(_Closed):
     def open(self) -> None:
         return None
 
-    def place(self, worker: int, length: int) -> Placement:
+    def place(self, lane: int, length: int) -> Placement:
         self._check_open()
         head = self.header_length if self._header_pending else 0
         self._header_pending = False
@@ -247,7 +249,7 @@ class PaddedStripedPlanner(_Closed):
 
 
 class ShardedPlanner(_Closed):
-    """One file per worker; header starts shard 0, footer ends the last."""
+    """One file per lane; header starts shard 0, footer ends the last."""
 
     layout: LayoutName = "sharded"
 
@@ -263,9 +265,9 @@ class ShardedPlanner(_Closed):
         self._next[0] = self.header_length
         return Placement(0, 0, self.header_length, 0, 0)
 
-    def place(self, worker: int, length: int) -> Placement:
+    def place(self, lane: int, length: int) -> Placement:
         self._check_open()
-        shard = worker % self.files
+        shard = lane % self.files
         offset = self._next[shard]
         self._next[shard] = offset + length
         return Placement(shard, offset, 0, length, 0)
@@ -285,7 +287,7 @@ class ShardedPlanner(_Closed):
 def make_planner(
     layout: LayoutName, *, header_length: int, stripe_size: int, workers: int, min_padding: int = 1
 ) -> Planner:
-    """The planner for ``layout``; sharded layouts get one shard per worker."""
+    """The planner for ``layout``; sharded layouts get one shard per lane."""
     if layout == "striped":
         return StripedPlanner(header_length=header_length, stripe_size=stripe_size)
     if layout == "padded-striped":

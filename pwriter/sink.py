@@ -3,11 +3,11 @@
 Theory of operation
 -------------------
 Whoever made a chunk hands it to the sink, which places it (the pure
-planners of :mod:`pwriter.layout`, under one lock: worker threads place
+planners of :mod:`pwriter.layout`, under one lock: lane threads place
 too), puts the header and the padding around it, and writes it through the
 backend.  There are two ways in, for the two kinds of makers:
 
-* from a worker thread that trio started (the merge's readers):
+* from a lane thread that trio started (the merge's readers):
   :meth:`ChunkSink.write_chunk_in_thread` places, compresses (gzip output)
   and writes right there, through the backend's ``write_in_thread``, and
   returns once the kernel is done with the buffer: no hop back to trio;
@@ -237,7 +237,7 @@ class ChunkSink:
         return WriteError(self._output.targets[placement.file], exc.strerror or str(exc), exc.errno)
 
     def _written(self, placement: Placement, fd: int) -> None:
-        """Bookkeeping after a write (from the trio thread or a worker thread)."""
+        """Bookkeeping after a write (from the trio thread or a lane thread)."""
         with self._lock:
             self._bytes_written += placement.length
             if fd in self._direct_fds:
@@ -249,10 +249,10 @@ class ChunkSink:
             with self._lock:
                 self._writeback_hints += 1
 
-    # -- the chunk sink, called from the worker thread that made the chunk --
+    # -- the chunk sink, called from the lane thread that made the chunk --
 
     def write_chunk_in_thread(self, lane: int, buffer: memoryview, filled: int) -> None:
-        """From a worker thread that trio started (never the trio thread):
+        """From a lane thread that trio started (never the trio thread):
         write ``buffer[:filled]`` (whole lines, at most :attr:`chunk_capacity`
         bytes) as one chunk of ``lane``, now, in this thread: placed under a
         lock, compressed here for gzip output, written through the backend's
@@ -327,15 +327,15 @@ class ChunkSink:
                 self._stream_turn.notify_all()
 
     def place(self, lane: int, length: int) -> Placement:
-        """The planner's placement of a chunk (under the lock: worker threads place too)."""
+        """The planner's placement of a chunk (under the lock: lane threads place too)."""
         with self._lock:
             return self._planner.place(lane, length)
 
-    def place_member(self, worker: int, finished: tuple[bytes, int, int]) -> tuple[Placement, bytes]:
+    def place_member(self, lane: int, finished: tuple[bytes, int, int]) -> tuple[Placement, bytes]:
         """Place a finished member ``(member, text bytes, events)`` next in
-        ``worker``'s order and record it for the index."""
+        ``lane``'s order and record it for the index."""
         member, text, events = finished
-        placement = self.place(worker, len(member))
+        placement = self.place(lane, len(member))
         self.record(placement, text=text, events=events)
         return placement, member
 

@@ -5,13 +5,13 @@ Task structure (all in one nursery owned by :func:`open_writer`)::
     producers --(blocks)--> coalescer 0 --(full buffer)--> write task --+
               --(blocks)--> coalescer 1 --(full buffer)--> write task --+--> chunk sink --> backend
                                      ...                               |    (pwriter.sink)
-    merge readers (worker threads) --(full buffer, written in the thread)+
+    merge readers (lane threads) --(full buffer, written in the thread)+
     ticker: pushes producer batches older than max_delay (and, for padded
             gzip, finishes members whose oldest text is older than that)
 
 The writer is the control plane: it opens the output and the backend,
 runs the coalescers and the ticker, and closes and publishes.  Placement and
-writing are the chunk sink's (:mod:`pwriter.sink`), which makers in worker
+writing are the chunk sink's (:mod:`pwriter.sink`), which makers in lane
 threads call directly; the coalescers' gzip members are the member stage's
 (:mod:`pwriter.members`).
 
@@ -97,6 +97,7 @@ class WriterStatistics:
     fs_kind: str
     stripe_size: int
     workers: int
+    """Write lanes (``--workers``; the shards of a sharded output)."""
     chunks: int
     writes: int
     """Write operations issued by the backend (a resumed short write counts again)."""
@@ -125,8 +126,8 @@ class Writer:
     :meth:`write_buffer` and :meth:`write_lines`.
 
     Ordering: the lines of one producer handle (and the chunks of one
-    ``worker``) keep their order in the output (in the sharded layout, in
-    read order); across handles and workers there is no order.  Every line
+    ``lane``) keep their order in the output (in the sharded layout, in
+    read order); across handles and lanes there is no order.  Every line
     accepted is written exactly once, whole, never glued to another.
 
     Use it from the trio run and the task tree that opened it; it is not
@@ -169,7 +170,7 @@ class Writer:
         self._sends: list[trio.MemorySendChannel[bytes]] = []
         self._coalescers: list[Coalescer] = []
         self._producers: list[Producer] = []
-        self._next_worker = 0
+        self._next_lane = 0
         self._coalesced = trio.Event()
         self._whole_slots = trio.Semaphore(pool.count)
         self._started = trio.current_time()
@@ -201,7 +202,7 @@ class Writer:
 
     @property
     def sink(self) -> ChunkSink:
-        """Where chunks are placed and written: makers in worker threads (the
+        """Where chunks are placed and written: makers in lane threads (the
         merge's readers) write through :meth:`ChunkSink.write_chunk_in_thread`."""
         return self._sink
 
@@ -213,13 +214,13 @@ class Writer:
     def producer(self, *, batch_bytes: int = DEFAULT_BATCH_BYTES) -> Producer:
         """A new handle for one producer task; close it (``async with``) when done.
 
-        Handles are spread over the workers in turn.  A handle left open when
+        Handles are spread over the write lanes in turn.  A handle left open when
         the writer's block ends is flushed and closed by the writer.
         """
         if self._closing:
             raise ClosedError("producer() on a writer that is closing or closed")
-        send = self._sends[self._next_worker % len(self._sends)]
-        self._next_worker += 1
+        send = self._sends[self._next_lane % len(self._sends)]
+        self._next_lane += 1
         producer = Producer(send.clone(), batch_bytes=batch_bytes, check=self._check_lines)
         # A handle closed by its task is dropped here, unless its last push
         # was cancelled: the writer pushes that at its close.
@@ -242,9 +243,9 @@ class Writer:
         """Return a buffer from :meth:`take_buffer` unwritten (on an error path, say)."""
         self._pool.give_back(buffer)
 
-    async def write_buffer(self, worker: int, buffer: memoryview, filled: int) -> None:
+    async def write_buffer(self, lane: int, buffer: memoryview, filled: int) -> None:
         """Write ``buffer[:filled]`` (whole lines, at most :attr:`chunk_capacity`
-        bytes) as one chunk of ``worker``, after that worker's earlier chunks.
+        bytes) as one chunk of ``lane``, after that lane's earlier chunks.
 
         The writer owns ``buffer`` from now on, whatever happens (on an error
         it is back in the pool), and returns it to the pool once written;
@@ -260,10 +261,10 @@ class Writer:
             self._pool.give_back(buffer)
             return
         self._sink.count_chunk(filled)
-        await self._flush_buffer(worker, buffer, filled)
+        await self._flush_buffer(lane, buffer, filled)
 
-    async def write_lines(self, worker: int, lines: bytes) -> None:
-        """Write ``lines`` (whole lines, any length) as one chunk of ``worker``,
+    async def write_lines(self, lane: int, lines: bytes) -> None:
+        """Write ``lines`` (whole lines, any length) as one chunk of ``lane``,
         without a buffer; returns as soon as the chunk is placed.  The writer
         keeps a reference to ``lines`` until it is written (bytes are
         immutable, so the caller need not wait)."""
@@ -272,7 +273,7 @@ class Writer:
         if type(lines) is not bytes:
             raise TypeError(f"write_lines takes bytes, not {type(lines).__name__}")
         self._sink.count_chunk(len(lines))
-        await self._write_whole(worker, memoryview(lines))
+        await self._write_whole(lane, memoryview(lines))
 
     def statistics(self) -> WriterStatistics:
         """A snapshot of what the writer did so far (cheap; safe to call while it runs)."""
@@ -306,12 +307,12 @@ class Writer:
     # -- internals ---------------------------------------------------------
 
     def _start(self) -> None:
-        for worker in range(self.sizing.workers):
+        for lane in range(self.sizing.workers):
             send, receive = trio.open_memory_channel[bytes](CHANNEL_BLOCKS)
             self._sends.append(send)
             self._coalescers.append(
                 Coalescer(
-                    worker,
+                    lane,
                     receive,
                     self._pool,
                     capacity=self.chunk_capacity,
@@ -348,11 +349,11 @@ class Writer:
                     producer.send_pending_nowait()
             self._members.finish_stale(now, delay)
 
-    async def _flush_buffer(self, worker: int, buffer: memoryview, filled: int) -> None:
+    async def _flush_buffer(self, lane: int, buffer: memoryview, filled: int) -> None:
         if self.compressed:
-            await self._members.add(worker, buffer[:filled], lambda: self._pool.give_back(buffer))
+            await self._members.add(lane, buffer[:filled], lambda: self._pool.give_back(buffer))
             return
-        placement = self._sink.place(worker, filled)
+        placement = self._sink.place(lane, filled)
         self._nursery.start_soon(self._write_and_give_back, placement, buffer, filled)
 
     @trio.lowlevel.enable_ki_protection
@@ -364,14 +365,14 @@ class Writer:
             # The backend returns only once the kernel is done with the buffer.
             self._pool.give_back(buffer)
 
-    async def _write_whole(self, worker: int, chunk: memoryview) -> None:
+    async def _write_whole(self, lane: int, chunk: memoryview) -> None:
         # Chunks that bypass the pool are bounded by their own slots, as many
         # as there are pool buffers, so that memory stays bounded.
         await self._whole_slots.acquire()
         if self.compressed:
-            await self._members.add(worker, chunk, self._whole_slots.release)
+            await self._members.add(lane, chunk, self._whole_slots.release)
             return
-        placement = self._sink.place(worker, len(chunk))
+        placement = self._sink.place(lane, len(chunk))
         self._nursery.start_soon(self._write_and_release_slot, placement, chunk)
 
     @trio.lowlevel.enable_ki_protection
@@ -427,7 +428,7 @@ async def open_writer(
     filesystem detection and ``backend`` the backend named in the settings
     (both for tests).  ``compress`` (default: the ``compress`` setting, or a
     ``path`` ending in ``.gz``) writes every chunk, the header and the footer
-    as standalone gzip members, compressed in worker threads, and publishes
+    as standalone gzip members, compressed in lane threads, and publishes
     a member index, ``<path>.members.json``; a ``level`` outside the
     codec's range is a :class:`~pwriter.settings.ConfigError`.  With
     ``validate``, every line sent through a producer handle must be a JSON
