@@ -18,6 +18,7 @@ int pw_json_valid(const char *buf, size_t len);
 long long pw_find_newline(const char *buf, size_t start, size_t stop);
 long long pw_rfind_newline(const char *buf, size_t start, size_t stop);
 size_t pw_count_newlines(const char *buf, size_t len);
+size_t pw_count_lines(const char *buf, size_t len, int *blank);
 void pw_hash_lines(const char *buf, size_t len, uint64_t *sums, uint64_t *hashes, size_t max_hashes);
 """
 
@@ -214,6 +215,22 @@ size_t pw_count_newlines(const char *buf, size_t len)
     size_t count = 0;
     const char *p = buf, *end = buf + len, *nl;
     while (p < end && (nl = memchr(p, '\n', (size_t)(end - p))) != NULL) {
+        count++;
+        p = nl + 1;
+    }
+    return count;
+}
+
+/* Newlines in buf[0:len]; *blank is set when a line is empty (a newline
+ * at the start, or right after another). */
+size_t pw_count_lines(const char *buf, size_t len, int *blank)
+{
+    size_t count = 0;
+    const char *p = buf, *end = buf + len, *nl;
+    *blank = 0;
+    while (p < end && (nl = memchr(p, '\n', (size_t)(end - p))) != NULL) {
+        if (nl == buf || nl[-1] == '\n')
+            *blank = 1;
         count++;
         p = nl + 1;
     }

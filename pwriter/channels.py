@@ -38,7 +38,7 @@ from collections.abc import Awaitable, Callable, Iterable
 
 import trio
 
-from .traceformat import count_newlines
+from .traceformat import count_lines
 
 __all__ = ["BufferPool", "Producer", "join_lines", "one_line", "Coalescer", "CoalescerStatistics", "DEFAULT_BATCH_BYTES"]
 
@@ -348,8 +348,9 @@ def join_lines(lines: Iterable[bytes]) -> bytes:
     end (one is added where missing); raises TypeError or ValueError
     otherwise.  The usual cases (no line ends with a newline, or every
     line does) are checked and joined in C, with no Python step per line:
-    the lengths, the last bytes and the newlines of the joined block tell
-    that each line holds exactly one newline, at its end.
+    the joined block's newlines (one per line, none empty) and, for lines
+    that bring their own, each line's last byte tell that each line holds
+    exactly one newline, at its end.
     """
     if not isinstance(lines, (list, tuple)):
         lines = list(lines)
@@ -357,18 +358,16 @@ def join_lines(lines: Iterable[bytes]) -> bytes:
         return b""
     count = len(lines)
     try:
-        shortest = min(map(len, lines))
-        last_bytes = bytes(map(_last_item, lines))  # each line's last byte
-    except (TypeError, ValueError, IndexError):  # an empty line, or not bytes: see below, line by line
-        shortest, last_bytes = 0, b""
-    if shortest >= 2 and last_bytes.count(10) == count:
-        block = b"".join(lines)  # every line ends with a newline ...
-        if count_newlines(memoryview(block)) == count:
-            return block  # ... and has no other
-    elif shortest >= 1 and last_bytes.find(10) < 0:
-        block = b"\n".join([*lines, b""])  # no line ends with a newline ...
-        if count_newlines(memoryview(block)) == count:
-            return block  # ... and none has one inside
+        if lines[0][-1:] != NEWLINE:  # the usual case of lines without their newline
+            block = b"\n".join([*lines, b""])
+            if count_lines(block) == (count, False):
+                return block  # no line had a newline inside, none is empty
+        elif bytes(map(_last_item, lines)).count(10) == count:  # every line ends with a newline ...
+            block = b"".join(lines)
+            if count_lines(block) == (count, False):
+                return block  # ... and has no other, none is empty
+    except (TypeError, ValueError, IndexError):  # not bytes, or an empty line: see below, line by line
+        pass
     # A mix: line by line.
     return b"".join([one_line(line if type(line) is bytes else _copy_of(line, "send_lines")) for line in lines])
 

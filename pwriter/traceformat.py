@@ -245,6 +245,18 @@ def count_newlines(buffer: memoryview) -> int:
     return bytes(buffer).count(b"\n")
 
 
+def count_lines(block: bytes) -> tuple[int, bool]:
+    """Newlines in ``block``, and whether one of its lines is empty (a
+    newline at its start or right after another); one pass, in C where built."""
+    native = _native
+    if native is not None and hasattr(native[1], "pw_count_lines"):
+        ffi, lib = native
+        blank = ffi.new("int *")
+        count = int(lib.pw_count_lines(block, len(block), blank))
+        return count, bool(blank[0])
+    return block.count(b"\n"), block[:1] == b"\n" or b"\n\n" in block
+
+
 def rfind_newline(buffer: memoryview, start: int, stop: int) -> int:
     """Offset of the last newline in ``buffer[start:stop]``, or -1."""
     native = _native

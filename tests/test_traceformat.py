@@ -222,3 +222,12 @@ def test_validating_cleaner_names_the_invalid_line_or_drops_it(name: str) -> Non
         cleaner = BlockCleaner("t.pfw", validate=True, drop_invalid=True)
         assert cleaner.feed(text) == b'{"id":1}\n{"id":4}\n'
         assert (cleaner.invalid, cleaner.events, len(cleaner.invalid_examples)) == (2, 2, 2)
+
+
+@given(st.binary(max_size=64).map(lambda raw: bytes(10 if byte % 3 == 0 else 97 for byte in raw)))
+def test_count_lines_c_and_python_agree(block: bytes) -> None:
+    """count_lines (send_lines' check): newlines, and whether a line is empty."""
+    expected = (block.count(b"\n"), block[:1] == b"\n" or b"\n\n" in block)
+    for name in SCANNERS:
+        with scanner(name):
+            assert traceformat.count_lines(block) == expected
