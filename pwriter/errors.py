@@ -50,6 +50,7 @@ class OutputExistsError(UsageError):
         super().__init__(self.message("force=True"))
 
     def message(self, how_to_force: str) -> str:
+        """The one-line error, naming ``how_to_force`` as the way to replace the output."""
         return f"{self.path}: {self.problem} (use {how_to_force} to replace it)"
 
 

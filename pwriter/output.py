@@ -424,21 +424,23 @@ class StreamOutput:
 
     @property
     def names(self) -> list[str]:
+        """No names: a stream publishes nothing."""
         return []
 
     def check(self, inputs: Iterable[str] = ()) -> None:
-        pass
+        """Nothing to check: a stream is always writable as it is."""
 
     def create(self, *, direct: bool = False) -> list[int]:
+        """The stream's descriptor (O_DIRECT is refused: a stream has no aligned offsets)."""
         if direct:
             raise UsageError(f"{self.target}: --direct needs a file, not a stream")
         return self.fds
 
     def publish(self, *, fsync: bool, sidecars: dict[str, bytes] | None = None) -> None:
-        pass
+        """Nothing to publish: the bytes are already in the stream (no sidecars)."""
 
     def discard(self) -> None:
-        pass
+        """Nothing to discard: bytes written to a stream cannot be taken back."""
 
 
 def write_fully(fd: int, content: bytes) -> None:

@@ -110,6 +110,7 @@ class ChunkSink:
         self._writeback_hints = 0
 
     def counts(self) -> SinkCounts:
+        """A snapshot of what the sink wrote so far (safe from any thread)."""
         with self._lock:
             return SinkCounts(self._chunks, self._line_bytes, self._bytes_written, self._direct_writes,
                               self._writeback_hints)
@@ -305,6 +306,8 @@ class ChunkSink:
 
     def write_placed_in_thread(self, placement: Placement, body: bytes | memoryview, *,
                          aligned_memory: bool = False) -> None:
+        """Write ``placement`` (header, ``body``, padding), blocking, from a worker
+        thread trio started; a stream output waits for its turn first."""
         fd, parts = self._parts(placement, body, aligned_memory)
         offset = placement.offset
         if self._stream:
@@ -340,6 +343,7 @@ class ChunkSink:
         return placement, member
 
     async def sync(self) -> None:
+        """fsync every file of the output (WriteError naming the file on failure)."""
         for fd, name in zip(self._fds, self._output.targets):
             try:
                 await self._backend.fsync(fd)

@@ -164,6 +164,7 @@ class SyncWriter:
 
     @property
     def outputs(self) -> list[str]:
+        """The output files in read order (their final names)."""
         assert self._writer is not None
         return self._writer.outputs
 
