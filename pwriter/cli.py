@@ -325,10 +325,18 @@ async def _show_progress(progress: Any, *, tty: bool) -> None:
         sys.stderr.flush()
 
 
-def progress_text(progress: Any, elapsed: float) -> str:
+def _fraction(progress: Any) -> float:
+    """How much of the input bytes the merge has read."""
+    read: int = progress.input_bytes()
+    total: int = progress.total_input_bytes
+    return min(1.0, read / max(1, total))
+
+
+def progress_text(progress: Any, elapsed: float, fraction: float | None = None) -> str:
     """One progress report: fraction, input files done of all, events,
     text written, rate and ETA (from the input bytes read so far)."""
-    fraction = min(1.0, progress.input_bytes() / max(1, progress.total_input_bytes))
+    if fraction is None:
+        fraction = _fraction(progress)
     text = progress.text_bytes
     rate = text / max(elapsed, 1e-9) / (1 << 20)
     if fraction >= 1.0:
@@ -348,9 +356,9 @@ def _duration(seconds: float) -> str:
 
 
 def _render_progress(progress: Any, elapsed: float, *, tty: bool) -> None:
-    line = progress_text(progress, elapsed)
+    fraction = _fraction(progress)
+    line = progress_text(progress, elapsed, fraction)
     if tty:
-        fraction = min(1.0, progress.input_bytes() / max(1, progress.total_input_bytes))
         bar = "#" * int(fraction * 20)
         sys.stderr.write(f"\r[{bar:<20}] {line}\x1b[K")
     else:

@@ -4,7 +4,7 @@ Theory of operation
 -------------------
 A coalescer's chunks must land in the output in the order it flushed them
 (the lines of one producer handle keep their order), yet they are
-compressed in lane threads, in parallel (python-isal releases the GIL).
+compressed in worker threads, in parallel (python-isal releases the GIL).
 So each chunk's task waits, before it is placed, for the event of the
 chunk flushed before it by the same coalescer (``_placed``), and sets its
 own once placed; the write itself runs free.  Members waiting for their

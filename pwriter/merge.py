@@ -139,7 +139,7 @@ async def merge(
     """
     sizes = [input_size(path) for path in inputs]
     if progress is None:
-        progress = MergeProgress(total_input_bytes=sum(sizes))
+        progress = MergeProgress(total_input_bytes=0)
     progress.total_input_bytes = sum(sizes)
     if readers is None:
         # One reader per CPU: more contend for the GIL.  10,000 plain inputs

@@ -39,7 +39,8 @@ import errno
 import os
 import secrets
 import stat as stat_module
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
+from typing import TypeVar
 
 from .errors import OutputExistsError, UsageError, WriteError
 
@@ -47,6 +48,7 @@ __all__ = ["OutputSet", "StreamOutput", "shard_paths", "manifest_path", "member_
            "remove_stale_temporaries", "write_fully", "TEMP_MARKER"]
 
 TEMP_MARKER = ".pwriter-"
+T = TypeVar("T")
 _TRACE_SUFFIXES = (".pfw.gz", ".pfw", ".gz", ".json", ".jsonl", ".txt")
 
 
@@ -130,6 +132,21 @@ def remove_stale_temporaries(targets: Iterable[str]) -> list[str]:
     return removed
 
 
+def _at_fresh_name(target: str, make: Callable[[str], T]) -> tuple[str, T]:
+    """``make(name)`` for a new temporary name of ``target``, drawing another
+    name while ``make`` finds it taken (FileExistsError: a planted file or
+    symlink, or another process's temporary); returns the name and what
+    ``make`` returned."""
+    for attempts_left in reversed(range(8)):
+        name = _temporary_name(target)
+        try:
+            return name, make(name)
+        except FileExistsError:
+            if not attempts_left:
+                raise
+    raise AssertionError("unreachable")  # pragma: no cover
+
+
 def _create_exclusively(target: str, flags: int = 0) -> tuple[str, int]:
     """A new temporary file beside ``target`` (never through an existing
     name or a planted symlink: ``O_EXCL``), with the target's final
@@ -138,14 +155,8 @@ def _create_exclusively(target: str, flags: int = 0) -> tuple[str, int]:
         mode: int | None = stat_module.S_IMODE(os.stat(target).st_mode)
     except OSError:
         mode = None
-    for attempts_left in reversed(range(8)):  # a random name taken: take another
-        temporary = _temporary_name(target)
-        try:
-            fd = os.open(temporary, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC | flags, 0o666)
-            break
-        except FileExistsError:
-            if not attempts_left:
-                raise
+    temporary, fd = _at_fresh_name(
+        target, lambda name: os.open(name, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC | flags, 0o666))
     if mode is not None:
         try:
             os.fchmod(fd, mode)
@@ -326,16 +337,9 @@ class OutputSet:
 
     def _keep(self, target: str) -> str:
         """Keep ``target``'s current file (or symlink) under a new temporary name."""
-        for attempts_left in reversed(range(8)):
-            backup = _temporary_name(target)
-            try:
-                os.link(target, backup, follow_symlinks=False)
-                self.temporaries.append(backup)
-                return backup
-            except FileExistsError:
-                if not attempts_left:
-                    raise
-        raise AssertionError("unreachable")  # pragma: no cover
+        backup, _ = _at_fresh_name(target, lambda name: os.link(target, name, follow_symlinks=False))
+        self.temporaries.append(backup)
+        return backup
 
     def _restore(self, published: list[str], kept: dict[str, str], *, fsync: bool) -> None:
         """Undo a failed publish: each name gets back what it held before (best effort, never raises)."""

@@ -3,11 +3,11 @@
 Theory of operation
 -------------------
 Whoever made a chunk hands it to the sink, which places it (the pure
-planners of :mod:`pwriter.layout`, under one lock: lane threads place
+planners of :mod:`pwriter.layout`, under one lock: worker threads place
 too), puts the header and the padding around it, and writes it through the
 backend.  There are two ways in, for the two kinds of makers:
 
-* from a lane thread that trio started (the merge's readers):
+* from a worker thread that trio started (the merge's readers):
   :meth:`ChunkSink.write_chunk_in_thread` places, compresses (gzip output)
   and writes right there, through the backend's ``write_in_thread``, and
   returns once the kernel is done with the buffer: no hop back to trio;
@@ -238,28 +238,29 @@ class ChunkSink:
         return WriteError(self._output.targets[placement.file], exc.strerror or str(exc), exc.errno)
 
     def _written(self, placement: Placement, fd: int) -> None:
-        """Bookkeeping after a write (from the trio thread or a lane thread)."""
-        with self._lock:
-            self._bytes_written += placement.length
-            if fd in self._direct_fds:
-                self._direct_writes += 1
-        if self._writeback and placement.length >= WRITEBACK_MIN and fd not in self._direct_fds:
+        """Bookkeeping after a write (from the trio thread or a worker thread)."""
+        direct = fd in self._direct_fds
+        hint = self._writeback and placement.length >= WRITEBACK_MIN and not direct
+        if hint:
             # Durable output: start writing this range back now, so that the
             # final fsync finds little left to do (see WRITEBACK_MIN).
             os.posix_fadvise(fd, placement.offset, placement.length, os.POSIX_FADV_DONTNEED)
-            with self._lock:
-                self._writeback_hints += 1
+        with self._lock:
+            self._bytes_written += placement.length
+            self._direct_writes += direct
+            self._writeback_hints += hint
 
-    # -- the chunk sink, called from the lane thread that made the chunk --
+    # -- the chunk sink, called from the worker thread that made the chunk --
 
     def write_chunk_in_thread(self, lane: int, buffer: memoryview, filled: int) -> None:
-        """From a lane thread that trio started (never the trio thread):
+        """From a worker thread that trio started (never the trio thread):
         write ``buffer[:filled]`` (whole lines, at most :attr:`chunk_capacity`
         bytes) as one chunk of ``lane``, now, in this thread: placed under a
         lock, compressed here for gzip output, written through the backend's
         ``write_in_thread``.  Returns once the kernel is done with the
         buffer; the caller keeps it (its bytes after ``filled`` may have been
-        overwritten by padding).  Not for stream outputs (:attr:`is_stream`)."""
+        overwritten by padding).  A stream output's chunks wait for their
+        turn (see :meth:`write_placed_in_thread`)."""
         if filled > self.chunk_capacity or filled < 0:
             raise ValueError(f"a chunk of {filled} bytes: it must hold 0 to {self.chunk_capacity} bytes")
         if filled == 0:
@@ -330,7 +331,7 @@ class ChunkSink:
                 self._stream_turn.notify_all()
 
     def place(self, lane: int, length: int) -> Placement:
-        """The planner's placement of a chunk (under the lock: lane threads place too)."""
+        """The planner's placement of a chunk (under the lock: worker threads place too)."""
         with self._lock:
             return self._planner.place(lane, length)
 
@@ -349,11 +350,6 @@ class ChunkSink:
                 await self._backend.fsync(fd)
             except OSError as exc:
                 raise WriteError(name, exc.strerror or str(exc), exc.errno) from None
-
-    @property
-    def is_stream(self) -> bool:
-        """Whether the output is a stream (written in read order, through one gate)."""
-        return self._stream
 
 
 def compress_chunk(text: memoryview, level: int) -> tuple[bytes, int]:

@@ -5,7 +5,7 @@ Task structure (all in one nursery owned by :func:`open_writer`)::
     producers --(blocks)--> coalescer 0 --(full buffer)--> write task --+
               --(blocks)--> coalescer 1 --(full buffer)--> write task --+--> chunk sink --> backend
                                      ...                               |    (pwriter.sink)
-    merge readers (lane threads) --(full buffer, written in the thread)+
+    merge readers (worker threads) --(full buffer, written in the thread)+
     ticker: pushes producer batches older than max_delay (and, for padded
             gzip, finishes members whose oldest text is older than that)
 
@@ -160,10 +160,8 @@ class Writer:
         self._output = output
         self._backend = backend
         self._pool = pool
-        self._header = header
         self._footer = footer
         self.compressed = compress
-        self._header_text = header_text
         self._footer_text = footer_text
         padded_members = compress and sizing.layout == "padded-striped"
         member_target = int((sizing.stripe_size - len(header)) * 0.9)  # padded gzip members: about 90% of a slot
@@ -202,7 +200,7 @@ class Writer:
 
     @property
     def sink(self) -> ChunkSink:
-        """Where chunks are placed and written: makers in lane threads (the
+        """Where chunks are placed and written: makers in worker threads (the
         merge's readers) write through :meth:`ChunkSink.write_chunk_in_thread`."""
         return self._sink
 
@@ -428,7 +426,7 @@ async def open_writer(
     filesystem detection and ``backend`` the backend named in the settings
     (both for tests).  ``compress`` (default: the ``compress`` setting, or a
     ``path`` ending in ``.gz``) writes every chunk, the header and the footer
-    as standalone gzip members, compressed in lane threads, and publishes
+    as standalone gzip members, compressed in worker threads, and publishes
     a member index, ``<path>.members.json``; a ``level`` outside the
     codec's range is a :class:`~pwriter.settings.ConfigError`.  With
     ``validate``, every line sent through a producer handle must be a JSON
