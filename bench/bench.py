@@ -214,7 +214,7 @@ def main() -> None:
     out = os.path.join(args.dir, "out")
     os.makedirs(out, exist_ok=True)
     started = time.perf_counter()
-    plain, gz = build_corpus(args.dir, args.mib)
+    plain, gz = build_corpus(args.dir, args.mib, compressed=bool(wanted & {"gzip", "split"}))
     small = build_plain(os.path.join(args.dir, "small"), 256, 1024)
     size = text_bytes(plain)
     small_size = text_bytes(small)

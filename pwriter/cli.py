@@ -50,7 +50,11 @@ def _parser(*, settings_help: bool = False) -> argparse.ArgumentParser:
                        help="the merged trace to write ('-': standard output, in read order)")
     merge.add_argument("--layout", choices=("auto", "striped", "padded-striped", "sharded"), default=None)
     merge.add_argument("--backend", choices=("auto", "io_uring", "threads"), default=None)
-    merge.add_argument("--stripe-size", metavar="SIZE", default=None, help="bytes per write, e.g. 4MiB, 1M")
+    merge.add_argument("--stripe-size", metavar="SIZE", default=None,
+                       help="bytes per write, e.g. 4MiB, 1M (on Lustre also the stripe size set on create)")
+    merge.add_argument("--stripe-count", metavar="N|auto", default=None,
+                       help="Lustre: OSTs each new output file is striped over (-1 all, 0 the directory's "
+                            "default; auto: all for outputs from 1 GiB, one per shard)")
     merge.add_argument("--workers", metavar="N", default=None, help="writer workers (shards when sharded)")
     merge.add_argument("--force", action="store_true", help="replace an existing output")
     merge.add_argument("--fsync", action=argparse.BooleanOptionalAction, default=None,
@@ -80,6 +84,11 @@ def _parser(*, settings_help: bool = False) -> argparse.ArgumentParser:
     info = commands.add_parser("info", help="show the filesystem, sizing and backends for a path")
     info.add_argument("path", metavar="PATH")
     info.add_argument("--json", action="store_true")
+    info.add_argument("--size", metavar="SIZE", default=None,
+                      help="the output's expected size (what a merge knows), for the Lustre layout shown")
+    info.add_argument("--stripe-count", metavar="N|auto", default=None, help="as for merge")
+    info.add_argument("--stripe-size", metavar="SIZE", default=None, help="as for merge")
+    info.add_argument("--layout", choices=("auto", "striped", "padded-striped", "sharded"), default=None)
 
     gen = commands.add_parser("gen-corpus", help="write an example corpus of mixed traces")
     gen.add_argument("directory", metavar="DIR")
@@ -135,6 +144,7 @@ def _settings(args: argparse.Namespace) -> Any:
         layout=getattr(args, "layout", None),
         backend=getattr(args, "backend", None),
         stripe_size=getattr(args, "stripe_size", None),
+        stripe_count=getattr(args, "stripe_count", None),
         workers=getattr(args, "workers", None),
         fsync=getattr(args, "fsync", None),
         direct=getattr(args, "direct", None),
@@ -371,8 +381,15 @@ def _info(args: argparse.Namespace) -> int:
     from .settings import describe_settings
     from .writer import plan
 
+    from .settings import ConfigError, parse_size
+
     settings = _settings(args)
-    fs, sizing = plan(args.path, settings)
+    try:
+        expected = parse_size(args.size) if args.size is not None else None
+    except ValueError as exc:
+        raise ConfigError(f"--size {args.size!r}: {exc}") from None
+    fs, sizing = plan(args.path, settings, expected_bytes=expected)
+    striping = sizing.striping
     backends = available_backends()
     chosen = resolve_backend_name(settings.backend)
     members = _member_summary(args.path)
@@ -387,6 +404,10 @@ def _info(args: argparse.Namespace) -> int:
                     "block_size": fs.block_size,
                     "fs_stripe_size": fs.stripe_size,
                     "fs_stripe_count": fs.stripe_count,
+                    "ost_count": fs.ost_count,
+                    "lustre_layout": None if striping is None else {
+                        "stripe_count": striping.stripe_count, "stripe_size": striping.stripe_size,
+                        "first_osts": list(striping.offsets), "set_by": fs.layout_setter},
                     "layout": sizing.layout,
                     "workers": sizing.workers,
                     "stripe_size": sizing.stripe_size,
@@ -408,6 +429,14 @@ def _info(args: argparse.Namespace) -> int:
     print(f"filesystem:   {fs.kind.value} (magic {fs.magic:#x}) mounted at {fs.mount_point}")
     print(f"block size:   {fs.block_size}")
     print(f"fs stripes:   size {fs.stripe_size or 'unknown'}, count {fs.stripe_count or 'unknown'}")
+    if fs.kind.value == "lustre":
+        print(f"OSTs:         {fs.ost_count or 'unknown'}")
+        if striping is None:
+            print("set on create: nothing (the directory's default layout; see sizing)")
+        else:
+            firsts = "Lustre's choice" if set(striping.offsets) == {-1} else ", ".join(map(str, striping.offsets))
+            print(f"set on create: stripe count {striping.stripe_count}, stripe size {striping.stripe_size}, "
+                  f"first OST {firsts} (by {fs.layout_setter})")
     print("sizing:")
     for reason in sizing.reasons:
         print(f"  {reason}")

@@ -19,7 +19,7 @@ from typing import NamedTuple
 
 from .sizing import FsInfo, FsKind, fs_kind_from_magic
 
-__all__ = ["StatfsResult", "detect_filesystem", "nearest_existing", "parse_lov_xattr", "statfs"]
+__all__ = ["StatfsResult", "detect_filesystem", "file_striping", "nearest_existing", "parse_lov_xattr", "statfs"]
 
 
 class StatfsResult(NamedTuple):
@@ -116,32 +116,53 @@ def _lfs_getstripe(path: str, run: Callable[..., subprocess.CompletedProcess[str
     return values[0], values[1]
 
 
+def file_striping(
+    path: str,
+    *,
+    getxattr: Callable[[str, str], bytes] | None = None,
+    run: Callable[..., subprocess.CompletedProcess[str]] | None = None,
+) -> tuple[int | None, int | None]:
+    """The Lustre stripe size and count of ``path`` (a file, or a directory's
+    default): the ``lustre.lov`` extended attribute, else ``lfs getstripe``;
+    ``(None, None)`` when neither tells."""
+    try:
+        size, count = parse_lov_xattr((getxattr or os.getxattr)(path, "lustre.lov"))
+    except OSError:
+        size = count = None
+    if size is None:
+        size, count = _lfs_getstripe(path, run or subprocess.run)
+    return size, count
+
+
 def detect_filesystem(
     path: str,
     *,
-    statfs: Callable[[str], StatfsResult] = statfs,
-    getxattr: Callable[[str, str], bytes] = os.getxattr,
-    run: Callable[..., subprocess.CompletedProcess[str]] = subprocess.run,
+    statfs: Callable[[str], StatfsResult] | None = None,
+    getxattr: Callable[[str, str], bytes] | None = None,
+    run: Callable[..., subprocess.CompletedProcess[str]] | None = None,
 ) -> FsInfo:
     """Describe the filesystem that holds (or would hold) ``path``.
 
     Looks at ``path`` or its nearest existing parent.  On Lustre the stripe
-    geometry comes from the ``lustre.lov`` extended attribute, else from
-    ``lfs getstripe``; on GPFS the stripe size is the block size.  Raises
-    OSError only when statfs itself fails.
+    geometry comes from :func:`file_striping`, the OST count from ``lfs
+    osts``, and how a layout can be set on create from
+    :func:`pwriter.lustre.layout_setter`; on GPFS the stripe size is the
+    block size.  Raises OSError only when statfs itself fails.  (The system
+    calls default to this module's functions, looked up at call time.)
     """
     where = nearest_existing(path)
-    result = statfs(where)
+    result = (statfs or globals()["statfs"])(where)
     kind = fs_kind_from_magic(result.f_type)
     stripe_size: int | None = None
     stripe_count: int | None = None
+    osts: int | None = None
+    setter: str | None = None
     if kind is FsKind.LUSTRE:
-        try:
-            stripe_size, stripe_count = parse_lov_xattr(getxattr(where, "lustre.lov"))
-        except OSError:
-            pass
-        if stripe_size is None:
-            stripe_size, stripe_count = _lfs_getstripe(where, run)
+        from .lustre import layout_setter, ost_count
+
+        stripe_size, stripe_count = file_striping(where, getxattr=getxattr, run=run)
+        osts = ost_count(where, run=run or subprocess.run)
+        setter = layout_setter()
     elif kind is FsKind.GPFS and result.f_bsize > 0:
         stripe_size = result.f_bsize
     return FsInfo(
@@ -151,4 +172,6 @@ def detect_filesystem(
         block_size=result.f_bsize,
         stripe_size=stripe_size,
         stripe_count=stripe_count,
+        ost_count=osts,
+        layout_setter=setter,
     )

@@ -167,7 +167,7 @@ async def merge(
             writer.give_back(buffer)  # (the last write has returned: the kernel is done with it)
 
     async with open_writer(output, settings=settings, producers=len(progress.runs), force=force,
-                           inputs=inputs) as writer:
+                           inputs=inputs, expected_bytes=sum(sizes)) as writer:
         failure = None
         try:
             async with trio.open_nursery() as nursery:

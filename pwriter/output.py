@@ -36,13 +36,17 @@ What a SIGKILL leaves, by the step it lands in:
 from __future__ import annotations
 
 import errno
+import functools
 import os
 import secrets
 import stat as stat_module
 from collections.abc import Callable, Iterable, Sequence
-from typing import TypeVar
+from typing import TYPE_CHECKING, TypeVar
 
 from .errors import OutputExistsError, UsageError, WriteError
+
+if TYPE_CHECKING:
+    from .sizing import Striping
 
 __all__ = ["OutputSet", "StreamOutput", "shard_paths", "manifest_path", "member_index_path", "is_temporary_name",
            "remove_stale_temporaries", "write_fully", "TEMP_MARKER"]
@@ -147,16 +151,18 @@ def _at_fresh_name(target: str, make: Callable[[str], T]) -> tuple[str, T]:
     raise AssertionError("unreachable")  # pragma: no cover
 
 
-def _create_exclusively(target: str, flags: int = 0) -> tuple[str, int]:
+def _create_exclusively(target: str, create: Callable[[str], int] | None = None) -> tuple[str, int]:
     """A new temporary file beside ``target`` (never through an existing
     name or a planted symlink: ``O_EXCL``), with the target's final
-    permissions; returns its name and descriptor."""
+    permissions; returns its name and descriptor.  ``create(name)`` makes
+    and opens the file instead of ``open`` (a Lustre layout on create); it
+    raises FileExistsError for a name that is taken."""
     try:
         mode: int | None = stat_module.S_IMODE(os.stat(target).st_mode)
     except OSError:
         mode = None
     temporary, fd = _at_fresh_name(
-        target, lambda name: os.open(name, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC | flags, 0o666))
+        target, create or (lambda name: os.open(name, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o666)))
     if mode is not None:
         try:
             os.fchmod(fd, mode)
@@ -249,16 +255,26 @@ class OutputSet:
             if not self.force:
                 raise OutputExistsError(name, "output exists")
 
-    def create(self, *, direct: bool = False) -> list[int]:
+    def create(self, *, direct: bool = False, striping: Striping | None = None) -> list[int]:
         """Create the temporary files exclusively; returns their descriptors in read order.
 
         With ``direct``, each file also gets a second descriptor opened with
         O_DIRECT (:attr:`direct_fds`), for the writes that are aligned.
+        With ``striping`` (Lustre), each file is created with that layout
+        (:func:`pwriter.lustre.create_striped`); a layout that cannot be set
+        is a :class:`WriteError` naming the file.
         """
         remove_stale_temporaries(self.names)
         try:
-            for target in self.targets:
-                temporary, fd = _create_exclusively(target)
+            for index, target in enumerate(self.targets):
+                create = None
+                if striping is not None:
+                    from .lustre import create_striped
+
+                    offset = striping.offsets[index] if index < len(striping.offsets) else -1
+                    create = functools.partial(create_striped, stripe_count=striping.stripe_count,
+                                               stripe_size=striping.stripe_size, offset=offset)
+                temporary, fd = _create_exclusively(target, create)
                 self.temporaries.append(temporary)
                 self.fds.append(fd)
                 if direct:
@@ -267,7 +283,9 @@ class OutputSet:
             self.discard()
             if direct and exc.errno == errno.EINVAL:
                 raise UsageError(f"{self.target}: this filesystem does not support O_DIRECT (--direct)") from None
-            raise WriteError(self.target, f"cannot create a temporary file: {exc.strerror}", exc.errno) from None
+            layout = " with its Lustre layout" if striping is not None else ""
+            raise WriteError(self.target, f"cannot create a temporary file{layout}: {exc.strerror or exc}",
+                             exc.errno) from None
         return self.fds
 
     def close_files(self) -> None:
@@ -434,8 +452,9 @@ class StreamOutput:
     def check(self, inputs: Iterable[str] = ()) -> None:
         """Nothing to check: a stream is always writable as it is."""
 
-    def create(self, *, direct: bool = False) -> list[int]:
-        """The stream's descriptor (O_DIRECT is refused: a stream has no aligned offsets)."""
+    def create(self, *, direct: bool = False, striping: Striping | None = None) -> list[int]:
+        """The stream's descriptor (O_DIRECT is refused: a stream has no
+        aligned offsets; a stream has no layout of ours to set)."""
         if direct:
             raise UsageError(f"{self.target}: --direct needs a file, not a stream")
         return self.fds

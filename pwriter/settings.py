@@ -71,6 +71,20 @@ MemoryBudget = Annotated[Annotated[int, Field(ge=16 << 20)] | None, BeforeValida
 WorkerCount = Annotated[Annotated[int, Field(ge=1, le=1024)] | None, BeforeValidator(_optional_int)]
 BuffersPerWorker = Annotated[Annotated[int, Field(ge=2, le=64)] | None, BeforeValidator(_optional_int)]
 WriteCallSize = Annotated[Annotated[int, Field(ge=4096)] | None, BeforeValidator(_optional_size)]
+def _stripe_count(value: object) -> object:
+    if isinstance(value, str) and value.strip().lower() in ("", "auto"):
+        return "auto"
+    try:
+        count = int(value)  # type: ignore[call-overload]
+    except (TypeError, ValueError):
+        count = None
+    if isinstance(value, bool) or count is None or not -1 <= count <= 65534:
+        raise ValueError("expected auto, -1 (every OST), 0 (the directory's default) or a count from 1 to 65534")
+    return count
+
+
+# The Lustre stripe count set on create (see _stripe_count for the values).
+StripeCount = Annotated[Literal["auto"] | int, BeforeValidator(_stripe_count)]
 QueueDepth = Annotated[Annotated[int, Field(ge=1, le=4096)] | None, BeforeValidator(_optional_int)]
 
 
@@ -93,6 +107,10 @@ class Settings(BaseModel):
         default="auto", description="io_uring or threads; auto picks io_uring where it can run")
     stripe_size: StripeSize = Field(
         default=None, description="bytes per stripe buffer and slot (e.g. 4MiB); auto follows the filesystem")
+    stripe_count: StripeCount = Field(
+        default="auto",
+        description="Lustre: OSTs each new output file is striped over (-1 all, 0 the directory's default); "
+                    "auto stripes large outputs over all OSTs and shards over one each")
     workers: WorkerCount = Field(
         default=None, description="write lanes (the number of shards when sharded); auto follows the filesystem")
     buffers_per_worker: BuffersPerWorker = Field(
@@ -128,7 +146,7 @@ def describe_settings(settings: Settings | None = None) -> list[tuple[str, str, 
     rows = []
     for name, field in Settings.model_fields.items():
         value = getattr(settings, name) if settings is not None else field.default
-        shown = "auto" if value is None else str(value).lower() if isinstance(value, bool) else str(value)
+        shown = "auto" if value is None else str(value) if isinstance(value, str) else str(value).lower() if isinstance(value, bool) else str(value)
         rows.append((ENV_PREFIX + name.upper(), shown, field.description or ""))
     return rows
 

@@ -33,6 +33,7 @@ import dataclasses
 import functools
 import os
 import threading
+from collections.abc import Iterable, Sequence
 
 import trio
 
@@ -43,7 +44,7 @@ from .layout import Placement, Planner, gzip_padding, gzip_padding_members, plai
 from .output import OutputSet, StreamOutput
 from .traceformat import count_newlines
 
-__all__ = ["ChunkSink", "SinkCounts", "compress_chunk", "DIRECT_ALIGNMENT", "WRITEBACK_MIN"]
+__all__ = ["ChunkSink", "SinkCounts", "MemberIndex", "StreamGate", "compress_chunk", "DIRECT_ALIGNMENT", "WRITEBACK_MIN"]
 
 DIRECT_ALIGNMENT = 4096
 # With fsync on, every written range of at least this size gets
@@ -92,13 +93,11 @@ class ChunkSink:
         self._padding = gzip_padding if compressed else plain_padding
         self._fds = list(output.fds)
         self._direct_fds = list(output.direct_fds)  # empty unless O_DIRECT
-        self._lock = threading.Lock()  # placement, the member index and the counts
-        # file, offset, length, text length, events, listed (padding is not listed, but has text)
-        self._members: list[tuple[int, int, int, int, int, bool]] = []
+        self._lock = threading.Lock()  # placement and the counts
+        self.members = MemberIndex(header_text)
         self._thread_builder = threading.local()  # padded gzip: each maker thread's unfinished member
         self._stream = isinstance(output, StreamOutput)
-        self._stream_next = 0
-        self._stream_turn = threading.Condition()
+        self._stream_gate = StreamGate()
         # As many threads as stream writes can wait at once: a write holding
         # a thread must never keep an earlier one from getting one.
         self._stream_limiter = trio.CapacityLimiter(stream_threads)
@@ -138,38 +137,12 @@ class ChunkSink:
 
     def record(self, placement: Placement, *, text: int, events: int) -> None:
         """Remember the gzip members of ``placement`` for the member index."""
-        if not self.compressed:
-            return
-        with self._lock:
-            self._record_locked(placement, text=text, events=events)
-
-    def _record_locked(self, placement: Placement, *, text: int, events: int) -> None:
-        file, offset = placement.file, placement.offset
-        if placement.head:
-            self._members.append((file, offset, placement.head, self._header_text, 0, True))
-        if placement.body:
-            self._members.append((file, offset + placement.head, placement.body, text, events, True))
-        if placement.pad:
-            self._members.append((file, offset + placement.head + placement.body, placement.pad,
-                                  gzip_padding_members(placement.pad), 0, False))
+        if self.compressed:
+            self.members.record(placement, text=text, events=events)
 
     def member_index(self) -> dict[str, object]:
         """The member index of a compressed output (see the README for the format)."""
-        members = []
-        text_offset = first_event = 0
-        for file, offset, length, text, events, listed in sorted(self._members):
-            if listed:
-                members.append({
-                    "file": file, "offset": offset, "length": length, "text_offset": text_offset,
-                    "text_length": text, "first_event": first_event, "events": events,
-                })
-            text_offset += text
-            first_event += events
-        return {
-            "format": "pwriter-members/1",
-            "files": [os.path.basename(name) for name in self._output.targets],
-            "members": members,
-        }
+        return self.members.index([os.path.basename(name) for name in self._output.targets])
 
     def splice(self, placement: Placement, buffer: memoryview, filled: int) -> tuple[Placement, memoryview]:
         """Put the header and the padding of ``placement`` inside ``buffer``
@@ -315,10 +288,7 @@ class ChunkSink:
             # A stream takes bytes in order: wait until every byte placed
             # before these is written (each placed chunk is being written by
             # the thread or task that placed it, so the earliest always goes).
-            with self._stream_turn:
-                while self._stream_next != offset:
-                    self._stream_turn.wait(STREAM_POLL)
-                    trio.from_thread.check_cancelled()
+            self._stream_gate.wait_for(offset)
             offset = -1  # at the stream's own position
         try:
             self._backend.write_in_thread(fd, parts, offset)
@@ -326,9 +296,7 @@ class ChunkSink:
             raise self._write_error(placement, exc) from None
         self._written(placement, fd)
         if self._stream:
-            with self._stream_turn:
-                self._stream_next += placement.length
-                self._stream_turn.notify_all()
+            self._stream_gate.advance(placement.length)
 
     def place(self, lane: int, length: int) -> Placement:
         """The planner's placement of a chunk (under the lock: worker threads place too)."""
@@ -350,6 +318,84 @@ class ChunkSink:
                 await self._backend.fsync(fd)
             except OSError as exc:
                 raise WriteError(name, exc.strerror or str(exc), exc.errno) from None
+
+
+class MemberIndex:
+    """The gzip members of one output, for its member index (safe from any thread).
+
+    An entry is ``(file, offset, length, text length, events, listed)``:
+    padding members are not listed, but their text counts in the
+    ``text_offset`` of the members after them.  Entries of several writers
+    of one output (MPI ranks) can be joined with :meth:`add_entries`.
+    """
+
+    def __init__(self, header_text: int) -> None:
+        self._header_text = header_text
+        self._lock = threading.Lock()
+        self._entries: list[tuple[int, int, int, int, int, bool]] = []
+
+    def record(self, placement: Placement, *, text: int, events: int) -> None:
+        """Remember the members of ``placement``: its header, body and padding."""
+        file, offset = placement.file, placement.offset
+        entries = []
+        if placement.head:
+            entries.append((file, offset, placement.head, self._header_text, 0, True))
+        if placement.body:
+            entries.append((file, offset + placement.head, placement.body, text, events, True))
+        if placement.pad:
+            entries.append((file, offset + placement.head + placement.body, placement.pad,
+                            gzip_padding_members(placement.pad), 0, False))
+        with self._lock:
+            self._entries.extend(entries)
+
+    def entries(self) -> list[tuple[int, int, int, int, int, bool]]:
+        with self._lock:
+            return list(self._entries)
+
+    def add_entries(self, entries: Iterable[Sequence[int]]) -> None:
+        """Join entries taken from another index (:meth:`entries`, or lists of their values)."""
+        joined = [(int(f), int(o), int(n), int(t), int(e), bool(li)) for f, o, n, t, e, li in entries]
+        with self._lock:
+            self._entries.extend(joined)
+
+    def index(self, files: list[str]) -> dict[str, object]:
+        """The member index (see the README for the format) over ``files`` (base names, in read order)."""
+        members = []
+        text_offset = first_event = 0
+        for file, offset, length, text, events, listed in sorted(self.entries()):
+            if listed:
+                members.append({
+                    "file": file, "offset": offset, "length": length, "text_offset": text_offset,
+                    "text_length": text, "first_event": first_event, "events": events,
+                })
+            text_offset += text
+            first_event += events
+        return {"format": "pwriter-members/1", "files": files, "members": members}
+
+
+class StreamGate:
+    """Lets the writes of a stream through in offset order, from any thread.
+
+    Each placed chunk is being written by the thread or task that placed it,
+    so the write at the earliest offset not yet written can always go.
+    """
+
+    def __init__(self) -> None:
+        self._next = 0
+        self._turn = threading.Condition()
+
+    def wait_for(self, offset: int) -> None:
+        """Block (in a worker thread trio started) until every byte before ``offset`` is written."""
+        with self._turn:
+            while self._next != offset:
+                self._turn.wait(STREAM_POLL)
+                trio.from_thread.check_cancelled()
+
+    def advance(self, length: int) -> None:
+        """The write at the gate's offset is done: let the next one through."""
+        with self._turn:
+            self._next += length
+            self._turn.notify_all()
 
 
 def compress_chunk(text: memoryview, level: int) -> tuple[bytes, int]:

@@ -39,10 +39,22 @@ Layout
     Local disks, tmpfs: striped.  One file, chunks at offsets reserved from a
     counter; the page cache makes alignment irrelevant.
 
+Lustre layout on create (``stripe_count``)
+    A new Lustre file gets the directory's default layout, often one stripe,
+    so that every writer of a large merge hits one OST.  pwriter sets the
+    layout of each temporary before its first byte (:mod:`pwriter.lustre`):
+    an explicit count N (or -1, every OST) as asked; ``auto`` stripes an
+    output of ``AUTO_STRIPE_ALL_FROM`` (1 GiB) or more over every OST, gives
+    each shard of a sharded output one stripe with the shards' first OSTs
+    spread evenly, and leaves smaller or unsized outputs to the directory's
+    default; 0 always leaves it.  The stripe size set is the stripe size
+    above, so that every buffer is whole stripes.  The writer reads the
+    layout back after setting it and sizes itself by what it got.
+
 Workers (coalescers, each with its own buffers and, when sharded, its own file)
     Never more than the producers (a worker with no producer idles) and never
-    more than 2 x the CPUs.  On Lustre, never more than the stripe count: each
-    worker then streams to its own OSTs.  Otherwise at most 4 on local disks
+    more than 2 x the CPUs.  On Lustre, never more than the stripe count of
+    a shared file: each worker then streams to its own OSTs.  Otherwise at most 4 on local disks
     and tmpfs (one page-cache copy per core is the ceiling) and 8 on networked
     and parallel filesystems (latency hiding).
 
@@ -88,6 +100,10 @@ __all__ = [
     "Sizing",
     "fs_kind_from_magic",
     "plan_sizing",
+    "Striping",
+    "AUTO_STRIPE_ALL_FROM",
+    "shard_offsets",
+    "follow_layout_set",
     "DEFAULT_STRIPE_SIZE",
     "FS_MAGIC",
 ]
@@ -99,6 +115,8 @@ BUFFERED_WRITE_CALL_SIZE = 512 << 10
 DEFAULT_MEMORY_CAP = 256 * MiB
 MAX_STRIPE_SIZE = 256 * MiB
 PAGE = 4096
+LUSTRE_STRIPE_UNIT = 64 << 10  # Lustre stripe sizes are multiples of 64 KiB
+AUTO_STRIPE_ALL_FROM = 1 << 30  # stripe_count auto: outputs of this size and more go over every OST
 
 
 
@@ -147,6 +165,23 @@ class FsInfo:
     block_size: int = PAGE
     stripe_size: int | None = None
     stripe_count: int | None = None
+    ost_count: int | None = None
+    """Lustre: the OSTs of the filesystem (``lfs osts``), when known."""
+    layout_setter: str | None = None
+    """Lustre: how a layout can be set on create (``"liblustreapi"`` or ``"lfs"``), or None."""
+
+
+@dataclasses.dataclass(frozen=True)
+class Striping:
+    """The Lustre layout to set on each new output file, before its first byte.
+
+    ``stripe_count`` -1 means every OST; ``offsets`` holds each file's first
+    OST in read order (-1: Lustre's allocator chooses).
+    """
+
+    stripe_count: int
+    stripe_size: int
+    offsets: tuple[int, ...]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -170,6 +205,8 @@ class Sizing:
     memory_budget: int
     fs_kind: FsKind
     reasons: tuple[str, ...]
+    striping: Striping | None = None
+    """Lustre: the layout to set on create (None: the directory's default)."""
 
     @property
     def buffer_bytes(self) -> int:
@@ -183,12 +220,15 @@ def plan_sizing(
     producers: int | None,
     available_memory: int,
     cpu_count: int,
+    expected_bytes: int | None = None,
 ) -> Sizing:
     """Decide the sizing from plain values (see the module docstring).
 
     ``producers`` is how many producer tasks will write (``None`` when not
-    known in advance).  Raises :class:`ConfigError` when explicit settings
-    cannot be honoured (a budget smaller than two stripes).
+    known in advance); ``expected_bytes`` the size of the output, when known
+    (for ``stripe_count`` auto).  Raises :class:`ConfigError` when explicit
+    settings cannot be honoured (a budget smaller than two stripes, a Lustre
+    layout that cannot be set).
     """
     reasons: list[str] = []
     cpus = max(1, cpu_count)
@@ -235,13 +275,19 @@ def plan_sizing(
         layout = "striped"
         reasons.append(f"layout striped: {fs.kind.value} filesystem")
 
+    # Lustre layout on create (the stripe size and count the files will have).
+    striping = _plan_striping(fs, settings, layout, stripe_size, expected_bytes, reasons)
+    stripe_count = fs.stripe_count
+    if striping is not None:
+        stripe_count = striping.stripe_count if striping.stripe_count > 0 else fs.ost_count
+
     # Workers.
     if settings.workers is not None:
         workers = settings.workers
         reasons.append(f"workers {workers}: set explicitly")
     else:
-        if fs.kind is FsKind.LUSTRE and fs.stripe_count:
-            cap, why = fs.stripe_count, "the Lustre stripe count"
+        if fs.kind is FsKind.LUSTRE and stripe_count and layout != "sharded":
+            cap, why = stripe_count, "the Lustre stripe count"
         elif fs.kind.is_parallel or fs.kind is FsKind.NFS:
             cap, why = 8, f"at most 8 on {fs.kind.value}"
         else:
@@ -274,6 +320,10 @@ def plan_sizing(
             f"{per_worker} buffers x {stripe_size}-byte stripes"
         )
     buffers = workers * per_worker
+    if striping is not None:  # one entry per file
+        files = workers if layout == "sharded" else 1
+        offsets = shard_offsets(files, fs.ost_count) if layout == "sharded" else (-1,)
+        striping = dataclasses.replace(striping, offsets=offsets)
     reasons.append(f"buffers {buffers}: {per_worker} per worker, {buffers * stripe_size} bytes in all")
 
     if settings.queue_depth is not None:
@@ -307,4 +357,81 @@ def plan_sizing(
         memory_budget=budget,
         fs_kind=fs.kind,
         reasons=tuple(reasons),
+        striping=striping,
     )
+
+
+def _plan_striping(fs: FsInfo, settings: Settings, layout: LayoutName, stripe_size: int,
+                   expected_bytes: int | None, reasons: list[str]) -> Striping | None:
+    """The Lustre layout to set on create, or None (the directory's default)."""
+    if fs.kind is not FsKind.LUSTRE:
+        return None
+    count = settings.stripe_count
+    if count == 0:
+        reasons.append("Lustre layout: the directory's default (stripe_count 0)")
+        return None
+    if fs.layout_setter is None:
+        if count != "auto":
+            raise ConfigError(f"invalid setting stripe_count={count}: cannot set a Lustre layout here "
+                              "(neither liblustreapi nor the lfs command was found)")
+        reasons.append("Lustre layout: the directory's default (neither liblustreapi nor lfs was found)")
+        return None
+    if count == "auto" and layout == "sharded":
+        count, why = 1, "auto: one stripe per shard, shards spread over the OSTs"
+    elif count == "auto" and expected_bytes is not None and expected_bytes >= AUTO_STRIPE_ALL_FROM:
+        count, why = -1, f"auto: every OST for an output of {expected_bytes} bytes (at least {AUTO_STRIPE_ALL_FROM})"
+    elif count == "auto":
+        size = "of unknown size" if expected_bytes is None else f"of {expected_bytes} bytes"
+        reasons.append(f"Lustre layout: the directory's default (auto: an output {size}; every OST from "
+                       f"{AUTO_STRIPE_ALL_FROM} bytes)")
+        return None
+    else:
+        why = "set explicitly"
+    assert isinstance(count, int)
+    if stripe_size % LUSTRE_STRIPE_UNIT:
+        raise ConfigError(f"invalid setting stripe_size={stripe_size}: a Lustre stripe size must be a multiple "
+                          f"of {LUSTRE_STRIPE_UNIT} (64 KiB)")
+    if fs.ost_count and count > fs.ost_count:
+        raise ConfigError(f"invalid setting stripe_count={count}: this filesystem has {fs.ost_count} OSTs")
+    if layout == "sharded" and fs.ost_count:
+        why += f"; shard i starts on OST i x {fs.ost_count} / shards"
+    reasons.append(f"Lustre layout: stripe count {count}, stripe size {stripe_size} ({why}; set by "
+                   f"{fs.layout_setter})")
+    return Striping(stripe_count=count, stripe_size=stripe_size, offsets=(-1,))
+
+
+def shard_offsets(shards: int, ost_count: int | None) -> tuple[int, ...]:
+    """The first OST of each shard: spread evenly over ``ost_count`` OSTs
+    (-1, Lustre's choice, when the count is not known)."""
+    if not ost_count:
+        return (-1,) * shards
+    return tuple((shard * ost_count // shards) % ost_count if shards <= ost_count else shard % ost_count
+                 for shard in range(shards))
+
+
+
+def follow_layout_set(
+    sizing: Sizing,
+    fs: FsInfo,
+    settings: Settings,
+    *,
+    stripe_size: int | None,
+    stripe_count: int | None,
+    available_memory: int,
+    cpu_count: int,
+) -> tuple[FsInfo, Sizing]:
+    """The filesystem and sizing once the layout of :attr:`Sizing.striping`
+    is set and read back (``stripe_size``, ``stripe_count``; None where the
+    read-back did not tell).  The files exist: the layout and the number of
+    write lanes stay; the stripe size follows what the files got."""
+    assert sizing.striping is not None
+    got_size = stripe_size or sizing.striping.stripe_size
+    fs = dataclasses.replace(fs, stripe_size=got_size, stripe_count=stripe_count or fs.stripe_count)
+    read_back = f"Lustre layout read back: stripe count {stripe_count or 'unknown'}, stripe size {got_size}"
+    if got_size == sizing.stripe_size:
+        return fs, dataclasses.replace(sizing, reasons=sizing.reasons + (read_back,))
+    pinned = settings.model_copy(update={"stripe_size": got_size, "workers": sizing.workers, "layout": sizing.layout,
+                                         "stripe_count": 0})
+    again = plan_sizing(fs, pinned, producers=None, available_memory=available_memory, cpu_count=cpu_count)
+    return fs, dataclasses.replace(again, striping=sizing.striping,
+                                   reasons=sizing.reasons + (read_back + " (sized again for it)",))

@@ -145,7 +145,7 @@ class SyncWriter:
             return self._writer.producer(batch_bytes=batch_bytes)
 
         assert self._writer is not None
-        handle = SyncProducer(self, self._call(make), batch_bytes, self._writer._check_lines)
+        handle = SyncProducer(self, self._call(make), batch_bytes, self._writer.line_check)
         with self._handles_lock:
             self._handles.append(handle)
         return handle

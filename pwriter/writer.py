@@ -2,16 +2,15 @@
 
 Task structure (all in one nursery owned by :func:`open_writer`)::
 
-    producers --(blocks)--> coalescer 0 --(full buffer)--> write task --+
-              --(blocks)--> coalescer 1 --(full buffer)--> write task --+--> chunk sink --> backend
-                                     ...                               |    (pwriter.sink)
-    merge readers (worker threads) --(full buffer, written in the thread)+
-    ticker: pushes producer batches older than max_delay (and, for padded
-            gzip, finishes members whose oldest text is older than that)
+    producers --(blocks)--> write lanes: coalescer 0 --(chunk)--+
+              --(blocks)-->             coalescer 1 --(chunk)--+--> chunk sink --> backend
+                                        ...  ticker            |    (pwriter.sink)
+    merge readers (worker threads) --(chunk, written in the thread)+
 
 The writer is the control plane: it opens the output and the backend,
-runs the coalescers and the ticker, and closes and publishes.  Placement and
-writing are the chunk sink's (:mod:`pwriter.sink`), which makers in lane
+starts the write lanes (:mod:`pwriter.lanes`: the handles, coalescers and
+ticker of the library path), and closes and publishes.  Placement and
+writing are the chunk sink's (:mod:`pwriter.sink`), which makers in worker
 threads call directly; the coalescers' gzip members are the member stage's
 (:mod:`pwriter.members`).
 
@@ -45,41 +44,50 @@ from contextlib import asynccontextmanager
 import trio
 
 from .backends import Backend, BackendStatistics, open_backend
-from .channels import DEFAULT_BATCH_BYTES, BufferPool, Coalescer, Producer
+from .channels import DEFAULT_BATCH_BYTES, BufferPool, Producer
 from .compress import check_level, gzip_member
 from .errors import ClosedError, InputError, attach_other_errors
-from .layout import (GZIP_MIN_PADDING, Placement, Planner, make_planner)
+from .layout import GZIP_MIN_PADDING, Planner, make_planner
 from .output import OutputSet, StreamOutput, member_index_path
+from .lanes import WriteLanes
 from .members import MemberStage
 from .sink import ChunkSink
 from .settings import Settings, load_settings, settings_with
-from .sizing import FsInfo, Sizing, plan_sizing
+from .sizing import FsInfo, Sizing, follow_layout_set, plan_sizing
 from .traceformat import BlockCleaner
 
 __all__ = ["Writer", "WriterStatistics", "open_writer", "plan", "error_to_raise", "HEADER", "FOOTER"]
 
 HEADER = b"[\n"
 FOOTER = b"]\n"
-CHANNEL_BLOCKS = 8
 
 
 def plan(
-    path: str, settings: Settings, *, producers: int | None = None, fs: FsInfo | None = None
+    path: str, settings: Settings, *, producers: int | None = None, fs: FsInfo | None = None,
+    expected_bytes: int | None = None,
 ) -> tuple[FsInfo, Sizing]:
-    """Detect the filesystem of ``path`` (unless ``fs`` is given) and size the writer."""
-    import psutil
-
+    """Detect the filesystem of ``path`` (unless ``fs`` is given) and size the
+    writer (``expected_bytes``: the output's size, when known)."""
     from .detect import detect_filesystem
 
     fs = fs if fs is not None else detect_filesystem(path)
-    sizing = plan_sizing(
-        fs,
-        settings,
-        producers=producers,
-        available_memory=psutil.virtual_memory().available,
-        cpu_count=os.cpu_count() or 1,
-    )
+    sizing = plan_sizing(fs, settings, producers=producers, expected_bytes=expected_bytes, **_machine())
     return fs, sizing
+
+
+def _machine() -> dict[str, int]:
+    import psutil
+
+    return {"available_memory": psutil.virtual_memory().available, "cpu_count": os.cpu_count() or 1}
+
+
+def _follow_layout_set(output: OutputSet, fs: FsInfo, sizing: Sizing, settings: Settings) -> tuple[FsInfo, Sizing]:
+    """Lustre: read back the layout the first file got, and size by it."""
+    from .detect import file_striping
+
+    stripe_size, stripe_count = file_striping(output.temporaries[0])
+    return follow_layout_set(sizing, fs, settings, stripe_size=stripe_size, stripe_count=stripe_count,
+                             **_machine())
 
 
 @dataclasses.dataclass(frozen=True)
@@ -155,26 +163,19 @@ class Writer:
         self.settings = settings
         self.fs = fs
         self.sizing = sizing
-        self._nursery = nursery
+        self.compressed = compress
+        self.published = False
+        self.line_check = check_lines
+        """The check every line sent through a handle passes (``validate=True``), else None."""
         self._planner = planner
         self._output = output
         self._backend = backend
         self._pool = pool
-        self._footer = footer
-        self.compressed = compress
-        self._footer_text = footer_text
-        padded_members = compress and sizing.layout == "padded-striped"
-        member_target = int((sizing.stripe_size - len(header)) * 0.9)  # padded gzip members: about 90% of a slot
-        self._sends: list[trio.MemorySendChannel[bytes]] = []
-        self._coalescers: list[Coalescer] = []
-        self._producers: list[Producer] = []
-        self._next_lane = 0
-        self._coalesced = trio.Event()
-        self._whole_slots = trio.Semaphore(pool.count)
         self._started = trio.current_time()
         self._finished: float | None = None
         self._closing = False
-        self._check_lines = check_lines
+        padded_members = compress and sizing.layout == "padded-striped"
+        member_target = int((sizing.stripe_size - len(header)) * 0.9)  # padded gzip members: about 90% of a slot
         self._sink = ChunkSink(
             planner=planner, output=output, backend=backend, header=header, header_text=header_text,
             compressed=compress, padded_members=padded_members, level=settings.level,
@@ -183,9 +184,15 @@ class Writer:
             # every pool buffer, whole chunk and member in flight, the header and the footer
             stream_threads=3 * pool.count + 4,
         )
-        self._members = MemberStage(nursery=nursery, sink=self._sink, level=settings.level, padded=padded_members,
-                                    member_target=member_target, slots=pool.count)
-        self.published = False
+        members = MemberStage(nursery=nursery, sink=self._sink, level=settings.level, padded=padded_members,
+                              member_target=member_target, slots=pool.count)
+        self._lanes = WriteLanes(nursery=nursery, sink=self._sink, pool=pool, lanes=sizing.workers,
+                                 chunk_capacity=self.chunk_capacity, max_delay=settings.max_delay,
+                                 compressed=compress, members=members, footer=footer, footer_text=footer_text)
+        header_placement = self._sink.open()
+        if header_placement is not None:
+            nursery.start_soon(self._sink.write_placed, header_placement, b"")
+        self._lanes.start()
 
     @property
     def outputs(self) -> list[str]:
@@ -217,14 +224,7 @@ class Writer:
         """
         if self._closing:
             raise ClosedError("producer() on a writer that is closing or closed")
-        send = self._sends[self._next_lane % len(self._sends)]
-        self._next_lane += 1
-        producer = Producer(send.clone(), batch_bytes=batch_bytes, check=self._check_lines)
-        # A handle closed by its task is dropped here, unless its last push
-        # was cancelled: the writer pushes that at its close.
-        self._producers = [existing for existing in self._producers if not existing._channel_closed]
-        self._producers.append(producer)
-        return producer
+        return self._lanes.producer(batch_bytes, self.line_check)
 
     async def take_buffer(self) -> memoryview:
         """A stripe buffer from the writer's pool (at least
@@ -259,7 +259,7 @@ class Writer:
             self._pool.give_back(buffer)
             return
         self._sink.count_chunk(filled)
-        await self._flush_buffer(lane, buffer, filled)
+        await self._lanes.write_buffer(lane, buffer, filled)
 
     async def write_lines(self, lane: int, lines: bytes) -> None:
         """Write ``lines`` (whole lines, any length) as one chunk of ``lane``,
@@ -271,11 +271,11 @@ class Writer:
         if type(lines) is not bytes:
             raise TypeError(f"write_lines takes bytes, not {type(lines).__name__}")
         self._sink.count_chunk(len(lines))
-        await self._write_whole(lane, memoryview(lines))
+        await self._lanes.write_whole(lane, memoryview(lines))
 
     def statistics(self) -> WriterStatistics:
         """A snapshot of what the writer did so far (cheap; safe to call while it runs)."""
-        coalesced = [coalescer.statistics() for coalescer in self._coalescers]
+        coalesced = self._lanes.statistics()
         end = self._finished if self._finished is not None else trio.current_time()
         io = self._backend.statistics()
         sink = self._sink.counts()
@@ -290,7 +290,7 @@ class Writer:
             writes=io.writes,
             line_bytes=sink.line_bytes + sum(stat.bytes for stat in coalesced),
             bytes_written=sink.bytes_written,
-            deadline_flushes=sum(stat.deadline_flushes for stat in coalesced) + self._members.deadline_members,
+            deadline_flushes=sum(stat.deadline_flushes for stat in coalesced) + self._lanes.deadline_members,
             uncopied_chunks=sum(stat.uncopied_chunks for stat in coalesced),
             oversized_chunks=sum(stat.oversized_chunks for stat in coalesced),
             buffer_waits=self._pool.waits,
@@ -302,97 +302,16 @@ class Writer:
             io=io,
         )
 
-    # -- internals ---------------------------------------------------------
-
-    def _start(self) -> None:
-        for lane in range(self.sizing.workers):
-            send, receive = trio.open_memory_channel[bytes](CHANNEL_BLOCKS)
-            self._sends.append(send)
-            self._coalescers.append(
-                Coalescer(
-                    lane,
-                    receive,
-                    self._pool,
-                    capacity=self.chunk_capacity,
-                    max_delay=self.settings.max_delay,
-                    flush=self._flush_buffer,
-                    write_whole=self._write_whole,
-                )
-            )
-        header = self._sink.open()
-        if header is not None:
-            self._nursery.start_soon(self._sink.write_placed, header, b"")
-        self._nursery.start_soon(self._run_coalescers)
-        self._nursery.start_soon(self._push_stale_batches)
-
-    @trio.lowlevel.enable_ki_protection
-    async def _run_coalescers(self) -> None:
-        async with trio.open_nursery() as nursery:
-            for coalescer in self._coalescers:
-                nursery.start_soon(coalescer.run)
-        await self._members.finish_all()
-        footer = self._sink.close(len(self._footer), self._footer_text)
-        self._coalesced.set()
-        await self._sink.write_placed(footer, self._footer)
-
-    @trio.lowlevel.enable_ki_protection
-    async def _push_stale_batches(self) -> None:
-        delay = self.settings.max_delay
-        while not self._coalesced.is_set():
-            with trio.move_on_after(delay / 2):
-                await self._coalesced.wait()
-            now = trio.current_time()
-            for producer in self._producers:
-                if producer.pending_since + delay <= now:
-                    producer.send_pending_nowait()
-            self._members.finish_stale(now, delay)
-
-    async def _flush_buffer(self, lane: int, buffer: memoryview, filled: int) -> None:
-        if self.compressed:
-            await self._members.add(lane, buffer[:filled], lambda: self._pool.give_back(buffer))
-            return
-        placement = self._sink.place(lane, filled)
-        self._nursery.start_soon(self._write_and_give_back, placement, buffer, filled)
-
-    @trio.lowlevel.enable_ki_protection
-    async def _write_and_give_back(self, placement: Placement, buffer: memoryview, filled: int) -> None:
-        try:
-            placement, body = self._sink.splice(placement, buffer, filled)
-            await self._sink.write_placed(placement, body, aligned_memory=True)
-        finally:
-            # The backend returns only once the kernel is done with the buffer.
-            self._pool.give_back(buffer)
-
-    async def _write_whole(self, lane: int, chunk: memoryview) -> None:
-        # Chunks that bypass the pool are bounded by their own slots, as many
-        # as there are pool buffers, so that memory stays bounded.
-        await self._whole_slots.acquire()
-        if self.compressed:
-            await self._members.add(lane, chunk, self._whole_slots.release)
-            return
-        placement = self._sink.place(lane, len(chunk))
-        self._nursery.start_soon(self._write_and_release_slot, placement, chunk)
-
-    @trio.lowlevel.enable_ki_protection
-    async def _write_and_release_slot(self, placement: Placement, chunk: memoryview) -> None:
-        try:
-            await self._sink.write_placed(placement, chunk)
-        finally:
-            self._whole_slots.release()
-
-    async def _close_producers(self) -> None:
-        for producer in self._producers:
-            await producer.close_for_writer()
+    async def _close(self) -> None:
+        """The block ended normally: push what handles hold and wait until every chunk is placed."""
         self._closing = True
-        for send in self._sends:
-            send.close()
-        await self._coalesced.wait()
+        await self._lanes.close()
 
     def _close_for_caller(self) -> None:
         """After the writer's block (published or not): every handle and call is closed."""
         self._closing = True
-        for producer in self._producers:
-            producer.discard_for_writer()
+        self._lanes.discard()
+
 
 @asynccontextmanager
 @trio.lowlevel.enable_ki_protection
@@ -411,6 +330,7 @@ async def open_writer(
     fsync: bool | None = None,
     level: int | None = None,
     validate: bool = False,
+    expected_bytes: int | None = None,
 ) -> AsyncIterator[Writer]:
     """Open a writer that publishes ``path`` when the block ends without error.
 
@@ -432,7 +352,8 @@ async def open_writer(
     ``validate``, every line sent through a producer handle must be a JSON
     event line (``{...}``, valid JSON, the same C check as ``pwriter merge
     --validate``); another raises :class:`~pwriter.errors.InputError` at the
-    call and takes nothing.
+    call and takes nothing.  ``expected_bytes``, the output's size when known,
+    guides the Lustre layout set on create (``stripe_count`` auto).
 
     ``path`` may also be ``"-"`` (standard output) or a binary stream with a
     ``fileno()`` (a pipe, a socket, an open file): the output is then
@@ -481,16 +402,26 @@ async def open_writer(
     header_text, footer_text = len(header), len(footer)
     if compress:  # the header and the footer are gzip members of their own
         header, footer = gzip_member(header, settings.level), gzip_member(footer, settings.level)
-    fs, sizing = plan(target if output is None else ".", settings, producers=producers, fs=fs)
-    planner = make_planner(
-        sizing.layout, header_length=len(header), stripe_size=sizing.stripe_size, workers=sizing.workers,
-        min_padding=GZIP_MIN_PADDING if compress else 1,
-    )
+    fs, sizing = plan(target if output is None else ".", settings, producers=producers, fs=fs,
+                      expected_bytes=expected_bytes)
     if output is None:
-        output = OutputSet(target, sharded=sizing.layout == "sharded", files=planner.files, force=force,
+        output = OutputSet(target, sharded=sizing.layout == "sharded",
+                           files=sizing.workers if sizing.layout == "sharded" else 1, force=force,
                            sidecars=[member_index_path(target)] if compress else [])
     output.check(inputs)
-    pool = BufferPool(sizing.buffers, sizing.stripe_size)
+    output.create(direct=settings.direct, striping=sizing.striping)
+    try:
+        if sizing.striping is not None and isinstance(output, OutputSet):
+            fs, sizing = _follow_layout_set(output, fs, sizing, settings)
+        planner = make_planner(
+            sizing.layout, header_length=len(header), stripe_size=sizing.stripe_size, workers=sizing.workers,
+            min_padding=GZIP_MIN_PADDING if compress else 1,
+        )
+        assert planner.files == len(output.fds), "one file per shard"
+        pool = BufferPool(sizing.buffers, sizing.stripe_size)
+    except BaseException:
+        output.discard()
+        raise
     writer: Writer | None = None
     body_error: BaseException | None = None
     failure: BaseException | None = None
@@ -501,7 +432,6 @@ async def open_writer(
         try:
             async with opened as io:
                 io.register_buffers(pool.buffers)
-                output.create(direct=settings.direct)
                 for fd, name in zip(output.fds + output.direct_fds, output.targets + output.targets):
                     io.register(fd, name)
                 try:
@@ -522,13 +452,12 @@ async def open_writer(
                             footer_text=footer_text,
                             check_lines=_line_checker(target) if validate else None,
                         )
-                        writer._start()
                         try:
                             yield writer
                         except BaseException as exc:
                             body_error = exc
                             raise
-                        await writer._close_producers()
+                        await writer._close()
                     if settings.fsync and output.can_sync:
                         await writer._sink.sync()
                 finally:

@@ -64,12 +64,17 @@ def test_detect_lustre_falls_back_to_lfs(tmp_path, monkeypatch: pytest.MonkeyPat
 
     def run(args, **kwargs):
         calls.append(args)
+        if args[1] == "osts":
+            return subprocess.CompletedProcess(args, 0, stdout="OBDS:\n0: f-OST0000_UUID ACTIVE\n"
+                                                               "1: f-OST0001_UUID ACTIVE\n", stderr="")
         out = "2097152\n" if "--stripe-size" in args else "4\n"
         return subprocess.CompletedProcess(args, 0, stdout=out, stderr="")
 
+    monkeypatch.setattr("pwriter.lustre._api", False)
     info = detect_filesystem(str(tmp_path), statfs=fake_statfs(0x0BD00BD0), getxattr=no_xattr, run=run)
-    assert (info.stripe_size, info.stripe_count) == (2 * MiB, 4)
-    assert all(call[:2] == ["lfs", "getstripe"] for call in calls)
+    assert (info.stripe_size, info.stripe_count, info.ost_count) == (2 * MiB, 4, 2)
+    assert info.layout_setter == "lfs"
+    assert [call[:2] for call in calls] == [["lfs", "getstripe"]] * 2 + [["lfs", "osts"]]
 
 
 def test_detect_lustre_unknown_geometry(tmp_path) -> None:
