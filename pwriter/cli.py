@@ -74,6 +74,12 @@ def _parser(*, settings_help: bool = False) -> argparse.ArgumentParser:
                        help="parse every event as JSON; a line that is not is an error (dropped with --salvage)")
     merge.add_argument("--verify", action="store_true",
                        help="after publishing, check that the output holds exactly the inputs' event lines")
+    merge.add_argument("--mpi", action="store_true",
+                       help="merge with every MPI rank (implied under mpiexec, mpirun or srun with more than "
+                            "one rank; needs pip install 'pwriter[mpi]')")
+    merge.add_argument("--mpi-offsets", choices=("counter", "exscan"), default="counter",
+                       help="MPI, striped: offsets from a shared counter (default) or from a prefix sum of "
+                            "counted bytes (reads the inputs twice; plain output only)")
 
     verify = commands.add_parser("verify", help="check that an output holds exactly the event lines of its inputs")
     verify.add_argument("output", metavar="OUTPUT", help="a merged trace (plain, gzip, or a sharded set)")
@@ -164,6 +170,8 @@ def _merge(args: argparse.Namespace) -> int:
 
     settings = _settings(args)
     to_stdout = args.output == "-"
+    if args.mpi or _under_mpi():
+        return _merge_mpi(args, settings)
     if to_stdout and args.verify:
         raise UsageError("-o -: --verify needs an output file to read back")
     if to_stdout and sys.stdout.isatty():
@@ -211,7 +219,63 @@ def _merge(args: argparse.Namespace) -> int:
     return _mismatch(args.output, checked) if checked is not None else 0
 
 
-def _print_merge(args: argparse.Namespace, settings: Any, result: Any, checked: Any) -> None:
+def _under_mpi() -> bool:
+    from .mpi import launched_by_mpi
+
+    return launched_by_mpi()
+
+
+def _merge_mpi(args: argparse.Namespace, settings: Any) -> int:
+    """``pwriter merge`` with every MPI rank (:mod:`pwriter.mpi`): rank 0
+    reports (progress, the result, the one error line); every rank exits
+    with the same code."""
+    import trio
+
+    from .errors import PwriterError, UsageError
+    from .merge import MergeProgress
+    from .mpi import World, merge_over_ranks
+    from .writer import error_to_raise
+
+    if args.output == "-":
+        raise UsageError("-o -: a merge over MPI ranks writes a file, not a stream")
+    world = World()
+    progress = MergeProgress(total_input_bytes=0)
+    show_progress = world.rank == 0 and (args.progress if args.progress is not None else sys.stderr.isatty())
+
+    async def run() -> Any:
+        async with trio.open_nursery() as nursery:
+            if show_progress:
+                nursery.start_soon(functools.partial(_show_progress, progress, tty=sys.stderr.isatty()))
+            result = await merge_over_ranks(world, args.inputs, args.directory, args.output, settings=settings,
+                                            force=args.force, salvage=args.salvage, validate=args.validate,
+                                            progress=progress, offsets=args.mpi_offsets)
+            nursery.cancel_scope.cancel()
+        return result
+
+    try:
+        try:
+            ranked = trio.run(run, strict_exception_groups=True)
+        except BaseExceptionGroup as group:
+            raise error_to_raise(group) from None
+    except PwriterError as exc:
+        if world.rank != 0:  # rank 0 says it, once
+            return exc.exit_code
+        raise
+    if ranked is None:
+        return 0
+    result = ranked.result
+    for path, what, _ in result.salvaged:
+        print(f"pwriter: warning: {path}: salvaged: {what}", file=sys.stderr)
+    checked = None
+    if args.verify:
+        from .verify import verify
+
+        checked = verify(args.output, ranked.inputs)
+    _print_merge(args, settings, result, checked, ranks=ranked)
+    return _mismatch(args.output, checked) if checked is not None else 0
+
+
+def _print_merge(args: argparse.Namespace, settings: Any, result: Any, checked: Any, ranks: Any = None) -> None:
     stats = result.writer
     if args.json:
         report = {
@@ -249,13 +313,17 @@ def _print_merge(args: argparse.Namespace, settings: Any, result: Any, checked: 
         }
         if checked is not None:
             report["verification"] = _verification_report(checked)
+        if ranks is not None:
+            report["ranks"] = ranks.ranks
+            report["per_rank"] = ranks.per_rank
         print(json.dumps(report), file=_report_stream(args))
     else:
         rate = stats.bytes_written / stats.seconds / (1 << 20) if stats.seconds > 0 else 0.0
         where = ", ".join(stats.outputs) if not result.manifest else f"{result.manifest} ({len(stats.outputs)} shards)"
         print(
             f"merged {result.inputs} inputs, {result.events} events, {stats.bytes_written} bytes into {where} "
-            f"[{stats.layout}, {stats.backend}, {stats.workers} workers] in {stats.seconds:.2f} s ({rate:.0f} MiB/s)",
+            f"[{stats.layout}, {stats.backend}, {stats.workers} workers"
+            f"{f' over {ranks.ranks} ranks' if ranks is not None else ''}] in {stats.seconds:.2f} s ({rate:.0f} MiB/s)",
             file=_report_stream(args),
         )
         if checked is not None and checked.match:

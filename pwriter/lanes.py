@@ -137,7 +137,10 @@ class WriteLanes:
         await self._members.finish_all()
         footer = self._sink.close(len(self._footer), self._footer_text)
         self._coalesced.set()
-        await self._sink.write_placed(footer, self._footer)
+        if footer.length:  # (a part of a shared output may have no footer to write)
+            await self._sink.write_placed(footer, self._footer)
+        for padding in self._sink.fill_empty_files():
+            await self._sink.write_placed(padding, b"")
 
     @trio.lowlevel.enable_ki_protection
     async def _push_stale_batches(self) -> None:

@@ -40,6 +40,16 @@ readers refuse); an overlap would lose data.
   is shard 0, 1, 2, ...: concatenating the shards in that order gives one
   well-formed file.
 
+Several processes (MPI ranks, :mod:`pwriter.mpi`) can write one striped or
+padded-striped file: each gets a *shared* planner
+(:class:`SharedStripedPlanner`, :class:`SharedPaddedPlanner`) whose offsets
+come from one :class:`Counter` that all of them share (an atomic fetch-add
+that the caller provides; the planners stay pure).  The header is placed by
+the one part that writes it, on its own (padded: alone in slot 0), and the
+footer by whoever finishes the file, once every part is done, at the
+counter's last value.  A sharded output under MPI is one
+:class:`ShardedPlanner` per rank over that rank's own shards.
+
 Plain padding is ``n - 1`` spaces and a newline: a whitespace-only line, which
 every trace reader skips (see NOTES.md section 2).  Gzip padding is one or
 more gzip members with an FEXTRA field that each hold one whitespace line,
@@ -59,6 +69,11 @@ __all__ = [
     "StripedPlanner",
     "PaddedStripedPlanner",
     "ShardedPlanner",
+    "SharedStripedPlanner",
+    "SharedPaddedPlanner",
+    "Counter",
+    "LocalCounter",
+    "padded_length",
     "make_planner",
     "plain_padding",
     "gzip_padding",
@@ -226,11 +241,7 @@ class PaddedStripedPlanner(_Closed):
         self._check_open()
         head = self.header_length if self._header_pending else 0
         self._header_pending = False
-        used = head + length
-        slots = -(-used // self.stripe_size)
-        pad = slots * self.stripe_size - used
-        if 0 < pad < self.min_padding:
-            pad += self.stripe_size
+        pad = padded_length(head + length, self.stripe_size, self.min_padding) - head - length
         placement = Placement(0, self._next, head, length, pad)
         self._next = placement.end
         return placement
@@ -246,6 +257,112 @@ class PaddedStripedPlanner(_Closed):
 
     def file_sizes(self) -> list[int]:
         return [self._next]
+
+
+def padded_length(used: int, stripe_size: int, min_padding: int) -> int:
+    """The whole slots ``used`` bytes take, padding of at least ``min_padding`` bytes (or none) included."""
+    slots = -(-used // stripe_size)
+    pad = slots * stripe_size - used
+    if 0 < pad < min_padding:
+        pad += stripe_size
+    return used + pad
+
+
+class Counter(Protocol):
+    """A running offset that every part of a shared file reserves from."""
+
+    def fetch_add(self, amount: int) -> int:
+        """Add ``amount``; return the value before (atomically, across every part)."""
+
+
+class LocalCounter:
+    """A :class:`Counter` in this process (its callers hold one lock)."""
+
+    def __init__(self, start: int = 0) -> None:
+        self.value = start
+
+    def fetch_add(self, amount: int) -> int:
+        value, self.value = self.value, self.value + amount
+        return value
+
+
+class SharedStripedPlanner(_Closed):
+    """One part of a striped file that several processes write: each chunk
+    takes the next bytes of the shared ``counter``, which starts after the
+    header.  Only the part with ``writes_header`` places the header (at
+    open); no part places the footer (its :meth:`close` reserves nothing:
+    the footer goes at the counter's value once every part is done)."""
+
+    layout: LayoutName = "striped"
+    files = 1
+
+    def __init__(self, *, counter: Counter, header_length: int, stripe_size: int, writes_header: bool) -> None:
+        self.counter = counter
+        self.header_length = header_length
+        self.chunk_capacity = stripe_size
+        self.writes_header = writes_header
+        self._end = header_length
+
+    def open(self) -> Placement | None:
+        return Placement(0, 0, self.header_length, 0, 0) if self.writes_header else None
+
+    def place(self, lane: int, length: int) -> Placement:
+        self._check_open()
+        offset = self.counter.fetch_add(length)
+        self._end = max(self._end, offset + length)
+        return Placement(0, offset, 0, length, 0)
+
+    def close(self, footer_length: int) -> Placement:
+        self._check_open()
+        self.closed = True
+        return Placement(0, self._end, 0, 0, 0)
+
+    def file_sizes(self) -> list[int]:
+        return [self._end]  # of this part: the file ends at the counter's last value
+
+
+class SharedPaddedPlanner(_Closed):
+    """One part of a padded-striped file that several processes write:
+    slot 0 holds the header alone (padded), placed by the part with
+    ``writes_header``; every chunk takes whole slots from the shared
+    ``counter``, which starts at slot 1, so no two parts ever write the same
+    stripe.  The footer follows the last slot (see
+    :class:`SharedStripedPlanner`)."""
+
+    layout: LayoutName = "padded-striped"
+    files = 1
+
+    def __init__(self, *, counter: Counter, header_length: int, stripe_size: int, min_padding: int,
+                 writes_header: bool) -> None:
+        if header_length + min_padding > stripe_size:
+            raise ValueError("the header and its padding must fit one stripe")
+        self.counter = counter
+        self.header_length = header_length
+        self.stripe_size = stripe_size
+        self.min_padding = min_padding
+        self.chunk_capacity = stripe_size - header_length
+        self.writes_header = writes_header
+        self._end = stripe_size
+
+    def open(self) -> Placement | None:
+        if not self.writes_header:
+            return None
+        return Placement(0, 0, self.header_length, 0, self.stripe_size - self.header_length)
+
+    def place(self, lane: int, length: int) -> Placement:
+        self._check_open()
+        total = padded_length(length, self.stripe_size, self.min_padding)
+        offset = self.counter.fetch_add(total)
+        self._end = max(self._end, offset + total)
+        return Placement(0, offset, 0, length, total - length)
+
+    def close(self, footer_length: int) -> Placement:
+        self._check_open()
+        self.closed = True
+        return Placement(0, self._end, 0, 0, 0)
+
+    def file_sizes(self) -> list[int]:
+        return [self._end]
 
 
 class ShardedPlanner(_Closed):

@@ -20,7 +20,7 @@ import trio
 from .inputs import InputReader, InputRun, collect_inputs, fill_step, input_size
 from .settings import Settings
 from .sink import ChunkSink
-from .writer import WriterStatistics, error_to_raise, open_writer
+from .writer import SharedOutputPart, WriterStatistics, error_to_raise, open_writer
 
 __all__ = ["MergeResult", "MergeProgress", "collect_inputs", "merge", "partition", "InputReader", "InputRun",
            "input_size"]
@@ -107,6 +107,8 @@ class MergeResult:
     manifest: str | None
     salvaged: tuple[tuple[str, str, int], ...] = ()
     """With ``salvage``: (input, what was dropped, lines dropped) per damaged input."""
+    member_entries: tuple[tuple[int, int, int, int, int, bool], ...] = ()
+    """Gzip output: the members written (:class:`~pwriter.sink.MemberIndex` entries)."""
 
     @property
     def dropped_lines(self) -> int:
@@ -123,6 +125,7 @@ async def merge(
     readers: int | None = None,
     salvage: bool = False,
     validate: bool = False,
+    part: SharedOutputPart | None = None,
 ) -> MergeResult:
     """Merge ``inputs`` (checked by :func:`collect_inputs`) into ``output``.
 
@@ -135,7 +138,9 @@ async def merge(
     without its end) is dropped instead, and reported in ``salvaged``.  With
     ``validate``, every event line is parsed as JSON (in C, in the reader
     threads, in parallel) and a line that is not valid JSON is damage too:
-    an error, or with ``salvage`` dropped and counted.
+    an error, or with ``salvage`` dropped and counted.  ``part``: this
+    process merges its share into a part of an output that several processes
+    write (:mod:`pwriter.mpi`).
     """
     sizes = [input_size(path) for path in inputs]
     if progress is None:
@@ -167,7 +172,7 @@ async def merge(
             writer.give_back(buffer)  # (the last write has returned: the kernel is done with it)
 
     async with open_writer(output, settings=settings, producers=len(progress.runs), force=force,
-                           inputs=inputs, expected_bytes=sum(sizes)) as writer:
+                           inputs=inputs, expected_bytes=sum(sizes), part=part) as writer:
         failure = None
         try:
             async with trio.open_nursery() as nursery:
@@ -184,4 +189,5 @@ async def merge(
         writer=writer.statistics(),
         manifest=writer.manifest,
         salvaged=tuple(entry for run in progress.runs for entry in run.salvaged),
+        member_entries=tuple(writer.sink.members.entries()) if writer.compressed else (),
     )

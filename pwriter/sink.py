@@ -40,7 +40,7 @@ import trio
 from .backends import Backend
 from .compress import MemberBuilder, gzip_member
 from .errors import WriteError
-from .layout import Placement, Planner, gzip_padding, gzip_padding_members, plain_padding
+from .layout import GZIP_MIN_PADDING, Placement, Planner, gzip_padding, gzip_padding_members, plain_padding
 from .output import OutputSet, StreamOutput
 from .traceformat import count_newlines
 
@@ -121,9 +121,12 @@ class ChunkSink:
             self._line_bytes += line_bytes
 
     def open(self) -> Placement | None:
-        """The header's placement (None when the layout puts it in the first chunk)."""
+        """The header's placement (None when the layout puts it in the first
+        chunk, or when this writer writes no header: a part of a shared output)."""
         with self._lock:
             header = self._planner.open()
+        if header is not None and header.length == 0:
+            return None
         if header is not None:
             self.record(header, text=self._header_text, events=0)
         return header
@@ -134,6 +137,19 @@ class ChunkSink:
             footer = self._planner.close(footer_length)
         self.record(footer, text=footer_text, events=0)
         return footer
+
+    def fill_empty_files(self) -> list[Placement]:
+        """After :meth:`close`: a placement of padding alone (one whitespace
+        line, or a gzip member holding one) for every file that got no byte,
+        recorded for the member index.  A shard whose lane had nothing to
+        write is still a file every reader reads (an empty .gz file is not)."""
+        with self._lock:
+            sizes = self._planner.file_sizes()
+        pad = GZIP_MIN_PADDING if self.compressed else 1
+        placements = [Placement(file, 0, 0, 0, pad) for file, size in enumerate(sizes) if size == 0]
+        for placement in placements:
+            self.record(placement, text=0, events=0)
+        return placements
 
     def record(self, placement: Placement, *, text: int, events: int) -> None:
         """Remember the gzip members of ``placement`` for the member index."""

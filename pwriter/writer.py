@@ -313,6 +313,19 @@ class Writer:
         self._lanes.discard()
 
 
+class SharedOutputPart(typing.Protocol):
+    """One process's part of an output that several write (see :mod:`pwriter.mpi`)."""
+
+    fs: FsInfo
+    sizing: Sizing
+    output: typing.Any
+    """Like an :class:`~pwriter.output.OutputSet`: this part's files, opened by ``create``."""
+    writes_header: bool
+    writes_footer: bool
+
+    def planner(self, *, header_length: int, min_padding: int) -> Planner: ...
+
+
 @asynccontextmanager
 @trio.lowlevel.enable_ki_protection
 async def open_writer(
@@ -331,6 +344,7 @@ async def open_writer(
     level: int | None = None,
     validate: bool = False,
     expected_bytes: int | None = None,
+    part: SharedOutputPart | None = None,
 ) -> AsyncIterator[Writer]:
     """Open a writer that publishes ``path`` when the block ends without error.
 
@@ -353,7 +367,10 @@ async def open_writer(
     event line (``{...}``, valid JSON, the same C check as ``pwriter merge
     --validate``); another raises :class:`~pwriter.errors.InputError` at the
     call and takes nothing.  ``expected_bytes``, the output's size when known,
-    guides the Lustre layout set on create (``stripe_count`` auto).
+    guides the Lustre layout set on create (``stripe_count`` auto).  ``part``
+    makes this writer one part of an output that several processes write
+    (:mod:`pwriter.mpi`): its sizing, files and planner come from there,
+    and "publishing" only means that this part is written (and synced).
 
     ``path`` may also be ``"-"`` (standard output) or a binary stream with a
     ``fileno()`` (a pipe, a socket, an open file): the output is then
@@ -402,21 +419,30 @@ async def open_writer(
     header_text, footer_text = len(header), len(footer)
     if compress:  # the header and the footer are gzip members of their own
         header, footer = gzip_member(header, settings.level), gzip_member(footer, settings.level)
-    fs, sizing = plan(target if output is None else ".", settings, producers=producers, fs=fs,
-                      expected_bytes=expected_bytes)
-    if output is None:
-        output = OutputSet(target, sharded=sizing.layout == "sharded",
-                           files=sizing.workers if sizing.layout == "sharded" else 1, force=force,
-                           sidecars=[member_index_path(target)] if compress else [])
-    output.check(inputs)
-    output.create(direct=settings.direct, striping=sizing.striping)
+    min_padding = GZIP_MIN_PADDING if compress else 1
+    if part is not None:  # one rank's part of a shared output (pwriter.mpi): decided and created already
+        fs, sizing, output = part.fs, part.sizing, part.output
+        planner = part.planner(header_length=len(header), min_padding=min_padding)
+        if not part.writes_header:
+            header, header_text = b"", 0
+        if not part.writes_footer:
+            footer, footer_text = b"", 0
+        output.create(direct=settings.direct)
+    else:
+        fs, sizing = plan(target if output is None else ".", settings, producers=producers, fs=fs,
+                          expected_bytes=expected_bytes)
+        if output is None:
+            output = OutputSet(target, sharded=sizing.layout == "sharded",
+                               files=sizing.workers if sizing.layout == "sharded" else 1, force=force,
+                               sidecars=[member_index_path(target)] if compress else [])
+        output.check(inputs)
+        output.create(direct=settings.direct, striping=sizing.striping)
     try:
-        if sizing.striping is not None and isinstance(output, OutputSet):
-            fs, sizing = _follow_layout_set(output, fs, sizing, settings)
-        planner = make_planner(
-            sizing.layout, header_length=len(header), stripe_size=sizing.stripe_size, workers=sizing.workers,
-            min_padding=GZIP_MIN_PADDING if compress else 1,
-        )
+        if part is None:
+            if sizing.striping is not None and isinstance(output, OutputSet):
+                fs, sizing = _follow_layout_set(output, fs, sizing, settings)
+            planner = make_planner(sizing.layout, header_length=len(header), stripe_size=sizing.stripe_size,
+                                   workers=sizing.workers, min_padding=min_padding)
         assert planner.files == len(output.fds), "one file per shard"
         pool = BufferPool(sizing.buffers, sizing.stripe_size)
     except BaseException:

@@ -1,0 +1,557 @@
+"""``mpiexec -n N pwriter merge ...``: one merge over many MPI ranks into one output.
+
+Theory of operation
+-------------------
+Every rank runs the same command line.  The ranks go through the same
+steps in the same order, and each step ends in an *agreement* (a
+non-blocking all-reduce of "did anyone fail?", polled from trio, then the
+first failure's message from the rank that had it), so that an error on any
+rank ends every rank the same way, with the same exit code, and nothing is
+published:
+
+1. **Decide** (rank 0): collect and check the inputs, detect the
+   filesystem, size the writer (memory and CPUs divided among the ranks of
+   each node), create every temporary file, on Lustre with its layout
+   (:mod:`pwriter.lustre`), read the layout back.  The inputs, their sizes,
+   the sizing and the temporary names go to every rank.
+2. **Open**: each rank opens the files it writes (a shared file: all of
+   them the one; sharded: its own ``workers`` shards) and takes its share
+   of the inputs (:func:`~pwriter.merge.partition` over the ranks, by size).
+3. **Merge**: each rank merges its share with the normal data plane (the
+   same readers, chunk sink and backends as one process), as one *part* of
+   the output (:class:`RankPart`):
+
+   * striped: each chunk takes the next bytes of one counter that every
+     rank shares, an MPI one-sided fetch-and-add on rank 0
+     (:class:`WindowCounter`), which starts after the header; or, with
+     ``--mpi-offsets exscan``, each rank first counts its share's bytes
+     (one more read of it), an exclusive prefix sum gives each rank its
+     own range, and chunks take their offsets from a counter of the rank's
+     own (``bench/mpi.py`` measures both; the shared counter is the
+     default: it reads once and works for gzip inputs alike);
+   * padded-striped: each chunk takes whole stripe slots from the shared
+     counter, so no two ranks ever write one stripe; slot 0 holds the header
+     alone, padded;
+   * sharded: each rank writes its own shards (rank r has shards r x w to
+     r x w + w - 1); the header starts rank 0's first, the footer ends the
+     last rank's last.
+
+   A rank that fails adds a huge value to the shared counter, so that every
+   other rank fails at its next placement instead of finishing its share.
+4. **Close**: each rank waits for its writes and fsyncs its files; the
+   agreement says whether every part is whole.
+5. **Commit** (rank 0): the footer at the counter's last value, the gzip
+   member index gathered from every rank (file numbers of sharded parts
+   made global), the manifest of a sharded set; then the one all-or-nothing
+   publish of :mod:`pwriter.output`.  Its outcome is agreed too.
+
+On failure rank 0 removes every temporary.  A rank killed outright (SIGKILL)
+makes the launcher end the job (mpiexec kills every rank): nothing is
+published, and the temporaries left behind are removed by the next merge
+into the same output, as after a single process's SIGKILL.
+
+mpi4py is imported only here, and only when the process runs under an MPI
+launcher or ``--mpi`` is given (``pip install 'pwriter[mpi]'``).
+"""
+
+from __future__ import annotations
+
+import array
+import dataclasses
+import json
+import os
+import time
+from collections.abc import Sequence
+from typing import Any
+
+import trio
+
+from .errors import PwriterError, UsageError
+from .layout import (Counter, LocalCounter, Placement, Planner, SharedPaddedPlanner,
+                     SharedStripedPlanner, ShardedPlanner)
+from .settings import Settings
+from .sizing import FsInfo, Sizing, follow_layout_set, plan_sizing, shard_offsets
+
+__all__ = ["launched_by_mpi", "RankFailed", "World", "WindowCounter", "RankPart", "RankOutput", "merge_over_ranks",
+           "RankMergeResult"]
+
+_ENV_SIZES = ("PMI_SIZE", "OMPI_COMM_WORLD_SIZE", "PMIX_SIZE", "MPI_LOCALNRANKS")
+ABORTED = 1 << 62  # added to the shared counter by a rank that fails
+POLL = 0.001  # seconds between tests of a pending agreement
+
+
+def launched_by_mpi() -> bool:
+    """True when an MPI launcher (mpiexec, mpirun, srun) started this process with other ranks."""
+    for name in _ENV_SIZES:
+        try:
+            if int(os.environ.get(name, "0")) > 1:
+                return True
+        except ValueError:
+            continue
+    return False
+
+
+class RankFailed(PwriterError):
+    """Another rank failed; ``str()`` is its error, with its rank."""
+
+    def __init__(self, message: str, exit_code: int) -> None:
+        super().__init__(message)
+        self.exit_code = exit_code
+
+
+class World:
+    """The ranks of one merge (``MPI.COMM_WORLD``), with the agreements and
+    exchanges the steps need.  Collective: every rank makes the same calls
+    in the same order."""
+
+    def __init__(self, comm: Any = None) -> None:
+        try:
+            from mpi4py import MPI
+        except ImportError:
+            raise UsageError("--mpi: mpi4py is not installed (pip install 'pwriter[mpi]')") from None
+        if MPI.Query_thread() < MPI.THREAD_MULTIPLE:
+            raise UsageError("--mpi: this MPI does not provide MPI_THREAD_MULTIPLE, which pwriter's reader "
+                             "threads need")
+        self.MPI = MPI
+        self.comm = comm if comm is not None else MPI.COMM_WORLD
+        self.rank: int = self.comm.Get_rank()
+        self.size: int = self.comm.Get_size()
+        node = self.comm.Split_type(MPI.COMM_TYPE_SHARED)
+        self.node_ranks: int = node.Get_size()
+        node.Free()
+
+    async def agree(self, error: BaseException | None) -> None:
+        """Every rank says whether it failed; raises, on every rank, the
+        failure of the lowest failing rank (its own exception on that rank,
+        :class:`RankFailed` on the others).  A rank that only stopped because
+        another failed (:data:`ABORTED`) yields to a rank with an error of
+        its own.  Shielded: an agreement, once started, is always finished."""
+        if error is None:
+            key = 2 * self.size
+        elif isinstance(error, RankFailed):
+            key = self.size + self.rank
+        else:
+            key = self.rank
+        mine, lowest = array.array("q", [key]), array.array("q", [0])
+        with trio.CancelScope(shield=True):
+            request = self.comm.Iallreduce(mine, lowest, op=self.MPI.MIN)
+            while not request.Test():
+                await trio.sleep(POLL)
+            if lowest[0] == 2 * self.size:
+                return
+            failed = int(lowest[0]) % self.size
+            said = self.comm.bcast(_describe(error, self.rank) if self.rank == failed else None, root=failed)
+        if self.rank == failed:
+            assert error is not None
+            raise error
+        raise RankFailed(*said)
+
+    async def decide(self, work: Any) -> Any:
+        """Rank 0 runs ``work()`` (sync); its result goes to every rank, or its error is raised on every rank."""
+        result = error = None
+        if self.rank == 0:
+            try:
+                result = work()
+            except Exception as exc:  # agreed below: every rank raises it
+                error = exc
+        await self.agree(error)
+        return self.comm.bcast(result, root=0)
+
+    def gather(self, value: Any) -> list[Any] | None:
+        """Every rank's ``value`` on rank 0 (None elsewhere); only after an agreement."""
+        gathered: list[Any] | None = self.comm.gather(value, root=0)
+        return gathered
+
+
+def _describe(error: BaseException | None, rank: int) -> tuple[str, int]:
+    """The one line (and exit code) that every rank reports for ``error`` of ``rank``."""
+    if isinstance(error, RankFailed):
+        return str(error), error.exit_code
+    if isinstance(error, (KeyboardInterrupt, trio.Cancelled)):
+        return f"rank {rank} was interrupted or terminated", 1
+    message = str(error) or type(error).__name__
+    if not isinstance(error, PwriterError):
+        message = f"{type(error).__name__}: {message}"
+    return f"{message} (on rank {rank})", int(getattr(error, "exit_code", 1))
+
+
+class WindowCounter:
+    """The shared counter of a striped or padded-striped output: one 64-bit
+    integer in an MPI window on rank 0, reserved from with an atomic
+    ``MPI_Fetch_and_op`` (passive target, one lock-all epoch for the whole
+    merge).  Callers in one rank hold the chunk sink's lock, so one thread
+    at a time uses the window.  Created and freed collectively."""
+
+    def __init__(self, world: World, start: int) -> None:
+        MPI = world.MPI
+        self._MPI = MPI
+        self._world = world
+        self._window = MPI.Win.Allocate(8 if world.rank == 0 else 0, 8, comm=world.comm)
+        if world.rank == 0:
+            self._window.Lock(0, MPI.LOCK_EXCLUSIVE)
+            self._window.Put(array.array("q", [start]), 0)
+            self._window.Unlock(0)
+        world.comm.Barrier()
+        self._window.Lock_all()
+        self._result = array.array("q", [0])
+
+    def fetch_add(self, amount: int) -> int:
+        """Reserve ``amount`` bytes; raises :class:`RankFailed` once another rank has failed."""
+        value = self._fetch_add(amount)
+        if value >= ABORTED:
+            raise RankFailed("stopped: another rank failed", 1)
+        return value
+
+    def _fetch_add(self, amount: int) -> int:
+        self._window.Fetch_and_op(array.array("q", [amount]), self._result, 0, 0, self._MPI.SUM)
+        self._window.Flush(0)
+        return int(self._result[0])
+
+    def abort(self) -> None:
+        """Tell every rank that this one failed (their next reservation raises)."""
+        self._fetch_add(ABORTED)
+
+    def free(self) -> None:
+        """Collective: end the epoch and free the window."""
+        self._window.Unlock_all()
+        self._window.Free()
+
+
+class RankOutput:
+    """One rank's files of the output, opened by name (rank 0 created them).
+
+    Shaped like :class:`~pwriter.output.OutputSet` for the writer: ``publish``
+    only records that this part is written; rank 0 publishes the whole
+    output once every part is (see the module docstring), and ``discard``
+    only closes this rank's descriptors."""
+
+    def __init__(self, temporaries: Sequence[str], targets: Sequence[str]) -> None:
+        self.temporaries = list(temporaries)
+        self.targets = list(targets)
+        self.fds: list[int] = []
+        self.direct_fds: list[int] = []
+        self.manifest: str | None = None
+        self.can_sync = True
+        self.written = False
+
+    def create(self, *, direct: bool = False) -> list[int]:
+        from .errors import WriteError
+
+        try:
+            for name in self.temporaries:
+                self.fds.append(os.open(name, os.O_WRONLY | os.O_CLOEXEC))
+                if direct:
+                    self.direct_fds.append(os.open(name, os.O_WRONLY | os.O_DIRECT | os.O_CLOEXEC))
+        except OSError as exc:
+            self.discard()
+            raise WriteError(exc.filename or self.targets[0], f"cannot open the output: {exc.strerror}",
+                             exc.errno) from None
+        return self.fds
+
+    def check(self, inputs: Sequence[str] = ()) -> None:
+        """(Rank 0 checked the output before creating it.)"""
+
+    def publish(self, *, fsync: bool, sidecars: dict[str, bytes] | None = None) -> None:
+        self.written = True
+
+    def discard(self) -> None:
+        for fd in self.fds + self.direct_fds:
+            try:
+                os.close(fd)
+            except OSError:
+                pass
+        self.fds, self.direct_fds = [], []
+
+
+@dataclasses.dataclass
+class RankPart:
+    """What one rank's writer needs (:class:`pwriter.writer.SharedOutputPart`)."""
+
+    fs: FsInfo
+    sizing: Sizing
+    output: RankOutput
+    writes_header: bool
+    writes_footer: bool
+    counter: Counter | None
+    """Striped and padded-striped: where offsets come from."""
+
+    def planner(self, *, header_length: int, min_padding: int) -> Planner:
+        layout, stripe = self.sizing.layout, self.sizing.stripe_size
+        if layout == "sharded":
+            return ShardedPlanner(header_length=header_length if self.writes_header else 0, stripe_size=stripe,
+                                  shards=self.sizing.workers)
+        assert self.counter is not None
+        if layout == "striped":
+            return SharedStripedPlanner(counter=self.counter, header_length=header_length, stripe_size=stripe,
+                                        writes_header=self.writes_header)
+        return SharedPaddedPlanner(counter=self.counter, header_length=header_length, stripe_size=stripe,
+                                   min_padding=min_padding, writes_header=self.writes_header)
+
+
+@dataclasses.dataclass(frozen=True)
+class Decision:
+    """What rank 0 decided in step 1, sent to every rank."""
+
+    inputs: list[str]
+    sizes: list[int]
+    fs: FsInfo
+    sizing: Sizing
+    compressed: bool
+    temporaries: list[str]
+    targets: list[str]
+    manifest: str | None
+
+
+@dataclasses.dataclass(frozen=True)
+class RankMergeResult:
+    """The merge of every rank, on rank 0: the aggregated result and each rank's share."""
+
+    result: Any  # pwriter.merge.MergeResult, with statistics summed over the ranks
+    ranks: int
+    per_rank: list[dict[str, Any]]
+    inputs: list[str]
+
+
+def _decide(world: World, paths: Sequence[str], directory: str | None, output: str, settings: Settings,
+            force: bool) -> tuple[Decision, Any]:
+    """Step 1, on rank 0: returns the decision and the OutputSet (kept on rank 0 to publish)."""
+    import psutil
+
+    from .detect import detect_filesystem, file_striping
+    from .inputs import collect_inputs, input_size
+    from .output import OutputSet, manifest_path, member_index_path, read_shard_set
+
+    manifest = manifest_path(output)
+    inputs = collect_inputs(paths, directory, exclude=[output, manifest, *read_shard_set(manifest)])
+    sizes = [input_size(path) for path in inputs]
+    compressed = settings.compress or output.endswith(".gz")
+    fs = detect_filesystem(output)
+    machine = {"available_memory": psutil.virtual_memory().available // world.node_ranks,
+               "cpu_count": max(1, (os.cpu_count() or 1) // world.node_ranks)}
+    sizing = plan_sizing(fs, settings, producers=None, expected_bytes=sum(sizes), **machine)
+    sharded = sizing.layout == "sharded"
+    files = world.size * sizing.workers if sharded else 1
+    striping = sizing.striping
+    if striping is not None and sharded:
+        striping = dataclasses.replace(striping, offsets=shard_offsets(files, fs.ost_count))
+    outputs = OutputSet(output, sharded=sharded, files=files, force=force,
+                        sidecars=[member_index_path(output)] if compressed else [])
+    outputs.check(inputs)
+    outputs.create(direct=settings.direct, striping=striping)
+    try:
+        if striping is not None:
+            size, count = file_striping(outputs.temporaries[0])
+            fs, sizing = follow_layout_set(sizing, fs, settings, stripe_size=size, stripe_count=count, **machine)
+        outputs.close_files()  # every rank, rank 0 too, opens the files it writes by name
+    except BaseException:
+        outputs.discard()
+        raise
+    decision = Decision(inputs, sizes, fs, sizing, compressed, list(outputs.temporaries), list(outputs.targets),
+                        outputs.manifest)
+    return decision, outputs
+
+
+async def merge_over_ranks(
+    world: World,
+    paths: Sequence[str],
+    directory: str | None,
+    output: str,
+    *,
+    settings: Settings,
+    force: bool = False,
+    salvage: bool = False,
+    validate: bool = False,
+    progress: Any = None,
+    offsets: str = "counter",
+) -> RankMergeResult | None:
+    """Merge ``paths`` (and ``directory``'s traces) into ``output`` with every
+    rank of ``world`` (see the module docstring).  Collective.  Returns the
+    result on rank 0 and None on the others; raises on every rank when any
+    rank fails, and then nothing is published.  ``offsets`` is ``counter``
+    or ``exscan`` (striped, uncompressed output only; see the module docstring)."""
+    from .compress import gzip_member
+    from .errors import DataError
+    from .merge import MergeProgress, merge, partition
+    from .writer import FOOTER, HEADER
+
+    started = time.perf_counter()
+    kept: list[Any] = []  # rank 0: the OutputSet, to publish or discard
+
+    def decide() -> Decision:
+        decision, outputs = _decide(world, paths, directory, output, settings, force)
+        kept.append(outputs)
+        return decision
+
+    decision: Decision = await world.decide(decide)
+    sizing = decision.sizing
+    header = gzip_member(HEADER, settings.level) if decision.compressed else HEADER
+    footer = gzip_member(FOOTER, settings.level) if decision.compressed else FOOTER
+    sharded = sizing.layout == "sharded"
+    exscan = offsets == "exscan" and sizing.layout == "striped" and not decision.compressed
+    counter: WindowCounter | None = None
+    try:
+        share = partition(decision.sizes, world.size) if decision.sizes else []
+        mine = share[world.rank] if world.rank < len(share) else range(0)
+        inputs = [decision.inputs[index] for index in mine]
+        part_counter: Counter | None = None
+        counted = 0
+        if sharded:
+            first = world.rank * sizing.workers
+            files = slice(first, first + sizing.workers)
+            part_output = RankOutput(decision.temporaries[files], decision.targets[files])
+        else:
+            part_output = RankOutput(decision.temporaries, decision.targets)
+            start = len(header) if sizing.layout == "striped" else sizing.stripe_size
+            if exscan:
+                counted, before = await _count_and_exscan(world, inputs, sizing, salvage, validate)
+                part_counter = LocalCounter(start + before)
+            else:
+                counter = WindowCounter(world, start)
+                part_counter = counter
+        part = RankPart(fs=decision.fs, sizing=sizing, output=part_output, writes_header=world.rank == 0,
+                        writes_footer=sharded and world.rank == world.size - 1, counter=part_counter)
+        result = failure = None
+        try:
+            result = await merge(inputs, output, settings=settings, force=force,
+                                 progress=progress if progress is not None else MergeProgress(0),
+                                 readers=max(1, min(len(inputs), (os.cpu_count() or 1) // world.node_ranks)),
+                                 salvage=salvage, validate=validate, part=part)
+            if exscan and result.writer.line_bytes != counted:
+                raise DataError(f"an input of rank {world.rank} changed while it was read: {counted} bytes of "
+                                f"events counted, {result.writer.line_bytes} written")
+        except BaseException as exc:
+            if counter is not None:
+                counter.abort()
+            failure = exc
+        with trio.CancelScope(shield=True):  # collective from here on: every rank takes part
+            await world.agree(failure)
+            assert result is not None
+            stats = result.writer
+            file_base = world.rank * sizing.workers if sharded else 0
+            gathered = world.gather({
+                "rank": world.rank, "inputs": result.inputs, "events": result.events,
+                "input_bytes": result.input_bytes, "bytes": stats.bytes_written,
+                "seconds": round(time.perf_counter() - started, 6), "stats": stats, "salvaged": result.salvaged,
+                "entries": [(entry[0] + file_base, *entry[1:]) for entry in result.member_entries],
+            })
+            commit_error: BaseException | None = None
+            footer_bytes = 0
+            if world.rank == 0:
+                assert gathered is not None
+                try:
+                    footer_bytes = _commit(kept[0], decision, counter, footer, gathered, settings, exscan,
+                                           len(header))
+                except Exception as exc:
+                    commit_error = exc
+            await world.agree(commit_error)
+    except BaseException:
+        if world.rank == 0 and kept:
+            kept[0].discard()
+        raise
+    finally:
+        if counter is not None:
+            counter.free()
+    if world.rank != 0:
+        return None
+    assert gathered is not None
+    return _aggregate(gathered, decision, footer_bytes, time.perf_counter() - started)
+
+
+async def _count_and_exscan(world: World, inputs: list[str], sizing: Sizing, salvage: bool,
+                            validate: bool) -> tuple[int, int]:
+    """``--mpi-offsets exscan``: this rank's bytes of events (one read of its
+    share), and the sum over the ranks before it (``MPI_Exscan``)."""
+    from .inputs import InputRun, input_size
+    from .merge import read_and_write
+
+    class Count:
+        chunk_capacity = sizing.stripe_size
+        total = 0
+
+        def write_chunk_in_thread(self, lane: int, buffer: memoryview, filled: int) -> None:
+            self.total += filled
+
+        def write_lines_in_thread(self, lane: int, lines: bytes) -> None:
+            self.total += len(lines)
+
+        def finish_lane_in_thread(self, lane: int) -> None:
+            pass
+
+    count, error = Count(), None
+    try:
+        run = InputRun(inputs, [input_size(path) for path in inputs], salvage=salvage, validate=validate)
+        try:
+            buffer = memoryview(bytearray(sizing.stripe_size))
+            counting_sink: Any = count  # the three calls read_and_write makes
+            await trio.to_thread.run_sync(read_and_write, counting_sink, run, 0, buffer)
+        finally:
+            run.close()
+    except Exception as exc:
+        error = exc
+    await world.agree(error)
+    before = world.comm.exscan(count.total)
+    return count.total, int(before or 0)
+
+
+def _commit(outputs: Any, decision: Decision, counter: WindowCounter | None, footer: bytes,
+            gathered: list[dict[str, Any]], settings: Settings, exscan: bool, header_length: int) -> int:
+    """Step 5 on rank 0: the footer (shared file), the member index, publish.  Returns the footer's bytes."""
+    from .output import member_index_path, write_fully
+    from .sink import MemberIndex
+    from .writer import FOOTER, HEADER
+
+    written = 0
+    index = MemberIndex(len(HEADER))
+    for item in gathered:
+        index.add_entries(item["entries"])
+    if decision.sizing.layout != "sharded":
+        if exscan:
+            end = header_length + sum(item["stats"].line_bytes for item in gathered)
+        else:
+            assert counter is not None
+            end = counter.fetch_add(len(footer))
+        fd = os.open(decision.temporaries[0], os.O_WRONLY | os.O_CLOEXEC)
+        try:
+            os.lseek(fd, end, os.SEEK_SET)
+            write_fully(fd, footer)
+            if settings.fsync:
+                os.fsync(fd)
+        finally:
+            os.close(fd)
+        written = len(footer)
+        index.record(Placement(0, end, 0, len(footer), 0), text=len(FOOTER), events=0)
+    sidecars = {}
+    if decision.compressed:
+        files = [os.path.basename(name) for name in decision.targets]
+        sidecars[member_index_path(outputs.target)] = json.dumps(index.index(files)).encode()
+    outputs.publish(fsync=settings.fsync, sidecars=sidecars)
+    return written
+
+
+def _aggregate(gathered: list[dict[str, Any]], decision: Decision, footer_bytes: int, seconds: float
+               ) -> RankMergeResult:
+    from .backends import BackendStatistics
+    from .merge import MergeResult
+
+    stats = [item["stats"] for item in gathered]
+    first = stats[0]
+    io_fields = {field.name for field in dataclasses.fields(BackendStatistics)} - {"backend", "most_in_flight"}
+    io = dataclasses.replace(first.io, most_in_flight=max(s.io.most_in_flight for s in stats),
+                             **{name: sum(getattr(s.io, name) for s in stats) for name in io_fields})
+    summed = {name: sum(getattr(s, name) for s in stats)
+              for name in ("chunks", "writes", "line_bytes", "bytes_written", "deadline_flushes", "uncopied_chunks",
+                           "oversized_chunks", "buffer_waits", "direct_writes", "writeback_hints")}
+    summed["bytes_written"] += footer_bytes
+    writer = dataclasses.replace(first, outputs=tuple(decision.targets), workers=first.workers * len(stats),
+                                 seconds=seconds, published=True, io=io, **summed)
+    result = MergeResult(
+        inputs=sum(item["inputs"] for item in gathered),
+        events=sum(item["events"] for item in gathered),
+        input_bytes=sum(item["input_bytes"] for item in gathered),
+        writer=writer,
+        manifest=decision.manifest,
+        salvaged=tuple(entry for item in gathered for entry in item["salvaged"]),
+    )
+    per_rank = [{"rank": item["rank"], "inputs": item["inputs"], "events": item["events"], "bytes": item["bytes"],
+                 "seconds": item["seconds"]} for item in gathered]
+    return RankMergeResult(result=result, ranks=len(gathered), per_rank=per_rank, inputs=decision.inputs)

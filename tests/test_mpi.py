@@ -1,0 +1,186 @@
+"""``mpiexec -n N pwriter merge``: the same events as one process, in every layout, plain and gzip; failures.
+
+Each run is a real MPI job (the mpich wheel's mpiexec, oversubscribed on
+this machine's cores), killed with its whole process group if it outlives
+its timeout.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import subprocess
+import time
+
+import psutil
+import pytest
+
+from pwriter.corpus import write_corpus
+from pwriter.output import is_temporary_name
+from pwriter.testing import read_events
+
+from conftest import BIN, dftracer_tool, published, run_cli
+
+pytest.importorskip("mpi4py", reason="the MPI extra is not installed (pip install 'pwriter[mpi]')")
+MPIEXEC = shutil.which("mpiexec", path=BIN)
+if MPIEXEC is None:  # pragma: no cover
+    pytest.skip("mpiexec is not installed (pip install 'pwriter[mpi]')", allow_module_level=True)
+
+LAYOUTS = ["striped", "padded-striped", "sharded"]
+JOB_TIMEOUT = 120
+
+
+def mpi_merge(ranks: int, *args: str, timeout: float = JOB_TIMEOUT) -> subprocess.CompletedProcess[str]:
+    """``mpiexec -n ranks pwriter merge args``; the job is killed whole if it hangs."""
+    process = subprocess.Popen([MPIEXEC, "-n", str(ranks), os.path.join(BIN, "pwriter"), "merge", *args],
+                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True)
+    try:
+        stdout, stderr = process.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        os.killpg(process.pid, signal.SIGKILL)
+        process.communicate()
+        raise AssertionError(f"the MPI job hung for {timeout} s") from None
+    return subprocess.CompletedProcess(process.args, process.returncode, stdout, stderr)
+
+
+@pytest.fixture(scope="module")
+def corpus(tmp_path_factory) -> str:
+    """A mixed corpus (plain and gzip, array and NDJSON style) of 13 inputs."""
+    directory = tmp_path_factory.mktemp("corpus")
+    write_corpus(str(directory), files=13, events_per_file=400, seed=7)
+    return str(directory)
+
+
+@pytest.fixture(scope="module")
+def single_process_events(corpus, tmp_path_factory) -> list[bytes]:
+    out = tmp_path_factory.mktemp("single") / "merged.pfw"
+    done = run_cli("merge", "-d", corpus, "-o", str(out), "--no-fsync")
+    assert done.returncode == 0, done.stderr
+    return sorted(read_events(out))
+
+
+@pytest.mark.parametrize("compressed", [False, True], ids=["plain", "gzip"])
+@pytest.mark.parametrize("layout", LAYOUTS)
+def test_four_ranks_write_the_events_of_one_process(corpus, single_process_events, tmp_path, layout: str,
+                                                    compressed: bool, backend_name: str) -> None:
+    out = tmp_path / ("merged.pfw.gz" if compressed else "merged.pfw")
+    done = mpi_merge(4, "-d", corpus, "-o", str(out), "--layout", layout, "--backend", backend_name,
+                     "--no-fsync", "--json")
+    assert done.returncode == 0, done.stderr
+    (line,) = done.stdout.splitlines()  # rank 0 alone reports
+    report = json.loads(line)
+    assert report["ranks"] == 4 and [entry["rank"] for entry in report["per_rank"]] == [0, 1, 2, 3]
+    assert report["events"] == len(single_process_events) == sum(entry["events"] for entry in report["per_rank"])
+    assert report["layout"] == layout and report["compressed"] == compressed
+    assert sorted(read_events(published(out, layout))) == single_process_events
+    assert [name for name in os.listdir(tmp_path) if is_temporary_name(name)] == []
+    if compressed:  # the member index, gathered from every rank, covers every event once
+        index = json.loads((tmp_path / "merged.pfw.gz.members.json").read_text())
+        assert sum(member["events"] for member in index["members"]) == len(single_process_events)
+
+
+def event_count(directory) -> int:
+    done = subprocess.run([dftracer_tool("dftracer_event_count"), "-d", str(directory), "--log-level", "off"],
+                          capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr
+    return int(done.stdout.split()[-1])
+
+
+@pytest.mark.parametrize("layout", LAYOUTS)
+def test_gzip_output_of_two_ranks_reads_whole_in_the_field_tool(tmp_path, layout: str) -> None:
+    ranks = tmp_path / "ranks"
+    subprocess.run([dftracer_tool("dftracer_gen_fake_trace"), "-o", str(ranks), "-p", "8", "-H", "2", "-e", "1",
+                    "-s", "40"], check=True, capture_output=True, timeout=120)
+    expected = event_count(ranks)
+    out = tmp_path / "out" / "merged.pfw.gz"
+    out.parent.mkdir()
+    done = mpi_merge(2, "-d", str(ranks), "-o", str(out), "--layout", layout, "--no-fsync", "--verify")
+    assert done.returncode == 0, done.stderr
+    for name in os.listdir(out.parent):  # the tool reads every .pfw.gz of a directory: the data files only
+        if not name.endswith(".pfw.gz"):
+            os.unlink(out.parent / name)
+    assert expected > 0 and event_count(out.parent) == expected
+
+
+def test_exscan_offsets_give_the_same_events(corpus, single_process_events, tmp_path) -> None:
+    out = tmp_path / "merged.pfw"
+    done = mpi_merge(2, "-d", corpus, "-o", str(out), "--mpi-offsets", "exscan", "--layout", "striped",
+                     "--no-fsync", "--verify")
+    assert done.returncode == 0, done.stderr
+    assert sorted(read_events(out)) == single_process_events
+
+
+def test_more_ranks_than_inputs(tmp_path) -> None:
+    source = tmp_path / "only.pfw"
+    source.write_bytes(b'{"id":1}\n{"id":2}\n')
+    out = tmp_path / "merged.pfw"
+    done = mpi_merge(4, str(source), "-o", str(out), "--no-fsync", "--layout", "striped")
+    assert done.returncode == 0, done.stderr
+    assert out.read_bytes() == b'[\n{"id":1}\n{"id":2}\n]\n'
+
+
+def test_a_bad_input_on_one_rank_fails_the_job_cleanly(corpus, tmp_path) -> None:
+    inputs = tmp_path / "in"
+    shutil.copytree(corpus, inputs)
+    (inputs / "zz_cut.pfw").write_bytes(b'{"id":1}\n{"id":2,"na')  # the last input: the last rank's
+    out = tmp_path / "out" / "merged.pfw"
+    out.parent.mkdir()
+    done = mpi_merge(4, "-d", str(inputs), "-o", str(out), "--no-fsync")
+    assert done.returncode == 1, done.stderr
+    (line,) = done.stderr.strip().splitlines()  # one error line, from rank 0
+    assert line.startswith("pwriter: error: ") and "zz_cut.pfw" in line and "(on rank 3)" in line
+    assert done.stdout == ""
+    assert os.listdir(out.parent) == []  # no output, no temporary
+
+
+def test_an_existing_output_is_refused_by_every_rank(corpus, tmp_path) -> None:
+    out = tmp_path / "merged.pfw"
+    out.write_bytes(b"keep me")
+    done = mpi_merge(2, "-d", corpus, "-o", str(out))
+    assert done.returncode == 2, done.stderr
+    (line,) = done.stderr.strip().splitlines()
+    assert "output exists" in line and "--force" in line
+    assert out.read_bytes() == b"keep me"
+
+
+def test_a_rank_killed_mid_merge_ends_the_job_with_no_output(corpus, tmp_path) -> None:
+    inputs = tmp_path / "in"
+    shutil.copytree(corpus, inputs)
+    fifo = inputs / "zz_live.pfw"  # the last input, the last rank's: it blocks there until the test feeds it
+    os.mkfifo(fifo)
+    out = tmp_path / "out" / "merged.pfw"
+    out.parent.mkdir()
+    files = sorted(str(path) for path in inputs.iterdir() if path != fifo) + [str(fifo)]  # (-d takes regular files)
+    process = subprocess.Popen([MPIEXEC, "-n", "3", os.path.join(BIN, "pwriter"), "merge", *files, "-o", str(out),
+                                "--no-fsync"], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                               start_new_session=True)
+    try:
+        deadline = time.monotonic() + 60
+        feed = None
+        while feed is None and time.monotonic() < deadline:
+            try:
+                feed = os.open(fifo, os.O_WRONLY | os.O_NONBLOCK)  # ENXIO until a rank opens it to read
+            except OSError:
+                time.sleep(0.05)
+        assert feed is not None, "no rank ever read the FIFO"
+        os.write(feed, b'{"id":1,"name":"live"}\n' * 100)
+        ranks = [child for child in psutil.Process(process.pid).children(recursive=True)
+                 if child.environ().get("PMI_RANK") == "1"]
+        assert ranks, "rank 1 not found"
+        ranks[0].kill()
+        process.communicate(timeout=60)
+        os.close(feed)
+    finally:
+        if process.poll() is None:
+            os.killpg(process.pid, signal.SIGKILL)
+            process.communicate()
+    assert process.returncode != 0
+    assert not out.exists()
+    assert [name for name in os.listdir(out.parent) if not is_temporary_name(name)] == []
+    # What the killed job left is removed by the next merge into the same output.
+    os.unlink(fifo)
+    done = run_cli("merge", *files[:-1], "-o", str(out), "--no-fsync")
+    assert done.returncode == 0, done.stderr
+    assert os.listdir(out.parent) == ["merged.pfw"]
