@@ -150,3 +150,36 @@ def test_gzip_padding_refuses_what_cannot_be_built() -> None:
 
     with pytest.raises(ValueError):
         gzip_padding(22)
+
+
+@given(st.lists(st.tuples(st.integers(0, 3), st.integers(1, 5000)), max_size=40), st.integers(1, 8),
+       st.sampled_from(["striped", "padded-striped"]), st.sampled_from([1, 23]), st.sampled_from([64, 4096]))
+def test_parts_sharing_a_counter_tile_one_file(chunks, header, layout, min_padding, stripe) -> None:
+    """Four parts (MPI ranks) of one file, chunks interleaved at random: the
+    file is tiled, the header once at 0 (padded: alone in slot 0), padded
+    chunks on whole slots, and the footer at the counter's last value."""
+    from pwriter.layout import LocalCounter, SharedPaddedPlanner, SharedStripedPlanner
+
+    if layout == "padded-striped" and header + min_padding > stripe:
+        return
+    start = header if layout == "striped" else stripe
+    counter = LocalCounter(start)
+    if layout == "striped":
+        parts = [SharedStripedPlanner(counter=counter, header_length=header, stripe_size=stripe,
+                                      writes_header=rank == 0) for rank in range(4)]
+    else:
+        parts = [SharedPaddedPlanner(counter=counter, header_length=header, stripe_size=stripe,
+                                     min_padding=min_padding, writes_header=rank == 0) for rank in range(4)]
+    placements = [opened for part in parts if (opened := part.open()) is not None]
+    assert len(placements) == 1 and placements[0].offset == 0 and placements[0].head == header
+    for rank, length in chunks:
+        placements.append(parts[rank].place(0, min(length, parts[rank].chunk_capacity)))
+    placements += [part.close(0) for part in parts]  # the parts place no footer ...
+    footer = Placement(0, counter.fetch_add(5), 0, 5, 0)  # ... the last one to finish places it at the end
+    placements.append(footer)
+    assert_tiles(placements, [footer.end])
+    if layout == "padded-striped":
+        for placement in placements[:-1]:
+            if placement.length:
+                assert placement.offset % stripe == 0 and placement.end % stripe == 0
+                assert placement.pad == 0 or placement.pad >= min_padding
