@@ -143,6 +143,17 @@ class _Terminated(Exception):
     """SIGTERM arrived: the merge was cancelled and published nothing."""
 
 
+async def _cancel_on_sigterm(scope: Any, signalled: list[int]) -> None:
+    """Cancel ``scope`` at the first SIGTERM (the writer removes its temporaries as it unwinds)."""
+    import trio
+
+    with trio.open_signal_receiver(signal.SIGTERM) as signals:
+        async for number in signals:
+            signalled.append(number)
+            scope.cancel()
+            return
+
+
 def _settings(args: argparse.Namespace) -> Any:
     from .settings import load_settings
 
@@ -183,24 +194,15 @@ def _merge(args: argparse.Namespace) -> int:
     show_progress = args.progress if args.progress is not None else sys.stderr.isatty()
 
     async def run() -> Any:
-        terminated = False
-
-        async def stop_on_sigterm(scope: trio.CancelScope) -> None:
-            nonlocal terminated
-            with trio.open_signal_receiver(signal.SIGTERM) as signals:
-                async for _ in signals:
-                    terminated = True
-                    scope.cancel()  # the writer removes its temporaries as it unwinds
-                    return
-
+        signalled: list[int] = []
         async with trio.open_nursery() as nursery:
-            nursery.start_soon(stop_on_sigterm, nursery.cancel_scope)
+            nursery.start_soon(_cancel_on_sigterm, nursery.cancel_scope, signalled)
             if show_progress:
                 nursery.start_soon(functools.partial(_show_progress, progress, tty=sys.stderr.isatty()))
             result = await merge(inputs, args.output, settings=settings, force=args.force, progress=progress,
                                  salvage=args.salvage, validate=args.validate)
             nursery.cancel_scope.cancel()
-        if terminated:
+        if signalled:
             raise _Terminated
         return result
 
@@ -236,14 +238,16 @@ def _merge_mpi(args: argparse.Namespace, settings: Any) -> int:
     from .mpi import World, merge_over_ranks
     from .writer import error_to_raise
 
-    if args.output == "-":
-        raise UsageError("-o -: a merge over MPI ranks writes a file, not a stream")
     world = World()
     progress = MergeProgress(total_input_bytes=0)
     show_progress = world.rank == 0 and (args.progress if args.progress is not None else sys.stderr.isatty())
 
+    signalled: list[int] = []
+
     async def run() -> Any:
+        result = None
         async with trio.open_nursery() as nursery:
+            nursery.start_soon(_cancel_on_sigterm, nursery.cancel_scope, signalled)
             if show_progress:
                 nursery.start_soon(functools.partial(_show_progress, progress, tty=sys.stderr.isatty()))
             result = await merge_over_ranks(world, args.inputs, args.directory, args.output, settings=settings,
@@ -253,6 +257,8 @@ def _merge_mpi(args: argparse.Namespace, settings: Any) -> int:
         return result
 
     try:
+        if args.output == "-":  # (every rank finds it: no agreement needed)
+            raise UsageError("-o -: a merge over MPI ranks writes a file, not a stream")
         try:
             ranked = trio.run(run, strict_exception_groups=True)
         except BaseExceptionGroup as group:
@@ -261,6 +267,8 @@ def _merge_mpi(args: argparse.Namespace, settings: Any) -> int:
         if world.rank != 0:  # rank 0 says it, once
             return exc.exit_code
         raise
+    if signalled:  # this rank's SIGTERM: every rank was told (see pwriter.mpi), nothing is published
+        raise _Terminated
     if ranked is None:
         return 0
     result = ranked.result

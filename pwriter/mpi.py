@@ -313,7 +313,7 @@ class RankMergeResult:
 
 
 def _decide(world: World, paths: Sequence[str], directory: str | None, output: str, settings: Settings,
-            force: bool) -> tuple[Decision, Any]:
+            force: bool, offsets: str) -> tuple[Decision, Any]:
     """Step 1, on rank 0: returns the decision and the OutputSet (kept on rank 0 to publish)."""
     import psutil
 
@@ -321,6 +321,10 @@ def _decide(world: World, paths: Sequence[str], directory: str | None, output: s
     from .inputs import collect_inputs, input_size
     from .output import OutputSet, manifest_path, member_index_path, read_shard_set
 
+    if offsets == "exscan" and (settings.compress or output.endswith(".gz") or settings.direct
+                                or settings.layout not in ("auto", "striped")):
+        raise UsageError("--mpi-offsets exscan: only for a striped, plain output (its ranges are counted "
+                         "before they are written); the shared counter does every layout")
     manifest = manifest_path(output)
     inputs = collect_inputs(paths, directory, exclude=[output, manifest, *read_shard_set(manifest)])
     sizes = [input_size(path) for path in inputs]
@@ -378,7 +382,7 @@ async def merge_over_ranks(
     kept: list[Any] = []  # rank 0: the OutputSet, to publish or discard
 
     def decide() -> Decision:
-        decision, outputs = _decide(world, paths, directory, output, settings, force)
+        decision, outputs = _decide(world, paths, directory, output, settings, force, offsets)
         kept.append(outputs)
         return decision
 
@@ -387,7 +391,7 @@ async def merge_over_ranks(
     header = gzip_member(HEADER, settings.level) if decision.compressed else HEADER
     footer = gzip_member(FOOTER, settings.level) if decision.compressed else FOOTER
     sharded = sizing.layout == "sharded"
-    exscan = offsets == "exscan" and sizing.layout == "striped" and not decision.compressed
+    exscan = offsets == "exscan" and sizing.layout == "striped"
     counter: WindowCounter | None = None
     try:
         share = partition(decision.sizes, world.size) if decision.sizes else []

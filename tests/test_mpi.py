@@ -184,3 +184,73 @@ def test_a_rank_killed_mid_merge_ends_the_job_with_no_output(corpus, tmp_path) -
     done = run_cli("merge", *files[:-1], "-o", str(out), "--no-fsync")
     assert done.returncode == 0, done.stderr
     assert os.listdir(out.parent) == ["merged.pfw"]
+
+
+def test_exscan_where_it_cannot_work_is_refused(corpus, tmp_path) -> None:
+    out = tmp_path / "merged.pfw.gz"
+    done = mpi_merge(2, "-d", corpus, "-o", str(out), "--mpi-offsets", "exscan")
+    assert done.returncode == 2, done.stderr
+    (line,) = done.stderr.strip().splitlines()
+    assert "--mpi-offsets exscan: only for a striped, plain output" in line
+    assert os.listdir(tmp_path) == []
+
+
+def test_standard_output_is_refused_once(corpus) -> None:
+    done = mpi_merge(2, "-d", corpus, "-o", "-")
+    assert done.returncode == 2
+    assert done.stderr.strip().splitlines() == ["pwriter: error: -o -: a merge over MPI ranks writes a file, "
+                                                "not a stream"]
+
+
+def test_sigterm_to_one_rank_ends_every_rank_and_publishes_nothing(corpus, tmp_path) -> None:
+    inputs = tmp_path / "in"
+    shutil.copytree(corpus, inputs)
+    fifo = inputs / "zz_live.pfw"
+    os.mkfifo(fifo)
+    files = sorted(str(path) for path in inputs.iterdir() if path != fifo) + [str(fifo)]
+    out = tmp_path / "out" / "merged.pfw"
+    out.parent.mkdir()
+    process = subprocess.Popen([MPIEXEC, "-n", "2", os.path.join(BIN, "pwriter"), "merge", *files, "-o", str(out),
+                                "--no-fsync"], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                               start_new_session=True)
+    try:
+        deadline = time.monotonic() + 60
+        feed = None
+        while feed is None and time.monotonic() < deadline:
+            try:
+                feed = os.open(fifo, os.O_WRONLY | os.O_NONBLOCK)
+            except OSError:
+                time.sleep(0.05)
+        assert feed is not None, "no rank ever read the FIFO"
+        os.write(feed, b'{"id":1,"name":"live"}\n' * 100)
+        (reader,) = [child for child in psutil.Process(process.pid).children(recursive=True)
+                     if child.environ().get("PMI_RANK") == "1"]
+        reader.send_signal(signal.SIGTERM)
+        time.sleep(0.5)
+        os.close(feed)  # the blocked read returns; the rank then sees its cancellation
+        stdout, stderr = process.communicate(timeout=60)
+    finally:
+        if process.poll() is None:
+            os.killpg(process.pid, signal.SIGKILL)
+            process.communicate()
+    assert process.returncode != 0
+    assert "pwriter: error: rank 1 was interrupted or terminated" in stderr, stderr
+    assert os.listdir(out.parent) == []  # rank 0 removed every temporary
+
+
+def test_a_write_error_on_the_ranks_fails_the_job_cleanly(corpus, tmp_path) -> None:
+    out = tmp_path / "out" / "merged.pfw"
+    out.parent.mkdir()
+    # Files may not grow past 256 KiB (set after MPI_Init, whose shared memory is bigger): the
+    # writes past it fail with EFBIG, on whichever ranks make them.
+    script = ("import resource, sys\nfrom mpi4py import MPI\n"
+              "resource.setrlimit(resource.RLIMIT_FSIZE, (256 << 10, 256 << 10))\n"
+              "from pwriter.cli import main\nsys.exit(main(sys.argv[1:]))\n")
+    process = subprocess.Popen([MPIEXEC, "-n", "2", os.path.join(BIN, "python"), "-c", script, "merge", "-d", corpus,
+                                "-o", str(out), "--no-fsync", "--layout", "striped"], stdout=subprocess.PIPE,
+                               stderr=subprocess.PIPE, text=True, start_new_session=True)
+    stdout, stderr = process.communicate(timeout=JOB_TIMEOUT)
+    assert process.returncode == 1, stderr
+    (line,) = stderr.strip().splitlines()
+    assert line.startswith("pwriter: error: ") and "File too large" in line and "(on rank" in line
+    assert os.listdir(out.parent) == []
