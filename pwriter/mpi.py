@@ -120,10 +120,13 @@ class World:
         self.node_ranks: int = node.Get_size()
         node.Free()
 
-    async def agree(self, error: BaseException | None) -> None:
+    async def agree(self, error: BaseException | None, *, name_rank: bool = True) -> None:
         """Every rank says whether it failed; raises, on every rank, the
-        failure of the lowest failing rank (its own exception on that rank,
-        :class:`RankFailed` on the others).  A rank that only stopped because
+        failure of the lowest failing rank: :class:`RankFailed` with that
+        rank's message, which names the rank (``name_rank``; on the failing
+        rank itself, chained to its own error; a cancellation or
+        KeyboardInterrupt is re-raised as it is there), or without
+        ``name_rank`` the failing rank's own exception there.  A rank that only stopped because
         another failed (:data:`ABORTED`) yields to a rank with an error of
         its own.  Shielded: an agreement, once started, is always finished."""
         if error is None:
@@ -143,6 +146,8 @@ class World:
             said = self.comm.bcast(_describe(error, self.rank) if self.rank == failed else None, root=failed)
         if self.rank == failed:
             assert error is not None
+            if name_rank and isinstance(error, Exception) and not isinstance(error, RankFailed):
+                raise RankFailed(*said) from error
             raise error
         raise RankFailed(*said)
 
@@ -154,7 +159,7 @@ class World:
                 result = work()
             except Exception as exc:  # agreed below: every rank raises it
                 error = exc
-        await self.agree(error)
+        await self.agree(error, name_rank=False)  # (rank 0 alone decides: its own error, as one process says it)
         return self.comm.bcast(result, root=0)
 
     def gather(self, value: Any) -> list[Any] | None:
