@@ -77,7 +77,10 @@ __all__ = ["launched_by_mpi", "RankFailed", "World", "WindowCounter", "RankPart"
 
 _ENV_SIZES = ("PMI_SIZE", "OMPI_COMM_WORLD_SIZE", "PMIX_SIZE", "MPI_LOCALNRANKS")
 ABORTED = 1 << 62  # added to the shared counter by a rank that fails
-POLL = 0.001  # seconds between tests of a pending agreement
+# Seconds between tests of a pending agreement: from POLL_FIRST, doubling up
+# to POLL_MAX, so that a rank that waits long for the others (its share done
+# first) takes little CPU from them on a shared node.
+POLL_FIRST, POLL_MAX = 0.0005, 0.01
 
 
 def launched_by_mpi() -> bool:
@@ -138,8 +141,10 @@ class World:
         mine, lowest = array.array("q", [key]), array.array("q", [0])
         with trio.CancelScope(shield=True):
             request = self.comm.Iallreduce(mine, lowest, op=self.MPI.MIN)
+            pause = POLL_FIRST
             while not request.Test():
-                await trio.sleep(POLL)
+                await trio.sleep(pause)
+                pause = min(2 * pause, POLL_MAX)
             if lowest[0] == 2 * self.size:
                 return
             failed = int(lowest[0]) % self.size
