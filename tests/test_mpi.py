@@ -145,45 +145,69 @@ def test_an_existing_output_is_refused_by_every_rank(corpus, tmp_path) -> None:
     assert out.read_bytes() == b"keep me"
 
 
-def test_a_rank_killed_mid_merge_ends_the_job_with_no_output(corpus, tmp_path) -> None:
-    inputs = tmp_path / "in"
-    shutil.copytree(corpus, inputs)
-    fifo = inputs / "zz_live.pfw"  # the last input, the last rank's: it blocks there until the test feeds it
-    os.mkfifo(fifo)
-    out = tmp_path / "out" / "merged.pfw"
-    out.parent.mkdir()
-    files = sorted(str(path) for path in inputs.iterdir() if path != fifo) + [str(fifo)]  # (-d takes regular files)
-    process = subprocess.Popen([MPIEXEC, "-n", "3", os.path.join(BIN, "pwriter"), "merge", *files, "-o", str(out),
-                                "--no-fsync"], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                               start_new_session=True)
-    try:
+class LiveJob:
+    """An MPI merge whose last input, the last rank's, is a FIFO that the test
+    feeds: that rank is certainly mid-merge (blocked reading it) while the
+    test acts.  Every other input is a copy of the corpus."""
+
+    def __init__(self, corpus: str, tmp_path, ranks: int) -> None:
+        inputs = tmp_path / "in"
+        shutil.copytree(corpus, inputs)
+        self.fifo = inputs / "zz_live.pfw"
+        os.mkfifo(self.fifo)
+        self.files = sorted(str(path) for path in inputs.iterdir() if path != self.fifo)  # (-d takes regular files)
+        self.out = tmp_path / "out" / "merged.pfw"
+        self.out.parent.mkdir()
+        self.process = subprocess.Popen(
+            [MPIEXEC, "-n", str(ranks), os.path.join(BIN, "pwriter"), "merge", *self.files, str(self.fifo), "-o",
+             str(self.out), "--no-fsync"], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+            start_new_session=True)
         deadline = time.monotonic() + 60
-        feed = None
-        while feed is None and time.monotonic() < deadline:
+        self.feed: int | None = None
+        while self.feed is None and time.monotonic() < deadline:
             try:
-                feed = os.open(fifo, os.O_WRONLY | os.O_NONBLOCK)  # ENXIO until a rank opens it to read
+                self.feed = os.open(self.fifo, os.O_WRONLY | os.O_NONBLOCK)  # ENXIO until a rank opens it to read
             except OSError:
                 time.sleep(0.05)
-        assert feed is not None, "no rank ever read the FIFO"
-        os.write(feed, b'{"id":1,"name":"live"}\n' * 100)
-        ranks = [child for child in psutil.Process(process.pid).children(recursive=True)
-                 if child.environ().get("PMI_RANK") == "1"]
-        assert ranks, "rank 1 not found"
-        ranks[0].kill()
-        process.communicate(timeout=60)
-        os.close(feed)
-    finally:
-        if process.poll() is None:
-            os.killpg(process.pid, signal.SIGKILL)
-            process.communicate()
-    assert process.returncode != 0
-    assert not out.exists()
-    assert [name for name in os.listdir(out.parent) if not is_temporary_name(name)] == []
+        if self.feed is None:
+            self.end()
+            raise AssertionError("no rank ever read the FIFO")
+        os.write(self.feed, b'{"id":1,"name":"live"}\n' * 100)
+
+    def rank(self, number: int) -> psutil.Process:
+        (found,) = [child for child in psutil.Process(self.process.pid).children(recursive=True)
+                    if child.environ().get("PMI_RANK") == str(number)]
+        return found
+
+    def close_feed(self) -> None:
+        if self.feed is not None:
+            os.close(self.feed)
+            self.feed = None
+
+    def end(self, timeout: float = 60) -> str:
+        """Wait for the job (killed whole if it outlives ``timeout``); its stderr."""
+        try:
+            _, stderr = self.process.communicate(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            os.killpg(self.process.pid, signal.SIGKILL)
+            self.process.communicate()
+            raise AssertionError(f"the MPI job hung for {timeout} s") from None
+        finally:
+            self.close_feed()
+        return stderr
+
+
+def test_a_rank_killed_mid_merge_ends_the_job_with_no_output(corpus, tmp_path) -> None:
+    job = LiveJob(corpus, tmp_path, 3)
+    job.rank(1).kill()
+    job.end()
+    assert job.process.returncode != 0
+    assert not job.out.exists()
+    assert [name for name in os.listdir(job.out.parent) if not is_temporary_name(name)] == []
     # What the killed job left is removed by the next merge into the same output.
-    os.unlink(fifo)
-    done = run_cli("merge", *files[:-1], "-o", str(out), "--no-fsync")
+    done = run_cli("merge", *job.files, "-o", str(job.out), "--no-fsync")
     assert done.returncode == 0, done.stderr
-    assert os.listdir(out.parent) == ["merged.pfw"]
+    assert os.listdir(job.out.parent) == ["merged.pfw"]
 
 
 def test_exscan_where_it_cannot_work_is_refused(corpus, tmp_path) -> None:
@@ -203,39 +227,14 @@ def test_standard_output_is_refused_once(corpus) -> None:
 
 
 def test_sigterm_to_one_rank_ends_every_rank_and_publishes_nothing(corpus, tmp_path) -> None:
-    inputs = tmp_path / "in"
-    shutil.copytree(corpus, inputs)
-    fifo = inputs / "zz_live.pfw"
-    os.mkfifo(fifo)
-    files = sorted(str(path) for path in inputs.iterdir() if path != fifo) + [str(fifo)]
-    out = tmp_path / "out" / "merged.pfw"
-    out.parent.mkdir()
-    process = subprocess.Popen([MPIEXEC, "-n", "2", os.path.join(BIN, "pwriter"), "merge", *files, "-o", str(out),
-                                "--no-fsync"], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                               start_new_session=True)
-    try:
-        deadline = time.monotonic() + 60
-        feed = None
-        while feed is None and time.monotonic() < deadline:
-            try:
-                feed = os.open(fifo, os.O_WRONLY | os.O_NONBLOCK)
-            except OSError:
-                time.sleep(0.05)
-        assert feed is not None, "no rank ever read the FIFO"
-        os.write(feed, b'{"id":1,"name":"live"}\n' * 100)
-        (reader,) = [child for child in psutil.Process(process.pid).children(recursive=True)
-                     if child.environ().get("PMI_RANK") == "1"]
-        reader.send_signal(signal.SIGTERM)
-        time.sleep(0.5)
-        os.close(feed)  # the blocked read returns; the rank then sees its cancellation
-        stdout, stderr = process.communicate(timeout=60)
-    finally:
-        if process.poll() is None:
-            os.killpg(process.pid, signal.SIGKILL)
-            process.communicate()
-    assert process.returncode != 0
+    job = LiveJob(corpus, tmp_path, 2)
+    job.rank(1).send_signal(signal.SIGTERM)
+    time.sleep(0.5)
+    job.close_feed()  # the blocked read returns; the rank then sees its cancellation
+    stderr = job.end()
+    assert job.process.returncode != 0
     assert "pwriter: error: rank 1 was interrupted or terminated" in stderr, stderr
-    assert os.listdir(out.parent) == []  # rank 0 removed every temporary
+    assert os.listdir(job.out.parent) == []  # rank 0 removed every temporary
 
 
 def test_a_write_error_on_the_ranks_fails_the_job_cleanly(corpus, tmp_path) -> None:
