@@ -48,7 +48,8 @@ published:
 On failure rank 0 removes every temporary.  A rank killed outright (SIGKILL)
 makes the launcher end the job (mpiexec kills every rank): nothing is
 published, and the temporaries left behind are removed by the next merge
-into the same output, as after a single process's SIGKILL.
+into the same output whose rank 0 runs on the same host, as after a single
+process's SIGKILL (another host cannot tell whether their process still runs).
 
 mpi4py is imported only here, and only when the process runs under an MPI
 launcher or ``--mpi`` is given (``pip install 'pwriter[mpi]'``).
