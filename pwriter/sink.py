@@ -44,7 +44,7 @@ from .layout import GZIP_MIN_PADDING, Placement, Planner, gzip_padding, gzip_pad
 from .output import OutputSet, StreamOutput
 from .traceformat import count_newlines
 
-__all__ = ["ChunkSink", "SinkCounts", "MemberIndex", "StreamGate", "compress_chunk", "DIRECT_ALIGNMENT", "WRITEBACK_MIN"]
+__all__ = ["ChunkSink", "SinkCounts", "MemberIndex", "StreamGate", "ThreadMembers", "compress_chunk", "DIRECT_ALIGNMENT", "WRITEBACK_MIN"]
 
 DIRECT_ALIGNMENT = 4096
 # With fsync on, every written range of at least this size gets
@@ -86,16 +86,13 @@ class ChunkSink:
         self._header = header
         self._header_text = header_text
         self.compressed = compressed
-        self._padded_members = padded_members
-        self._level = level
-        self._member_target = member_target
         self.chunk_capacity = chunk_capacity
         self._padding = gzip_padding if compressed else plain_padding
         self._fds = list(output.fds)
         self._direct_fds = list(output.direct_fds)  # empty unless O_DIRECT
         self._lock = threading.Lock()  # placement and the counts
         self.members = MemberIndex(header_text)
-        self._thread_builder = threading.local()  # padded gzip: each maker thread's unfinished member
+        self._thread_members = ThreadMembers(self, level=level, padded=padded_members, member_target=member_target)
         self._stream = isinstance(output, StreamOutput)
         self._stream_gate = StreamGate()
         # As many threads as stream writes can wait at once: a write holding
@@ -256,7 +253,7 @@ class ChunkSink:
             return
         self.count_chunk(filled)
         if self.compressed:
-            self._member_in_thread(lane, buffer[:filled])
+            self._thread_members.add(lane, buffer[:filled])
             return
         placement, body = self.splice(self.place(lane, filled), buffer, filled)
         self.write_placed_in_thread(placement, body, aligned_memory=True)
@@ -265,34 +262,13 @@ class ChunkSink:
         """:meth:`write_chunk_in_thread` for whole lines of any length, not in a pool buffer."""
         self.count_chunk(len(lines))
         if self.compressed:
-            self._member_in_thread(lane, memoryview(lines))
+            self._thread_members.add(lane, memoryview(lines))
             return
         self.write_placed_in_thread(self.place(lane, len(lines)), memoryview(lines))
 
     def finish_lane_in_thread(self, lane: int) -> None:
         """Padded gzip: finish and write this thread's unfinished member (at the end of its run)."""
-        builder = getattr(self._thread_builder, "builder", None)
-        self._thread_builder.builder = None
-        if builder is not None:
-            finished = builder.finish()
-            if finished is not None:
-                placement, member = self.place_member(lane, finished)
-                self.write_placed_in_thread(placement, member)
-
-    def _member_in_thread(self, lane: int, text: memoryview) -> None:
-        if not self._padded_members:  # a member per chunk
-            member, events = compress_chunk(text, self._level)
-            placement, member = self.place_member(lane, (member, text.nbytes, events))
-            self.write_placed_in_thread(placement, member)
-            return
-        builder = getattr(self._thread_builder, "builder", None)  # padded: members fill their slot
-        if builder is None:
-            builder = self._thread_builder.builder = MemberBuilder(self._level)
-        finished = builder.feed(text, self._member_target)
-        if finished is not None:
-            self._thread_builder.builder = None
-            placement, member = self.place_member(lane, finished)
-            self.write_placed_in_thread(placement, member)
+        self._thread_members.finish(lane)
 
     def write_placed_in_thread(self, placement: Placement, body: bytes | memoryview, *,
                          aligned_memory: bool = False) -> None:
@@ -334,6 +310,46 @@ class ChunkSink:
                 await self._backend.fsync(fd)
             except OSError as exc:
                 raise WriteError(name, exc.strerror or str(exc), exc.errno) from None
+
+
+class ThreadMembers:
+    """Gzip members made in the thread of the maker of their text (the
+    merge's readers): a member per chunk, or, for padded-striped output, one
+    member per stripe slot built from many of that thread's chunks (about
+    ``member_target`` bytes), each written through the sink at once."""
+
+    def __init__(self, sink: ChunkSink, *, level: int, padded: bool, member_target: int) -> None:
+        self._sink = sink
+        self._level = level
+        self._padded = padded
+        self._member_target = member_target
+        self._unfinished = threading.local()  # padded: this thread's member being built
+
+    def add(self, lane: int, text: memoryview) -> None:
+        """Compress ``text`` (whole lines of ``lane``) into this thread's members; write what is finished."""
+        if not self._padded:
+            member, events = compress_chunk(text, self._level)
+            self._write(lane, (member, text.nbytes, events))
+            return
+        builder = getattr(self._unfinished, "builder", None)
+        if builder is None:
+            builder = self._unfinished.builder = MemberBuilder(self._level)
+        finished = builder.feed(text, self._member_target)
+        if finished is not None:
+            self._unfinished.builder = None
+            self._write(lane, finished)
+
+    def finish(self, lane: int) -> None:
+        """Write this thread's unfinished member, if any (at the end of its run)."""
+        builder = getattr(self._unfinished, "builder", None)
+        self._unfinished.builder = None
+        finished = builder.finish() if builder is not None else None
+        if finished is not None:
+            self._write(lane, finished)
+
+    def _write(self, lane: int, finished: tuple[bytes, int, int]) -> None:
+        placement, member = self._sink.place_member(lane, finished)
+        self._sink.write_placed_in_thread(placement, member)
 
 
 class MemberIndex:
