@@ -253,3 +253,14 @@ def test_a_write_error_on_the_ranks_fails_the_job_cleanly(corpus, tmp_path) -> N
     (line,) = stderr.strip().splitlines()
     assert line.startswith("pwriter: error: ") and "File too large" in line and "(on rank" in line
     assert os.listdir(out.parent) == []
+
+
+def test_mpi_without_mpi4py_is_a_usage_error(monkeypatch) -> None:
+    import sys
+
+    from pwriter.errors import UsageError
+    from pwriter.mpi import World
+
+    monkeypatch.setitem(sys.modules, "mpi4py", None)  # as where the extra is not installed
+    with pytest.raises(UsageError, match=r"mpi4py is not installed \(pip install 'pwriter\[mpi\]'\)"):
+        World()

@@ -277,3 +277,25 @@ async def test_early_writeback_with_fsync(tmp_path, settings_for, early_writebac
         hints = writer.statistics().writeback_hints
         assert (hints >= 4) if (fsync and early_writeback) else (hints == 0)
         assert read_events(target) == [line] * 5000
+
+
+@pytest.mark.parametrize("compressed", [False, True], ids=["plain", "gzip"])
+async def test_a_shard_that_got_nothing_holds_one_padding_line(tmp_path, settings_for, compressed: bool) -> None:
+    """An empty .gz file is not a gzip file (zcat and dftracer_event_count choke on it): a lane that
+    wrote nothing leaves a shard of one whitespace line (plain) or one gzip member of it."""
+    import gzip
+
+    target = str(tmp_path / ("out.pfw.gz" if compressed else "out.pfw"))
+    async with open_writer(target, settings=settings_for(layout="sharded", workers=3), fs=LOCAL) as writer:
+        await writer.write_lines(0, b'{"id":1}\n')
+    shards = writer.outputs
+    with open(shards[1], "rb") as shard:
+        middle = shard.read()
+    assert (gzip.decompress(middle) if compressed else middle) == b"\n"
+    assert read_events(published(target, "sharded")) == [b'{"id":1}']
+    if compressed:
+        import json
+
+        with open(target + ".members.json") as held:
+            index = json.load(held)
+        assert [member["file"] for member in index["members"]] == [0, 0, 2]  # the padding member is not listed
