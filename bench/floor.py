@@ -1,6 +1,6 @@
 """How far `pwriter merge` is from the least a Python program could do.
 
-    .venv/bin/python bench/floor.py [--inputs plain|gzip] [--rounds 5] [--threads 2]
+    .venv/bin/python bench/floor.py [--inputs plain|gzip|many] [--rounds 5] [--threads 2]
 
 Uses (and builds, if missing) the corpus of ``bench.py`` in ``--dir``.  In
 shuffled rounds, in this one process (so without Python start-up), it times:
@@ -103,7 +103,9 @@ def main() -> None:
     parser.add_argument("--mib", type=int, default=1024)
     parser.add_argument("--rounds", type=int, default=5)
     parser.add_argument("--dir", default="/tmp/pwriter-bench")
-    parser.add_argument("--inputs", choices=("plain", "gzip"), default="plain")
+    parser.add_argument("--inputs", choices=("plain", "gzip", "many"), default="plain",
+                        help="the corpus: plain or gzip (64 inputs, --mib MiB), or many (bench.py's 10,000 plain "
+                             "inputs of 64 KiB)")
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--backend", default="auto")
     parser.add_argument("--startup-only", action="store_true", help="only the start-up part")
@@ -118,8 +120,11 @@ def main() -> None:
 
 
 def data_phase(args: argparse.Namespace, target: str) -> None:
-    plain, gz = build_corpus(args.dir, args.mib, compressed=args.inputs == "gzip")
-    inputs = gz if args.inputs == "gzip" else plain
+    if args.inputs == "many":
+        inputs = build_plain(os.path.join(args.dir, "many"), 625, 10_000)
+    else:
+        plain, gz = build_corpus(args.dir, args.mib, compressed=args.inputs == "gzip")
+        inputs = gz if args.inputs == "gzip" else plain
 
     cases = {
         f"floor ({args.threads} threads)": lambda: floor(inputs, target, args.threads),
@@ -132,7 +137,8 @@ def data_phase(args: argparse.Namespace, target: str) -> None:
         for name in names:
             runs[name].append(timed(cases[name]))
             os.unlink(target)
-    print(f"data phase, {args.inputs} corpus ({args.mib} MiB), in one process, median of {args.rounds}:")
+    size = f"{len(inputs)} inputs" if args.inputs == "many" else f"{args.mib} MiB"
+    print(f"data phase, {args.inputs} corpus ({size}), in one process, median of {args.rounds}:")
     for name in cases:
         report(name, runs[name])
 
