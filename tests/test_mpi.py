@@ -264,3 +264,39 @@ def test_mpi_without_mpi4py_is_a_usage_error(monkeypatch) -> None:
     monkeypatch.setitem(sys.modules, "mpi4py", None)  # as where the extra is not installed
     with pytest.raises(UsageError, match=r"mpi4py is not installed \(pip install 'pwriter\[mpi\]'\)"):
         World()
+
+
+@pytest.mark.parametrize("layout", ["padded-striped", "sharded"])
+def test_rank_0_sets_the_lustre_layout_of_every_file(corpus, single_process_events, tmp_path, layout: str) -> None:
+    """On (fake) Lustre: rank 0 creates every temporary with its layout, the
+    other ranks only open them (tests/fake_lfs.py logs every lfs call)."""
+    here = os.path.dirname(os.path.abspath(__file__))
+    bin_dir, state, root = tmp_path / "bin", tmp_path / "lfs-state", tmp_path / "lustre"
+    for directory in (bin_dir, state, root):
+        directory.mkdir()
+    (bin_dir / "lfs").write_text(f"#!{os.path.join(BIN, 'python')}\nimport sys\nsys.path.insert(0, {here!r})\n"
+                                 "from fake_lfs import main\nsys.exit(main(sys.argv[1:]))\n")
+    (bin_dir / "lfs").chmod(0o755)
+    script = ("import os, sys\nimport pwriter.detect as detect\nfrom pwriter import lustre\n"
+              "real = detect.statfs\nlustre._api = False\n"
+              f"detect.statfs = lambda path: detect.StatfsResult(0x0BD00BD0, 4096) "
+              f"if os.path.abspath(path).startswith({str(root)!r}) else real(path)\n"
+              "from pwriter.cli import main\nsys.exit(main(sys.argv[1:]))\n")
+    out = root / "merged.pfw"
+    process = subprocess.Popen(
+        [MPIEXEC, "-n", "2", os.path.join(BIN, "python"), "-c", script, "merge", "-d", corpus, "-o", str(out),
+         "--layout", layout, "--workers", "2", "--stripe-count", "2" if layout != "sharded" else "auto",
+         "--no-fsync"], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True,
+        env={**os.environ, "PATH": f"{bin_dir}{os.pathsep}{os.environ['PATH']}", "FAKE_LFS_STATE": str(state),
+             "FAKE_LFS_OSTS": "8"})
+    _, stderr = process.communicate(timeout=JOB_TIMEOUT)
+    assert process.returncode == 0, stderr
+    with open(state / "calls.jsonl") as log:
+        setstripes = [call for call in map(json.loads, log) if call[0] == "setstripe"]
+    if layout == "sharded":  # 2 ranks x 2 lanes: one stripe each, first OSTs spread over the 8
+        assert [call[1:7] for call in setstripes] == [["-c", "1", "-S", str(1 << 20), "-i", str(first)]
+                                                      for first in (0, 2, 4, 6)]
+    else:  # one shared file, created once
+        assert [call[1:5] for call in setstripes] == [["-c", "2", "-S", str(1 << 20)]]
+    assert all(is_temporary_name(os.path.basename(call[-1])) for call in setstripes)
+    assert sorted(read_events(published(out, layout))) == single_process_events
