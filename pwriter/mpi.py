@@ -9,14 +9,16 @@ first failure's message from the rank that had it), so that an error on any
 rank ends every rank the same way, with the same exit code, and nothing is
 published:
 
-1. **Decide** (rank 0): collect and check the inputs, detect the
-   filesystem, size the writer (memory and CPUs divided among the ranks of
-   each node), create every temporary file, on Lustre with its layout
-   (:mod:`pwriter.lustre`), read the layout back.  The inputs, their sizes,
-   the sizing and the temporary names go to every rank.
-2. **Open**: each rank opens the files it writes (a shared file: all of
-   them the one; sharded: its own ``workers`` shards) and takes its share
-   of the inputs (:func:`~pwriter.merge.partition` over the ranks, by size).
+1. **Decide** (rank 0): collect and check the inputs and the output,
+   detect the filesystem, size the writer (memory and CPUs divided among
+   the ranks of each node), create the shared file's temporary, on Lustre
+   with its layout (:mod:`pwriter.lustre`), and read the layout back.  The
+   inputs, their sizes, the sizing and the file names go to every rank.
+2. **Open**: each rank takes its share of the inputs
+   (:func:`~pwriter.merge.partition` over the ranks, by size) and opens
+   the shared file by name; sharded, it creates its own ``workers`` shards
+   (with their layouts), so that thousands of ranks never wait for one to
+   create every shard.
 3. **Merge**: each rank merges its share with the normal data plane (the
    same readers, chunk sink and backends as one process), as one *part* of
    the output (:class:`RankPart`):
@@ -41,11 +43,13 @@ published:
 4. **Close**: each rank waits for its writes and fsyncs its files; the
    agreement says whether every part is whole.
 5. **Commit** (rank 0): the footer at the counter's last value, the gzip
-   member index gathered from every rank (file numbers of sharded parts
-   made global), the manifest of a sharded set; then the one all-or-nothing
-   publish of :mod:`pwriter.output`.  Its outcome is agreed too.
+   member index and the shards' temporary names gathered from every rank
+   (file numbers of sharded parts made global), the manifest of a sharded
+   set; then the one all-or-nothing publish of :mod:`pwriter.output`.  Its
+   outcome is agreed too.
 
-On failure rank 0 removes every temporary.  A rank killed outright (SIGKILL)
+On failure rank 0 removes the shared file's temporary and each rank the
+shards it created.  A rank killed outright (SIGKILL)
 makes the launcher end the job (mpiexec kills every rank): nothing is
 published, and the temporaries left behind are removed by the next merge
 into the same output whose rank 0 runs on the same host, as after a single
@@ -71,7 +75,7 @@ from .errors import PwriterError, UsageError
 from .layout import (Counter, LocalCounter, Placement, Planner, SharedPaddedPlanner,
                      SharedStripedPlanner, ShardedPlanner)
 from .settings import Settings
-from .sizing import FsInfo, Sizing, follow_layout_set, plan_sizing, shard_offsets
+from .sizing import FsInfo, Sizing, Striping, follow_layout_set, plan_sizing, shard_offsets
 
 __all__ = ["launched_by_mpi", "RankFailed", "World", "WindowCounter", "RankPart", "RankOutput", "merge_over_ranks",
            "RankMergeResult"]
@@ -229,16 +233,26 @@ class WindowCounter:
 
 
 class RankOutput:
-    """One rank's files of the output, opened by name (rank 0 created them).
+    """One rank's files of the output: a shared file that rank 0 created,
+    opened by name; or (sharded) this rank's own shards, which it creates
+    itself, so that thousands of ranks do not wait for rank 0 to create
+    every shard one after the other.
 
     Shaped like :class:`~pwriter.output.OutputSet` for the writer: ``publish``
     only records that this part is written; rank 0 publishes the whole
-    output once every part is (see the module docstring), and ``discard``
-    only closes this rank's descriptors."""
+    output once every part is (see the module docstring).  ``discard``
+    closes this rank's descriptors, and removes the shards it created
+    unless its part was written (then rank 0 publishes or removes them);
+    :meth:`remove_created` removes them when another rank failed."""
 
-    def __init__(self, temporaries: Sequence[str], targets: Sequence[str]) -> None:
-        self.temporaries = list(temporaries)
+    def __init__(self, output: str, targets: Sequence[str], *, temporaries: Sequence[str] = (),
+                 first: int = 0, striping: Striping | None = None) -> None:
+        self.output = output
         self.targets = list(targets)
+        self.temporaries = list(temporaries)
+        self._creates = not temporaries  # a sharded part: this rank creates its shards
+        self._first = first
+        self._striping = striping
         self.fds: list[int] = []
         self.direct_fds: list[int] = []
         self.manifest: str | None = None
@@ -247,7 +261,12 @@ class RankOutput:
 
     def create(self, *, direct: bool = False) -> list[int]:
         from .errors import WriteError
+        from .output import create_temporaries
 
+        if self._creates:
+            self.temporaries, self.fds, self.direct_fds = create_temporaries(
+                self.output, self.targets, direct=direct, striping=self._striping, first=self._first)
+            return self.fds
         try:
             for name in self.temporaries:
                 self.fds.append(os.open(name, os.O_WRONLY | os.O_CLOEXEC))
@@ -260,7 +279,7 @@ class RankOutput:
         return self.fds
 
     def check(self, inputs: Sequence[str] = ()) -> None:
-        """(Rank 0 checked the output before creating it.)"""
+        """(Rank 0 checked the output before any file was created.)"""
 
     def publish(self, *, fsync: bool, sidecars: dict[str, bytes] | None = None) -> None:
         self.written = True
@@ -272,6 +291,18 @@ class RankOutput:
             except OSError:
                 pass
         self.fds, self.direct_fds = [], []
+        if not self.written:
+            self.remove_created()
+
+    def remove_created(self) -> None:
+        """Remove the shards this rank created (nothing for a shared file)."""
+        if self._creates:
+            for name in self.temporaries:
+                try:
+                    os.unlink(name)
+                except OSError:
+                    pass
+            self.temporaries = []
 
 
 @dataclasses.dataclass
@@ -309,8 +340,10 @@ class Decision:
     sizing: Sizing
     compressed: bool
     temporaries: list[str]
+    """The shared file's temporary (sharded: none yet; each rank creates its own shards)."""
     targets: list[str]
     manifest: str | None
+    striping: Striping | None
 
 
 @dataclasses.dataclass(frozen=True)
@@ -330,7 +363,7 @@ def _decide(world: World, paths: Sequence[str], directory: str | None, output: s
 
     from .detect import detect_filesystem, file_striping
     from .inputs import collect_inputs, input_size
-    from .output import OutputSet, manifest_path, member_index_path, read_shard_set
+    from .output import OutputSet, manifest_path, member_index_path, read_shard_set, remove_stale_temporaries
 
     if offsets == "exscan" and (settings.compress or output.endswith(".gz") or settings.direct
                                 or settings.layout not in ("auto", "striped")):
@@ -352,17 +385,21 @@ def _decide(world: World, paths: Sequence[str], directory: str | None, output: s
     outputs = OutputSet(output, sharded=sharded, files=files, force=force,
                         sidecars=[member_index_path(output)] if compressed else [])
     outputs.check(inputs)
-    outputs.create(direct=settings.direct, striping=striping)
-    try:
-        if striping is not None:
-            size, count = file_striping(outputs.temporaries[0])
-            fs, sizing = follow_layout_set(sizing, fs, settings, stripe_size=size, stripe_count=count, **machine)
-        outputs.close_files()  # every rank, rank 0 too, opens the files it writes by name
-    except BaseException:
-        outputs.discard()
-        raise
+    if sharded:  # each rank creates its own shards (step 2)
+        remove_stale_temporaries(outputs.names)
+    else:
+        outputs.create(direct=settings.direct, striping=striping)
+        try:
+            if striping is not None:
+                size, count = file_striping(outputs.temporaries[0])
+                fs, sizing = follow_layout_set(sizing, fs, settings, stripe_size=size, stripe_count=count,
+                                               **machine)
+            outputs.close_files()  # every rank, rank 0 too, opens the file by name
+        except BaseException:
+            outputs.discard()
+            raise
     decision = Decision(inputs, sizes, fs, sizing, compressed, list(outputs.temporaries), list(outputs.targets),
-                        outputs.manifest)
+                        outputs.manifest, striping)
     return decision, outputs
 
 
@@ -404,6 +441,7 @@ async def merge_over_ranks(
     sharded = sizing.layout == "sharded"
     exscan = offsets == "exscan" and sizing.layout == "striped"
     counter: WindowCounter | None = None
+    part_output: RankOutput | None = None
     try:
         share = partition(decision.sizes, world.size) if decision.sizes else []
         mine = share[world.rank] if world.rank < len(share) else range(0)
@@ -412,10 +450,10 @@ async def merge_over_ranks(
         counted = 0
         if sharded:
             first = world.rank * sizing.workers
-            files = slice(first, first + sizing.workers)
-            part_output = RankOutput(decision.temporaries[files], decision.targets[files])
+            part_output = RankOutput(output, decision.targets[first : first + sizing.workers], first=first,
+                                     striping=decision.striping)
         else:
-            part_output = RankOutput(decision.temporaries, decision.targets)
+            part_output = RankOutput(output, decision.targets, temporaries=decision.temporaries)
             start = len(header) if sizing.layout == "striped" else sizing.stripe_size
             if exscan:
                 counted, before = await _count_and_exscan(world, inputs, sizing, salvage, validate)
@@ -448,11 +486,14 @@ async def merge_over_ranks(
                 "input_bytes": result.input_bytes, "bytes": stats.bytes_written,
                 "seconds": round(time.perf_counter() - started, 6), "stats": stats, "salvaged": result.salvaged,
                 "entries": [(entry[0] + file_base, *entry[1:]) for entry in result.member_entries],
+                "temporaries": part_output.temporaries if sharded else [],
             })
             commit_error: BaseException | None = None
             footer_bytes = 0
             if world.rank == 0:
                 assert gathered is not None
+                if sharded:  # every rank's shards, in read order: rank 0 publishes (or removes) them all
+                    kept[0].temporaries = [name for item in gathered for name in item["temporaries"]]
                 try:
                     footer_bytes = _commit(kept[0], decision, counter, footer, gathered, settings, exscan,
                                            len(header))
@@ -460,6 +501,8 @@ async def merge_over_ranks(
                     commit_error = exc
             await world.agree(commit_error)
     except BaseException:
+        if part_output is not None:
+            part_output.remove_created()
         if world.rank == 0 and kept:
             kept[0].discard()
         raise

@@ -48,7 +48,8 @@ from .errors import OutputExistsError, UsageError, WriteError
 if TYPE_CHECKING:
     from .sizing import Striping
 
-__all__ = ["OutputSet", "StreamOutput", "shard_paths", "manifest_path", "member_index_path", "is_temporary_name",
+__all__ = [
+    "create_temporaries","OutputSet", "StreamOutput", "shard_paths", "manifest_path", "member_index_path", "is_temporary_name",
            "remove_stale_temporaries", "write_fully", "TEMP_MARKER"]
 
 TEMP_MARKER = ".pwriter-"
@@ -177,6 +178,46 @@ def _same_file(a: os.stat_result, b: os.stat_result) -> bool:
     return (a.st_dev, a.st_ino) == (b.st_dev, b.st_ino)
 
 
+def create_temporaries(output: str, targets: Sequence[str], *, direct: bool = False,
+                       striping: Striping | None = None, first: int = 0
+                       ) -> tuple[list[str], list[int], list[int]]:
+    """A temporary beside each of ``targets`` (files ``first``, ``first + 1``,
+    ... of ``output``), created exclusively (:func:`_create_exclusively`),
+    with ``striping``'s layout for that file number where given; returns the
+    temporaries, their descriptors and (``direct``) their O_DIRECT
+    descriptors.  On failure, removes what it created and raises
+    :class:`WriteError` naming ``output`` (:class:`UsageError` where the
+    filesystem refuses O_DIRECT)."""
+    temporaries: list[str] = []
+    fds: list[int] = []
+    direct_fds: list[int] = []
+    try:
+        for index, target in enumerate(targets, start=first):
+            create = None
+            if striping is not None:
+                from .lustre import create_striped
+
+                offset = striping.offsets[index] if index < len(striping.offsets) else -1
+                create = functools.partial(create_striped, stripe_count=striping.stripe_count,
+                                           stripe_size=striping.stripe_size, offset=offset)
+            temporary, fd = _create_exclusively(target, create)
+            temporaries.append(temporary)
+            fds.append(fd)
+            if direct:
+                direct_fds.append(os.open(temporary, os.O_WRONLY | os.O_DIRECT | os.O_CLOEXEC))
+    except OSError as exc:
+        for fd in fds + direct_fds:
+            os.close(fd)
+        for temporary in temporaries:
+            _unlink_quietly(temporary)
+        if direct and exc.errno == errno.EINVAL:
+            raise UsageError(f"{output}: this filesystem does not support O_DIRECT (--direct)") from None
+        layout = " with its Lustre layout" if striping is not None else ""
+        raise WriteError(output, f"cannot create a temporary file{layout}: {exc.strerror or exc}",
+                         exc.errno) from None
+    return temporaries, fds, direct_fds
+
+
 class OutputSet:
     """The files of one output: targets in read order, their temporaries, and
     (sharded) the manifest.  Created by :meth:`create`, finished by exactly
@@ -265,27 +306,8 @@ class OutputSet:
         is a :class:`WriteError` naming the file.
         """
         remove_stale_temporaries(self.names)
-        try:
-            for index, target in enumerate(self.targets):
-                create = None
-                if striping is not None:
-                    from .lustre import create_striped
-
-                    offset = striping.offsets[index] if index < len(striping.offsets) else -1
-                    create = functools.partial(create_striped, stripe_count=striping.stripe_count,
-                                               stripe_size=striping.stripe_size, offset=offset)
-                temporary, fd = _create_exclusively(target, create)
-                self.temporaries.append(temporary)
-                self.fds.append(fd)
-                if direct:
-                    self.direct_fds.append(os.open(temporary, os.O_WRONLY | os.O_DIRECT | os.O_CLOEXEC))
-        except OSError as exc:
-            self.discard()
-            if direct and exc.errno == errno.EINVAL:
-                raise UsageError(f"{self.target}: this filesystem does not support O_DIRECT (--direct)") from None
-            layout = " with its Lustre layout" if striping is not None else ""
-            raise WriteError(self.target, f"cannot create a temporary file{layout}: {exc.strerror or exc}",
-                             exc.errno) from None
+        self.temporaries, self.fds, self.direct_fds = create_temporaries(
+            self.target, self.targets, direct=direct, striping=striping)
         return self.fds
 
     def close_files(self) -> None:

@@ -121,13 +121,14 @@ def test_more_ranks_than_inputs(tmp_path) -> None:
     assert out.read_bytes() == b'[\n{"id":1}\n{"id":2}\n]\n'
 
 
-def test_a_bad_input_on_one_rank_fails_the_job_cleanly(corpus, tmp_path) -> None:
+@pytest.mark.parametrize("layout", ["striped", "sharded"])  # (sharded: each rank removes the shards it created)
+def test_a_bad_input_on_one_rank_fails_the_job_cleanly(corpus, tmp_path, layout: str) -> None:
     inputs = tmp_path / "in"
     shutil.copytree(corpus, inputs)
     (inputs / "zz_cut.pfw").write_bytes(b'{"id":1}\n{"id":2,"na')  # the last input: the last rank's
     out = tmp_path / "out" / "merged.pfw"
     out.parent.mkdir()
-    done = mpi_merge(4, "-d", str(inputs), "-o", str(out), "--no-fsync")
+    done = mpi_merge(4, "-d", str(inputs), "-o", str(out), "--no-fsync", "--layout", layout)
     assert done.returncode == 1, done.stderr
     (line,) = done.stderr.strip().splitlines()  # one error line, from rank 0
     assert line.startswith("pwriter: error: ") and "zz_cut.pfw" in line and "(on rank 3)" in line
@@ -267,9 +268,10 @@ def test_mpi_without_mpi4py_is_a_usage_error(monkeypatch) -> None:
 
 
 @pytest.mark.parametrize("layout", ["padded-striped", "sharded"])
-def test_rank_0_sets_the_lustre_layout_of_every_file(corpus, single_process_events, tmp_path, layout: str) -> None:
-    """On (fake) Lustre: rank 0 creates every temporary with its layout, the
-    other ranks only open them (tests/fake_lfs.py logs every lfs call)."""
+def test_every_file_gets_its_lustre_layout_on_create(corpus, single_process_events, tmp_path, layout: str) -> None:
+    """On (fake) Lustre: rank 0 creates the shared file with its layout (the
+    other ranks only open it); each rank creates its own shards with theirs
+    (tests/fake_lfs.py logs every lfs call)."""
     here = os.path.dirname(os.path.abspath(__file__))
     bin_dir, state, root = tmp_path / "bin", tmp_path / "lfs-state", tmp_path / "lustre"
     for directory in (bin_dir, state, root):
@@ -294,8 +296,8 @@ def test_rank_0_sets_the_lustre_layout_of_every_file(corpus, single_process_even
     with open(state / "calls.jsonl") as log:
         setstripes = [call for call in map(json.loads, log) if call[0] == "setstripe"]
     if layout == "sharded":  # 2 ranks x 2 lanes: one stripe each, first OSTs spread over the 8
-        assert [call[1:7] for call in setstripes] == [["-c", "1", "-S", str(1 << 20), "-i", str(first)]
-                                                      for first in (0, 2, 4, 6)]
+        assert sorted(call[1:7] for call in setstripes) == [["-c", "1", "-S", str(1 << 20), "-i", str(first)]
+                                                            for first in (0, 2, 4, 6)]
     else:  # one shared file, created once
         assert [call[1:5] for call in setstripes] == [["-c", "2", "-S", str(1 << 20)]]
     assert all(is_temporary_name(os.path.basename(call[-1])) for call in setstripes)
