@@ -74,9 +74,10 @@ def _parser(*, settings_help: bool = False) -> argparse.ArgumentParser:
                        help="parse every event as JSON; a line that is not is an error (dropped with --salvage)")
     merge.add_argument("--verify", action="store_true",
                        help="after publishing, check that the output holds exactly the inputs' event lines")
-    merge.add_argument("--mpi", action="store_true",
-                       help="merge with every MPI rank (implied under mpiexec, mpirun or srun with more than "
-                            "one rank; needs pip install 'pwriter[mpi]')")
+    merge.add_argument("--mpi", action=argparse.BooleanOptionalAction, default=None,
+                       help="merge with every MPI rank (default: when started by mpiexec, mpirun or srun with "
+                            "more than one rank; needs pip install 'pwriter[mpi]'); --no-mpi: one process "
+                            "whatever the environment says")
     merge.add_argument("--mpi-offsets", choices=("counter", "exscan"), default="counter",
                        help="MPI, striped: offsets from a shared counter (default) or from a prefix sum of "
                             "counted bytes (reads the inputs twice; plain output only)")
@@ -181,7 +182,7 @@ def _merge(args: argparse.Namespace) -> int:
 
     settings = _settings(args)
     to_stdout = args.output == "-"
-    if args.mpi or _under_mpi():
+    if args.mpi or (args.mpi is None and _under_mpi()):
         return _merge_mpi(args, settings)
     if to_stdout and args.verify:
         raise UsageError("-o -: --verify needs an output file to read back")

@@ -134,9 +134,10 @@ class World:
         rank's message, which names the rank (``name_rank``; on the failing
         rank itself, chained to its own error; a cancellation or
         KeyboardInterrupt is re-raised as it is there), or without
-        ``name_rank`` the failing rank's own exception there.  A rank that only stopped because
-        another failed (:data:`ABORTED`) yields to a rank with an error of
-        its own.  Shielded: an agreement, once started, is always finished."""
+        ``name_rank`` the failing rank's own exception there.  A rank that
+        only stopped because another failed (:data:`ABORTED`) yields to a
+        rank with an error of its own.  Shielded: an agreement, once
+        started, is always finished."""
         if error is None:
             key = 2 * self.size
         elif isinstance(error, RankFailed):
