@@ -302,3 +302,12 @@ def test_every_file_gets_its_lustre_layout_on_create(corpus, single_process_even
         assert [call[1:5] for call in setstripes] == [["-c", "2", "-S", str(1 << 20)]]
     assert all(is_temporary_name(os.path.basename(call[-1])) for call in setstripes)
     assert sorted(read_events(published(out, layout))) == single_process_events
+
+
+def test_no_mpi_runs_one_process_whatever_the_environment_says(corpus, single_process_events, tmp_path) -> None:
+    out = tmp_path / "merged.pfw"
+    done = run_cli("merge", "-d", corpus, "-o", str(out), "--no-fsync", "--no-mpi", "--json",
+                   env={"PMI_SIZE": "4", "OMPI_COMM_WORLD_SIZE": "4"})  # as in a pwriter started by a rank
+    assert done.returncode == 0, done.stderr
+    assert "ranks" not in json.loads(done.stdout)
+    assert sorted(read_events(out)) == single_process_events
