@@ -158,20 +158,8 @@ class ChunkSink:
         return self.members.index([os.path.basename(name) for name in self._output.targets])
 
     def splice(self, placement: Placement, buffer: memoryview, filled: int) -> tuple[Placement, memoryview]:
-        """Put the header and the padding of ``placement`` inside ``buffer``
-        (around its first ``filled`` bytes) where they fit: one contiguous
-        write of whole stripes (a registered buffer for io_uring, aligned for
-        O_DIRECT).  Only the first chunk has a header to make room for; the
-        bytes of ``buffer`` after ``filled`` may be overwritten."""
-        if placement.head + filled + placement.pad <= len(buffer) and (placement.head or placement.pad):
-            head = placement.head
-            if head:
-                buffer[head : head + filled] = buffer[:filled]
-                buffer[:head] = self._header
-            buffer[head + filled : head + filled + placement.pad] = plain_padding(placement.pad)
-            filled = placement.length
-            placement = dataclasses.replace(placement, head=0, body=filled, pad=0)
-        return placement, buffer[:filled]
+        """:func:`splice` with this output's header."""
+        return splice(placement, buffer, filled, self._header)
 
     @trio.lowlevel.enable_ki_protection
     async def write_placed(self, placement: Placement, body: bytes | memoryview, *, aligned_memory: bool = False) -> None:
@@ -203,22 +191,11 @@ class ChunkSink:
         at an aligned offset and of an aligned length goes through the direct
         descriptor; any other goes through the buffered one.
         """
-        parts: list[bytes | memoryview] = []
-        if placement.head:
-            parts.append(self._header)
-        if placement.body:
-            parts.append(body)
-        if placement.pad:
-            parts.append(self._padding(placement.pad))
-        if (
-            self._direct_fds
-            and aligned_memory
-            and len(parts) == 1
-            and placement.offset % DIRECT_ALIGNMENT == 0
-            and placement.length % DIRECT_ALIGNMENT == 0
-        ):
-            return self._direct_fds[placement.file], parts
-        return self._fds[placement.file], parts
+        parts = [part for part, length in ((self._header, placement.head), (body, placement.body),
+                                           (self._padding(placement.pad), placement.pad)) if length]
+        direct = (self._direct_fds and aligned_memory and len(parts) == 1
+                  and placement.offset % DIRECT_ALIGNMENT == 0 and placement.length % DIRECT_ALIGNMENT == 0)
+        return (self._direct_fds if direct else self._fds)[placement.file], parts
 
     def _write_error(self, placement: Placement, exc: OSError) -> WriteError:
         return WriteError(self._output.targets[placement.file], exc.strerror or str(exc), exc.errno)
@@ -428,6 +405,24 @@ class StreamGate:
         with self._turn:
             self._next += length
             self._turn.notify_all()
+
+
+def splice(placement: Placement, buffer: memoryview, filled: int, header: bytes) -> tuple[Placement, memoryview]:
+    """Put ``header`` and the padding of ``placement`` inside ``buffer``
+    (around its first ``filled`` bytes) where they fit: one contiguous
+    write of whole stripes (a registered buffer for io_uring, aligned for
+    O_DIRECT).  Only the first chunk has a header to make room for; the
+    bytes of ``buffer`` after ``filled`` may be overwritten.  Returns the
+    placement of that one write and its bytes."""
+    if placement.head + filled + placement.pad <= len(buffer) and (placement.head or placement.pad):
+        head = placement.head
+        if head:
+            buffer[head : head + filled] = buffer[:filled]
+            buffer[:head] = header
+        buffer[head + filled : head + filled + placement.pad] = plain_padding(placement.pad)
+        filled = placement.length
+        placement = dataclasses.replace(placement, head=0, body=filled, pad=0)
+    return placement, buffer[:filled]
 
 
 def compress_chunk(text: memoryview, level: int) -> tuple[bytes, int]:
