@@ -410,7 +410,7 @@ async def merge_over_ranks(
     directory: str | None,
     output: str,
     *,
-    settings: Settings,
+    settings: Settings | None = None,
     force: bool = False,
     salvage: bool = False,
     validate: bool = False,
@@ -421,12 +421,16 @@ async def merge_over_ranks(
     rank of ``world`` (see the module docstring).  Collective.  Returns the
     result on rank 0 and None on the others; raises on every rank when any
     rank fails, and then nothing is published.  ``offsets`` is ``counter``
-    or ``exscan`` (striped, uncompressed output only; see the module docstring)."""
+    or ``exscan`` (striped, uncompressed output only; see the module docstring);
+    ``settings`` default to :func:`~pwriter.settings.load_settings`."""
     from .compress import gzip_member
     from .errors import DataError
     from .merge import MergeProgress, merge, partition
     from .writer import FOOTER, HEADER
 
+    from .settings import load_settings
+
+    settings = settings if settings is not None else load_settings()
     started = time.perf_counter()
     kept: list[Any] = []  # rank 0: the OutputSet, to publish or discard
 

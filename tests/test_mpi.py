@@ -311,3 +311,18 @@ def test_no_mpi_runs_one_process_whatever_the_environment_says(corpus, single_pr
     assert done.returncode == 0, done.stderr
     assert "ranks" not in json.loads(done.stdout)
     assert sorted(read_events(out)) == single_process_events
+
+
+def test_the_readme_library_example_runs_under_mpiexec(corpus, single_process_events, tmp_path) -> None:
+    with open(os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "README.md")) as held:
+        readme = held.read()
+    section = readme[readme.index("## Running on a cluster"):readme.index("## Backends")]
+    (example,) = section.split("```python\n")[1:]
+    code = example[: example.index("```")]
+    script = tmp_path / "example.py"
+    script.write_text(f"import glob\npaths = sorted(glob.glob({corpus + '/*'!r}))\n" + code)
+    process = subprocess.run([MPIEXEC, "-n", "2", os.path.join(BIN, "python"), str(script)], cwd=tmp_path,
+                             capture_output=True, text=True, timeout=JOB_TIMEOUT)
+    assert process.returncode == 0, process.stderr
+    assert process.stdout.split()[0] == str(len(single_process_events))  # printed once, by rank 0
+    assert sorted(read_events(tmp_path / "merged.pfw")) == single_process_events
