@@ -332,11 +332,17 @@ def _print_merge(args: argparse.Namespace, settings: Any, result: Any, checked: 
         print(
             f"merged {result.inputs} inputs, {result.events} events, {stats.bytes_written} bytes into {where} "
             f"[{stats.layout}, {stats.backend}, {stats.workers} workers"
-            f"{f' over {ranks.ranks} ranks' if ranks is not None else ''}] in {stats.seconds:.2f} s ({rate:.0f} MiB/s)",
+            f"{_over_ranks(ranks)}] in {stats.seconds:.2f} s ({rate:.0f} MiB/s)",
             file=_report_stream(args),
         )
         if checked is not None and checked.match:
             print(f"verified: the output holds exactly the {checked.input_events} event lines of the inputs")
+
+
+def _over_ranks(ranks: Any) -> str:
+    if ranks is None:
+        return ""
+    return f" over {ranks.ranks} rank{'s' if ranks.ranks != 1 else ''}"
 
 
 def _report_stream(args: argparse.Namespace) -> Any:
