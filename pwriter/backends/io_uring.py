@@ -61,7 +61,12 @@ Some facts about io_uring, and what this module does about each.
   reap), was measured and was slower: a buffered write is handed to an io-wq
   kernel worker while the thread waits for it.  ``bench/floor.py``, 1 GiB,
   merge() against its floor: 1.19x (plain) and 1.18x (gzip) with a ring per
-  thread, 1.03x and 1.11x with ``pwritev`` in the thread (2026-11-29).
+  thread, 1.03x and 1.11x with ``pwritev`` in the thread (2026-11-29).  One
+  shared ring with a submission lock (the thread preps and submits under
+  the lock, the reaper wakes it through a ``threading.Event``) was slower
+  still: ``bench/ring_lock.py``, merge() in process, medians 0.257 to
+  0.334 s against 0.224 to 0.229 s for ``pwritev`` (plain), 0.443 s
+  against 0.343 s (gzip).
 
 * Closing (shielded): wait until nothing is in flight, stop the reaper,
   unregister files, buffers and the eventfd, ``notify_closing`` the eventfd
