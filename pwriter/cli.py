@@ -172,13 +172,9 @@ def _settings(args: argparse.Namespace) -> Any:
 
 
 def _merge(args: argparse.Namespace) -> int:
-    import trio
-
+    from .errors import UsageError
     from .merge import MergeProgress, collect_inputs, merge
     from .output import manifest_path, read_shard_set
-    from .writer import error_to_raise
-
-    from .errors import UsageError
 
     settings = _settings(args)
     to_stdout = args.output == "-"
@@ -192,25 +188,45 @@ def _merge(args: argparse.Namespace) -> int:
     exclude = [] if to_stdout else [args.output, manifest, *read_shard_set(manifest)]
     inputs = collect_inputs(args.inputs, args.directory, exclude=exclude)
     progress = MergeProgress(total_input_bytes=0)  # (merge() measures the inputs once, and sets it)
-    show_progress = args.progress if args.progress is not None else sys.stderr.isatty()
+    work = functools.partial(merge, inputs, args.output, settings=settings, force=args.force, progress=progress,
+                             salvage=args.salvage, validate=args.validate)
+    result = _run_merge(args, work, progress, show_progress=_progress_wanted(args))
+    return _report_merge(args, settings, result, inputs)
+
+
+def _progress_wanted(args: argparse.Namespace) -> bool:
+    return args.progress if args.progress is not None else sys.stderr.isatty()
+
+
+def _run_merge(args: argparse.Namespace, work: Any, progress: Any, *, show_progress: bool) -> Any:
+    """``trio.run`` of ``await work()``, with progress on stderr and SIGTERM
+    cancelling it (then :class:`_Terminated`); the one error to raise for a
+    group of them."""
+    import trio
+
+    from .writer import error_to_raise
 
     async def run() -> Any:
         signalled: list[int] = []
+        result = None
         async with trio.open_nursery() as nursery:
             nursery.start_soon(_cancel_on_sigterm, nursery.cancel_scope, signalled)
             if show_progress:
                 nursery.start_soon(functools.partial(_show_progress, progress, tty=sys.stderr.isatty()))
-            result = await merge(inputs, args.output, settings=settings, force=args.force, progress=progress,
-                                 salvage=args.salvage, validate=args.validate)
+            result = await work()
             nursery.cancel_scope.cancel()
         if signalled:
             raise _Terminated
         return result
 
     try:
-        result = trio.run(run, strict_exception_groups=True)
+        return trio.run(run, strict_exception_groups=True)
     except BaseExceptionGroup as group:
         raise error_to_raise(group) from None
+
+
+def _report_merge(args: argparse.Namespace, settings: Any, result: Any, inputs: list[str], ranks: Any = None) -> int:
+    """After a published merge: salvage warnings, ``--verify``, the report; the exit code."""
     for path, what, _ in result.salvaged:
         print(f"pwriter: warning: {path}: salvaged: {what}", file=sys.stderr)
     checked = None
@@ -218,7 +234,7 @@ def _merge(args: argparse.Namespace) -> int:
         from .verify import verify
 
         checked = verify(args.output, inputs)
-    _print_merge(args, settings, result, checked)
+    _print_merge(args, settings, result, checked, ranks=ranks)
     return _mismatch(args.output, checked) if checked is not None else 0
 
 
@@ -232,56 +248,26 @@ def _merge_mpi(args: argparse.Namespace, settings: Any) -> int:
     """``pwriter merge`` with every MPI rank (:mod:`pwriter.mpi`): rank 0
     reports (progress, the result, the one error line); every rank exits
     with the same code."""
-    import trio
-
     from .errors import PwriterError, UsageError
     from .merge import MergeProgress
     from .mpi import World, merge_over_ranks
-    from .writer import error_to_raise
 
     world = World()
     progress = MergeProgress(total_input_bytes=0)
-    show_progress = world.rank == 0 and (args.progress if args.progress is not None else sys.stderr.isatty())
-
-    signalled: list[int] = []
-
-    async def run() -> Any:
-        result = None
-        async with trio.open_nursery() as nursery:
-            nursery.start_soon(_cancel_on_sigterm, nursery.cancel_scope, signalled)
-            if show_progress:
-                nursery.start_soon(functools.partial(_show_progress, progress, tty=sys.stderr.isatty()))
-            result = await merge_over_ranks(world, args.inputs, args.directory, args.output, settings=settings,
-                                            force=args.force, salvage=args.salvage, validate=args.validate,
-                                            progress=progress, offsets=args.mpi_offsets)
-            nursery.cancel_scope.cancel()
-        return result
-
+    work = functools.partial(merge_over_ranks, world, args.inputs, args.directory, args.output, settings=settings,
+                             force=args.force, salvage=args.salvage, validate=args.validate, progress=progress,
+                             offsets=args.mpi_offsets)
     try:
         if args.output == "-":  # (every rank finds it: no agreement needed)
             raise UsageError("-o -: a merge over MPI ranks writes a file, not a stream")
-        try:
-            ranked = trio.run(run, strict_exception_groups=True)
-        except BaseExceptionGroup as group:
-            raise error_to_raise(group) from None
+        ranked = _run_merge(args, work, progress, show_progress=world.rank == 0 and _progress_wanted(args))
     except PwriterError as exc:
         if world.rank != 0:  # rank 0 says it, once
             return exc.exit_code
         raise
-    if signalled:  # this rank's SIGTERM: every rank was told (see pwriter.mpi), nothing is published
-        raise _Terminated
     if ranked is None:
         return 0
-    result = ranked.result
-    for path, what, _ in result.salvaged:
-        print(f"pwriter: warning: {path}: salvaged: {what}", file=sys.stderr)
-    checked = None
-    if args.verify:
-        from .verify import verify
-
-        checked = verify(args.output, ranked.inputs)
-    _print_merge(args, settings, result, checked, ranks=ranked)
-    return _mismatch(args.output, checked) if checked is not None else 0
+    return _report_merge(args, settings, ranked.result, ranked.inputs, ranks=ranked)
 
 
 def _print_merge(args: argparse.Namespace, settings: Any, result: Any, checked: Any, ranks: Any = None) -> None:

@@ -75,7 +75,7 @@ from .errors import PwriterError, UsageError
 from .layout import (Counter, LocalCounter, Placement, Planner, SharedPaddedPlanner,
                      SharedStripedPlanner, ShardedPlanner)
 from .settings import Settings
-from .sizing import FsInfo, Sizing, Striping, follow_layout_set, plan_sizing, shard_offsets
+from .sizing import FsInfo, Sizing, Striping, shard_offsets
 
 __all__ = ["launched_by_mpi", "RankFailed", "World", "WindowCounter", "RankPart", "RankOutput", "merge_over_ranks",
            "RankMergeResult"]
@@ -201,7 +201,6 @@ class WindowCounter:
     def __init__(self, world: World, start: int) -> None:
         MPI = world.MPI
         self._MPI = MPI
-        self._world = world
         self._window = MPI.Win.Allocate(8 if world.rank == 0 else 0, 8, comm=world.comm)
         if world.rank == 0:
             self._window.Lock(0, MPI.LOCK_EXCLUSIVE)
@@ -286,11 +285,9 @@ class RankOutput:
         self.written = True
 
     def discard(self) -> None:
-        for fd in self.fds + self.direct_fds:
-            try:
-                os.close(fd)
-            except OSError:
-                pass
+        from .output import close_quietly
+
+        close_quietly(self.fds + self.direct_fds)
         self.fds, self.direct_fds = [], []
         if not self.written:
             self.remove_created()
@@ -360,11 +357,9 @@ class RankMergeResult:
 def _decide(world: World, paths: Sequence[str], directory: str | None, output: str, settings: Settings,
             force: bool, offsets: str) -> tuple[Decision, Any]:
     """Step 1, on rank 0: returns the decision and the OutputSet (kept on rank 0 to publish)."""
-    import psutil
-
-    from .detect import detect_filesystem, file_striping
     from .inputs import collect_inputs, input_size
     from .output import OutputSet, manifest_path, member_index_path, read_shard_set, remove_stale_temporaries
+    from .writer import follow_layout_of, plan
 
     if offsets == "exscan" and (settings.compress or output.endswith(".gz") or settings.direct
                                 or settings.layout not in ("auto", "striped")):
@@ -374,10 +369,7 @@ def _decide(world: World, paths: Sequence[str], directory: str | None, output: s
     inputs = collect_inputs(paths, directory, exclude=[output, manifest, *read_shard_set(manifest)])
     sizes = [input_size(path) for path in inputs]
     compressed = settings.compress or output.endswith(".gz")
-    fs = detect_filesystem(output)
-    machine = {"available_memory": psutil.virtual_memory().available // world.node_ranks,
-               "cpu_count": max(1, (os.cpu_count() or 1) // world.node_ranks)}
-    sizing = plan_sizing(fs, settings, producers=None, expected_bytes=sum(sizes), **machine)
+    fs, sizing = plan(output, settings, expected_bytes=sum(sizes), processes_per_node=world.node_ranks)
     sharded = sizing.layout == "sharded"
     files = world.size * sizing.workers if sharded else 1
     striping = sizing.striping
@@ -392,9 +384,7 @@ def _decide(world: World, paths: Sequence[str], directory: str | None, output: s
         outputs.create(direct=settings.direct, striping=striping)
         try:
             if striping is not None:
-                size, count = file_striping(outputs.temporaries[0])
-                fs, sizing = follow_layout_set(sizing, fs, settings, stripe_size=size, stripe_count=count,
-                                               **machine)
+                fs, sizing = follow_layout_of(outputs.temporaries[0], fs, sizing, settings, world.node_ranks)
             outputs.close_files()  # every rank, rank 0 too, opens the file by name
         except BaseException:
             outputs.discard()
@@ -426,9 +416,8 @@ async def merge_over_ranks(
     from .compress import gzip_member
     from .errors import DataError
     from .merge import MergeProgress, merge, partition
-    from .writer import FOOTER, HEADER
-
     from .settings import load_settings
+    from .writer import FOOTER, HEADER
 
     settings = settings if settings is not None else load_settings()
     started = time.perf_counter()

@@ -48,9 +48,8 @@ from .errors import OutputExistsError, UsageError, WriteError
 if TYPE_CHECKING:
     from .sizing import Striping
 
-__all__ = [
-    "create_temporaries","OutputSet", "StreamOutput", "shard_paths", "manifest_path", "member_index_path", "is_temporary_name",
-           "remove_stale_temporaries", "write_fully", "TEMP_MARKER"]
+__all__ = ["OutputSet", "StreamOutput", "create_temporaries", "close_quietly", "shard_paths", "manifest_path",
+           "member_index_path", "is_temporary_name", "remove_stale_temporaries", "write_fully", "TEMP_MARKER"]
 
 TEMP_MARKER = ".pwriter-"
 T = TypeVar("T")
@@ -152,6 +151,15 @@ def _at_fresh_name(target: str, make: Callable[[str], T]) -> tuple[str, T]:
     raise AssertionError("unreachable")  # pragma: no cover
 
 
+def close_quietly(fds: Iterable[int]) -> None:
+    """Close every descriptor of ``fds``, whatever closing one of them says (cleanup paths)."""
+    for fd in fds:
+        try:
+            os.close(fd)
+        except OSError:
+            pass
+
+
 def _create_exclusively(target: str, create: Callable[[str], int] | None = None) -> tuple[str, int]:
     """A new temporary file beside ``target`` (never through an existing
     name or a planted symlink: ``O_EXCL``), with the target's final
@@ -206,8 +214,7 @@ def create_temporaries(output: str, targets: Sequence[str], *, direct: bool = Fa
             if direct:
                 direct_fds.append(os.open(temporary, os.O_WRONLY | os.O_DIRECT | os.O_CLOEXEC))
     except OSError as exc:
-        for fd in fds + direct_fds:
-            os.close(fd)
+        close_quietly(fds + direct_fds)
         for temporary in temporaries:
             _unlink_quietly(temporary)
         if direct and exc.errno == errno.EINVAL:
@@ -311,11 +318,7 @@ class OutputSet:
         return self.fds
 
     def close_files(self) -> None:
-        for fd in self.fds + self.direct_fds:
-            try:
-                os.close(fd)
-            except OSError:
-                pass
+        close_quietly(self.fds + self.direct_fds)
         self.fds = []
         self.direct_fds = []
 

@@ -409,7 +409,6 @@ def shard_offsets(shards: int, ost_count: int | None) -> tuple[int, ...]:
                  for shard in range(shards))
 
 
-
 def follow_layout_set(
     sizing: Sizing,
     fs: FsInfo,

@@ -64,30 +64,35 @@ FOOTER = b"]\n"
 
 def plan(
     path: str, settings: Settings, *, producers: int | None = None, fs: FsInfo | None = None,
-    expected_bytes: int | None = None,
+    expected_bytes: int | None = None, processes_per_node: int = 1,
 ) -> tuple[FsInfo, Sizing]:
     """Detect the filesystem of ``path`` (unless ``fs`` is given) and size the
-    writer (``expected_bytes``: the output's size, when known)."""
+    writer (``expected_bytes``: the output's size, when known) for its share
+    of this machine: its memory and CPUs divided among ``processes_per_node``
+    writers (MPI ranks on one node)."""
     from .detect import detect_filesystem
 
     fs = fs if fs is not None else detect_filesystem(path)
-    sizing = plan_sizing(fs, settings, producers=producers, expected_bytes=expected_bytes, **_machine())
+    sizing = plan_sizing(fs, settings, producers=producers, expected_bytes=expected_bytes,
+                         **_machine_share(processes_per_node))
     return fs, sizing
 
 
-def _machine() -> dict[str, int]:
+def _machine_share(processes_per_node: int) -> dict[str, int]:
     import psutil
 
-    return {"available_memory": psutil.virtual_memory().available, "cpu_count": os.cpu_count() or 1}
+    return {"available_memory": psutil.virtual_memory().available // processes_per_node,
+            "cpu_count": max(1, (os.cpu_count() or 1) // processes_per_node)}
 
 
-def _follow_layout_set(output: OutputSet, fs: FsInfo, sizing: Sizing, settings: Settings) -> tuple[FsInfo, Sizing]:
-    """Lustre: read back the layout the first file got, and size by it."""
+def follow_layout_of(temporary: str, fs: FsInfo, sizing: Sizing, settings: Settings,
+                     processes_per_node: int = 1) -> tuple[FsInfo, Sizing]:
+    """Lustre: read back the layout ``temporary`` got on create, and size by it (see :func:`plan`)."""
     from .detect import file_striping
 
-    stripe_size, stripe_count = file_striping(output.temporaries[0])
+    stripe_size, stripe_count = file_striping(temporary)
     return follow_layout_set(sizing, fs, settings, stripe_size=stripe_size, stripe_count=stripe_count,
-                             **_machine())
+                             **_machine_share(processes_per_node))
 
 
 @dataclasses.dataclass(frozen=True)
@@ -440,7 +445,7 @@ async def open_writer(
     try:
         if part is None:
             if sizing.striping is not None and isinstance(output, OutputSet):
-                fs, sizing = _follow_layout_set(output, fs, sizing, settings)
+                fs, sizing = follow_layout_of(output.temporaries[0], fs, sizing, settings)
             planner = make_planner(sizing.layout, header_length=len(header), stripe_size=sizing.stripe_size,
                                    workers=sizing.workers, min_padding=min_padding)
         assert planner.files == len(output.fds), "one file per shard"
