@@ -419,6 +419,8 @@ async def merge_over_ranks(
     from .settings import load_settings
     from .writer import FOOTER, HEADER
 
+    if offsets not in ("counter", "exscan"):  # (every rank finds it: no agreement needed)
+        raise ValueError(f"offsets={offsets!r}: expected 'counter' or 'exscan'")
     settings = settings if settings is not None else load_settings()
     started = time.perf_counter()
     kept: list[Any] = []  # rank 0: the OutputSet, to publish or discard

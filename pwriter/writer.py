@@ -79,6 +79,8 @@ def plan(
 
 
 def _machine_share(processes_per_node: int) -> dict[str, int]:
+    if processes_per_node < 1:
+        raise ValueError(f"processes_per_node={processes_per_node}: at least 1")
     import psutil
 
     return {"available_memory": psutil.virtual_memory().available // processes_per_node,

@@ -326,3 +326,11 @@ def test_the_readme_library_example_runs_under_mpiexec(corpus, single_process_ev
     assert process.returncode == 0, process.stderr
     assert process.stdout.split()[0] == str(len(single_process_events))  # printed once, by rank 0
     assert sorted(read_events(tmp_path / "merged.pfw")) == single_process_events
+
+
+async def test_merge_over_ranks_refuses_an_unknown_offsets_mode(tmp_path) -> None:
+    from pwriter.mpi import merge_over_ranks
+
+    with pytest.raises(ValueError, match="offsets='fetch': expected 'counter' or 'exscan'"):
+        await merge_over_ranks(None, [], None, str(tmp_path / "m.pfw"), offsets="fetch")  # type: ignore[arg-type]
+    assert os.listdir(tmp_path) == []

@@ -205,3 +205,11 @@ def test_direct_io_means_padded_striped() -> None:
     assert any("O_DIRECT" in reason for reason in sizing.reasons)
     with pytest.raises(ConfigError, match="padded-striped"):
         plan(FsInfo(FsKind.LOCAL, 0xEF53, "/"), direct=True, layout="sharded")
+
+
+def test_plan_refuses_a_share_of_no_process(tmp_path) -> None:
+    from pwriter.settings import load_settings
+    from pwriter.writer import plan
+
+    with pytest.raises(ValueError, match="processes_per_node=0: at least 1"):
+        plan(str(tmp_path / "m.pfw"), load_settings(), processes_per_node=0)
