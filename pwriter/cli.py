@@ -45,7 +45,8 @@ def _parser(*, settings_help: bool = False) -> argparse.ArgumentParser:
                                 epilog=_settings_epilog() if settings_help else None,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     merge.add_argument("inputs", nargs="*", metavar="INPUT", help="trace files (.pfw or .pfw.gz, mixed)")
-    merge.add_argument("-d", "--directory", metavar="DIR", help="also merge every *.pfw and *.pfw.gz in DIR")
+    merge.add_argument("-d", "--directory", metavar="DIR", action="append", default=[],
+                       help="also merge every *.pfw and *.pfw.gz in DIR (repeat for more directories)")
     merge.add_argument("-o", "--output", required=True, metavar="OUTPUT",
                        help="the merged trace to write ('-': standard output, in read order)")
     merge.add_argument("--layout", choices=("auto", "striped", "padded-striped", "sharded"), default=None)
@@ -85,7 +86,8 @@ def _parser(*, settings_help: bool = False) -> argparse.ArgumentParser:
     verify = commands.add_parser("verify", help="check that an output holds exactly the event lines of its inputs")
     verify.add_argument("output", metavar="OUTPUT", help="a merged trace (plain, gzip, or a sharded set)")
     verify.add_argument("inputs", nargs="*", metavar="INPUT")
-    verify.add_argument("-d", "--directory", metavar="DIR", help="also every *.pfw and *.pfw.gz in DIR")
+    verify.add_argument("-d", "--directory", metavar="DIR", action="append", default=[],
+                        help="also every *.pfw and *.pfw.gz in DIR (repeat for more directories)")
     verify.add_argument("--json", action="store_true")
 
     info = commands.add_parser("info", help="show the filesystem, sizing and backends for a path")

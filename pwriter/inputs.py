@@ -39,29 +39,55 @@ def _natural_key(path: str) -> list[object]:
     return [int(part) if part.isdigit() else part for part in re.split(r"(\d+)", path)]
 
 
-def collect_inputs(paths: Sequence[str], directory: str | None = None, *, exclude: Sequence[str] = ()) -> list[str]:
+def path_list(paths: Sequence[str | os.PathLike[str]], function: str, what: str = "inputs") -> list[str]:
+    """``paths`` as a list of str, or TypeError (in pwriter's words) for a
+    single path where a list of them is expected: a str is not iterated
+    character by character."""
+    if isinstance(paths, (str, bytes, os.PathLike)):
+        raise TypeError(f"{function}() takes a list of paths as {what}, not a single "
+                        f"{type(paths).__name__} ({[paths]!r} for one)")
+    listed = []
+    for path in paths:
+        if not isinstance(path, (str, os.PathLike)) or not isinstance(os.fspath(path), str):
+            raise TypeError(f"{function}(): {what} must be str paths, not {type(path).__name__} ({path!r})")
+        listed.append(os.fspath(path))
+    return listed
+
+
+def _entry_of(path: str) -> tuple[int, int, str] | None:
+    """The directory entry ``path`` names: (device, inode of its directory,
+    its name), or None when that directory cannot be examined."""
+    directory, name = os.path.split(path)
+    try:
+        where = os.stat(directory or ".")
+    except OSError:
+        return None
+    return (where.st_dev, where.st_ino, name)
+
+
+def collect_inputs(paths: Sequence[str], directories: Sequence[str] | None = (), *,
+                   exclude: Sequence[str] = ()) -> list[str]:
     """The input files, checked before any data is read.
 
-    ``paths`` are taken as given; ``directory`` adds every ``*.pfw`` and
-    ``*.pfw.gz`` file in it (not hidden, not pwriter temporaries, and not one
-    of ``exclude``, which names the output's files so that a merge into the
-    directory it reads can be repeated).  The same file given twice is read
-    once.  Raises :class:`UsageError` (exit 2) for a missing, unreadable or
-    non-regular input and for a directory with no traces.
+    ``paths`` are taken as given; each of ``directories`` adds every
+    ``*.pfw`` and ``*.pfw.gz`` file in it (not hidden, not pwriter
+    temporaries, and not one of ``exclude``, which names the output's files
+    so that a merge into the directory it reads can be repeated).  Only the
+    directory entry that is an excluded name is skipped: another name for
+    the same file (a hard link, a symlink) is an input, which the writer
+    then refuses as the output.  The same file given twice is read once.
+    Raises :class:`UsageError` (exit 2) for a missing, unreadable or
+    non-regular input, for a directory with no traces, and for no inputs at
+    all; TypeError for a single path (a str) where a list is expected.
     """
+    paths = path_list(paths, "collect_inputs", "paths")
+    directories = path_list(directories or (), "collect_inputs", "directories")
     found: list[str] = list(paths)
-    if directory is not None:
+    excluded = {entry for entry in map(_entry_of, exclude) if entry is not None}
+    for directory in directories:
         if not os.path.isdir(directory):
             raise UsageError(f"{directory}: not a directory")
-        device = os.stat(directory).st_dev
-        excluded = set()
-        for name in exclude:
-            try:
-                stat = os.stat(name)
-            except OSError:
-                continue
-            if stat.st_dev == device:  # (a file of another device is not an entry of this directory)
-                excluded.add(stat.st_ino)
+        where = os.stat(directory)
         listed = []
         with os.scandir(directory) as entries:
             for entry in entries:
@@ -69,7 +95,7 @@ def collect_inputs(paths: Sequence[str], directory: str | None = None, *, exclud
                     continue
                 if not entry.name.endswith(TRACE_SUFFIXES) or not entry.is_file():
                     continue
-                if entry.inode() in excluded:  # (no stat: the inode comes with the listing)
+                if (where.st_dev, where.st_ino, entry.name) in excluded:
                     continue
                 listed.append(entry.path)
         if not listed:

@@ -354,8 +354,8 @@ class RankMergeResult:
     inputs: list[str]
 
 
-def _decide(world: World, paths: Sequence[str], directory: str | None, output: str, settings: Settings,
-            force: bool, offsets: str) -> tuple[Decision, Any]:
+def _decide(world: World, paths: Sequence[str], directories: Sequence[str] | None, output: str,
+            settings: Settings, force: bool, offsets: str) -> tuple[Decision, Any]:
     """Step 1, on rank 0: returns the decision and the OutputSet (kept on rank 0 to publish)."""
     from .inputs import collect_inputs, input_size
     from .output import OutputSet, manifest_path, member_index_path, read_shard_set, remove_stale_temporaries
@@ -366,7 +366,7 @@ def _decide(world: World, paths: Sequence[str], directory: str | None, output: s
         raise UsageError("--mpi-offsets exscan: only for a striped, plain output (its ranges are counted "
                          "before they are written); the shared counter does every layout")
     manifest = manifest_path(output)
-    inputs = collect_inputs(paths, directory, exclude=[output, manifest, *read_shard_set(manifest)])
+    inputs = collect_inputs(paths, directories, exclude=[output, manifest, *read_shard_set(manifest)])
     sizes = [input_size(path) for path in inputs]
     compressed = settings.compress or output.endswith(".gz")
     fs, sizing = plan(output, settings, expected_bytes=sum(sizes), processes_per_node=world.node_ranks)
@@ -397,7 +397,7 @@ def _decide(world: World, paths: Sequence[str], directory: str | None, output: s
 async def merge_over_ranks(
     world: World,
     paths: Sequence[str],
-    directory: str | None,
+    directories: Sequence[str] | None,
     output: str,
     *,
     settings: Settings | None = None,
@@ -407,7 +407,7 @@ async def merge_over_ranks(
     progress: Any = None,
     offsets: str = "counter",
 ) -> RankMergeResult | None:
-    """Merge ``paths`` (and ``directory``'s traces) into ``output`` with every
+    """Merge ``paths`` (and the traces of each of ``directories``) into ``output`` with every
     rank of ``world`` (see the module docstring).  Collective.  Returns the
     result on rank 0 and None on the others; raises on every rank when any
     rank fails, and then nothing is published.  ``offsets`` is ``counter``
@@ -426,7 +426,7 @@ async def merge_over_ranks(
     kept: list[Any] = []  # rank 0: the OutputSet, to publish or discard
 
     def decide() -> Decision:
-        decision, outputs = _decide(world, paths, directory, output, settings, force, offsets)
+        decision, outputs = _decide(world, paths, directories, output, settings, force, offsets)
         kept.append(outputs)
         return decision
 

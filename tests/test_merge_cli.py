@@ -139,6 +139,24 @@ def test_merge_into_the_directory_it_reads_can_be_repeated(tmp_path) -> None:
     assert len(first) == 40
 
 
+def test_every_directory_given_with_d_counts(tmp_path) -> None:
+    """Issue 19, case 1: argparse kept the last -d only (903 of 80,903 events), for merge and verify alike."""
+    first, second = tmp_path / "A", tmp_path / "B"
+    write_corpus(str(first), files=4, events_per_file=30, seed=1)
+    write_corpus(str(second), files=2, events_per_file=7, seed=2)
+    out = tmp_path / "out.pfw"
+    done = run_cli("merge", "-d", str(first), "-d", str(second), "-o", str(out), "--verify", "--json")
+    assert done.returncode == 0, done.stderr
+    report = json.loads(done.stdout)
+    assert (report["inputs"], report["events"]) == (6, 4 * 30 + 2 * 7)
+    assert collections.Counter(read_events(out)) == event_counter(inputs_of(str(first)) + inputs_of(str(second)))
+    checked = run_cli("verify", str(out), "-d", str(first), "-d", str(second), "--json")
+    assert checked.returncode == 0, checked.stderr
+    assert json.loads(checked.stdout)["input_events"] == 4 * 30 + 2 * 7
+    partial = run_cli("verify", str(out), "-d", str(second))  # one directory is not all the inputs
+    assert partial.returncode == 1
+
+
 def test_gen_corpus_and_info(tmp_path) -> None:
     done = run_cli("gen-corpus", str(tmp_path / "c"), "--files", "3", "--events", "5")
     assert done.returncode == 0
@@ -246,6 +264,25 @@ def test_output_is_an_input(tmp_path, how: str) -> None:
     done = run_cli("merge", source, "-o", str(out), "--force")
     expect_failure(done, 2, "is the input")
     assert (tmp_path / "a.pfw").read_bytes() == before
+
+
+@pytest.mark.parametrize("how", ["symlink", "hardlink"])
+def test_output_that_is_another_name_of_a_directory_input_is_refused(tmp_path, how: str) -> None:
+    """Issue 19, case 2: -d skipped every entry with the output's inode as "the output itself", so a hard
+    link or symlink to a trace made the merge drop that trace (exit 0, 2 inputs of 3, even with --verify).
+    Only the entry that is the output's own name is skipped; another name of it is an input, refused."""
+    traces = tmp_path / "traces"
+    write_corpus(str(traces), files=3, events_per_file=5)
+    out = traces / "out.pfw"
+    if how == "symlink":
+        out.symlink_to("rank_1.pfw.gz")
+    else:
+        os.link(traces / "rank_1.pfw.gz", out)
+    before = (traces / "rank_1.pfw.gz").read_bytes()
+    done = run_cli("merge", "-d", str(traces), "-o", str(out), "--force", "--verify")
+    expect_failure(done, 2, "out.pfw", "the output is the input", "rank_1.pfw.gz")
+    assert (traces / "rank_1.pfw.gz").read_bytes() == before
+    assert os.path.samefile(out, traces / "rank_1.pfw.gz")  # the name is untouched
 
 
 def test_missing_output_directory(tmp_path) -> None:
