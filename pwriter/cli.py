@@ -88,6 +88,11 @@ def _parser(*, settings_help: bool = False) -> argparse.ArgumentParser:
     verify.add_argument("inputs", nargs="*", metavar="INPUT")
     verify.add_argument("-d", "--directory", metavar="DIR", action="append", default=[],
                         help="also every *.pfw and *.pfw.gz in DIR (repeat for more directories)")
+    verify.add_argument("--salvage", action="store_true",
+                        help="read the inputs as merge --salvage does: a damaged tail is not expected in the output")
+    verify.add_argument("--validate", action="store_true",
+                        help="read the inputs as merge --validate does (with --salvage: a line that is not valid "
+                             "JSON is not expected in the output)")
     verify.add_argument("--json", action="store_true")
 
     info = commands.add_parser("info", help="show the filesystem, sizing and backends for a path")
@@ -235,7 +240,7 @@ def _report_merge(args: argparse.Namespace, settings: Any, result: Any, inputs: 
     if args.verify:
         from .verify import verify
 
-        checked = verify(args.output, inputs)
+        checked = verify(args.output, inputs, salvage=args.salvage, validate=args.validate)
     _print_merge(args, settings, result, checked, ranks=ranks)
     return _mismatch(args.output, checked) if checked is not None else 0
 
@@ -346,14 +351,15 @@ def _verify(args: argparse.Namespace) -> int:
     outputs = output_files(args.output)
     exclude = [args.output, manifest_path(args.output), *read_shard_set(manifest_path(args.output)), *outputs]
     inputs = collect_inputs(args.inputs, args.directory, exclude=exclude)
-    return _report_verification(args.output, inputs, as_json=args.json)
+    return _report_verification(args.output, inputs, as_json=args.json, salvage=args.salvage,
+                                validate=args.validate)
 
 
-def _report_verification(output: str, inputs: list[str], *, as_json: bool) -> int:
+def _report_verification(output: str, inputs: list[str], *, as_json: bool, salvage: bool, validate: bool) -> int:
     """Verify, print the result (one JSON object, or a line), return the exit code."""
     from .verify import verify
 
-    checked = verify(output, inputs)
+    checked = verify(output, inputs, salvage=salvage, validate=validate)
     if as_json:
         print(json.dumps(_verification_report(checked)))
     elif checked.match:

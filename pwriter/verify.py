@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import collections
 import dataclasses
+import functools
 import hashlib
 import os
 from collections.abc import Iterator, Sequence
@@ -57,11 +58,12 @@ def output_files(output: str) -> list[str]:
     raise UsageError(f"{output}: no such output (nor a sharded set {manifest_path(output)})")
 
 
-def _cleaned_buffers(path: str) -> Iterator[memoryview]:
+def _cleaned_buffers(path: str, salvage: bool = False, validate: bool = False) -> Iterator[memoryview]:
     """The cleaned event text of ``path``, one buffer-full at a time (whole
-    lines), read with the merge's own step (:func:`~pwriter.inputs.fill_step`)."""
+    lines), read with the merge's own step (:func:`~pwriter.inputs.fill_step`)
+    and, for an input, with the merge's ``salvage`` and ``validate``."""
     buffer = memoryview(bytearray(BUFFER))
-    reader = InputReader(path)
+    reader = InputReader(path, salvage=salvage, validate=validate)
     try:
         done = end = 0
         while True:
@@ -89,10 +91,10 @@ def _python_hashes(text: memoryview) -> list[tuple[int, int]]:
     ]
 
 
-def _fingerprint(path: str) -> tuple[int, int, int]:
+def _fingerprint(path: str, salvage: bool = False, validate: bool = False) -> tuple[int, int, int]:
     count = first = second = 0
     native = traceformat._native
-    for text in _cleaned_buffers(path):
+    for text in _cleaned_buffers(path, salvage, validate):
         if native is not None:
             ffi, lib = native
             sums = ffi.new("uint64_t[3]")
@@ -105,10 +107,10 @@ def _fingerprint(path: str) -> tuple[int, int, int]:
     return count, first, second
 
 
-def _line_hashes(path: str) -> Iterator[tuple[int, bytes]]:
+def _line_hashes(path: str, salvage: bool = False, validate: bool = False) -> Iterator[tuple[int, bytes]]:
     """(hash, line) of every event line: the slow pass, for reporting."""
     native = traceformat._native
-    for text in _cleaned_buffers(path):
+    for text in _cleaned_buffers(path, salvage, validate):
         lines = bytes(text).split(b"\n")[:-1]
         if native is None:
             yield from ((a, line) for (a, _), line in zip(_python_hashes(text), lines))
@@ -120,9 +122,10 @@ def _line_hashes(path: str) -> Iterator[tuple[int, bytes]]:
         yield from zip(hashes, lines)
 
 
-def _total(paths: Sequence[str], threads: int) -> tuple[int, int, int]:
+def _total(paths: Sequence[str], threads: int, salvage: bool = False, validate: bool = False
+           ) -> tuple[int, int, int]:
     with ThreadPoolExecutor(max_workers=max(1, threads)) as pool:
-        parts = list(pool.map(_fingerprint, paths))
+        parts = list(pool.map(functools.partial(_fingerprint, salvage=salvage, validate=validate), paths))
     return (
         sum(part[0] for part in parts),
         sum(part[1] for part in parts) & MASK,
@@ -130,19 +133,25 @@ def _total(paths: Sequence[str], threads: int) -> tuple[int, int, int]:
     )
 
 
-def verify(output: str, inputs: Sequence[str], *, threads: int | None = None) -> VerifyResult:
+def verify(output: str, inputs: Sequence[str], *, threads: int | None = None, salvage: bool = False,
+           validate: bool = False) -> VerifyResult:
     """Compare the event lines of ``output`` (plain, gzip, or a sharded set)
     with those of ``inputs``, as multisets.  Raises InputError / DataError
-    when a file cannot be read as a trace."""
+    when a file cannot be read as a trace.
+
+    ``salvage`` and ``validate`` read the inputs as a merge with those
+    options does (a damaged tail, or a line that is not valid JSON, is then
+    left out of the inputs' side, as the merge left it out of the output);
+    the output is always read whole, as it is."""
     threads = threads or os.cpu_count() or 1
     outputs = output_files(output)
     produced = _total(outputs, threads)
-    expected = _total(list(inputs), threads)
+    expected = _total(list(inputs), threads, salvage, validate)
     if produced == expected:
         return VerifyResult(produced[0], expected[0], True)
     balance: collections.Counter[int] = collections.Counter()
     for path in inputs:
-        balance.update(hash_ for hash_, _ in _line_hashes(path))
+        balance.update(hash_ for hash_, _ in _line_hashes(path, salvage, validate))
     for path in outputs:
         balance.subtract(hash_ for hash_, _ in _line_hashes(path))
     missing = {hash_: n for hash_, n in balance.items() if n > 0}
@@ -153,15 +162,16 @@ def verify(output: str, inputs: Sequence[str], *, threads: int | None = None) ->
         False,
         missing=sum(missing.values()),
         extra=sum(extra.values()),
-        missing_examples=_examples(inputs, missing),
+        missing_examples=_examples(inputs, missing, salvage, validate),
         extra_examples=_examples(outputs, extra),
     )
 
 
-def _examples(paths: Sequence[str], wanted: dict[int, int]) -> tuple[bytes, ...]:
+def _examples(paths: Sequence[str], wanted: dict[int, int], salvage: bool = False, validate: bool = False
+              ) -> tuple[bytes, ...]:
     found: list[bytes] = []
     for path in paths:
-        for hash_, line in _line_hashes(path):
+        for hash_, line in _line_hashes(path, salvage, validate):
             if hash_ in wanted and line not in found:
                 found.append(line)
                 if len(found) == EXAMPLES:

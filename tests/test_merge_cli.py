@@ -498,6 +498,34 @@ def test_salvage_keeps_every_complete_event(tmp_path, backend_name: str) -> None
     assert report["events"] == len(kept)
 
 
+def test_salvage_with_verify_checks_what_was_salvaged(tmp_path) -> None:
+    """Issue 19, case 18: ``merge --salvage --verify`` published, then exited 1 without its JSON (verify read
+    the damaged inputs whole and failed on them).  Verify reads the inputs as the salvaging merge did."""
+    paths, kept = crashed_rank_inputs(tmp_path)
+    out = tmp_path / "m.pfw"
+    done = run_cli("merge", *paths, "-o", str(out), "--salvage", "--verify", "--json")
+    assert done.returncode == 0, done.stderr
+    report = json.loads(done.stdout)
+    assert report["verification"]["verified"] is True
+    assert report["verification"]["input_events"] == report["events"] == len(kept)
+    checked = run_cli("verify", str(out), *paths, "--salvage", "--json")
+    assert checked.returncode == 0, checked.stderr
+    assert json.loads(checked.stdout)["output_events"] == len(kept)
+    expect_failure(run_cli("verify", str(out), *paths), 1, "cut.pfw")  # without --salvage: the damage is an error
+    # Salvage drops only the damage: an output missing a complete event still fails.
+    (tmp_path / "ok.pfw").write_bytes(b'{"ok":1}\n{"ok":2}\n')
+    assert run_cli("verify", str(out), *paths, "--salvage").returncode == 1
+
+
+def test_validate_salvage_with_verify(tmp_path) -> None:
+    paths, good = invalid_json_inputs(tmp_path)
+    out = tmp_path / "m.pfw"
+    done = run_cli("merge", *paths, "-o", str(out), "--validate", "--salvage", "--verify", "--json")
+    assert done.returncode == 0, done.stderr
+    assert json.loads(done.stdout)["verification"]["input_events"] == len(good)
+    assert run_cli("verify", str(out), *paths, "--validate", "--salvage").returncode == 0
+
+
 def invalid_json_inputs(tmp_path) -> tuple[list[str], list[bytes]]:
     """Event-shaped lines that are not JSON, in a plain and a gzip input,
     between valid ones; returns the paths and the valid events."""
