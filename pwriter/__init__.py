@@ -21,6 +21,8 @@ them all.
 
 from __future__ import annotations
 
+import sys
+import types
 from typing import TYPE_CHECKING, Any
 
 __version__ = "0.1.0"
@@ -81,6 +83,22 @@ if TYPE_CHECKING:
     from .settings import ConfigError, Settings, load_settings
     from .sync import SyncProducer, SyncWriter, merge_sync, open_writer_sync
     from .writer import Writer, WriterStatistics, open_writer
+
+
+class _Package(types.ModuleType):
+    """The package's own module type.  Importing a submodule makes the import
+    system set it as an attribute of its package; ``pwriter.merge`` names
+    the function, so the submodule of that name (imported by
+    ``open_writer_sync``, ``merge_sync``, ``collect_inputs``, the command
+    line...) must not replace it.  The submodule stays in ``sys.modules``."""
+
+    def __setattr__(self, name: str, value: Any) -> None:
+        if name in _LAZY and isinstance(value, types.ModuleType):
+            return
+        super().__setattr__(name, value)
+
+
+sys.modules[__name__].__class__ = _Package
 
 
 def __getattr__(name: str) -> Any:

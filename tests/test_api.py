@@ -5,6 +5,11 @@ from __future__ import annotations
 
 import json
 import pydoc
+import subprocess
+import sys
+import textwrap
+
+import pytest
 
 import pwriter
 from pwriter.settings import Settings
@@ -32,3 +37,29 @@ def test_every_setting_is_described_in_info_and_merge_help(tmp_path) -> None:
         variable = "PWRITER_" + name.upper()
         assert variable in helped.stdout and variable in info.stdout
         assert report["settings"][variable]["description"] == field.description
+
+
+@pytest.mark.parametrize("first", [
+    "pwriter.open_writer_sync",
+    "pwriter.merge_sync",
+    "pwriter.collect_inputs",
+    "import pwriter.merge",
+    "import pwriter.sync, pwriter.cli, pwriter.mpi",
+    "from pwriter.merge import MergeResult",
+    "pwriter.merge",
+])
+def test_pwriter_merge_is_the_function_whatever_is_imported_first(first: str) -> None:
+    """Issue 19, case 20: importing the submodule pwriter.merge (as open_writer_sync, merge_sync and
+    collect_inputs do) set the package's attribute ``merge`` to the module: ``pwriter.merge(...)`` raised
+    "'module' object is not callable".  A fresh interpreter per import order."""
+    script = textwrap.dedent(f"""
+        import inspect, sys
+        import pwriter
+        {first}
+        from pwriter import merge
+        assert pwriter.merge is merge and inspect.iscoroutinefunction(merge), pwriter.merge
+        assert merge.__module__ == "pwriter.merge" and "pwriter.merge" in sys.modules
+        assert sys.modules["pwriter.merge"].merge is merge
+    """)
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=60)
+    assert done.returncode == 0, done.stderr
