@@ -14,11 +14,13 @@ from __future__ import annotations
 import dataclasses
 import os
 from collections.abc import Sequence
+from typing import Any
 
 import trio
 
-from .inputs import InputReader, InputRun, collect_inputs, fill_step, input_size
-from .settings import Settings
+from .errors import UsageError
+from .inputs import InputReader, InputRun, collect_inputs, fill_step, input_size, path_list
+from .settings import Settings, settings_from
 from .sink import ChunkSink
 from .writer import SharedOutputPart, WriterStatistics, error_to_raise, open_writer
 
@@ -119,15 +121,21 @@ async def merge(
     inputs: Sequence[str],
     output: str,
     *,
-    settings: Settings,
+    settings: Settings | None = None,
     force: bool = False,
     progress: MergeProgress | None = None,
     readers: int | None = None,
     salvage: bool = False,
     validate: bool = False,
     part: SharedOutputPart | None = None,
+    **overrides: Any,
 ) -> MergeResult:
-    """Merge ``inputs`` (checked by :func:`collect_inputs`) into ``output``.
+    """Merge ``inputs`` (a list of paths, checked by :func:`collect_inputs`) into ``output``.
+
+    ``settings`` and any setting as a keyword as for
+    :func:`~pwriter.writer.open_writer`.  A single path (a str) where the
+    list belongs is a TypeError; no inputs at all is a
+    :class:`~pwriter.errors.UsageError`, as on the command line.
 
     Every event line of every input appears exactly once in the output,
     between a ``[`` first line and a ``]`` last line; the lines of one input
@@ -142,6 +150,10 @@ async def merge(
     process merges its share into a part of an output that several processes
     write (:mod:`pwriter.mpi`).
     """
+    inputs = path_list(inputs, "merge")
+    if not inputs and part is None:  # (an MPI rank may have no share of the inputs)
+        raise UsageError("no inputs: merge() was given an empty list of trace files")
+    settings = settings_from(settings, overrides, "merge")
     sizes = [input_size(path) for path in inputs]
     if progress is None:
         progress = MergeProgress(total_input_bytes=0)

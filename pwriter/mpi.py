@@ -359,16 +359,16 @@ def _decide(world: World, paths: Sequence[str], directories: Sequence[str] | Non
     """Step 1, on rank 0: returns the decision and the OutputSet (kept on rank 0 to publish)."""
     from .inputs import collect_inputs, input_size
     from .output import OutputSet, manifest_path, member_index_path, read_shard_set, remove_stale_temporaries
-    from .writer import follow_layout_of, plan
+    from .writer import follow_layout_of, output_compression, plan
 
-    if offsets == "exscan" and (settings.compress or output.endswith(".gz") or settings.direct
+    compressed = output_compression(output, settings)
+    if offsets == "exscan" and (compressed or settings.direct
                                 or settings.layout not in ("auto", "striped")):
         raise UsageError("--mpi-offsets exscan: only for a striped, plain output (its ranges are counted "
                          "before they are written); the shared counter does every layout")
     manifest = manifest_path(output)
     inputs = collect_inputs(paths, directories, exclude=[output, manifest, *read_shard_set(manifest)])
     sizes = [input_size(path) for path in inputs]
-    compressed = settings.compress or output.endswith(".gz")
     fs, sizing = plan(output, settings, expected_bytes=sum(sizes), processes_per_node=world.node_ranks)
     sharded = sizing.layout == "sharded"
     files = world.size * sizing.workers if sharded else 1

@@ -30,6 +30,7 @@ import pytest
 
 if TYPE_CHECKING:  # imported by the fixtures, so that pytest starts fast where they are not used
     from .backends import Backend
+    from .settings import Settings
     from .sizing import FsInfo, FsKind
     from .testing import FaultBackend, MemoryBackend
     from .writer import Writer
@@ -44,11 +45,9 @@ class OpenWriter(Protocol):
         self,
         name: str = "out.pfw",
         *,
-        backend: str | Backend = "threads",
-        force: bool = False,
-        producers: int | None = None,
-        compress: bool | None = None,
-        **settings: Any,
+        settings: Settings | None = None,
+        backend: str | Backend | None = None,
+        **options: Any,
     ) -> contextlib.AbstractAsyncContextManager[Writer]: ...
 
 
@@ -129,28 +128,27 @@ def pwriter_fake_fs(monkeypatch: pytest.MonkeyPatch, tmp_path: os.PathLike[str])
 def pwriter_open_writer(tmp_path: os.PathLike[str]) -> OpenWriter:
     """Open a pwriter writer on a file in tmp_path: ``async with pwriter_open_writer("out.pfw") as writer``.
 
-    ``backend`` is a backend name (``"threads"``, the default, ``"io_uring"``
-    or ``"auto"``) or a backend object (``pwriter_memory_backend``,
-    ``pwriter_fault_backend``); other keywords are settings
+    The keywords are :func:`pwriter.open_writer`'s, by the same rule:
+    ``settings`` optional, any setting as a keyword on top
     (``layout="sharded"``, ``stripe_size="64KiB"``, ``max_delay=10``, ...),
-    with ``fsync`` off unless given.  The output is published in
-    ``tmp_path`` when the block ends without error, as
-    :func:`pwriter.open_writer` promises.
+    ``force``, ``producers``, ...; a keyword that is neither is a TypeError.
+    ``backend`` is a backend name (``"threads"``, ``"io_uring"`` or
+    ``"auto"``) or a backend object (``pwriter_memory_backend``,
+    ``pwriter_fault_backend``).  Without ``settings``, the backend is
+    ``"threads"`` and ``fsync`` is off unless given; a ``settings`` object
+    is used as it is.  The output is published in ``tmp_path`` when the
+    block ends without error, as :func:`pwriter.open_writer` promises.
     """
 
-    def open_test_writer(name: str = "out.pfw", *, backend: str | Backend = "threads", force: bool = False,
-                         producers: int | None = None, compress: bool | None = None,
-                         **settings: Any) -> contextlib.AbstractAsyncContextManager[Writer]:
-        from .settings import load_settings
+    def open_test_writer(name: str = "out.pfw", *, settings: Settings | None = None,
+                         backend: str | Backend | None = None,
+                         **options: Any) -> contextlib.AbstractAsyncContextManager[Writer]:
         from .writer import open_writer
 
-        settings.setdefault("fsync", False)
-        backend_object = None
-        if isinstance(backend, str):
-            settings["backend"] = backend
-        else:
-            backend_object = backend
-        return open_writer(os.path.join(tmp_path, name), settings=load_settings(**settings), backend=backend_object,
-                           force=force, producers=producers, compress=compress)
+        if settings is None:
+            options.setdefault("fsync", False)
+            if backend is None:
+                backend = "threads"
+        return open_writer(os.path.join(tmp_path, name), settings=settings, backend=backend, **options)
 
     return open_test_writer

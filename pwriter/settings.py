@@ -22,7 +22,7 @@ from .errors import UsageError
 from .layout import LayoutName
 
 __all__ = ["ConfigError", "LayoutChoice", "BackendName", "Settings", "parse_size", "load_settings", "settings_with",
-           "describe_settings"]
+           "settings_from", "describe_settings"]
 
 LayoutChoice = Literal["auto", LayoutName]  # (the layouts themselves: pwriter.layout.LayoutName)
 BackendName = Literal["auto", "io_uring", "threads"]
@@ -85,6 +85,7 @@ def _stripe_count(value: object) -> object:
 
 # The Lustre stripe count set on create (see _stripe_count for the values).
 StripeCount = Annotated[Literal["auto"] | int, BeforeValidator(_stripe_count)]
+OptionalBool = Annotated[bool | None, BeforeValidator(_optional_int)]  # "auto", "" or None: decided by the output
 QueueDepth = Annotated[Annotated[int, Field(ge=1, le=4096)] | None, BeforeValidator(_optional_int)]
 
 
@@ -126,8 +127,9 @@ class Settings(BaseModel):
         default=True, description="with fsync: start writing each written range back at once, so that "
                                   "writing and flushing overlap")
     direct: bool = Field(default=False, description="write whole stripes with O_DIRECT (padded-striped)")
-    compress: bool = Field(
-        default=False, description="write gzip members (also implied by an output name ending in .gz)")
+    compress: OptionalBool = Field(
+        default=None, description="write gzip members; auto: when the output name ends in .gz (false with such "
+                                  "a name is refused)")
     level: int = Field(
         default=1, ge=0, le=9,
         description="compression level: 0 to 3 with python-isal, else zlib's 1 to 9 (another is refused)")
@@ -188,6 +190,24 @@ def settings_with(settings: Settings, **overrides: Any) -> Settings:
         return Settings(**{**settings.model_dump(exclude_unset=False), **given})
     except ValidationError as exc:
         raise ConfigError(_describe(exc, {})) from None
+
+
+def settings_from(settings: Settings | None, overrides: dict[str, Any], function: str) -> Settings:
+    """The one rule of every entrance that takes settings (``open_writer``,
+    ``merge``, their sync faces, the pytest fixture): ``settings`` (default:
+    :func:`load_settings`, the environment) with any setting given as a
+    keyword on top (``None``: not given).  A keyword that names no setting is
+    a TypeError naming it, as Python's own for an unexpected keyword."""
+    for name in overrides:
+        if name not in Settings.model_fields:
+            raise TypeError(f"{function}() got an unexpected keyword argument {name!r} (neither one of its own "
+                            f"nor a setting: {', '.join(Settings.model_fields)})")
+    if settings is None:
+        return load_settings(**overrides)
+    if not isinstance(settings, Settings):
+        raise TypeError(f"{function}(): settings must be a pwriter.Settings (see load_settings), "
+                        f"not {type(settings).__name__}")
+    return settings_with(settings, **overrides)
 
 
 def _describe(exc: ValidationError, variables: dict[str, str]) -> str:

@@ -28,7 +28,7 @@ from __future__ import annotations
 
 import threading
 import typing
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from contextlib import contextmanager
 from typing import Any
 
@@ -36,7 +36,9 @@ import trio
 
 from .channels import DEFAULT_BATCH_BYTES, Producer, join_lines, one_line
 from .errors import BusyError, ClosedError, InputError
+from .inputs import path_list
 from .merge import MergeResult, merge
+from .settings import Settings
 from .writer import Writer, WriterStatistics, error_to_raise, open_writer
 
 __all__ = ["open_writer_sync", "SyncWriter", "SyncProducer", "merge_sync"]
@@ -279,9 +281,10 @@ class SyncProducer:
 
 
 @contextmanager
-def open_writer_sync(path: Any, **options: Any) -> Iterator[SyncWriter]:
+def open_writer_sync(path: Any, *, settings: Settings | None = None, **options: Any) -> Iterator[SyncWriter]:
     """:func:`~pwriter.writer.open_writer` as a plain context manager, for
-    code that is not trio: the same keywords, the same promises.
+    code that is not trio: the same keywords (``settings`` optional, any
+    setting as a keyword), the same promises.
 
     ``with open_writer_sync("merged.pfw") as writer:`` starts the service on
     a trio loop of its own in a background thread; ``writer.producer()``
@@ -290,7 +293,7 @@ def open_writer_sync(path: Any, **options: Any) -> Iterator[SyncWriter]:
     publishes nothing and propagates unchanged.  Errors of the service reach
     the caller's thread with the same exception types as the trio API.
     """
-    writer = SyncWriter(path, options)
+    writer = SyncWriter(path, {"settings": settings, **options})
     writer._start()
     try:
         yield writer
@@ -300,10 +303,14 @@ def open_writer_sync(path: Any, **options: Any) -> Iterator[SyncWriter]:
     writer._end(None)
 
 
-def merge_sync(inputs: Any, output: str, **options: Any) -> MergeResult:
+def merge_sync(inputs: Sequence[str], output: str, *, settings: Settings | None = None,
+               **options: Any) -> MergeResult:
     """:func:`~pwriter.merge.merge` for code that is not trio (a trio loop of
-    its own, in the calling thread); the same keywords and errors."""
+    its own, in the calling thread); the same keywords and errors: a list of
+    input paths (a str is a TypeError, an empty list a UsageError),
+    ``settings`` optional, any setting as a keyword."""
+    inputs = path_list(inputs, "merge_sync")  # (refused here, before a trio loop starts)
     try:
-        return trio.run(lambda: merge(inputs, output, **options), strict_exception_groups=True)
+        return trio.run(lambda: merge(inputs, output, settings=settings, **options), strict_exception_groups=True)
     except BaseExceptionGroup as group:
         raise error_to_raise(group) from None

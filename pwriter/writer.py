@@ -52,11 +52,12 @@ from .output import OutputSet, StreamOutput, member_index_path
 from .lanes import WriteLanes
 from .members import MemberStage
 from .sink import ChunkSink
-from .settings import Settings, load_settings, settings_with
+from .settings import ConfigError, Settings, settings_from, settings_with
 from .sizing import FsInfo, Sizing, follow_layout_set, plan_sizing
 from .traceformat import BlockCleaner
 
-__all__ = ["Writer", "WriterStatistics", "open_writer", "plan", "error_to_raise", "HEADER", "FOOTER"]
+__all__ = ["Writer", "WriterStatistics", "open_writer", "plan", "output_compression", "error_to_raise", "HEADER",
+           "FOOTER"]
 
 HEADER = b"[\n"
 FOOTER = b"]\n"
@@ -345,28 +346,29 @@ async def open_writer(
     header: bytes = HEADER,
     footer: bytes = FOOTER,
     fs: FsInfo | None = None,
-    backend: Backend | None = None,
-    compress: bool | None = None,
-    fsync: bool | None = None,
-    level: int | None = None,
+    backend: Backend | str | None = None,
     validate: bool = False,
     expected_bytes: int | None = None,
     part: SharedOutputPart | None = None,
+    **overrides: typing.Any,
 ) -> AsyncIterator[Writer]:
     """Open a writer that publishes ``path`` when the block ends without error.
 
     ``settings`` default to :func:`~pwriter.settings.load_settings` (the
-    environment); ``fsync``, ``compress`` and ``level``, when given, replace
-    the setting of that name.  ``producers`` is a hint for the sizing.  The
+    environment); any setting given as a keyword (``fsync=False``,
+    ``layout="sharded"``, ``stripe_size="1MiB"``, ``max_delay=10``, ...)
+    replaces the one of that name; a keyword that names no setting is a
+    TypeError (:func:`~pwriter.settings.settings_from`, the rule of every
+    entrance).  ``producers``, a hint for the sizing, is at least 1.  The
     output is refused (:class:`~pwriter.errors.UsageError`) when its
     directory does not exist, when it exists and ``force`` is false
     (:class:`~pwriter.errors.OutputExistsError`), when it is one of
     ``inputs``, and, even with ``force``, when the name is not a regular file
     or a symlink to one (a directory, FIFO, socket, device).  ``header``
     starts and ``footer`` ends the output in every layout.  ``fs`` replaces
-    filesystem detection and ``backend`` the backend named in the settings
-    (both for tests).  ``compress`` (default: the ``compress`` setting, or a
-    ``path`` ending in ``.gz``) writes every chunk, the header and the footer
+    filesystem detection and a ``backend`` object the backend named in the
+    settings (both for tests; a backend name is the setting).  ``compress``
+    (default: a ``path`` ending in ``.gz``) writes every chunk, the header and the footer
     as standalone gzip members, compressed in worker threads, and publishes
     a member index, ``<path>.members.json``; a ``level`` outside the
     codec's range is a :class:`~pwriter.settings.ConfigError`.  With
@@ -405,10 +407,17 @@ async def open_writer(
     every producer handle and writer call raises
     :class:`~pwriter.errors.ClosedError`.
     """
-    overrides = {"fsync": fsync, "compress": compress, "level": level}
-    settings = settings_with(settings, **overrides) if settings is not None else load_settings(**overrides)
+    if isinstance(backend, str):
+        overrides["backend"], backend = backend, None
+    settings = settings_from(settings, overrides, "open_writer")
+    if producers is not None and (type(producers) is not int or producers < 1):
+        raise ValueError(f"producers={producers!r}: the number of producers expected, at least 1 (or None)")
     output: OutputSet | StreamOutput
     if _is_stream(path):
+        if settings.layout not in ("auto", "striped") or settings.direct:
+            what = f"layout={settings.layout!r}" if settings.layout not in ("auto", "striped") else "direct"
+            raise ConfigError(f"invalid setting {what}: a stream (-o -) is written in read order, in the "
+                              "striped layout, without O_DIRECT")
         output = StreamOutput(path)
         target = output.target
         settings = settings_with(settings, layout="striped")
@@ -419,8 +428,7 @@ async def open_writer(
         output = None  # type: ignore[assignment]  # made once the layout is known
     else:
         raise TypeError(f"open_writer takes a path, '-' or a binary stream with fileno(), not {type(path).__name__}")
-    if compress is None:
-        compress = settings.compress or (target.endswith(".gz") and not isinstance(output, StreamOutput))
+    compress = output_compression(target, settings, stream=isinstance(output, StreamOutput))
     if compress:
         check_level(settings.level)
     header_text, footer_text = len(header), len(footer)
@@ -511,6 +519,25 @@ async def open_writer(
         with trio.CancelScope(shield=True):
             output.discard()
             pool.close()
+
+
+def output_compression(target: str, settings: Settings, *, stream: bool = False) -> bool:
+    """Whether ``target`` is written as gzip members: the ``compress``
+    setting, or when it is auto (None) a name ending in ``.gz`` (a stream:
+    plain).  What cannot be honoured is refused with
+    :class:`~pwriter.settings.ConfigError`: ``compress`` false for a ``.gz``
+    name (the output would be plain text under a gzip name), ``direct`` with
+    gzip members (they are never whole aligned stripes: O_DIRECT would
+    write nothing)."""
+    gz_name = target.endswith(".gz") and not stream
+    if settings.compress is False and gz_name:
+        raise ConfigError(f"invalid setting compress=False: the output {target} ends in .gz, the name of a gzip "
+                          "file (compress it, or name it without .gz)")
+    compress = settings.compress if settings.compress is not None else gz_name
+    if compress and settings.direct:
+        raise ConfigError(f"invalid setting direct=True: {target}: gzip output is never written with O_DIRECT "
+                          "(its members are not whole aligned stripes); write it plain, or without --direct")
+    return compress
 
 
 def _is_stream(path: object) -> bool:

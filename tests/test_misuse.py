@@ -3,8 +3,10 @@ own exceptions, the open_writer keywords, and buffers on error paths."""
 
 from __future__ import annotations
 
+import collections
 import fcntl
 import os
+import pathlib
 import threading
 import time
 
@@ -14,9 +16,11 @@ import trio
 import pwriter.channels
 import pwriter.inputs
 from pwriter.backends import open_backend
-from pwriter.errors import BusyError, ClosedError, DataError, InputError
+from pwriter.errors import BusyError, ClosedError, DataError, InputError, UsageError
+from pwriter.inputs import collect_inputs
 from pwriter.merge import merge
-from pwriter.settings import ConfigError
+from pwriter.settings import ConfigError, load_settings
+from pwriter.sync import merge_sync, open_writer_sync
 from pwriter.testing import read_events, write_corpus
 from pwriter.writer import open_writer
 from pwriter.sizing import FsInfo, FsKind
@@ -270,3 +274,104 @@ async def test_wrong_argument_types_are_named(tmp_path) -> None:
     async with open_writer(str(tmp_path / "out.pfw"), fsync=False, fs=LOCAL) as writer:
         with pytest.raises(TypeError, match="write_lines takes bytes"):
             await writer.write_lines(0, "text")  # type: ignore[arg-type]
+
+
+@pytest.mark.parametrize(("target", "options", "needle"), [
+    ("-", {"layout": "sharded"}, "layout='sharded'"),
+    ("-", {"layout": "padded-striped"}, "layout='padded-striped'"),
+    ("-", {"direct": True}, "direct"),
+    ("out.pfw.gz", {"direct": True}, "direct=True"),
+    ("out.pfw", {"direct": True, "compress": True}, "direct=True"),
+    ("out.pfw.gz", {"compress": False}, "compress=False"),
+    ("out.pfw", {"producers": 0}, "producers=0"),
+    ("out.pfw", {"producers": -2}, "producers=-2"),
+])
+async def test_options_that_cannot_be_honoured_are_refused(tmp_path, target: str, options: dict[str, object],
+                                                           needle: str) -> None:
+    """Issue 19, case 19: a stream took --layout sharded as striped, --direct with gzip output wrote
+    nothing with O_DIRECT (direct_writes 0), compress=False wrote plain text under a .gz name, and
+    producers=0 or -2 passed: each was ignored.  Each is a ValueError now, before anything is created."""
+    path = target if target == "-" else str(tmp_path / target)
+    with pytest.raises(ValueError, match=needle):
+        async with open_writer(path, fs=LOCAL, fsync=False, **options):  # type: ignore[arg-type]
+            pass
+    assert os.listdir(tmp_path) == []
+
+
+@pytest.mark.parametrize(("target", "options", "env", "needle"), [
+    ("-", ["--layout", "sharded"], {}, "layout='sharded'"),
+    ("-", ["--layout", "padded-striped"], {}, "layout='padded-striped'"),
+    ("m.pfw.gz", ["--direct"], {}, "direct=True"),
+    ("m.pfw", ["--direct", "--compress"], {}, "direct=True"),
+    ("m.pfw.gz", [], {"PWRITER_COMPRESS": "false"}, "compress=False"),
+])
+def test_cli_options_that_cannot_be_honoured_are_exit_2(tmp_path, target: str, options: list[str],
+                                                        env: dict[str, str], needle: str) -> None:
+    inputs = write_corpus(str(tmp_path / "in"), files=2, events_per_file=10, seed=1)
+    output = target if target == "-" else str(tmp_path / target)
+    done = run_cli("merge", *inputs, "-o", output, *options, env=env)
+    expect_failure(done, 2, needle)
+    assert sorted(os.listdir(tmp_path)) == ["in"]
+
+
+def test_every_entrance_takes_settings_the_same_way(tmp_path) -> None:
+    """Issue 19, case 21: open_writer took settings only through ``settings=``, merge and merge_sync required
+    it, the pytest fixture took settings as keywords.  One rule now: ``settings`` optional, any setting as a
+    keyword on top, an unknown keyword a TypeError naming it."""
+    inputs = write_corpus(str(tmp_path / "in"), files=3, events_per_file=20, seed=3)
+    expected = collections.Counter(line for path in inputs for line in read_events(path))
+    base = load_settings(fsync=False, backend="threads")
+
+    async def through_the_trio_entrances() -> None:
+        result = await merge(inputs, str(tmp_path / "a.pfw"), fsync=False, layout="sharded", workers=2)
+        assert (result.writer.layout, result.writer.workers) == ("sharded", 2)
+        async with open_writer(str(tmp_path / "b.pfw"), settings=base, layout="padded-striped",
+                               stripe_size="64KiB", max_delay=5) as writer:
+            assert (writer.sizing.layout, writer.sizing.stripe_size, writer.settings.max_delay) == (
+                "padded-striped", 64 << 10, 5)
+            assert writer.settings.backend == "threads"  # the rest of the given settings stands
+
+    trio.run(through_the_trio_entrances)
+    assert collections.Counter(read_events(str(tmp_path / "a.pfw.shards"))) == expected
+    result = merge_sync(inputs, str(tmp_path / "c.pfw"), settings=base, layout="striped", stripe_size="64KiB")
+    assert (result.writer.layout, result.writer.stripe_size, result.writer.backend) == ("striped", 64 << 10,
+                                                                                      "threads")
+    assert collections.Counter(read_events(str(tmp_path / "c.pfw"))) == expected
+    with open_writer_sync(str(tmp_path / "d.pfw"), fsync=False, layout="padded-striped") as sync_writer:
+        assert sync_writer.statistics().layout == "padded-striped"
+    before = sorted(os.listdir(tmp_path))
+    with pytest.raises(TypeError, match="merge.*'stripe_sise'"):
+        merge_sync(inputs, str(tmp_path / "e.pfw"), stripe_sise="64KiB")
+    with pytest.raises(TypeError, match="open_writer.*'layuot'"):
+        with open_writer_sync(str(tmp_path / "e.pfw"), layuot="sharded"):
+            pass
+
+    async def unknown_keywords() -> None:
+        with pytest.raises(TypeError, match="merge.*'max_dealy'"):
+            await merge(inputs, str(tmp_path / "e.pfw"), max_dealy=3)
+        with pytest.raises(TypeError, match="open_writer.*'compres'"):
+            async with open_writer(str(tmp_path / "e.pfw"), compres=True):
+                pass
+
+    trio.run(unknown_keywords)
+    assert sorted(os.listdir(tmp_path)) == before
+
+
+@pytest.mark.parametrize("inputs", ["one.pfw", b"one.pfw", pathlib.Path("one.pfw"), []])
+def test_inputs_are_a_list_of_paths_and_not_empty(tmp_path, inputs: object) -> None:
+    """Issue 19, case 21: merge_sync("a.pfw", ...) iterated the characters of the name, and merge_sync([])
+    published an empty trace.  A single path is a TypeError in our words; no inputs a UsageError, as on the
+    command line."""
+    (tmp_path / "one.pfw").write_bytes(b'{"a":1}\n')
+    os.chdir(tmp_path)
+    error, needle = (UsageError, "no inputs") if inputs == [] else (TypeError, "a list of paths")
+    with pytest.raises(error, match=needle):
+        merge_sync(inputs, "out.pfw", fsync=False)  # type: ignore[arg-type]
+    with pytest.raises(error, match=needle):
+        trio.run(lambda: merge(inputs, "out.pfw", fsync=False))  # type: ignore[arg-type]
+    if inputs != []:
+        with pytest.raises(TypeError, match="a list of paths"):
+            collect_inputs(inputs)  # type: ignore[arg-type]
+        with pytest.raises(TypeError, match="a list of paths"):
+            collect_inputs([], inputs)  # type: ignore[arg-type]
+    assert os.listdir(tmp_path) == ["one.pfw"]

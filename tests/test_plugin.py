@@ -72,6 +72,20 @@ async def test_sizing_on_a_fake_lustre(pwriter_fake_fs, pwriter_open_writer):
     assert info.kind == "lustre" and writer.statistics().fs_kind == "lustre"
 
 
+MARK
+async def test_the_fixture_takes_settings_as_open_writer_does(pwriter_open_writer):
+    from pwriter.settings import load_settings
+
+    with pytest.raises(TypeError, match="'stripe_sise'"):
+        async with pwriter_open_writer(stripe_sise="64KiB"):
+            pass
+    given = load_settings(fsync=False, layout="sharded", workers=2)
+    async with pwriter_open_writer("given.pfw", settings=given, max_delay=10, producers=2) as writer:
+        assert (writer.sizing.layout, writer.sizing.workers, writer.settings.max_delay) == ("sharded", 2, 10)
+        await writer.write_lines(0, b'{"a":1}\\n')
+    assert read_events(writer.manifest) == [b'{"a":1}']
+
+
 def test_sizing_on_a_fake_nfs_without_trio(pwriter_fake_fs, tmp_path):
     from pwriter.settings import load_settings
     from pwriter.writer import plan
@@ -91,7 +105,7 @@ def test_a_new_project_uses_the_fixtures(pytester: pytest.Pytester, style: str) 
         pytester.makeini("[pytest]\nfilterwarnings = error\n")
         pytester.makepyfile(test_user=USER_TESTS.replace("MARK\n", "@pytest.mark.trio\n"))
     result = pytester.runpytest_subprocess("-p", "no:cacheprovider")
-    result.assert_outcomes(passed=6)
+    result.assert_outcomes(passed=7)
 
 
 def test_fixtures_are_listed_with_a_description(pytester: pytest.Pytester) -> None:
