@@ -37,6 +37,17 @@ def _settings_epilog() -> str:
     return "settings, from the environment (options above win):\n" + "\n".join(lines)
 
 
+def _at_least_one(text: str) -> int:
+    """An argparse type: a count of at least 1."""
+    try:
+        count = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a whole number") from None
+    if count < 1:
+        raise argparse.ArgumentTypeError(f"{count}: at least 1")
+    return count
+
+
 def _parser(*, settings_help: bool = False) -> argparse.ArgumentParser:
     parser = _Parser(prog="pwriter", description="Merge and write DFTracer traces at the speed of the storage.")
     commands = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
@@ -106,9 +117,10 @@ def _parser(*, settings_help: bool = False) -> argparse.ArgumentParser:
 
     gen = commands.add_parser("gen-corpus", help="write an example corpus of mixed traces")
     gen.add_argument("directory", metavar="DIR")
-    gen.add_argument("--files", type=int, default=200)
-    gen.add_argument("--events", type=int, default=500, help="events per file")
+    gen.add_argument("--files", type=_at_least_one, default=200)
+    gen.add_argument("--events", type=_at_least_one, default=500, help="events per file")
     gen.add_argument("--seed", type=int, default=0)
+    gen.add_argument("--force", action="store_true", help="overwrite rank_N.pfw[.gz] files already in DIR")
     return parser
 
 
@@ -557,8 +569,13 @@ def _member_summary(path: str) -> dict[str, Any] | None:
 
 def _gen_corpus(args: argparse.Namespace) -> int:
     from .corpus import write_corpus
+    from .errors import OutputExistsError
 
-    paths = write_corpus(args.directory, files=args.files, events_per_file=args.events, seed=args.seed)
+    try:
+        paths = write_corpus(args.directory, files=args.files, events_per_file=args.events, seed=args.seed,
+                             force=args.force)
+    except FileExistsError as exc:
+        raise OutputExistsError(exc.filename, "a file is already there") from None
     print(f"wrote {len(paths)} traces ({args.events} events each) to {args.directory}")
     return 0
 

@@ -8,6 +8,7 @@ Deterministic for a given seed.
 
 from __future__ import annotations
 
+import errno
 import gzip
 import os
 import random
@@ -72,15 +73,32 @@ def write_trace(path: str, lines: list[bytes], *, array: bool, indent_first: boo
         handle.write(data)
 
 
-def write_corpus(directory: str, *, files: int = 200, events_per_file: int = 200, seed: int = 0) -> list[str]:
+def _corpus_paths(directory: str, files: int) -> list[str]:
+    """The names :func:`write_corpus` gives ``files`` traces in ``directory``."""
+    return [os.path.join(directory, f"rank_{rank}.pfw" + (".gz" if rank % 2 == 1 else "")) for rank in range(files)]
+
+
+def write_corpus(directory: str, *, files: int = 200, events_per_file: int = 200, seed: int = 0,
+                 force: bool = False) -> list[str]:
     """A mixed corpus in ``directory``: gzip and plain, array style and
     NDJSON, some array files indented or without a final newline.
-    Returns the paths written."""
+    Returns the paths written.
+
+    ``files`` and ``events_per_file`` are at least 1 (ValueError).  A file
+    already at one of the names (``rank_N.pfw``, ``rank_N.pfw.gz``: the
+    field's own tools use them too) is never overwritten unless ``force``:
+    FileExistsError names it, and nothing is written."""
+    for name, count in (("files", files), ("events_per_file", events_per_file)):
+        if type(count) is not int or count < 1:
+            raise ValueError(f"{name}={count!r}: at least 1")
+    paths = _corpus_paths(directory, files)
+    if not force:
+        for path in paths:
+            if os.path.lexists(path):
+                raise FileExistsError(errno.EEXIST, "a file is already there (a trace of another run?); "
+                                      "refusing to overwrite it", path)
     os.makedirs(directory, exist_ok=True)
-    paths = []
-    for rank in range(files):
-        compressed = rank % 2 == 1
-        path = os.path.join(directory, f"rank_{rank}.pfw" + (".gz" if compressed else ""))
+    for rank, path in enumerate(paths):
         array = rank % 3 != 0
         write_trace(
             path,
@@ -89,5 +107,4 @@ def write_corpus(directory: str, *, files: int = 200, events_per_file: int = 200
             indent_first=array and rank % 5 == 1,
             close_newline=not (array and rank % 7 == 2),
         )
-        paths.append(path)
     return paths

@@ -173,6 +173,25 @@ def test_gen_corpus_and_info(tmp_path) -> None:
     assert "filesystem:" in text.stdout and "threads: available" in text.stdout
 
 
+def test_gen_corpus_never_overwrites_and_refuses_counts_below_one(tmp_path) -> None:
+    """Issue 19, case 23: gen-corpus overwrote rank_N files already in DIR (the field's fake-trace tool uses the
+    same names) and took negative counts."""
+    directory = tmp_path / "c"
+    directory.mkdir()
+    theirs = directory / "rank_1.pfw.gz"
+    theirs.write_bytes(b"a trace of a real run")
+    done = run_cli("gen-corpus", str(directory), "--files", "3", "--events", "5")
+    expect_failure(done, 2, "rank_1.pfw.gz", "already there", "--force")
+    assert os.listdir(directory) == ["rank_1.pfw.gz"] and theirs.read_bytes() == b"a trace of a real run"
+    forced = run_cli("gen-corpus", str(directory), "--files", "3", "--events", "5", "--force")
+    assert forced.returncode == 0, forced.stderr
+    assert len(read_events(theirs)) == 5
+    for option in (["--files", "-2"], ["--files", "0"], ["--events", "-1"], ["--events", "0"]):
+        refused = run_cli("gen-corpus", str(tmp_path / "new"), *option)
+        expect_failure(refused, 2, option[0], "at least 1")
+        assert not (tmp_path / "new").exists()
+
+
 # -- bad input: one line naming the file, the documented exit code, no output --
 
 
