@@ -11,8 +11,10 @@ SIGINT, 143 terminated by SIGTERM; in both of the last, nothing is published).
 from __future__ import annotations
 
 import argparse
+import errno
 import functools
 import json
+import os
 import signal
 import sys
 from collections.abc import Sequence
@@ -131,28 +133,88 @@ def main(argv: Sequence[str] | None = None) -> int:
     from .errors import OutputExistsError, PwriterError, other_errors
 
     try:
-        if args.command == "merge":
-            return _merge(args)
-        if args.command == "info":
-            return _info(args)
-        if args.command == "verify":
-            return _verify(args)
-        return _gen_corpus(args)
+        code = _command(args)
+        sys.stdout.flush()  # (here, not at exit: a reader that went away, ``| head``, is found now)
+        return code
+    except BrokenPipeError:  # the reader of stdout went away: exit 1 quietly, Python's convention
+        _stdout_closed()
+        return 1
     except PwriterError as exc:
         message = exc.message("--force") if isinstance(exc, OutputExistsError) else str(exc)
-        print(f"pwriter: error: {message}", file=sys.stderr)
+        _say(f"pwriter: error: {message}")
         shown = {_error_kind(exc)}
         for other in other_errors(exc):
             if _error_kind(other) not in shown:  # the same failure on another write says nothing new
                 shown.add(_error_kind(other))
-                print(f"pwriter: also: {other}", file=sys.stderr)
+                _say(f"pwriter: also: {other}")
         return exc.exit_code
+    except OSError as exc:
+        if exc.errno not in (errno.EMFILE, errno.ENFILE):
+            raise
+        _say(f"pwriter: error: {_out_of_descriptors(args, exc)}")
+        return 1
     except KeyboardInterrupt:
-        print("pwriter: interrupted", file=sys.stderr)
+        _say("pwriter: interrupted")
         return 130
     except _Terminated:
-        print("pwriter: terminated", file=sys.stderr)
+        _say("pwriter: terminated")
         return 143
+
+
+def _command(args: argparse.Namespace) -> int:
+    if args.command == "merge":
+        return _merge(args)
+    if args.command == "info":
+        return _info(args)
+    if args.command == "verify":
+        return _verify(args)
+    return _gen_corpus(args)
+
+
+def _printable(text: str) -> str:
+    """``text`` as the terminal may show it: every character that is not
+    printable (newline, CR, ESC and the other control characters, in a file
+    name say) escaped as ``repr`` escapes it, so that a name can neither
+    break an error line in two nor drive the terminal."""
+    if text.isprintable():
+        return text
+    return "".join(char if char.isprintable() else repr(char)[1:-1] for char in text)
+
+
+def _say(line: str) -> None:
+    """Write one line to stderr (escaped by :func:`_printable`) with one write
+    call: ranks under mpiexec share stderr, and a line written in pieces
+    can be glued to another rank's."""
+    sys.stderr.flush()  # (what was printed before comes first)
+    data = (_printable(line) + "\n").encode(sys.stderr.encoding or "utf-8", "backslashreplace")
+    try:
+        fd = sys.stderr.fileno()
+    except (AttributeError, ValueError, OSError):  # (stderr replaced by an object without a descriptor)
+        sys.stderr.write(data.decode(sys.stderr.encoding or "utf-8", "replace"))
+        return
+    while data:
+        data = data[os.write(fd, data) :]
+
+
+def _stdout_closed() -> None:
+    """The reader of stdout went away (``pwriter info . | head``): what is
+    left to write goes to /dev/null, as Python's documentation advises, so
+    that the flush at exit does not fail again and print a traceback."""
+    devnull = os.open(os.devnull, os.O_WRONLY)
+    os.dup2(devnull, sys.stdout.fileno())
+    os.close(devnull)
+
+
+def _out_of_descriptors(args: argparse.Namespace, exc: OSError) -> str:
+    """The one-line error for EMFILE / ENFILE (the writer has removed what it created as it unwound)."""
+    import resource
+
+    where = getattr(args, "output", None) or getattr(args, "path", None) or exc.filename or "pwriter"
+    limit = resource.getrlimit(resource.RLIMIT_NOFILE)[0]
+    shown_limit = "unlimited" if limit == resource.RLIM_INFINITY else str(limit)
+    problem = (exc.strerror or "too many open files").lower()
+    return (f"{where}: {problem} (the limit is {shown_limit}, ulimit -n): use fewer --workers (each shard is "
+            "a file) or raise the limit")
 
 
 def _error_kind(error: BaseException) -> tuple[object, ...]:
@@ -247,13 +309,17 @@ def _run_merge(args: argparse.Namespace, work: Any, progress: Any, *, show_progr
 def _report_merge(args: argparse.Namespace, settings: Any, result: Any, inputs: list[str], ranks: Any = None) -> int:
     """After a published merge: salvage warnings, ``--verify``, the report; the exit code."""
     for path, what, _ in result.salvaged:
-        print(f"pwriter: warning: {path}: salvaged: {what}", file=sys.stderr)
+        _say(f"pwriter: warning: {path}: salvaged: {what}")
     checked = None
     if args.verify:
         from .verify import verify
 
         checked = verify(args.output, inputs, salvage=args.salvage, validate=args.validate)
-    _print_merge(args, settings, result, checked, ranks=ranks)
+    try:
+        _print_merge(args, settings, result, checked, ranks=ranks)
+        sys.stdout.flush()
+    except BrokenPipeError:  # the output is published (exit 1 would say not): the reader leaving changes nothing
+        _stdout_closed()
     return _mismatch(args.output, checked) if checked is not None else 0
 
 
@@ -334,10 +400,10 @@ def _print_merge(args: argparse.Namespace, settings: Any, result: Any, checked: 
     else:
         rate = stats.bytes_written / stats.seconds / (1 << 20) if stats.seconds > 0 else 0.0
         where = ", ".join(stats.outputs) if not result.manifest else f"{result.manifest} ({len(stats.outputs)} shards)"
-        print(
+        print(_printable(
             f"merged {result.inputs} inputs, {result.events} events, {stats.bytes_written} bytes into {where} "
             f"[{stats.layout}, {stats.backend}, {stats.workers} workers"
-            f"{_over_ranks(ranks)}] in {stats.seconds:.2f} s ({rate:.0f} MiB/s)",
+            f"{_over_ranks(ranks)}] in {stats.seconds:.2f} s ({rate:.0f} MiB/s)"),
             file=_report_stream(args),
         )
         if checked is not None and checked.match:
@@ -375,7 +441,8 @@ def _report_verification(output: str, inputs: list[str], *, as_json: bool, salva
     if as_json:
         print(json.dumps(_verification_report(checked)))
     elif checked.match:
-        print(f"verified: {output} holds exactly the {checked.input_events} event lines of {len(inputs)} inputs")
+        print(_printable(f"verified: {output} holds exactly the {checked.input_events} event lines of "
+                         f"{len(inputs)} inputs"))
     return _mismatch(output, checked)
 
 
@@ -395,11 +462,8 @@ def _mismatch(output: str, checked: Any) -> int:
     """Exit code of a verification: 0, or 1 with the one-line error on stderr."""
     if checked.match:
         return 0
-    print(
-        f"pwriter: error: {output}: does not match its inputs: {checked.output_events} event lines against "
-        f"{checked.input_events}, {checked.missing} missing, {checked.extra} extra",
-        file=sys.stderr,
-    )
+    _say(f"pwriter: error: {output}: does not match its inputs: {checked.output_events} event lines against "
+         f"{checked.input_events}, {checked.missing} missing, {checked.extra} extra")
     return 1
 
 
@@ -514,7 +578,7 @@ def _info(args: argparse.Namespace) -> int:
             )
         )
         return 0
-    print(f"path:         {args.path}")
+    print(f"path:         {_printable(args.path)}")
     print(f"filesystem:   {fs.kind.value} (magic {fs.magic:#x}) mounted at {fs.mount_point}")
     print(f"block size:   {fs.block_size}")
     print(f"fs stripes:   size {fs.stripe_size or 'unknown'}, count {fs.stripe_count or 'unknown'}")
@@ -576,7 +640,7 @@ def _gen_corpus(args: argparse.Namespace) -> int:
                              force=args.force)
     except FileExistsError as exc:
         raise OutputExistsError(exc.filename, "a file is already there") from None
-    print(f"wrote {len(paths)} traces ({args.events} events each) to {args.directory}")
+    print(_printable(f"wrote {len(paths)} traces ({args.events} events each) to {args.directory}"))
     return 0
 
 

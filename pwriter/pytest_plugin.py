@@ -67,7 +67,8 @@ class FakeFs(Protocol):
 def pytest_configure(config: pytest.Config) -> None:
     config.addinivalue_line(
         "markers",
-        "pwriter_fault(fail_at=None, error=errno.EIO, on='any', delay=0.0, inner='threads'): "
+        "pwriter_fault(fail_at=None, error=errno.EIO or 'EIO', on='any'|'write'|'fsync', delay=0.0, "
+        "inner='threads'): "
         "how the pwriter_fault_backend fixture misbehaves",
     )
 
@@ -86,7 +87,9 @@ def pwriter_fault_backend(request: pytest.FixtureRequest) -> FaultBackend:
 
     Configured per test by ``@pytest.mark.pwriter_fault(fail_at=2,
     error=errno.ENOSPC, on="write", delay=0.0, inner="threads")`` (or by
-    setting the same attributes before use).  ``inner`` is the backend
+    setting the same attributes before use); ``error`` is an errno or its
+    name (``"ENOSPC"``), and an unknown one, or an ``on`` other than
+    ``"any"``, ``"write"`` or ``"fsync"``, is a ValueError.  ``inner`` is the backend
     that does the real work: ``"threads"`` (real files, the default) or
     ``"memory"`` (its :class:`~pwriter.testing.MemoryBackend` is ``.inner``).
     """

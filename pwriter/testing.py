@@ -185,27 +185,66 @@ class MemoryBackend:
         )
 
 
+FAULT_OPERATIONS = ("any", "write", "fsync")
+
+
+def errno_number(error: int | str) -> int:
+    """An errno given as a number (``errno.ENOSPC``) or by name (``"ENOSPC"``);
+    ValueError for a name or number that is no errno."""
+    if isinstance(error, str):
+        number = getattr(errno, error, None) if error.startswith("E") else None
+        if not isinstance(number, int):
+            raise ValueError(f"error={error!r}: not an errno name (e.g. 'ENOSPC', 'EIO')")
+        return number
+    if isinstance(error, bool) or not isinstance(error, int) or error not in errno.errorcode:
+        raise ValueError(f"error={error!r}: not an errno (e.g. errno.ENOSPC or 'ENOSPC')")
+    return error
+
+
 class FaultBackend:
     """Wraps a real backend and makes operation number ``fail_at`` (counting
-    writes and fsyncs from 1) fail with ``OSError(error)``, like a disk that
-    fills up (ENOSPC), breaks (EIO) or loses the file (EBADF); ``delay``
-    seconds (trio clock) are added before every operation completes.
+    writes and fsyncs from 1, or only those that ``on`` names: ``"write"``
+    or ``"fsync"``) fail with ``OSError(error)``, like a disk that fills up
+    (ENOSPC), breaks (EIO) or loses the file (EBADF); ``error`` is an errno
+    number or its name (``"ENOSPC"``).  ``delay`` seconds (trio clock) are
+    added before every operation completes.  Another ``on`` or an unknown
+    errno is a ValueError.
 
     Short writes and EINTR are not injected here: every backend absorbs them
     itself (tests/test_backends.py provokes them for real).
     """
 
-    def __init__(self, inner: Backend, *, fail_at: int | None = None, error: int = errno.EIO,
+    def __init__(self, inner: Backend, *, fail_at: int | None = None, error: int | str = errno.EIO,
                  on: str = "any", delay: float = 0.0) -> None:
         self.inner = inner
         self.name = inner.name
         self.fail_at = fail_at
-        self.error = error
-        self.on = on  # "any", "write" or "fsync": which operations count
+        self.error = error  # (checked, as a number: see the property)
+        self.on = on
         self.delay = delay
         self.operations = 0
         self.failed = False
         self._names: dict[int, str] = {}
+
+    @property
+    def error(self) -> int:
+        """The errno of the failure (set as a number or a name such as ``"ENOSPC"``)."""
+        return self._error
+
+    @error.setter
+    def error(self, error: int | str) -> None:
+        self._error = errno_number(error)
+
+    @property
+    def on(self) -> str:
+        """Which operations count: ``"any"``, ``"write"`` or ``"fsync"``."""
+        return self._on
+
+    @on.setter
+    def on(self, on: str) -> None:
+        if on not in FAULT_OPERATIONS:
+            raise ValueError(f"on={on!r}: which operations count, one of {', '.join(map(repr, FAULT_OPERATIONS))}")
+        self._on = on
 
     def register(self, fd: int, name: str) -> None:
         self._names[fd] = name

@@ -194,6 +194,31 @@ async def test_input_that_changes_under_the_merge(tmp_path, backend_name: str, c
 # -- load ----------------------------------------------------------------------------
 
 
+def test_running_out_of_descriptors_is_one_line_and_leaves_nothing(tmp_path, backend_name: str) -> None:
+    """Issue 19, case 24: 246 shards under `ulimit -n 256` printed a 41-line traceback (the descriptors ran
+    out where no error of ours was expected: importing a module).  Wherever they run out, a sweep of shard
+    counts around the limit: one error line, exit 1 or 2, nothing left behind."""
+    inputs = write_corpus(str(tmp_path / "in"), files=4, events_per_file=50)
+    out = tmp_path / "out"
+    out.mkdir()
+
+    def limit() -> None:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (256, 256))
+
+    for workers in (245, 246, 248):
+        done = subprocess.run([os.path.join(BIN, "pwriter"), "merge", *inputs, "-o", str(out / "m.pfw"),
+                               "--layout", "sharded", "--workers", str(workers), "--stripe-size", "64KiB",
+                               "--backend", backend_name], capture_output=True, text=True, preexec_fn=limit,
+                              env={**os.environ, "PWRITER_MEMORY_BUDGET": "1GiB"}, timeout=60)
+        if done.returncode == 0:  # (this many shards still fit)
+            for name in os.listdir(out):
+                os.unlink(out / name)
+            continue
+        expect_failure(done, 1, "many open files")
+        assert "Traceback" not in done.stderr
+        assert os.listdir(out) == [], workers
+
+
 def test_ten_thousand_inputs_with_256_descriptors(tmp_path, backend_name: str) -> None:
     """10,000 inputs under `ulimit -n 256`: inputs are opened a few at a time."""
     inputs = tmp_path / "in"

@@ -4,17 +4,19 @@ backend, checked against the inputs and by the field's own C++ readers."""
 from __future__ import annotations
 
 import collections
+import contextlib
 import gzip
 import json
 import os
 import re
+import socket
 import subprocess
 import zlib
 
 import pytest
 import trio
 
-from conftest import dftracer_tool, expect_failure, run_cli
+from conftest import BIN, dftracer_tool, expect_failure, run_cli
 from pwriter.corpus import write_corpus
 from pwriter.output import is_temporary_name
 from pwriter.testing import event_counter, read_events, read_text
@@ -341,6 +343,67 @@ def test_error_line_has_no_traceback(tmp_path) -> None:
     done = run_cli("merge", str(bad), "-o", str(tmp_path / "m.pfw"))
     assert "Traceback" not in done.stderr
     assert re.match(r"pwriter: error: .*bin\.pfw: not a trace: line 1 ", done.stderr)
+
+
+def test_control_characters_in_names_are_shown_escaped(tmp_path) -> None:
+    """Issue 19, case 24: a name with a newline, CR or ESC reached the terminal raw (an error line broken in
+    two, colours switched on).  Error lines, warnings and reports show such names escaped."""
+    bad = tmp_path / "two\nlines\x1b[31m.pfw"
+    bad.write_bytes(b"\x89PNG\r\n\x1a\n" + bytes(100))
+    done = run_cli("merge", str(bad), "-o", str(tmp_path / "m.pfw"))
+    expect_failure(done, 1, "two\\nlines\\x1b[31m.pfw: not a trace")
+    assert "\x1b" not in done.stderr and len(done.stderr.splitlines()) == 1
+    cut = tmp_path / "cut\r.pfw"
+    cut.write_bytes(b'{"a":1}\n{"a":2')
+    out = tmp_path / "out\n.pfw"
+    merged = run_cli("merge", str(cut), "-o", str(out), "--salvage")
+    assert merged.returncode == 0, merged.stderr
+    assert merged.stderr.startswith(f"pwriter: warning: {tmp_path}/cut\\r.pfw: salvaged") and "\r" not in merged.stderr
+    assert len(merged.stdout.splitlines()) == 1 and f"into {tmp_path}/out\\n.pfw [" in merged.stdout
+    checked = run_cli("verify", str(out), str(cut), "--salvage")
+    assert checked.returncode == 0 and checked.stdout.startswith(f"verified: {tmp_path}/out\\n.pfw holds")
+    assert json.loads(run_cli("merge", str(cut), "-o", str(out), "--salvage", "--force", "--json").stdout)[
+        "outputs"] == [str(out)]  # (JSON escapes on its own, and gives the name back exactly)
+
+
+def test_each_line_on_stderr_is_one_write(tmp_path) -> None:
+    """Issue 19, case 24: under mpiexec two ranks' error lines came out glued, each line being written in
+    two calls (the text, then the newline).  stderr is a datagram socket here: one message per write."""
+    ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_DGRAM)
+    cut = tmp_path / "cut.pfw"
+    cut.write_bytes(b'{"a":1}\n{"a":2')
+    with ours, theirs:
+        for command in (["merge", str(tmp_path / "nothing.pfw"), "-o", str(tmp_path / "m.pfw")],
+                        ["merge", str(cut), str(cut.with_suffix(".gz")), "-o", str(tmp_path / "m.pfw")],
+                        ["merge", str(cut), "-o", str(tmp_path / "s.pfw"), "--salvage"]):
+            subprocess.run([os.path.join(BIN, "pwriter"), *command], stdout=subprocess.DEVNULL,
+                           stderr=theirs.fileno(), timeout=60)
+        ours.setblocking(False)
+        messages = []
+        with contextlib.suppress(BlockingIOError):
+            while True:
+                messages.append(ours.recv(1 << 16))
+    assert len(messages) == 3, messages
+    assert all(message.startswith(b"pwriter: ") and message.count(b"\n") == 1 and message.endswith(b"\n")
+               for message in messages), messages
+
+
+def test_a_reader_of_stdout_that_goes_away_is_quiet(tmp_path) -> None:
+    """Issue 19, case 24: ``pwriter info . | head`` printed BrokenPipeError tracebacks.  stdout's reader
+    is gone before pwriter writes: nothing on stderr, exit 1 (Python's convention), but for a merge, whose
+    output is published then: its exit code stays 0 (exit 1 would say that nothing was published)."""
+    write_corpus(str(tmp_path / "in"), files=2, events_per_file=5)
+    for code, command in ((1, ["info", str(tmp_path)]), (1, ["info", str(tmp_path), "--json"]),
+                          (0, ["merge", "-d", str(tmp_path / "in"), "-o", str(tmp_path / "m.pfw"), "--json"])):
+        read_end, write_end = os.pipe()
+        os.close(read_end)
+        try:
+            done = subprocess.run([os.path.join(BIN, "pwriter"), *command], stdout=write_end,
+                                  stderr=subprocess.PIPE, text=True, timeout=60)
+        finally:
+            os.close(write_end)
+        assert (done.returncode, done.stderr) == (code, ""), command
+    assert read_events(tmp_path / "m.pfw")
 
 
 @pytest.mark.parametrize(("signame", "code", "said"), [("SIGINT", 130, "interrupted"), ("SIGTERM", 143, "terminated")])

@@ -127,3 +127,45 @@ def test_bad(pwriter_fault_backend):
 ''')
     result = pytester.runpytest_subprocess("-p", "no:cacheprovider")
     assert "inner must be 'threads' or 'memory'" in result.stdout.str() + result.stderr.str()
+
+
+def test_the_fault_marker_takes_errno_names_and_refuses_what_it_does_not_know(pytester: pytest.Pytester) -> None:
+    """Issue 19, case 24: ``error="ENOSPC"`` raised a TypeError inside the backend, and ``on="wirte"`` was
+    silently ignored (no operation ever failed)."""
+    pytester.makeini("[pytest]\ntrio_mode = true\nfilterwarnings = error\n")
+    pytester.makepyfile(test_marks='''
+import errno
+import os
+
+import pytest
+
+from pwriter.errors import WriteError
+from pwriter.testing import FaultBackend, MemoryBackend
+
+
+@pytest.mark.pwriter_fault(fail_at=2, error="ENOSPC", on="write")
+async def test_an_errno_by_name(pwriter_open_writer, pwriter_fault_backend, tmp_path):
+    with pytest.raises(WriteError) as raised:
+        async with pwriter_open_writer(backend=pwriter_fault_backend) as writer:
+            await writer.write_lines(0, b'{"a":1}\\\\n')
+    assert raised.value.errno == errno.ENOSPC and "No space left" in str(raised.value)
+    assert os.listdir(tmp_path) == []
+
+
+@pytest.mark.pwriter_fault(fail_at=1, on="wirte")
+def test_a_typo_in_on(pwriter_fault_backend):
+    pass
+
+
+def test_what_the_backend_refuses():
+    for wrong in ({"on": "wirte"}, {"error": "ENOSPACE"}, {"error": "path"}, {"error": 0}, {"error": True}):
+        with pytest.raises(ValueError):
+            FaultBackend(MemoryBackend(), **wrong)
+    backend = FaultBackend(MemoryBackend(), error="EIO")
+    assert backend.error == errno.EIO
+    with pytest.raises(ValueError, match="'fsnyc'"):
+        backend.on = "fsnyc"
+''')
+    result = pytester.runpytest_subprocess("-p", "no:cacheprovider")
+    result.assert_outcomes(passed=2, errors=1)
+    assert "on='wirte'" in result.stdout.str()
