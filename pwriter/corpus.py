@@ -73,11 +73,6 @@ def write_trace(path: str, lines: list[bytes], *, array: bool, indent_first: boo
         handle.write(data)
 
 
-def _corpus_paths(directory: str, files: int) -> list[str]:
-    """The names :func:`write_corpus` gives ``files`` traces in ``directory``."""
-    return [os.path.join(directory, f"rank_{rank}.pfw" + (".gz" if rank % 2 == 1 else "")) for rank in range(files)]
-
-
 def write_corpus(directory: str, *, files: int = 200, events_per_file: int = 200, seed: int = 0,
                  force: bool = False) -> list[str]:
     """A mixed corpus in ``directory``: gzip and plain, array style and
@@ -91,7 +86,7 @@ def write_corpus(directory: str, *, files: int = 200, events_per_file: int = 200
     for name, count in (("files", files), ("events_per_file", events_per_file)):
         if type(count) is not int or count < 1:
             raise ValueError(f"{name}={count!r}: at least 1")
-    paths = _corpus_paths(directory, files)
+    paths = [os.path.join(directory, f"rank_{rank}.pfw" + (".gz" if rank % 2 == 1 else "")) for rank in range(files)]
     if not force:
         for path in paths:
             if os.path.lexists(path):

@@ -368,8 +368,9 @@ async def open_writer(
     starts and ``footer`` ends the output in every layout.  ``fs`` replaces
     filesystem detection and a ``backend`` object the backend named in the
     settings (both for tests; a backend name is the setting).  ``compress``
-    (default: a ``path`` ending in ``.gz``) writes every chunk, the header and the footer
-    as standalone gzip members, compressed in worker threads, and publishes
+    (default: a ``path`` ending in ``.gz``; :func:`output_compression`
+    refuses what cannot be honoured) writes every chunk, the header and the
+    footer as standalone gzip members, compressed in worker threads, and publishes
     a member index, ``<path>.members.json``; a ``level`` outside the
     codec's range is a :class:`~pwriter.settings.ConfigError`.  With
     ``validate``, every line sent through a producer handle must be a JSON
