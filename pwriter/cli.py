@@ -144,11 +144,14 @@ class _Terminated(Exception):
     """SIGTERM arrived: the merge was cancelled and published nothing."""
 
 
-async def _cancel_on_sigterm(scope: Any, signalled: list[int]) -> None:
-    """Cancel ``scope`` at the first SIGTERM (the writer removes its temporaries as it unwinds)."""
+async def _cancel_on_sigterm(scope: Any, signalled: list[int], *, task_status: Any) -> None:
+    """Cancel ``scope`` at the first SIGTERM (the writer removes its temporaries
+    as it unwinds).  Started with ``nursery.start``: the receiver is in place
+    before anything is created that a SIGTERM must not leave behind."""
     import trio
 
     with trio.open_signal_receiver(signal.SIGTERM) as signals:
+        task_status.started()
         async for number in signals:
             signalled.append(number)
             scope.cancel()
@@ -209,12 +212,17 @@ def _run_merge(args: argparse.Namespace, work: Any, progress: Any, *, show_progr
     async def run() -> Any:
         signalled: list[int] = []
         result = None
-        async with trio.open_nursery() as nursery:
-            nursery.start_soon(_cancel_on_sigterm, nursery.cancel_scope, signalled)
-            if show_progress:
-                nursery.start_soon(functools.partial(_show_progress, progress, tty=sys.stderr.isatty()))
-            result = await work()
-            nursery.cancel_scope.cancel()
+        try:
+            async with trio.open_nursery() as nursery:
+                await nursery.start(_cancel_on_sigterm, nursery.cancel_scope, signalled)
+                if show_progress:
+                    nursery.start_soon(functools.partial(_show_progress, progress, tty=sys.stderr.isatty()))
+                result = await work()
+                nursery.cancel_scope.cancel()
+        except BaseException:
+            if signalled:  # what the cancellation made happen (an MPI rank: the others were told)
+                raise _Terminated from None
+            raise
         if signalled:
             raise _Terminated
         return result

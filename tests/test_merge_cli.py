@@ -4,6 +4,7 @@ backend, checked against the inputs and by the field's own C++ readers."""
 from __future__ import annotations
 
 import collections
+import contextlib
 import gzip
 import json
 import os
@@ -327,6 +328,103 @@ def test_interrupt_exits_130_and_publishes_nothing(tmp_path, backend_name: str, 
         process.kill()
     assert process.returncode == code, stderr
     assert stderr.strip() == f"pwriter: {said}"
+    assert os.listdir(out.parent) == []
+
+
+SIGNALS = [("SIGINT", 130, "interrupted"), ("SIGTERM", 143, "terminated")]
+
+
+@pytest.mark.parametrize("feed", ["never-opened", "silent", "trickling"])
+@pytest.mark.parametrize(("signame", "code", "said"), SIGNALS)
+def test_a_signal_ends_a_merge_blocked_on_a_fifo(tmp_path, backend_name: str, feed: str, signame: str, code: int,
+                                                 said: str) -> None:
+    """Ctrl-C or SIGTERM while the reader waits on a FIFO that no writer
+    ever opens, that a writer opened but stays silent, or that trickles a
+    line now and then: the merge ends (130 / 143), and leaves nothing.
+
+    The readers run in worker threads, which a cancellation cannot stop
+    while they are blocked in ``open`` or ``read``: a FIFO is opened and
+    read without blocking, waiting in trio.  (The bound below only says
+    "did not hang": it once ran on for as long as the FIFO stayed quiet.)
+    """
+    import signal
+    import threading
+    import time
+
+    from conftest import BIN
+
+    fifo = tmp_path / "live.pfw"
+    os.mkfifo(fifo)
+    out = tmp_path / "out" / "merged.pfw"
+    out.parent.mkdir()
+    process = subprocess.Popen([os.path.join(BIN, "pwriter"), "merge", str(fifo), "-o", str(out),
+                                "--backend", backend_name],
+                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                               preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
+    stop = threading.Event()
+
+    def write() -> None:  # the writer's side of the FIFO, until the test ends (or the reader goes)
+        with contextlib.suppress(BrokenPipeError), open(fifo, "wb", buffering=0) as pipe:
+            while not stop.is_set():
+                if feed == "trickling":
+                    pipe.write(b'{"id":1,"name":"trickle"}\n')
+                stop.wait(0.05)
+
+    writer = threading.Thread(target=write, daemon=True)
+    try:
+        if feed != "never-opened":
+            writer.start()
+        deadline = time.monotonic() + 30
+        while not os.listdir(out.parent) and time.monotonic() < deadline:
+            time.sleep(0.02)
+        assert os.listdir(out.parent), "the merge never started"
+        time.sleep(0.1)  # (the reader is waiting on the FIFO by now, or soon: either way it must end)
+        process.send_signal(getattr(signal, signame))
+        try:
+            stdout, stderr = process.communicate(timeout=5)
+        except subprocess.TimeoutExpired:
+            raise AssertionError(f"the merge still ran 5 s after {signame}") from None
+    finally:
+        process.kill()
+        process.wait()
+        stop.set()
+        if writer.is_alive():
+            writer.join(5)
+    assert process.returncode == code, stderr
+    assert stderr.strip() == f"pwriter: {said}"
+    assert os.listdir(out.parent) == []
+
+
+def test_sigterm_right_after_the_temporary_is_created_leaves_nothing(tmp_path) -> None:
+    """SIGTERM arriving at the very moment the output's temporary exists
+    (sent by the process to itself from inside the create, so the moment is
+    exact): the receiver was already in place, the merge ends with 143 and
+    the temporary is removed.  (Started with ``start_soon``, the receiver
+    was not yet listening: the default action killed the process, and the
+    temporary stayed.)"""
+    import signal
+    import sys
+
+    good = tmp_path / "a.pfw"
+    good.write_bytes(b'{"id":1}\n' * 100)
+    out = tmp_path / "out" / "merged.pfw"
+    out.parent.mkdir()
+    script = (
+        "import os, signal, sys\n"
+        "import pwriter.output\n"
+        "real = pwriter.output.OutputSet.create\n"
+        "def create(self, *args, **kwargs):\n"
+        "    fds = real(self, *args, **kwargs)\n"
+        "    os.kill(os.getpid(), signal.SIGTERM)\n"
+        "    return fds\n"
+        "pwriter.output.OutputSet.create = create\n"
+        "from pwriter.cli import main\n"
+        "sys.exit(main(sys.argv[1:]))\n"
+    )
+    done = subprocess.run([sys.executable, "-c", script, "merge", str(good), "-o", str(out)], capture_output=True,
+                          text=True, timeout=60)
+    assert done.returncode == 143, (done.returncode, done.stderr)
+    assert done.stderr.strip() == "pwriter: terminated"
     assert os.listdir(out.parent) == []
 
 
