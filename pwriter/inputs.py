@@ -526,6 +526,7 @@ class InputReader:
             self._note("truncated gzip: kept what decompresses")
             return self._read_into(buffer, start, stop)
         except (gzip.BadGzipFile, *_gzip_errors()) as exc:  # type: ignore[misc]
+            self._check_unchanged()  # (corrupt because it was rewritten while read?)
             raise self._corrupt(exc) from None
         except OSError as exc:
             raise DataError(f"{self.path}: read failed: {exc.strerror or exc}") from None

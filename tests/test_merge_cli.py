@@ -559,6 +559,74 @@ def test_salvage_keeps_every_complete_event(tmp_path, backend_name: str) -> None
     assert report["events"] == len(kept)
 
 
+@pytest.mark.parametrize("salvage", [False, True], ids=["plain", "salvage"])
+@pytest.mark.parametrize("cut", ["inner-brace", "mid-string", "long"])
+@pytest.mark.parametrize("compressed", [False, True], ids=["pfw", "gz"])
+def test_a_cut_last_line_is_refused_or_dropped(tmp_path, backend_name: str, cut: str, compressed: bool,
+                                               salvage: bool) -> None:
+    """A last line without its newline that a crash cut short, even where
+    it ends in an inner ``}`` and so looks like an event: not valid JSON, so
+    refused (exit 1, the file, the byte where the line starts, and
+    ``--salvage`` named), or with --salvage dropped and reported.  Longer
+    than a buffer, it takes another path through the reader: the same."""
+    whole = [b'{"id":%d,"name":"read"}' % index for index in range(2000)]
+    last = {"inner-brace": b'{"id":2,"args":{"a":2}', "mid-string": b'{"id":2,"name":"wri',
+            "long": b'{"id":2,"args":{"blob":"' + b"b" * 200_000 + b'"}'}[cut]
+    text = b"[\n" + b"".join(line + b"\n" for line in whole) + last
+    path = tmp_path / ("cut.pfw.gz" if compressed else "cut.pfw")
+    path.write_bytes(gzip.compress(text, 1) if compressed else text)
+    out = tmp_path / "out" / "m.pfw"
+    out.parent.mkdir()
+    args = ["merge", str(path), "-o", str(out), "--backend", backend_name, "--stripe-size", "64KiB", "--json"]
+    if not salvage:
+        done = run_cli(*args, "--verify")
+        expect_failure(done, 1, str(path), "last line has no newline", "--salvage", f"at byte {len(text) - len(last)}")
+        assert os.listdir(out.parent) == []
+        return
+    done = run_cli(*args, "--salvage")
+    assert done.returncode == 0, done.stderr
+    report = json.loads(done.stdout)
+    assert (report["events"], report["dropped_lines"], report["salvaged_inputs"]) == (2000, 1, [str(path)])
+    (warning,) = done.stderr.strip().splitlines()
+    assert warning == f"pwriter: warning: {path}: salvaged: dropped a cut last line of {len(last)} bytes"
+    assert read_events(out) == whole
+
+
+@pytest.mark.parametrize("salvage", [False, True], ids=["plain", "salvage"])
+def test_a_whole_last_line_without_newline_is_kept(tmp_path, backend_name: str, salvage: bool) -> None:
+    """A last line that is whole JSON but has no newline (older tracers, a
+    ``]`` with none) is an event like the others, with or without --salvage."""
+    path = tmp_path / "whole.pfw"
+    path.write_bytes(b'\xef\xbb\xbf{"id":1}\n{"id":2,"args":{"a":2}}  ')
+    bom_only = tmp_path / "one.pfw.gz"
+    bom_only.write_bytes(gzip.compress(b'\xef\xbb\xbf {"id":3}'))
+    out = tmp_path / "m.pfw"
+    done = run_cli("merge", str(path), str(bom_only), "-o", str(out), "--backend", backend_name,
+                   *(["--salvage"] if salvage else []))
+    assert done.returncode == 0, done.stderr
+    assert sorted(read_events(out)) == [b'{"id":1}', b'{"id":2,"args":{"a":2}}', b'{"id":3}']
+
+
+@pytest.mark.parametrize("where", ["member-start", "mid-member"])
+def test_truncated_gzip_says_where_the_file_ends(tmp_path, backend_name: str, where: str) -> None:
+    """A truncated gzip input is reported at the compressed byte where the
+    file ends and the text read up to there (it once said "at byte 0", or
+    the start of the last 2 MiB read), and the message names --salvage."""
+    text = b"".join(b'{"id":%d,"name":"read","pad":"%s"}\n' % (index, b"%x" % (index * 7919)) for index in range(60000))
+    first = gzip.compress(text[:100_000], 1)
+    rest = gzip.compress(text[100_000:], 1)
+    data = first + rest[:10] if where == "member-start" else first + rest[: len(rest) // 2]
+    path = tmp_path / "cut.pfw.gz"
+    path.write_bytes(data)
+    readable = zlib.decompressobj(wbits=31).decompress(data[len(first) :])
+    out = tmp_path / "out" / "m.pfw"
+    out.parent.mkdir()
+    done = run_cli("merge", str(path), "-o", str(out), "--backend", backend_name)
+    expect_failure(done, 1, str(path), "truncated gzip", f"ends inside a compressed member, at byte {len(data)}",
+                   f"after {100_000 + len(readable)} bytes of text", "--salvage")
+    assert os.listdir(out.parent) == []
+
+
 def invalid_json_inputs(tmp_path) -> tuple[list[str], list[bytes]]:
     """Event-shaped lines that are not JSON, in a plain and a gzip input,
     between valid ones; returns the paths and the valid events."""
