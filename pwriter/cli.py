@@ -258,9 +258,9 @@ def _merge_mpi(args: argparse.Namespace, settings: Any) -> int:
     with the same code."""
     from .errors import PwriterError, UsageError
     from .merge import MergeProgress
-    from .mpi import World, merge_over_ranks
+    from .mpi import RankTimeout, World, merge_over_ranks
 
-    world = World()
+    world = World(timeout=settings.mpi_timeout)
     progress = MergeProgress(total_input_bytes=0)
     work = functools.partial(merge_over_ranks, world, args.inputs, args.directory, args.output, settings=settings,
                              force=args.force, salvage=args.salvage, validate=args.validate, progress=progress,
@@ -269,6 +269,13 @@ def _merge_mpi(args: argparse.Namespace, settings: Any) -> int:
         if args.output == "-":  # (every rank finds it: no agreement needed)
             raise UsageError("-o -: a merge over MPI ranks writes a file, not a stream")
         ranked = _run_merge(args, work, progress, show_progress=world.rank == 0 and _progress_wanted(args))
+    except RankTimeout as exc:  # another rank hangs: no agreement, so this rank says it and ends the job
+        print(f"pwriter: error: {exc}", file=sys.stderr, flush=True)
+        world.abort(exc.exit_code)
+    except _Terminated:
+        if world.rank != 0:  # (rank 0 says it, once)
+            return 143
+        raise
     except PwriterError as exc:
         if world.rank != 0:  # rank 0 says it, once
             return exc.exit_code
