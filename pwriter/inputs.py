@@ -10,7 +10,9 @@ one each.  :func:`fill_step` is the one step every reader takes (the merge's
 readers and ``pwriter verify`` alike): fill the buffer with whole cleaned
 lines, or finish a line longer than the buffer.  ``--salvage`` keeps what a
 crashed rank's damaged input still holds.  Everything here blocks: it is
-meant to run in worker threads.
+meant to run in worker threads (whose waits on a pipe or FIFO a trio
+cancellation ends).  An input is read as it was when opened (see
+:class:`InputReader`).
 """
 
 from __future__ import annotations
@@ -198,7 +200,7 @@ class _WaitingFile(io.RawIOBase):
     called from one of trio's worker threads, so that a cancellation (Ctrl-C,
     SIGTERM) ends the wait at once, even for a FIFO that no writer ever
     opens or that stays silent.  Elsewhere (``pwriter verify``) it waits in
-    ``select``."""
+    ``poll``."""
 
     def __init__(self, fd: int) -> None:
         super().__init__()
@@ -238,7 +240,9 @@ class _WaitingFile(io.RawIOBase):
         if self._in_trio:
             trio.from_thread.run(trio.lowlevel.wait_readable, self._fd)
         else:
-            select.select([self._fd], [], [])
+            poller = select.poll()
+            poller.register(self._fd, select.POLLIN)
+            poller.poll()
 
     def close(self) -> None:
         if not self.closed:

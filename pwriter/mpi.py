@@ -85,8 +85,8 @@ from .layout import (Counter, LocalCounter, Placement, Planner, SharedPaddedPlan
 from .settings import Settings
 from .sizing import FsInfo, Sizing, Striping, shard_offsets
 
-__all__ = ["launched_by_mpi", "RankFailed", "RankTimeout", "World", "WindowCounter", "RankPart", "RankOutput", "merge_over_ranks",
-           "RankMergeResult"]
+__all__ = ["launched_by_mpi", "RankFailed", "RankTimeout", "World", "WindowCounter", "RankPart", "RankOutput",
+           "merge_over_ranks", "RankMergeResult"]
 
 _ENV_SIZES = ("PMI_SIZE", "OMPI_COMM_WORLD_SIZE", "PMIX_SIZE", "MPI_LOCALNRANKS")
 ABORTED = 1 << 62  # added to the shared counter by a rank that fails

@@ -365,5 +365,6 @@ def test_a_rank_that_hangs_ends_the_job_after_the_mpi_timeout(corpus, tmp_path) 
     assert alive == [], f"ranks still running: {alive}"
     assert job.process.returncode != 0
     errors = [line for line in stderr.splitlines() if line.startswith("pwriter: error: ")]
-    assert errors and "rank 0 waited 1 s for the other ranks" in errors[0] and "PWRITER_MPI_TIMEOUT" in errors[0], stderr
+    assert errors, stderr
+    assert "rank 0 waited 1 s for the other ranks" in errors[0] and "PWRITER_MPI_TIMEOUT" in errors[0], stderr
     assert os.listdir(job.out.parent) == []
