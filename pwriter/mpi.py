@@ -54,6 +54,13 @@ makes the launcher end the job (mpiexec kills every rank): nothing is
 published, and the temporaries left behind are removed by the next merge
 into the same output whose rank 0 runs on the same host, as after a single
 process's SIGKILL (another host cannot tell whether their process still runs).
+SIGTERM to the launcher (a batch system ending the job): mpiexec passes it
+on to every rank, and each ends as one process does (its merge cancelled,
+exit 143).  A rank that hangs (a read that never returns, a stopped
+process) would keep the others waiting at the next agreement for ever:
+after ``World.timeout`` (``PWRITER_MPI_TIMEOUT``) a waiting rank gives up
+(:class:`RankTimeout`), removes what it created, says so, and aborts the
+job (``MPI_Abort``): nothing is published.
 
 mpi4py is imported only here, and only when the process runs under an MPI
 launcher or ``--mpi`` is given (``pip install 'pwriter[mpi]'``).
@@ -64,10 +71,11 @@ from __future__ import annotations
 import array
 import dataclasses
 import json
+import math
 import os
 import time
 from collections.abc import Sequence
-from typing import Any
+from typing import Any, NoReturn
 
 import trio
 
@@ -77,8 +85,8 @@ from .layout import (Counter, LocalCounter, Placement, Planner, SharedPaddedPlan
 from .settings import Settings
 from .sizing import FsInfo, Sizing, Striping, shard_offsets
 
-__all__ = ["launched_by_mpi", "RankFailed", "World", "WindowCounter", "RankPart", "RankOutput", "merge_over_ranks",
-           "RankMergeResult"]
+__all__ = ["launched_by_mpi", "RankFailed", "RankTimeout", "World", "WindowCounter", "RankPart", "RankOutput",
+           "merge_over_ranks", "RankMergeResult"]
 
 _ENV_SIZES = ("PMI_SIZE", "OMPI_COMM_WORLD_SIZE", "PMIX_SIZE", "MPI_LOCALNRANKS")
 ABORTED = 1 << 62  # added to the shared counter by a rank that fails
@@ -107,12 +115,20 @@ class RankFailed(PwriterError):
         self.exit_code = exit_code
 
 
+class RankTimeout(PwriterError):
+    """This rank waited longer than ``World.timeout`` for the others at one
+    agreement: one of them hangs.  The job cannot end together any more:
+    after its own cleanup, the rank ends it with :meth:`World.abort`."""
+
+
 class World:
     """The ranks of one merge (``MPI.COMM_WORLD``), with the agreements and
     exchanges the steps need.  Collective: every rank makes the same calls
-    in the same order."""
+    in the same order.  ``timeout``: the longest a rank waits for the others
+    at one agreement (seconds on the trio clock; None: for ever), then
+    :class:`RankTimeout`."""
 
-    def __init__(self, comm: Any = None) -> None:
+    def __init__(self, comm: Any = None, *, timeout: float | None = None) -> None:
         try:
             from mpi4py import MPI
         except ImportError:
@@ -122,6 +138,7 @@ class World:
                              "threads need")
         self.MPI = MPI
         self.comm = comm if comm is not None else MPI.COMM_WORLD
+        self.timeout = timeout
         self.rank: int = self.comm.Get_rank()
         self.size: int = self.comm.Get_size()
         node = self.comm.Split_type(MPI.COMM_TYPE_SHARED)
@@ -137,7 +154,9 @@ class World:
         ``name_rank`` the failing rank's own exception there.  A rank that
         only stopped because another failed (:data:`ABORTED`) yields to a
         rank with an error of its own.  Shielded: an agreement, once
-        started, is always finished."""
+        started, is finished, or given up after ``timeout`` with
+        :class:`RankTimeout` (the others never came: the job must be
+        aborted)."""
         if error is None:
             key = 2 * self.size
         elif isinstance(error, RankFailed):
@@ -148,7 +167,12 @@ class World:
         with trio.CancelScope(shield=True):
             request = self.comm.Iallreduce(mine, lowest, op=self.MPI.MIN)
             pause = POLL_FIRST
+            deadline = trio.current_time() + (self.timeout if self.timeout is not None else math.inf)
             while not request.Test():
+                if trio.current_time() >= deadline:
+                    raise RankTimeout(f"rank {self.rank} waited {self.timeout:g} s for the other ranks to reach "
+                                      "the same step of the merge: one of them hangs (PWRITER_MPI_TIMEOUT sets "
+                                      "the wait); the job is aborted")
                 await trio.sleep(pause)
                 pause = min(2 * pause, POLL_MAX)
             if lowest[0] == 2 * self.size:
@@ -172,6 +196,16 @@ class World:
                 error = exc
         await self.agree(error, name_rank=False)  # (rank 0 alone decides: its own error, as one process says it)
         return self.comm.bcast(result, root=0)
+
+    def abort(self, exit_code: int) -> NoReturn:
+        """End every rank of the job now (``MPI_Abort``), this process
+        first: after a :class:`RankTimeout`, when the ranks can no longer end
+        together.  (Never returns; a normal exit would wait in
+        ``MPI_Finalize`` for the rank that hangs.)"""
+        try:
+            self.comm.Abort(exit_code)
+        finally:
+            os._exit(exit_code)
 
     def gather(self, value: Any) -> list[Any] | None:
         """Every rank's ``value`` on rank 0 (None elsewhere); only after an agreement."""
@@ -430,7 +464,12 @@ async def merge_over_ranks(
         kept.append(outputs)
         return decision
 
-    decision: Decision = await world.decide(decide)
+    try:
+        decision: Decision = await world.decide(decide)
+    except BaseException:  # (rank 0 gave up waiting for the others: its temporary goes)
+        if kept:
+            kept[0].discard()
+        raise
     sizing = decision.sizing
     header = gzip_member(HEADER, settings.level) if decision.compressed else HEADER
     footer = gzip_member(FOOTER, settings.level) if decision.compressed else FOOTER
@@ -438,6 +477,7 @@ async def merge_over_ranks(
     exscan = offsets == "exscan" and sizing.layout == "striped"
     counter: WindowCounter | None = None
     part_output: RankOutput | None = None
+    hung = False  # another rank hangs: nothing collective any more
     try:
         share = partition(decision.sizes, world.size) if decision.sizes else []
         mine = share[world.rank] if world.rank < len(share) else range(0)
@@ -496,14 +536,15 @@ async def merge_over_ranks(
                 except Exception as exc:
                     commit_error = exc
             await world.agree(commit_error)
-    except BaseException:
+    except BaseException as exc:
+        hung = isinstance(exc, RankTimeout)
         if part_output is not None:
             part_output.remove_created()
         if world.rank == 0 and kept:
             kept[0].discard()
         raise
     finally:
-        if counter is not None:
+        if counter is not None and not hung:
             counter.free()
     if world.rank != 0:
         return None

@@ -191,6 +191,101 @@ async def test_input_that_changes_under_the_merge(tmp_path, backend_name: str, c
     assert os.listdir(out) == []
 
 
+def events_text(first: int, count: int, tag: bytes) -> bytes:
+    return b"".join(b'{"id":%d,"name":"%s","pad":"%s"}\n' % (index, tag, b"p" * 60) for index in range(first, count))
+
+
+@pytest.mark.parametrize("salvage", [False, True], ids=["plain", "salvage"])
+@pytest.mark.parametrize("change", ["grows", "rewritten-same-size", "rewritten-shorter", "replaced", "removed"])
+@pytest.mark.parametrize("compressed", [False, True], ids=["pfw", "gz"])
+async def test_input_that_changes_while_it_is_read(tmp_path, backend_name: str, change: str, salvage: bool,
+                                                   compressed: bool, monkeypatch: pytest.MonkeyPatch) -> None:
+    """An input changed after it was opened, while it is read: a rank
+    still appending (its last line half written when the merge opened it),
+    ``cp`` or ``rsync --inplace`` over it (the same size or shorter), a
+    restarted rank's new file renamed over it, or its name removed.  Read
+    as it was when opened, and checked at its end: an error naming it; with
+    --salvage, the lines it had when opened (when they are still whole:
+    grown, replaced or removed) with the change reported, and never a mix
+    of old and new lines."""
+    import pwriter.inputs
+    from pwriter.merge import merge
+    from pwriter.settings import load_settings
+
+    directory = tmp_path / "in"
+    directory.mkdir()
+    other = directory / "other.pfw"
+    other.write_bytes(events_text(0, 500, b"other"))
+    old = events_text(0, 3000, b"old")
+    victim = directory / ("rank.pfw.gz" if compressed else "rank.pfw")
+    half_line = b'{"id":3000,"name":"old","pa' if change == "grows" else b""
+    victim.write_bytes(gzip.compress(old + half_line, 1) if compressed else old + half_line)
+    new = events_text(0, 3000, b"new")  # as long as the old text, line for line
+    out = tmp_path / "out"
+    out.mkdir()
+    real_reader = pwriter.inputs.InputReader
+
+    def reader(path: str, **kwargs: object) -> pwriter.inputs.InputReader:
+        opened = real_reader(path, **kwargs)  # type: ignore[arg-type]
+        if path != str(victim):
+            return opened
+        real_fill = opened.fill
+        calls = []
+
+        def fill(*args: object) -> tuple[int, int, bool]:
+            result = real_fill(*args)  # type: ignore[arg-type]
+            calls.append(1)
+            if len(calls) == 1:  # after the first buffer: change it under the reader
+                change_victim()
+            return result
+
+        opened.fill = fill  # type: ignore[method-assign]
+        return opened
+
+    def change_victim() -> None:
+        if change == "grows":  # the half line is finished, and more follow
+            more = b'd":"x"}\n' + events_text(3001, 3500, b"old")
+            with open(victim, "ab") as handle:
+                handle.write(gzip.compress(more, 1) if compressed else more)
+        elif change.startswith("rewritten"):  # in place, as cp and rsync --inplace write
+            text = new if change == "rewritten-same-size" else new[: len(new) // 2]
+            data = gzip.compress(text, 1) if compressed else text
+            if change == "rewritten-same-size":
+                data = data[: victim.stat().st_size].ljust(victim.stat().st_size, b"\n")
+            with open(victim, "r+b") as handle:
+                handle.write(data)
+                handle.truncate()
+        elif change == "replaced":  # a restarted rank's file, renamed over the old one
+            fresh = directory / "fresh.tmp"
+            fresh.write_bytes(gzip.compress(new, 1) if compressed else new)
+            os.replace(fresh, victim)
+        else:
+            os.unlink(victim)
+
+    monkeypatch.setattr(pwriter.inputs, "InputReader", reader)
+    settings = load_settings(backend=backend_name, stripe_size="64KiB", fsync=False)
+    inputs = [str(other), str(victim)]
+    whole = change in ("grows", "replaced", "removed")
+    if salvage and whole:
+        result = await merge(inputs, str(out / "m.pfw"), settings=settings, salvage=True)
+        kept = read_events(out / "m.pfw")
+        assert collections.Counter(kept) == collections.Counter(old.splitlines() + events_text(0, 500, b"other")
+                                                                .splitlines())
+        ((path, what, dropped),) = result.salvaged
+        assert path == str(victim)
+        assert {"grows": "grew from", "replaced": "replaced", "removed": "removed"}[change] in what
+        assert dropped == (1 if change == "grows" else 0)  # the half line it had when opened
+        return
+    with pytest.raises(DataError) as raised:
+        await merge(inputs, str(out / "m.pfw"), settings=settings, salvage=salvage)
+    message = str(raised.value)
+    assert message.startswith(str(victim)) and "\n" not in message, message
+    assert "changed while it was read" in message, message
+    assert ("--salvage keeps the lines it had when opened" in message) == whole, message
+    assert raised.value.exit_code == 1
+    assert os.listdir(out) == []
+
+
 # -- load ----------------------------------------------------------------------------
 
 

@@ -151,7 +151,7 @@ class LiveJob:
     feeds: that rank is certainly mid-merge (blocked reading it) while the
     test acts.  Every other input is a copy of the corpus."""
 
-    def __init__(self, corpus: str, tmp_path, ranks: int) -> None:
+    def __init__(self, corpus: str, tmp_path, ranks: int, env: dict[str, str] | None = None) -> None:
         inputs = tmp_path / "in"
         shutil.copytree(corpus, inputs)
         self.fifo = inputs / "zz_live.pfw"
@@ -162,7 +162,7 @@ class LiveJob:
         self.process = subprocess.Popen(
             [MPIEXEC, "-n", str(ranks), os.path.join(BIN, "pwriter"), "merge", *self.files, str(self.fifo), "-o",
              str(self.out), "--no-fsync"], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-            start_new_session=True)
+            start_new_session=True, env={**os.environ, **(env or {})})
         deadline = time.monotonic() + 60
         self.feed: int | None = None
         while self.feed is None and time.monotonic() < deadline:
@@ -334,3 +334,37 @@ async def test_merge_over_ranks_refuses_an_unknown_offsets_mode(tmp_path) -> Non
     with pytest.raises(ValueError, match="offsets='fetch': expected 'counter' or 'exscan'"):
         await merge_over_ranks(None, [], None, str(tmp_path / "m.pfw"), offsets="fetch")  # type: ignore[arg-type]
     assert os.listdir(tmp_path) == []
+
+
+def test_sigterm_to_the_launcher_ends_every_rank_and_publishes_nothing(corpus, tmp_path) -> None:
+    """SIGTERM to mpiexec (a batch system ending the job): the launcher
+    passes it on to every rank, which ends as one process does (143), even
+    the rank whose reader waits on a silent FIFO; nothing is published and
+    no rank is left running.  (The bound only says "did not hang": every
+    rank once ran on for as long as the FIFO stayed silent.)"""
+    job = LiveJob(corpus, tmp_path, 2)
+    ranks = [job.rank(0), job.rank(1)]
+    job.process.send_signal(signal.SIGTERM)
+    stderr = job.end(timeout=10)
+    gone, alive = psutil.wait_procs(ranks, timeout=5)
+    assert alive == [], f"ranks still running after SIGTERM: {alive}"
+    assert job.process.returncode == 143, stderr
+    assert stderr == "pwriter: terminated\n"  # (rank 0 says it, once)
+    assert os.listdir(job.out.parent) == []
+
+
+def test_a_rank_that_hangs_ends_the_job_after_the_mpi_timeout(corpus, tmp_path) -> None:
+    """A rank that never finishes its share (here: its FIFO stays silent)
+    would keep the others waiting at the next agreement for ever: past
+    PWRITER_MPI_TIMEOUT a waiting rank says so, removes the temporary and
+    aborts the job; no rank is left running, nothing is published."""
+    job = LiveJob(corpus, tmp_path, 2, env={"PWRITER_MPI_TIMEOUT": "1"})
+    ranks = [job.rank(0), job.rank(1)]
+    stderr = job.end(timeout=30)
+    gone, alive = psutil.wait_procs(ranks, timeout=5)
+    assert alive == [], f"ranks still running: {alive}"
+    assert job.process.returncode != 0
+    errors = [line for line in stderr.splitlines() if line.startswith("pwriter: error: ")]
+    assert errors, stderr
+    assert "rank 0 waited 1 s for the other ranks" in errors[0] and "PWRITER_MPI_TIMEOUT" in errors[0], stderr
+    assert os.listdir(job.out.parent) == []
