@@ -339,6 +339,34 @@ class ChunkSink:
             self.record(padding, text=0, events=0)
         return placement
 
+    def place_chunk(self, lane: int, chunk: memoryview) -> list[tuple[Placement, memoryview]]:
+        """Place ``chunk`` (whole lines of plain text) next in ``lane``'s
+        order: one placement, or in a padded layout two, when the chunk does
+        not fit what is left of the lane's slot: its first lines fill the
+        slot and the rest starts the lane's next one (so that a deadline
+        flush costs no padding).  Write them with :meth:`write_pieces`."""
+        pieces = []
+        room = self.room(lane) if self.padded else chunk.nbytes
+        if chunk.nbytes > room and room < self._planner.chunk_capacity:  # the lane keeps a slot with some room
+            cut = rfind_newline(chunk, 0, room) + 1
+            if cut:
+                pieces.append((self.place(lane, cut), chunk[:cut]))
+                chunk = chunk[cut:]
+        pieces.append((self.place(lane, chunk.nbytes), chunk))
+        return pieces
+
+    async def write_pieces(self, pieces: list[tuple[Placement, memoryview]], buffer: memoryview | None = None
+                           ) -> None:
+        """Write what :meth:`place_chunk` placed; ``buffer``: the pool
+        buffer the chunk fills from its start (header and padding are then
+        spliced into it, for one write of whole stripes)."""
+        if buffer is not None and len(pieces) == 1:
+            placement, body = self.splice(pieces[0][0], buffer, pieces[0][1].nbytes)
+            await self.write_placed(placement, body, aligned_memory=True)
+            return
+        for placement, body in pieces:
+            await self.write_placed(placement, body)
+
     def _take_owed(self, placement: Placement) -> list[Placement]:
         if not self._owed:
             return []

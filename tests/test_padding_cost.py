@@ -154,3 +154,27 @@ async def test_no_slot_is_written_by_two_lanes(tmp_path: pathlib.Path, autojump_
         assert data[: (slot + 1) * MiB].endswith(padding_end)
     text = gzip.decompress(data) if suffix == ".pfw.gz" else data
     assert len([line for line in text.split(b"\n") if line.startswith(b"{")]) == 8 * 30
+
+
+async def test_a_deadline_flush_costs_no_padding(tmp_path: pathlib.Path, autojump_clock: object,
+                                                 settings_for: object, backend_name: str) -> None:
+    """Plain output, one lane: a few lines go at their deadline into the
+    lane's slot; the full buffers that follow fill the rest of that slot
+    first (cut at a line end), so no slot is left part empty."""
+    settings = settings_for(layout="padded-striped", stripe_size="1MiB", max_delay=0.25, workers=1)  # type: ignore[operator]
+    target = tmp_path / "bursts.pfw"
+    text = 0
+    async with open_writer(str(target), settings=settings, fs=LOCAL) as writer:
+        async with writer.producer() as producer:
+            for burst in range(4):
+                await producer.send_line(b'{"burst":%d}' % burst)
+                await trio.sleep(1)  # the line is written at its deadline
+                lines = [b'{"burst":%d,"n":%d,"pad":"%s"}' % (burst, n, b"z" * (n % 200)) for n in range(12000)]
+                await producer.send_lines(lines)
+                text += len(b'{"burst":%d}\n' % burst) + sum(len(line) + 1 for line in lines)
+    stats = writer.statistics()
+    assert stats.deadline_flushes >= 4
+    assert stats.bytes_written <= text + 64 * 1024, f"{stats.bytes_written - text} bytes of padding"
+    events = read_events(str(target))
+    assert len(events) == 4 * 12001 and [event for event in events if event.count(b",") == 0] == [
+        b'{"burst":%d}' % burst for burst in range(4)]
