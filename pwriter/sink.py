@@ -109,6 +109,10 @@ class ChunkSink:
         self.members = MemberIndex(header_text)
         self.padded = padded
         self.level = level
+        # Padded layouts: the least padding a slot ends with, and the room
+        # under which a slot is full (see pwriter.layout).
+        self.min_padding: int = getattr(planner, "min_padding", 0)
+        self.full_below: int = getattr(planner, "full_below", 0)
         self._owed: dict[tuple[int, int], list[Placement]] = {}  # (file, offset) of a chunk -> padding it writes first
         self._held: dict[int, bytes] = {}  # padded plain: a lane's chunk that did not fill its slot (thread makers)
         self._thread_members = ThreadMembers(self)
@@ -258,7 +262,7 @@ class ChunkSink:
             return
         if self.padded:
             self._write_held_in_thread(lane)
-            if self.room(lane) - filled >= self._planner_full_below():
+            if self.room(lane) - filled >= self.full_below:
                 # It does not fill its slot: kept back (copied), written
                 # before the lane's next chunk, or pooled at the lane's end.
                 self._held[lane] = bytes(buffer[:filled])
@@ -289,15 +293,11 @@ class ChunkSink:
         if held is not None:
             self.write_placed_in_thread(self.place(lane, len(held)), held)
 
-    def _planner_full_below(self) -> int:
-        full_below: int = getattr(self._planner, "full_below")
-        return full_below
-
     def slot_members(self, lane: int) -> SlotMembers:
         """The gzip member maker of ``lane`` in a padded layout (see :class:`~pwriter.compress.SlotMembers`)."""
         return SlotMembers(self.level, room=functools.partial(self.room, lane),
                            capacity=self._planner.chunk_capacity,
-                           min_padding=getattr(self._planner, "min_padding"), full_below=self._planner_full_below())
+                           min_padding=self.min_padding, full_below=self.full_below)
 
     def room(self, lane: int) -> int:
         """The most bytes ``lane`` can place without starting a new slot (see :meth:`Planner.room`)."""
@@ -452,11 +452,11 @@ class SlotPool:
             held = self._held_members()
             for member in members:
                 available = self._sink.room(POOL_LANE) - held.held_bytes
-                if held.held and len(member[0]) != available and len(member[0]) > available - held_padding(self._sink):
+                if held.held and len(member[0]) != available and len(member[0]) > available - self._sink.min_padding:
                     self._write_members(held.take())
                 held.held.append(member)
                 held.held_bytes += len(member[0])
-            if self._sink.room(POOL_LANE) - held.held_bytes < self._sink._planner_full_below():
+            if self._sink.room(POOL_LANE) - held.held_bytes < self._sink.full_below:
                 self._write_members(held.take())
 
     def place_rest(self) -> list[tuple[Placement, bytes]]:
@@ -489,12 +489,6 @@ class SlotPool:
         body = bytes(text[:cut])
         del text[:cut]
         return self._sink.place(POOL_LANE, len(body)), body
-
-
-def held_padding(sink: ChunkSink) -> int:
-    """The least padding a slot of ``sink``'s planner ends with (0 for a layout without slots)."""
-    min_padding: int = getattr(sink._planner, "min_padding", 0)
-    return min_padding
 
 
 class MemberIndex:
