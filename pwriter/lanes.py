@@ -102,8 +102,8 @@ class WriteLanes:
         if self._compressed:
             await self._members.add(lane, buffer[:filled], lambda: self._pool.give_back(buffer))
             return
-        placement = self._sink.place(lane, filled)
-        self._nursery.start_soon(self._write_and_give_back, placement, buffer, filled)
+        pieces = self._sink.place_chunk(lane, buffer[:filled])
+        self._nursery.start_soon(self._write_and_give_back, pieces, buffer)
 
     async def write_whole(self, lane: int, chunk: memoryview) -> None:
         """Place ``chunk`` (not a pool buffer) as ``lane``'s next chunk; waits
@@ -112,8 +112,8 @@ class WriteLanes:
         if self._compressed:
             await self._members.add(lane, chunk, self._whole_slots.release)
             return
-        placement = self._sink.place(lane, len(chunk))
-        self._nursery.start_soon(self._write_and_release_slot, placement, chunk)
+        pieces = self._sink.place_chunk(lane, chunk)
+        self._nursery.start_soon(self._write_and_release_slot, pieces)
 
     async def close(self) -> None:
         """Push what every handle holds, end the channels, and return once
@@ -155,17 +155,16 @@ class WriteLanes:
             self._members.finish_stale(now, delay)
 
     @trio.lowlevel.enable_ki_protection
-    async def _write_and_give_back(self, placement: Placement, buffer: memoryview, filled: int) -> None:
+    async def _write_and_give_back(self, pieces: list[tuple[Placement, memoryview]], buffer: memoryview) -> None:
         try:
-            placement, body = self._sink.splice(placement, buffer, filled)
-            await self._sink.write_placed(placement, body, aligned_memory=True)
+            await self._sink.write_pieces(pieces, buffer)
         finally:
             # The backend returns only once the kernel is done with the buffer.
             self._pool.give_back(buffer)
 
     @trio.lowlevel.enable_ki_protection
-    async def _write_and_release_slot(self, placement: Placement, chunk: memoryview) -> None:
+    async def _write_and_release_slot(self, pieces: list[tuple[Placement, memoryview]]) -> None:
         try:
-            await self._sink.write_placed(placement, chunk)
+            await self._sink.write_pieces(pieces)
         finally:
             self._whole_slots.release()

@@ -182,18 +182,16 @@ class Writer:
         self._started = trio.current_time()
         self._finished: float | None = None
         self._closing = False
-        padded_members = compress and sizing.layout == "padded-striped"
-        member_target = int((sizing.stripe_size - len(header)) * 0.9)  # padded gzip members: about 90% of a slot
+        padded = planner.layout == "padded-striped"
         self._sink = ChunkSink(
             planner=planner, output=output, backend=backend, header=header, header_text=header_text,
-            compressed=compress, padded_members=padded_members, level=settings.level,
-            member_target=member_target, chunk_capacity=self.chunk_capacity,
+            compressed=compress, padded=padded, level=settings.level, chunk_capacity=self.chunk_capacity,
             writeback=settings.fsync and settings.early_writeback,
             # every pool buffer, whole chunk and member in flight, the header and the footer
             stream_threads=3 * pool.count + 4,
         )
-        members = MemberStage(nursery=nursery, sink=self._sink, level=settings.level, padded=padded_members,
-                              member_target=member_target, slots=pool.count)
+        members = MemberStage(nursery=nursery, sink=self._sink, level=settings.level, padded=compress and padded,
+                              slots=pool.count)
         self._lanes = WriteLanes(nursery=nursery, sink=self._sink, pool=pool, lanes=sizing.workers,
                                  chunk_capacity=self.chunk_capacity, max_delay=settings.max_delay,
                                  compressed=compress, members=members, footer=footer, footer_text=footer_text)
