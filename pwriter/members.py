@@ -63,6 +63,10 @@ class MemberStage:
         stage; ``release()`` is called once the text is no longer needed."""
         await self._compress_in_order(lane, text, release)
 
+    def text_since(self) -> list[float]:
+        """For the ticker: when each unfinished padded member got its first text."""
+        return list(self._member_since.values())
+
     def finish_stale(self, now: float, delay: float) -> None:
         """The ticker's call: write the members of every lane whose oldest text has waited ``delay``."""
         for lane, since in list(self._member_since.items()):

@@ -14,8 +14,9 @@ writing are the chunk sink's (:mod:`pwriter.sink`), which makers in worker
 threads call directly; the coalescers' gzip members are the member stage's
 (:mod:`pwriter.members`).
 
-When the body of the ``async with`` ends normally, the writer pushes what
-producers still hold, closes the channels, waits until every coalescer has
+When the body of the ``async with`` ends normally, the writer refuses
+every new call of a producer handle (ClosedError), lets a push already
+waiting finish, pushes what producers still hold, closes the channels, waits until every coalescer has
 flushed and every chunk is placed, places and writes the footer, waits for
 every write, fsyncs (unless disabled; with fsync, the writeback of each large
 written range was already started when it was written), and publishes the
