@@ -171,10 +171,10 @@ async def test_failed_index_publish_puts_the_old_output_back(tmp_path, settings_
     inode = os.stat(target).st_ino
     real_replace = os.replace
 
-    def replace(source: str, destination: str) -> None:
+    def replace(source: str, destination: str, **dir_fds: Any) -> None:
         if destination.endswith(".members.json"):
             raise OSError(errno.ENOSPC, "No space left on device", destination)
-        real_replace(source, destination)
+        real_replace(source, destination, **dir_fds)
 
     monkeypatch.setattr(pwriter.output.os, "replace", replace)
     with pytest.raises(WriteError, match="No space left on device"):
