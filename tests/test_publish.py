@@ -9,6 +9,7 @@ import gzip
 import json
 import os
 import pathlib
+import re
 import subprocess
 import sys
 import time
@@ -605,3 +606,100 @@ def test_force_replaces_the_whole_set_whatever_its_layout(tmp_path) -> None:
     info = run_cli("info", plain)
     assert info.returncode == 0 and "gzip members:" not in info.stdout, info.stdout
     assert event_counter([plain]) == event_counter(inputs)
+
+
+class FailingCloseOs:
+    """``os`` as pwriter.output sees it: closing a data file's descriptor
+    (a temporary of the output or of a shard) closes it, then reports EIO,
+    as NFS reports a write that failed after ``write`` returned."""
+
+    def __init__(self, stem: str) -> None:
+        self._data = re.compile(re.escape(f".{stem}") + r"(\.g[0-9]+)?(\.shard_[0-9]+)?\.pfw(\.gz)?\.pwriter-(?!lock)")
+        self.failed: list[str] = []
+
+    def __getattr__(self, name: str) -> Any:
+        return self._close if name == "close" else getattr(os, name)
+
+    def _close(self, fd: int) -> None:
+        try:
+            path = os.readlink(f"/proc/self/fd/{fd}")
+        except OSError:
+            path = ""
+        os.close(fd)
+        if self._data.match(os.path.basename(path)):
+            self.failed.append(path)
+            raise OSError(errno.EIO, "Input/output error")
+
+
+@pytest.mark.parametrize("layout", ["striped", "sharded"])
+async def test_a_write_error_reported_at_close_fails_the_merge(tmp_path, settings_for, layout: str,
+                                                                monkeypatch: pytest.MonkeyPatch) -> None:
+    """Issue 19, case 12: with fsync off, a write error that the filesystem
+    reports only when the file is closed (NFS does) is a WriteError naming
+    the file (exit 1), and nothing is published: the previous output stays."""
+    inputs = write_corpus(str(tmp_path / "in"), files=3, events_per_file=200, seed=12)
+    (tmp_path / "out").mkdir()
+    target = str(tmp_path / "out" / "m.pfw")
+    settings = settings_for(layout=layout, workers=2, stripe_size="64KiB", fsync=False)
+    await merge(inputs[:1], target, settings=settings)
+    before = snapshot(str(tmp_path / "out"))
+    failing = FailingCloseOs("m")
+    monkeypatch.setattr(pwriter.output, "os", failing)
+    with pytest.raises(WriteError) as raised:
+        await merge(inputs, target, settings=settings, force=True)
+    monkeypatch.undo()
+    assert failing.failed
+    message = str(raised.value)
+    assert "Input/output error" in message and "closing the file failed" in message
+    assert message.startswith(target if layout == "striped" else str(tmp_path / "out" / "m."))
+    assert raised.value.exit_code == 1
+    assert snapshot(str(tmp_path / "out")) == before
+
+
+class NoLinksOs(SweepOs):
+    """:class:`SweepOs` on a filesystem that refuses hard links (vfat, CIFS): ``link`` is EPERM."""
+
+    def __getattr__(self, name: str) -> Any:
+        if name == "link":
+            def link(*args: Any, **kwargs: Any) -> None:
+                raise OSError(errno.EPERM, "Operation not permitted", args[-1])
+
+            return link
+        return super().__getattr__(name)
+
+
+@pytest.mark.parametrize("layout", ["striped", "sharded"])
+async def test_force_where_hard_links_are_refused(tmp_path, monkeypatch: pytest.MonkeyPatch, layout: str) -> None:
+    """Issue 19, case 17: where link() is refused, --force keeps the old
+    output by renaming it away: the merge publishes; and a failure at any
+    later operation puts the old output back byte for byte."""
+    inputs = write_corpus(str(tmp_path / "in"), files=3, events_per_file=150, seed=17)
+    old_inputs = write_corpus(str(tmp_path / "old"), files=2, events_per_file=50, seed=18)
+    out_dir = tmp_path / "out"
+    out_dir.mkdir()
+    target = str(out_dir / "m.pfw.gz")
+    settings = load_settings(backend="threads", fsync=True, layout=layout, workers=2, stripe_size="64KiB")
+    await merge(old_inputs, target, settings=load_settings(backend="threads", fsync=False, layout=layout,
+                                                            workers=3, stripe_size="64KiB"))
+    before = snapshot(str(out_dir))
+    counting = Sweep(None)
+    monkeypatch.setattr(pwriter.output, "os", NoLinksOs(counting))
+    await merge(inputs, target, settings=settings, force=True)
+    monkeypatch.undo()
+    files, index = reader_view(target)
+    assert event_counter(files) == event_counter(inputs)
+    assert index is not None
+    check_index_describes(files, index)
+    assert not [name for name in os.listdir(out_dir) if name.startswith(".")]
+
+    for fail_at in range(1, counting.count + 1):
+        for name in os.listdir(out_dir):
+            os.unlink(out_dir / name)
+        for name, content in before.items():
+            (out_dir / name).write_bytes(content)
+        sweep = Sweep(fail_at)
+        monkeypatch.setattr(pwriter.output, "os", NoLinksOs(sweep))
+        with pytest.raises((WriteError, OSError)):
+            await merge(inputs, target, settings=settings, force=True)
+        monkeypatch.undo()
+        assert snapshot(str(out_dir)) == before, f"operation {fail_at} ({sweep.failed_at}) of {counting.count}"
