@@ -546,16 +546,22 @@ class OutputSet:
             raise UsageError(f"{self.target}: output directory {directory} does not exist")
         if "\n" in self._name:
             raise UsageError(f"{self.target!r}: an output name with a newline in it cannot be listed in a manifest")
+        input_stats = []
+        for path in inputs:
+            try:
+                input_stats.append((path, os.stat(path)))
+            except OSError:
+                continue
         try:
             self._open_directory()
             assert self._dir_fd is not None
             self._lock = OutputLock(self.target, self._dir_fd)
             self._lock.acquire()
             found = self._survey()
-            self._remove_leftovers(found)
+            self._remove_leftovers(found, [stat for _, stat in input_stats])
             if self.sharded:
                 self.targets = self._free_generation()
-            self._check_names(found, inputs)
+            self._check_names(found, input_stats)
         except BaseException:
             self.discard()
             raise
@@ -573,10 +579,11 @@ class OutputSet:
         return _Found(data=_exists(self._name, self._dir_fd), index=_exists(member_index_path(self._name), self._dir_fd),
                       manifest=_exists(manifest, self._dir_fd), listed=tuple(_read_manifest(manifest, self._dir_fd)))
 
-    def _remove_leftovers(self, found: _Found) -> None:
+    def _remove_leftovers(self, found: _Found, inputs: list[os.stat_result]) -> None:
         """Remove the temporaries of every file of this output's set that
         processes of this host which are gone left, and first the shards that
-        their manifests (staged or kept) list and the current one does not."""
+        their manifests (staged or kept) list and the current one does not
+        (unless one is among ``inputs``: then it stays, and is read)."""
         assert self._dir_fd is not None
         pattern = _shard_pattern(self.target)
         ours = {self._name, member_index_path(self._name), manifest_path(self._name)}
@@ -588,10 +595,17 @@ class OutputSet:
         for entry, of in stale.items():
             if of == manifest_path(self._name):
                 for shard in _read_manifest(entry, self._dir_fd):
-                    if pattern.match(shard) and shard not in found.listed:
+                    if pattern.match(shard) and shard not in found.listed and not self._is_input(shard, inputs):
                         _unlink_quietly(shard, self._dir_fd)
         for entry in stale:
             _unlink_quietly(entry, self._dir_fd)
+
+    def _is_input(self, name: str, inputs: list[os.stat_result]) -> bool:
+        try:
+            stat = os.stat(name, dir_fd=self._dir_fd)
+        except OSError:
+            return False
+        return any(_same_file(stat, input_stat) for input_stat in inputs)
 
     def _free_generation(self) -> list[str]:
         """Shard names of the first generation of which no file exists (see the class docstring)."""
@@ -602,14 +616,8 @@ class OutputSet:
                 return names
         raise AssertionError("unreachable: some generation is free")  # pragma: no cover
 
-    def _check_names(self, found: _Found, inputs: Iterable[str]) -> None:
+    def _check_names(self, found: _Found, input_stats: list[tuple[str, os.stat_result]]) -> None:
         directory = os.path.dirname(self.target)
-        input_stats = []
-        for path in inputs:
-            try:
-                input_stats.append((path, os.stat(path)))
-            except OSError:
-                continue
         own = [self.target, member_index_path(self.target), manifest_path(self.target)]
         replaced = [os.path.join(directory, name) for name in found.listed]
         for name in dict.fromkeys(own + self.names + replaced):

@@ -372,3 +372,10 @@ def test_what_a_killed_run_left_of_any_shard_count_or_layout_is_removed(tmp_path
     assert collections.Counter(read_events(out)) == event_counter([*corpus, str(lookalike)])
     assert sorted(os.listdir(inputs)) == sorted([out.name, lookalike.name, *(os.path.basename(p) for p in corpus),
                                                  *(path.name for path in others)])
+    # A shard that a dead run's manifest lists, given as an input: it stays, and is read.
+    stale[2].write_bytes(b"merged.g3.shard_000.pfw\n")
+    leftover.write_bytes(b'[\n{"id":1,"name":"the killed run\'s"}\n')
+    done = run_cli("merge", str(leftover), "-o", str(out), "--force", "--no-fsync")
+    assert done.returncode == 0, done.stderr
+    assert leftover.exists() and not stale[2].exists()
+    assert read_events(out) == [b'{"id":1,"name":"the killed run\'s"}']
