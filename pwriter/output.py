@@ -520,11 +520,6 @@ class OutputSet:
         """Every name this output will publish."""
         return self.targets + self.sidecars + ([self.manifest] if self.manifest else [])
 
-    @property
-    def lock(self) -> OutputLock | None:
-        """The output's lock, once :meth:`check` has taken it."""
-        return self._lock
-
     def check(self, inputs: Iterable[str] = ()) -> None:
         """Take the output's lock (:class:`OutputLock`), then decide and check
         the names, all under it.
@@ -698,26 +693,28 @@ class OutputSet:
             self.discard()
             raise
         self._open_directory()
-        done: list[tuple[str, str, bool]] = []  # ("put", name, over a kept file) or ("hide", name, False)
-        kept: dict[str, str] = {}  # name -> the temporary that keeps its previous file ("": not yet, no links)
+        assert self._dir_fd is not None
+        done: list[tuple[str, str, bool]] = []  # ("put", name, over its kept file) or ("hide", name, False)
+        kept: dict[str, str] = {}  # name -> the temporary that keeps its previous file ("": links are refused)
         try:
             found, steps = self._plan(sidecars or {}, fsync=fsync)
             for step, name, _ in steps:  # keep what is replaced, or removed before the commit
-                if (step == "hide" or self.force) and _exists(name, self._dir_fd):
+                if name not in kept and (step == "hide" or self.force) and _exists(name, self._dir_fd):
                     kept[name] = self._keep(name, by_link=True)
             for step, name, temporary in steps:
-                if name in kept and not kept[name]:  # no hard links here: move its file away now
-                    kept[name] = self._keep(name, by_link=False)
-                    done.append(("hide", name, False))
-                elif step == "hide":
-                    os.unlink(name, dir_fd=self._dir_fd)
+                if step == "hide" and name not in kept:  # (gone meanwhile)
+                    continue
+                if step == "hide" or kept.get(name) == "":  # its file goes away now: unlinked, or renamed away
+                    if kept[name]:
+                        os.unlink(name, dir_fd=self._dir_fd)
+                    else:
+                        kept[name] = self._keep(name, by_link=False)
                     done.append(("hide", name, False))
                 if step == "put":
-                    over_kept = name in kept and ("hide", name, False) not in done
                     self._rename(temporary, name)
-                    done.append(("put", name, over_kept))
+                    done.append(("put", name, name in kept and ("hide", name, False) not in done))
             if fsync:
-                os.fsync(self._dir_fd)  # type: ignore[arg-type]
+                os.fsync(self._dir_fd)
         except (OSError, UsageError) as exc:
             self._restore(done, kept, fsync=fsync)
             self.discard()
