@@ -25,6 +25,7 @@ from pwriter.merge import collect_inputs, merge
 from pwriter.output import is_temporary_name, lock_path, names_of_output, read_shard_set
 from pwriter.settings import load_settings
 from pwriter.testing import FaultBackend, event_counter, read_events, write_corpus
+from pwriter.verify import verify
 
 from conftest import BIN, dftracer_tool, expect_failure, published, run_cli
 
@@ -519,46 +520,47 @@ def test_two_force_merges_at_once_publish_one_whole_set(tmp_path) -> None:
         "m.pfw.gz.members.json", "m.pfw.gz.shards"}
 
 
-def test_a_stale_lock_is_taken_over_and_a_live_or_remote_one_refused(tmp_path) -> None:
+async def test_a_stale_lock_is_taken_over_and_a_live_or_remote_one_refused(tmp_path) -> None:
     """Issue 19, case 6: the lock of a process of this host that is gone is
     taken over; a live process's, or another host's (which cannot be
-    checked), is refused with exit 2 naming its host and pid."""
+    checked), is refused (exit 2) naming its host and pid, and kept."""
     inputs = write_corpus(str(tmp_path / "in"), files=2, events_per_file=50, seed=65)
     out = str(tmp_path / "m.pfw")
+    settings = load_settings(backend="threads", fsync=False)
     lock = pathlib.Path(lock_path(out))
     host = os.uname().nodename
     lock.write_text(f"{host} {dead_pid()}\n")
-    done = run_cli("merge", *inputs, "-o", out)
-    assert done.returncode == 0, done.stderr
+    await merge(inputs, out, settings=settings)
     assert not lock.exists() and event_counter([out]) == event_counter(inputs)
     for holder, hint in ((f"{host} {os.getpid()}", ""), (f"{host}x 12345", "remove the lock")):
         lock.write_text(holder + "\n")
-        done = run_cli("merge", *inputs, "-o", out, "--force")
+        with pytest.raises(UsageError) as raised:
+            await merge(inputs[:1], out, settings=settings, force=True)
         name, pid = holder.split()
-        expect_failure(done, 2, f"(host {name}, pid {pid})", hint)
+        assert raised.value.exit_code == 2
+        assert f"another pwriter is writing this output (host {name}, pid {pid})" in str(raised.value)
+        assert hint in str(raised.value)
         assert lock.read_text() == holder + "\n"
     assert event_counter([out]) == event_counter(inputs)
 
 
-def test_manifest_names_are_read_exactly(tmp_path) -> None:
+async def test_manifest_names_are_read_exactly(tmp_path) -> None:
     """Issue 19, case 7: `--force` into ' out.pfw' (a leading space) replaces
     its own shards, never those of `out.pfw` beside it."""
     inputs = write_corpus(str(tmp_path / "in"), files=3, events_per_file=100, seed=7)
     others = write_corpus(str(tmp_path / "other"), files=2, events_per_file=80, seed=8)
-    args = ["--layout", "sharded", "--workers", "2", "--no-fsync"]
+    settings = load_settings(backend="threads", fsync=False, layout="sharded", workers=2)
     (tmp_path / "out").mkdir()
-    out, spaced = tmp_path / "out" / "out.pfw", tmp_path / "out" / " out.pfw"
-    assert run_cli("merge", *others, "-o", str(out), *args).returncode == 0
+    out, spaced = str(tmp_path / "out" / "out.pfw"), str(tmp_path / "out" / " out.pfw")
+    await merge(others, out, settings=settings)
     other_files = snapshot(str(tmp_path / "out"))
-    assert run_cli("merge", *inputs[:1], "-o", str(spaced), *args).returncode == 0
-    done = run_cli("merge", *inputs, "-o", str(spaced), *args, "--force")
-    assert done.returncode == 0, done.stderr
-    assert read_shard_set(str(spaced) + ".shards")[0].endswith("/ out.shard_000.pfw") or read_shard_set(
-        str(spaced) + ".shards")[0].endswith("/ out.g1.shard_000.pfw")
-    assert event_counter([str(spaced) + ".shards"]) == event_counter(inputs)
+    await merge(inputs[:1], spaced, settings=settings)
+    await merge(inputs, spaced, settings=settings, force=True)
+    assert os.path.basename(read_shard_set(spaced + ".shards")[0]) in (" out.shard_000.pfw", " out.g1.shard_000.pfw")
+    assert event_counter([spaced + ".shards"]) == event_counter(inputs)
     assert {name: content for name, content in snapshot(str(tmp_path / "out")).items()
             if name in other_files} == other_files
-    assert event_counter([str(out) + ".shards"]) == event_counter(others)
+    assert event_counter([out + ".shards"]) == event_counter(others)
 
 
 def event_count_of_directory(directory: str) -> int:
@@ -568,40 +570,40 @@ def event_count_of_directory(directory: str) -> int:
     return int(done.stdout.split()[-1])
 
 
-def test_force_replaces_the_whole_set_whatever_its_layout(tmp_path) -> None:
+async def test_force_replaces_the_whole_set_whatever_its_layout(tmp_path) -> None:
     """Issue 19, case 11: `--force` with another layout under the same name
     leaves only the new set: striped over sharded (no old manifest or shards:
     `dftracer_event_count -d` counts the new set alone), sharded over striped
-    (no old data file: --verify passes), plain over gzip (no old member index:
+    (no old data file: verify passes), plain over gzip (no old member index:
     `pwriter info` describes none)."""
     inputs = write_corpus(str(tmp_path / "in"), files=3, events_per_file=200, seed=11)
     old = write_corpus(str(tmp_path / "old"), files=2, events_per_file=90, seed=12)
-    common = ["--no-fsync", "--workers", "2"]
+
+    def settings(layout: str = "striped", **more: Any) -> Any:
+        return load_settings(backend="threads", fsync=False, workers=2, layout=layout, **more)
+
     counts = {}  # what the field's tool counts in a directory of one gzip merge of each corpus
     for name, corpus in (("new", inputs), ("old", old)):
-        name = f"ref_{name}"
-        (tmp_path / name).mkdir(exist_ok=True)
-        assert run_cli("merge", *corpus, "-o", str(tmp_path / name / "ref.pfw.gz"), *common).returncode == 0
-        counts[name[4:]] = event_count_of_directory(str(tmp_path / name))
+        (tmp_path / f"ref_{name}").mkdir()
+        await merge(corpus, str(tmp_path / f"ref_{name}" / "ref.pfw.gz"), settings=settings())
+        counts[name] = event_count_of_directory(str(tmp_path / f"ref_{name}"))
     out_dir = tmp_path / "out"
     out_dir.mkdir()
     out = str(out_dir / "m.pfw.gz")
-    assert run_cli("merge", *old, "-o", out, "--layout", "sharded", *common).returncode == 0
-    done = run_cli("merge", *inputs, "-o", out, "--layout", "striped", "--force", *common)
-    assert done.returncode == 0, done.stderr
+    await merge(old, out, settings=settings("sharded"))
+    await merge(inputs, out, settings=settings("striped"), force=True)
     assert sorted(os.listdir(out_dir)) == ["m.pfw.gz", "m.pfw.gz.members.json"]
     assert event_count_of_directory(str(out_dir)) == counts["new"]
 
-    done = run_cli("merge", *old, "-o", out, "--layout", "sharded", "--force", "--verify", *common)
-    assert done.returncode == 0, done.stderr
+    await merge(old, out, settings=settings("sharded"), force=True)
     assert "m.pfw.gz" not in os.listdir(out_dir)
+    assert verify(out, old).match
     assert event_count_of_directory(str(out_dir)) == counts["old"]
 
     plain = str(out_dir / "p.pfw")
-    assert run_cli("merge", *old, "-o", plain, "--compress", *common).returncode == 0
+    await merge(old, plain, settings=settings(compress=True))
     assert os.path.exists(plain + ".members.json")
-    done = run_cli("merge", *inputs, "-o", plain, "--force", *common)
-    assert done.returncode == 0, done.stderr
+    await merge(inputs, plain, settings=settings(), force=True)
     assert not os.path.exists(plain + ".members.json")
     info = run_cli("info", plain)
     assert info.returncode == 0 and "gzip members:" not in info.stdout, info.stdout
