@@ -408,12 +408,8 @@ def _decide(world: World, paths: Sequence[str], directory: str | None, output: s
         except BaseException:
             outputs.discard()
             raise
-    try:
-            decision = Decision(inputs, sizes, fs, sizing, compressed, list(outputs.temporaries),
-                            list(outputs.targets), outputs.manifest, striping)
-    except BaseException:
-        outputs.discard()
-        raise
+    decision = Decision(inputs, sizes, fs, sizing, compressed, list(outputs.temporaries), list(outputs.targets),
+                        outputs.manifest, striping)
     return decision, outputs
 
 

@@ -570,8 +570,8 @@ class OutputSet:
                 raise WriteError(self.target, f"cannot open the output directory: {exc.strerror}", exc.errno) from None
 
     def _survey(self) -> _Found:
-        manifest = manifest_path(self._name)
-        return _Found(data=_exists(self._name, self._dir_fd), index=_exists(member_index_path(self._name), self._dir_fd),
+        manifest, index = manifest_path(self._name), member_index_path(self._name)
+        return _Found(data=_exists(self._name, self._dir_fd), index=_exists(index, self._dir_fd),
                       manifest=_exists(manifest, self._dir_fd), listed=tuple(_read_manifest(manifest, self._dir_fd)))
 
     def _remove_leftovers(self, found: _Found, inputs: list[os.stat_result]) -> None:
