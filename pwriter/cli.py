@@ -258,7 +258,7 @@ def _settings(args: argparse.Namespace) -> Any:
 def _merge(args: argparse.Namespace) -> int:
     from .errors import UsageError
     from .merge import MergeProgress, collect_inputs, merge
-    from .output import manifest_path, read_shard_set
+    from .output import names_of_output
 
     settings = _settings(args)
     to_stdout = args.output == "-"
@@ -268,8 +268,7 @@ def _merge(args: argparse.Namespace) -> int:
         raise UsageError("-o -: --verify needs an output file to read back")
     if to_stdout and sys.stdout.isatty():
         raise UsageError("-o -: standard output is a terminal; redirect it to a file or a pipe")
-    manifest = manifest_path(args.output)
-    exclude = [] if to_stdout else [args.output, manifest, *read_shard_set(manifest)]
+    exclude = [] if to_stdout else names_of_output(args.output)
     inputs = collect_inputs(args.inputs, args.directory, exclude=exclude)
     progress = MergeProgress(total_input_bytes=0)  # (merge() measures the inputs once, and sets it)
     work = functools.partial(merge, inputs, args.output, settings=settings, force=args.force, progress=progress,
@@ -438,11 +437,11 @@ def _report_stream(args: argparse.Namespace) -> Any:
 
 def _verify(args: argparse.Namespace) -> int:
     from .inputs import collect_inputs
-    from .output import manifest_path, read_shard_set
+    from .output import names_of_output
     from .verify import output_files
 
     outputs = output_files(args.output)
-    exclude = [args.output, manifest_path(args.output), *read_shard_set(manifest_path(args.output)), *outputs]
+    exclude = [*names_of_output(args.output), *outputs]
     inputs = collect_inputs(args.inputs, args.directory, exclude=exclude)
     return _report_verification(args.output, inputs, as_json=args.json, salvage=args.salvage,
                                 validate=args.validate)

@@ -292,14 +292,22 @@ class RankOutput:
         self.manifest: str | None = None
         self.can_sync = True
         self.written = False
+        self._dir_fd: int | None = None
 
     def create(self, *, direct: bool = False) -> list[int]:
         from .errors import WriteError
         from .output import create_temporaries
 
-        if self._creates:
+        if self._creates:  # (in the directory as it is now, even if it is renamed later: see pwriter.output)
+            directory = os.path.dirname(os.path.abspath(self.output))
+            try:
+                self._dir_fd = os.open(directory, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+            except OSError as exc:
+                raise WriteError(self.output, f"cannot open the output directory: {exc.strerror}",
+                                 exc.errno) from None
             self.temporaries, self.fds, self.direct_fds = create_temporaries(
-                self.output, self.targets, direct=direct, striping=self._striping, first=self._first)
+                self.output, self.targets, direct=direct, striping=self._striping, first=self._first,
+                dir_fd=self._dir_fd)
             return self.fds
         try:
             for name in self.temporaries:
@@ -316,6 +324,14 @@ class RankOutput:
         """(Rank 0 checked the output before any file was created.)"""
 
     def publish(self, *, fsync: bool, sidecars: dict[str, bytes] | None = None) -> None:
+        """This part is written: close its files, checking each close
+        (:func:`~pwriter.output.close_checked`: a write error reported there
+        fails the part, and so the job)."""
+        from .output import close_checked
+
+        fds, names = self.fds + self.direct_fds, self.targets + self.targets[: len(self.direct_fds)]
+        self.fds, self.direct_fds = [], []
+        close_checked(fds, names)
         self.written = True
 
     def discard(self) -> None:
@@ -331,10 +347,16 @@ class RankOutput:
         if self._creates:
             for name in self.temporaries:
                 try:
-                    os.unlink(name)
+                    os.unlink(os.path.basename(name) if self._dir_fd is not None else name, dir_fd=self._dir_fd)
                 except OSError:
                     pass
             self.temporaries = []
+
+    def close_directory(self) -> None:
+        """Close the descriptor of the output's directory (after :meth:`remove_created`, if that is wanted)."""
+        if self._dir_fd is not None:
+            os.close(self._dir_fd)
+            self._dir_fd = None
 
 
 @dataclasses.dataclass
@@ -392,7 +414,7 @@ def _decide(world: World, paths: Sequence[str], directories: Sequence[str] | Non
             settings: Settings, force: bool, offsets: str) -> tuple[Decision, Any]:
     """Step 1, on rank 0: returns the decision and the OutputSet (kept on rank 0 to publish)."""
     from .inputs import collect_inputs, input_size
-    from .output import OutputSet, manifest_path, member_index_path, read_shard_set, remove_stale_temporaries
+    from .output import OutputSet, member_index_path, names_of_output
     from .writer import follow_layout_of, output_compression, plan
 
     compressed = output_compression(output, settings)
@@ -400,8 +422,7 @@ def _decide(world: World, paths: Sequence[str], directories: Sequence[str] | Non
                                 or settings.layout not in ("auto", "striped")):
         raise UsageError("--mpi-offsets exscan: only for a striped, plain output (its ranges are counted "
                          "before they are written); the shared counter does every layout")
-    manifest = manifest_path(output)
-    inputs = collect_inputs(paths, directories, exclude=[output, manifest, *read_shard_set(manifest)])
+    inputs = collect_inputs(paths, directories, exclude=names_of_output(output))
     sizes = [input_size(path) for path in inputs]
     fs, sizing = plan(output, settings, expected_bytes=sum(sizes), processes_per_node=world.node_ranks)
     sharded = sizing.layout == "sharded"
@@ -411,10 +432,8 @@ def _decide(world: World, paths: Sequence[str], directories: Sequence[str] | Non
         striping = dataclasses.replace(striping, offsets=shard_offsets(files, fs.ost_count))
     outputs = OutputSet(output, sharded=sharded, files=files, force=force,
                         sidecars=[member_index_path(output)] if compressed else [])
-    outputs.check(inputs)
-    if sharded:  # each rank creates its own shards (step 2)
-        remove_stale_temporaries(outputs.names)
-    else:
+    outputs.check(inputs)  # (takes the output's lock, kept until rank 0 publishes or discards)
+    if not sharded:  # (sharded: each rank creates its own shards, step 2)
         outputs.create(direct=settings.direct, striping=striping)
         try:
             if striping is not None:
@@ -546,6 +565,8 @@ async def merge_over_ranks(
     finally:
         if counter is not None and not hung:
             counter.free()
+        if part_output is not None:
+            part_output.close_directory()
     if world.rank != 0:
         return None
     assert gathered is not None

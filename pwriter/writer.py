@@ -360,7 +360,9 @@ async def open_writer(
     TypeError (:func:`~pwriter.settings.settings_from`, the rule of every
     entrance).  ``producers``, a hint for the sizing, is at least 1.  The
     output is refused (:class:`~pwriter.errors.UsageError`) when its
-    directory does not exist, when it exists and ``force`` is false
+    directory does not exist, when another run is writing it (its lock,
+    :class:`~pwriter.output.OutputLock`, names that run's host and pid),
+    when it exists and ``force`` is false
     (:class:`~pwriter.errors.OutputExistsError`), when it is one of
     ``inputs``, and, even with ``force``, when the name is not a regular file
     or a symlink to one (a directory, FIFO, socket, device).  ``header``
@@ -394,8 +396,11 @@ async def open_writer(
     into place and fsyncs the directory: when ``async with`` returns, the
     output is complete under its final name (sharded: the manifest, written
     last, commits the set).  ``Writer.statistics().published`` is then true.
-    A file that ``force`` replaces is kept until the new output is wholly in
-    place, and put back if publishing fails.
+    ``force`` replaces the whole set the name stands for, whatever its
+    layout or compression; what it replaces is kept until the new output is
+    wholly in place, and put back if publishing fails.  A data file whose
+    close reports an error (NFS reports failed writes there) fails the
+    close: nothing is published.
 
     On error or cancellation (of the block or of any task inside it) the
     temporary files are removed, the target is untouched (a file it would

@@ -458,3 +458,44 @@ def test_temporaries_of_dead_processes_are_removed_and_never_read(tmp_path) -> N
     assert not stale.exists() and live.exists() and other_host.exists()
     assert sorted(name for name in os.listdir(inputs) if is_temporary_name(name)) == sorted(
         [live.name, other_host.name])
+
+
+def test_what_a_killed_run_left_of_any_shard_count_or_layout_is_removed(tmp_path) -> None:
+    """Issue 19, case 16: the temporaries of every file of an output's set
+    (shards of any count or generation, the manifest, the member index) that
+    a dead process of this host left are removed by the next merge to that
+    name, whatever its layout; so are the shards a dead run's manifest
+    temporary lists and the current manifest does not.  A trace merely named
+    like a shard is an input like any other, and stays."""
+    inputs = tmp_path / "in"
+    corpus = write_corpus(str(inputs), files=3, events_per_file=40, seed=16)
+    host = os.uname().nodename
+    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True,
+                          text=True).stdout.strip()
+    stale = [inputs / f".{name}.pwriter-{host}-{dead}-0badc0de.tmp"
+             for name in ("merged.shard_0007.pfw", "merged.g3.shard_001.pfw", "merged.pfw.shards",
+                          "merged.pfw.members.json", "merged.pfw")]
+    for path in stale:
+        path.write_bytes(b'{"half":')
+    stale[2].write_bytes(b"merged.g3.shard_000.pfw\nmerged.g3.shard_001.pfw\nrank_0.pfw\n")
+    leftover = inputs / "merged.g3.shard_000.pfw"  # renamed into place by the killed run, named by no manifest
+    leftover.write_bytes(b'[\n{"id":1,"name":"the killed run\'s"}\n')
+    lookalike = inputs / "merged.shard_005.pfw"  # the user's own trace
+    lookalike.write_bytes(b'{"id":2,"name":"mine"}\n')
+    others = [inputs / f".other.pfw.pwriter-{host}-{dead}-0badc0de.tmp",
+              inputs / f".merged.shard_000.pfw.pwriter-{host}-{os.getpid()}-0badc0de.tmp"]  # a live process's
+    for path in others:
+        path.write_bytes(b'{"half":')
+    out = inputs / "merged.pfw"
+    done = run_cli("merge", "-d", str(inputs), "-o", str(out), "--layout", "striped", "--no-fsync")
+    assert done.returncode == 0, done.stderr
+    assert collections.Counter(read_events(out)) == event_counter([*corpus, str(lookalike)])
+    assert sorted(os.listdir(inputs)) == sorted([out.name, lookalike.name, *(os.path.basename(p) for p in corpus),
+                                                 *(path.name for path in others)])
+    # A shard that a dead run's manifest lists, given as an input: it stays, and is read.
+    stale[2].write_bytes(b"merged.g3.shard_000.pfw\n")
+    leftover.write_bytes(b'[\n{"id":1,"name":"the killed run\'s"}\n')
+    done = run_cli("merge", str(leftover), "-o", str(out), "--force", "--no-fsync")
+    assert done.returncode == 0, done.stderr
+    assert leftover.exists() and not stale[2].exists()
+    assert read_events(out) == [b'{"id":1,"name":"the killed run\'s"}']
