@@ -191,7 +191,9 @@ def settings_with(settings: Settings, **overrides: Any) -> Settings:
     if not given:
         return settings
     try:
-        return Settings(**{**settings.model_dump(exclude_unset=False), **given})
+        # (only what was set is carried over, so that the copy knows, as the
+        # original does, which settings were given: model_fields_set)
+        return Settings(**{**settings.model_dump(exclude_unset=True), **given})
     except ValidationError as exc:
         raise ConfigError(_describe(exc, {})) from None
 

@@ -533,12 +533,16 @@ def output_compression(target: str, settings: Settings, *, stream: bool = False)
     :class:`~pwriter.settings.ConfigError`: ``compress`` false for a ``.gz``
     name (the output would be plain text under a gzip name), ``direct`` with
     gzip members (they are never whole aligned stripes: O_DIRECT would
-    write nothing)."""
+    write nothing), a ``level`` given for plain output (nothing is
+    compressed at that level)."""
     gz_name = target.endswith(".gz") and not stream
     if settings.compress is False and gz_name:
         raise ConfigError(f"invalid setting compress=False: the output {target} ends in .gz, the name of a gzip "
                           "file (compress it, or name it without .gz)")
     compress = settings.compress if settings.compress is not None else gz_name
+    if not compress and "level" in settings.model_fields_set:
+        raise ConfigError(f"invalid setting level={settings.level}: the output {target} is plain text, which is not "
+                          "compressed at any level (name it .gz, or give compress, for gzip output)")
     if compress and settings.direct:
         raise ConfigError(f"invalid setting direct=True: {target}: gzip output is never written with O_DIRECT "
                           "(its members are not whole aligned stripes); write it plain, or without --direct")

@@ -285,12 +285,14 @@ async def test_wrong_argument_types_are_named(tmp_path) -> None:
     ("out.pfw.gz", {"compress": False}, "compress=False"),
     ("out.pfw", {"producers": 0}, "producers=0"),
     ("out.pfw", {"producers": -2}, "producers=-2"),
+    ("out.pfw", {"level": 3}, "level=3"),
+    ("-", {"level": 2}, "level=2"),
 ])
 async def test_options_that_cannot_be_honoured_are_refused(tmp_path, target: str, options: dict[str, object],
                                                            needle: str) -> None:
     """Issue 19, case 19: a stream took --layout sharded as striped, --direct with gzip output wrote
-    nothing with O_DIRECT (direct_writes 0), compress=False wrote plain text under a .gz name, and
-    producers=0 or -2 passed: each was ignored.  Each is a ValueError now, before anything is created."""
+    nothing with O_DIRECT (direct_writes 0), compress=False wrote plain text under a .gz name,
+    producers=0 or -2 passed, and a level given for plain output compressed nothing: each was ignored.  Each is a ValueError now, before anything is created."""
     path = target if target == "-" else str(tmp_path / target)
     with pytest.raises(ValueError, match=needle):
         async with open_writer(path, fs=LOCAL, fsync=False, **options):  # type: ignore[arg-type]
@@ -304,6 +306,7 @@ async def test_options_that_cannot_be_honoured_are_refused(tmp_path, target: str
     ("m.pfw.gz", ["--direct"], {}, "direct=True"),
     ("m.pfw", ["--direct", "--compress"], {}, "direct=True"),
     ("m.pfw.gz", [], {"PWRITER_COMPRESS": "false"}, "compress=False"),
+    ("m.pfw", ["--level", "3"], {}, "level=3"),
 ])
 def test_cli_options_that_cannot_be_honoured_are_exit_2(tmp_path, target: str, options: list[str],
                                                         env: dict[str, str], needle: str) -> None:
