@@ -20,7 +20,8 @@ LINK = re.compile(r"\[[^\]]*\]\(([^)\s]+)\)")
 
 def prose_lines(page: pathlib.Path) -> list[str]:
     """The page's lines outside fenced code blocks, inline code removed."""
-    lines, fenced = [], False
+    lines: list[str] = []
+    fenced = False
     for line in page.read_text(encoding="utf-8").splitlines():
         if line.lstrip().startswith("```"):
             fenced = not fenced
@@ -38,7 +39,7 @@ def slug(heading: str) -> str:
 
 def headings(page: pathlib.Path) -> list[tuple[int, str]]:
     """(level, text) of each heading outside fenced code blocks."""
-    found = []
+    found: list[tuple[int, str]] = []
     fenced = False
     for line in page.read_text(encoding="utf-8").splitlines():
         if line.lstrip().startswith("```"):
