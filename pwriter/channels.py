@@ -5,21 +5,23 @@ Theory of operation
 A trio channel ``send`` costs microseconds; a trace event is ~200 bytes.  So
 a :class:`Producer` never sends single lines: it appends them to a local list
 and sends one joined *block* (whole, newline-terminated lines) when the list
-holds ``batch_bytes``.  Each producer is bound to one coalescer's bounded
-channel; all lines of one producer therefore pass through one coalescer in
-order, and since a coalescer's chunks are placed in the order it fills them,
-**lines of one producer keep their order** in the output (in the sharded
+holds ``batch_bytes``, with the trio time its oldest line was queued.  Each
+producer is bound to one coalescer's bounded channel; all lines of one
+producer therefore pass through one coalescer in order, and since a
+coalescer's chunks are placed in the order it fills them, **lines of one
+producer keep their order** in the output (in the sharded
 layout, in read order).  Across producers there is no order.
 
 A :class:`Coalescer` receives blocks and copies them into a stripe buffer
 taken from the :class:`BufferPool`, a fixed set of page-aligned buffers
 carved from one anonymous ``mmap``.  A buffer is handed to ``flush`` when the
-next line would not fit, when its oldest byte has waited ``max_delay``
-seconds on the trio clock, or when the channel closes.  Blocks are cut only
-at newlines, so a chunk always holds whole lines.  A block that fills at
-least half a buffer by itself is not copied: it is written as it is, as a
-chunk of its own (an *uncopied* chunk).  So is a
-single line longer than a buffer (an *oversized* chunk).
+next line would not fit, when its oldest line has waited ``max_delay``
+seconds on the trio clock since its producer's call queued it (blocks
+already in the channel join it first), or when the channel closes.  Blocks
+are cut only at newlines, so a chunk always holds whole lines.  A block
+that fills at least half a buffer by itself is not copied: it is written as
+it is, as a chunk of its own (an *uncopied* chunk).  So is a single line
+longer than a buffer (an *oversized* chunk).
 
 Backpressure: ``flush`` hands the buffer to a write that gives it back to the
 pool when the kernel is done with it.  When every buffer is in flight,
@@ -40,7 +42,8 @@ import trio
 
 from .traceformat import count_lines
 
-__all__ = ["BufferPool", "Producer", "join_lines", "one_line", "Coalescer", "CoalescerStatistics", "DEFAULT_BATCH_BYTES"]
+__all__ = ["Block", "BufferPool", "Producer", "join_lines", "one_line", "Coalescer", "CoalescerStatistics",
+           "DEFAULT_BATCH_BYTES"]
 
 DEFAULT_BATCH_BYTES = 64 << 10
 NEWLINE = b"\n"
@@ -99,32 +102,43 @@ class BufferPool:
             _KEPT_ALIVE.append((self._memory, self.buffers))
 
 
+Block = tuple[float, bytes]
+"""What a lane's channel carries: a block of whole lines and the trio time
+its oldest line was queued (the coalescer's deadline counts from there)."""
+
+
 class Producer:
     """A handle through which one task writes lines.
 
     Use it from one task at a time (``async with writer.producer() as p:``);
-    a second task that calls it while the first is inside a call gets
+    a second task that calls it while the first waits inside a call gets
     :class:`~pwriter.errors.BusyError` (nothing of its call is taken).  A line
     is one record: bytes-like, not empty, with no newline except at its end
     (one is added when missing); anything else raises ``TypeError`` or
     ``ValueError`` and takes nothing.  Lines are copied at the call (a
     ``bytearray`` may be reused as soon as the call returns) and batched
     locally; they reach the writer in blocks: :meth:`flush` pushes the batch
-    now, and the writer also pushes a batch that has waited ``max_delay``
-    seconds (trio clock).  Closing the handle pushes what is left.  The
-    lines of one handle keep their order in the output.  A call after the
-    handle (or its writer) closed raises :class:`~pwriter.errors.ClosedError`.
+    now, and the writer pushes a batch before its oldest line has waited
+    ``max_delay`` seconds (trio clock).  Closing the handle pushes what is
+    left.  The lines of one handle keep their order in the output.  A call
+    after the handle closed raises :class:`~pwriter.errors.ClosedError`.
 
-    Cancellation: a ``send_*`` call that returned accepted its lines; they
-    will be written even if a later call is cancelled.  A cancelled
-    ``send_line`` / ``send_lines`` has queued its lines all the same, and a
-    cancelled :meth:`flush` keeps them queued (they go with the next flush
-    or at close: nothing is lost or sent twice); a cancelled
-    :meth:`send_block` has not taken its block.  Only cancelling the writer
-    itself discards lines, and then nothing is published.
+    Every call is a checkpoint.  A call that returned accepted its lines; a
+    call that raised, cancelled included, took none of them, as trio's own
+    sends: a cancelled ``send_line``, ``send_lines`` or ``send_block``
+    leaves the lines queued before it as they were, and a cancelled
+    :meth:`flush` keeps them queued (they go with the next push or at close:
+    nothing is lost or sent twice).  So retrying a cancelled call writes its
+    lines once.  Only cancelling the writer itself discards lines, and then
+    nothing is published.
+
+    The writer's close: from the moment it starts, every call raises
+    :class:`~pwriter.errors.ClosedError` and takes nothing; a call already
+    waiting to push is let finish first (the close waits for it), then the
+    writer pushes what the handle holds.
     """
 
-    def __init__(self, channel: trio.MemorySendChannel[bytes], *, batch_bytes: int = DEFAULT_BATCH_BYTES,
+    def __init__(self, channel: trio.MemorySendChannel[Block], *, batch_bytes: int = DEFAULT_BATCH_BYTES,
                  check: Callable[[bytes], None] | None = None) -> None:
         self._channel = channel
         self._batch_bytes = batch_bytes
@@ -132,13 +146,15 @@ class Producer:
         self._pending: list[bytes] = []
         self._pending_bytes = 0
         self.pending_since = math.inf
-        # Nonzero while a call of this handle waits (busy) or once it is
-        # closed: one test on the hot path covers both kinds of misuse.
+        # Nonzero while a push of this handle waits, or once the handle takes
+        # no call (closed, or its writer closing): one test on the hot path
+        # covers every refusal.
         self._blocked = 0
         self.closed = False
         self.closed_by_writer = False
         self._channel_closed = False
-        self._sending = False  # the handle's task waits in a send (the writer's pushes keep off)
+        self._sending = False  # a push waits for room (the writer's pushes keep off)
+        self._push_done: trio.Event | None = None  # set when that push ends (the writer's close waits for it)
 
     async def send_line(self, line: bytes) -> None:
         """Queue one line (a newline is added if it has none)."""
@@ -150,14 +166,12 @@ class Producer:
         line = one_line(line)
         if self._check is not None:
             self._check(line)
-        pending = self._pending
-        if not pending:
-            self.pending_since = trio.current_time()
-        pending.append(line)
-        self._pending_bytes += len(line)
-        if self._pending_bytes >= self._batch_bytes:
-            del pending  # (so that flush can drop the line objects while it waits)
-            await self.flush()
+        if self._pending_bytes + len(line) < self._batch_bytes:
+            await trio.lowlevel.checkpoint_if_cancelled()
+            self._queue(line)
+            await trio.lowlevel.cancel_shielded_checkpoint()
+        else:
+            await self._push("send_line", line)
 
     async def send_lines(self, lines: Iterable[bytes]) -> None:
         """Queue many lines at once (newlines added where missing; every
@@ -166,16 +180,15 @@ class Producer:
         if self._blocked:
             raise self._misuse("send_lines")
         block = join_lines(lines)
-        if not block:
-            return
-        if self._check is not None:
+        if block and self._check is not None:
             self._check(block)
-        if not self._pending:
-            self.pending_since = trio.current_time()
-        self._pending.append(block)
-        self._pending_bytes += len(block)
-        if self._pending_bytes >= self._batch_bytes:
-            await self.flush()
+        if self._pending_bytes + len(block) < self._batch_bytes or not block:
+            await trio.lowlevel.checkpoint_if_cancelled()
+            if block:
+                self._queue(block)
+            await trio.lowlevel.cancel_shielded_checkpoint()
+        else:
+            await self._push("send_lines", block)
 
     async def send_block(self, block: bytes) -> None:
         """Send a block of whole lines (newline-terminated; one is added at the end if missing).
@@ -188,24 +201,19 @@ class Producer:
         if self._blocked:
             raise self._misuse("send_block")
         if not block:
+            await trio.lowlevel.checkpoint()
             return
         if not block.endswith(NEWLINE):
             block += NEWLINE
         if self._check is not None:
             self._check(block)
-        await self.flush()
-        await self._send(block)
-
-    async def _send(self, block: bytes) -> None:
-        """Send one block, the handle marked busy meanwhile (a second task's
-        call is refused, the writer's pushes keep off)."""
-        self._blocked += 1
-        self._sending = True
+        self._start_push()
         try:
-            await self._channel.send(block)
+            if self._pending:
+                await self._send_queued()
+            await self._send(trio.current_time(), block)
         finally:
-            self._blocked -= 1
-            self._sending = False
+            self._finish_push()
 
     async def flush(self) -> None:
         """Send the queued lines now.
@@ -214,32 +222,90 @@ class Producer:
         """
         if self._blocked:
             raise self._misuse("flush")
-        await self._send_pending()
-
-    async def _send_pending(self) -> None:
-        """Send the queued lines as one block (they stay queued if cancelled)."""
         if not self._pending:
+            await trio.lowlevel.checkpoint()
             return
-        block = b"".join(self._pending) if len(self._pending) > 1 else self._pending[0]
+        self._start_push()
+        try:
+            await self._send_queued()
+        finally:
+            self._finish_push()
+
+    def _queue(self, lines: bytes) -> None:
+        if not self._pending:
+            self.pending_since = trio.current_time()
+        self._pending.append(lines)
+        self._pending_bytes += len(lines)
+
+    async def _push(self, call: str, lines: bytes) -> None:
+        """Push the queued lines and ``lines`` (the current call's) as one block."""
+        if self._blocked:
+            raise self._misuse(call)
+        self._start_push()
+        try:
+            await self._send_queued(lines)
+        finally:
+            self._finish_push()
+
+    def _start_push(self) -> None:
+        """A push may wait: a second task's call is refused meanwhile, the writer's pushes keep off."""
+        self._blocked += 1
+        self._sending = True
+
+    def _finish_push(self) -> None:
+        self._blocked -= 1
+        self._sending = False
+        if self._push_done is not None:
+            self._push_done.set()
+
+    async def _send_queued(self, lines: bytes = b"") -> None:
+        """Send the queued lines, then ``lines``, as one block.
+
+        If this raises (cancelled included), the queue holds what it held
+        before and ``lines`` was not taken.
+        """
+        queued = self._pending
+        since = self.pending_since if queued else trio.current_time()
+        if lines:
+            block = b"".join([*queued, lines]) if queued else lines
+        else:
+            block = b"".join(queued) if len(queued) > 1 else queued[0]
         # What waits for room is the block, not also the line objects it was
         # made of: a waiting producer holds one batch of memory, not two.
         self._pending = [block]
-        await self._send(block)
+        try:
+            await self._send(since, block)
+        except BaseException:
+            if not queued:
+                self._pending = []
+            else:
+                self._pending = [block[: self._pending_bytes] if lines else block]
+            raise
         self._clear_pending()
+
+    async def _send(self, since: float, block: bytes) -> None:
+        """Send one block (a checkpoint; if it raises, the block was not sent)."""
+        try:
+            await self._channel.send((since, block))
+        except (trio.ClosedResourceError, trio.BrokenResourceError):
+            from .errors import ClosedError
+
+            raise ClosedError("a send on a producer handle whose writer closed while it waited: "
+                              "nothing was taken") from None
 
     def send_pending_nowait(self) -> bool:
         """Send the queued lines if the channel has room now; False if not.
 
         Used by the writer to push a batch that waited too long (also one
-        left in a handle closed under cancellation).  Does nothing while the
-        handle's own task waits in a send.
+        left in a handle closed under cancellation).  Does nothing while a
+        push of the handle waits.
         """
         if not self._pending:
             return True
         if self._sending or self._channel_closed:
             return False
         try:
-            self._channel.send_nowait(b"".join(self._pending))
+            self._channel.send_nowait((self.pending_since, b"".join(self._pending)))
         except trio.WouldBlock:
             return False
         self._clear_pending()
@@ -254,7 +320,7 @@ class Producer:
         from .errors import BusyError, ClosedError
 
         if self.closed_by_writer:
-            return ClosedError(f"{call} on a producer handle after its writer closed: nothing was taken")
+            return ClosedError(f"{call} on a producer handle whose writer closed (or is closing): nothing was taken")
         if self.closed:
             return ClosedError(f"{call} on a producer handle that is closed: nothing was taken")
         return BusyError(f"{call} on a producer handle that another task is using (one handle per task): "
@@ -264,37 +330,58 @@ class Producer:
         """Push what is queued and close this handle's channel; idempotent.
 
         If the push is cancelled (the producer's own task was), the lines
-        stay queued and the writer pushes them when it closes: lines a call
-        accepted are never lost, only the writer's own cancellation drops them.
+        stay queued and the writer pushes them: lines a call accepted are
+        never lost, only the writer's own cancellation drops them.  Once the
+        writer is closing, this does nothing: the writer pushes what the
+        handle holds.
         """
-        if self.closed:
+        if self.closed or self.closed_by_writer:
             return
         if self._blocked:
             raise self._misuse("aclose")
         self.closed = True
         self._blocked += 1  # (no call from now on)
-        await self._send_pending()
+        if self._pending:
+            self._start_push()
+            try:
+                await self._send_queued()
+            finally:
+                self._finish_push()
         self._close_channel()
 
+    def refuse_calls(self) -> None:
+        """The writer starts closing: from now on every call raises
+        :class:`~pwriter.errors.ClosedError` and takes nothing (a push
+        already waiting goes on)."""
+        if not self.closed_by_writer:
+            self.closed_by_writer = True
+            self._blocked += 1
+
     async def close_for_writer(self) -> None:
-        """At the writer's close: push what a handle closed under
-        cancellation still holds, close its channel; later calls raise
-        :class:`~pwriter.errors.ClosedError`."""
-        if not self.closed:
-            await self.aclose()
-        elif not self._channel_closed:
-            await self._send_pending()
+        """At the writer's close: refuse calls, wait until a push already
+        waiting (a call of the handle's task, or its ``aclose``) has ended,
+        then push what the handle still holds and close its channel."""
+        self.refuse_calls()
+        while self._sending:
+            self._push_done = trio.Event()
+            await self._push_done.wait()
+        self.closed = True
+        if not self._channel_closed:
+            if self._pending:
+                self._start_push()
+                try:
+                    await self._send_queued()
+                finally:
+                    self._finish_push()
             self._close_channel()
-        self.closed_by_writer = True
 
     def discard_for_writer(self) -> None:
         """The writer ended without publishing (or is past publishing): close
-        the handle as it is; later calls raise :class:`~pwriter.errors.ClosedError`."""
-        if not self.closed:
-            self.closed = True
-            self._blocked += 1
+        the handle as it is; a push still waiting raises ClosedError, and
+        so does every later call."""
+        self.refuse_calls()
+        self.closed = True
         self._close_channel()
-        self.closed_by_writer = True
 
     def _close_channel(self) -> None:
         if not self._channel_closed:
@@ -402,7 +489,7 @@ class Coalescer:
     def __init__(
         self,
         lane: int,
-        blocks: trio.MemoryReceiveChannel[bytes],
+        blocks: trio.MemoryReceiveChannel[Block],
         pool: BufferPool,
         *,
         capacity: int,
@@ -421,7 +508,8 @@ class Coalescer:
         self._write_whole = write_whole
         self._buffer: memoryview | None = None
         self._filled = 0
-        self._deadline = math.inf
+        self._deadline = math.inf  # when the oldest line in the buffer will have waited max_delay
+        self._taken = 0  # buffers taken so far (tells a buffer from the next)
         self._chunks = 0
         self._bytes = 0
         self._deadline_flushes = 0
@@ -440,17 +528,31 @@ class Coalescer:
             while True:
                 with trio.move_on_at(self._deadline) as waited:
                     try:
-                        block = await self._blocks.receive()
+                        since, block = await self._blocks.receive()
                     except trio.EndOfChannel:
                         break
                 if waited.cancelled_caught:
                     self._deadline_flushes += 1
-                    await self._flush_buffer()
+                    await self._flush_due()
                     continue
-                await self._add(block)
+                await self._add(since, block)
         await self._flush_buffer()
 
-    async def _add(self, block: bytes) -> None:
+    async def _flush_due(self) -> None:
+        """The buffer's oldest line has waited ``max_delay``: blocks already
+        waiting in the channel (they waited too) join it while it has room,
+        then it is flushed."""
+        due = self._taken
+        while self._taken == due and self._buffer is not None:
+            try:
+                since, block = self._blocks.receive_nowait()
+            except (trio.WouldBlock, trio.EndOfChannel):
+                break
+            await self._add(since, block)
+        if self._taken == due:
+            await self._flush_buffer()
+
+    async def _add(self, since: float, block: bytes) -> None:
         view = memoryview(block)
         position, size = 0, len(block)
         if self._capacity // 2 <= size <= self._capacity:
@@ -464,7 +566,7 @@ class Coalescer:
             if self._buffer is None:
                 self._buffer = await self._pool.take()
                 self._filled = 0
-                self._deadline = trio.current_time() + self._max_delay
+                self._taken += 1
             room = self._capacity - self._filled
             if size - position <= room:
                 cut = size
@@ -484,6 +586,7 @@ class Coalescer:
             length = cut - position
             self._buffer[self._filled : self._filled + length] = view[position:cut]
             self._filled += length
+            self._deadline = min(self._deadline, since + self._max_delay)
             position = cut
             if self._filled >= self._capacity or cut < size:
                 await self._flush_buffer()

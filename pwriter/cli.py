@@ -225,11 +225,14 @@ class _Terminated(Exception):
     """SIGTERM arrived: the merge was cancelled and published nothing."""
 
 
-async def _cancel_on_sigterm(scope: Any, signalled: list[int]) -> None:
-    """Cancel ``scope`` at the first SIGTERM (the writer removes its temporaries as it unwinds)."""
+async def _cancel_on_sigterm(scope: Any, signalled: list[int], *, task_status: Any) -> None:
+    """Cancel ``scope`` at the first SIGTERM (the writer removes its temporaries
+    as it unwinds).  Started with ``nursery.start``: the receiver is in place
+    before anything is created that a SIGTERM must not leave behind."""
     import trio
 
     with trio.open_signal_receiver(signal.SIGTERM) as signals:
+        task_status.started()
         async for number in signals:
             signalled.append(number)
             scope.cancel()
@@ -255,7 +258,7 @@ def _settings(args: argparse.Namespace) -> Any:
 def _merge(args: argparse.Namespace) -> int:
     from .errors import UsageError
     from .merge import MergeProgress, collect_inputs, merge
-    from .output import manifest_path, read_shard_set
+    from .output import names_of_output
 
     settings = _settings(args)
     to_stdout = args.output == "-"
@@ -265,8 +268,7 @@ def _merge(args: argparse.Namespace) -> int:
         raise UsageError("-o -: --verify needs an output file to read back")
     if to_stdout and sys.stdout.isatty():
         raise UsageError("-o -: standard output is a terminal; redirect it to a file or a pipe")
-    manifest = manifest_path(args.output)
-    exclude = [] if to_stdout else [args.output, manifest, *read_shard_set(manifest)]
+    exclude = [] if to_stdout else names_of_output(args.output)
     inputs = collect_inputs(args.inputs, args.directory, exclude=exclude)
     progress = MergeProgress(total_input_bytes=0)  # (merge() measures the inputs once, and sets it)
     work = functools.partial(merge, inputs, args.output, settings=settings, force=args.force, progress=progress,
@@ -290,12 +292,17 @@ def _run_merge(args: argparse.Namespace, work: Any, progress: Any, *, show_progr
     async def run() -> Any:
         signalled: list[int] = []
         result = None
-        async with trio.open_nursery() as nursery:
-            nursery.start_soon(_cancel_on_sigterm, nursery.cancel_scope, signalled)
-            if show_progress:
-                nursery.start_soon(functools.partial(_show_progress, progress, tty=sys.stderr.isatty()))
-            result = await work()
-            nursery.cancel_scope.cancel()
+        try:
+            async with trio.open_nursery() as nursery:
+                await nursery.start(_cancel_on_sigterm, nursery.cancel_scope, signalled)
+                if show_progress:
+                    nursery.start_soon(functools.partial(_show_progress, progress, tty=sys.stderr.isatty()))
+                result = await work()
+                nursery.cancel_scope.cancel()
+        except BaseException:
+            if signalled:  # what the cancellation made happen (an MPI rank: the others were told)
+                raise _Terminated from None
+            raise
         if signalled:
             raise _Terminated
         return result
@@ -335,9 +342,9 @@ def _merge_mpi(args: argparse.Namespace, settings: Any) -> int:
     with the same code."""
     from .errors import PwriterError, UsageError
     from .merge import MergeProgress
-    from .mpi import World, merge_over_ranks
+    from .mpi import RankTimeout, World, merge_over_ranks
 
-    world = World()
+    world = World(timeout=settings.mpi_timeout)
     progress = MergeProgress(total_input_bytes=0)
     work = functools.partial(merge_over_ranks, world, args.inputs, args.directory, args.output, settings=settings,
                              force=args.force, salvage=args.salvage, validate=args.validate, progress=progress,
@@ -346,6 +353,13 @@ def _merge_mpi(args: argparse.Namespace, settings: Any) -> int:
         if args.output == "-":  # (every rank finds it: no agreement needed)
             raise UsageError("-o -: a merge over MPI ranks writes a file, not a stream")
         ranked = _run_merge(args, work, progress, show_progress=world.rank == 0 and _progress_wanted(args))
+    except RankTimeout as exc:  # another rank hangs: no agreement, so this rank says it and ends the job
+        print(f"pwriter: error: {exc}", file=sys.stderr, flush=True)
+        world.abort(exc.exit_code)
+    except _Terminated:
+        if world.rank != 0:  # (rank 0 says it, once)
+            return 143
+        raise
     except PwriterError as exc:
         if world.rank != 0:  # rank 0 says it, once
             return exc.exit_code
@@ -423,11 +437,11 @@ def _report_stream(args: argparse.Namespace) -> Any:
 
 def _verify(args: argparse.Namespace) -> int:
     from .inputs import collect_inputs
-    from .output import manifest_path, read_shard_set
+    from .output import names_of_output
     from .verify import output_files
 
     outputs = output_files(args.output)
-    exclude = [args.output, manifest_path(args.output), *read_shard_set(manifest_path(args.output)), *outputs]
+    exclude = [*names_of_output(args.output), *outputs]
     inputs = collect_inputs(args.inputs, args.directory, exclude=exclude)
     return _report_verification(args.output, inputs, as_json=args.json, salvage=args.salvage,
                                 validate=args.validate)

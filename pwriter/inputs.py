@@ -10,7 +10,9 @@ one each.  :func:`fill_step` is the one step every reader takes (the merge's
 readers and ``pwriter verify`` alike): fill the buffer with whole cleaned
 lines, or finish a line longer than the buffer.  ``--salvage`` keeps what a
 crashed rank's damaged input still holds.  Everything here blocks: it is
-meant to run in worker threads.
+meant to run in worker threads (whose waits on a pipe or FIFO a trio
+cancellation ends).  An input is read as it was when opened (see
+:class:`InputReader`).
 """
 
 from __future__ import annotations
@@ -20,6 +22,7 @@ import gzip
 import io
 import os
 import re
+import select
 import stat as stat_module
 import typing
 import zlib
@@ -27,7 +30,7 @@ from collections.abc import Sequence
 
 from .errors import DataError, InputError, UsageError
 from .output import is_temporary_name
-from .traceformat import BlockCleaner, is_gzip_magic, rfind_newline
+from .traceformat import BOM, BlockCleaner, is_gzip_magic, is_valid_json, rfind_newline
 
 __all__ = ["collect_inputs", "input_size", "InputReader", "InputRun", "fill_step", "TRACE_SUFFIXES"]
 
@@ -123,7 +126,7 @@ def collect_inputs(paths: Sequence[str], directories: Sequence[str] | None = (),
     return inputs
 
 
-def _gzip_file(raw: io.BufferedReader[io.FileIO]) -> gzip.GzipFile:
+def _gzip_file(raw: io.BufferedReader[typing.Any]) -> gzip.GzipFile:
     """A gzip reader over ``raw``: python-isal's where installed.
 
     Chosen by ``bench/gzip_readers.py --mib 64`` on this project's 2-CPU
@@ -147,10 +150,12 @@ def _gzip_errors() -> tuple[type[Exception], ...]:
     return (zlib.error, typing.cast(type[Exception], IsalError))
 
 
-def _readable_gzip_text(path: str, *, skip: int) -> bytes:
+def _readable_gzip_text(fd: int, limit: int, *, skip: int) -> bytes:
     """--salvage: the text a truncated gzip file still gives, after the first
-    ``skip`` bytes (already read).  Decompresses member by member and keeps
-    the output of the cut member up to where its data stops."""
+    ``skip`` bytes (already read).  Reads the file again through ``fd`` (the
+    file as it was opened, even if its name now means another), its first
+    ``limit`` bytes; decompresses member by member and keeps the output of
+    the cut member up to where its data stops."""
     rest = bytearray()
     inflater = zlib.decompressobj(wbits=31)
 
@@ -160,18 +165,115 @@ def _readable_gzip_text(path: str, *, skip: int) -> bytes:
         skip -= cut
         rest.extend(piece[cut:])
 
-    with open(path, "rb") as handle:
-        while chunk := handle.read(1 << 20):
-            while chunk:
-                try:
-                    keep(inflater.decompress(chunk))
-                except zlib.error:
-                    return bytes(rest)
-                if not inflater.eof:
-                    break
-                chunk = inflater.unused_data
-                inflater = zlib.decompressobj(wbits=31)
+    offset = 0
+    while offset < limit and (chunk := os.pread(fd, min(1 << 20, limit - offset), offset)):
+        offset += len(chunk)
+        while chunk:
+            try:
+                keep(inflater.decompress(chunk))
+            except zlib.error:
+                return bytes(rest)
+            if not inflater.eof:
+                break
+            chunk = inflater.unused_data
+            inflater = zlib.decompressobj(wbits=31)
     return bytes(rest)
+
+
+class _FileUpTo(io.RawIOBase):
+    """The first ``limit`` bytes of a regular file, read through ``fd``
+    (owned) with ``preadv``: a file that grows while it is read is read as
+    it was when opened."""
+
+    def __init__(self, fd: int, limit: int) -> None:
+        super().__init__()
+        self._fd = fd
+        self._limit = limit
+        self._position = 0
+
+    def readable(self) -> bool:
+        return True
+
+    def seekable(self) -> bool:
+        return True
+
+    def seek(self, offset: int, whence: int = os.SEEK_SET) -> int:
+        base = {os.SEEK_SET: 0, os.SEEK_CUR: self._position, os.SEEK_END: self._limit}[whence]
+        self._position = max(0, base + offset)
+        return self._position
+
+    def tell(self) -> int:
+        return self._position
+
+    def readinto(self, buffer: typing.Any) -> int:
+        left = self._limit - self._position
+        if left <= 0:
+            return 0
+        with memoryview(buffer) as view, view.cast("B") as target:
+            got = os.preadv(self._fd, [target[:left]], self._position)
+        self._position += got
+        return got
+
+    def close(self) -> None:
+        if not self.closed:
+            os.close(self._fd)
+        super().close()
+
+
+class _WaitingFile(io.RawIOBase):
+    """A pipe, FIFO or device read through ``fd`` (owned, non-blocking):
+    each read first waits until the descriptor is readable, in trio when
+    called from one of trio's worker threads, so that a cancellation (Ctrl-C,
+    SIGTERM) ends the wait at once, even for a FIFO that no writer ever
+    opens or that stays silent.  Elsewhere (``pwriter verify``) it waits in
+    ``poll``."""
+
+    def __init__(self, fd: int) -> None:
+        super().__init__()
+        self._fd = fd
+        self._position = 0
+        self._in_trio: bool | None = None
+
+    def readable(self) -> bool:
+        return True
+
+    def tell(self) -> int:
+        return self._position
+
+    def readinto(self, buffer: typing.Any) -> int:
+        with memoryview(buffer) as view, view.cast("B") as target:
+            while True:
+                # Wait first: a FIFO that no writer has opened yet reads as
+                # empty (0 bytes) at once, but is not readable until a writer
+                # writes or hangs up.
+                self._wait_readable()
+                try:
+                    got = os.readv(self._fd, [target])
+                except BlockingIOError:
+                    continue
+                self._position += got
+                return got
+
+    def _wait_readable(self) -> None:
+        import trio
+
+        if self._in_trio is None:
+            try:
+                trio.from_thread.check_cancelled()
+                self._in_trio = True
+            except RuntimeError:  # not a thread that trio started
+                self._in_trio = False
+        if self._in_trio:
+            trio.from_thread.run(trio.lowlevel.wait_readable, self._fd)
+        else:
+            poller = select.poll()
+            poller.register(self._fd, select.POLLIN)
+            poller.poll()
+
+    def close(self) -> None:
+        if not self.closed:
+            os.close(self._fd)
+        super().close()
 
 
 def input_size(path: str) -> int:
@@ -192,6 +294,20 @@ class InputReader:
     start of a line whose newline has not been read).  :meth:`fill` reads
     more, cleans every complete line in place and returns the new
     ``(done, end, finished)``.
+
+    An input is read as it was when opened.  A regular file is read up to
+    its size then; at its end, its size, modification and change times (of
+    the open descriptor) and the file its name means are checked again.  A
+    change raises :class:`DataError` naming it.  With ``salvage``, an input
+    that grew (a rank still writing it) or whose name now means another
+    file (or none) keeps the lines it had when opened, and the change is
+    reported in ``damage``; one rewritten in place is an error still (its
+    lines may mix the old text and the new).  A last line without its
+    newline is kept only if it is valid JSON (or a wrapper line): else it was
+    cut short, an :class:`InputError` that suggests ``--salvage``, or with
+    ``salvage`` dropped and reported.  Pipes, FIFOs and devices have no size
+    to check; they are opened and read without blocking a cancellation
+    (:class:`_WaitingFile`).
     """
 
     def __init__(self, path: str, *, salvage: bool = False, validate: bool = False, size: int = 0) -> None:
@@ -202,33 +318,42 @@ class InputReader:
         self.dropped_lines = 0
         self._text_read = 0
         self._recovered: bytes | None = None  # the readable rest of a truncated gzip
+        self._checked = False  # whether the input was checked for a change since it was opened
         # A plain file is read with os.readv straight into the caller's
-        # buffer: no buffered reader, four system calls for a small file
-        # (open, pread of the magic, read, close).  gzip files and pipes
-        # (which cannot pread: FIFOs are inputs too) go through a buffered
-        # reader that can peek.
+        # buffer: no buffered reader, a few system calls for a small file
+        # (open, fstat, pread of the magic, read, then fstat and stat to
+        # check it did not change, close).  gzip files and pipes (which
+        # cannot pread: FIFOs are inputs too) go through a buffered reader
+        # that can peek.
         self._fd: int | None = None
-        self._raw: io.BufferedReader[io.FileIO] | None = None
+        self._raw: io.BufferedReader[typing.Any] | None = None
         try:
-            fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+            # Without blocking: opening a FIFO for reading would wait for a writer.
+            fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC | os.O_NONBLOCK)
         except OSError as exc:
             raise DataError(f"{path}: cannot open the input: {exc.strerror}") from None
+        self._descriptor = fd  # (owned by self._fd or self._raw)
         try:
-            try:
-                head: bytes | None = os.pread(fd, 2, 0)
-            except OSError as exc:
-                if exc.errno != errno.ESPIPE:
-                    raise
-                head = None
-            if head is not None and not is_gzip_magic(head):
-                self._fd = fd
+            opened = os.fstat(fd)
+            self._opened = opened if stat_module.S_ISREG(opened.st_mode) else None
+            if self._opened is not None:
+                os.set_blocking(fd, True)
+                head = os.pread(fd, 2, 0)
+                if is_gzip_magic(head):
+                    self._raw = io.BufferedReader(_FileUpTo(fd, opened.st_size), buffer_size=PEEK_SIZE)
+                else:
+                    self._fd = fd
             else:
-                self._raw = io.BufferedReader(io.FileIO(fd, "rb"), buffer_size=PEEK_SIZE)
+                self._raw = io.BufferedReader(_WaitingFile(fd), buffer_size=PEEK_SIZE)
                 head = self._raw.peek(2)[:2]
-        except OSError as exc:
-            if self._raw is None:
+        except BaseException as exc:
+            if self._raw is not None:
+                self._raw.close()
+            else:
                 os.close(fd)
-            raise DataError(f"{path}: cannot read the input: {exc.strerror}") from None
+            if isinstance(exc, OSError):
+                raise DataError(f"{path}: cannot read the input: {exc.strerror}") from None
+            raise
         self.compressed = is_gzip_magic(head)
         self._gzip = _gzip_file(self._raw) if self.compressed and self._raw is not None else None
         self._cleaner = BlockCleaner(path, validate=validate, drop_invalid=salvage)
@@ -251,9 +376,9 @@ class InputReader:
         """Read into ``buffer[end:capacity]`` and clean the complete lines.
 
         ``finished`` is true once the input is exhausted and all its lines
-        are cleaned (a last line without a newline gets one).  When the
-        buffer is full and no progress is possible, returns its arguments
-        unchanged: the caller must make room.
+        are cleaned (a last line without a newline gets one, if it is
+        whole).  When the buffer is full and no progress is possible,
+        returns its arguments unchanged: the caller must make room.
         """
         start, at_end = end, False
         while end < capacity:  # fill the buffer or read to the end: one thread hop for a small file
@@ -263,16 +388,15 @@ class InputReader:
                 break
             end += got
         if at_end:  # (so end < capacity: there is room for a newline)
-            consumed = self.raw_offset
-            if consumed < self.size:
-                raise DataError(f"{self.path}: the input shrank while it was read ({self.size} bytes when the "
-                                f"merge began, {consumed} at the end)")
-            if end > done and buffer[end - 1] != 10:
-                if self.salvage:
-                    end = self._drop_damaged_tail(buffer, done, end)
-                if end > done and buffer[end - 1] != 10:
-                    buffer[end] = 10  # the last line had no newline: a complete event is kept
-                    end += 1
+            self._check_whole()
+            if end > done and buffer[end - 1] != 10:  # the last line has no newline
+                line_start = rfind_newline(buffer, done, end) + 1 or done
+                line = bytes(buffer[line_start:end])
+                done = end = self._cleaner.clean_in_place(buffer, done, line_start)  # (an error before it comes first)
+                if self._keeps_last_line(line, self._text_read - len(line)):
+                    buffer[done : done + len(line)] = line
+                    buffer[done + len(line)] = 10
+                    end = done + len(line) + 1
             done = self._cleaner.clean_in_place(buffer, done, end)
             self._note_invalid_lines()
             return done, done, True
@@ -290,8 +414,9 @@ class InputReader:
     def read_long_line(self, start: bytes, size: int) -> tuple[bytes, bytes]:
         """Finish a line longer than a buffer that begins with ``start``.
 
-        Returns the cleaned line (with its newline; empty for a wrapper line)
-        and the text read past its end (shorter than ``size``).
+        Returns the cleaned line (with its newline; empty for a wrapper line
+        or a cut last line that ``salvage`` drops) and the text read past
+        its end (shorter than ``size``).
         """
         parts = [start]
         while True:
@@ -303,10 +428,16 @@ class InputReader:
                 break
             parts.append(data)
             if not data:
+                line = b"".join(parts)
+                if not self._keeps_last_line(line, self._text_read - len(line)):
+                    return b"", b""
                 parts.append(b"\n")
                 rest = b""
                 break
         return self._cleaner.feed(b"".join(parts)), rest
+
+    def _note(self, what: str) -> None:
+        self.damage = f"{self.damage}; {what}" if self.damage else what
 
     def _note_invalid_lines(self) -> None:
         """--salvage --validate: count and describe the invalid lines dropped."""
@@ -314,20 +445,76 @@ class InputReader:
         if cleaner.invalid:
             self.dropped_lines += cleaner.invalid
             shown = ", ".join(cleaner.invalid_examples) + (", ..." if cleaner.invalid > 3 else "")
-            what = f"dropped {cleaner.invalid} lines that are not valid JSON: {shown}"
-            self.damage = f"{self.damage}; {what}" if self.damage else what
+            self._note(f"dropped {cleaner.invalid} lines that are not valid JSON: {shown}")
 
-    def _drop_damaged_tail(self, buffer: memoryview, done: int, end: int) -> int:
-        """--salvage: a last line without its newline that is not a whole
-        event was cut short by a crash; drop it (returns the new end)."""
-        start = rfind_newline(buffer, done, end) + 1 or done
-        line = bytes(buffer[start:end])
+    def _keeps_last_line(self, line: bytes, offset: int) -> bool:
+        """Whether the last line of the input, which has no newline, is
+        whole.  A line cut short (a crash, or a rank still writing) is not
+        valid JSON: an :class:`InputError`, or with ``salvage`` dropped and
+        noted (returns False).  ``offset``: where the line starts in the text."""
         stripped = line.strip()
-        if stripped in (b"", b"[", b"]") or (stripped[:1] == b"{" and stripped[-1:] == b"}" and b"\x00" not in line):
-            return end
+        if offset == 0 and stripped.startswith(BOM):
+            stripped = stripped[len(BOM) :].strip()
+        if stripped in (b"", b"[", b"]") or is_valid_json(stripped):
+            return True  # a wrapper line, or a whole value (the cleaner checks that it is an event)
+        if not stripped.startswith(b"{") and b"\x00" not in stripped:
+            return True  # not the start of an event: the cleaner says what it is
+        if not self.salvage:
+            raise InputError(self.path, "its last line has no newline and is not whole JSON: cut short by a crash, "
+                                        f"or still being written? (--salvage drops it): {_preview(stripped)}", offset)
         self.dropped_lines += 1
-        self.damage = (self.damage + "; " if self.damage else "") + f"dropped a cut last line of {len(line)} bytes"
-        return start
+        self._note(f"dropped a cut last line of {len(line)} bytes")
+        return False
+
+    def _check_whole(self) -> None:
+        """At the end of the input: it must not have shrunk since the merge
+        began, nor changed since it was opened (see the class docstring)."""
+        consumed = self.raw_offset
+        least = max(self.size, self._opened.st_size if self._opened is not None else 0)
+        self._check_unchanged()
+        if consumed < least:
+            raise DataError(f"{self.path}: the input shrank while it was read ({least} bytes when the "
+                            f"merge began, {consumed} at the end)")
+
+    def _check_unchanged(self) -> None:
+        """Raise :class:`DataError` if the input changed since it was opened;
+        with ``salvage``, note a change that leaves its bytes of then whole."""
+        if self._opened is None or self._checked:
+            return  # (a pipe or a device: no size, no times to compare)
+        self._checked = True
+        change = self._change(self._opened)
+        if change is None:
+            return
+        what, whole = change
+        if self.salvage and whole:
+            self._note(f"{what}: kept the {self._opened.st_size} bytes it had when opened")
+            return
+        hint = "--salvage keeps the lines it had when opened" if whole else "its lines may mix the old text and the new"
+        raise DataError(f"{self.path}: the input changed while it was read: {what} ({hint})")
+
+    def _change(self, opened: os.stat_result) -> tuple[str, bool] | None:
+        """How a regular input changed since it was opened (None: not at
+        all), and whether the bytes it had then are still there unchanged."""
+        try:
+            now = os.fstat(self._descriptor)
+        except OSError as exc:
+            raise DataError(f"{self.path}: read failed: {exc.strerror}") from None
+        try:
+            named = os.stat(self.path)
+        except OSError:
+            named = None
+        same_file = named is not None and (named.st_dev, named.st_ino) == (opened.st_dev, opened.st_ino)
+        if now.st_size > opened.st_size:
+            return f"it grew from {opened.st_size} to {now.st_size} bytes (still being written?)", True
+        if now.st_size < opened.st_size:
+            return f"it shrank from {opened.st_size} to {now.st_size} bytes", False
+        # (Removing or renaming a file moves its change time too: compared only while the name means it.)
+        if now.st_mtime_ns != opened.st_mtime_ns or (same_file and now.st_ctime_ns != opened.st_ctime_ns):
+            return "it was rewritten in place (its modification or change time moved)", False
+        if not same_file:
+            return ("it was replaced: its name now means another file" if named is not None
+                    else "it was removed"), True
+        return None
 
     def _read(self, size: int) -> bytes:
         """Up to ``size`` bytes of text, b"" at the end (for the rare line longer than a buffer)."""
@@ -350,32 +537,48 @@ class InputReader:
             self._text_read += len(data)
             return len(data)
         try:
-            with buffer[start:stop] as target:
-                if self._fd is not None:
+            if self._fd is not None:  # plain and regular: no further than its size when opened
+                assert self._opened is not None
+                stop = min(stop, start + self._opened.st_size - self._text_read)
+                if stop <= start:
+                    return 0
+                with buffer[start:stop] as target:
                     got = os.readv(self._fd, [target])
-                else:
-                    assert self._raw is not None
+            else:
+                assert self._raw is not None
+                with buffer[start:stop] as target:
                     got = (self._gzip or self._raw).readinto(target)
         except EOFError:
-            if not self.salvage:
+            self._check_unchanged()  # (a file cut where it was still being written, or rewritten)
+            if not self.salvage or self._opened is None:
                 raise self._truncated() from None
-            self._recovered = _readable_gzip_text(self.path, skip=self._text_read)
-            self.damage = "truncated gzip: kept what decompresses"
+            self._recovered = _readable_gzip_text(self._descriptor, self._opened.st_size, skip=self._text_read)
+            self._note("truncated gzip: kept what decompresses")
             return self._read_into(buffer, start, stop)
         except (gzip.BadGzipFile, *_gzip_errors()) as exc:  # type: ignore[misc]
+            self._check_unchanged()  # (corrupt because it was rewritten while read?)
             raise self._corrupt(exc) from None
         except OSError as exc:
             raise DataError(f"{self.path}: read failed: {exc.strerror or exc}") from None
         self._text_read += got
         return got
 
+    def _text_reached(self) -> int:
+        """Bytes of text a gzip input gave, up to where reading stopped."""
+        try:
+            return int(self._gzip.tell()) if self._gzip is not None else self._text_read
+        except (OSError, ValueError):
+            return self._text_read
+
     def _truncated(self) -> InputError:
-        # The offset is in the decompressed text: how far reading got.
-        return InputError(self.path, "truncated gzip: the file ends inside a compressed member",
-                          self._text_read)
+        end = self.raw_offset
+        salvage = ("--salvage keeps the events before the cut" if self._opened is not None
+                   else "a pipe cannot be read again to salvage it")
+        return InputError(self.path, f"truncated gzip: the file ends inside a compressed member, at byte {end} "
+                                     f"(after {self._text_reached()} bytes of text; {salvage})")
 
     def _corrupt(self, exc: Exception) -> InputError:
-        return InputError(self.path, f"corrupt gzip: {exc}", self._text_read)
+        return InputError(self.path, f"corrupt gzip: {exc}", self._text_reached())
 
     def close(self) -> None:
         if self._gzip is not None:
@@ -385,6 +588,11 @@ class InputReader:
         if self._fd is not None:
             fd, self._fd = self._fd, None
             os.close(fd)
+
+
+def _preview(line: bytes) -> str:
+    shown = repr(line[:32])[1:]
+    return f"starts {shown}{'...' if len(line) > 32 else ''}"
 
 
 class InputRun:

@@ -12,15 +12,21 @@ placed at once (so a lane's chunks keep its order), written by a task of its
 own; for gzip output it goes through the member stage instead, which
 compresses in worker threads and places in the lane's order.
 
-The ticker pushes each handle's batch once its oldest line has waited
-``max_delay`` (and, for padded gzip, finishes members that old); the
-coalescers flush buffers by the same deadline.  All deadlines are on the
-trio clock, so ``autojump_clock`` drives them in tests.
+Every block carries the time its oldest line was queued, and a line waits
+at most ``max_delay`` from its call to its chunk's hand-off to the sink:
+the ticker pushes each handle's batch before its oldest line has waited
+``max_delay`` (once it has waited half of it, so that the ticker wakes at
+most about twice per ``max_delay``), and a coalescer flushes its buffer
+when the oldest line in it has waited ``max_delay`` since its call (the
+time it spent in the handle counts).  For padded gzip, the ticker also
+finishes a member once it has held text for ``max_delay``.  All deadlines
+are on the trio clock, so ``autojump_clock`` drives them in tests.
 
-At close, :meth:`WriteLanes.close` pushes what handles still hold, closes
-the channels, and waits until every coalescer has flushed, every member is
-finished and the footer is placed; the writes themselves are the nursery's
-tasks, which ``open_writer`` waits for.
+At close, :meth:`WriteLanes.close` first makes every handle refuse new
+calls (ClosedError), waits for a push already under way, pushes what
+handles still hold, closes the channels, and waits until every coalescer
+has flushed, every member is finished and the footer is placed; the writes
+themselves are the nursery's tasks, which ``open_writer`` waits for.
 """
 
 from __future__ import annotations
@@ -29,7 +35,7 @@ from collections.abc import Callable
 
 import trio
 
-from .channels import BufferPool, Coalescer, CoalescerStatistics, Producer
+from .channels import Block, BufferPool, Coalescer, CoalescerStatistics, Producer
 from .members import MemberStage
 from .layout import Placement
 from .sink import ChunkSink
@@ -64,10 +70,10 @@ class WriteLanes:
         self._coalesced = trio.Event()
         self._producers: list[Producer] = []
         self._next_lane = 0
-        self._sends: list[trio.MemorySendChannel[bytes]] = []
+        self._sends: list[trio.MemorySendChannel[Block]] = []
         self._coalescers: list[Coalescer] = []
         for lane in range(lanes):
-            send, receive = trio.open_memory_channel[bytes](CHANNEL_BLOCKS)
+            send, receive = trio.open_memory_channel[Block](CHANNEL_BLOCKS)
             self._sends.append(send)
             self._coalescers.append(Coalescer(lane, receive, pool, capacity=chunk_capacity, max_delay=max_delay,
                                               flush=self.write_buffer, write_whole=self.write_whole))
@@ -102,8 +108,8 @@ class WriteLanes:
         if self._compressed:
             await self._members.add(lane, buffer[:filled], lambda: self._pool.give_back(buffer))
             return
-        placement = self._sink.place(lane, filled)
-        self._nursery.start_soon(self._write_and_give_back, placement, buffer, filled)
+        pieces = self._sink.place_chunk(lane, buffer[:filled])
+        self._nursery.start_soon(self._write_and_give_back, pieces, buffer)
 
     async def write_whole(self, lane: int, chunk: memoryview) -> None:
         """Place ``chunk`` (not a pool buffer) as ``lane``'s next chunk; waits
@@ -112,12 +118,15 @@ class WriteLanes:
         if self._compressed:
             await self._members.add(lane, chunk, self._whole_slots.release)
             return
-        placement = self._sink.place(lane, len(chunk))
-        self._nursery.start_soon(self._write_and_release_slot, placement, chunk)
+        pieces = self._sink.place_chunk(lane, chunk)
+        self._nursery.start_soon(self._write_and_release_slot, pieces)
 
     async def close(self) -> None:
-        """Push what every handle holds, end the channels, and return once
+        """Refuse every new call of every handle, push what each holds (once a
+        push already under way has ended), end the channels, and return once
         every chunk and the footer are placed."""
+        for producer in self._producers:
+            producer.refuse_calls()
         for producer in self._producers:
             await producer.close_for_writer()
         for send in self._sends:
@@ -146,26 +155,39 @@ class WriteLanes:
     async def _push_stale_batches(self) -> None:
         delay = self._max_delay
         while not self._coalesced.is_set():
-            with trio.move_on_after(delay / 2):
+            with trio.move_on_at(self._next_tick(delay)):
                 await self._coalesced.wait()
             now = trio.current_time()
             for producer in self._producers:
-                if producer.pending_since + delay <= now:
+                if producer.pending_since + delay / 2 <= now:
                     producer.send_pending_nowait()
             self._members.finish_stale(now, delay)
 
+    def _next_tick(self, delay: float) -> float:
+        """When the ticker looks next: when the oldest line queued in a
+        handle, or the oldest text of a padded gzip member, will have waited
+        ``delay``; ``delay`` from now when nothing waits (a line queued later
+        has its deadline after that).  What is overdue already could not be
+        pushed (its lane's channel is full, or its task is pushing it) and
+        is looked at again a quarter of ``delay`` from now."""
+        now = trio.current_time()
+        tick = now + delay
+        for since in [*(producer.pending_since for producer in self._producers), *self._members.text_since()]:
+            due = since + delay
+            tick = min(tick, due if due > now else now + delay / 4)
+        return tick
+
     @trio.lowlevel.enable_ki_protection
-    async def _write_and_give_back(self, placement: Placement, buffer: memoryview, filled: int) -> None:
+    async def _write_and_give_back(self, pieces: list[tuple[Placement, memoryview]], buffer: memoryview) -> None:
         try:
-            placement, body = self._sink.splice(placement, buffer, filled)
-            await self._sink.write_placed(placement, body, aligned_memory=True)
+            await self._sink.write_pieces(pieces, buffer)
         finally:
             # The backend returns only once the kernel is done with the buffer.
             self._pool.give_back(buffer)
 
     @trio.lowlevel.enable_ki_protection
-    async def _write_and_release_slot(self, placement: Placement, chunk: memoryview) -> None:
+    async def _write_and_release_slot(self, pieces: list[tuple[Placement, memoryview]]) -> None:
         try:
-            await self._sink.write_placed(placement, chunk)
+            await self._sink.write_pieces(pieces)
         finally:
             self._whole_slots.release()

@@ -22,17 +22,23 @@ readers refuse); an overlap would lose data.
   that needs no lock, since planners run in the trio thread); the footer is
   reserved last, at close, so it ends the file whatever order lanes finish in.
 
-* **padded-striped**: one file cut into slots of ``stripe_size`` bytes.  Every
-  chunk starts on a slot boundary and the rest of its last slot is filled with
-  padding, so that each write covers whole stripes.  The header is written in
-  the same write as the first chunk, at offset 0 (lanes fill at most
-  ``stripe_size - len(header)`` bytes so that it fits).  A chunk larger than
-  its slot (only a single line longer than the stripe makes one) takes as many
-  whole slots as it needs; the next chunk starts at the next free slot.
-  Padding is never shorter than ``min_padding`` bytes: when the remainder of
-  a slot is smaller, the chunk's padding runs on through one more slot
-  (plain text needs 1 byte, ``"\\n"``; an empty gzip member needs more).  The
-  footer follows the last slot, unpadded.  If no chunk was ever written, the
+* **padded-striped**: one file cut into slots of ``stripe_size`` bytes, each
+  written by one lane only.  A lane takes a slot when it places its first
+  chunk and keeps it: its next chunks go right after, at the next offset in
+  that slot (a deadline flush writes a few lines there, without padding),
+  until a chunk would not fit; then the rest of the slot is padding and the
+  chunk starts the lane's next slot.  A chunk that leaves less than
+  ``full_below`` bytes of its slot fills it: its padding is written with it,
+  so a full slot is one write of a whole stripe.  The header is written in
+  the same write as the first chunk, at offset 0 (so :meth:`room` of a new
+  slot is ``stripe_size - len(header)``).  A chunk larger than a slot (only
+  a single line longer than the stripe makes one) takes as many whole slots
+  as it needs.  Padding is never shorter than ``min_padding`` bytes: a chunk
+  fits a slot only if what it leaves is none or at least that much (plain
+  text needs 1 byte, ``"\\n"``; a gzip padding member more).  The padding
+  of the slots left behind is handed out by :meth:`paddings`, and at close
+  the lanes' last slots are padded too, except the last slot of the file:
+  the footer follows its lines directly.  If no chunk was ever written, the
   file is just header and footer.
 
 * **sharded**: one file per lane.  The header starts shard 0, the footer ends
@@ -47,7 +53,8 @@ come from one :class:`Counter` that all of them share (an atomic fetch-add
 that the caller provides; the planners stay pure).  The header is placed by
 the one part that writes it, on its own (padded: alone in slot 0), and the
 footer by whoever finishes the file, once every part is done, at the
-counter's last value.  A sharded output under MPI is one
+counter's last value.  A padded part keeps its lanes' slots as one process
+does; the slots come from the counter, so no two parts share one.  A sharded output under MPI is one
 :class:`ShardedPlanner` per rank over that rank's own shards.
 
 Plain padding is ``n - 1`` spaces and a newline: a whitespace-only line, which
@@ -79,6 +86,7 @@ __all__ = [
     "gzip_padding",
     "gzip_padding_members",
     "GZIP_MIN_PADDING",
+    "FULL_FRACTION",
 ]
 
 LayoutName = Literal["striped", "padded-striped", "sharded"]
@@ -124,6 +132,14 @@ class Planner(Protocol):
     def file_sizes(self) -> list[int]:
         """Size each file has once everything placed so far is written."""
 
+    def room(self, lane: int) -> int:
+        """The most bytes ``lane``'s next chunk can take without starting a
+        new slot (padded layouts; others: ``chunk_capacity``)."""
+
+    def paddings(self) -> list[Placement]:
+        """The padding owed so far (padded layouts: of the slots lanes left,
+        and after :meth:`close` of every slot), each handed out once."""
+
 
 def plain_padding(length: int) -> bytes:
     """``length`` bytes of plain-text padding: spaces ending in a newline."""
@@ -132,6 +148,8 @@ def plain_padding(length: int) -> bytes:
     return b" " * (length - 1) + b"\n"
 
 
+#: A padded slot is full when less than ``stripe_size // FULL_FRACTION`` bytes of it are left.
+FULL_FRACTION = 256
 #: The smallest padding gzip allows: one padding member (see :func:`gzip_padding`).
 GZIP_MIN_PADDING = 23
 _GZIP_MAX_MEMBER = GZIP_MIN_PADDING + 0xFFFF
@@ -180,10 +198,17 @@ def gzip_padding_members(length: int) -> int:
 
 class _Closed:
     closed = False
+    chunk_capacity: int
 
     def _check_open(self) -> None:
         if self.closed:
             raise RuntimeError("planner is closed: no chunk may follow the footer")
+
+    def room(self, lane: int) -> int:
+        return self.chunk_capacity
+
+    def paddings(self) -> list[Placement]:
+        return []
 
 
 class StripedPlanner(_Closed):
@@ -216,8 +241,79 @@ class StripedPlanner(_Closed):
         return [self._next]
 
 
-class PaddedStripedPlanner(_Closed):
-    """One file of stripe-aligned, padded slots (see the module docstring)."""
+class _SlotKeeper(_Closed):
+    """Slots kept by their lanes (see the module docstring); a subclass says
+    where new slots come from (:meth:`_take`) and where the header goes."""
+
+    def __init__(self, *, header_length: int, stripe_size: int, min_padding: int) -> None:
+        if min_padding >= stripe_size:
+            raise ValueError("min_padding must be smaller than a stripe")
+        self.header_length = header_length
+        self.stripe_size = stripe_size
+        self.min_padding = min_padding
+        self.chunk_capacity = stripe_size - header_length
+        self.full_below = max(min_padding, stripe_size // FULL_FRACTION)
+        """A chunk that leaves less of its slot than this fills it (its padding goes with it)."""
+        self._open: dict[int, tuple[int, int]] = {}  # lane -> (next offset in its slot, slot end)
+        self._owed: list[Placement] = []  # padding of slots left behind, not yet handed out
+
+    def _take(self, length: int) -> int:
+        """The offset of ``length`` bytes of new whole slots."""
+        raise NotImplementedError
+
+    def _head(self) -> int:
+        """Header bytes the next new slot starts with (0 when the header is elsewhere)."""
+        return 0
+
+    def room(self, lane: int) -> int:
+        """The most bytes ``lane`` can place without starting a new slot (a
+        lane without a slot: a new slot's, less the header's length, since
+        any new slot may be the one that carries it)."""
+        kept = self._open.get(lane)
+        if kept is None:
+            return self.chunk_capacity
+        return kept[1] - kept[0]
+
+    def place(self, lane: int, length: int) -> Placement:
+        self._check_open()
+        kept = self._open.pop(lane, None)
+        if kept is not None:
+            offset, end = kept
+            left = end - offset - length
+            if left == 0 or left >= self.min_padding:
+                return self._keep(lane, Placement(0, offset, 0, length, 0), end)
+            self._owed.append(Placement(0, offset, 0, 0, end - offset))  # the lane leaves its slot
+        head = self._head()
+        used = head + length
+        total = padded_length(used, self.stripe_size, self.min_padding)
+        offset = self._take(total)
+        if total == self.stripe_size:
+            return self._keep(lane, Placement(0, offset, head, length, 0), offset + total)
+        return Placement(0, offset, head, length, total - used)  # larger than a slot: whole slots, padded
+
+    def _keep(self, lane: int, placement: Placement, end: int) -> Placement:
+        """``placement`` in ``lane``'s slot (which ends at ``end``): pad it now
+        if the slot is full, else keep the slot for the lane's next chunk."""
+        left = end - placement.end
+        if left < self.full_below:
+            return dataclasses.replace(placement, pad=left)
+        self._open[lane] = (placement.end, end)
+        return placement
+
+    def paddings(self) -> list[Placement]:
+        owed, self._owed = self._owed, []
+        return owed
+
+    def _pad_kept(self, unpadded_end: int | None = None) -> None:
+        """At close: owe the padding of every kept slot but the one ending at ``unpadded_end``."""
+        for offset, end in sorted(self._open.values()):
+            if end != unpadded_end:
+                self._owed.append(Placement(0, offset, 0, 0, end - offset))
+        self._open.clear()
+
+
+class PaddedStripedPlanner(_SlotKeeper):
+    """One file of stripe-aligned slots, each kept by one lane (see the module docstring)."""
 
     layout: LayoutName = "padded-striped"
     files = 1
@@ -225,33 +321,32 @@ class PaddedStripedPlanner(_Closed):
     def __init__(self, *, header_length: int, stripe_size: int, min_padding: int = 1) -> None:
         if header_length >= stripe_size:
             raise ValueError("the header must be shorter than a stripe")
-        if min_padding >= stripe_size:
-            raise ValueError("min_padding must be smaller than a stripe")
-        self.header_length = header_length
-        self.stripe_size = stripe_size
-        self.min_padding = min_padding
-        self.chunk_capacity = stripe_size - header_length
-        self._next = 0  # always a multiple of stripe_size
+        super().__init__(header_length=header_length, stripe_size=stripe_size, min_padding=min_padding)
+        self._next = 0  # the next free slot: always a multiple of stripe_size
         self._header_pending = True
 
     def open(self) -> None:
         return None
 
-    def place(self, lane: int, length: int) -> Placement:
-        self._check_open()
+    def _head(self) -> int:
         head = self.header_length if self._header_pending else 0
         self._header_pending = False
-        pad = padded_length(head + length, self.stripe_size, self.min_padding) - head - length
-        placement = Placement(0, self._next, head, length, pad)
-        self._next = placement.end
-        return placement
+        return head
+
+    def _take(self, length: int) -> int:
+        offset, self._next = self._next, self._next + length
+        return offset
 
     def close(self, footer_length: int) -> Placement:
         self._check_open()
         self.closed = True
-        head = self.header_length if self._header_pending else 0
-        self._header_pending = False
-        placement = Placement(0, self._next, head, footer_length, 0)
+        head = self._head()
+        offset = self._next
+        last = [kept for kept in self._open.values() if kept[1] == self._next]
+        if last:  # the file's last slot is still a lane's: the footer follows its lines
+            offset = last[0][0]
+        self._pad_kept(unpadded_end=self._next if last else None)
+        placement = Placement(0, offset, head, footer_length, 0)
         self._next = placement.end
         return placement
 
@@ -321,13 +416,14 @@ class SharedStripedPlanner(_Closed):
         return [self._end]  # of this part: the file ends at the counter's last value
 
 
-class SharedPaddedPlanner(_Closed):
+class SharedPaddedPlanner(_SlotKeeper):
     """One part of a padded-striped file that several processes write:
     slot 0 holds the header alone (padded), placed by the part with
-    ``writes_header``; every chunk takes whole slots from the shared
+    ``writes_header``; every new slot is taken whole from the shared
     ``counter``, which starts at slot 1, so no two parts ever write the same
-    stripe.  The footer follows the last slot (see
-    :class:`SharedStripedPlanner`)."""
+    stripe, and a part's lanes keep their slots as in
+    :class:`PaddedStripedPlanner`.  The footer follows the last slot (see
+    :class:`SharedStripedPlanner`); every kept slot is padded at close."""
 
     layout: LayoutName = "padded-striped"
     files = 1
@@ -336,11 +432,8 @@ class SharedPaddedPlanner(_Closed):
                  writes_header: bool) -> None:
         if header_length + min_padding > stripe_size:
             raise ValueError("the header and its padding must fit one stripe")
+        super().__init__(header_length=header_length, stripe_size=stripe_size, min_padding=min_padding)
         self.counter = counter
-        self.header_length = header_length
-        self.stripe_size = stripe_size
-        self.min_padding = min_padding
-        self.chunk_capacity = stripe_size - header_length
         self.writes_header = writes_header
         self._end = stripe_size
 
@@ -349,16 +442,15 @@ class SharedPaddedPlanner(_Closed):
             return None
         return Placement(0, 0, self.header_length, 0, self.stripe_size - self.header_length)
 
-    def place(self, lane: int, length: int) -> Placement:
-        self._check_open()
-        total = padded_length(length, self.stripe_size, self.min_padding)
-        offset = self.counter.fetch_add(total)
-        self._end = max(self._end, offset + total)
-        return Placement(0, offset, 0, length, total - length)
+    def _take(self, length: int) -> int:
+        offset = self.counter.fetch_add(length)
+        self._end = max(self._end, offset + length)
+        return offset
 
     def close(self, footer_length: int) -> Placement:
         self._check_open()
         self.closed = True
+        self._pad_kept()
         return Placement(0, self._end, 0, 0, 0)
 
     def file_sizes(self) -> list[int]:

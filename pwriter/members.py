@@ -11,13 +11,19 @@ own once placed; the write itself runs free.  Members waiting for their
 turn or their write hold a slot, as many as the pool has buffers, so that
 memory stays bounded when the disk is slow.
 
-Padded-striped output streams a coalescer's chunks into one member per
-slot (:class:`~pwriter.compress.MemberBuilder`) until it fills about 90% of
-a stripe; a member that has held text for ``max_delay`` is finished by the
-writer's ticker (:meth:`MemberStage.finish_stale`), in its place in the
-coalescer's order.  At close, :meth:`MemberStage.finish_all` finishes the
-rest.  (The merge's readers do not come here: they compress in their own
-threads, through :meth:`~pwriter.sink.ChunkSink.write_chunk_in_thread`.)
+In a padded layout a lane keeps its slot (see :mod:`pwriter.layout`), and
+its chunks are cut into members sized by what they compress to, so that
+they fill the slot (:class:`~pwriter.compress.SlotMembers`; a lane's chunks
+are compressed one after the other, since each member's size depends on
+the room the last one left).  The members of a slot are held until it is
+full and then written in one write that ends in its padding.  Members held
+for ``max_delay`` are written by the writer's ticker
+(:meth:`MemberStage.finish_stale`) at the next offset in the lane's slot,
+without padding, in their place in the lane's order; the lane goes on
+filling that slot.  At close, :meth:`MemberStage.finish_all` writes what
+the lanes hold and what the sink's pool holds (the merge's readers'
+last, partial slots: they compress in their own threads, through
+:meth:`~pwriter.sink.ChunkSink.write_chunk_in_thread`).
 """
 
 from __future__ import annotations
@@ -27,7 +33,8 @@ from collections.abc import Callable
 
 import trio
 
-from .compress import MemberBuilder
+from .compress import Member, SlotMembers
+from .layout import Placement
 from .sink import ChunkSink, compress_chunk
 
 __all__ = ["MemberStage"]
@@ -37,50 +44,54 @@ class MemberStage:
     """Compresses the coalescers' chunks into gzip members, in each
     coalescer's order, and hands them to the sink (see the module docstring)."""
 
-    def __init__(self, *, nursery: trio.Nursery, sink: ChunkSink, level: int, padded: bool, member_target: int,
-                 slots: int) -> None:
+    def __init__(self, *, nursery: trio.Nursery, sink: ChunkSink, level: int, padded: bool, slots: int) -> None:
         self._nursery = nursery
         self._sink = sink
         self._level = level
-        self._member_target = member_target
         self._placed: dict[int, trio.Event] = {}
         self._compress_limiter = trio.CapacityLimiter(max(1, os.cpu_count() or 1))
         self._member_slots = trio.Semaphore(slots)
-        # Padded-striped gzip: members are built from many chunks, to fill their slot.
-        self._builders: dict[int, MemberBuilder] | None = {} if padded else None
-        self._member_since: dict[int, float] = {}  # lane -> when its unfinished member got its first text
-        self._finishing = False  # set once the last members are being finished at close
+        # Padded gzip: each lane's members, sized to fill its slot.
+        self._lanes: dict[int, SlotMembers] | None = {} if padded else None
+        self._member_since: dict[int, float] = {}  # lane -> when the members it holds got their first text
+        self._finishing = False  # set once the last members are being written at close
         self.deadline_members = 0
-        """Members finished because their oldest text waited ``max_delay``."""
+        """Writes of held members whose oldest text waited ``max_delay``."""
 
     async def add(self, lane: int, text: memoryview, release: Callable[[], None]) -> None:
         """Take ``text`` (a chunk of whole lines of ``lane``) into the
         stage; ``release()`` is called once the text is no longer needed."""
         await self._compress_in_order(lane, text, release)
 
+    def text_since(self) -> list[float]:
+        """For the ticker: when each unfinished padded member got its first text."""
+        return list(self._member_since.values())
+
     def finish_stale(self, now: float, delay: float) -> None:
-        """The ticker's call: finish every member whose oldest text has waited ``delay``."""
+        """The ticker's call: write the members of every lane whose oldest text has waited ``delay``."""
         for lane, since in list(self._member_since.items()):
             if since + delay <= now and not self._finishing:
-                self._finish_stale_member(lane)
+                self._write_stale_members(lane)
 
     async def finish_all(self) -> None:
-        """At close: wait until every chunk has its place, then finish and
-        write the members still being built."""
-        self._finishing = True  # (the ticker starts no member of its own from now on)
+        """At close: wait until every chunk has its place, then write what
+        the lanes hold, and what the sink's pool holds."""
+        self._finishing = True  # (the ticker starts no write of its own from now on)
         for placed in list(self._placed.values()):
             await placed.wait()  # every compressed chunk has its place
-        for lane, builder in sorted((self._builders or {}).items()):
-            finished = await trio.to_thread.run_sync(builder.finish, limiter=self._compress_limiter)
-            if finished is not None:
-                placement, member = self._sink.place_member(lane, finished)
-                self._nursery.start_soon(self._sink.write_placed, placement, member)
+        for lane, members in sorted((self._lanes or {}).items()):
+            if members.held:
+                self._nursery.start_soon(self._write, self._sink.place_members(lane, members.take()))
+        for placed_rest in self._sink.pool.place_rest():
+            self._nursery.start_soon(self._write, placed_rest)
 
-    def _finish_stale_member(self, lane: int) -> None:
-        """Padded gzip: finish ``lane``'s member now, in its place in the
-        lane's order, so that no text waits in a builder longer than
-        ``max_delay``.  Skipped (until the next tick) when every member slot
-        is taken."""
+    async def _write(self, placed: tuple[Placement, bytes]) -> None:
+        await self._sink.write_placed(*placed)
+
+    def _write_stale_members(self, lane: int) -> None:
+        """Padded gzip: write ``lane``'s held members now, in their place in
+        the lane's order, so that no text waits longer than ``max_delay``.
+        Skipped (until the next tick) when every member slot is taken."""
         try:
             self._member_slots.acquire_nowait()
         except trio.WouldBlock:
@@ -88,25 +99,22 @@ class MemberStage:
         del self._member_since[lane]
         previous = self._placed.get(lane)
         mine = self._placed[lane] = trio.Event()
-        self._nursery.start_soon(self._finish_member, lane, previous, mine)
+        self._nursery.start_soon(self._write_held, lane, previous, mine)
 
     @trio.lowlevel.enable_ki_protection
-    async def _finish_member(self, lane: int, previous: trio.Event | None, mine: trio.Event) -> None:
-        assert self._builders is not None
+    async def _write_held(self, lane: int, previous: trio.Event | None, mine: trio.Event) -> None:
+        assert self._lanes is not None
         try:
             if previous is not None:
                 await previous.wait()
-            builder = self._builders.get(lane)
-            finished = None
-            if builder is not None:
-                finished = await trio.to_thread.run_sync(builder.finish, limiter=self._compress_limiter)
-            if finished is None:
+            members = self._lanes.get(lane)
+            if members is None or not members.held:
                 mine.set()
                 return
             self.deadline_members += 1
-            placement, member = self._sink.place_member(lane, finished)
+            placed = self._sink.place_members(lane, members.take())
             mine.set()
-            await self._sink.write_placed(placement, member)
+            await self._sink.write_placed(*placed)
         finally:
             self._member_slots.release()
 
@@ -116,33 +124,38 @@ class MemberStage:
         await self._member_slots.acquire()
         previous = self._placed.get(lane)
         mine = self._placed[lane] = trio.Event()
-        task = self._feed_member if self._builders is not None else self._compress_and_write
+        task = self._fill_slots if self._lanes is not None else self._compress_and_write
         self._nursery.start_soon(task, lane, text, release, previous, mine)
 
     @trio.lowlevel.enable_ki_protection
-    async def _feed_member(
+    async def _fill_slots(
         self, lane: int, text: memoryview, release: Callable[[], None], previous: trio.Event | None,
         mine: trio.Event,
     ) -> None:
-        assert self._builders is not None
+        assert self._lanes is not None
         try:
+            placed: list[tuple[Placement, bytes]] = []
+
+            def place(members: list[Member]) -> None:  # (in the worker thread: the sink places under its lock)
+                placed.append(self._sink.place_members(lane, members))
+
             try:
                 if previous is not None:
-                    await previous.wait()  # a lane's chunks enter its member in order
-                builder = self._builders.setdefault(lane, MemberBuilder(self._level))
-                finished = await trio.to_thread.run_sync(
-                    builder.feed, text, self._member_target, limiter=self._compress_limiter
-                )
+                    await previous.wait()  # a lane's chunks enter its slot in order
+                members = self._lanes.get(lane)
+                if members is None:
+                    members = self._lanes[lane] = self._sink.slot_members(lane)
+                held_before = bool(members.held)
+                await trio.to_thread.run_sync(members.add, text, place, limiter=self._compress_limiter)
             finally:
                 release()
-            if finished is None:
-                self._member_since.setdefault(lane, trio.current_time())
-                mine.set()
-                return
-            self._member_since.pop(lane, None)
-            placement, member = self._sink.place_member(lane, finished)
+            if not members.held:
+                self._member_since.pop(lane, None)
+            elif placed or not held_before:  # what it holds now came with this chunk
+                self._member_since[lane] = trio.current_time()
             mine.set()
-            await self._sink.write_placed(placement, member)
+            for placement, body in placed:
+                await self._sink.write_placed(placement, body)
         finally:
             self._member_slots.release()
 
@@ -160,7 +173,7 @@ class MemberStage:
                 release()  # the text is no longer needed
             if previous is not None:
                 await previous.wait()
-            placement, member = self._sink.place_member(lane, (member, text.nbytes, events))
+            placement, member = self._sink.place_members(lane, [(member, text.nbytes, events)])
             mine.set()
             await self._sink.write_placed(placement, member)
         finally:

@@ -188,8 +188,8 @@ async def merge(
         failure = None
         try:
             async with trio.open_nursery() as nursery:
-                for index, run in enumerate(progress.runs):
-                    nursery.start_soon(read_run, index % writer.sizing.workers, run)
+                for index, run in enumerate(progress.runs):  # a lane each (sharded: shard lane % workers)
+                    nursery.start_soon(read_run, index, run)
         except BaseExceptionGroup as group:  # the readers' own: one error raised, the others kept on it
             failure = error_to_raise(group)
         if failure is not None:

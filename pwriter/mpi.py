@@ -54,6 +54,13 @@ makes the launcher end the job (mpiexec kills every rank): nothing is
 published, and the temporaries left behind are removed by the next merge
 into the same output whose rank 0 runs on the same host, as after a single
 process's SIGKILL (another host cannot tell whether their process still runs).
+SIGTERM to the launcher (a batch system ending the job): mpiexec passes it
+on to every rank, and each ends as one process does (its merge cancelled,
+exit 143).  A rank that hangs (a read that never returns, a stopped
+process) would keep the others waiting at the next agreement for ever:
+after ``World.timeout`` (``PWRITER_MPI_TIMEOUT``) a waiting rank gives up
+(:class:`RankTimeout`), removes what it created, says so, and aborts the
+job (``MPI_Abort``): nothing is published.
 
 mpi4py is imported only here, and only when the process runs under an MPI
 launcher or ``--mpi`` is given (``pip install 'pwriter[mpi]'``).
@@ -64,10 +71,11 @@ from __future__ import annotations
 import array
 import dataclasses
 import json
+import math
 import os
 import time
 from collections.abc import Sequence
-from typing import Any
+from typing import Any, NoReturn
 
 import trio
 
@@ -77,8 +85,8 @@ from .layout import (Counter, LocalCounter, Placement, Planner, SharedPaddedPlan
 from .settings import Settings
 from .sizing import FsInfo, Sizing, Striping, shard_offsets
 
-__all__ = ["launched_by_mpi", "RankFailed", "World", "WindowCounter", "RankPart", "RankOutput", "merge_over_ranks",
-           "RankMergeResult"]
+__all__ = ["launched_by_mpi", "RankFailed", "RankTimeout", "World", "WindowCounter", "RankPart", "RankOutput",
+           "merge_over_ranks", "RankMergeResult"]
 
 _ENV_SIZES = ("PMI_SIZE", "OMPI_COMM_WORLD_SIZE", "PMIX_SIZE", "MPI_LOCALNRANKS")
 ABORTED = 1 << 62  # added to the shared counter by a rank that fails
@@ -107,12 +115,20 @@ class RankFailed(PwriterError):
         self.exit_code = exit_code
 
 
+class RankTimeout(PwriterError):
+    """This rank waited longer than ``World.timeout`` for the others at one
+    agreement: one of them hangs.  The job cannot end together any more:
+    after its own cleanup, the rank ends it with :meth:`World.abort`."""
+
+
 class World:
     """The ranks of one merge (``MPI.COMM_WORLD``), with the agreements and
     exchanges the steps need.  Collective: every rank makes the same calls
-    in the same order."""
+    in the same order.  ``timeout``: the longest a rank waits for the others
+    at one agreement (seconds on the trio clock; None: for ever), then
+    :class:`RankTimeout`."""
 
-    def __init__(self, comm: Any = None) -> None:
+    def __init__(self, comm: Any = None, *, timeout: float | None = None) -> None:
         try:
             from mpi4py import MPI
         except ImportError:
@@ -122,6 +138,7 @@ class World:
                              "threads need")
         self.MPI = MPI
         self.comm = comm if comm is not None else MPI.COMM_WORLD
+        self.timeout = timeout
         self.rank: int = self.comm.Get_rank()
         self.size: int = self.comm.Get_size()
         node = self.comm.Split_type(MPI.COMM_TYPE_SHARED)
@@ -137,7 +154,9 @@ class World:
         ``name_rank`` the failing rank's own exception there.  A rank that
         only stopped because another failed (:data:`ABORTED`) yields to a
         rank with an error of its own.  Shielded: an agreement, once
-        started, is always finished."""
+        started, is finished, or given up after ``timeout`` with
+        :class:`RankTimeout` (the others never came: the job must be
+        aborted)."""
         if error is None:
             key = 2 * self.size
         elif isinstance(error, RankFailed):
@@ -148,7 +167,12 @@ class World:
         with trio.CancelScope(shield=True):
             request = self.comm.Iallreduce(mine, lowest, op=self.MPI.MIN)
             pause = POLL_FIRST
+            deadline = trio.current_time() + (self.timeout if self.timeout is not None else math.inf)
             while not request.Test():
+                if trio.current_time() >= deadline:
+                    raise RankTimeout(f"rank {self.rank} waited {self.timeout:g} s for the other ranks to reach "
+                                      "the same step of the merge: one of them hangs (PWRITER_MPI_TIMEOUT sets "
+                                      "the wait); the job is aborted")
                 await trio.sleep(pause)
                 pause = min(2 * pause, POLL_MAX)
             if lowest[0] == 2 * self.size:
@@ -172,6 +196,16 @@ class World:
                 error = exc
         await self.agree(error, name_rank=False)  # (rank 0 alone decides: its own error, as one process says it)
         return self.comm.bcast(result, root=0)
+
+    def abort(self, exit_code: int) -> NoReturn:
+        """End every rank of the job now (``MPI_Abort``), this process
+        first: after a :class:`RankTimeout`, when the ranks can no longer end
+        together.  (Never returns; a normal exit would wait in
+        ``MPI_Finalize`` for the rank that hangs.)"""
+        try:
+            self.comm.Abort(exit_code)
+        finally:
+            os._exit(exit_code)
 
     def gather(self, value: Any) -> list[Any] | None:
         """Every rank's ``value`` on rank 0 (None elsewhere); only after an agreement."""
@@ -258,14 +292,22 @@ class RankOutput:
         self.manifest: str | None = None
         self.can_sync = True
         self.written = False
+        self._dir_fd: int | None = None
 
     def create(self, *, direct: bool = False) -> list[int]:
         from .errors import WriteError
         from .output import create_temporaries
 
-        if self._creates:
+        if self._creates:  # (in the directory as it is now, even if it is renamed later: see pwriter.output)
+            directory = os.path.dirname(os.path.abspath(self.output))
+            try:
+                self._dir_fd = os.open(directory, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+            except OSError as exc:
+                raise WriteError(self.output, f"cannot open the output directory: {exc.strerror}",
+                                 exc.errno) from None
             self.temporaries, self.fds, self.direct_fds = create_temporaries(
-                self.output, self.targets, direct=direct, striping=self._striping, first=self._first)
+                self.output, self.targets, direct=direct, striping=self._striping, first=self._first,
+                dir_fd=self._dir_fd)
             return self.fds
         try:
             for name in self.temporaries:
@@ -282,6 +324,14 @@ class RankOutput:
         """(Rank 0 checked the output before any file was created.)"""
 
     def publish(self, *, fsync: bool, sidecars: dict[str, bytes] | None = None) -> None:
+        """This part is written: close its files, checking each close
+        (:func:`~pwriter.output.close_checked`: a write error reported there
+        fails the part, and so the job)."""
+        from .output import close_checked
+
+        fds, names = self.fds + self.direct_fds, self.targets + self.targets[: len(self.direct_fds)]
+        self.fds, self.direct_fds = [], []
+        close_checked(fds, names)
         self.written = True
 
     def discard(self) -> None:
@@ -297,10 +347,16 @@ class RankOutput:
         if self._creates:
             for name in self.temporaries:
                 try:
-                    os.unlink(name)
+                    os.unlink(os.path.basename(name) if self._dir_fd is not None else name, dir_fd=self._dir_fd)
                 except OSError:
                     pass
             self.temporaries = []
+
+    def close_directory(self) -> None:
+        """Close the descriptor of the output's directory (after :meth:`remove_created`, if that is wanted)."""
+        if self._dir_fd is not None:
+            os.close(self._dir_fd)
+            self._dir_fd = None
 
 
 @dataclasses.dataclass
@@ -358,7 +414,7 @@ def _decide(world: World, paths: Sequence[str], directories: Sequence[str] | Non
             settings: Settings, force: bool, offsets: str) -> tuple[Decision, Any]:
     """Step 1, on rank 0: returns the decision and the OutputSet (kept on rank 0 to publish)."""
     from .inputs import collect_inputs, input_size
-    from .output import OutputSet, manifest_path, member_index_path, read_shard_set, remove_stale_temporaries
+    from .output import OutputSet, member_index_path, names_of_output
     from .writer import follow_layout_of, output_compression, plan
 
     compressed = output_compression(output, settings)
@@ -366,8 +422,7 @@ def _decide(world: World, paths: Sequence[str], directories: Sequence[str] | Non
                                 or settings.layout not in ("auto", "striped")):
         raise UsageError("--mpi-offsets exscan: only for a striped, plain output (its ranges are counted "
                          "before they are written); the shared counter does every layout")
-    manifest = manifest_path(output)
-    inputs = collect_inputs(paths, directories, exclude=[output, manifest, *read_shard_set(manifest)])
+    inputs = collect_inputs(paths, directories, exclude=names_of_output(output))
     sizes = [input_size(path) for path in inputs]
     fs, sizing = plan(output, settings, expected_bytes=sum(sizes), processes_per_node=world.node_ranks)
     sharded = sizing.layout == "sharded"
@@ -377,10 +432,8 @@ def _decide(world: World, paths: Sequence[str], directories: Sequence[str] | Non
         striping = dataclasses.replace(striping, offsets=shard_offsets(files, fs.ost_count))
     outputs = OutputSet(output, sharded=sharded, files=files, force=force,
                         sidecars=[member_index_path(output)] if compressed else [])
-    outputs.check(inputs)
-    if sharded:  # each rank creates its own shards (step 2)
-        remove_stale_temporaries(outputs.names)
-    else:
+    outputs.check(inputs)  # (takes the output's lock, kept until rank 0 publishes or discards)
+    if not sharded:  # (sharded: each rank creates its own shards, step 2)
         outputs.create(direct=settings.direct, striping=striping)
         try:
             if striping is not None:
@@ -430,7 +483,12 @@ async def merge_over_ranks(
         kept.append(outputs)
         return decision
 
-    decision: Decision = await world.decide(decide)
+    try:
+        decision: Decision = await world.decide(decide)
+    except BaseException:  # (rank 0 gave up waiting for the others: its temporary goes)
+        if kept:
+            kept[0].discard()
+        raise
     sizing = decision.sizing
     header = gzip_member(HEADER, settings.level) if decision.compressed else HEADER
     footer = gzip_member(FOOTER, settings.level) if decision.compressed else FOOTER
@@ -438,6 +496,7 @@ async def merge_over_ranks(
     exscan = offsets == "exscan" and sizing.layout == "striped"
     counter: WindowCounter | None = None
     part_output: RankOutput | None = None
+    hung = False  # another rank hangs: nothing collective any more
     try:
         share = partition(decision.sizes, world.size) if decision.sizes else []
         mine = share[world.rank] if world.rank < len(share) else range(0)
@@ -496,15 +555,18 @@ async def merge_over_ranks(
                 except Exception as exc:
                     commit_error = exc
             await world.agree(commit_error)
-    except BaseException:
+    except BaseException as exc:
+        hung = isinstance(exc, RankTimeout)
         if part_output is not None:
             part_output.remove_created()
         if world.rank == 0 and kept:
             kept[0].discard()
         raise
     finally:
-        if counter is not None:
+        if counter is not None and not hung:
             counter.free()
+        if part_output is not None:
+            part_output.close_directory()
     if world.rank != 0:
         return None
     assert gathered is not None

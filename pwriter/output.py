@@ -1,45 +1,98 @@
-"""Output names, temporary files and atomic publication.
+"""Output names, temporary files, the output lock and atomic publication.
 
-An output name is only ever seen complete: data goes to temporary files
-beside the targets, created exclusively (``O_EXCL``, so never through a
-planted symlink).  Publication (:meth:`OutputSet.publish`) first writes and
-fsyncs every small file (member index, manifest) to a temporary of its own,
-keeps every file it will replace under a hard link, then renames everything
-into place (a sharded set: shards, sidecars, then the manifest
-``<output>.shards``, the commit point of the set) and fsyncs the directory.
-A failure at any of these steps puts the previous files back.
+What an output name stands for
+------------------------------
+An output name ``merged.pfw`` stands for one *set* of files in its
+directory, whatever its layout or compression: the data file
+``merged.pfw`` (one-file layouts), the member index
+``merged.pfw.members.json`` (compressed output), the manifest
+``merged.pfw.shards`` (sharded) and the shards it lists
+(``merged.shard_000.pfw`` or ``merged.g1.shard_000.pfw``, ...).  A reader
+takes the manifest when there is one (it wins over a data file of the
+same name), else the data file; a member index beside it describes that
+set (its ``files``) or is absent, never another set's.
+
+One run at a time
+-----------------
+A run holds the output's lock, ``.<name>.pwriter-lock`` beside it, from
+:meth:`OutputSet.check` until it has published or failed
+(:class:`OutputLock`): created with ``O_CREAT | O_EXCL``, which is atomic on
+local filesystems, NFSv3 and later, and Lustre (``flock`` is not reliable
+across NFS clients), and holding ``host pid``.  A second run is refused
+(:class:`UsageError`, exit 2) naming the holder's host and pid; a lock
+whose holder ran on this host and is gone (SIGKILL) is taken over.  The
+lock, like the temporaries, is hidden and never matches ``*.pfw`` or
+``*.pfw.gz``, so ``merge -d`` never reads it.
+
+Publishing
+----------
+Data goes to temporary files beside the targets, created exclusively
+(``O_EXCL``, so never through a planted symlink), with the target's final
+permissions (those of the file it replaces, else the umask's).  Every
+operation happens relative to a descriptor of the output's directory,
+opened once: a directory renamed while the run works still gets the whole
+output, or nothing, and no temporary elsewhere.  :meth:`OutputSet.publish`
+
+1. closes the data files, checking each close (a filesystem may report a
+   failed write only there: NFS does);
+2. writes and (with fsync) syncs each small file, the member index and the
+   manifest, to a temporary of its own;
+3. keeps every file that a later step replaces or removes before the
+   commit under a hard link with a temporary name (where links are
+   refused, by renaming it away right before that step);
+4. renames, in this order: the new shards (names of a generation that no
+   file has, so no manifest lists them); the old member index away; the
+   data file (one-file layouts) or the manifest (sharded): the *commit*;
+   the old manifest away (a one-file output replacing a sharded set: this
+   is then the commit); the new member index; then syncs the directory;
+5. only then removes what the new set does not reuse: the old shards, the
+   old data file (a sharded set replacing a one-file output), the kept
+   files, the kept old manifest last.
+
+A failure in 1 to 4 puts every name back as it was (the same inodes),
+removes what was new and raises :class:`WriteError`.
 
 Temporary names look like ``.<name>.pwriter-<host>-<pid>-<random>.tmp``:
-hidden, recognisable, and never matching ``*.pfw`` or ``*.pfw.gz``.  A
-process killed outright (SIGKILL, a node crash) leaves its temporaries
-behind; the next output to the same name removes those whose process, on
-this host, is gone (:func:`remove_stale_temporaries`), and ``merge -d``
-never reads them.  A temporary gets the target's final permissions: those
-of the file it replaces (``force``), else the umask's.
+hidden, recognisable, and never matching ``*.pfw`` or ``*.pfw.gz``.  The
+next run to an output name removes, under the lock, the temporaries of any
+file of its set left by processes of this host that are gone, and the
+shards that those temporaries' manifests list and the current manifest
+does not (a killed run's): only such shards, never a file merely named
+like one.  ``merge -d`` leaves out every file of the output's set and
+every shard a manifest temporary lists (:func:`names_of_output`).
 
-What a SIGKILL leaves, by the step it lands in:
+What a SIGKILL leaves, by the step it lands in (the lock always, taken
+over by the next run on this host):
 
-* while writing, or while staging the small files and the kept links:
-  temporaries only; every target holds its previous file (or is absent);
-* during the renames of a one-file output: the data file is the old or the
-  new one, whole (rename is atomic); a compressed output's member index
-  may still be the previous one beside new data (it is renamed right after);
-  the kept links of the old files are left as temporaries;
-* during the renames of a sharded set: the manifest names the old set or the
-  new one, and every shard it names is complete (new shards carry another
-  generation name than the ones the old manifest lists); shards of the other
-  set are left beside it, and removed by the next ``force`` output to that
-  name;
-* after the renames: the new output, and leftover temporaries.
+* writing, staging the small files, keeping links: the old set whole, and
+  temporaries;
+* renaming the new shards: the old set (its manifest lists the old
+  shards); the new shards beside it, listed by no manifest but by the
+  staged manifest temporary, so removed by the next run;
+* hiding the old member index, up to the commit: the old set, without its
+  member index;
+* from the commit to renaming the new member index: the new set, without
+  its member index (a one-file output replacing a sharded set: the new
+  data file is in place but the old manifest, until it goes, still wins);
+* after: the new set whole; old shards and the old data file, listed by a
+  kept manifest temporary, removed by the next run; temporaries.
+
+Where hard links are refused (vfat, CIFS, some FUSE filesystems), a name
+that is replaced is absent between its renaming away and the new file's
+renaming in; a kill between them leaves the previous file under its kept
+temporary name.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import errno
 import functools
 import os
+import re
 import secrets
 import stat as stat_module
+import time
 from collections.abc import Callable, Iterable, Sequence
 from typing import TYPE_CHECKING, TypeVar
 
@@ -48,12 +101,16 @@ from .errors import OutputExistsError, UsageError, WriteError
 if TYPE_CHECKING:
     from .sizing import Striping
 
-__all__ = ["OutputSet", "StreamOutput", "create_temporaries", "close_quietly", "shard_paths", "manifest_path",
-           "member_index_path", "is_temporary_name", "remove_stale_temporaries", "write_fully", "TEMP_MARKER"]
+__all__ = ["OutputSet", "OutputLock", "StreamOutput", "create_temporaries", "close_quietly", "close_checked",
+           "shard_paths", "manifest_path", "member_index_path", "lock_path", "names_of_output", "read_shard_set",
+           "is_temporary_name", "remove_stale_temporaries", "write_fully", "TEMP_MARKER", "LOCK_SUFFIX"]
 
 TEMP_MARKER = ".pwriter-"
+LOCK_SUFFIX = ".pwriter-lock"
 T = TypeVar("T")
 _TRACE_SUFFIXES = (".pfw.gz", ".pfw", ".gz", ".json", ".jsonl", ".txt")
+# link() errors of filesystems without hard links: the kept file is then renamed away instead
+_NO_LINKS = (errno.EPERM, errno.EOPNOTSUPP, errno.EXDEV, errno.EMLINK, errno.ENOSYS)
 
 
 def member_index_path(target: str) -> str:
@@ -66,22 +123,36 @@ def manifest_path(target: str) -> str:
     return target + ".shards"
 
 
+def lock_path(target: str) -> str:
+    """The lock of an output name: ``.<name>.pwriter-lock`` beside it (see :class:`OutputLock`)."""
+    directory, name = os.path.split(target)
+    return os.path.join(directory, f".{name}{LOCK_SUFFIX}")
+
+
+def _stem_and_suffix(name: str) -> tuple[str, str]:
+    for suffix in _TRACE_SUFFIXES:
+        if name.endswith(suffix) and len(name) > len(suffix):
+            return name[: -len(suffix)], suffix
+    return name, ""
+
+
 def shard_paths(target: str, count: int, generation: int = 0) -> list[str]:
     """Shard names for ``target`` in read order: ``merged.pfw`` ->
     ``merged.shard_000.pfw``, ... (generation 1: ``merged.g1.shard_000.pfw``);
     the suffix is kept last so that tools that select ``*.pfw`` /
     ``*.pfw.gz`` still see every shard."""
     directory, name = os.path.split(target)
-    for suffix in _TRACE_SUFFIXES:
-        if name.endswith(suffix) and len(name) > len(suffix):
-            stem = name[: -len(suffix)]
-            break
-    else:
-        stem, suffix = name, ""
+    stem, suffix = _stem_and_suffix(name)
     width = max(3, len(str(count - 1)))
     if generation:
         stem = f"{stem}.g{generation}"
     return [os.path.join(directory, f"{stem}.shard_{index:0{width}d}{suffix}") for index in range(count)]
+
+
+def _shard_pattern(target: str) -> re.Pattern[str]:
+    """The base names of ``target``'s shards, of any generation and count (exactly: no other name matches)."""
+    stem, suffix = _stem_and_suffix(os.path.basename(target))
+    return re.compile(re.escape(stem) + r"(?:\.g[0-9]+)?\.shard_[0-9]{3,}" + re.escape(suffix) + r"\Z")
 
 
 def is_temporary_name(name: str) -> bool:
@@ -113,27 +184,34 @@ def remove_stale_temporaries(targets: Iterable[str]) -> list[str]:
     """Remove the temporaries of ``targets`` left by pwriter processes of
     this host that no longer run (killed before they could clean up);
     returns the names removed.  Temporaries of live processes and of other
-    hosts (shared storage) are left alone.  Each directory is listed once."""
-    prefixes: dict[str, list[str]] = {}  # directory -> the temporary-name prefixes of its targets
+    hosts (shared storage) are left alone.  Each directory is listed once.
+    (:meth:`OutputSet.check` does this for every file of an output's set.)"""
+    by_directory: dict[str, set[str]] = {}  # directory -> the base names of its targets
     for target in targets:
         directory, name = os.path.split(os.path.abspath(target))
-        prefixes.setdefault(directory, []).append(f".{name}{TEMP_MARKER}{_host()}-")
+        by_directory.setdefault(directory, set()).add(name)
     removed: list[str] = []
-    for directory, wanted in prefixes.items():
+    for directory, names in by_directory.items():
         try:
             entries = os.listdir(directory)
         except OSError:
             continue
         for entry in entries:
-            prefix = next((prefix for prefix in wanted if entry.startswith(prefix)), None)
-            if prefix is None or not entry.endswith(".tmp"):
-                continue
-            pid, _, _ = entry[len(prefix) : -len(".tmp")].partition("-")
-            if pid.isdigit() and int(pid) != os.getpid() and _process_is_gone(int(pid)):
+            of = _stale_temporary_of(entry)
+            if of is not None and of in names:
                 path = os.path.join(directory, entry)
                 _unlink_quietly(path)
                 removed.append(path)
     return removed
+
+
+def _stale_temporary_of(entry: str) -> str | None:
+    """The name whose temporary ``entry`` is, when a process of this host that is gone made it; else None."""
+    match = re.fullmatch(r"\.(.+)" + re.escape(TEMP_MARKER + _host()) + r"-([0-9]+)-[0-9a-f]+\.tmp", entry)
+    if match is None:
+        return None
+    pid = int(match.group(2))
+    return match.group(1) if pid != os.getpid() and _process_is_gone(pid) else None
 
 
 def _at_fresh_name(target: str, make: Callable[[str], T]) -> tuple[str, T]:
@@ -160,24 +238,49 @@ def close_quietly(fds: Iterable[int]) -> None:
             pass
 
 
-def _create_exclusively(target: str, create: Callable[[str], int] | None = None) -> tuple[str, int]:
+def close_checked(fds: Sequence[int], names: Sequence[str]) -> None:
+    """Close every descriptor of ``fds`` (the file ``names[i]``), and raise
+    :class:`WriteError` naming the first whose close failed: a filesystem
+    may report a failed write only there (NFS does), so the file must not
+    be published.  Every descriptor is closed either way."""
+    failure: tuple[str, OSError] | None = None
+    for fd, name in zip(fds, names):
+        try:
+            os.close(fd)
+        except OSError as exc:
+            failure = failure or (name, exc)
+    if failure is not None:
+        failed, error = failure
+        raise WriteError(failed, f"closing the file failed, so a write may not have reached it: "
+                                 f"{error.strerror or error}", error.errno)
+
+
+def _in(dir_fd: int | None, path: str) -> str:
+    """The name to give an ``os`` call for ``path``: its base name relative to ``dir_fd``, else ``path``."""
+    return os.path.basename(path) if dir_fd is not None else path
+
+
+def _create_exclusively(target: str, create: Callable[[str], int] | None = None,
+                        dir_fd: int | None = None) -> tuple[str, int]:
     """A new temporary file beside ``target`` (never through an existing
     name or a planted symlink: ``O_EXCL``), with the target's final
     permissions; returns its name and descriptor.  ``create(name)`` makes
     and opens the file instead of ``open`` (a Lustre layout on create); it
-    raises FileExistsError for a name that is taken."""
+    raises FileExistsError for a name that is taken.  With ``dir_fd``, the
+    names are taken in that directory (``create`` still gets the path)."""
     try:
-        mode: int | None = stat_module.S_IMODE(os.stat(target).st_mode)
+        mode: int | None = stat_module.S_IMODE(os.stat(_in(dir_fd, target), dir_fd=dir_fd).st_mode)
     except OSError:
         mode = None
     temporary, fd = _at_fresh_name(
-        target, create or (lambda name: os.open(name, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o666)))
+        target, create or (lambda name: os.open(_in(dir_fd, name), os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC,
+                                                0o666, dir_fd=dir_fd)))
     if mode is not None:
         try:
             os.fchmod(fd, mode)
         except OSError:
             os.close(fd)
-            _unlink_quietly(temporary)
+            _unlink_quietly(temporary, dir_fd)
             raise
     return temporary, fd
 
@@ -187,15 +290,15 @@ def _same_file(a: os.stat_result, b: os.stat_result) -> bool:
 
 
 def create_temporaries(output: str, targets: Sequence[str], *, direct: bool = False,
-                       striping: Striping | None = None, first: int = 0
+                       striping: Striping | None = None, first: int = 0, dir_fd: int | None = None
                        ) -> tuple[list[str], list[int], list[int]]:
     """A temporary beside each of ``targets`` (files ``first``, ``first + 1``,
-    ... of ``output``), created exclusively (:func:`_create_exclusively`),
-    with ``striping``'s layout for that file number where given; returns the
-    temporaries, their descriptors and (``direct``) their O_DIRECT
-    descriptors.  On failure, removes what it created and raises
-    :class:`WriteError` naming ``output`` (:class:`UsageError` where the
-    filesystem refuses O_DIRECT)."""
+    ... of ``output``), created exclusively (:func:`_create_exclusively`;
+    in ``dir_fd``, the targets' directory, when given), with ``striping``'s
+    layout for that file number where given; returns the temporaries, their
+    descriptors and (``direct``) their O_DIRECT descriptors.  On failure,
+    removes what it created and raises :class:`WriteError` naming
+    ``output`` (:class:`UsageError` where the filesystem refuses O_DIRECT)."""
     temporaries: list[str] = []
     fds: list[int] = []
     direct_fds: list[int] = []
@@ -208,15 +311,16 @@ def create_temporaries(output: str, targets: Sequence[str], *, direct: bool = Fa
                 offset = striping.offsets[index] if index < len(striping.offsets) else -1
                 create = functools.partial(create_striped, stripe_count=striping.stripe_count,
                                            stripe_size=striping.stripe_size, offset=offset)
-            temporary, fd = _create_exclusively(target, create)
+            temporary, fd = _create_exclusively(target, create, dir_fd)
             temporaries.append(temporary)
             fds.append(fd)
             if direct:
-                direct_fds.append(os.open(temporary, os.O_WRONLY | os.O_DIRECT | os.O_CLOEXEC))
+                direct_fds.append(os.open(_in(dir_fd, temporary), os.O_WRONLY | os.O_DIRECT | os.O_CLOEXEC,
+                                          dir_fd=dir_fd))
     except OSError as exc:
         close_quietly(fds + direct_fds)
         for temporary in temporaries:
-            _unlink_quietly(temporary)
+            _unlink_quietly(temporary, dir_fd)
         if direct and exc.errno == errno.EINVAL:
             raise UsageError(f"{output}: this filesystem does not support O_DIRECT (--direct)") from None
         layout = " with its Lustre layout" if striping is not None else ""
@@ -225,15 +329,174 @@ def create_temporaries(output: str, targets: Sequence[str], *, direct: bool = Fa
     return temporaries, fds, direct_fds
 
 
+class OutputLock:
+    """The lock of one output name: ``.<name>.pwriter-lock`` in its
+    directory (``dir_fd``), holding ``host pid``; see the module docstring.
+
+    :meth:`acquire` creates it with ``O_CREAT | O_EXCL``.  When it exists,
+    its holder is read: a holder that runs (or that cannot be checked: on
+    another host) makes :meth:`acquire` raise :class:`UsageError` naming its
+    host and pid; a holder of this host that is gone is a stale lock, taken
+    over.  Taking over is itself exclusive: the taker first creates
+    ``.<name>.pwriter-lock.break`` (``O_EXCL``), checks again under it that
+    the lock still names the same dead holder, removes the lock, removes the
+    breaker, and then competes for a new lock like anyone.  Only a taker
+    holding the breaker removes a lock that is not its own, so two takers
+    never remove a live lock.  (A breaker left by a process killed while
+    holding it, a few microseconds, is removed like a stale lock, without
+    a breaker of its own.)
+    """
+
+    ATTEMPTS = 20
+    UNREADABLE_WAIT = 0.5
+    """Seconds to wait for the content of a lock whose creator has not yet written it."""
+
+    def __init__(self, target: str, dir_fd: int) -> None:
+        self.target = target
+        self.path = lock_path(os.path.abspath(target))
+        self._name = os.path.basename(self.path)
+        self._breaker = self._name + ".break"
+        self._dir_fd = dir_fd
+        self._mine = f"{_host()} {os.getpid()}\n".encode()
+        self.held = False
+
+    def acquire(self) -> None:
+        """Take the lock, or raise :class:`UsageError` naming its holder (see the class docstring)."""
+        for _ in range(self.ATTEMPTS):
+            try:
+                fd = self._create(self._name)
+            except FileExistsError:
+                holder = self._holder(self._name)
+                if holder is None:  # released meanwhile
+                    continue
+                if not _is_stale(holder):
+                    raise self._refusal(holder) from None
+                self._take_over(holder)
+                continue
+            os.close(fd)
+            self.held = True
+            return
+        raise UsageError(f"{self.target}: the output's lock {self.path} keeps changing hands; try again")
+
+    def release(self) -> None:
+        """Remove the lock, if this process holds it (idempotent; never raises)."""
+        if not self.held:
+            return
+        self.held = False
+        if self._read(self._name) == self._mine:  # (never another's, should it have been taken over)
+            _unlink_quietly(self._name, self._dir_fd)
+
+    def _create(self, name: str) -> int:
+        """Create ``name`` exclusively, holding this process's ``host pid``; FileExistsError if it exists."""
+        try:
+            fd = os.open(name, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o644, dir_fd=self._dir_fd)
+        except FileExistsError:
+            raise
+        except OSError as exc:
+            raise WriteError(self.target, f"cannot create the output's lock {self.path}: {exc.strerror}",
+                             exc.errno) from None
+        try:
+            write_fully(fd, self._mine)
+        except OSError as exc:
+            os.close(fd)
+            _unlink_quietly(name, self._dir_fd)
+            raise WriteError(self.target, f"cannot write the output's lock {self.path}: {exc.strerror}",
+                             exc.errno) from None
+        return fd
+
+    def _read(self, name: str) -> bytes | None:
+        try:
+            fd = os.open(name, os.O_RDONLY | os.O_CLOEXEC, dir_fd=self._dir_fd)
+        except OSError:
+            return None
+        try:
+            return os.read(fd, 4096)
+        except OSError:
+            return None
+        finally:
+            os.close(fd)
+
+    def _holder(self, name: str) -> tuple[str, int | None] | None:
+        """The ``(host, pid)`` that ``name`` holds; None if it is gone; pid None
+        if it never gets a readable content (within :attr:`UNREADABLE_WAIT`)."""
+        deadline = time.monotonic() + self.UNREADABLE_WAIT
+        while True:
+            content = self._read(name)
+            if content is None:
+                return None if not _exists(name, self._dir_fd) else ("?", None)
+            fields = content.decode("utf-8", "replace").split()
+            if content.endswith(b"\n") and len(fields) == 2 and fields[1].isdigit():
+                return fields[0], int(fields[1])
+            if time.monotonic() >= deadline:
+                return (fields[0] if fields else "?"), None
+            time.sleep(0.01)  # its creator is writing it
+
+    def _take_over(self, holder: tuple[str, int | None]) -> None:
+        """Remove the stale lock of ``holder`` under the breaker (or leave it, if another is doing so)."""
+        try:
+            fd = self._create(self._breaker)
+        except FileExistsError:
+            breaker = self._holder(self._breaker)
+            if breaker is not None and _is_stale(breaker):
+                _unlink_quietly(self._breaker, self._dir_fd)
+            else:
+                time.sleep(0.01)  # another process is taking it over right now
+            return
+        try:
+            os.close(fd)
+            if self._holder(self._name) == holder:
+                _unlink_quietly(self._name, self._dir_fd)
+        finally:
+            _unlink_quietly(self._breaker, self._dir_fd)
+
+    def _refusal(self, holder: tuple[str, int | None]) -> UsageError:
+        host, pid = holder
+        who = f"host {host}, pid {pid}" if pid is not None else "a holder whose lock cannot be read"
+        if host == _host() and pid is not None:
+            hint = ""
+        else:  # (another host: whether it still runs cannot be told from here)
+            hint = "; if no pwriter runs there any more, remove the lock"
+        return UsageError(f"{self.target}: another pwriter is writing this output ({who}): its lock {self.path} "
+                          f"stays until it has published or failed{hint}")
+
+
+def _is_stale(holder: tuple[str, int | None]) -> bool:
+    """Whether a lock's holder is a process of this host that is gone."""
+    host, pid = holder
+    return host == _host() and pid is not None and pid != os.getpid() and _process_is_gone(pid)
+
+
+def _exists(name: str, dir_fd: int | None) -> bool:
+    try:
+        os.lstat(name, dir_fd=dir_fd)
+    except FileNotFoundError:
+        return False
+    return True
+
+
+@dataclasses.dataclass(frozen=True)
+class _Found:
+    """What an output name stands for now (base names): see the module docstring."""
+
+    data: bool
+    index: bool
+    manifest: bool
+    listed: tuple[str, ...]
+    """The shards the manifest lists."""
+
+
 class OutputSet:
     """The files of one output: targets in read order, their temporaries, and
-    (sharded) the manifest.  Created by :meth:`create`, finished by exactly
-    one of :meth:`publish` or :meth:`discard`.
+    (sharded) the manifest.  :meth:`check` takes the output's lock and
+    decides the names, :meth:`create` makes the temporaries; finished by
+    :meth:`publish` or :meth:`discard` (which also releases the lock, and
+    may follow a publish).
 
-    A sharded output replacing another (``force``) gets shard names of
-    another *generation* than the ones the current manifest lists
-    (``merged.shard_000.pfw`` and ``merged.g1.shard_000.pfw`` alternate), so
-    that a reader following the old manifest never sees a new shard.
+    A sharded output gets shard names of a *generation* that no file has
+    (``merged.shard_000.pfw`` and ``merged.g1.shard_000.pfw`` alternate as
+    one set replaces another), so that a reader following the old manifest
+    never sees a new shard.  ``force`` replaces the whole set the name
+    stands for, whatever its layout or compression.
     """
 
     def __init__(self, target: str, *, sharded: bool, files: int, force: bool, sidecars: Sequence[str] = ()) -> None:
@@ -241,22 +504,16 @@ class OutputSet:
         self.sharded = sharded
         self.force = force
         self.manifest = manifest_path(target) if sharded else None
-        self.targets = self._shard_generation(files) if sharded else [target]
+        self.targets = shard_paths(target, files) if sharded else [target]
         self.sidecars = list(sidecars)
         self.temporaries: list[str] = []
         self.fds: list[int] = []
         self.direct_fds: list[int] = []
         self.can_sync = True
-
-    def _shard_generation(self, files: int) -> list[str]:
-        """Shard names that the current manifest does not list (see the class docstring)."""
-        assert self.manifest is not None
-        listed = set(read_shard_set(self.manifest)) if self.force else set()
-        for generation in range(len(listed) + 2):
-            names = shard_paths(self.target, files, generation)
-            if not listed.intersection(os.path.abspath(name) for name in names):
-                return names
-        raise AssertionError("unreachable: some generation is free")  # pragma: no cover
+        self._files = files
+        self._dir_fd: int | None = None
+        self._lock: OutputLock | None = None
+        self._name = os.path.basename(target)
 
     @property
     def names(self) -> list[str]:
@@ -264,44 +521,133 @@ class OutputSet:
         return self.targets + self.sidecars + ([self.manifest] if self.manifest else [])
 
     def check(self, inputs: Iterable[str] = ()) -> None:
-        """Refuse, with :class:`UsageError`, a missing output directory, an
-        existing output (without ``force``), an output that is one of
-        ``inputs`` (same device and inode, whatever the path), and, even
-        with ``force``, an output name that is not a regular file or a
-        symlink to one (a directory, FIFO, socket, device, dangling link):
-        replacing such a name with a file is never what was meant."""
+        """Take the output's lock (:class:`OutputLock`), then decide and check
+        the names, all under it.
+
+        Refuses, with :class:`UsageError` (and then releases the lock): a
+        missing output directory, a sharded output's name that its manifest
+        cannot list (a newline in it), an output that another run is writing (its host
+        and pid named), an existing output (any file of the name's set,
+        without ``force``), an output that is one of ``inputs`` (same
+        device and inode, whatever the path; a file of the set that ``force``
+        would remove counts too), and, even with ``force``, an output name
+        that is not a regular file or a symlink to one (a directory, FIFO,
+        socket, device, dangling link): replacing such a name with a file is
+        never what was meant.  Removes what killed runs of this host left
+        (see the module docstring) and, sharded, picks the shard generation.
+        """
         directory = os.path.dirname(os.path.abspath(self.target))
         if not os.path.isdir(directory):
             raise UsageError(f"{self.target}: output directory {directory} does not exist")
+        if self.sharded and "\n" in self._name:
+            raise UsageError(f"{self.target!r}: a sharded output's name cannot hold a newline (its manifest "
+                             "lists one shard name per line)")
         input_stats = []
         for path in inputs:
             try:
                 input_stats.append((path, os.stat(path)))
             except OSError:
                 continue
-        for name in self.names:
+        try:
+            self._open_directory()
+            assert self._dir_fd is not None
+            self._lock = OutputLock(self.target, self._dir_fd)
+            self._lock.acquire()
+            found = self._survey()
+            self._remove_leftovers(found, [stat for _, stat in input_stats])
+            if self.sharded:
+                self.targets = self._free_generation()
+            self._check_names(found, input_stats)
+        except BaseException:
+            self.discard()
+            raise
+
+    def _open_directory(self) -> None:
+        if self._dir_fd is None:
+            directory = os.path.dirname(os.path.abspath(self.target))
+            try:
+                self._dir_fd = os.open(directory, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+            except OSError as exc:
+                raise WriteError(self.target, f"cannot open the output directory: {exc.strerror}", exc.errno) from None
+
+    def _survey(self) -> _Found:
+        manifest, index = manifest_path(self._name), member_index_path(self._name)
+        return _Found(data=_exists(self._name, self._dir_fd), index=_exists(index, self._dir_fd),
+                      manifest=_exists(manifest, self._dir_fd), listed=tuple(_read_manifest(manifest, self._dir_fd)))
+
+    def _remove_leftovers(self, found: _Found, inputs: list[os.stat_result]) -> None:
+        """Remove the temporaries of every file of this output's set that
+        processes of this host which are gone left, and first the shards that
+        their manifests (staged or kept) list and the current one does not
+        (unless one is among ``inputs``: then it stays, and is read)."""
+        assert self._dir_fd is not None
+        pattern = _shard_pattern(self.target)
+        ours = {self._name, member_index_path(self._name), manifest_path(self._name)}
+        stale: dict[str, str] = {}  # temporary -> the name it is of
+        for entry in os.listdir(self._dir_fd):
+            of = _stale_temporary_of(entry)
+            if of is not None and (of in ours or pattern.match(of)):
+                stale[entry] = of
+        for entry, of in stale.items():
+            if of == manifest_path(self._name):
+                for shard in _read_manifest(entry, self._dir_fd):
+                    if pattern.match(shard) and shard not in found.listed and not self._is_input(shard, inputs):
+                        _unlink_quietly(shard, self._dir_fd)
+        for entry in stale:
+            _unlink_quietly(entry, self._dir_fd)
+
+    def _is_input(self, name: str, inputs: list[os.stat_result]) -> bool:
+        try:
+            stat = os.stat(name, dir_fd=self._dir_fd)
+        except OSError:
+            return False
+        return any(_same_file(stat, input_stat) for input_stat in inputs)
+
+    def _free_generation(self) -> list[str]:
+        """Shard names of the first generation of which no file exists (see the class docstring)."""
+        assert self._dir_fd is not None
+        for generation in range(len(os.listdir(self._dir_fd)) + 1):  # (each file takes one generation at most)
+            names = shard_paths(self.target, self._files, generation)
+            if not any(_exists(os.path.basename(name), self._dir_fd) for name in names):
+                return names
+        raise AssertionError("unreachable: some generation is free")  # pragma: no cover
+
+    def _check_names(self, found: _Found, input_stats: list[tuple[str, os.stat_result]]) -> None:
+        directory = os.path.dirname(self.target)
+        own = [self.target, member_index_path(self.target), manifest_path(self.target)]
+        replaced = [os.path.join(directory, name) for name in found.listed]
+        for name in dict.fromkeys(own + self.names + replaced):
             try:
                 link = os.lstat(name)
             except FileNotFoundError:
                 continue
             except OSError as exc:
                 raise UsageError(f"{name}: cannot examine the output: {exc.strerror}") from None
-            if _is_system_name(name):
-                raise UsageError(f"{name}: the output is a device or process file (/dev, /proc); "
-                                 "refusing to replace it (use -o - for standard output)")
+            if name not in replaced:
+                self._check_replaceable(name, link)
             try:
                 stat = os.stat(name)
             except OSError:
-                raise UsageError(f"{name}: the output is a symlink to nothing; refusing to replace it") from None
-            if not stat_module.S_ISREG(stat.st_mode):
-                what = _kind_of(stat.st_mode)
-                via = " (through a symlink)" if stat_module.S_ISLNK(link.st_mode) else ""
-                raise UsageError(f"{name}: the output is {what}{via}, not a regular file; refusing to replace it")
+                continue
             for path, input_stat in input_stats:
                 if _same_file(stat, input_stat):
                     raise UsageError(f"{name}: the output is the input {path}")
             if not self.force:
                 raise OutputExistsError(name, "output exists")
+
+    @staticmethod
+    def _check_replaceable(name: str, link: os.stat_result) -> None:
+        if _is_system_name(name):
+            raise UsageError(f"{name}: the output is a device or process file (/dev, /proc); "
+                             "refusing to replace it (use -o - for standard output)")
+        try:
+            stat = os.stat(name)
+        except OSError:
+            raise UsageError(f"{name}: the output is a symlink to nothing; refusing to replace it") from None
+        if not stat_module.S_ISREG(stat.st_mode):
+            what = _kind_of(stat.st_mode)
+            via = " (through a symlink)" if stat_module.S_ISLNK(link.st_mode) else ""
+            raise UsageError(f"{name}: the output is {what}{via}, not a regular file; refusing to replace it")
 
     def create(self, *, direct: bool = False, striping: Striping | None = None) -> list[int]:
         """Create the temporary files exclusively; returns their descriptors in read order.
@@ -310,11 +656,16 @@ class OutputSet:
         O_DIRECT (:attr:`direct_fds`), for the writes that are aligned.
         With ``striping`` (Lustre), each file is created with that layout
         (:func:`pwriter.lustre.create_striped`); a layout that cannot be set
-        is a :class:`WriteError` naming the file.
+        is a :class:`WriteError` naming the file.  On failure, everything is
+        discarded (the lock released).
         """
-        remove_stale_temporaries(self.names)
-        self.temporaries, self.fds, self.direct_fds = create_temporaries(
-            self.target, self.targets, direct=direct, striping=striping)
+        try:
+            self._open_directory()
+            self.temporaries, self.fds, self.direct_fds = create_temporaries(
+                self.target, self.targets, direct=direct, striping=striping, dir_fd=self._dir_fd)
+        except BaseException:
+            self.discard()
+            raise
         return self.fds
 
     def close_files(self) -> None:
@@ -324,106 +675,171 @@ class OutputSet:
 
     def publish(self, *, fsync: bool, sidecars: dict[str, bytes] | None = None) -> None:
         """Put the (already written and, with ``fsync``, synced) temporaries
-        in place, all or nothing.
+        in place as the output's whole set, all or nothing, in the steps of
+        the module docstring; ``sidecars`` (name -> content) are the small
+        files to publish with it (the member index).
 
-        1. The ``sidecars`` (name -> content, e.g. the member index) and the
-           manifest are written fully to temporaries of their own (and
-           synced): every byte is on disk before the first rename.
-        2. With ``force``, every existing target is kept by a hard link
-           under a temporary name.
-        3. Renames, in order: the data files (shards), the sidecars, the
-           manifest last (the commit point of a sharded set); then the
-           directory is synced.
-        4. Only then are the kept links, and the shards of the replaced set
-           (named by the old manifest), removed.
-
-        Any failure in 1 to 3 puts every previous file back, byte for byte
-        (the same inode), removes what was new, and raises
+        A failed close of a data file raises :class:`WriteError` naming it;
+        any failure up to the directory's sync puts every previous file back,
+        byte for byte (the same inode), removes what was new, and raises
         :class:`WriteError` (or :class:`UsageError` for an output that
-        appeared meanwhile without ``force``).
+        appeared meanwhile without ``force``).  Either way nothing is
+        published, and the lock is released.
         """
-        self.close_files()
-        replaced_shards: list[str] = []
-        if self.manifest and self.force:
-            keep = {os.path.abspath(target) for target in self.targets}
-            replaced_shards = [name for name in read_shard_set(self.manifest) if name not in keep]
-        renames = list(zip(self.temporaries, self.targets))
-        kept: dict[str, str] = {}  # target -> the temporary link that keeps its previous file
-        published: list[str] = []
+        fds, names = self.fds + self.direct_fds, self.targets + self.targets[: len(self.direct_fds)]
+        self.fds, self.direct_fds = [], []
         try:
-            smalls = dict(sidecars or {})
-            if self.manifest:
-                directory = os.path.dirname(os.path.abspath(self.manifest))
-                smalls[self.manifest] = "".join(
-                    os.path.relpath(target, directory) + "\n" for target in self.targets).encode()
-            for name, content in smalls.items():
-                renames.append((self._stage_small(name, content, fsync=fsync), name))
-            if self.force:
-                for _, target in renames:
-                    if os.path.lexists(target):
-                        kept[target] = self._keep(target)
-            for temporary, target in renames:
-                self._rename(temporary, target)
-                published.append(target)
+            close_checked(fds, names)
+        except BaseException:
+            self.discard()
+            raise
+        self._open_directory()
+        assert self._dir_fd is not None
+        done: list[tuple[str, str, bool]] = []  # ("put", name, over its kept file) or ("hide", name, False)
+        kept: dict[str, str] = {}  # name -> the temporary that keeps its previous file ("": links are refused)
+        try:
+            found, steps = self._plan(sidecars or {}, fsync=fsync)
+            for step, name, _ in steps:  # keep what is replaced, or removed before the commit
+                if name not in kept and (step == "hide" or self.force) and _exists(name, self._dir_fd):
+                    kept[name] = self._keep(name, by_link=True)
+            for step, name, temporary in steps:
+                if step == "hide" and name not in kept:  # (gone meanwhile)
+                    continue
+                if step == "hide" or kept.get(name) == "":  # its file goes away now: unlinked, or renamed away
+                    if kept[name]:
+                        os.unlink(name, dir_fd=self._dir_fd)
+                    else:
+                        kept[name] = self._keep(name, by_link=False)
+                    done.append(("hide", name, False))
+                if step == "put":
+                    self._rename(temporary, name)
+                    done.append(("put", name, name in kept and ("hide", name, False) not in done))
             if fsync:
-                _fsync_directory(os.path.dirname(os.path.abspath(self.target)))
+                os.fsync(self._dir_fd)
         except (OSError, UsageError) as exc:
-            self._restore(published, kept, fsync=fsync)
+            self._restore(done, kept, fsync=fsync)
             self.discard()
             if isinstance(exc, UsageError):
                 raise
             what = f"{exc.filename}: {exc.strerror}" if exc.filename else exc.strerror
             raise WriteError(self.target, f"cannot publish the output: {what}", exc.errno) from None
-        self.temporaries = []
-        for name in [*kept.values(), *replaced_shards]:
-            _unlink_quietly(name)
+        self._remove_replaced(found, kept)
+        self.discard()
 
-    def _keep(self, target: str) -> str:
-        """Keep ``target``'s current file (or symlink) under a new temporary name."""
-        backup, _ = _at_fresh_name(target, lambda name: os.link(target, name, follow_symlinks=False))
+    def _plan(self, sidecars: dict[str, bytes], *, fsync: bool) -> tuple[_Found, list[tuple[str, str, str]]]:
+        """The renames of :meth:`publish`, in order: ``(step, name, temporary)``
+        where step is ``put`` (the temporary onto the name) or ``hide`` (the
+        name's file away); stages the small files."""
+        found = self._survey()
+        if not self.force and (found.data or found.index or found.manifest):
+            existing = self._name if found.data else manifest_path(self._name) if found.manifest else (
+                member_index_path(self._name))
+            raise OutputExistsError(os.path.join(os.path.dirname(self.target), existing),
+                                    "output appeared while writing")
+        smalls = {os.path.basename(name): content for name, content in sidecars.items()}
+        if self.manifest:
+            smalls[os.path.basename(self.manifest)] = b"".join(
+                os.fsencode(os.path.basename(target)) + b"\n" for target in self.targets)
+        staged = {name: os.path.basename(self._stage_small(name, content, fsync=fsync))
+                  for name, content in smalls.items()}
+        index, manifest = member_index_path(self._name), manifest_path(self._name)
+        data = [("put", os.path.basename(target), os.path.basename(temporary))
+                for temporary, target in zip(self.temporaries, self.targets)]
+        hide_index = [("hide", index, "")] if found.index else []
+        put_index = [("put", index, staged[index])] if index in staged else []
+        if self.manifest:
+            steps = data + hide_index + [("put", manifest, staged[manifest])] + put_index
+        else:
+            steps = hide_index + data + ([("hide", manifest, "")] if found.manifest else []) + put_index
+        return found, steps
+
+    def _keep(self, name: str, *, by_link: bool) -> str:
+        """Keep ``name``'s current file (or symlink) under a new temporary name,
+        by a hard link, or by renaming it there (``by_link`` false).  Returns
+        the temporary's base name, or "" where links are refused (the caller
+        then keeps it by renaming, right before the name is replaced)."""
+        directory = os.path.dirname(self.target)
+
+        def keep(temporary: str) -> None:
+            base = os.path.basename(temporary)
+            if by_link:
+                os.link(name, base, src_dir_fd=self._dir_fd, dst_dir_fd=self._dir_fd, follow_symlinks=False)
+            elif _exists(base, self._dir_fd):
+                raise FileExistsError(errno.EEXIST, "taken", base)
+            else:
+                os.rename(name, base, src_dir_fd=self._dir_fd, dst_dir_fd=self._dir_fd)
+
+        try:
+            backup, _ = _at_fresh_name(os.path.join(directory, name), keep)
+        except OSError as exc:
+            if by_link and exc.errno in _NO_LINKS:
+                return ""
+            raise
         self.temporaries.append(backup)
-        return backup
+        return os.path.basename(backup)
 
-    def _restore(self, published: list[str], kept: dict[str, str], *, fsync: bool) -> None:
+    def _restore(self, done: list[tuple[str, str, bool]], kept: dict[str, str], *, fsync: bool) -> None:
         """Undo a failed publish: each name gets back what it held before (best effort, never raises)."""
-        for name in reversed(published):
-            backup = kept.pop(name, None)
+        for step, name, replaced in reversed(done):
             try:
-                if backup is not None:
-                    os.replace(backup, name)
+                if step == "hide":  # (the name is absent)
+                    os.rename(kept[name], name, src_dir_fd=self._dir_fd, dst_dir_fd=self._dir_fd)
+                elif replaced:
+                    os.replace(kept[name], name, src_dir_fd=self._dir_fd, dst_dir_fd=self._dir_fd)
                 else:
-                    os.unlink(name)
+                    os.unlink(name, dir_fd=self._dir_fd)
             except OSError:
                 pass
-        if fsync:
+        if fsync and self._dir_fd is not None:
             try:
-                _fsync_directory(os.path.dirname(os.path.abspath(self.target)))
+                os.fsync(self._dir_fd)
             except OSError:
                 pass
+
+    def _remove_replaced(self, found: _Found, kept: dict[str, str]) -> None:
+        """After the commit: remove what the new set does not reuse, the kept files, the kept manifest last."""
+        new = {os.path.basename(target) for target in self.targets}
+        old = [name for name in found.listed if name not in new]
+        if self.manifest and found.data:
+            old.append(self._name)
+        manifest = manifest_path(self._name)
+        backups = [backup for name, backup in kept.items() if backup and name != manifest]
+        for name in [*old, *backups, *([kept[manifest]] if kept.get(manifest) else [])]:
+            _unlink_quietly(name, self._dir_fd)
 
     def _rename(self, temporary: str, target: str) -> None:
         if self.force:
-            os.replace(temporary, target)
+            os.replace(temporary, target, src_dir_fd=self._dir_fd, dst_dir_fd=self._dir_fd)
+            self._forget(temporary)
             return
         # Without force, never replace a file that appeared while we wrote.
         try:
-            os.link(temporary, target)
+            os.link(temporary, target, src_dir_fd=self._dir_fd, dst_dir_fd=self._dir_fd, follow_symlinks=False)
         except FileExistsError:
-            raise OutputExistsError(target, "output appeared while writing") from None
+            raise OutputExistsError(os.path.join(os.path.dirname(self.target), target),
+                                    "output appeared while writing") from None
         except OSError as exc:
-            if exc.errno not in (errno.EPERM, errno.EOPNOTSUPP, errno.EXDEV, errno.EMLINK):
+            if exc.errno not in _NO_LINKS:
                 raise
             # no hard links here: fall back to a checked rename
-            if os.path.lexists(target):
-                raise OutputExistsError(target, "output appeared while writing") from None
-            os.rename(temporary, target)
+            if _exists(target, self._dir_fd):
+                raise OutputExistsError(os.path.join(os.path.dirname(self.target), target),
+                                        "output appeared while writing") from None
+            os.rename(temporary, target, src_dir_fd=self._dir_fd, dst_dir_fd=self._dir_fd)
+            self._forget(temporary)
             return
-        os.unlink(temporary)
+        os.unlink(temporary, dir_fd=self._dir_fd)
+        self._forget(temporary)
+
+    def _forget(self, temporary: str) -> None:
+        """``temporary`` is now a published name: never remove it as a temporary."""
+        self.temporaries = [name for name in self.temporaries if os.path.basename(name) != temporary]
 
     def _stage_small(self, name: str, content: bytes, *, fsync: bool) -> str:
         """Write a small file (manifest, index) fully to a temporary of its
         own (short writes resumed) and sync it; returns the temporary."""
-        temporary, fd = _create_exclusively(name)
+        path = os.path.join(os.path.dirname(self.target), name)
+        temporary, fd = _create_exclusively(path, dir_fd=self._dir_fd)
         self.temporaries.append(temporary)
         try:
             write_fully(fd, content)
@@ -434,11 +850,38 @@ class OutputSet:
         return temporary
 
     def discard(self) -> None:
-        """Close and remove every temporary file; the targets are untouched."""
+        """Close and remove every temporary file, and release the lock; the
+        targets are untouched.  Idempotent; also the end of a publish."""
         self.close_files()
         for temporary in self.temporaries:
-            _unlink_quietly(temporary)
+            _unlink_quietly(temporary, self._dir_fd)
         self.temporaries = []
+        if self._lock is not None:
+            self._lock.release()
+        if self._dir_fd is not None:
+            close_quietly([self._dir_fd])
+            self._dir_fd = None
+
+
+def names_of_output(target: str) -> list[str]:
+    """Every file that the output name ``target`` stands for (the data file,
+    its member index, its manifest and the shards that lists), and every
+    shard of it that a manifest temporary lists (a run's that is writing, or
+    that was killed): what ``merge -d`` leaves out of its inputs."""
+    directory, name = os.path.split(target)
+    manifest = manifest_path(target)
+    names = [target, member_index_path(target), manifest, *read_shard_set(manifest)]
+    pattern = _shard_pattern(target)
+    prefix = f".{os.path.basename(manifest)}{TEMP_MARKER}"
+    try:
+        entries = os.listdir(directory or ".")
+    except OSError:
+        entries = []
+    for entry in entries:
+        if entry.startswith(prefix) and entry.endswith(".tmp"):
+            names.extend(os.path.join(directory, shard) for shard in _read_manifest(os.path.join(directory, entry))
+                         if pattern.match(shard))
+    return list(dict.fromkeys(names))
 
 
 class StreamOutput:
@@ -523,29 +966,28 @@ def _kind_of(mode: int) -> str:
 
 
 def read_shard_set(manifest: str) -> list[str]:
-    """The shard paths a manifest lists, in read order."""
+    """The shard paths a manifest lists, in read order (the names exactly as listed)."""
     directory = os.path.dirname(os.path.abspath(manifest))
     return [os.path.join(directory, name) for name in _read_manifest(manifest)]
 
 
-def _read_manifest(manifest: str) -> Sequence[str]:
+def _read_manifest(manifest: str, dir_fd: int | None = None) -> list[str]:
+    """The names a manifest lists, one a line, exactly (nothing stripped but
+    the newline: a name may begin or end with a space); [] if it cannot be read."""
     try:
-        with open(manifest, encoding="utf-8") as handle:
-            return [line.strip() for line in handle if line.strip()]
+        fd = os.open(_in(dir_fd, manifest), os.O_RDONLY | os.O_CLOEXEC, dir_fd=dir_fd)
     except OSError:
         return []
-
-
-def _fsync_directory(directory: str) -> None:
-    fd = os.open(directory, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
     try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
+        with open(fd, "rb") as handle:
+            content = handle.read()
+    except OSError:
+        return []
+    return [os.fsdecode(line) for line in content.split(b"\n") if line]
 
 
-def _unlink_quietly(path: str) -> None:
+def _unlink_quietly(path: str, dir_fd: int | None = None) -> None:
     try:
-        os.unlink(path)
+        os.unlink(_in(dir_fd, path), dir_fd=dir_fd)
     except OSError:
         pass

@@ -139,6 +139,10 @@ class Settings(BaseModel):
     max_delay: float = Field(
         default=1.0, gt=0, le=3600,
         description="longest time in seconds (trio clock) a written line may wait in a buffer")
+    mpi_timeout: float = Field(
+        default=3600, gt=0,
+        description="MPI: longest time in seconds a rank waits for the others at one step of the merge; "
+                    "past it one of them hangs, and the job is aborted")
 
 
 def describe_settings(settings: Settings | None = None) -> list[tuple[str, str, str]]:

@@ -18,7 +18,19 @@ backend.  There are two ways in, for the two kinds of makers:
 Either way the placement is taken when the chunk is ready, so the chunks of
 one lane are placed in the order their maker made them.  The sink keeps the
 gzip member index (every member's file, offset, length and text) and the
-counts of what it wrote.  A stream output (standard output, a pipe) has no
+counts of what it wrote.
+
+In a padded layout a lane keeps its slot (see :mod:`pwriter.layout`): the
+padding of a slot the lane leaves is written with the lane's next chunk, by
+whoever writes that chunk.  Gzip members there are sized by what they
+compress to, to fill the slot (:class:`~pwriter.compress.SlotMembers`).  A
+maker in a worker thread (a merge reader, one lane each) writes only slots
+it fills; its last, partial slot's worth goes to the sink's pool
+(:class:`SlotPool`), whose full slots are written by whoever fills them and
+whose rest ends the file at close, before the footer, unpadded when it is
+the file's last slot.  So a padded merge costs about what a striped one does.
+
+A stream output (standard output, a pipe) has no
 offsets to write at: every write of a stream, from either way in, passes one
 gate that lets it through once every byte placed before it is written
 (each placed chunk is being written by whoever placed it, so the earliest
@@ -38,13 +50,14 @@ from collections.abc import Iterable, Sequence
 import trio
 
 from .backends import Backend
-from .compress import MemberBuilder, gzip_member
+from .compress import Member, SlotMembers, gzip_member
 from .errors import WriteError
 from .layout import GZIP_MIN_PADDING, Placement, Planner, gzip_padding, gzip_padding_members, plain_padding
 from .output import OutputSet, StreamOutput
-from .traceformat import count_newlines
+from .traceformat import count_newlines, rfind_newline
 
-__all__ = ["ChunkSink", "SinkCounts", "MemberIndex", "StreamGate", "ThreadMembers", "compress_chunk", "DIRECT_ALIGNMENT", "WRITEBACK_MIN"]
+__all__ = ["ChunkSink", "SinkCounts", "MemberIndex", "StreamGate", "ThreadMembers", "SlotPool", "compress_chunk",
+           "DIRECT_ALIGNMENT", "WRITEBACK_MIN", "POOL_LANE"]
 
 DIRECT_ALIGNMENT = 4096
 # With fsync on, every written range of at least this size gets
@@ -53,6 +66,7 @@ DIRECT_ALIGNMENT = 4096
 # overlap.  (Smaller ranges are left to the fsync.)
 WRITEBACK_MIN = 256 << 10
 STREAM_POLL = 0.05  # seconds a stream write waiting for its turn sleeps between checks of cancellation
+POOL_LANE = -1  # the lane of the pool's slots (padded layouts)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -74,12 +88,13 @@ class ChunkSink:
     ``header`` is what the planner's header placement holds (a gzip member
     for compressed output); ``header_text`` its text length, for the member
     index.  ``chunk_capacity`` is the most bytes of lines one chunk holds.
-    ``member_target``: padded gzip members are finished at about that size.
+    ``padded``: the layout keeps slots (its planner has ``full_below`` and
+    ``min_padding``).
     """
 
     def __init__(self, *, planner: Planner, output: OutputSet | StreamOutput, backend: Backend, header: bytes,
-                 header_text: int, compressed: bool, padded_members: bool, level: int, member_target: int,
-                 chunk_capacity: int, writeback: bool, stream_threads: int) -> None:
+                 header_text: int, compressed: bool, padded: bool, level: int, chunk_capacity: int,
+                 writeback: bool, stream_threads: int) -> None:
         self._planner = planner
         self._output = output
         self._backend = backend
@@ -92,7 +107,16 @@ class ChunkSink:
         self._direct_fds = list(output.direct_fds)  # empty unless O_DIRECT
         self._lock = threading.Lock()  # placement and the counts
         self.members = MemberIndex(header_text)
-        self._thread_members = ThreadMembers(self, level=level, padded=padded_members, member_target=member_target)
+        self.padded = padded
+        self.level = level
+        # Padded layouts: the least padding a slot ends with, and the room
+        # under which a slot is full (see pwriter.layout).
+        self.min_padding: int = getattr(planner, "min_padding", 0)
+        self.full_below: int = getattr(planner, "full_below", 0)
+        self._owed: dict[tuple[int, int], list[Placement]] = {}  # (file, offset) of a chunk -> padding it writes first
+        self._held: dict[int, bytes] = {}  # padded plain: a lane's chunk that did not fill its slot (thread makers)
+        self._thread_members = ThreadMembers(self)
+        self.pool = SlotPool(self)
         self._stream = isinstance(output, StreamOutput)
         self._stream_gate = StreamGate()
         # As many threads as stream writes can wait at once: a write holding
@@ -136,14 +160,16 @@ class ChunkSink:
         return footer
 
     def fill_empty_files(self) -> list[Placement]:
-        """After :meth:`close`: a placement of padding alone (one whitespace
-        line, or a gzip member holding one) for every file that got no byte,
-        recorded for the member index.  A shard whose lane had nothing to
+        """After :meth:`close`: placements of padding alone, recorded for
+        the member index: the rest of every slot a lane still kept (padded
+        layouts), and one whitespace line (or a gzip member holding one) for
+        every file that got no byte.  A shard whose lane had nothing to
         write is still a file every reader reads (an empty .gz file is not)."""
         with self._lock:
             sizes = self._planner.file_sizes()
+            placements = self._planner.paddings()
         pad = GZIP_MIN_PADDING if self.compressed else 1
-        placements = [Placement(file, 0, 0, 0, pad) for file, size in enumerate(sizes) if size == 0]
+        placements += [Placement(file, 0, 0, 0, pad) for file, size in enumerate(sizes) if size == 0]
         for placement in placements:
             self.record(placement, text=0, events=0)
         return placements
@@ -176,6 +202,8 @@ class ChunkSink:
                 limiter=self._stream_limiter,
             )
             return
+        for padding in self._take_owed(placement):
+            await self.write_placed(padding, b"")
         fd, parts = self._parts(placement, body, aligned_memory)
         try:
             await self._backend.write(fd, parts, placement.offset)
@@ -232,6 +260,13 @@ class ChunkSink:
         if self.compressed:
             self._thread_members.add(lane, buffer[:filled])
             return
+        if self.padded:
+            self._write_held_in_thread(lane)
+            if self.room(lane) - filled >= self.full_below:
+                # It does not fill its slot: kept back (copied), written
+                # before the lane's next chunk, or pooled at the lane's end.
+                self._held[lane] = bytes(buffer[:filled])
+                return
         placement, body = self.splice(self.place(lane, filled), buffer, filled)
         self.write_placed_in_thread(placement, body, aligned_memory=True)
 
@@ -241,16 +276,40 @@ class ChunkSink:
         if self.compressed:
             self._thread_members.add(lane, memoryview(lines))
             return
+        self._write_held_in_thread(lane)
         self.write_placed_in_thread(self.place(lane, len(lines)), memoryview(lines))
 
     def finish_lane_in_thread(self, lane: int) -> None:
-        """Padded gzip: finish and write this thread's unfinished member (at the end of its run)."""
-        self._thread_members.finish(lane)
+        """The end of a thread maker's lane: padded layouts put what it held
+        back (less than a slot) into the pool.  A lane number is used by one
+        maker only."""
+        if self.compressed:
+            self.pool.add_members(self._thread_members.finish(lane))
+        elif self.padded:
+            self.pool.add_text(self._held.pop(lane, b""))
+
+    def _write_held_in_thread(self, lane: int) -> None:
+        held = self._held.pop(lane, None)
+        if held is not None:
+            self.write_placed_in_thread(self.place(lane, len(held)), held)
+
+    def slot_members(self, lane: int) -> SlotMembers:
+        """The gzip member maker of ``lane`` in a padded layout (see :class:`~pwriter.compress.SlotMembers`)."""
+        return SlotMembers(self.level, room=functools.partial(self.room, lane),
+                           capacity=self._planner.chunk_capacity,
+                           min_padding=self.min_padding, full_below=self.full_below)
+
+    def room(self, lane: int) -> int:
+        """The most bytes ``lane`` can place without starting a new slot (see :meth:`Planner.room`)."""
+        with self._lock:
+            return self._planner.room(lane)
 
     def write_placed_in_thread(self, placement: Placement, body: bytes | memoryview, *,
                          aligned_memory: bool = False) -> None:
         """Write ``placement`` (header, ``body``, padding), blocking, from a worker
         thread trio started; a stream output waits for its turn first."""
+        for padding in self._take_owed(placement):
+            self.write_placed_in_thread(padding, b"")
         fd, parts = self._parts(placement, body, aligned_memory)
         offset = placement.offset
         if self._stream:
@@ -268,17 +327,60 @@ class ChunkSink:
             self._stream_gate.advance(placement.length)
 
     def place(self, lane: int, length: int) -> Placement:
-        """The planner's placement of a chunk (under the lock: worker threads place too)."""
+        """The planner's placement of a chunk (under the lock: worker threads
+        place too).  The padding of a slot the lane left for it is written
+        with the chunk, first (:meth:`write_placed`)."""
         with self._lock:
-            return self._planner.place(lane, length)
+            placement = self._planner.place(lane, length)
+            owed = self._planner.paddings()
+            if owed:
+                self._owed[(placement.file, placement.offset)] = owed
+        for padding in owed:
+            self.record(padding, text=0, events=0)
+        return placement
 
-    def place_member(self, lane: int, finished: tuple[bytes, int, int]) -> tuple[Placement, bytes]:
-        """Place a finished member ``(member, text bytes, events)`` next in
-        ``lane``'s order and record it for the index."""
-        member, text, events = finished
-        placement = self.place(lane, len(member))
-        self.record(placement, text=text, events=events)
-        return placement, member
+    def place_chunk(self, lane: int, chunk: memoryview) -> list[tuple[Placement, memoryview]]:
+        """Place ``chunk`` (whole lines of plain text) next in ``lane``'s
+        order: one placement, or in a padded layout two, when the chunk does
+        not fit what is left of the lane's slot: its first lines fill the
+        slot and the rest starts the lane's next one (so that a deadline
+        flush costs no padding).  Write them with :meth:`write_pieces`."""
+        pieces = []
+        room = self.room(lane) if self.padded else chunk.nbytes
+        if chunk.nbytes > room and room < self._planner.chunk_capacity:  # the lane keeps a slot with some room
+            cut = rfind_newline(chunk, 0, room) + 1
+            if cut:
+                pieces.append((self.place(lane, cut), chunk[:cut]))
+                chunk = chunk[cut:]
+        pieces.append((self.place(lane, chunk.nbytes), chunk))
+        return pieces
+
+    async def write_pieces(self, pieces: list[tuple[Placement, memoryview]], buffer: memoryview | None = None
+                           ) -> None:
+        """Write what :meth:`place_chunk` placed; ``buffer``: the pool
+        buffer the chunk fills from its start (header and padding are then
+        spliced into it, for one write of whole stripes)."""
+        if buffer is not None and len(pieces) == 1:
+            placement, body = self.splice(pieces[0][0], buffer, pieces[0][1].nbytes)
+            await self.write_placed(placement, body, aligned_memory=True)
+            return
+        for placement, body in pieces:
+            await self.write_placed(placement, body)
+
+    def _take_owed(self, placement: Placement) -> list[Placement]:
+        if not self._owed:
+            return []
+        with self._lock:
+            return self._owed.pop((placement.file, placement.offset), [])
+
+    def place_members(self, lane: int, members: Sequence[Member]) -> tuple[Placement, bytes]:
+        """Place gzip ``members`` (``(member, text bytes, events)``) next in
+        ``lane``'s order, as one chunk, and record them for the index."""
+        body = members[0][0] if len(members) == 1 else b"".join(member for member, _, _ in members)
+        placement = self.place(lane, len(body))
+        if self.compressed:
+            self.members.record_members(placement, [(len(member), text, events) for member, text, events in members])
+        return placement, body
 
     async def sync(self) -> None:
         """fsync every file of the output (WriteError naming the file on failure)."""
@@ -291,42 +393,102 @@ class ChunkSink:
 
 class ThreadMembers:
     """Gzip members made in the thread of the maker of their text (the
-    merge's readers): a member per chunk, or, for padded-striped output, one
-    member per stripe slot built from many of that thread's chunks (about
-    ``member_target`` bytes), each written through the sink at once."""
+    merge's readers): a member per chunk, or, in a padded layout, members
+    sized to fill the lane's slots (:meth:`ChunkSink.slot_members`), each
+    slot written by the lane's thread once it is full."""
 
-    def __init__(self, sink: ChunkSink, *, level: int, padded: bool, member_target: int) -> None:
+    def __init__(self, sink: ChunkSink) -> None:
         self._sink = sink
-        self._level = level
-        self._padded = padded
-        self._member_target = member_target
-        self._unfinished = threading.local()  # padded: this thread's member being built
+        self._lanes: dict[int, SlotMembers] = {}  # padded: each lane's members (one thread per lane)
 
     def add(self, lane: int, text: memoryview) -> None:
-        """Compress ``text`` (whole lines of ``lane``) into this thread's members; write what is finished."""
-        if not self._padded:
-            member, events = compress_chunk(text, self._level)
-            self._write(lane, (member, text.nbytes, events))
+        """Compress ``text`` (whole lines of ``lane``) into members; write what is finished."""
+        if not self._sink.padded:
+            member, events = compress_chunk(text, self._sink.level)
+            self._write(lane, [(member, text.nbytes, events)])
             return
-        builder = getattr(self._unfinished, "builder", None)
-        if builder is None:
-            builder = self._unfinished.builder = MemberBuilder(self._level)
-        finished = builder.feed(text, self._member_target)
-        if finished is not None:
-            self._unfinished.builder = None
-            self._write(lane, finished)
+        members = self._lanes.get(lane)
+        if members is None:
+            members = self._lanes[lane] = self._sink.slot_members(lane)
+        members.add(text, functools.partial(self._write, lane))
 
-    def finish(self, lane: int) -> None:
-        """Write this thread's unfinished member, if any (at the end of its run)."""
-        builder = getattr(self._unfinished, "builder", None)
-        self._unfinished.builder = None
-        finished = builder.finish() if builder is not None else None
-        if finished is not None:
-            self._write(lane, finished)
+    def finish(self, lane: int) -> list[Member]:
+        """The members ``lane`` still holds (less than a slot), at the end of its run."""
+        members = self._lanes.pop(lane, None)
+        return members.take() if members is not None else []
 
-    def _write(self, lane: int, finished: tuple[bytes, int, int]) -> None:
-        placement, member = self._sink.place_member(lane, finished)
-        self._sink.write_placed_in_thread(placement, member)
+    def _write(self, lane: int, members: list[Member]) -> None:
+        placement, body = self._sink.place_members(lane, members)
+        self._sink.write_placed_in_thread(placement, body)
+
+
+class SlotPool:
+    """Padded layouts: what the makers in worker threads held back at the
+    end of their lanes (less than a slot each), gathered into slots of the
+    pool's own lane, :data:`POOL_LANE`.  A slot the pool fills is written at
+    once by the thread that filled it; the rest is placed at close
+    (:meth:`place_rest`), the last data of the file.  One lock keeps the
+    pool's slots in order and written by one thread at a time."""
+
+    def __init__(self, sink: ChunkSink) -> None:
+        self._sink = sink
+        self._lock = threading.Lock()
+        self._text = bytearray()  # plain output
+        self._members: SlotMembers | None = None  # gzip output: the members held for the pool's slot
+
+    def add_text(self, text: bytes) -> None:
+        """Whole lines, from a worker thread; writes every slot they fill."""
+        with self._lock:
+            self._text += text
+            while self._text and len(self._text) >= self._sink.room(POOL_LANE):
+                placement, body = self._place_text()
+                self._sink.write_placed_in_thread(placement, body)
+
+    def add_members(self, members: list[Member]) -> None:
+        """Gzip members, from a worker thread; writes every slot they fill."""
+        if not members:
+            return
+        with self._lock:
+            held = self._held_members()
+            for member in members:
+                available = self._sink.room(POOL_LANE) - held.held_bytes
+                if held.held and len(member[0]) != available and len(member[0]) > available - self._sink.min_padding:
+                    self._write_members(held.take())
+                held.held.append(member)
+                held.held_bytes += len(member[0])
+            if self._sink.room(POOL_LANE) - held.held_bytes < self._sink.full_below:
+                self._write_members(held.take())
+
+    def place_rest(self) -> list[tuple[Placement, bytes]]:
+        """At close (every maker is done): place what the pool holds; the caller writes it."""
+        with self._lock:
+            placed = []
+            while self._text:
+                placed.append(self._place_text())
+            if self._members is not None and self._members.held:
+                placed.append(self._sink.place_members(POOL_LANE, self._members.take()))
+            return placed
+
+    def _held_members(self) -> SlotMembers:
+        if self._members is None:
+            self._members = self._sink.slot_members(POOL_LANE)
+        return self._members
+
+    def _write_members(self, members: list[Member]) -> None:
+        placement, body = self._sink.place_members(POOL_LANE, members)
+        self._sink.write_placed_in_thread(placement, body)
+
+    def _place_text(self) -> tuple[Placement, bytes]:
+        """The next piece of the pool's text: what fits the pool's slot (at
+        least one line)."""
+        text = self._text
+        room = self._sink.room(POOL_LANE)
+        cut = len(text) if len(text) <= room else rfind_newline(memoryview(text), 0, room) + 1
+        if cut == 0:
+            cut = text.index(b"\n") + 1
+        body = bytes(text[:cut])
+        del text[:cut]
+        return self._sink.place(POOL_LANE, len(body)), body
 
 
 class MemberIndex:
@@ -342,6 +504,18 @@ class MemberIndex:
         self._header_text = header_text
         self._lock = threading.Lock()
         self._entries: list[tuple[int, int, int, int, int, bool]] = []
+
+    def record_members(self, placement: Placement, members: Sequence[tuple[int, int, int]]) -> None:
+        """Remember the members of ``placement``: its header, the body's
+        ``members`` (length, text length, events) one after the other, and its padding."""
+        file, offset = placement.file, placement.offset + placement.head
+        if placement.head:
+            self.record(Placement(file, placement.offset, placement.head, 0, 0), text=0, events=0)
+        for length, text, events in members:
+            self.record(Placement(file, offset, 0, length, 0), text=text, events=events)
+            offset += length
+        if placement.pad:
+            self.record(Placement(file, offset, 0, 0, placement.pad), text=0, events=0)
 
     def record(self, placement: Placement, *, text: int, events: int) -> None:
         """Remember the members of ``placement``: its header, body and padding."""

@@ -14,12 +14,19 @@ a time: a call while another thread is inside a call of the same handle
 raises :class:`~pwriter.errors.BusyError` and takes nothing (give each
 thread its own handle; passing one from thread to thread is fine).
 
-Ending the ``with`` block normally closes every handle (pushing what it
+Ending the ``with`` block normally first stops the calls: from then on
+every call raises :class:`~pwriter.errors.ClosedError` and takes nothing,
+and a call in progress in another thread ends first (the close takes every
+handle's lock, and keeps it).  Then it closes every handle (pushing what it
 holds), lets the service write the footer, fsync and publish, and joins the
 thread: when ``with`` returns, the output is complete under its name.  An
-exception inside the block cancels the service, which removes its
-temporaries and publishes nothing; the caller's exception propagates
-unchanged.  When the service fails on its own (a full disk), the next call
+exception inside the block (Ctrl-C included) cancels the service, which
+removes its temporaries and publishes nothing; the caller's exception
+propagates unchanged, and calls still waiting in other threads raise
+ClosedError.  Ctrl-C that lands while a call waits for the service leaves
+unknown whether that call took its lines: the writer then publishes nothing
+(if the program goes on, later calls raise ClosedError and the close
+raises).  When the service fails on its own (a full disk), the next call
 from any thread, and the end of the block, raise that error, with the same
 exception type as the trio API.
 """
@@ -35,7 +42,7 @@ from typing import Any
 import trio
 
 from .channels import DEFAULT_BATCH_BYTES, Producer, join_lines, one_line
-from .errors import BusyError, ClosedError, InputError
+from .errors import BusyError, ClosedError, InputError, PwriterError
 from .inputs import path_list
 from .merge import MergeResult, merge
 from .settings import Settings
@@ -59,9 +66,12 @@ class SyncWriter:
         self._writer: Writer | None = None
         self._token: trio.lowlevel.TrioToken | None = None
         self._finish: trio.Event | None = None
+        self._scope: trio.CancelScope | None = None
         self._abort = False
         self._handles: list[SyncProducer] = []
         self._handles_lock = threading.Lock()
+        self._closing = False  # set once: no call starts any more
+        self._interrupted = False  # set once: Ctrl-C landed while a call waited for the service
         self._closed = False
         self._thread = threading.Thread(target=self._run, name="pwriter-sync", daemon=True)
 
@@ -82,14 +92,19 @@ class SyncWriter:
     async def _serve(self) -> None:
         self._token = trio.lowlevel.current_trio_token()
         self._finish = trio.Event()
-        async with open_writer(self._path, **self._options) as writer:
-            self._writer = writer
-            self._ready.set()
-            await self._finish.wait()
-            if self._abort:
-                raise _Aborted
-            for handle in list(self._handles):
-                await handle._async_close()
+        with trio.CancelScope() as self._scope:  # cancelled by Ctrl-C in the caller's close
+            async with open_writer(self._path, **self._options) as writer:
+                self._writer = writer
+                self._ready.set()
+                await self._finish.wait()
+                if self._abort:
+                    raise _Aborted
+                # No call is in progress and none starts any more (_end saw
+                # to it): the handles' queues are the trio thread's now.
+                for handle in self._handles:
+                    await handle._async_close()
+        if self._scope.cancelled_caught:
+            raise _Aborted
 
     def _call(self, function: Any, *args: Any) -> Any:
         """Run ``await function(*args)`` in the service's trio thread; the
@@ -99,19 +114,36 @@ class SyncWriter:
             raise ClosedError("the writer is closed")
         try:
             return trio.from_thread.run(function, *args, trio_token=self._token)
-        except (ValueError, TypeError, BusyError, ClosedError, InputError):
+        except KeyboardInterrupt:
+            # Ctrl-C while this thread waited: the call may still be going on
+            # in the service, so whether it took its lines is unknown.
+            self._interrupted = True  # the writer will publish nothing
+            raise
+        except (ValueError, TypeError, BusyError, InputError):
             raise  # the call's own misuse: the service goes on
-        except BaseException as exc:
-            failure = self._failure()
-            if failure is not None:
-                raise failure from None
-            raise exc
+        except ClosedError as closed:
+            # The service closed the handle or its lane: it is ending.
+            raise self._ended(closed) from None
+        except (trio.RunFinishedError, trio.Cancelled):
+            raise self._ended(ClosedError("the writer closed: nothing was taken")) from None
+        except BaseException:
+            if not self._thread.is_alive() and self._error is not None:
+                raise self._error from None
+            raise
 
-    def _failure(self) -> BaseException | None:
-        """The service's error, once its thread has ended (waited for when it is ending)."""
-        if self._thread.is_alive():
-            self._thread.join(timeout=60)
-        return self._error
+    def _ended(self, closed: ClosedError) -> BaseException:
+        """The service is ending: its error once its thread has ended, else ``closed``."""
+        self._thread.join()
+        return self._error if self._error is not None else closed
+
+    def _refusal(self, call: str) -> ClosedError | None:
+        """The error for ``call`` once the writer closes (or a call was interrupted by Ctrl-C), else None."""
+        if self._closing:
+            return ClosedError(f"{call}: its writer is closing or closed: nothing was taken")
+        if self._interrupted:
+            return ClosedError(f"{call}: a call was interrupted by Ctrl-C, the writer publishes nothing: "
+                               "nothing was taken")
+        return None
 
     # -- the caller's side -------------------------------------------------
 
@@ -123,22 +155,61 @@ class SyncWriter:
             raise self._error
 
     def _end(self, exc: BaseException | None) -> None:
-        """Finish the service: publish (``exc`` None) or abort, and join its thread."""
-        self._abort = exc is not None
+        """Finish the service: publish (``exc`` None) or abort, and join its thread.
+
+        From here on every call raises ClosedError.  To publish, the calls
+        in progress in other threads end first (what they took is written):
+        the close takes every handle's lock, which it keeps; on abort they
+        raise ClosedError.  Ctrl-C while waiting aborts.
+        """
         try:
-            trio.from_thread.run_sync(self._finish_soon, trio_token=self._token)
-        except trio.RunFinishedError:
-            pass
-        self._thread.join()
+            with self._handles_lock:
+                self._closing = True
+                handles = list(self._handles)
+            self._abort = exc is not None or self._interrupted
+            if not self._abort:
+                for handle in handles:
+                    handle._in_use.acquire()
+            self._soon(self._finish_soon)
+            self._thread.join()
+        except KeyboardInterrupt:
+            self._abort = True
+            self._soon(self._cancel_soon)
+            while self._thread.is_alive():  # the cleanup is prompt: let it finish
+                try:
+                    self._thread.join()
+                except KeyboardInterrupt:
+                    pass
+            self._set_closed()
+            raise
+        self._set_closed()
+        if exc is None and self._error is not None:
+            raise self._error
+        if exc is None and self._interrupted:
+            raise PwriterError(f"{self._path}: a call was interrupted (KeyboardInterrupt) while it waited for the "
+                               "writer, so what it took is unknown: nothing was published")
+
+    def _set_closed(self) -> None:
         self._closed = True
         for handle in self._handles:
             handle._closed = True
-        if exc is None and self._error is not None:
-            raise self._error
+
+    def _soon(self, function: Callable[[], None]) -> None:
+        """Run ``function()`` in the trio thread soon (nothing if the service has ended)."""
+        assert self._token is not None
+        try:
+            self._token.run_sync_soon(function)
+        except trio.RunFinishedError:
+            pass
 
     def _finish_soon(self) -> None:
         assert self._finish is not None
         self._finish.set()
+
+    def _cancel_soon(self) -> None:
+        assert self._finish is not None and self._scope is not None
+        self._finish.set()
+        self._scope.cancel()
 
     def producer(self, *, batch_bytes: int = DEFAULT_BATCH_BYTES) -> SyncProducer:
         """A new handle for one thread (close it, or use it as a context manager)."""
@@ -147,8 +218,14 @@ class SyncWriter:
             return self._writer.producer(batch_bytes=batch_bytes)
 
         assert self._writer is not None
+        refusal = self._refusal("producer()")
+        if refusal is not None:
+            raise refusal
         handle = SyncProducer(self, self._call(make), batch_bytes, self._writer.line_check)
         with self._handles_lock:
+            refusal = self._refusal("producer()")
+            if refusal is not None:
+                raise refusal  # (the new handle is the trio writer's to close)
             self._handles.append(handle)
         return handle
 
@@ -162,7 +239,10 @@ class SyncWriter:
             assert self._writer is not None
             return self._writer.statistics()
 
-        return typing.cast(WriterStatistics, self._call(snapshot))
+        try:
+            return typing.cast(WriterStatistics, self._call(snapshot))
+        except ClosedError:  # the service ended meanwhile (its thread has been joined)
+            return self._writer.statistics()
 
     @property
     def outputs(self) -> list[str]:
@@ -174,10 +254,12 @@ class SyncWriter:
 class SyncProducer:
     """A handle through which one thread writes lines; the same promises as
     :class:`~pwriter.channels.Producer` (lines checked and copied at the
-    call, one handle per thread, per-handle order, ``ClosedError`` after
-    close), with blocking calls.  Lines wait in the handle until it holds
-    ``batch_bytes`` (or :meth:`flush`, or :meth:`close`); the writer's
-    ``max_delay`` does not reach lines still in a sync handle."""
+    call, one handle per thread, per-handle order, a call that returned
+    took its lines and one that raised took none, ``ClosedError`` after
+    close and from the moment the writer starts closing), with blocking
+    calls.  Lines wait in the handle until it holds ``batch_bytes`` (or
+    :meth:`flush`, or :meth:`close`); the writer's ``max_delay`` does not
+    reach lines still in a sync handle."""
 
     def __init__(self, writer: SyncWriter, inner: Producer, batch_bytes: int,
                  check: Callable[[bytes], None] | None) -> None:
@@ -191,12 +273,22 @@ class SyncProducer:
         self._closed = False
 
     def _enter(self, call: str) -> None:
+        """A call starts: it holds the handle's lock until it ends (a closing writer waits for that lock)."""
         if not self._in_use.acquire(blocking=False):
+            refusal = self._writer._refusal(f"{call} on a producer handle")  # (the closing writer holds it)
+            if refusal is not None:
+                raise refusal
             raise BusyError(f"{call} on a producer handle that another thread is using (one handle per thread): "
                             "nothing was taken")
+        refusal = self._writer._refusal(f"{call} on a producer handle")
         if self._closed:
+            refusal = ClosedError(f"{call} on a producer handle that is closed: nothing was taken")
+        if refusal is not None:
             self._in_use.release()
-            raise ClosedError(f"{call} on a producer handle that is closed: nothing was taken")
+            raise refusal
+
+    def _leave(self) -> None:
+        self._in_use.release()
 
     def send_line(self, line: bytes) -> None:
         """Queue one line (a newline is added if it has none)."""
@@ -206,7 +298,7 @@ class SyncProducer:
         try:
             self._queue(one_line(line))
         finally:
-            self._in_use.release()
+            self._leave()
 
     def send_lines(self, lines: Iterable[bytes]) -> None:
         """Queue many lines at once; if one is refused, none is taken."""
@@ -216,16 +308,21 @@ class SyncProducer:
             if block:
                 self._queue(block)
         finally:
-            self._in_use.release()
+            self._leave()
 
     def _queue(self, block: bytes) -> None:
-        """Queue checked, newline-terminated lines; flush once a batch is full."""
+        """Queue checked, newline-terminated lines; once a batch is full, send
+        it with them (if that raises, they were not taken and the queue is
+        as it was)."""
         if self._check is not None:
             self._check(block)
-        self._pending.append(block)
-        self._pending_bytes += len(block)
-        if self._pending_bytes >= self._batch_bytes:
-            self._flush()
+        if self._pending_bytes + len(block) < self._batch_bytes:
+            self._pending.append(block)
+            self._pending_bytes += len(block)
+            return
+        self._writer._call(self._inner.send_block, b"".join([*self._pending, block]))
+        self._pending = []
+        self._pending_bytes = 0
 
     def send_block(self, block: bytes) -> None:
         """Send a block of whole lines, after anything queued before it."""
@@ -234,7 +331,7 @@ class SyncProducer:
             self._flush()
             self._writer._call(self._inner.send_block, block)
         finally:
-            self._in_use.release()
+            self._leave()
 
     def flush(self) -> None:
         """Hand the queued lines to the writer now."""
@@ -242,7 +339,7 @@ class SyncProducer:
         try:
             self._flush()
         finally:
-            self._in_use.release()
+            self._leave()
 
     def _flush(self) -> None:
         if not self._pending:
@@ -253,19 +350,25 @@ class SyncProducer:
         self._pending_bytes = 0
 
     def close(self) -> None:
-        """Push what is queued and close the handle; idempotent."""
+        """Push what is queued and close the handle; idempotent.  Once the
+        writer is closing this does nothing: the writer pushes what the
+        handle holds."""
         if self._closed:
             return
-        self._enter("close")
+        try:
+            self._enter("close")
+        except ClosedError:
+            return
         try:
             self._flush()
             self._closed = True
             self._writer._call(self._inner.aclose)
         finally:
-            self._in_use.release()
+            self._leave()
 
     async def _async_close(self) -> None:
-        """At the writer's close, in the trio thread: the handle's last lines go too."""
+        """At the writer's close, in the trio thread (no call is in progress
+        and none starts): the handle's last lines go too."""
         if not self._closed and self._pending:
             block = b"".join(self._pending)
             self._pending = []

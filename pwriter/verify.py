@@ -47,14 +47,15 @@ class VerifyResult:
 
 
 def output_files(output: str) -> list[str]:
-    """The files of an output in read order: the file itself, or the shards
-    its ``.shards`` manifest lists (given directly or beside ``output``)."""
+    """The files of an output in read order: the shards its ``.shards``
+    manifest lists (given directly or beside ``output``: a manifest wins over
+    a file of the output's name, see :mod:`pwriter.output`), or the file itself."""
     if output.endswith(".shards") and os.path.isfile(output):
         return read_shard_set(output)
-    if os.path.isfile(output):
-        return [output]
     if os.path.isfile(manifest_path(output)):
         return read_shard_set(manifest_path(output))
+    if os.path.isfile(output):
+        return [output]
     raise UsageError(f"{output}: no such output (nor a sharded set {manifest_path(output)})")
 
 

@@ -14,8 +14,9 @@ writing are the chunk sink's (:mod:`pwriter.sink`), which makers in worker
 threads call directly; the coalescers' gzip members are the member stage's
 (:mod:`pwriter.members`).
 
-When the body of the ``async with`` ends normally, the writer pushes what
-producers still hold, closes the channels, waits until every coalescer has
+When the body of the ``async with`` ends normally, the writer refuses
+every new call of a producer handle (ClosedError), lets a push already
+waiting finish, pushes what producers still hold, closes the channels, waits until every coalescer has
 flushed and every chunk is placed, places and writes the footer, waits for
 every write, fsyncs (unless disabled; with fsync, the writeback of each large
 written range was already started when it was written), and publishes the
@@ -182,18 +183,16 @@ class Writer:
         self._started = trio.current_time()
         self._finished: float | None = None
         self._closing = False
-        padded_members = compress and sizing.layout == "padded-striped"
-        member_target = int((sizing.stripe_size - len(header)) * 0.9)  # padded gzip members: about 90% of a slot
+        padded = planner.layout == "padded-striped"
         self._sink = ChunkSink(
             planner=planner, output=output, backend=backend, header=header, header_text=header_text,
-            compressed=compress, padded_members=padded_members, level=settings.level,
-            member_target=member_target, chunk_capacity=self.chunk_capacity,
+            compressed=compress, padded=padded, level=settings.level, chunk_capacity=self.chunk_capacity,
             writeback=settings.fsync and settings.early_writeback,
             # every pool buffer, whole chunk and member in flight, the header and the footer
             stream_threads=3 * pool.count + 4,
         )
-        members = MemberStage(nursery=nursery, sink=self._sink, level=settings.level, padded=padded_members,
-                              member_target=member_target, slots=pool.count)
+        members = MemberStage(nursery=nursery, sink=self._sink, level=settings.level, padded=compress and padded,
+                              slots=pool.count)
         self._lanes = WriteLanes(nursery=nursery, sink=self._sink, pool=pool, lanes=sizing.workers,
                                  chunk_capacity=self.chunk_capacity, max_delay=settings.max_delay,
                                  compressed=compress, members=members, footer=footer, footer_text=footer_text)
@@ -361,7 +360,9 @@ async def open_writer(
     TypeError (:func:`~pwriter.settings.settings_from`, the rule of every
     entrance).  ``producers``, a hint for the sizing, is at least 1.  The
     output is refused (:class:`~pwriter.errors.UsageError`) when its
-    directory does not exist, when it exists and ``force`` is false
+    directory does not exist, when another run is writing it (its lock,
+    :class:`~pwriter.output.OutputLock`, names that run's host and pid),
+    when it exists and ``force`` is false
     (:class:`~pwriter.errors.OutputExistsError`), when it is one of
     ``inputs``, and, even with ``force``, when the name is not a regular file
     or a symlink to one (a directory, FIFO, socket, device).  ``header``
@@ -395,8 +396,11 @@ async def open_writer(
     into place and fsyncs the directory: when ``async with`` returns, the
     output is complete under its final name (sharded: the manifest, written
     last, commits the set).  ``Writer.statistics().published`` is then true.
-    A file that ``force`` replaces is kept until the new output is wholly in
-    place, and put back if publishing fails.
+    ``force`` replaces the whole set the name stands for, whatever its
+    layout or compression; what it replaces is kept until the new output is
+    wholly in place, and put back if publishing fails.  A data file whose
+    close reports an error (NFS reports failed writes there) fails the
+    close: nothing is published.
 
     On error or cancellation (of the block or of any task inside it) the
     temporary files are removed, the target is untouched (a file it would

@@ -204,3 +204,48 @@ async def test_large_blocks_are_written_without_a_copy() -> None:
     assert recorder.chunks == [b"{s}\n", half, b"{t}\n"]  # order kept: the small one is flushed first
     assert recorder.oversized == [half]
     assert coalescer.statistics().uncopied_chunks == 1
+
+
+async def test_a_cancelled_send_takes_nothing_whichever_the_method(autojump_clock: trio.testing.MockClock) -> None:
+    """Issue 19, case 5: a cancelled ``send_line``, ``send_lines`` or
+    ``send_block`` takes nothing, as trio's own sends (before, the first two
+    had queued their lines all the same); the handle's queue is as it was
+    before the call, and a cancelled flush keeps what earlier calls queued."""
+    pool, send, recorder, coalescer = make(capacity=4000, channel=1)
+    producer = Producer(send, batch_bytes=20)
+    await producer.send_block(b"{first}\n")  # fills the channel: nobody receives yet
+    await producer.send_line(b"{queued}")  # 9 bytes of 20: stays queued
+    for call in (lambda: producer.send_line(b"{cancelled-line}"),
+                 lambda: producer.send_lines([b"{cancelled}", b"{lines}"]),
+                 lambda: producer.send_block(b"{cancelled-block}\n"), producer.flush):
+        with trio.move_on_after(1) as scope:
+            await call()  # each one must push (a full batch, a block, a flush), and the channel is full
+        assert scope.cancelled_caught
+        assert producer._pending == [b"{queued}\n"] and producer._pending_bytes == 9
+    for call in (lambda: producer.send_line(b"{c}"), lambda: producer.send_lines([b"{c}"]),
+                 lambda: producer.send_lines([]), lambda: producer.send_block(b"{c}\n"),
+                 lambda: producer.send_block(b""), producer.flush):
+        with trio.CancelScope() as scope:
+            scope.cancel()  # cancelled before the call: a checkpoint raises at once, taking nothing
+            await call()
+        assert scope.cancelled_caught
+        assert producer._pending == [b"{queued}\n"]
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(coalescer.run)
+        await producer.aclose()
+    assert b"".join(recorder.chunks) == b"{first}\n{queued}\n"
+
+
+async def test_every_send_is_a_checkpoint() -> None:
+    """Issue 19, case 22: ``send_line`` and ``send_lines`` are checkpoints
+    (a tight loop of them lets other tasks run), whether or not they push."""
+    pool, send, recorder, coalescer = make(capacity=4000)
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(coalescer.run)
+        async with Producer(send, batch_bytes=1 << 20) as producer:
+            for call in (lambda: producer.send_line(b"{a}"), lambda: producer.send_lines([b"{b}", b"{c}"]),
+                         lambda: producer.send_lines([]), lambda: producer.send_block(b"{d}\n"),
+                         lambda: producer.send_block(b""), lambda: producer.flush(), lambda: producer.flush()):
+                with trio.testing.assert_checkpoints():
+                    await call()
+    assert b"".join(recorder.chunks) == b"{a}\n{b}\n{c}\n{d}\n"

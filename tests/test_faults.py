@@ -191,6 +191,101 @@ async def test_input_that_changes_under_the_merge(tmp_path, backend_name: str, c
     assert os.listdir(out) == []
 
 
+def events_text(first: int, count: int, tag: bytes) -> bytes:
+    return b"".join(b'{"id":%d,"name":"%s","pad":"%s"}\n' % (index, tag, b"p" * 60) for index in range(first, count))
+
+
+@pytest.mark.parametrize("salvage", [False, True], ids=["plain", "salvage"])
+@pytest.mark.parametrize("change", ["grows", "rewritten-same-size", "rewritten-shorter", "replaced", "removed"])
+@pytest.mark.parametrize("compressed", [False, True], ids=["pfw", "gz"])
+async def test_input_that_changes_while_it_is_read(tmp_path, backend_name: str, change: str, salvage: bool,
+                                                   compressed: bool, monkeypatch: pytest.MonkeyPatch) -> None:
+    """An input changed after it was opened, while it is read: a rank
+    still appending (its last line half written when the merge opened it),
+    ``cp`` or ``rsync --inplace`` over it (the same size or shorter), a
+    restarted rank's new file renamed over it, or its name removed.  Read
+    as it was when opened, and checked at its end: an error naming it; with
+    --salvage, the lines it had when opened (when they are still whole:
+    grown, replaced or removed) with the change reported, and never a mix
+    of old and new lines."""
+    import pwriter.inputs
+    from pwriter.merge import merge
+    from pwriter.settings import load_settings
+
+    directory = tmp_path / "in"
+    directory.mkdir()
+    other = directory / "other.pfw"
+    other.write_bytes(events_text(0, 500, b"other"))
+    old = events_text(0, 3000, b"old")
+    victim = directory / ("rank.pfw.gz" if compressed else "rank.pfw")
+    half_line = b'{"id":3000,"name":"old","pa' if change == "grows" else b""
+    victim.write_bytes(gzip.compress(old + half_line, 1) if compressed else old + half_line)
+    new = events_text(0, 3000, b"new")  # as long as the old text, line for line
+    out = tmp_path / "out"
+    out.mkdir()
+    real_reader = pwriter.inputs.InputReader
+
+    def reader(path: str, **kwargs: object) -> pwriter.inputs.InputReader:
+        opened = real_reader(path, **kwargs)  # type: ignore[arg-type]
+        if path != str(victim):
+            return opened
+        real_fill = opened.fill
+        calls = []
+
+        def fill(*args: object) -> tuple[int, int, bool]:
+            result = real_fill(*args)  # type: ignore[arg-type]
+            calls.append(1)
+            if len(calls) == 1:  # after the first buffer: change it under the reader
+                change_victim()
+            return result
+
+        opened.fill = fill  # type: ignore[method-assign]
+        return opened
+
+    def change_victim() -> None:
+        if change == "grows":  # the half line is finished, and more follow
+            more = b'd":"x"}\n' + events_text(3001, 3500, b"old")
+            with open(victim, "ab") as handle:
+                handle.write(gzip.compress(more, 1) if compressed else more)
+        elif change.startswith("rewritten"):  # in place, as cp and rsync --inplace write
+            text = new if change == "rewritten-same-size" else new[: len(new) // 2]
+            data = gzip.compress(text, 1) if compressed else text
+            if change == "rewritten-same-size":
+                data = data[: victim.stat().st_size].ljust(victim.stat().st_size, b"\n")
+            with open(victim, "r+b") as handle:
+                handle.write(data)
+                handle.truncate()
+        elif change == "replaced":  # a restarted rank's file, renamed over the old one
+            fresh = directory / "fresh.tmp"
+            fresh.write_bytes(gzip.compress(new, 1) if compressed else new)
+            os.replace(fresh, victim)
+        else:
+            os.unlink(victim)
+
+    monkeypatch.setattr(pwriter.inputs, "InputReader", reader)
+    settings = load_settings(backend=backend_name, stripe_size="64KiB", fsync=False)
+    inputs = [str(other), str(victim)]
+    whole = change in ("grows", "replaced", "removed")
+    if salvage and whole:
+        result = await merge(inputs, str(out / "m.pfw"), settings=settings, salvage=True)
+        kept = read_events(out / "m.pfw")
+        assert collections.Counter(kept) == collections.Counter(old.splitlines() + events_text(0, 500, b"other")
+                                                                .splitlines())
+        ((path, what, dropped),) = result.salvaged
+        assert path == str(victim)
+        assert {"grows": "grew from", "replaced": "replaced", "removed": "removed"}[change] in what
+        assert dropped == (1 if change == "grows" else 0)  # the half line it had when opened
+        return
+    with pytest.raises(DataError) as raised:
+        await merge(inputs, str(out / "m.pfw"), settings=settings, salvage=salvage)
+    message = str(raised.value)
+    assert message.startswith(str(victim)) and "\n" not in message, message
+    assert "changed while it was read" in message, message
+    assert ("--salvage keeps the lines it had when opened" in message) == whole, message
+    assert raised.value.exit_code == 1
+    assert os.listdir(out) == []
+
+
 # -- load ----------------------------------------------------------------------------
 
 
@@ -363,3 +458,44 @@ def test_temporaries_of_dead_processes_are_removed_and_never_read(tmp_path) -> N
     assert not stale.exists() and live.exists() and other_host.exists()
     assert sorted(name for name in os.listdir(inputs) if is_temporary_name(name)) == sorted(
         [live.name, other_host.name])
+
+
+def test_what_a_killed_run_left_of_any_shard_count_or_layout_is_removed(tmp_path) -> None:
+    """Issue 19, case 16: the temporaries of every file of an output's set
+    (shards of any count or generation, the manifest, the member index) that
+    a dead process of this host left are removed by the next merge to that
+    name, whatever its layout; so are the shards a dead run's manifest
+    temporary lists and the current manifest does not.  A trace merely named
+    like a shard is an input like any other, and stays."""
+    inputs = tmp_path / "in"
+    corpus = write_corpus(str(inputs), files=3, events_per_file=40, seed=16)
+    host = os.uname().nodename
+    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True,
+                          text=True).stdout.strip()
+    stale = [inputs / f".{name}.pwriter-{host}-{dead}-0badc0de.tmp"
+             for name in ("merged.shard_0007.pfw", "merged.g3.shard_001.pfw", "merged.pfw.shards",
+                          "merged.pfw.members.json", "merged.pfw")]
+    for path in stale:
+        path.write_bytes(b'{"half":')
+    stale[2].write_bytes(b"merged.g3.shard_000.pfw\nmerged.g3.shard_001.pfw\nrank_0.pfw\n")
+    leftover = inputs / "merged.g3.shard_000.pfw"  # renamed into place by the killed run, named by no manifest
+    leftover.write_bytes(b'[\n{"id":1,"name":"the killed run\'s"}\n')
+    lookalike = inputs / "merged.shard_005.pfw"  # the user's own trace
+    lookalike.write_bytes(b'{"id":2,"name":"mine"}\n')
+    others = [inputs / f".other.pfw.pwriter-{host}-{dead}-0badc0de.tmp",
+              inputs / f".merged.shard_000.pfw.pwriter-{host}-{os.getpid()}-0badc0de.tmp"]  # a live process's
+    for path in others:
+        path.write_bytes(b'{"half":')
+    out = inputs / "merged.pfw"
+    done = run_cli("merge", "-d", str(inputs), "-o", str(out), "--layout", "striped", "--no-fsync")
+    assert done.returncode == 0, done.stderr
+    assert collections.Counter(read_events(out)) == event_counter([*corpus, str(lookalike)])
+    assert sorted(os.listdir(inputs)) == sorted([out.name, lookalike.name, *(os.path.basename(p) for p in corpus),
+                                                 *(path.name for path in others)])
+    # A shard that a dead run's manifest lists, given as an input: it stays, and is read.
+    stale[2].write_bytes(b"merged.g3.shard_000.pfw\n")
+    leftover.write_bytes(b'[\n{"id":1,"name":"the killed run\'s"}\n')
+    done = run_cli("merge", str(leftover), "-o", str(out), "--force", "--no-fsync")
+    assert done.returncode == 0, done.stderr
+    assert leftover.exists() and not stale[2].exists()
+    assert read_events(out) == [b'{"id":1,"name":"the killed run\'s"}']

@@ -48,26 +48,63 @@ def test_striped_tiles_with_header_first_and_footer_last(lengths, header, footer
     assert placements[-1].end == sizes[0] and placements[-1].body == footer
 
 
-@given(chunk_lengths, st.integers(1, 8), st.integers(1, 8), st.sampled_from([1, 22, 23, 25]),
-       st.sampled_from([64, 100, 4096]))
-def test_padded_every_chunk_on_a_stripe_and_never_a_short_pad(lengths, header, footer, min_padding, stripe) -> None:
+def slot_owners(placements: list[tuple[int, Placement]], stripe: int) -> dict[int, set[int]]:
+    """Slot number -> the lanes whose chunks (not padding) were placed in it."""
+    owners: dict[int, set[int]] = {}
+    for lane, placement in placements:
+        if placement.body:
+            for slot in range(placement.offset // stripe, (placement.end - 1) // stripe + 1):
+                owners.setdefault(slot, set()).add(lane)
+    return owners
+
+
+@given(st.lists(st.tuples(st.integers(0, 3), st.integers(1, 5000)), max_size=40), st.integers(1, 8),
+       st.integers(1, 8), st.sampled_from([1, 22, 23, 25]), st.sampled_from([64, 100, 4096]))
+def test_padded_lanes_keep_their_slots_and_never_a_short_pad(chunks, header, footer, min_padding, stripe) -> None:
     planner = PaddedStripedPlanner(header_length=header, stripe_size=stripe, min_padding=min_padding)
-    placements = apply(planner, [(i % 4, n) for i, n in enumerate(lengths)], header, footer)
+    assert planner.open() is None
+    placed: list[tuple[int, Placement]] = []
+    paddings: list[Placement] = []
+    ends: dict[int, int] = {}  # lane -> end of its last chunk
+    for lane, length in chunks:
+        room = planner.room(lane)
+        placement = planner.place(lane, length)
+        left = room - length
+        if lane in ends and (left == 0 or left >= min_padding):
+            assert placement.offset == ends[lane], "a chunk that fits its lane's slot goes right after its last"
+        ends[lane] = placement.end - placement.pad
+        if placement.pad:
+            ends.pop(lane)  # the slot is full: padded with it
+        placed.append((lane, placement))
+        paddings += planner.paddings()
+    closing = planner.close(footer)
+    paddings += planner.paddings()
+    assert planner.paddings() == []  # each handed out once
     sizes = planner.file_sizes()
-    assert_tiles(placements, sizes)
-    chunks, closing = placements[:-1], placements[-1]
-    for placement in chunks:
-        assert placement.offset % stripe == 0
-        assert placement.end % stripe == 0
+    everything = [p for _, p in placed] + paddings + [closing]
+    assert_tiles(everything, sizes)
+    # One writer per slot: no slot holds the chunks of two lanes.
+    assert all(len(lanes) == 1 for lanes in slot_owners(placed, stripe).values())
+    for placement in [p for _, p in placed] + paddings:
         assert placement.pad == 0 or placement.pad >= min_padding
+        if placement.pad:  # padding always ends a slot
+            assert placement.end % stripe == 0
+        # within one slot, or whole slots
+        if placement.offset // stripe != (placement.end - 1) // stripe:
+            assert placement.offset % stripe == 0 and placement.end % stripe == 0
+    for padding in paddings:
+        assert padding.head == padding.body == 0
     # The header starts the file, once; the footer ends it.
-    with_header = [p for p in placements if p.head]
+    with_header = [p for p in everything if p.head]
     assert len(with_header) == 1 and with_header[0].offset == 0
     assert closing.end == sizes[0] and closing.body == footer and closing.pad == 0
-    # A chunk that fits its slot takes exactly one slot.
-    for placement in chunks:
-        if placement.head + placement.body + min_padding <= stripe:
-            assert placement.length == stripe
+    # The cost: every slot but those of lines longer than a slot is shared
+    # only by its lane's chunks; at most one slot per lane is left partly
+    # padded at a time, and the file's last slot is not padded at all.
+    text = header + sum(length for _, length in chunks) + footer
+    if all(length + header + min_padding <= stripe for _, length in chunks):
+        left_slots = sum(1 for p in paddings if p.pad >= planner.full_below)
+        assert sizes[0] <= text + (left_slots + len({lane for lane, _ in chunks})) * stripe
 
 
 def test_padded_oversized_chunk_takes_whole_slots() -> None:
@@ -172,14 +209,19 @@ def test_parts_sharing_a_counter_tile_one_file(chunks, header, layout, min_paddi
                                      min_padding=min_padding, writes_header=rank == 0) for rank in range(4)]
     placements = [opened for part in parts if (opened := part.open()) is not None]
     assert len(placements) == 1 and placements[0].offset == 0 and placements[0].head == header
+    placed = []
     for rank, length in chunks:
-        placements.append(parts[rank].place(0, min(length, parts[rank].chunk_capacity)))
-    placements += [part.close(0) for part in parts]  # the parts place no footer ...
+        placement = parts[rank].place(0, min(length, parts[rank].chunk_capacity))
+        placed.append((rank, placement))
+        placements += [placement, *parts[rank].paddings()]
+    for part in parts:  # the parts place no footer ...
+        placements += [part.close(0), *part.paddings()]
     footer = Placement(0, counter.fetch_add(5), 0, 5, 0)  # ... the last one to finish places it at the end
     placements.append(footer)
     assert_tiles(placements, [footer.end])
     if layout == "padded-striped":
+        assert all(len(ranks) == 1 for ranks in slot_owners(placed, stripe).values())  # one rank per slot
         for placement in placements[:-1]:
-            if placement.length:
-                assert placement.offset % stripe == 0 and placement.end % stripe == 0
-                assert placement.pad == 0 or placement.pad >= min_padding
+            assert placement.pad == 0 or placement.pad >= min_padding
+            if placement.pad:
+                assert placement.end % stripe == 0

@@ -449,6 +449,103 @@ def test_interrupt_exits_130_and_publishes_nothing(tmp_path, backend_name: str, 
     assert os.listdir(out.parent) == []
 
 
+SIGNALS = [("SIGINT", 130, "interrupted"), ("SIGTERM", 143, "terminated")]
+
+
+@pytest.mark.parametrize("feed", ["never-opened", "silent", "trickling"])
+@pytest.mark.parametrize(("signame", "code", "said"), SIGNALS)
+def test_a_signal_ends_a_merge_blocked_on_a_fifo(tmp_path, backend_name: str, feed: str, signame: str, code: int,
+                                                 said: str) -> None:
+    """Ctrl-C or SIGTERM while the reader waits on a FIFO that no writer
+    ever opens, that a writer opened but stays silent, or that trickles a
+    line now and then: the merge ends (130 / 143), and leaves nothing.
+
+    The readers run in worker threads, which a cancellation cannot stop
+    while they are blocked in ``open`` or ``read``: a FIFO is opened and
+    read without blocking, waiting in trio.  (The bound below only says
+    "did not hang": it once ran on for as long as the FIFO stayed quiet.)
+    """
+    import signal
+    import threading
+    import time
+
+    from conftest import BIN
+
+    fifo = tmp_path / "live.pfw"
+    os.mkfifo(fifo)
+    out = tmp_path / "out" / "merged.pfw"
+    out.parent.mkdir()
+    process = subprocess.Popen([os.path.join(BIN, "pwriter"), "merge", str(fifo), "-o", str(out),
+                                "--backend", backend_name],
+                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                               preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
+    stop = threading.Event()
+
+    def write() -> None:  # the writer's side of the FIFO, until the test ends (or the reader goes)
+        with contextlib.suppress(BrokenPipeError), open(fifo, "wb", buffering=0) as pipe:
+            while not stop.is_set():
+                if feed == "trickling":
+                    pipe.write(b'{"id":1,"name":"trickle"}\n')
+                stop.wait(0.05)
+
+    writer = threading.Thread(target=write, daemon=True)
+    try:
+        if feed != "never-opened":
+            writer.start()
+        deadline = time.monotonic() + 30
+        while not os.listdir(out.parent) and time.monotonic() < deadline:
+            time.sleep(0.02)
+        assert os.listdir(out.parent), "the merge never started"
+        time.sleep(0.1)  # (the reader is waiting on the FIFO by now, or soon: either way it must end)
+        process.send_signal(getattr(signal, signame))
+        try:
+            stdout, stderr = process.communicate(timeout=5)
+        except subprocess.TimeoutExpired:
+            raise AssertionError(f"the merge still ran 5 s after {signame}") from None
+    finally:
+        process.kill()
+        process.wait()
+        stop.set()
+        if writer.is_alive():
+            writer.join(5)
+    assert process.returncode == code, stderr
+    assert stderr.strip() == f"pwriter: {said}"
+    assert os.listdir(out.parent) == []
+
+
+def test_sigterm_right_after_the_temporary_is_created_leaves_nothing(tmp_path) -> None:
+    """SIGTERM arriving at the very moment the output's temporary exists
+    (sent by the process to itself from inside the create, so the moment is
+    exact): the receiver was already in place, the merge ends with 143 and
+    the temporary is removed.  (Started with ``start_soon``, the receiver
+    was not yet listening: the default action killed the process, and the
+    temporary stayed.)"""
+    import signal
+    import sys
+
+    good = tmp_path / "a.pfw"
+    good.write_bytes(b'{"id":1}\n' * 100)
+    out = tmp_path / "out" / "merged.pfw"
+    out.parent.mkdir()
+    script = (
+        "import os, signal, sys\n"
+        "import pwriter.output\n"
+        "real = pwriter.output.OutputSet.create\n"
+        "def create(self, *args, **kwargs):\n"
+        "    fds = real(self, *args, **kwargs)\n"
+        "    os.kill(os.getpid(), signal.SIGTERM)\n"
+        "    return fds\n"
+        "pwriter.output.OutputSet.create = create\n"
+        "from pwriter.cli import main\n"
+        "sys.exit(main(sys.argv[1:]))\n"
+    )
+    done = subprocess.run([sys.executable, "-c", script, "merge", str(good), "-o", str(out)], capture_output=True,
+                          text=True, timeout=60)
+    assert done.returncode == 143, (done.returncode, done.stderr)
+    assert done.stderr.strip() == "pwriter: terminated"
+    assert os.listdir(out.parent) == []
+
+
 def test_input_from_a_pipe(tmp_path) -> None:
     fifo = tmp_path / "pipe.pfw"
     os.mkfifo(fifo)
@@ -606,6 +703,74 @@ def test_validate_salvage_with_verify(tmp_path) -> None:
     assert done.returncode == 0, done.stderr
     assert json.loads(done.stdout)["verification"]["input_events"] == len(good)
     assert run_cli("verify", str(out), *paths, "--validate", "--salvage").returncode == 0
+
+
+@pytest.mark.parametrize("salvage", [False, True], ids=["plain", "salvage"])
+@pytest.mark.parametrize("cut", ["inner-brace", "mid-string", "long"])
+@pytest.mark.parametrize("compressed", [False, True], ids=["pfw", "gz"])
+def test_a_cut_last_line_is_refused_or_dropped(tmp_path, backend_name: str, cut: str, compressed: bool,
+                                               salvage: bool) -> None:
+    """A last line without its newline that a crash cut short, even where
+    it ends in an inner ``}`` and so looks like an event: not valid JSON, so
+    refused (exit 1, the file, the byte where the line starts, and
+    ``--salvage`` named), or with --salvage dropped and reported.  Longer
+    than a buffer, it takes another path through the reader: the same."""
+    whole = [b'{"id":%d,"name":"read"}' % index for index in range(2000)]
+    last = {"inner-brace": b'{"id":2,"args":{"a":2}', "mid-string": b'{"id":2,"name":"wri',
+            "long": b'{"id":2,"args":{"blob":"' + b"b" * 200_000 + b'"}'}[cut]
+    text = b"[\n" + b"".join(line + b"\n" for line in whole) + last
+    path = tmp_path / ("cut.pfw.gz" if compressed else "cut.pfw")
+    path.write_bytes(gzip.compress(text, 1) if compressed else text)
+    out = tmp_path / "out" / "m.pfw"
+    out.parent.mkdir()
+    args = ["merge", str(path), "-o", str(out), "--backend", backend_name, "--stripe-size", "64KiB", "--json"]
+    if not salvage:
+        done = run_cli(*args, "--verify")
+        expect_failure(done, 1, str(path), "last line has no newline", "--salvage", f"at byte {len(text) - len(last)}")
+        assert os.listdir(out.parent) == []
+        return
+    done = run_cli(*args, "--salvage")
+    assert done.returncode == 0, done.stderr
+    report = json.loads(done.stdout)
+    assert (report["events"], report["dropped_lines"], report["salvaged_inputs"]) == (2000, 1, [str(path)])
+    (warning,) = done.stderr.strip().splitlines()
+    assert warning == f"pwriter: warning: {path}: salvaged: dropped a cut last line of {len(last)} bytes"
+    assert read_events(out) == whole
+
+
+@pytest.mark.parametrize("salvage", [False, True], ids=["plain", "salvage"])
+def test_a_whole_last_line_without_newline_is_kept(tmp_path, backend_name: str, salvage: bool) -> None:
+    """A last line that is whole JSON but has no newline (older tracers, a
+    ``]`` with none) is an event like the others, with or without --salvage."""
+    path = tmp_path / "whole.pfw"
+    path.write_bytes(b'\xef\xbb\xbf{"id":1}\n{"id":2,"args":{"a":2}}  ')
+    bom_only = tmp_path / "one.pfw.gz"
+    bom_only.write_bytes(gzip.compress(b'\xef\xbb\xbf {"id":3}'))
+    out = tmp_path / "m.pfw"
+    done = run_cli("merge", str(path), str(bom_only), "-o", str(out), "--backend", backend_name,
+                   *(["--salvage"] if salvage else []))
+    assert done.returncode == 0, done.stderr
+    assert sorted(read_events(out)) == [b'{"id":1}', b'{"id":2,"args":{"a":2}}', b'{"id":3}']
+
+
+@pytest.mark.parametrize("where", ["member-start", "mid-member"])
+def test_truncated_gzip_says_where_the_file_ends(tmp_path, backend_name: str, where: str) -> None:
+    """A truncated gzip input is reported at the compressed byte where the
+    file ends and the text read up to there (it once said "at byte 0", or
+    the start of the last 2 MiB read), and the message names --salvage."""
+    text = b"".join(b'{"id":%d,"name":"read","pad":"%s"}\n' % (index, b"%x" % (index * 7919)) for index in range(60000))
+    first = gzip.compress(text[:100_000], 1)
+    rest = gzip.compress(text[100_000:], 1)
+    data = first + rest[:10] if where == "member-start" else first + rest[: len(rest) // 2]
+    path = tmp_path / "cut.pfw.gz"
+    path.write_bytes(data)
+    readable = zlib.decompressobj(wbits=31).decompress(data[len(first) :])
+    out = tmp_path / "out" / "m.pfw"
+    out.parent.mkdir()
+    done = run_cli("merge", str(path), "-o", str(out), "--backend", backend_name)
+    expect_failure(done, 1, str(path), "truncated gzip", f"ends inside a compressed member, at byte {len(data)}",
+                   f"after {100_000 + len(readable)} bytes of text", "--salvage")
+    assert os.listdir(out.parent) == []
 
 
 def invalid_json_inputs(tmp_path) -> tuple[list[str], list[bytes]]:

@@ -18,7 +18,7 @@ import psutil
 import pytest
 
 from pwriter.corpus import write_corpus
-from pwriter.output import is_temporary_name
+from pwriter.output import is_temporary_name, lock_path
 from pwriter.testing import read_events
 
 from conftest import BIN, dftracer_tool, published, run_cli
@@ -151,7 +151,7 @@ class LiveJob:
     feeds: that rank is certainly mid-merge (blocked reading it) while the
     test acts.  Every other input is a copy of the corpus."""
 
-    def __init__(self, corpus: str, tmp_path, ranks: int) -> None:
+    def __init__(self, corpus: str, tmp_path, ranks: int, *args: str, env: dict[str, str] | None = None) -> None:
         inputs = tmp_path / "in"
         shutil.copytree(corpus, inputs)
         self.fifo = inputs / "zz_live.pfw"
@@ -161,8 +161,8 @@ class LiveJob:
         self.out.parent.mkdir()
         self.process = subprocess.Popen(
             [MPIEXEC, "-n", str(ranks), os.path.join(BIN, "pwriter"), "merge", *self.files, str(self.fifo), "-o",
-             str(self.out), "--no-fsync"], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-            start_new_session=True)
+             str(self.out), "--no-fsync", *args], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+            start_new_session=True, env={**os.environ, **(env or {})})
         deadline = time.monotonic() + 60
         self.feed: int | None = None
         while self.feed is None and time.monotonic() < deadline:
@@ -204,7 +204,8 @@ def test_a_rank_killed_mid_merge_ends_the_job_with_no_output(corpus, tmp_path) -
     job.end()
     assert job.process.returncode != 0
     assert not job.out.exists()
-    assert [name for name in os.listdir(job.out.parent) if not is_temporary_name(name)] == []
+    left = [name for name in os.listdir(job.out.parent) if not is_temporary_name(name)]  # (and the killed lock)
+    assert left in ([], [os.path.basename(lock_path(str(job.out)))])
     # What the killed job left is removed by the next merge into the same output.
     done = run_cli("merge", *job.files, "-o", str(job.out), "--no-fsync")
     assert done.returncode == 0, done.stderr
@@ -333,3 +334,84 @@ async def test_merge_over_ranks_refuses_an_unknown_offsets_mode(tmp_path) -> Non
     with pytest.raises(ValueError, match="offsets='fetch': expected 'counter' or 'exscan'"):
         await merge_over_ranks(None, [], None, str(tmp_path / "m.pfw"), offsets="fetch")  # type: ignore[arg-type]
     assert os.listdir(tmp_path) == []
+
+
+def test_sigterm_to_the_launcher_ends_every_rank_and_publishes_nothing(corpus, tmp_path) -> None:
+    """SIGTERM to mpiexec (a batch system ending the job): the launcher
+    passes it on to every rank, which ends as one process does (143), even
+    the rank whose reader waits on a silent FIFO; nothing is published and
+    no rank is left running.  (The bound only says "did not hang": every
+    rank once ran on for as long as the FIFO stayed silent.)"""
+    job = LiveJob(corpus, tmp_path, 2)
+    ranks = [job.rank(0), job.rank(1)]
+    job.process.send_signal(signal.SIGTERM)
+    stderr = job.end(timeout=10)
+    gone, alive = psutil.wait_procs(ranks, timeout=5)
+    assert alive == [], f"ranks still running after SIGTERM: {alive}"
+    assert job.process.returncode == 143, stderr
+    assert stderr == "pwriter: terminated\n"  # (rank 0 says it, once)
+    assert os.listdir(job.out.parent) == []
+
+
+def test_a_rank_that_hangs_ends_the_job_after_the_mpi_timeout(corpus, tmp_path) -> None:
+    """A rank that never finishes its share (here: its FIFO stays silent)
+    would keep the others waiting at the next agreement for ever: past
+    PWRITER_MPI_TIMEOUT a waiting rank says so, removes the temporary and
+    aborts the job; no rank is left running, nothing is published."""
+    job = LiveJob(corpus, tmp_path, 2, env={"PWRITER_MPI_TIMEOUT": "1"})
+    ranks = [job.rank(0), job.rank(1)]
+    stderr = job.end(timeout=30)
+    gone, alive = psutil.wait_procs(ranks, timeout=5)
+    assert alive == [], f"ranks still running: {alive}"
+    assert job.process.returncode != 0
+    errors = [line for line in stderr.splitlines() if line.startswith("pwriter: error: ")]
+    assert errors, stderr
+    assert "rank 0 waited 1 s for the other ranks" in errors[0] and "PWRITER_MPI_TIMEOUT" in errors[0], stderr
+    assert os.listdir(job.out.parent) == []
+
+
+def test_an_output_directory_renamed_mid_merge_gets_the_whole_set(corpus, tmp_path) -> None:
+    """Issue 19, case 16: the output directory is renamed while the ranks
+    merge into it (sharded: each rank has created its shards there): the set
+    is published whole in the directory under its new name, and no
+    temporary or lock is left anywhere."""
+    job = LiveJob(corpus, tmp_path, 2, "--layout", "sharded", "--workers", "2")
+    moved = tmp_path / "moved"
+    os.rename(job.out.parent, moved)
+    job.close_feed()
+    stderr = job.end()
+    assert job.process.returncode == 0, stderr
+    manifest = moved / "merged.pfw.shards"
+    shards = (moved / "merged.pfw.shards").read_text().split()
+    assert sorted(os.listdir(moved)) == sorted([manifest.name, *shards])
+    expected = sorted(read_events(path) for path in job.files)
+    assert sorted(read_events(manifest)) == sorted([event for events in expected for event in events]
+                                                   + [b'{"id":1,"name":"live"}'] * 100)
+
+
+def test_a_write_error_reported_at_close_fails_the_job(corpus, tmp_path) -> None:
+    """Issue 19, case 12: a rank whose shard's close reports EIO (as NFS
+    does for a write that failed after it returned), with fsync off: exit 1
+    naming the file and the rank, nothing published, nothing left."""
+    out = tmp_path / "out" / "merged.pfw"
+    out.parent.mkdir()
+    script = ("import errno, os, sys\nimport pwriter.output\n"
+              "class FailingClose:\n"
+              "    def __getattr__(self, name):\n"
+              "        return self.close if name == 'close' else getattr(os, name)\n"
+              "    def close(self, fd):\n"
+              "        path = os.readlink(f'/proc/self/fd/{fd}')\n"
+              "        os.close(fd)\n"
+              "        if '.merged.shard_001.pfw.pwriter-' in path:\n"
+              "            raise OSError(errno.EIO, 'Input/output error')\n"
+              "pwriter.output.os = FailingClose()\n"
+              "from pwriter.cli import main\nsys.exit(main(sys.argv[1:]))\n")
+    process = subprocess.Popen([MPIEXEC, "-n", "2", os.path.join(BIN, "python"), "-c", script, "merge", "-d", corpus,
+                                "-o", str(out), "--no-fsync", "--layout", "sharded", "--workers", "2"],
+                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True)
+    stdout, stderr = process.communicate(timeout=JOB_TIMEOUT)
+    assert process.returncode == 1, stderr
+    (line,) = stderr.strip().splitlines()
+    assert line.startswith(f"pwriter: error: {out.parent / 'merged.shard_001.pfw'}: closing the file failed")
+    assert "Input/output error" in line and "(on rank 0)" in line
+    assert os.listdir(out.parent) == []

@@ -6,9 +6,13 @@ from __future__ import annotations
 import contextlib
 import errno
 import gzip
+import json
 import os
 import pathlib
+import re
 import subprocess
+import sys
+import time
 from collections.abc import AsyncIterator
 from typing import Any
 
@@ -17,11 +21,13 @@ import pytest
 import pwriter.output
 import pwriter.writer
 from pwriter.errors import OutputExistsError, UsageError, WriteError
-from pwriter.merge import merge
-from pwriter.output import is_temporary_name, read_shard_set
+from pwriter.merge import collect_inputs, merge
+from pwriter.output import is_temporary_name, lock_path, names_of_output, read_shard_set
+from pwriter.settings import load_settings
 from pwriter.testing import FaultBackend, event_counter, read_events, write_corpus
+from pwriter.verify import verify
 
-from conftest import BIN, expect_failure, published, run_cli
+from conftest import BIN, dftracer_tool, expect_failure, published, run_cli
 
 LAYOUTS = ["striped", "padded-striped", "sharded"]
 
@@ -171,10 +177,10 @@ async def test_failed_index_publish_puts_the_old_output_back(tmp_path, settings_
     inode = os.stat(target).st_ino
     real_replace = os.replace
 
-    def replace(source: str, destination: str) -> None:
+    def replace(source: str, destination: str, **dir_fds: Any) -> None:
         if destination.endswith(".members.json"):
             raise OSError(errno.ENOSPC, "No space left on device", destination)
-        real_replace(source, destination)
+        real_replace(source, destination, **dir_fds)
 
     monkeypatch.setattr(pwriter.output.os, "replace", replace)
     with pytest.raises(WriteError, match="No space left on device"):
@@ -281,3 +287,427 @@ def test_verify_with_standard_output_is_refused(tmp_path) -> None:
     done = subprocess.run([os.path.join(BIN, "pwriter"), "merge", *inputs, "-o", "-", "--verify"],
                           capture_output=True, text=True, timeout=60)
     expect_failure(done, 2, "--verify")
+
+
+# -- issue 19: nothing lost at the edges ---------------------------------------------
+
+class Crash(BaseException):
+    """Stands for SIGKILL: nothing of pwriter's handles it."""
+
+
+def dead_pid() -> int:
+    """The pid of a process that has ended."""
+    return int(subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True,
+                              text=True, check=True).stdout)
+
+
+class CrashingOs:
+    """``os`` as pwriter.output sees it: the ``at``-th call that changes a
+    name (link, rename, replace, unlink) raises :class:`Crash` instead; and
+    ``getpid`` is ``pid`` (that of a process that has ended, so that what the
+    "killed" run leaves, its lock and temporaries, is a dead process's)."""
+
+    CHANGES = ("link", "rename", "replace", "unlink")
+
+    def __init__(self, at: int | None, pid: int) -> None:
+        self.at = at
+        self.count = 0
+        self.pid = pid
+
+    def __getattr__(self, name: str) -> Any:
+        if name == "getpid":
+            return lambda: self.pid
+        real = getattr(os, name)
+        if name not in self.CHANGES:
+            return real
+
+        def counted(*args: Any, **kwargs: Any) -> Any:
+            self.count += 1
+            if self.count == self.at:
+                raise Crash(f"killed before {name}{args}")
+            return real(*args, **kwargs)
+
+        return counted
+
+
+def crash_publishing(monkeypatch: pytest.MonkeyPatch, at: int | None, pid: int) -> CrashingOs:
+    """From now on pwriter.output, as process ``pid``, dies at its ``at``-th
+    name change: a dead process's cleanup does not run (its descriptors
+    still close)."""
+    crashing = CrashingOs(at, pid)
+    monkeypatch.setattr(pwriter.output, "os", crashing)
+    real_discard = pwriter.output.OutputSet.discard
+
+    def discard(self: pwriter.output.OutputSet) -> None:
+        if at is not None and crashing.count >= at:
+            self.close_files()
+            if getattr(self, "_dir_fd", None) is not None:
+                os.close(self._dir_fd)
+                self._dir_fd = None
+            return
+        real_discard(self)
+
+    monkeypatch.setattr(pwriter.output.OutputSet, "discard", discard)
+    return crashing
+
+
+def reader_view(target: str) -> tuple[list[str], dict[str, Any] | None]:
+    """What a reader sees under ``target``: the files of the set (a manifest
+    wins over a data file of the same name) and the member index, if any."""
+    manifest = target + ".shards"
+    files = read_shard_set(manifest) if os.path.exists(manifest) else [target] if os.path.exists(target) else []
+    index_path = target + ".members.json"
+    index = json.loads(pathlib.Path(index_path).read_text()) if os.path.exists(index_path) else None
+    return files, index
+
+
+def check_index_describes(files: list[str], index: dict[str, Any]) -> None:
+    """Every member the index lists is where it says, with the text and events it says."""
+    assert index["files"] == [os.path.basename(name) for name in files]
+    contents = [pathlib.Path(name).read_bytes() for name in files]
+    for member in index["members"]:
+        data = contents[member["file"]][member["offset"] : member["offset"] + member["length"]]
+        text = gzip.decompress(data)
+        assert len(text) == member["text_length"]
+        assert len([line for line in text.split(b"\n") if line.startswith(b"{")]) == member["events"]
+
+
+@pytest.mark.parametrize("old_layout,new_layout", [("sharded", "sharded"), ("striped", "sharded"),
+                                                   ("sharded", "striped"), ("striped", "striped")])
+async def test_a_kill_at_any_step_of_publishing_leaves_one_whole_set(tmp_path, monkeypatch: pytest.MonkeyPatch,
+                                                                       old_layout: str, new_layout: str) -> None:
+    """Issue 19, cases 10, 11 and 16: a --force merge into the directory it
+    reads (gzip, so with a member index) killed before each name change of
+    its publish in turn.  A reader then sees the old set or the new one,
+    whole, with a member index that describes it or none; the next
+    `merge -d DIR --force` reads exactly the inputs (never a leftover shard,
+    so never "the output is the input"), and leaves exactly its own set."""
+    directory = tmp_path / "in"
+    inputs = write_corpus(str(directory), files=3, events_per_file=200, seed=19)
+    old_inputs = write_corpus(str(tmp_path / "old"), files=2, events_per_file=60, seed=20)
+    target = str(directory / "m.pfw.gz")
+    new_events, old_events = event_counter(inputs), event_counter(old_inputs)
+    old_settings = load_settings(backend="threads", fsync=False, layout=old_layout, workers=3, stripe_size="64KiB")
+    settings = load_settings(backend="threads", fsync=False, layout=new_layout, workers=2, stripe_size="64KiB")
+
+    def collect() -> list[str]:
+        return collect_inputs([], [str(directory)], exclude=names_of_output(target))
+
+    await merge(old_inputs, target, settings=old_settings)
+    old_state = snapshot(str(directory))
+    gone = dead_pid()
+    counting = crash_publishing(monkeypatch, None, gone)
+    await merge(collect(), target, settings=settings, force=True)
+    monkeypatch.undo()
+    changes = counting.count
+    assert changes >= 4
+    print(f"{old_layout} -> {new_layout}: {changes} name changes")
+
+    for at in range(1, changes + 1):
+        for name in os.listdir(directory):
+            os.unlink(directory / name)
+        for name, content in old_state.items():
+            (directory / name).write_bytes(content)
+        crash_publishing(monkeypatch, at, gone)
+        with pytest.raises(BaseException) as raised:
+            await merge(collect(), target, settings=settings, force=True)
+        monkeypatch.undo()
+        assert raised.group_contains(Crash) if isinstance(raised.value, BaseExceptionGroup) else (
+            isinstance(raised.value, Crash)), raised.value
+        files, index = reader_view(target)
+        seen = event_counter(files)
+        assert seen in (old_events, new_events), f"killed at name change {at} of {changes}"
+        if index is not None:
+            check_index_describes(files, index)
+
+        assert sorted(collect()) == sorted(inputs), f"killed at name change {at} of {changes}"
+        await merge(collect(), target, settings=settings, force=True)
+        files, index = reader_view(target)
+        assert event_counter(files) == new_events
+        assert index is not None
+        check_index_describes(files, index)
+        published_names = {os.path.basename(name) for name in files} | {"m.pfw.gz.members.json"}
+        if new_layout == "sharded":
+            published_names.add("m.pfw.gz.shards")
+        assert set(os.listdir(directory)) == published_names | {os.path.basename(name) for name in inputs}, (
+            f"killed at name change {at} of {changes}")
+
+
+class HeldMerge:
+    """A `pwriter merge` whose last input is a FIFO that the test feeds: until
+    the test closes it, the merge is certainly running, past its output's lock."""
+
+    def __init__(self, tmp_path: pathlib.Path, inputs: list[str], out: str, *args: str) -> None:
+        self.fifo = tmp_path / "live.pfw"
+        os.mkfifo(self.fifo)
+        self.process = subprocess.Popen([os.path.join(BIN, "pwriter"), "merge", *inputs, str(self.fifo), "-o", out,
+                                         *args], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        self.feed: int | None = None
+        for _ in range(6000):  # ENXIO until the merge opens the FIFO to read it
+            try:
+                self.feed = os.open(self.fifo, os.O_WRONLY | os.O_NONBLOCK)
+                break
+            except OSError:
+                if self.process.poll() is not None:
+                    break
+                time.sleep(0.01)
+        if self.feed is None:
+            self.process.kill()
+            raise AssertionError(f"the merge never read the FIFO: {self.process.communicate()}")
+        self.lines = [b'{"id":%d,"name":"live"}' % n for n in range(50)]
+        os.write(self.feed, b"".join(line + b"\n" for line in self.lines))
+
+    def finish(self) -> subprocess.CompletedProcess[str]:
+        assert self.feed is not None
+        os.close(self.feed)
+        stdout, stderr = self.process.communicate(timeout=120)
+        return subprocess.CompletedProcess(self.process.args, self.process.returncode, stdout, stderr)
+
+
+@pytest.mark.parametrize("layout", ["sharded", "striped"])
+def test_a_second_run_onto_an_output_being_written_is_refused(tmp_path, layout: str) -> None:
+    """Issue 19, case 6: while one `--force` merge writes an output (held
+    mid-merge here), a second onto the same name exits 2 naming the first's
+    host and pid, and writes nothing; the first publishes exactly its lines."""
+    first = write_corpus(str(tmp_path / "a"), files=3, events_per_file=300, seed=61)
+    second = write_corpus(str(tmp_path / "b"), files=3, events_per_file=300, seed=62)
+    (tmp_path / "out").mkdir()
+    out = str(tmp_path / "out" / "m.pfw.gz")
+    args = ["--force", "--layout", layout, "--workers", "2", "--no-fsync"]
+    held = HeldMerge(tmp_path, first, out, *args)
+    try:
+        done = run_cli("merge", *second, "-o", out, *args)
+        held_lock = pathlib.Path(lock_path(out)).read_text() if os.path.exists(lock_path(out)) else None
+    finally:
+        finished = held.finish()
+    expect_failure(done, 2, out, "another pwriter is writing this output",
+                   f"host {os.uname().nodename}, pid {held.process.pid}")
+    assert held_lock == f"{os.uname().nodename} {held.process.pid}\n"
+    assert finished.returncode == 0, finished.stderr
+    expected = event_counter(first)
+    expected.update(held.lines)
+    files, index = reader_view(out)
+    assert event_counter(files) == expected
+    assert index is not None
+    check_index_describes(files, index)
+    names = {os.path.basename(name) for name in files} | {"m.pfw.gz.members.json"}
+    assert set(os.listdir(tmp_path / "out")) == names | ({"m.pfw.gz.shards"} if layout == "sharded" else set())
+
+
+def test_two_force_merges_at_once_publish_one_whole_set(tmp_path) -> None:
+    """Issue 19, case 6: two `--force` merges started at once onto one
+    sharded gzip output: each publishes (one after the other) or is refused
+    with exit 2 naming the other's host and pid; the set left is exactly one
+    run's lines, with its own member index."""
+    runs = [write_corpus(str(tmp_path / name), files=4, events_per_file=1500, seed=seed)
+            for name, seed in (("a", 63), ("b", 64))]
+    (tmp_path / "out").mkdir()
+    out = str(tmp_path / "out" / "m.pfw.gz")
+    args = ["-o", out, "--force", "--layout", "sharded", "--workers", "2", "--no-fsync"]
+    processes = [subprocess.Popen([os.path.join(BIN, "pwriter"), "merge", *inputs, *args], stdout=subprocess.PIPE,
+                                  stderr=subprocess.PIPE, text=True) for inputs in runs]
+    results = [process.communicate(timeout=120) for process in processes]
+    codes = [process.returncode for process in processes]
+    assert 0 in codes and set(codes) <= {0, 2}, results
+    for process, (_, stderr), other in zip(processes, results, reversed(processes)):
+        if process.returncode == 2:
+            assert f"another pwriter is writing this output (host {os.uname().nodename}, pid {other.pid})" in stderr
+    files, index = reader_view(out)
+    assert event_counter(files) in [event_counter(inputs) for inputs in runs]
+    assert index is not None
+    check_index_describes(files, index)
+    assert set(os.listdir(tmp_path / "out")) == {os.path.basename(name) for name in files} | {
+        "m.pfw.gz.members.json", "m.pfw.gz.shards"}
+
+
+async def test_a_stale_lock_is_taken_over_and_a_live_or_remote_one_refused(tmp_path) -> None:
+    """Issue 19, case 6: the lock of a process of this host that is gone is
+    taken over; a live process's, or another host's (which cannot be
+    checked), is refused (exit 2) naming its host and pid, and kept."""
+    inputs = write_corpus(str(tmp_path / "in"), files=2, events_per_file=50, seed=65)
+    out = str(tmp_path / "m.pfw")
+    settings = load_settings(backend="threads", fsync=False)
+    lock = pathlib.Path(lock_path(out))
+    host = os.uname().nodename
+    lock.write_text(f"{host} {dead_pid()}\n")
+    await merge(inputs, out, settings=settings)
+    assert not lock.exists() and event_counter([out]) == event_counter(inputs)
+    for holder, hint in ((f"{host} {os.getpid()}", ""), (f"{host}x 12345", "remove the lock")):
+        lock.write_text(holder + "\n")
+        with pytest.raises(UsageError) as raised:
+            await merge(inputs[:1], out, settings=settings, force=True)
+        name, pid = holder.split()
+        assert raised.value.exit_code == 2
+        assert f"another pwriter is writing this output (host {name}, pid {pid})" in str(raised.value)
+        assert hint in str(raised.value)
+        assert lock.read_text() == holder + "\n"
+    assert event_counter([out]) == event_counter(inputs)
+
+
+async def test_manifest_names_are_read_exactly(tmp_path) -> None:
+    """Issue 19, case 7: `--force` into ' out.pfw' (a leading space) replaces
+    its own shards, never those of `out.pfw` beside it."""
+    inputs = write_corpus(str(tmp_path / "in"), files=3, events_per_file=100, seed=7)
+    others = write_corpus(str(tmp_path / "other"), files=2, events_per_file=80, seed=8)
+    settings = load_settings(backend="threads", fsync=False, layout="sharded", workers=2)
+    (tmp_path / "out").mkdir()
+    out, spaced = str(tmp_path / "out" / "out.pfw"), str(tmp_path / "out" / " out.pfw")
+    await merge(others, out, settings=settings)
+    other_files = snapshot(str(tmp_path / "out"))
+    await merge(inputs[:1], spaced, settings=settings)
+    await merge(inputs, spaced, settings=settings, force=True)
+    assert os.path.basename(read_shard_set(spaced + ".shards")[0]) in (" out.shard_000.pfw", " out.g1.shard_000.pfw")
+    assert event_counter([spaced + ".shards"]) == event_counter(inputs)
+    assert {name: content for name, content in snapshot(str(tmp_path / "out")).items()
+            if name in other_files} == other_files
+    assert event_counter([out + ".shards"]) == event_counter(others)
+    newline = str(tmp_path / "out" / "two\nlines.pfw")
+    with pytest.raises(UsageError, match="cannot hold a newline"):  # (its manifest could not list its shards)
+        await merge(inputs, newline, settings=settings)
+    assert not [name for name in os.listdir(tmp_path / "out") if "\n" in name]
+    await merge(inputs, newline, settings=load_settings(backend="threads", fsync=False, layout="striped"))
+    assert event_counter([newline]) == event_counter(inputs)
+
+
+def event_count_of_directory(directory: str) -> int:
+    done = subprocess.run([dftracer_tool("dftracer_event_count"), "-d", directory, "--log-level", "off"],
+                          capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr
+    return int(done.stdout.split()[-1])
+
+
+async def test_force_replaces_the_whole_set_whatever_its_layout(tmp_path) -> None:
+    """Issue 19, case 11: `--force` with another layout under the same name
+    leaves only the new set: striped over sharded (no old manifest or shards:
+    `dftracer_event_count -d` counts the new set alone), sharded over striped
+    (no old data file: verify passes), plain over gzip (no old member index:
+    `pwriter info` describes none)."""
+    inputs = write_corpus(str(tmp_path / "in"), files=3, events_per_file=200, seed=11)
+    old = write_corpus(str(tmp_path / "old"), files=2, events_per_file=90, seed=12)
+
+    def settings(layout: str = "striped", **more: Any) -> Any:
+        return load_settings(backend="threads", fsync=False, workers=2, layout=layout, **more)
+
+    counts = {}  # what the field's tool counts in a directory of one gzip merge of each corpus
+    for name, corpus in (("new", inputs), ("old", old)):
+        (tmp_path / f"ref_{name}").mkdir()
+        await merge(corpus, str(tmp_path / f"ref_{name}" / "ref.pfw.gz"), settings=settings())
+        counts[name] = event_count_of_directory(str(tmp_path / f"ref_{name}"))
+    out_dir = tmp_path / "out"
+    out_dir.mkdir()
+    out = str(out_dir / "m.pfw.gz")
+    await merge(old, out, settings=settings("sharded"))
+    await merge(inputs, out, settings=settings("striped"), force=True)
+    assert sorted(os.listdir(out_dir)) == ["m.pfw.gz", "m.pfw.gz.members.json"]
+    assert event_count_of_directory(str(out_dir)) == counts["new"]
+
+    await merge(old, out, settings=settings("sharded"), force=True)
+    assert "m.pfw.gz" not in os.listdir(out_dir)
+    assert verify(out, old).match
+    assert event_count_of_directory(str(out_dir)) == counts["old"]
+
+    plain = str(out_dir / "p.pfw")
+    await merge(old, plain, settings=settings(compress=True))
+    assert os.path.exists(plain + ".members.json")
+    await merge(inputs, plain, settings=settings(), force=True)
+    assert not os.path.exists(plain + ".members.json")
+    info = run_cli("info", plain)
+    assert info.returncode == 0 and "gzip members:" not in info.stdout, info.stdout
+    assert event_counter([plain]) == event_counter(inputs)
+
+
+class FailingCloseOs:
+    """``os`` as pwriter.output sees it: closing a data file's descriptor
+    (a temporary of the output or of a shard) closes it, then reports EIO,
+    as NFS reports a write that failed after ``write`` returned."""
+
+    def __init__(self, stem: str) -> None:
+        self._data = re.compile(re.escape(f".{stem}") + r"(\.g[0-9]+)?(\.shard_[0-9]+)?\.pfw(\.gz)?\.pwriter-(?!lock)")
+        self.failed: list[str] = []
+
+    def __getattr__(self, name: str) -> Any:
+        return self._close if name == "close" else getattr(os, name)
+
+    def _close(self, fd: int) -> None:
+        try:
+            path = os.readlink(f"/proc/self/fd/{fd}")
+        except OSError:
+            path = ""
+        os.close(fd)
+        if self._data.match(os.path.basename(path)):
+            self.failed.append(path)
+            raise OSError(errno.EIO, "Input/output error")
+
+
+@pytest.mark.parametrize("layout", ["striped", "sharded"])
+async def test_a_write_error_reported_at_close_fails_the_merge(tmp_path, settings_for, layout: str,
+                                                                monkeypatch: pytest.MonkeyPatch) -> None:
+    """Issue 19, case 12: with fsync off, a write error that the filesystem
+    reports only when the file is closed (NFS does) is a WriteError naming
+    the file (exit 1), and nothing is published: the previous output stays."""
+    inputs = write_corpus(str(tmp_path / "in"), files=3, events_per_file=200, seed=12)
+    (tmp_path / "out").mkdir()
+    target = str(tmp_path / "out" / "m.pfw")
+    settings = settings_for(layout=layout, workers=2, stripe_size="64KiB", fsync=False)
+    await merge(inputs[:1], target, settings=settings)
+    before = snapshot(str(tmp_path / "out"))
+    failing = FailingCloseOs("m")
+    monkeypatch.setattr(pwriter.output, "os", failing)
+    with pytest.raises(WriteError) as raised:
+        await merge(inputs, target, settings=settings, force=True)
+    monkeypatch.undo()
+    assert failing.failed
+    message = str(raised.value)
+    assert "Input/output error" in message and "closing the file failed" in message
+    assert message.startswith(target if layout == "striped" else str(tmp_path / "out" / "m."))
+    assert raised.value.exit_code == 1
+    assert snapshot(str(tmp_path / "out")) == before
+
+
+class NoLinksOs(SweepOs):
+    """:class:`SweepOs` on a filesystem that refuses hard links (vfat, CIFS): ``link`` is EPERM."""
+
+    def __getattr__(self, name: str) -> Any:
+        if name == "link":
+            def link(*args: Any, **kwargs: Any) -> None:
+                raise OSError(errno.EPERM, "Operation not permitted", args[-1])
+
+            return link
+        return super().__getattr__(name)
+
+
+@pytest.mark.parametrize("layout", ["striped", "sharded"])
+async def test_force_where_hard_links_are_refused(tmp_path, monkeypatch: pytest.MonkeyPatch, layout: str) -> None:
+    """Issue 19, case 17: where link() is refused, --force keeps the old
+    output by renaming it away: the merge publishes; and a failure at any
+    later operation puts the old output back byte for byte."""
+    inputs = write_corpus(str(tmp_path / "in"), files=3, events_per_file=150, seed=17)
+    old_inputs = write_corpus(str(tmp_path / "old"), files=2, events_per_file=50, seed=18)
+    out_dir = tmp_path / "out"
+    out_dir.mkdir()
+    target = str(out_dir / "m.pfw.gz")
+    settings = load_settings(backend="threads", fsync=True, layout=layout, workers=2, stripe_size="64KiB")
+    await merge(old_inputs, target, settings=load_settings(backend="threads", fsync=False, layout=layout,
+                                                            workers=3, stripe_size="64KiB"))
+    before = snapshot(str(out_dir))
+    counting = Sweep(None)
+    monkeypatch.setattr(pwriter.output, "os", NoLinksOs(counting))
+    await merge(inputs, target, settings=settings, force=True)
+    monkeypatch.undo()
+    files, index = reader_view(target)
+    assert event_counter(files) == event_counter(inputs)
+    assert index is not None
+    check_index_describes(files, index)
+    assert not [name for name in os.listdir(out_dir) if name.startswith(".")]
+
+    for fail_at in range(1, counting.count + 1):
+        for name in os.listdir(out_dir):
+            os.unlink(out_dir / name)
+        for name, content in before.items():
+            (out_dir / name).write_bytes(content)
+        sweep = Sweep(fail_at)
+        monkeypatch.setattr(pwriter.output, "os", NoLinksOs(sweep))
+        with pytest.raises((WriteError, OSError)):
+            await merge(inputs, target, settings=settings, force=True)
+        monkeypatch.undo()
+        assert snapshot(str(out_dir)) == before, f"operation {fail_at} ({sweep.failed_at}) of {counting.count}"

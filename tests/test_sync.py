@@ -8,6 +8,7 @@ import collections
 import errno
 import os
 import threading
+import time
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 
@@ -166,3 +167,177 @@ def test_merge_sync(tmp_path, settings_for) -> None:
     with pytest.raises(InputError, match="bad.pfw"):
         merge_sync([*inputs, str(tmp_path / "bad.pfw")], str(tmp_path / "m2.pfw"), settings=settings_for())
     assert not os.path.exists(tmp_path / "m2.pfw")
+
+
+class Ledger:
+    """What the producers' calls did, kept from several threads: the lines of
+    every call that returned, and the kinds of error the others raised."""
+
+    def __init__(self) -> None:
+        self.lock = threading.Lock()
+        self.accepted: collections.Counter[bytes] = collections.Counter()
+        self.errors: collections.Counter[str] = collections.Counter()
+
+    def returned(self, lines: list[bytes]) -> None:
+        with self.lock:
+            self.accepted.update(lines)
+
+    def raised(self, error: BaseException) -> None:
+        with self.lock:
+            self.errors[type(error).__name__] += 1
+
+
+def send_until_closed(writer, worker: int, ledger: Ledger, seed: int) -> None:
+    """Send with every call of a handle, at random, until the writer refuses:
+    only ClosedError may end it."""
+    import random
+
+    rng = random.Random(seed * 1000 + worker)
+    try:
+        producer = writer.producer(batch_bytes=rng.choice([1, 300, 4000]))
+    except ClosedError as error:
+        ledger.raised(error)
+        return
+    n = 0
+    while True:
+        kind = rng.randrange(4)
+        count = 1 if kind in (0, 3) else rng.randint(1, 60)
+        lines = [line(worker, k) for k in range(n, n + count)]
+        n += count
+        try:
+            if kind == 0:
+                producer.send_line(lines[0])
+            elif kind == 1:
+                producer.send_lines(lines)
+            elif kind == 2:
+                producer.send_block(b"\n".join(lines))
+            else:  # two calls: the line is taken once send_line returns; flush takes nothing of its own
+                producer.send_line(lines[0])
+                ledger.returned(lines)
+                lines = []
+                producer.flush()
+        except ClosedError as error:
+            ledger.raised(error)
+            break
+        ledger.returned(lines)
+    producer.close()  # (after the writer closed: nothing to do, no error)
+
+
+@pytest.mark.parametrize("layout", ["striped", "sharded"])
+def test_leaving_the_block_while_threads_send_keeps_every_returned_call(tmp_path, settings_for,
+                                                                         layout: str) -> None:
+    """Issue 19, case 3: the block ends while other threads send on their own
+    handles.  Every call that returned is in the output exactly once, every
+    call that raised (ClosedError, nothing else) has none of its lines, and
+    the close publishes (it never raises BusyError)."""
+    for seed in range(12):
+        target = str(tmp_path / f"out{seed}.pfw")
+        ledger = Ledger()
+        threads = []
+        with open_writer_sync(target, settings=settings_for(layout=layout, workers=2, stripe_size="64KiB")) as writer:
+            for worker in range(4):
+                thread = threading.Thread(target=send_until_closed, args=(writer, worker, ledger, seed))
+                thread.start()
+                threads.append(thread)
+            while sum(ledger.accepted.values()) < 200 * (seed % 4 + 1):
+                time.sleep(0.001)
+        for thread in threads:
+            thread.join()
+        assert set(ledger.errors) == {"ClosedError"}
+        assert writer.statistics().published
+        assert collections.Counter(read_events(published(target, layout))) == ledger.accepted
+
+
+def test_a_pool_that_outlives_the_writer_gets_closed_errors_and_loses_nothing(tmp_path, settings_for) -> None:
+    """Issue 19, case 3: a ThreadPoolExecutor whose ``with`` encloses the
+    writer's: its workers go on after the writer closed, and get
+    ClosedError (never trio.RunFinishedError); the output holds exactly the
+    lines of the calls that returned."""
+    for seed in range(10):
+        target = str(tmp_path / f"out{seed}.pfw")
+        ledger = Ledger()
+        with ThreadPoolExecutor(4) as pool:
+            with open_writer_sync(target, settings=settings_for(workers=2, stripe_size="64KiB")) as writer:
+                futures = [pool.submit(send_until_closed, writer, worker, ledger, seed) for worker in range(8)]
+                while sum(ledger.accepted.values()) < 100 * (seed % 3 + 1):
+                    time.sleep(0.001)
+            for future in futures:
+                future.result()  # no worker raised anything but the ClosedError it recorded
+        assert set(ledger.errors) == {"ClosedError"}
+        assert writer.statistics().published
+        assert collections.Counter(read_events(target)) == ledger.accepted
+
+
+CTRL_C_DURING_A_SEND = r"""
+import os, signal, sys, threading, time
+from pwriter.settings import load_settings
+from pwriter.sync import open_writer_sync
+from pwriter.testing import FaultBackend, MemoryBackend
+
+directory = sys.argv[1]
+stuck = FaultBackend(MemoryBackend(), delay=3600)  # no write ever completes: sends wait for room
+sent = [0]
+
+def press_ctrl_c() -> None:
+    last = -1
+    while sent[0] != last:  # until the main thread's send has waited a while
+        last = sent[0]
+        time.sleep(0.3)
+    signal.pthread_kill(threading.main_thread().ident, signal.SIGINT)
+
+try:
+    with open_writer_sync(os.path.join(directory, "out.pfw"), backend=stuck,
+                          settings=load_settings(fsync=False, stripe_size="64KiB", workers=1)) as writer:
+        threading.Thread(target=press_ctrl_c, daemon=True).start()
+        with writer.producer() as producer:
+            while True:
+                producer.send_lines([b'{"n":%d}' % n for n in range(1000)])
+                sent[0] += 1
+except KeyboardInterrupt:
+    print("interrupted after", sent[0], "sends:", sorted(os.listdir(directory)))
+"""
+
+
+def test_ctrl_c_during_a_send_ends_promptly_and_publishes_nothing(tmp_path) -> None:
+    """Issue 19, case 15: Ctrl-C while the main thread waits in a send (the
+    disk is stuck) raises KeyboardInterrupt there at once; the writer
+    publishes nothing and removes its temporaries.  Before, the call waited
+    60 seconds for the service's thread to end."""
+    import subprocess
+    import sys
+
+    done = subprocess.run([sys.executable, "-c", CTRL_C_DURING_A_SEND, str(tmp_path)], capture_output=True,
+                          text=True, timeout=40, env=os.environ.copy())
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.startswith("interrupted after ") and done.stdout.strip().endswith("sends: []"), done.stdout
+
+
+def test_a_call_interrupted_by_ctrl_c_then_caught_publishes_nothing(tmp_path, settings_for,
+                                                                    monkeypatch: pytest.MonkeyPatch) -> None:
+    """Issue 19, case 15: Ctrl-C that lands while a call waits for the
+    service leaves unknown whether the call took its lines (the service may
+    finish it).  If the program catches the KeyboardInterrupt and leaves the
+    block normally, the close raises and publishes nothing (never an output
+    with the lines of a call that raised), and later calls raise ClosedError."""
+    import trio
+
+    from pwriter.errors import PwriterError
+
+    real_run = trio.from_thread.run
+
+    def run_then_interrupt(function, *args, **kwargs):
+        real_run(function, *args, **kwargs)  # the service took the block ...
+        raise KeyboardInterrupt  # ... but Ctrl-C reached the caller first
+
+    target = tmp_path / "out.pfw"
+    with pytest.raises(PwriterError, match="interrupted"):
+        with open_writer_sync(str(target), settings=settings_for()) as writer:
+            with writer.producer() as producer:
+                producer.send_line(line(0, 0))
+                monkeypatch.setattr(trio.from_thread, "run", run_then_interrupt)
+                with pytest.raises(KeyboardInterrupt):
+                    producer.flush()
+                monkeypatch.setattr(trio.from_thread, "run", real_run)
+                with pytest.raises(ClosedError, match="Ctrl-C"):
+                    producer.send_line(line(0, 1))
+    assert os.listdir(tmp_path) == []
