@@ -473,17 +473,20 @@ class CoalescerStatistics:
     oversized_chunks: int
 
 
-FlushBuffer = Callable[[int, memoryview, int], Awaitable[None]]
-WriteWhole = Callable[[int, memoryview], Awaitable[None]]
+FlushBuffer = Callable[[int, memoryview, int, float], Awaitable[None]]
+WriteWhole = Callable[[int, memoryview, float], Awaitable[None]]
 
 
 class Coalescer:
     """Packs the blocks of one channel into stripe buffers (see module docstring).
 
-    ``flush(lane, buffer, filled)`` takes ownership of ``buffer`` (it must
-    give it back to the pool when written); ``write_whole(lane, view)``
-    places a chunk of whole lines that did not go through a buffer and gets
-    it written (it may return before the write completes: it keeps ``view``).
+    ``flush(lane, buffer, filled, since)`` takes ownership of ``buffer`` (it
+    must give it back to the pool when written); ``write_whole(lane, view,
+    since)`` places a chunk of whole lines that did not go through a buffer
+    and gets it written (it may return before the write completes: it keeps
+    ``view``).  ``since`` is the trio time the chunk's oldest line was
+    queued, so that a stage that holds text further (padded gzip members)
+    keeps the ``max_delay`` bound from the line's call.
     """
 
     def __init__(
@@ -560,7 +563,7 @@ class Coalescer:
             self._uncopied += 1
             self._chunks += 1
             self._bytes += size
-            await self._write_whole(self.lane, view)
+            await self._write_whole(self.lane, view, since)
             return
         while position < size:
             if self._buffer is None:
@@ -580,7 +583,7 @@ class Coalescer:
                     self._oversized += 1
                     self._chunks += 1
                     self._bytes += cut - position
-                    await self._write_whole(self.lane, view[position:cut])
+                    await self._write_whole(self.lane, view[position:cut], since)
                     position = cut
                     continue
             length = cut - position
@@ -593,6 +596,7 @@ class Coalescer:
 
     async def _flush_buffer(self) -> None:
         buffer, filled = self._buffer, self._filled
+        since = self._deadline - self._max_delay  # (when the buffer's oldest line was queued)
         self._deadline = math.inf
         if buffer is None:
             return
@@ -602,4 +606,4 @@ class Coalescer:
             return
         self._chunks += 1
         self._bytes += filled
-        await self._flush(self.lane, buffer, filled)
+        await self._flush(self.lane, buffer, filled, since)

@@ -68,6 +68,8 @@ class WriteLanes:
         self._footer_text = footer_text
         self._whole_slots = trio.Semaphore(pool.count)
         self._coalesced = trio.Event()
+        self._ticker_wake = trio.Event()  # set when the ticker must look again before its next tick
+        members.on_held_text = self._wake_ticker
         self._producers: list[Producer] = []
         self._next_lane = 0
         self._sends: list[trio.MemorySendChannel[Block]] = []
@@ -102,21 +104,24 @@ class WriteLanes:
         """Padded gzip members finished because their oldest text waited ``max_delay``."""
         return self._members.deadline_members
 
-    async def write_buffer(self, lane: int, buffer: memoryview, filled: int) -> None:
+    async def write_buffer(self, lane: int, buffer: memoryview, filled: int, since: float | None = None) -> None:
         """Place ``buffer[:filled]`` as ``lane``'s next chunk and write it in a
-        task of its own, which gives the buffer back to the pool once written."""
+        task of its own, which gives the buffer back to the pool once written.
+        ``since``: when its oldest line was queued (default: now)."""
         if self._compressed:
-            await self._members.add(lane, buffer[:filled], lambda: self._pool.give_back(buffer))
+            await self._members.add(lane, buffer[:filled], lambda: self._pool.give_back(buffer),
+                                    trio.current_time() if since is None else since)
             return
         pieces = self._sink.place_chunk(lane, buffer[:filled])
         self._nursery.start_soon(self._write_and_give_back, pieces, buffer)
 
-    async def write_whole(self, lane: int, chunk: memoryview) -> None:
+    async def write_whole(self, lane: int, chunk: memoryview, since: float | None = None) -> None:
         """Place ``chunk`` (not a pool buffer) as ``lane``'s next chunk; waits
         for a slot while as many such chunks as the pool has buffers are in flight."""
         await self._whole_slots.acquire()
         if self._compressed:
-            await self._members.add(lane, chunk, self._whole_slots.release)
+            await self._members.add(lane, chunk, self._whole_slots.release,
+                                    trio.current_time() if since is None else since)
             return
         pieces = self._sink.place_chunk(lane, chunk)
         self._nursery.start_soon(self._write_and_release_slot, pieces)
@@ -146,6 +151,7 @@ class WriteLanes:
         await self._members.finish_all()
         footer = self._sink.close(len(self._footer), self._footer_text)
         self._coalesced.set()
+        self._wake_ticker()
         if footer.length:  # (a part of a shared output may have no footer to write)
             await self._sink.write_placed(footer, self._footer)
         for padding in self._sink.fill_empty_files():
@@ -156,12 +162,21 @@ class WriteLanes:
         delay = self._max_delay
         while not self._coalesced.is_set():
             with trio.move_on_at(self._next_tick(delay)):
-                await self._coalesced.wait()
+                await self._ticker_wake.wait()
+            self._ticker_wake = trio.Event()
+            if self._coalesced.is_set():
+                break
             now = trio.current_time()
             for producer in self._producers:
                 if producer.pending_since + delay / 2 <= now:
                     producer.send_pending_nowait()
             self._members.finish_stale(now, delay)
+
+    def _wake_ticker(self) -> None:
+        """The writer is done, or a padded gzip member holds new text: the
+        ticker computes its next tick again (that text's line may be due
+        before the tick it sleeps until)."""
+        self._ticker_wake.set()
 
     def _next_tick(self, delay: float) -> float:
         """When the ticker looks next: when the oldest line queued in a

@@ -53,18 +53,21 @@ class MemberStage:
         self._member_slots = trio.Semaphore(slots)
         # Padded gzip: each lane's members, sized to fill its slot.
         self._lanes: dict[int, SlotMembers] | None = {} if padded else None
-        self._member_since: dict[int, float] = {}  # lane -> when the members it holds got their first text
+        self._member_since: dict[int, float] = {}  # lane -> when the oldest line its held members hold was queued
+        self.on_held_text: Callable[[], None] = lambda: None
+        """Called when a lane's held members get text with an earlier deadline (the ticker looks again)."""
         self._finishing = False  # set once the last members are being written at close
         self.deadline_members = 0
         """Writes of held members whose oldest text waited ``max_delay``."""
 
-    async def add(self, lane: int, text: memoryview, release: Callable[[], None]) -> None:
-        """Take ``text`` (a chunk of whole lines of ``lane``) into the
-        stage; ``release()`` is called once the text is no longer needed."""
-        await self._compress_in_order(lane, text, release)
+    async def add(self, lane: int, text: memoryview, release: Callable[[], None], since: float) -> None:
+        """Take ``text`` (a chunk of whole lines of ``lane``, whose oldest
+        line was queued at trio time ``since``) into the stage; ``release()``
+        is called once the text is no longer needed."""
+        await self._compress_in_order(lane, text, release, since)
 
     def text_since(self) -> list[float]:
-        """For the ticker: when each unfinished padded member got its first text."""
+        """For the ticker: when the oldest line of each lane's held padded members was queued."""
         return list(self._member_since.values())
 
     def finish_stale(self, now: float, delay: float) -> None:
@@ -118,18 +121,19 @@ class MemberStage:
         finally:
             self._member_slots.release()
 
-    async def _compress_in_order(self, lane: int, text: memoryview, release: Callable[[], None]) -> None:
+    async def _compress_in_order(self, lane: int, text: memoryview, release: Callable[[], None],
+                                 since: float) -> None:
         # Compressed members wait for their write holding a slot, as many as
         # the pool has buffers: memory stays bounded when the disk is slow.
         await self._member_slots.acquire()
         previous = self._placed.get(lane)
         mine = self._placed[lane] = trio.Event()
         task = self._fill_slots if self._lanes is not None else self._compress_and_write
-        self._nursery.start_soon(task, lane, text, release, previous, mine)
+        self._nursery.start_soon(task, lane, text, release, since, previous, mine)
 
     @trio.lowlevel.enable_ki_protection
     async def _fill_slots(
-        self, lane: int, text: memoryview, release: Callable[[], None], previous: trio.Event | None,
+        self, lane: int, text: memoryview, release: Callable[[], None], since: float, previous: trio.Event | None,
         mine: trio.Event,
     ) -> None:
         assert self._lanes is not None
@@ -151,8 +155,12 @@ class MemberStage:
                 release()
             if not members.held:
                 self._member_since.pop(lane, None)
-            elif placed or not held_before:  # what it holds now came with this chunk
-                self._member_since[lane] = trio.current_time()
+            else:
+                if placed or not held_before:  # what it holds now came with this chunk
+                    self._member_since[lane] = since
+                else:
+                    self._member_since[lane] = min(self._member_since.get(lane, since), since)
+                self.on_held_text()
             mine.set()
             for placement, body in placed:
                 await self._sink.write_placed(placement, body)
@@ -161,7 +169,7 @@ class MemberStage:
 
     @trio.lowlevel.enable_ki_protection
     async def _compress_and_write(
-        self, lane: int, text: memoryview, release: Callable[[], None], previous: trio.Event | None,
+        self, lane: int, text: memoryview, release: Callable[[], None], since: float, previous: trio.Event | None,
         mine: trio.Event,
     ) -> None:
         try:
