@@ -314,11 +314,10 @@ def test_no_mpi_runs_one_process_whatever_the_environment_says(corpus, single_pr
     assert sorted(read_events(out)) == single_process_events
 
 
-def test_the_readme_library_example_runs_under_mpiexec(corpus, single_process_events, tmp_path) -> None:
-    with open(os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "README.md")) as held:
-        readme = held.read()
-    section = readme[readme.index("## Running on a cluster"):readme.index("## Backends")]
-    (example,) = section.split("```python\n")[1:]
+def test_the_docs_library_example_runs_under_mpiexec(corpus, single_process_events, tmp_path) -> None:
+    with open(os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "docs", "cluster.md")) as held:
+        page = held.read()
+    (example,) = page.split("```python\n")[1:]  # the one Python example of docs/cluster.md
     code = example[: example.index("```")]
     script = tmp_path / "example.py"
     script.write_text(f"import glob\npaths = sorted(glob.glob({corpus + '/*'!r}))\n" + code)
