@@ -155,10 +155,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 1
     except KeyboardInterrupt:
         _say("pwriter: interrupted")
-        return 130
-    except _Terminated:
-        _say("pwriter: terminated")
-        return 143
+        return 128 + signal.SIGINT
+    except _Signalled as exc:
+        _say(f"pwriter: {exc}")
+        return exc.exit_code
 
 
 def _command(args: argparse.Namespace) -> int:
@@ -221,17 +221,49 @@ def _error_kind(error: BaseException) -> tuple[object, ...]:
     return (type(error), getattr(error, "path", None), getattr(error, "errno", None))
 
 
-class _Terminated(Exception):
-    """SIGTERM arrived: the merge was cancelled and published nothing."""
+class _SignalPolicy:
+    """What SIGINT and SIGTERM do to ``pwriter merge``, outside the merge's
+    own signal receiver (:func:`_cancel_on_signals`): before the output is
+    published, they end the command (:class:`_Signalled`: exit 130 or 143,
+    nothing published); once it is published they change nothing, except
+    that they end a ``--verify`` under way (its own error: exit 1)."""
+
+    def __init__(self) -> None:
+        self.published = False
+        self.verifying = False
+
+    def install(self) -> None:
+        for number in (signal.SIGINT, signal.SIGTERM):
+            signal.signal(number, self._on_signal)
+
+    def _on_signal(self, number: int, frame: object) -> None:
+        if self.published and not self.verifying:
+            return
+        raise _Signalled(number)
 
 
-async def _cancel_on_sigterm(scope: Any, signalled: list[int], *, task_status: Any) -> None:
-    """Cancel ``scope`` at the first SIGTERM (the writer removes its temporaries
-    as it unwinds).  Started with ``nursery.start``: the receiver is in place
-    before anything is created that a SIGTERM must not leave behind."""
+_SIGNALS = _SignalPolicy()
+
+
+class _Signalled(Exception):
+    """SIGINT or SIGTERM arrived before the merge published: it was cancelled
+    and published nothing (exit 128 + the signal's number)."""
+
+    def __init__(self, number: int) -> None:
+        self.exit_code = 128 + number
+        super().__init__("interrupted" if number == signal.SIGINT else "terminated")
+
+
+async def _cancel_on_signals(scope: Any, signalled: list[int], *, task_status: Any) -> None:
+    """Cancel ``scope`` at the first SIGINT or SIGTERM (the writer removes its
+    temporaries as it unwinds).  Started with ``nursery.start``: the receiver
+    is in place before anything is created that a signal must not leave
+    behind.  SIGINT too comes here, not as a KeyboardInterrupt raised
+    wherever the main thread is: a merge is cancelled only at checkpoints,
+    so it ends either before its output is published, or after."""
     import trio
 
-    with trio.open_signal_receiver(signal.SIGTERM) as signals:
+    with trio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:
         task_status.started()
         async for number in signals:
             signalled.append(number)
@@ -260,6 +292,7 @@ def _merge(args: argparse.Namespace) -> int:
     from .merge import MergeProgress, collect_inputs, merge
     from .output import names_of_output
 
+    _SIGNALS.install()
     settings = _settings(args)
     to_stdout = args.output == "-"
     if args.mpi or (args.mpi is None and _under_mpi()):
@@ -282,29 +315,31 @@ def _progress_wanted(args: argparse.Namespace) -> bool:
 
 
 def _run_merge(args: argparse.Namespace, work: Any, progress: Any, *, show_progress: bool) -> Any:
-    """``trio.run`` of ``await work()``, with progress on stderr and SIGTERM
-    cancelling it (then :class:`_Terminated`); the one error to raise for a
-    group of them."""
+    """``trio.run`` of ``await work()``, with progress on stderr and SIGINT or
+    SIGTERM cancelling it (then :class:`_Signalled`); the one error to raise
+    for a group of them.  A signal that arrives once ``work()`` has returned
+    (the output is published) changes nothing: its result is returned."""
     import trio
 
     from .writer import error_to_raise
 
     async def run() -> Any:
         signalled: list[int] = []
-        result = None
+        result, done = None, False
         try:
             async with trio.open_nursery() as nursery:
-                await nursery.start(_cancel_on_sigterm, nursery.cancel_scope, signalled)
+                await nursery.start(_cancel_on_signals, nursery.cancel_scope, signalled)
                 if show_progress:
                     nursery.start_soon(functools.partial(_show_progress, progress, tty=sys.stderr.isatty()))
                 result = await work()
+                done = _SIGNALS.published = True
                 nursery.cancel_scope.cancel()
         except BaseException:
-            if signalled:  # what the cancellation made happen (an MPI rank: the others were told)
-                raise _Terminated from None
+            if signalled and not done:  # what the cancellation made happen (an MPI rank: the others were told)
+                raise _Signalled(signalled[0]) from None
             raise
-        if signalled:
-            raise _Terminated
+        if signalled and not done:
+            raise _Signalled(signalled[0])
         return result
 
     try:
@@ -319,9 +354,16 @@ def _report_merge(args: argparse.Namespace, settings: Any, result: Any, inputs: 
         _say(f"pwriter: warning: {path}: salvaged: {what}")
     checked = None
     if args.verify:
+        from .errors import DataError
         from .verify import verify
 
-        checked = verify(args.output, inputs, salvage=args.salvage, validate=args.validate)
+        _SIGNALS.verifying = True
+        try:
+            checked = verify(args.output, inputs, salvage=args.salvage, validate=args.validate)
+        except _Signalled as exc:
+            raise DataError(f"{args.output}: published, but --verify was {exc} before it finished") from None
+        finally:
+            _SIGNALS.verifying = False
     try:
         _print_merge(args, settings, result, checked, ranks=ranks)
         sys.stdout.flush()
@@ -356,9 +398,9 @@ def _merge_mpi(args: argparse.Namespace, settings: Any) -> int:
     except RankTimeout as exc:  # another rank hangs: no agreement, so this rank says it and ends the job
         print(f"pwriter: error: {exc}", file=sys.stderr, flush=True)
         world.abort(exc.exit_code)
-    except _Terminated:
+    except _Signalled as exc:
         if world.rank != 0:  # (rank 0 says it, once)
-            return 143
+            return exc.exit_code
         raise
     except PwriterError as exc:
         if world.rank != 0:  # rank 0 says it, once

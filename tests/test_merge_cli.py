@@ -546,6 +546,62 @@ def test_sigterm_right_after_the_temporary_is_created_leaves_nothing(tmp_path) -
     assert os.listdir(out.parent) == []
 
 
+SIGNAL_AT = """
+import os, signal, sys
+import pwriter.output, pwriter.verify
+where, number = sys.argv[1], getattr(signal, sys.argv[2])
+def signalling(real):
+    def call(*args, **kwargs):
+        result = real(*args, **kwargs)
+        os.kill(os.getpid(), number)
+        return result
+    return call
+if where == "create":
+    pwriter.output.OutputSet.create = signalling(pwriter.output.OutputSet.create)
+elif where == "publish":
+    pwriter.output.OutputSet.publish = signalling(pwriter.output.OutputSet.publish)
+else:
+    pwriter.verify.verify = signalling(pwriter.verify.verify)
+from pwriter.cli import main
+sys.exit(main(sys.argv[3:]))
+"""
+
+
+@pytest.mark.parametrize("number", ["SIGINT", "SIGTERM"])
+@pytest.mark.parametrize("where", ["create", "publish", "verify"])
+def test_a_signal_before_publishing_publishes_nothing_and_after_changes_nothing(tmp_path, where: str,
+                                                                                number: str) -> None:
+    """Exit 130 or 143 means that nothing was published.  A signal that lands
+    while the output is being written ends the merge that way; one that
+    lands once it is published (before the report, even as the merge returns:
+    a KeyboardInterrupt once left exit 130 beside a published output) changes
+    nothing: exit 0, the output whole; during ``--verify`` it ends the
+    verification, which is an error of its own (exit 1, naming the output as
+    published)."""
+    import signal
+    import sys
+
+    inputs = write_corpus(str(tmp_path / "in"), files=3, events_per_file=200, seed=5)
+    out = tmp_path / "out" / "merged.pfw"
+    out.parent.mkdir()
+    done = subprocess.run([sys.executable, "-c", SIGNAL_AT, where, number, "merge", *inputs, "-o", str(out),
+                           "--no-fsync", *(["--verify"] if where == "verify" else [])],
+                          capture_output=True, text=True, timeout=60)
+    if where == "create":
+        assert done.returncode == 128 + getattr(signal, number), done.stderr
+        assert done.stderr.strip() == ("pwriter: interrupted" if number == "SIGINT" else "pwriter: terminated")
+        assert os.listdir(out.parent) == []
+        return
+    assert event_counter([str(out)]) == event_counter(inputs)
+    assert sorted(os.listdir(out.parent)) == ["merged.pfw"]
+    if where == "publish":
+        assert done.returncode == 0, done.stderr
+        assert done.stdout.startswith("merged 3 inputs")
+    else:
+        expect_failure(done, 1, f"{out}: published, but --verify was "
+                       + ("interrupted" if number == "SIGINT" else "terminated"))
+
+
 def test_input_from_a_pipe(tmp_path) -> None:
     fifo = tmp_path / "pipe.pfw"
     os.mkfifo(fifo)
