@@ -78,3 +78,16 @@ def expect_failure(done: subprocess.CompletedProcess[str], code: int, *needles: 
 def published(path: str | os.PathLike[str], layout: str) -> str:
     """The name to read a whole output from (a sharded set: its manifest)."""
     return f"{os.fspath(path)}.shards" if layout == "sharded" else os.fspath(path)
+
+
+@pytest.fixture(scope="session")
+def dftracer_run(tmp_path_factory: pytest.TempPathFactory):
+    """Traces written by the real tracer: a launcher and three workers, the
+    last of which never finalizes (its trace is cut); built once a session.
+    See tests/dftracer_corpus.py.  Skipped when the tracer is not installed."""
+    from dftracer_corpus import dftracer_missing, trace_run
+
+    reason = dftracer_missing()
+    if reason is not None:
+        pytest.skip(reason)
+    return trace_run(tmp_path_factory.mktemp("dftracer") / "traces")
