@@ -195,10 +195,12 @@ def json_texts(draw):
     return text
 
 
-@pytest.mark.parametrize("name", SCANNERS)
+@pytest.mark.skipif(traceformat._native is None, reason="the C scanner is not built")
 @given(text=json_texts())
-def test_json_check_agrees_with_the_standard_library(name: str, text: bytes) -> None:
-    with scanner(name):
+def test_json_check_agrees_with_the_standard_library(text: bytes) -> None:
+    """The C check against the standard library.  (The Python fallback IS
+    the standard library: it is held to the refusals below, not to itself.)"""
+    with scanner("native"):
         assert traceformat.is_valid_json(text) == reference_valid(text), text
 
 
@@ -226,8 +228,17 @@ def test_validating_cleaner_names_the_invalid_line_or_drops_it(name: str) -> Non
 
 @given(st.binary(max_size=64).map(lambda raw: bytes(10 if byte % 3 == 0 else 97 for byte in raw)))
 def test_count_lines_c_and_python_agree(block: bytes) -> None:
-    """count_lines (send_lines' check): newlines, and whether a line is empty."""
-    expected = (block.count(b"\n"), block[:1] == b"\n" or b"\n\n" in block)
+    """count_lines (send_lines' check): newlines, and whether a line is empty.
+    The oracle walks the block byte by byte, unlike either implementation."""
+    newlines, empty, line_length = 0, False, 0
+    for byte in block:
+        if byte == 10:
+            newlines += 1
+            empty = empty or line_length == 0
+            line_length = 0
+        else:
+            line_length += 1
+    expected = (newlines, empty)
     for name in SCANNERS:
         with scanner(name):
             assert traceformat.count_lines(block) == expected
