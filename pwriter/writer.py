@@ -366,7 +366,10 @@ async def open_writer(
     (:class:`~pwriter.errors.OutputExistsError`), when it is one of
     ``inputs``, and, even with ``force``, when the name is not a regular file
     or a symlink to one (a directory, FIFO, socket, device).  ``header``
-    starts and ``footer`` ends the output in every layout.  ``fs`` replaces
+    starts and ``footer`` ends the output in every layout (with a
+    ``shard_size``, every shard: each is a complete trace, and the set has
+    as many shards as its lanes started; a shard size for another layout,
+    or for a stream, is a :class:`~pwriter.settings.ConfigError`).  ``fs`` replaces
     filesystem detection and a ``backend`` object the backend named in the
     settings (both for tests; a backend name is the setting).  ``compress``
     (default: a ``path`` ending in ``.gz``; :func:`output_compression`

@@ -9,8 +9,8 @@ import os
 import pathlib
 
 import pytest
-
 from conftest import expect_failure, run_cli
+
 from pwriter.errors import UsageError
 from pwriter.inputs import collect_inputs
 from pwriter.output import names_of_output
@@ -93,7 +93,7 @@ def test_merge_recursive_into_its_own_tree_twice(tree, output: str, layout: str)
 
 
 def test_verify_without_recursive_misses_the_nested_traces(tree, tmp_path) -> None:
-    root, expected = tree
+    root, _ = tree
     target = str(tmp_path / "all.pfw")
     assert run_cli("merge", "-d", str(root), "--recursive", "-o", target, "--no-fsync").returncode == 0
     assert run_cli("verify", target, "-d", str(root), "--recursive").returncode == 0
@@ -102,7 +102,7 @@ def test_verify_without_recursive_misses_the_nested_traces(tree, tmp_path) -> No
 
 @pytest.mark.parametrize("command", ["merge", "verify"])
 def test_recursive_without_a_directory_is_refused(tree, tmp_path, command: str) -> None:
-    root, expected = tree
+    _, expected = tree
     args = [*expected, "-o", str(tmp_path / "m.pfw")] if command == "merge" else [expected[0], *expected]
     done = run_cli(command, *args, "-r")
     expect_failure(done, 2, "-r/--recursive", "-d DIR")

@@ -15,8 +15,8 @@ import subprocess
 
 import pytest
 import trio
-
 from conftest import BIN, dftracer_tool, expect_failure, run_cli
+
 from pwriter.layout import SizedShardedPlanner
 from pwriter.merge import merge
 from pwriter.output import read_shard_set
@@ -120,8 +120,8 @@ async def test_merge_with_a_shard_size_writes_complete_shards_in_order(tmp_path,
         + ([f"merged{suffix}.members.json"] if suffix.endswith(".gz") else []))
     if suffix.endswith(".gz"):
         check_member_index(result.manifest, output)
-        count = subprocess.run([dftracer_tool("dftracer_event_count"), "-d", str(tmp_path / "out"), "--index-dir",
-                                str(tmp_path), "--log-level", "off"], capture_output=True, text=True, check=True)
+        count = await trio.run_process([dftracer_tool("dftracer_event_count"), "-d", str(tmp_path / "out"),
+                                        "--index-dir", str(tmp_path), "--log-level", "off"], capture_stdout=True)
         assert int(count.stdout.split()[-1]) == 6 * 300
 
 
@@ -220,7 +220,7 @@ def test_a_shard_size_that_cannot_be_honoured_is_refused(tmp_path, options: list
 def test_a_shard_size_on_standard_output_is_refused(tmp_path) -> None:
     inputs, _ = write_numbered_inputs(tmp_path / "in", files=1, events=5)
     done = subprocess.run([os.path.join(BIN, "pwriter"), "merge", *inputs, "-o", "-", "--shard-size", "1MiB"],
-                          capture_output=True, text=True, timeout=60, env=os.environ)
+                          capture_output=True, text=True, timeout=60, env=os.environ, check=False)
     assert done.returncode == 2 and "shard_size=1048576" in done.stderr and done.stdout == ""
 
 
@@ -242,7 +242,7 @@ def test_mpi_ranks_each_grow_their_shards(tmp_path, suffix: str) -> None:
     done = subprocess.run([shutil.which("mpiexec", path=BIN), "-n", "2", os.path.join(BIN, "pwriter"), "merge",
                            *inputs, "-o", target, "--layout", "sharded", "--shard-size", str(SIZE), "--workers", "1",
                            "--stripe-size", "64KiB", "--no-fsync", "--verify"],
-                          capture_output=True, text=True, timeout=120, env=os.environ)
+                          capture_output=True, text=True, timeout=120, env=os.environ, check=False)
     assert done.returncode == 0, done.stderr
     shards = check_shards(target + ".shards", 2, longest, compressed=suffix.endswith(".gz"))
     check_order(shards)
@@ -254,3 +254,59 @@ def test_mpi_ranks_each_grow_their_shards(tmp_path, suffix: str) -> None:
     assert sorted(os.listdir(out)) == sorted(
         [os.path.basename(name) for name in shards] + [f"m{suffix}.shards"]
         + ([f"m{suffix}.members.json"] if suffix.endswith(".gz") else []))
+
+
+def test_a_merge_killed_while_its_lanes_start_shards_leaves_the_old_set_and_temporaries(tmp_path) -> None:
+    """The crash table holds for shards made during the run: a SIGKILL while
+    lanes are starting shards leaves the old set whole and only hidden
+    temporaries (and the lock), which the next run removes."""
+    import signal
+    import time
+
+    inputs, _ = write_numbered_inputs(tmp_path / "in", files=4, events=200)
+    fifo = tmp_path / "in" / "zz_live.pfw"
+    os.mkfifo(fifo)
+    out = tmp_path / "out"
+    out.mkdir()
+    target = str(out / "m.pfw")
+    old = run_cli("merge", inputs[0], "-o", target, "--layout", "sharded", "--shard-size", str(SIZE), "--no-fsync")
+    assert old.returncode == 0, old.stderr
+    old_listing = sorted(os.listdir(out))
+    old_events = read_events(target + ".shards")
+    process = subprocess.Popen([os.path.join(BIN, "pwriter"), "merge", *inputs, str(fifo), "-o", target, "--force",
+                                "--layout", "sharded", "--shard-size", str(SIZE), "--workers", "2", "--no-fsync"],
+                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=os.environ)
+    feed = None
+    try:
+        deadline = time.monotonic() + 60
+        while feed is None and time.monotonic() < deadline:
+            try:
+                feed = os.open(fifo, os.O_WRONLY | os.O_NONBLOCK)  # ENXIO until the merge opens it to read
+            except OSError:
+                time.sleep(0.02)
+        assert feed is not None, "the merge never read the FIFO"
+        os.write(feed, b'{"id":1,"name":"live","args":{"f":9,"seq":0}}\n' * 200)
+        while time.monotonic() < deadline:
+            temporaries = [name for name in os.listdir(out)
+                           if name.startswith(".m.") and ".shard_" in name and name.endswith(".tmp")]
+            if len(temporaries) >= 5:
+                break
+            time.sleep(0.02)
+        assert len(temporaries) >= 5, os.listdir(out)
+        process.send_signal(signal.SIGKILL)
+        process.communicate(timeout=60)
+    finally:
+        if feed is not None:
+            os.close(feed)
+        if process.poll() is None:
+            process.kill()
+            process.communicate()
+    listing = sorted(os.listdir(out))
+    assert [name for name in listing if not name.startswith(".")] == old_listing  # the old set, whole
+    assert read_events(target + ".shards") == old_events
+    os.unlink(fifo)
+    done = run_cli("merge", "-d", str(tmp_path / "in"), "-o", target, "--force", "--layout", "sharded",
+                   "--shard-size", str(SIZE), "--no-fsync", "--verify")
+    assert done.returncode == 0, done.stderr
+    shards = read_shard_set(target + ".shards")
+    assert sorted(os.listdir(out)) == sorted([os.path.basename(name) for name in shards] + ["m.pfw.shards"])
