@@ -60,6 +60,9 @@ def _parser(*, settings_help: bool = False) -> argparse.ArgumentParser:
     merge.add_argument("inputs", nargs="*", metavar="INPUT", help="trace files (.pfw or .pfw.gz, mixed)")
     merge.add_argument("-d", "--directory", metavar="DIR", action="append", default=[],
                        help="also merge every *.pfw and *.pfw.gz in DIR (repeat for more directories)")
+    merge.add_argument("-r", "--recursive", action="store_true",
+                       help="with -d: every *.pfw and *.pfw.gz below DIR, at any depth (hidden names skipped, "
+                            "symlinked directories not followed)")
     merge.add_argument("-o", "--output", required=True, metavar="OUTPUT",
                        help="the merged trace to write ('-': standard output, in read order)")
     merge.add_argument("--layout", choices=("auto", "striped", "padded-striped", "sharded"), default=None)
@@ -70,6 +73,9 @@ def _parser(*, settings_help: bool = False) -> argparse.ArgumentParser:
                        help="Lustre: OSTs each new output file is striped over (-1 all, 0 the directory's "
                             "default; auto: all for outputs from 1 GiB, one per shard)")
     merge.add_argument("--workers", metavar="N", default=None, help="writer workers (shards when sharded)")
+    merge.add_argument("--shard-size", metavar="SIZE", default=None,
+                       help="sharded layout: a lane starts a new shard once its shard holds SIZE bytes of event "
+                            "lines (e.g. 256MiB; the last line may cross it); each shard is a complete trace")
     merge.add_argument("--force", action="store_true", help="replace an existing output")
     merge.add_argument("--fsync", action=argparse.BooleanOptionalAction, default=None,
                        help="fsync the output before publishing it (default: on)")
@@ -101,6 +107,8 @@ def _parser(*, settings_help: bool = False) -> argparse.ArgumentParser:
     verify.add_argument("inputs", nargs="*", metavar="INPUT")
     verify.add_argument("-d", "--directory", metavar="DIR", action="append", default=[],
                         help="also every *.pfw and *.pfw.gz in DIR (repeat for more directories)")
+    verify.add_argument("-r", "--recursive", action="store_true",
+                        help="with -d: every *.pfw and *.pfw.gz below DIR, as for merge")
     verify.add_argument("--salvage", action="store_true",
                         help="read the inputs as merge --salvage does: a damaged tail is not expected in the output")
     verify.add_argument("--validate", action="store_true",
@@ -280,6 +288,7 @@ def _settings(args: argparse.Namespace) -> Any:
         stripe_size=getattr(args, "stripe_size", None),
         stripe_count=getattr(args, "stripe_count", None),
         workers=getattr(args, "workers", None),
+        shard_size=getattr(args, "shard_size", None),
         fsync=getattr(args, "fsync", None),
         direct=getattr(args, "direct", None),
         compress=getattr(args, "compress", None),
@@ -294,6 +303,7 @@ def _merge(args: argparse.Namespace) -> int:
 
     _SIGNALS.install()
     settings = _settings(args)
+    _check_recursive(args)
     to_stdout = args.output == "-"
     if args.mpi or (args.mpi is None and _under_mpi()):
         return _merge_mpi(args, settings)
@@ -302,12 +312,20 @@ def _merge(args: argparse.Namespace) -> int:
     if to_stdout and sys.stdout.isatty():
         raise UsageError("-o -: standard output is a terminal; redirect it to a file or a pipe")
     exclude = [] if to_stdout else names_of_output(args.output)
-    inputs = collect_inputs(args.inputs, args.directory, exclude=exclude)
+    inputs = collect_inputs(args.inputs, args.directory, exclude=exclude, recursive=args.recursive)
     progress = MergeProgress(total_input_bytes=0)  # (merge() measures the inputs once, and sets it)
     work = functools.partial(merge, inputs, args.output, settings=settings, force=args.force, progress=progress,
                              salvage=args.salvage, validate=args.validate)
     result = _run_merge(args, work, progress, show_progress=_progress_wanted(args))
     return _report_merge(args, settings, result, inputs)
+
+
+def _check_recursive(args: argparse.Namespace) -> None:
+    """``-r`` reads directories: without ``-d`` it would be ignored, so it is refused."""
+    from .errors import UsageError
+
+    if args.recursive and not args.directory:
+        raise UsageError("-r/--recursive: give the directories to read below with -d DIR")
 
 
 def _progress_wanted(args: argparse.Namespace) -> bool:
@@ -390,7 +408,7 @@ def _merge_mpi(args: argparse.Namespace, settings: Any) -> int:
     progress = MergeProgress(total_input_bytes=0)
     work = functools.partial(merge_over_ranks, world, args.inputs, args.directory, args.output, settings=settings,
                              force=args.force, salvage=args.salvage, validate=args.validate, progress=progress,
-                             offsets=args.mpi_offsets)
+                             offsets=args.mpi_offsets, recursive=args.recursive)
     try:
         if args.output == "-":  # (every rank finds it: no agreement needed)
             raise UsageError("-o -: a merge over MPI ranks writes a file, not a stream")
@@ -482,9 +500,10 @@ def _verify(args: argparse.Namespace) -> int:
     from .output import names_of_output
     from .verify import output_files
 
+    _check_recursive(args)
     outputs = output_files(args.output)
     exclude = [*names_of_output(args.output), *outputs]
-    inputs = collect_inputs(args.inputs, args.directory, exclude=exclude)
+    inputs = collect_inputs(args.inputs, args.directory, exclude=exclude, recursive=args.recursive)
     return _report_verification(args.output, inputs, as_json=args.json, salvage=args.salvage,
                                 validate=args.validate)
 

@@ -69,19 +69,24 @@ def _entry_of(path: str) -> tuple[int, int, str] | None:
 
 
 def collect_inputs(paths: Sequence[str], directories: Sequence[str] | None = (), *,
-                   exclude: Sequence[str] = ()) -> list[str]:
+                   exclude: Sequence[str] = (), recursive: bool = False) -> list[str]:
     """The input files, checked before any data is read.
 
     ``paths`` are taken as given; each of ``directories`` adds every
     ``*.pfw`` and ``*.pfw.gz`` file in it (not hidden, not pwriter
     temporaries, and not one of ``exclude``, which names the output's files
-    so that a merge into the directory it reads can be repeated).  Only the
-    directory entry that is an excluded name is skipped: another name for
-    the same file (a hard link, a symlink) is an input, which the writer
-    then refuses as the output.  The same file given twice is read once.
-    Raises :class:`UsageError` (exit 2) for a missing, unreadable or
-    non-regular input, for a directory with no traces, and for no inputs at
-    all; TypeError for a single path (a str) where a list is expected.
+    so that a merge into the directory it reads can be repeated), in natural
+    order of their names.  With ``recursive``, every such file below each
+    directory, at any depth, in natural order of their paths relative to it;
+    hidden directories are skipped, and a symlink to a directory is not
+    followed (a symlink to a file is an input, as without ``recursive``).
+    Only the directory entry that is an excluded name is skipped: another
+    name for the same file (a hard link, a symlink) is an input, which the
+    writer then refuses as the output.  The same file given twice is read
+    once.  Raises :class:`UsageError` (exit 2) for a missing, unreadable or
+    non-regular input, for a directory that cannot be read or has no
+    traces, and for no inputs at all; TypeError for a single path (a str)
+    where a list is expected.
     """
     paths = path_list(paths, "collect_inputs", "paths")
     directories = path_list(directories or (), "collect_inputs", "directories")
@@ -90,20 +95,11 @@ def collect_inputs(paths: Sequence[str], directories: Sequence[str] | None = (),
     for directory in directories:
         if not os.path.isdir(directory):
             raise UsageError(f"{directory}: not a directory")
-        where = os.stat(directory)
-        listed = []
-        with os.scandir(directory) as entries:
-            for entry in entries:
-                if entry.name.startswith(".") or is_temporary_name(entry.name):
-                    continue
-                if not entry.name.endswith(TRACE_SUFFIXES) or not entry.is_file():
-                    continue
-                if (where.st_dev, where.st_ino, entry.name) in excluded:
-                    continue
-                listed.append(entry.path)
+        listed = _traces_in(directory, excluded, recursive=recursive)
         if not listed:
-            raise UsageError(f"{directory}: no *.pfw or *.pfw.gz traces in this directory")
-        found.extend(sorted(listed, key=_natural_key))
+            where = "below" if recursive else "in"
+            raise UsageError(f"{directory}: no *.pfw or *.pfw.gz traces {where} this directory")
+        found.extend(listed)
     if not found:
         raise UsageError("no inputs: give trace files or -d DIR")
     inputs: list[str] = []
@@ -124,6 +120,34 @@ def collect_inputs(paths: Sequence[str], directories: Sequence[str] | None = (),
             seen.add(key)
             inputs.append(path)
     return inputs
+
+
+def _traces_in(directory: str, excluded: set[tuple[int, int, str]], *, recursive: bool) -> list[str]:
+    """The traces of ``directory`` (with ``recursive``, below it) for
+    :func:`collect_inputs`, in natural order of their paths relative to it."""
+    found: list[tuple[list[object], str]] = []
+    pending = [""]  # directories to list, relative to ``directory``
+    while pending:
+        relative = pending.pop()
+        path = os.path.join(directory, relative) if relative else directory
+        try:
+            where = os.stat(path)
+            with os.scandir(path) as entries:
+                listed = list(entries)
+        except OSError as exc:
+            raise UsageError(f"{path}: cannot read the directory: {exc.strerror}") from None
+        for entry in listed:
+            if entry.name.startswith(".") or is_temporary_name(entry.name):
+                continue
+            if recursive and entry.is_dir(follow_symlinks=False):
+                pending.append(os.path.join(relative, entry.name))
+                continue
+            if not entry.name.endswith(TRACE_SUFFIXES) or not entry.is_file():
+                continue
+            if (where.st_dev, where.st_ino, entry.name) in excluded:
+                continue
+            found.append((_natural_key(os.path.join(relative, entry.name)), entry.path))
+    return [path for _, path in sorted(found)]
 
 
 def _gzip_file(raw: io.BufferedReader[typing.Any]) -> gzip.GzipFile:

@@ -149,11 +149,12 @@ class WriteLanes:
             for coalescer in self._coalescers:
                 nursery.start_soon(coalescer.run)
         await self._members.finish_all()
-        footer = self._sink.close(len(self._footer), self._footer_text)
+        footers = self._sink.close(len(self._footer), self._footer_text)  # (with a shard size: every shard's)
         self._coalesced.set()
         self._wake_ticker()
-        if footer.length:  # (a part of a shared output may have no footer to write)
-            await self._sink.write_placed(footer, self._footer)
+        for footer in footers:
+            if footer.length:  # (a part of a shared output may have no footer to write)
+                await self._sink.write_placed(footer, self._footer)
         for padding in self._sink.fill_empty_files():
             await self._sink.write_placed(padding, b"")
 

@@ -46,6 +46,17 @@ readers refuse); an overlap would lose data.
   is shard 0, 1, 2, ...: concatenating the shards in that order gives one
   well-formed file.
 
+* **sharded with a shard size** (:class:`SizedShardedPlanner`): each lane
+  writes a sequence of shards of its own, and starts a new one once its
+  shard holds ``shard_size`` bytes of lines.  Every shard is a complete
+  trace: the header starts it (with its first chunk) and the footer ends it
+  (placed at close).  Files are numbered in the order they are started,
+  which is their read order: each lane's shards come in its order.  So
+  that a shard ends within one line of ``shard_size``, the sink cuts a
+  lane's text at the shard limits before it is placed (:meth:`SizedShardedPlanner.cut`,
+  before compression for gzip output), and the planner starts the new shard
+  on the same rule, from the text length of each placement.
+
 Several processes (MPI ranks, :mod:`pwriter.mpi`) can write one striped or
 padded-striped file: each gets a *shared* planner
 (:class:`SharedStripedPlanner`, :class:`SharedPaddedPlanner`) whose offsets
@@ -76,6 +87,7 @@ __all__ = [
     "StripedPlanner",
     "PaddedStripedPlanner",
     "ShardedPlanner",
+    "SizedShardedPlanner",
     "SharedStripedPlanner",
     "SharedPaddedPlanner",
     "Counter",
@@ -493,10 +505,114 @@ class ShardedPlanner(_Closed):
         return list(self._next)
 
 
+class SizedShardedPlanner(_Closed):
+    """Sharded, each lane's lines in shards of about ``shard_size`` bytes
+    of text, each a complete trace (see the module docstring).
+
+    File numbers are given out as shards are started (:attr:`files` grows);
+    the caller creates file ``n`` when a placement first names it.  A lane
+    starts a new shard with the placement that follows one which brought its
+    shard's text to ``shard_size`` or more; that placement carries the
+    header (``head``).  :meth:`close_shards` places a footer at the end of
+    every shard (and, when no chunk was placed at all, makes shard 0 of the
+    header and the footer alone).
+    """
+
+    layout: LayoutName = "sharded"
+
+    def __init__(self, *, header_length: int, stripe_size: int, shard_size: int) -> None:
+        if shard_size < 1:
+            raise ValueError("a shard size is at least 1 byte")
+        self.header_length = header_length
+        self.chunk_capacity = stripe_size
+        self.shard_size = shard_size
+        self.files = 0
+        self._sizes: list[int] = []
+        self._shard: dict[int, tuple[int, int]] = {}  # lane -> (its shard, the text placed in it)
+        self._cut: dict[int, int] = {}  # lane -> the text its shard holds, as cut (see cut)
+
+    def open(self) -> None:
+        return None
+
+    def cut(self, lane: int, text: memoryview) -> list[memoryview]:
+        """``text`` (whole lines, ``lane``'s next) in pieces that each go to
+        one shard: a piece ends with the line that brings its shard to
+        ``shard_size`` bytes of text, or with ``text``.  Place the pieces
+        one by one, in this order, before the lane's next cut."""
+        pieces = []
+        filled = self._cut.get(lane, 0)
+        while text.nbytes:
+            if filled >= self.shard_size:
+                filled = 0  # (the next piece starts a new shard)
+            need = self.shard_size - filled
+            end = text.nbytes if text.nbytes < need else _line_end(text, need - 1)
+            pieces.append(text[:end])
+            filled += end
+            text = text[end:]
+        self._cut[lane] = filled
+        return pieces
+
+    def place(self, lane: int, length: int, text: int | None = None) -> Placement:
+        """Place ``length`` bytes holding ``text`` bytes of lines (plain: ``length``)."""
+        self._check_open()
+        shard = self._shard.get(lane)
+        head = 0
+        if shard is None or shard[1] >= self.shard_size:
+            shard, head = (self._new_file(), 0), self.header_length
+        file, filled = shard
+        offset = self._sizes[file]
+        self._sizes[file] = offset + head + length
+        self._shard[lane] = (file, filled + (length if text is None else text))
+        return Placement(file, offset, head, length, 0)
+
+    def close_shards(self, footer_length: int) -> list[Placement]:
+        """The footer of every shard, in file order; no chunk may be placed afterwards."""
+        self._check_open()
+        self.closed = True
+        if not self.files:
+            self._new_file()
+            self._sizes[0] = self.header_length + footer_length
+            return [Placement(0, 0, self.header_length, footer_length, 0)]
+        footers = [Placement(file, size, 0, footer_length, 0) for file, size in enumerate(self._sizes)]
+        self._sizes = [size + footer_length for size in self._sizes]
+        return footers
+
+    def close(self, footer_length: int) -> Placement:
+        """:meth:`close_shards`' last footer (the sink takes them all)."""
+        return self.close_shards(footer_length)[-1]
+
+    def file_sizes(self) -> list[int]:
+        return list(self._sizes)
+
+    def _new_file(self) -> int:
+        self._sizes.append(0)
+        self.files += 1
+        return self.files - 1
+
+
+def _line_end(text: memoryview, start: int) -> int:
+    """The end of the line that holds byte ``start`` of ``text`` (whole
+    lines): the index after its newline."""
+    step = 4096
+    while start < text.nbytes:
+        found = bytes(text[start : start + step]).find(b"\n")
+        if found >= 0:
+            return start + found + 1
+        start += step
+        step *= 2
+    return text.nbytes
+
+
 def make_planner(
-    layout: LayoutName, *, header_length: int, stripe_size: int, workers: int, min_padding: int = 1
+    layout: LayoutName, *, header_length: int, stripe_size: int, workers: int, min_padding: int = 1,
+    shard_size: int | None = None,
 ) -> Planner:
-    """The planner for ``layout``; sharded layouts get one shard per lane."""
+    """The planner for ``layout``; sharded layouts get one shard per lane,
+    or with ``shard_size`` shards of that many bytes of lines (:class:`SizedShardedPlanner`)."""
+    if shard_size is not None:
+        if layout != "sharded":
+            raise ValueError(f"a shard size is for the sharded layout, not {layout}")
+        return SizedShardedPlanner(header_length=header_length, stripe_size=stripe_size, shard_size=shard_size)
     if layout == "striped":
         return StripedPlanner(header_length=header_length, stripe_size=stripe_size)
     if layout == "padded-striped":

@@ -63,8 +63,14 @@ class MemberStage:
     async def add(self, lane: int, text: memoryview, release: Callable[[], None], since: float) -> None:
         """Take ``text`` (a chunk of whole lines of ``lane``, whose oldest
         line was queued at trio time ``since``) into the stage; ``release()``
-        is called once the text is no longer needed."""
-        await self._compress_in_order(lane, text, release, since)
+        is called once the text is no longer needed.  With a shard size, each
+        piece of it that goes to one shard
+        (:meth:`~pwriter.sink.ChunkSink.shard_pieces`) is a member of its own."""
+        pieces = self._sink.shard_pieces(lane, text)
+        if len(pieces) > 1:
+            release = _after_calls(len(pieces), release)
+        for piece in pieces:
+            await self._compress_in_order(lane, piece, release, since)
 
     def text_since(self) -> list[float]:
         """For the ticker: when the oldest line of each lane's held padded members was queued."""
@@ -186,3 +192,15 @@ class MemberStage:
             await self._sink.write_placed(placement, member)
         finally:
             self._member_slots.release()
+
+
+def _after_calls(count: int, call: Callable[[], None]) -> Callable[[], None]:
+    """A function that calls ``call()`` on its ``count``-th call (from the trio thread)."""
+    left = [count]
+
+    def countdown() -> None:
+        left[0] -= 1
+        if left[0] == 0:
+            call()
+
+    return countdown

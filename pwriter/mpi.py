@@ -36,7 +36,11 @@ published:
      alone, padded;
    * sharded: each rank writes its own shards (rank r has shards r x w to
      r x w + w - 1); the header starts rank 0's first, the footer ends the
-     last rank's last.
+     last rank's last.  With a shard size, each rank makes its shards as its
+     lanes start them, each a complete trace (header and footer), and at
+     least one (a rank with no events: the header and footer alone); the
+     set's read order is rank 0's shards, then rank 1's, ..., each rank's
+     in the order it started them.
 
    A rank that fails adds a huge value to the shared counter, so that every
    other rank fails at its next placement instead of finishing its share.
@@ -81,7 +85,7 @@ import trio
 
 from .errors import PwriterError, UsageError
 from .layout import (Counter, LocalCounter, Placement, Planner, SharedPaddedPlanner,
-                     SharedStripedPlanner, ShardedPlanner)
+                     SharedStripedPlanner, ShardedPlanner, SizedShardedPlanner)
 from .settings import Settings
 from .sizing import FsInfo, Sizing, Striping, shard_offsets
 
@@ -280,13 +284,15 @@ class RankOutput:
     :meth:`remove_created` removes them when another rank failed."""
 
     def __init__(self, output: str, targets: Sequence[str], *, temporaries: Sequence[str] = (),
-                 first: int = 0, striping: Striping | None = None) -> None:
+                 first: int = 0, striping: Striping | None = None, generation: int = 0) -> None:
         self.output = output
         self.targets = list(targets)
         self.temporaries = list(temporaries)
         self._creates = not temporaries  # a sharded part: this rank creates its shards
         self._first = first
         self._striping = striping
+        self._generation = generation
+        self._direct = False
         self.fds: list[int] = []
         self.direct_fds: list[int] = []
         self.manifest: str | None = None
@@ -298,6 +304,7 @@ class RankOutput:
         from .errors import WriteError
         from .output import create_temporaries
 
+        self._direct = direct
         if self._creates:  # (in the directory as it is now, even if it is renamed later: see pwriter.output)
             directory = os.path.dirname(os.path.abspath(self.output))
             try:
@@ -319,6 +326,24 @@ class RankOutput:
             raise WriteError(exc.filename or self.targets[0], f"cannot open the output: {exc.strerror}",
                              exc.errno) from None
         return self.fds
+
+    def add_shard(self) -> tuple[int, int | None]:
+        """A shard size: create this rank's next shard (as
+        :meth:`pwriter.output.OutputSet.add_shard` does; its final name is
+        given by rank 0 at the commit, in the set's read order)."""
+        from .output import create_temporaries, shard_paths
+
+        assert self._creates and self._dir_fd is not None, "add_shard: a sharded part, after create()"
+        index = len(self.fds)
+        name = shard_paths(self.output, index + 1, self._generation)[index]
+        temporaries, fds, direct_fds = create_temporaries(
+            self.output, [name], direct=self._direct, striping=self._striping, first=self._first + index,
+            dir_fd=self._dir_fd)
+        self.temporaries += temporaries
+        self.fds += fds
+        self.direct_fds += direct_fds
+        self.targets.append(name)
+        return fds[0], direct_fds[0] if direct_fds else None
 
     def check(self, inputs: Sequence[str] = ()) -> None:
         """(Rank 0 checked the output before any file was created.)"""
@@ -370,9 +395,13 @@ class RankPart:
     writes_footer: bool
     counter: Counter | None
     """Striped and padded-striped: where offsets come from."""
+    shard_size: int | None = None
+    """Sharded: the shard size (each shard then has the header and the footer)."""
 
     def planner(self, *, header_length: int, min_padding: int) -> Planner:
         layout, stripe = self.sizing.layout, self.sizing.stripe_size
+        if layout == "sharded" and self.shard_size is not None:
+            return SizedShardedPlanner(header_length=header_length, stripe_size=stripe, shard_size=self.shard_size)
         if layout == "sharded":
             return ShardedPlanner(header_length=header_length if self.writes_header else 0, stripe_size=stripe,
                                   shards=self.sizing.workers)
@@ -398,6 +427,8 @@ class Decision:
     targets: list[str]
     manifest: str | None
     striping: Striping | None
+    generation: int = 0
+    """Sharded: the generation of the shards' names (:class:`~pwriter.output.OutputSet`)."""
 
 
 @dataclasses.dataclass(frozen=True)
@@ -411,25 +442,28 @@ class RankMergeResult:
 
 
 def _decide(world: World, paths: Sequence[str], directories: Sequence[str] | None, output: str,
-            settings: Settings, force: bool, offsets: str) -> tuple[Decision, Any]:
+            settings: Settings, force: bool, offsets: str, recursive: bool = False) -> tuple[Decision, Any]:
     """Step 1, on rank 0: returns the decision and the OutputSet (kept on rank 0 to publish)."""
     from .inputs import collect_inputs, input_size
     from .output import OutputSet, member_index_path, names_of_output
-    from .writer import follow_layout_of, output_compression, plan
+    from .writer import check_shard_size, follow_layout_of, output_compression, plan
 
     compressed = output_compression(output, settings)
     if offsets == "exscan" and (compressed or settings.direct
                                 or settings.layout not in ("auto", "striped")):
         raise UsageError("--mpi-offsets exscan: only for a striped, plain output (its ranges are counted "
                          "before they are written); the shared counter does every layout")
-    inputs = collect_inputs(paths, directories, exclude=names_of_output(output))
+    inputs = collect_inputs(paths, directories, exclude=names_of_output(output), recursive=recursive)
     sizes = [input_size(path) for path in inputs]
     fs, sizing = plan(output, settings, expected_bytes=sum(sizes), processes_per_node=world.node_ranks)
+    check_shard_size(settings, sizing)
     sharded = sizing.layout == "sharded"
     files = world.size * sizing.workers if sharded else 1
     striping = sizing.striping
     if striping is not None and sharded:
         striping = dataclasses.replace(striping, offsets=shard_offsets(files, fs.ost_count))
+    if settings.shard_size is not None:
+        files = 0  # (a growing set: each rank makes its shards as it starts them)
     outputs = OutputSet(output, sharded=sharded, files=files, force=force,
                         sidecars=[member_index_path(output)] if compressed else [])
     outputs.check(inputs)  # (takes the output's lock, kept until rank 0 publishes or discards)
@@ -443,7 +477,7 @@ def _decide(world: World, paths: Sequence[str], directories: Sequence[str] | Non
             outputs.discard()
             raise
     decision = Decision(inputs, sizes, fs, sizing, compressed, list(outputs.temporaries), list(outputs.targets),
-                        outputs.manifest, striping)
+                        outputs.manifest, striping, outputs.generation)
     return decision, outputs
 
 
@@ -459,16 +493,19 @@ async def merge_over_ranks(
     validate: bool = False,
     progress: Any = None,
     offsets: str = "counter",
+    recursive: bool = False,
 ) -> RankMergeResult | None:
     """Merge ``paths`` (and the traces of each of ``directories``) into ``output`` with every
     rank of ``world`` (see the module docstring).  Collective.  Returns the
     result on rank 0 and None on the others; raises on every rank when any
     rank fails, and then nothing is published.  ``offsets`` is ``counter``
     or ``exscan`` (striped, uncompressed output only; see the module docstring);
+    ``recursive``: every trace below each of ``directories`` (:func:`~pwriter.inputs.collect_inputs`);
     ``settings`` default to :func:`~pwriter.settings.load_settings`."""
     from .compress import gzip_member
     from .errors import DataError
     from .merge import MergeProgress, merge, partition
+    from .output import shard_paths
     from .settings import load_settings
     from .writer import FOOTER, HEADER
 
@@ -479,7 +516,7 @@ async def merge_over_ranks(
     kept: list[Any] = []  # rank 0: the OutputSet, to publish or discard
 
     def decide() -> Decision:
-        decision, outputs = _decide(world, paths, directories, output, settings, force, offsets)
+        decision, outputs = _decide(world, paths, directories, output, settings, force, offsets, recursive)
         kept.append(outputs)
         return decision
 
@@ -493,6 +530,7 @@ async def merge_over_ranks(
     header = gzip_member(HEADER, settings.level) if decision.compressed else HEADER
     footer = gzip_member(FOOTER, settings.level) if decision.compressed else FOOTER
     sharded = sizing.layout == "sharded"
+    sized = sharded and settings.shard_size is not None
     exscan = offsets == "exscan" and sizing.layout == "striped"
     counter: WindowCounter | None = None
     part_output: RankOutput | None = None
@@ -506,7 +544,7 @@ async def merge_over_ranks(
         if sharded:
             first = world.rank * sizing.workers
             part_output = RankOutput(output, decision.targets[first : first + sizing.workers], first=first,
-                                     striping=decision.striping)
+                                     striping=decision.striping, generation=decision.generation)
         else:
             part_output = RankOutput(output, decision.targets, temporaries=decision.temporaries)
             start = len(header) if sizing.layout == "striped" else sizing.stripe_size
@@ -516,8 +554,9 @@ async def merge_over_ranks(
             else:
                 counter = WindowCounter(world, start)
                 part_counter = counter
-        part = RankPart(fs=decision.fs, sizing=sizing, output=part_output, writes_header=world.rank == 0,
-                        writes_footer=sharded and world.rank == world.size - 1, counter=part_counter)
+        part = RankPart(fs=decision.fs, sizing=sizing, output=part_output, writes_header=world.rank == 0 or sized,
+                        writes_footer=sized or (sharded and world.rank == world.size - 1), counter=part_counter,
+                        shard_size=settings.shard_size if sized else None)
         result = failure = None
         try:
             result = await merge(inputs, output, settings=settings, force=force,
@@ -535,7 +574,7 @@ async def merge_over_ranks(
             await world.agree(failure)
             assert result is not None
             stats = result.writer
-            file_base = world.rank * sizing.workers if sharded else 0
+            file_base = world.rank * sizing.workers if sharded and not sized else 0  # (sized: made global below)
             gathered = world.gather({
                 "rank": world.rank, "inputs": result.inputs, "events": result.events,
                 "input_bytes": result.input_bytes, "bytes": stats.bytes_written,
@@ -549,6 +588,13 @@ async def merge_over_ranks(
                 assert gathered is not None
                 if sharded:  # every rank's shards, in read order: rank 0 publishes (or removes) them all
                     kept[0].temporaries = [name for item in gathered for name in item["temporaries"]]
+                if sized:  # the shards' final names, and their file numbers in the member index, in read order
+                    base = 0
+                    for item in gathered:
+                        item["entries"] = [(entry[0] + base, *entry[1:]) for entry in item["entries"]]
+                        base += len(item["temporaries"])
+                    kept[0].targets = shard_paths(output, base, decision.generation)
+                    decision = dataclasses.replace(decision, targets=list(kept[0].targets))
                 try:
                     footer_bytes = _commit(kept[0], decision, counter, footer, gathered, settings, exscan,
                                            len(header))

@@ -497,6 +497,12 @@ class OutputSet:
     one set replaces another), so that a reader following the old manifest
     never sees a new shard.  ``force`` replaces the whole set the name
     stands for, whatever its layout or compression.
+
+    A sharded output of ``files=0`` *grows*: :meth:`create` makes no shard,
+    and :meth:`add_shard` makes each one while the output is written (a
+    shard size), a temporary like the others (created exclusively, with
+    the Lustre layout of its file number), published or removed with the
+    set.  Its shards are named in the order they were added.
     """
 
     def __init__(self, target: str, *, sharded: bool, files: int, force: bool, sidecars: Sequence[str] = ()) -> None:
@@ -511,6 +517,9 @@ class OutputSet:
         self.direct_fds: list[int] = []
         self.can_sync = True
         self._files = files
+        self._generation = 0
+        self._direct = False
+        self._striping: Striping | None = None
         self._dir_fd: int | None = None
         self._lock: OutputLock | None = None
         self._name = os.path.basename(target)
@@ -519,6 +528,11 @@ class OutputSet:
     def names(self) -> list[str]:
         """Every name this output will publish."""
         return self.targets + self.sidecars + ([self.manifest] if self.manifest else [])
+
+    @property
+    def generation(self) -> int:
+        """Sharded, after :meth:`check`: the generation of its shards' names."""
+        return self._generation
 
     def check(self, inputs: Iterable[str] = ()) -> None:
         """Take the output's lock (:class:`OutputLock`), then decide and check
@@ -604,13 +618,19 @@ class OutputSet:
         return any(_same_file(stat, input_stat) for input_stat in inputs)
 
     def _free_generation(self) -> list[str]:
-        """Shard names of the first generation of which no file exists (see the class docstring)."""
+        """Shard names of the first generation of which no file exists, of
+        any shard number (see the class docstring): a growing set may take
+        any number of them."""
         assert self._dir_fd is not None
-        for generation in range(len(os.listdir(self._dir_fd)) + 1):  # (each file takes one generation at most)
-            names = shard_paths(self.target, self._files, generation)
-            if not any(_exists(os.path.basename(name), self._dir_fd) for name in names):
-                return names
-        raise AssertionError("unreachable: some generation is free")  # pragma: no cover
+        stem, suffix = _stem_and_suffix(self._name)
+        pattern = re.compile(re.escape(stem) + r"(?:\.g([0-9]+))?\.shard_[0-9]{3,}" + re.escape(suffix) + r"\Z")
+        taken = set()
+        for entry in os.listdir(self._dir_fd):
+            match = pattern.match(entry)
+            if match is not None:
+                taken.add(int(match.group(1) or 0))
+        self._generation = next(generation for generation in range(len(taken) + 1) if generation not in taken)
+        return shard_paths(self.target, self._files, self._generation)
 
     def _check_names(self, found: _Found, input_stats: list[tuple[str, os.stat_result]]) -> None:
         directory = os.path.dirname(self.target)
@@ -659,6 +679,7 @@ class OutputSet:
         is a :class:`WriteError` naming the file.  On failure, everything is
         discarded (the lock released).
         """
+        self._direct, self._striping = direct, striping
         try:
             self._open_directory()
             self.temporaries, self.fds, self.direct_fds = create_temporaries(
@@ -667,6 +688,25 @@ class OutputSet:
             self.discard()
             raise
         return self.fds
+
+    def add_shard(self) -> tuple[int, int | None]:
+        """A growing set (see the class docstring): create the next shard's
+        temporary, as :meth:`create` did the others; returns its descriptor
+        and its O_DIRECT descriptor (or None).  :attr:`targets` then names
+        every shard (their number's width may grow).  Raises
+        :class:`WriteError` naming the output when it cannot be created; the
+        set is then discarded by its owner as on any error."""
+        assert self.sharded and self._dir_fd is not None, "add_shard: a sharded set, after create()"
+        index = len(self.fds)
+        names = shard_paths(self.target, index + 1, self._generation)
+        temporaries, fds, direct_fds = create_temporaries(
+            self.target, names[index:], direct=self._direct, striping=self._striping, first=index,
+            dir_fd=self._dir_fd)
+        self.temporaries += temporaries
+        self.fds += fds
+        self.direct_fds += direct_fds
+        self.targets = names
+        return fds[0], direct_fds[0] if direct_fds else None
 
     def close_files(self) -> None:
         close_quietly(self.fds + self.direct_fds)
@@ -926,6 +966,10 @@ class StreamOutput:
         if direct:
             raise UsageError(f"{self.target}: --direct needs a file, not a stream")
         return self.fds
+
+    def add_shard(self) -> tuple[int, int | None]:
+        """Never called: a stream is never sharded (the writer refuses it)."""
+        raise RuntimeError("a stream output has no shards")
 
     def publish(self, *, fsync: bool, sidecars: dict[str, bytes] | None = None) -> None:
         """Nothing to publish: the bytes are already in the stream (no sidecars)."""

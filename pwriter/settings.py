@@ -70,6 +70,7 @@ StripeSize = Annotated[Annotated[int, Field(ge=64 << 10)] | None, BeforeValidato
 MemoryBudget = Annotated[Annotated[int, Field(ge=16 << 20)] | None, BeforeValidator(_optional_size)]
 WorkerCount = Annotated[Annotated[int, Field(ge=1, le=1024)] | None, BeforeValidator(_optional_int)]
 BuffersPerWorker = Annotated[Annotated[int, Field(ge=2, le=64)] | None, BeforeValidator(_optional_int)]
+ShardSize = Annotated[Annotated[int, Field(ge=1)] | None, BeforeValidator(_optional_size)]
 WriteCallSize = Annotated[Annotated[int, Field(ge=4096)] | None, BeforeValidator(_optional_size)]
 def _stripe_count(value: object) -> object:
     if isinstance(value, str) and value.strip().lower() in ("", "auto"):
@@ -114,6 +115,11 @@ class Settings(BaseModel):
                     "auto stripes large outputs over all OSTs and shards over one each")
     workers: WorkerCount = Field(
         default=None, description="write lanes (the number of shards when sharded); auto follows the filesystem")
+    shard_size: ShardSize = Field(
+        default=None,
+        description="sharded layout: a lane starts a new shard once its shard holds this many bytes of event "
+                    "lines (e.g. 256MiB; whole lines, the last may cross it); each shard is a complete trace. "
+                    "auto: one shard per lane, no limit")
     buffers_per_worker: BuffersPerWorker = Field(
         default=None, description="stripe buffers per worker (default 4, cut to the memory budget)")
     queue_depth: QueueDepth = Field(

@@ -30,6 +30,16 @@ it fills; its last, partial slot's worth goes to the sink's pool
 whose rest ends the file at close, before the footer, unpadded when it is
 the file's last slot.  So a padded merge costs about what a striped one does.
 
+A sharded output with a shard size (:class:`~pwriter.layout.SizedShardedPlanner`)
+grows while it is written: every way in first cuts a lane's text at its
+shard limits (:meth:`ChunkSink.shard_pieces`; for gzip output before it is
+compressed, one member per piece), and a placement that starts a new shard
+makes the sink create its file, under the placement lock, before the
+placement is handed out (:meth:`~pwriter.output.OutputSet.add_shard`, then
+the backend's ``register``).  Each shard gets the header with its first
+chunk and the footer at close (:meth:`ChunkSink.close`), whatever bytes
+the writer gave as header and footer.
+
 A stream output (standard output, a pipe) has no
 offsets to write at: every write of a stream, from either way in, passes one
 gate that lets it through once every byte placed before it is written
@@ -52,7 +62,8 @@ import trio
 from .backends import Backend
 from .compress import Member, SlotMembers, gzip_member
 from .errors import WriteError
-from .layout import GZIP_MIN_PADDING, Placement, Planner, gzip_padding, gzip_padding_members, plain_padding
+from .layout import (GZIP_MIN_PADDING, Placement, Planner, SizedShardedPlanner, gzip_padding, gzip_padding_members,
+                     plain_padding)
 from .output import OutputSet, StreamOutput
 from .traceformat import count_newlines, rfind_newline
 
@@ -96,6 +107,7 @@ class ChunkSink:
                  header_text: int, compressed: bool, padded: bool, level: int, chunk_capacity: int,
                  writeback: bool, stream_threads: int) -> None:
         self._planner = planner
+        self._sized = planner if isinstance(planner, SizedShardedPlanner) else None
         self._output = output
         self._backend = backend
         self._header = header
@@ -152,12 +164,18 @@ class ChunkSink:
             self.record(header, text=self._header_text, events=0)
         return header
 
-    def close(self, footer_length: int, footer_text: int) -> Placement:
-        """The footer's placement, after every chunk's."""
+    def close(self, footer_length: int, footer_text: int) -> list[Placement]:
+        """The footers' placements, after every chunk's: one, or with a
+        shard size one for each shard (see the module docstring)."""
         with self._lock:
-            footer = self._planner.close(footer_length)
-        self.record(footer, text=footer_text, events=0)
-        return footer
+            if self._sized is not None:
+                footers = self._sized.close_shards(footer_length)
+                self._add_files(footers[-1].file)
+            else:
+                footers = [self._planner.close(footer_length)]
+        for footer in footers:
+            self.record(footer, text=footer_text, events=0)
+        return footers
 
     def fill_empty_files(self) -> list[Placement]:
         """After :meth:`close`: placements of padding alone, recorded for
@@ -260,6 +278,12 @@ class ChunkSink:
         if self.compressed:
             self._thread_members.add(lane, buffer[:filled])
             return
+        if self._sized is not None:
+            pieces = self.shard_pieces(lane, buffer[:filled])
+            if len(pieces) > 1:
+                for piece in pieces:
+                    self.write_placed_in_thread(self.place(lane, piece.nbytes), piece)
+                return
         if self.padded:
             self._write_held_in_thread(lane)
             if self.room(lane) - filled >= self.full_below:
@@ -277,7 +301,8 @@ class ChunkSink:
             self._thread_members.add(lane, memoryview(lines))
             return
         self._write_held_in_thread(lane)
-        self.write_placed_in_thread(self.place(lane, len(lines)), memoryview(lines))
+        for piece in self.shard_pieces(lane, memoryview(lines)):
+            self.write_placed_in_thread(self.place(lane, piece.nbytes), piece)
 
     def finish_lane_in_thread(self, lane: int) -> None:
         """The end of a thread maker's lane: padded layouts put what it held
@@ -326,12 +351,18 @@ class ChunkSink:
         if self._stream:
             self._stream_gate.advance(placement.length)
 
-    def place(self, lane: int, length: int) -> Placement:
-        """The planner's placement of a chunk (under the lock: worker threads
-        place too).  The padding of a slot the lane left for it is written
-        with the chunk, first (:meth:`write_placed`)."""
+    def place(self, lane: int, length: int, text: int | None = None) -> Placement:
+        """The planner's placement of a chunk of ``text`` bytes of lines
+        (plain: ``length``), under the lock: worker threads place too.  The
+        padding of a slot the lane left for it is written with the chunk,
+        first (:meth:`write_placed`).  A placement in a shard not yet made
+        makes it first (a shard size: see the module docstring)."""
         with self._lock:
-            placement = self._planner.place(lane, length)
+            if self._sized is not None:
+                placement = self._sized.place(lane, length, text)
+                self._add_files(placement.file)
+            else:
+                placement = self._planner.place(lane, length)
             owed = self._planner.paddings()
             if owed:
                 self._owed[(placement.file, placement.offset)] = owed
@@ -339,12 +370,35 @@ class ChunkSink:
             self.record(padding, text=0, events=0)
         return placement
 
+    def shard_pieces(self, lane: int, text: memoryview) -> list[memoryview]:
+        """``text`` (whole lines, ``lane``'s next) cut at its shard limits
+        (a shard size: :meth:`SizedShardedPlanner.cut`), else ``[text]``.
+        Each piece is placed on its own, in order, before the lane's next text."""
+        if self._sized is None:
+            return [text]
+        with self._lock:
+            return self._sized.cut(lane, text)
+
+    def _add_files(self, file: int) -> None:
+        """Under the lock: create the shards up to number ``file`` that do not exist yet, and register them."""
+        while len(self._fds) <= file:
+            fd, direct_fd = self._output.add_shard()
+            name = self._output.targets[len(self._fds)]
+            self._backend.register(fd, name)
+            if direct_fd is not None:
+                self._backend.register(direct_fd, name)
+                self._direct_fds.append(direct_fd)
+            self._fds.append(fd)
+
     def place_chunk(self, lane: int, chunk: memoryview) -> list[tuple[Placement, memoryview]]:
         """Place ``chunk`` (whole lines of plain text) next in ``lane``'s
         order: one placement, or in a padded layout two, when the chunk does
         not fit what is left of the lane's slot: its first lines fill the
         slot and the rest starts the lane's next one (so that a deadline
-        flush costs no padding).  Write them with :meth:`write_pieces`."""
+        flush costs no padding); with a shard size, one for each shard it
+        goes to.  Write them with :meth:`write_pieces`."""
+        if self._sized is not None:
+            return [(self.place(lane, piece.nbytes), piece) for piece in self.shard_pieces(lane, chunk)]
         pieces = []
         room = self.room(lane) if self.padded else chunk.nbytes
         if chunk.nbytes > room and room < self._planner.chunk_capacity:  # the lane keeps a slot with some room
@@ -377,7 +431,7 @@ class ChunkSink:
         """Place gzip ``members`` (``(member, text bytes, events)``) next in
         ``lane``'s order, as one chunk, and record them for the index."""
         body = members[0][0] if len(members) == 1 else b"".join(member for member, _, _ in members)
-        placement = self.place(lane, len(body))
+        placement = self.place(lane, len(body), sum(text for _, text, _ in members))
         if self.compressed:
             self.members.record_members(placement, [(len(member), text, events) for member, text, events in members])
         return placement, body
@@ -404,8 +458,9 @@ class ThreadMembers:
     def add(self, lane: int, text: memoryview) -> None:
         """Compress ``text`` (whole lines of ``lane``) into members; write what is finished."""
         if not self._sink.padded:
-            member, events = compress_chunk(text, self._sink.level)
-            self._write(lane, [(member, text.nbytes, events)])
+            for piece in self._sink.shard_pieces(lane, text):
+                member, events = compress_chunk(piece, self._sink.level)
+                self._write(lane, [(member, piece.nbytes, events)])
             return
         members = self._lanes.get(lane)
         if members is None:

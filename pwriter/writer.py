@@ -57,8 +57,8 @@ from .settings import ConfigError, Settings, settings_from, settings_with
 from .sizing import FsInfo, Sizing, follow_layout_set, plan_sizing
 from .traceformat import BlockCleaner
 
-__all__ = ["Writer", "WriterStatistics", "open_writer", "plan", "output_compression", "error_to_raise", "HEADER",
-           "FOOTER"]
+__all__ = ["Writer", "WriterStatistics", "open_writer", "plan", "output_compression", "check_shard_size",
+           "error_to_raise", "HEADER", "FOOTER"]
 
 HEADER = b"[\n"
 FOOTER = b"]\n"
@@ -366,7 +366,10 @@ async def open_writer(
     (:class:`~pwriter.errors.OutputExistsError`), when it is one of
     ``inputs``, and, even with ``force``, when the name is not a regular file
     or a symlink to one (a directory, FIFO, socket, device).  ``header``
-    starts and ``footer`` ends the output in every layout.  ``fs`` replaces
+    starts and ``footer`` ends the output in every layout (with a
+    ``shard_size``, every shard: each is a complete trace, and the set has
+    as many shards as its lanes started; a shard size for another layout,
+    or for a stream, is a :class:`~pwriter.settings.ConfigError`).  ``fs`` replaces
     filesystem detection and a ``backend`` object the backend named in the
     settings (both for tests; a backend name is the setting).  ``compress``
     (default: a ``path`` ending in ``.gz``; :func:`output_compression`
@@ -419,8 +422,9 @@ async def open_writer(
         raise ValueError(f"producers={producers!r}: the number of producers expected, at least 1 (or None)")
     output: OutputSet | StreamOutput
     if _is_stream(path):
-        if settings.layout not in ("auto", "striped") or settings.direct:
-            what = f"layout={settings.layout!r}" if settings.layout not in ("auto", "striped") else "direct"
+        if settings.layout not in ("auto", "striped") or settings.direct or settings.shard_size is not None:
+            what = (f"layout={settings.layout!r}" if settings.layout not in ("auto", "striped") else "direct"
+                    if settings.direct else f"shard_size={settings.shard_size}")
             raise ConfigError(f"invalid setting {what}: a stream (-o -) is written in read order, in the "
                               "striped layout, without O_DIRECT")
         output = StreamOutput(path)
@@ -451,18 +455,20 @@ async def open_writer(
     else:
         fs, sizing = plan(target if output is None else ".", settings, producers=producers, fs=fs,
                           expected_bytes=expected_bytes)
+        check_shard_size(settings, sizing)
         if output is None:
-            output = OutputSet(target, sharded=sizing.layout == "sharded",
-                               files=sizing.workers if sizing.layout == "sharded" else 1, force=force,
+            # (with a shard size, the set grows: its shards are made as they are started)
+            files = (0 if settings.shard_size is not None else sizing.workers) if sizing.layout == "sharded" else 1
+            output = OutputSet(target, sharded=sizing.layout == "sharded", files=files, force=force,
                                sidecars=[member_index_path(target)] if compress else [])
         output.check(inputs)
         output.create(direct=settings.direct, striping=sizing.striping)
     try:
         if part is None:
-            if sizing.striping is not None and isinstance(output, OutputSet):
+            if sizing.striping is not None and isinstance(output, OutputSet) and output.temporaries:
                 fs, sizing = follow_layout_of(output.temporaries[0], fs, sizing, settings)
             planner = make_planner(sizing.layout, header_length=len(header), stripe_size=sizing.stripe_size,
-                                   workers=sizing.workers, min_padding=min_padding)
+                                   workers=sizing.workers, min_padding=min_padding, shard_size=settings.shard_size)
         assert planner.files == len(output.fds), "one file per shard"
         pool = BufferPool(sizing.buffers, sizing.stripe_size)
     except BaseException:
@@ -524,6 +530,16 @@ async def open_writer(
         with trio.CancelScope(shield=True):
             output.discard()
             pool.close()
+
+
+def check_shard_size(settings: Settings, sizing: Sizing) -> None:
+    """A shard size is only for the sharded layout: refused
+    (:class:`~pwriter.settings.ConfigError`) for any other, so that it is
+    never silently ignored (``layout`` auto: whichever the sizing chose)."""
+    if settings.shard_size is not None and sizing.layout != "sharded":
+        chosen = "" if settings.layout != "auto" else " (chosen by layout auto: give layout sharded)"
+        raise ConfigError(f"invalid setting shard_size={settings.shard_size}: a shard size is for the sharded "
+                          f"layout, and this output's layout is {sizing.layout}{chosen}")
 
 
 def output_compression(target: str, settings: Settings, *, stream: bool = False) -> bool:
