@@ -19,6 +19,7 @@ long long pw_find_newline(const char *buf, size_t start, size_t stop);
 long long pw_rfind_newline(const char *buf, size_t start, size_t stop);
 size_t pw_count_newlines(const char *buf, size_t len);
 size_t pw_count_lines(const char *buf, size_t len, int *blank);
+size_t pw_count_prefixed(const char *buf, size_t len, const char *prefix, size_t n);
 void pw_hash_lines(const char *buf, size_t len, uint64_t *sums, uint64_t *hashes, size_t max_hashes);
 """
 
@@ -232,6 +233,19 @@ size_t pw_count_lines(const char *buf, size_t len, int *blank)
         if (nl == buf || nl[-1] == '\n')
             *blank = 1;
         count++;
+        p = nl + 1;
+    }
+    return count;
+}
+
+/* Lines of buf[0:len] (each ending in '\n') that begin with prefix[0:n]. */
+size_t pw_count_prefixed(const char *buf, size_t len, const char *prefix, size_t n)
+{
+    size_t count = 0;
+    const char *p = buf, *end = buf + len, *nl;
+    while (p < end && (nl = memchr(p, '\n', (size_t)(end - p))) != NULL) {
+        if ((size_t)(nl - p) >= n && memcmp(p, prefix, n) == 0)
+            count++;
         p = nl + 1;
     }
     return count;

@@ -16,6 +16,12 @@ untouched.  The check runs in C (``pwriter._native``, memchr speed, GIL
 released) where that module is built, else as three ``bytes`` scans.  Only
 lines that are not bare events (wrapper lines, blank lines, indentation,
 CRLF) are trimmed one by one in Python.
+
+For the completeness of an input (:mod:`pwriter.completeness`) the cleaner
+also keeps two facts, without parsing: how many event lines begin with
+``{"id":`` (:data:`ID_PREFIX`; DFTracer 2.x writes ``id`` first in every
+event its ``end`` event counts, and no ``id`` in metadata lines), counted
+in C over the cleaned text, and the last event line.
 """
 
 from __future__ import annotations
@@ -25,11 +31,14 @@ from typing import Any
 
 from .errors import InputError
 
-__all__ = ["BlockCleaner", "is_gzip_magic", "is_valid_json", "rfind_newline", "count_newlines"]
+__all__ = ["BlockCleaner", "is_gzip_magic", "is_valid_json", "rfind_newline", "count_newlines", "count_prefixed",
+           "ID_PREFIX"]
 
 GZIP_MAGIC = b"\x1f\x8b"
 BOM = b"\xef\xbb\xbf"
 _WRAPPERS = (b"", b"[", b"]")
+#: How an event line that DFTracer's ``end`` event counts begins (see the module docstring).
+ID_PREFIX = b'{"id":'
 
 
 def is_gzip_magic(head: bytes) -> bool:
@@ -47,7 +56,9 @@ class BlockCleaner:
     :meth:`feed` takes the next piece of text (cut anywhere) and returns the
     event lines completed by it, as one newline-terminated block (possibly
     empty); :meth:`finish` returns the last line when the text does not end
-    with a newline.  ``events`` counts the event lines returned;
+    with a newline.  ``events`` counts the event lines returned, ``ids``
+    those that begin with :data:`ID_PREFIX`, and ``last_event`` is the last
+    of them (without its newline; None before the first);
     ``offset`` is the number of text bytes consumed.  Raises
     :class:`~pwriter.errors.InputError` naming ``path``, the line and the
     byte offset of the first line that is not an event.
@@ -60,6 +71,8 @@ class BlockCleaner:
         self.invalid = 0
         self.invalid_examples: list[str] = []  # "line N (starts ...)", at most 3
         self.events = 0
+        self.ids = 0
+        self.last_event: bytes | None = None
         self.offset = 0
         self.lines = 0
         self._carry = b""
@@ -142,7 +155,18 @@ class BlockCleaner:
         self.offset += stop - start
         self.lines += lines
         self.events += kept
+        self._note_events(buffer, start, write)
         return write
+
+    def _note_events(self, buffer: memoryview, start: int, stop: int) -> None:
+        """Count the ``id`` lines of the cleaned events ``buffer[start:stop]``
+        and keep the last of them."""
+        if stop <= start:
+            return
+        with buffer[start:stop] as cleaned:
+            self.ids += count_prefixed(cleaned, ID_PREFIX)
+        last_start = rfind_newline(buffer, start, stop - 1) + 1 or start
+        self.last_event = bytes(buffer[last_start : stop - 1])
 
     def _clean_python(self, block: bytes) -> bytes:
         """:meth:`clean_in_place` without the C scanner, on a copy."""
@@ -166,6 +190,8 @@ class BlockCleaner:
         self.offset += len(block)
         self.lines += lines
         self.events += kept
+        with memoryview(cleaned) as view:
+            self._note_events(view, 0, len(cleaned))
         return cleaned
 
     def _clean_slowly(self, block: bytes, offset: int, lines_before: int) -> tuple[int, bytes]:
@@ -243,6 +269,17 @@ def count_newlines(buffer: memoryview) -> int:
         with ffi.from_buffer(buffer) as view:
             return int(lib.pw_count_newlines(view, buffer.nbytes))
     return bytes(buffer).count(b"\n")
+
+
+def count_prefixed(buffer: memoryview, prefix: bytes) -> int:
+    """Lines of ``buffer`` (each ending in a newline) that begin with ``prefix``."""
+    native = _native
+    if native is not None and hasattr(native[1], "pw_count_prefixed"):  # (a module built before it: Python)
+        ffi, lib = native
+        with ffi.from_buffer(buffer) as view:
+            return int(lib.pw_count_prefixed(view, buffer.nbytes, prefix, len(prefix)))
+    text = bytes(buffer)
+    return text.count(b"\n" + prefix) + text.startswith(prefix)  # (a prefix holds no newline)
 
 
 def count_lines(block: bytes) -> tuple[int, bool]:
