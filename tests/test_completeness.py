@@ -98,19 +98,38 @@ def test_the_rules_of_incompleteness() -> None:
 
 # --- the counts the cleaner keeps ---------------------------------------------------------------------------------
 
-def test_count_prefixed_lines(scanner: str) -> None:
+def test_count_prefixed_lines() -> None:
     text = b'{"id":1}\n{"name":"x","id":2}\n{"id":\n{"i\n\n{"id":3,"args":{"id":4}}\n'
-    with memoryview(text) as view:
-        assert count_prefixed(view, b'{"id":') == 3
-    with memoryview(b"") as view:
-        assert count_prefixed(view, b'{"id":') == 0
+    assert count_prefixed(text, b'{"id":') == 3 and count_prefixed(b"", b'{"id":') == 0
 
 
-@pytest.mark.parametrize("wrapping", ["ndjson", "array", "crlf-indented"])
+def test_the_c_scanner_is_the_one_this_code_calls(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A compiled module of another interface version (a stale build) is
+    not used: the pure-Python scan takes over."""
+    import types
+
+    import pwriter
+    from pwriter._native_build import ABI_VERSION
+
+    assert traceformat.NATIVE_ABI == ABI_VERSION
+    stale = types.SimpleNamespace(ffi=None, lib=types.SimpleNamespace())
+    monkeypatch.setattr(pwriter, "_native", stale, raising=False)
+    monkeypatch.setitem(sys.modules, "pwriter._native", stale)
+    assert traceformat._load_native() is None
+    stale.lib.pw_abi_version = lambda: ABI_VERSION - 1
+    assert traceformat._load_native() is None
+    stale.lib.pw_abi_version = lambda: ABI_VERSION
+    assert traceformat._load_native() == (None, stale.lib)
+
+
+@pytest.mark.parametrize("wrapping", ["ndjson", "array", "few-odd", "crlf-indented"])
 def test_the_cleaner_counts_ids_and_keeps_the_last_event(scanner: str, wrapping: str) -> None:
     text = trace_2x(300, end=300)
     if wrapping == "array":
         text = b"[\n" + text + b"]"
+    elif wrapping == "few-odd":  # (lines the C scanner hands back one by one)
+        lines = text.split(b"\n")
+        text = b"\n".join([b" " + line + b"\t" for line in lines[:6]] + lines[6:])
     elif wrapping == "crlf-indented":
         text = b"[\r\n" + b"".join(b"  " + line + b"\r\n" for line in text.split(b"\n")[:-1]) + b"]\r\n"
     cleaner = BlockCleaner("t.pfw")
@@ -288,3 +307,24 @@ def test_real_dftracer_traces(tmp_path) -> None:
     assert report["wrap"] == "none"
     text = (tmp_path / "m.pfw").read_bytes()
     assert text.startswith(b"{") and b"\n[\n" not in text and not text.endswith(b"]\n")
+
+
+def test_ranks_report_and_refuse_as_one_process(tmp_path) -> None:
+    """Over MPI ranks, rank 0 judges every input together (one rank may
+    hold the only input with an end event) and --require-complete fails
+    the job before anything is published."""
+    mpi_merge = pytest.importorskip("test_mpi").mpi_merge
+    paths = incomplete_corpus(tmp_path)
+    directory = os.path.dirname(paths["complete"])
+    single = run_cli("merge", "-d", directory, "-o", str(tmp_path / "one.pfw"), "--salvage", "--json")
+    assert single.returncode == 0, single.stderr
+    done = mpi_merge(3, "-d", directory, "-o", str(tmp_path / "m.pfw"), "--salvage", "--json", "--no-fsync")
+    assert done.returncode == 0, done.stderr
+    assert json.loads(done.stdout)["incomplete"] == json.loads(single.stdout)["incomplete"]
+    assert len(json.loads(done.stdout)["incomplete"]) == 4
+    out = tmp_path / "out" / "m.pfw"
+    out.parent.mkdir()
+    done = mpi_merge(3, "-d", directory, "-o", str(out), "--salvage", "--require-complete", "--no-fsync")
+    assert done.returncode == 1
+    assert "4 incomplete inputs (--require-complete)" in done.stderr
+    assert os.listdir(out.parent) == []

@@ -236,3 +236,47 @@ def test_verify_reads_an_unwrapped_output(tmp_path) -> None:
     assert "verified" in done.stdout
     assert run_cli("verify", f"{out}.shards", *paths).returncode == 0
     assert sorted(read_events(f"{out}.shards")) == sorted(events)
+
+
+def mpi_merge(ranks: int, *args: str):  # type: ignore[no-untyped-def]
+    """``mpiexec -n ranks pwriter merge args`` (tests/test_mpi.py's; skipped without MPI)."""
+    return pytest.importorskip("test_mpi").mpi_merge(ranks, *args)
+
+
+@pytest.mark.parametrize("layout", [*LAYOUTS, "striped-exscan"])
+def test_ranks_follow_the_wrapping_rank_0_decides(tmp_path, layout: str) -> None:
+    """Rank 0 looks at every input (auto): NDJSON inputs give an NDJSON
+    output over MPI ranks too, gzip members and their index included (plain
+    for exscan, which counts plain ranges)."""
+    paths, events = ndjson_inputs(tmp_path / "in")
+    compressed = layout != "striped-exscan"
+    out = str(tmp_path / ("m.pfw.gz" if compressed else "m.pfw"))
+    extra = ["--mpi-offsets", "exscan", "--layout", "striped"] if not compressed else ["--layout", layout]
+    done = mpi_merge(2, *paths, "-o", out, "--no-fsync", "--stripe-size", "64KiB", "--json", *extra)
+    assert done.returncode == 0, done.stderr
+    report = json.loads(done.stdout)
+    assert report["wrap"] == "none" and report["incomplete"] == []
+    files = [os.path.join(str(tmp_path), os.path.basename(name)) for name in report["outputs"]]
+    check_output(files, events, False, compressed, index=member_index_path(out))
+    done = mpi_merge(2, *paths, "-o", out, "--no-fsync", "--stripe-size", "64KiB", "--force", "--wrap", "array",
+                     "--json", *extra)
+    assert done.returncode == 0, done.stderr
+    files = [os.path.join(str(tmp_path), os.path.basename(name)) for name in json.loads(done.stdout)["outputs"]]
+    check_output(files, events, True, compressed, index=member_index_path(out))
+
+
+@pytest.mark.parametrize("layout", LAYOUTS)
+def test_ranks_with_no_event_and_no_wrapper(tmp_path, layout: str) -> None:
+    """Nothing to write and no wrapper: rank 0 ends the shared file with
+    one padding line (no rank pads the shared file on its own: it would
+    overwrite another rank's lines)."""
+    empty = tmp_path / "empty.pfw"
+    empty.write_bytes(b"")
+    out = tmp_path / "m.pfw.gz"
+    done = mpi_merge(2, str(empty), "-o", str(out), "--no-fsync", "--layout", layout, "--json")
+    assert done.returncode == 0, done.stderr
+    report = json.loads(done.stdout)
+    for name in report["outputs"]:
+        with open(tmp_path / os.path.basename(name), "rb") as handle:
+            data = handle.read()
+        assert data and gzip.decompress(data) == b"\n", name  # (an empty .gz file is not a trace any reader takes)
