@@ -12,8 +12,14 @@ from __future__ import annotations
 
 from cffi import FFI
 
+# The interface's version: the Python side (pwriter.traceformat) uses a
+# compiled module only when its pw_abi_version() is this (a stale build is
+# left alone, and the pure-Python scan takes over).
+ABI_VERSION = 2
+
 CDEF = """
-size_t pw_scan_events(const char *buf, size_t start, size_t len, size_t *lines, int validate);
+int pw_abi_version(void);
+size_t pw_scan_events(const char *buf, size_t start, size_t len, size_t *lines, size_t *ids, int validate);
 int pw_json_valid(const char *buf, size_t len);
 long long pw_find_newline(const char *buf, size_t start, size_t stop);
 long long pw_rfind_newline(const char *buf, size_t start, size_t stop);
@@ -24,6 +30,7 @@ void pw_hash_lines(const char *buf, size_t len, uint64_t *sums, uint64_t *hashes
 
 SOURCE = r"""
 #define _GNU_SOURCE
+#define PW_ABI_VERSION %d
 #include <stddef.h>
 #include <stdint.h>
 #include <string.h>
@@ -182,14 +189,24 @@ key:  /* a member "name": value starts at p */
     goto value;
 }
 
+int pw_abi_version(void)
+{
+    return PW_ABI_VERSION;
+}
+
+/* How an event line that DFTracer's end event counts begins (pwriter.traceformat.ID_PREFIX). */
+static const char pw_id_prefix[] = "{\"id\":";
+#define PW_ID_PREFIX_LEN (sizeof pw_id_prefix - 1)
+
 /* buf[0:len] is whole lines, the last ending in '\n'.  From `start` on,
  * returns the offset of the first line that is not a bare event ('{' first,
  * '}' last, no NUL byte, and with `validate`, valid JSON), or len when there
- * is none, and sets *lines to the number of bare events before it. */
-size_t pw_scan_events(const char *buf, size_t start, size_t len, size_t *lines, int validate)
+ * is none, and sets *lines to the number of bare events before it and *ids
+ * to the number of those that begin with pw_id_prefix. */
+size_t pw_scan_events(const char *buf, size_t start, size_t len, size_t *lines, size_t *ids, int validate)
 {
     const char *p = buf + start, *end = buf + len;
-    size_t count = 0;
+    size_t count = 0, id_count = 0;
     while (p < end) {
         const char *nl = memchr(p, '\n', (size_t)(end - p));
         if (nl == NULL || nl - p < 2 || p[0] != '{' || nl[-1] != '}' || memchr(p, 0, (size_t)(nl - p)) != NULL)
@@ -197,9 +214,12 @@ size_t pw_scan_events(const char *buf, size_t start, size_t len, size_t *lines, 
         if (validate && !pw_json_valid(p, (size_t)(nl - p)))
             break;
         count++;
+        if ((size_t)(nl - p) >= PW_ID_PREFIX_LEN && memcmp(p, pw_id_prefix, PW_ID_PREFIX_LEN) == 0)
+            id_count++;
         p = nl + 1;
     }
     *lines = count;
+    *ids = id_count;
     return (size_t)(p - buf);
 }
 
@@ -286,7 +306,7 @@ long long pw_rfind_newline(const char *buf, size_t start, size_t stop)
 
 ffibuilder = FFI()
 ffibuilder.cdef(CDEF)
-ffibuilder.set_source("pwriter._native", SOURCE, extra_compile_args=["-O2"], optional=True)
+ffibuilder.set_source("pwriter._native", SOURCE % ABI_VERSION, extra_compile_args=["-O2"], optional=True)
 
 if __name__ == "__main__":
     ffibuilder.compile(verbose=True)

@@ -11,13 +11,14 @@ SIGINT, 143 terminated by SIGTERM; in both of the last, nothing is published).
 from __future__ import annotations
 
 import argparse
+import contextlib
 import errno
 import functools
 import json
 import os
 import signal
 import sys
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from typing import Any, NoReturn
 
 __all__ = ["main"]
@@ -84,6 +85,9 @@ def _parser(*, settings_help: bool = False) -> argparse.ArgumentParser:
     merge.add_argument("--level", metavar="N", default=None, help="compression level (isal: 0-3; default 1)")
     merge.add_argument("--direct", action="store_true", default=None,
                        help="write with O_DIRECT (padded-striped layout; for the durable path)")
+    merge.add_argument("--wrap", choices=("auto", "array", "none"), default=None,
+                       help="array: a [ line before the events and a ] line after them; none: plain NDJSON; "
+                            "auto (default): array when an input is array style")
     merge.add_argument("--json", action="store_true", help="print one JSON object describing the result")
     merge.add_argument("--progress", action=argparse.BooleanOptionalAction, default=None,
                        help="show progress on stderr (default: when stderr is a terminal)")
@@ -92,6 +96,9 @@ def _parser(*, settings_help: bool = False) -> argparse.ArgumentParser:
                        help="keep the complete events of inputs cut short by a crash, drop their damaged tail")
     merge.add_argument("--validate", action="store_true",
                        help="parse every event as JSON; a line that is not is an error (dropped with --salvage)")
+    merge.add_argument("--require-complete", action="store_true",
+                       help="fail (exit 1, nothing published) when an input is incomplete: empty, salvaged, "
+                            "without its DFTracer end event, or holding fewer or more events than it claims")
     merge.add_argument("--verify", action="store_true",
                        help="after publishing, check that the output holds exactly the inputs' event lines")
     merge.add_argument("--mpi", action=argparse.BooleanOptionalAction, default=None,
@@ -233,19 +240,36 @@ class _SignalPolicy:
     """What SIGINT and SIGTERM do to ``pwriter merge``, outside the merge's
     own signal receiver (:func:`_cancel_on_signals`): before the output is
     published, they end the command (:class:`_Signalled`: exit 130 or 143,
-    nothing published); once it is published they change nothing, except
-    that they end a ``--verify`` under way (its own error: exit 1)."""
+    nothing published); once it is published they are ignored (SIG_IGN, which
+    the interpreter keeps to its very exit, where it would put a handler of
+    ours back to the default action), except that they end a ``--verify``
+    under way (its own error: exit 1)."""
 
     def __init__(self) -> None:
         self.published = False
-        self.verifying = False
 
     def install(self) -> None:
         for number in (signal.SIGINT, signal.SIGTERM):
             signal.signal(number, self._on_signal)
 
+    def ignore(self) -> None:
+        """After publishing (from the main thread, outside trio)."""
+        for number in (signal.SIGINT, signal.SIGTERM):
+            signal.signal(number, signal.SIG_IGN)
+
+    @contextlib.contextmanager
+    def interruptible(self) -> Iterator[None]:
+        """A signal raises :class:`_Signalled` meanwhile (``--verify``)."""
+        self.published = False
+        self.install()
+        try:
+            yield
+        finally:
+            self.published = True
+            self.ignore()
+
     def _on_signal(self, number: int, frame: object) -> None:
-        if self.published and not self.verifying:
+        if self.published:
             return
         raise _Signalled(number)
 
@@ -293,7 +317,16 @@ def _settings(args: argparse.Namespace) -> Any:
         direct=getattr(args, "direct", None),
         compress=getattr(args, "compress", None),
         level=getattr(args, "level", None),
+        wrap=_wrap_choice(args),
     )
+
+
+def _wrap_choice(args: argparse.Namespace) -> str | None:
+    """``--wrap``; for a merge without it, ``auto`` unless ``PWRITER_WRAP`` says otherwise
+    (the library's default is ``array``)."""
+    if getattr(args, "command", None) != "merge" or args.wrap is not None:
+        return getattr(args, "wrap", None)
+    return None if any(name.upper() == "PWRITER_WRAP" for name in os.environ) else "auto"
 
 
 def _merge(args: argparse.Namespace) -> int:
@@ -315,7 +348,7 @@ def _merge(args: argparse.Namespace) -> int:
     inputs = collect_inputs(args.inputs, args.directory, exclude=exclude, recursive=args.recursive)
     progress = MergeProgress(total_input_bytes=0)  # (merge() measures the inputs once, and sets it)
     work = functools.partial(merge, inputs, args.output, settings=settings, force=args.force, progress=progress,
-                             salvage=args.salvage, validate=args.validate)
+                             salvage=args.salvage, validate=args.validate, require_complete=args.require_complete)
     result = _run_merge(args, work, progress, show_progress=_progress_wanted(args))
     return _report_merge(args, settings, result, inputs)
 
@@ -361,33 +394,48 @@ def _run_merge(args: argparse.Namespace, work: Any, progress: Any, *, show_progr
         return result
 
     try:
-        return trio.run(run, strict_exception_groups=True)
+        result = trio.run(run, strict_exception_groups=True)
     except BaseExceptionGroup as group:
         raise error_to_raise(group) from None
+    _SIGNALS.ignore()  # (published: what is left is the report)
+    return result
 
 
 def _report_merge(args: argparse.Namespace, settings: Any, result: Any, inputs: list[str], ranks: Any = None) -> int:
-    """After a published merge: salvage warnings, ``--verify``, the report; the exit code."""
-    for path, what, _ in result.salvaged:
-        _say(f"pwriter: warning: {path}: salvaged: {what}")
+    """After a published merge: the incomplete inputs' warnings, ``--verify``, the report; the exit code."""
+    _warn_incomplete(result.incomplete)
     checked = None
     if args.verify:
         from .errors import DataError
         from .verify import verify
 
-        _SIGNALS.verifying = True
         try:
-            checked = verify(args.output, inputs, salvage=args.salvage, validate=args.validate)
+            with _SIGNALS.interruptible():
+                checked = verify(args.output, inputs, salvage=args.salvage, validate=args.validate)
         except _Signalled as exc:
             raise DataError(f"{args.output}: published, but --verify was {exc} before it finished") from None
-        finally:
-            _SIGNALS.verifying = False
     try:
         _print_merge(args, settings, result, checked, ranks=ranks)
         sys.stdout.flush()
     except BrokenPipeError:  # the output is published (exit 1 would say not): the reader leaving changes nothing
         _stdout_closed()
     return _mismatch(args.output, checked) if checked is not None else 0
+
+
+def _warn_incomplete(incomplete: Sequence[Any]) -> None:
+    """One warning line per incomplete input (the first ``INCOMPLETE_SHOWN``), then a count of the rest."""
+    from .merge import INCOMPLETE_SHOWN
+
+    for entry in incomplete[:INCOMPLETE_SHOWN]:
+        if entry.why.startswith("salvaged: "):
+            _say(f"pwriter: warning: {entry.path}: {entry.why}")
+        elif entry.claimed is None:
+            _say(f"pwriter: warning: {entry.path}: incomplete: {entry.why}, {entry.events} events read")
+        else:
+            _say(f"pwriter: warning: {entry.path}: incomplete: {entry.why}")
+    if len(incomplete) > INCOMPLETE_SHOWN:
+        _say(f"pwriter: warning: and {len(incomplete) - INCOMPLETE_SHOWN} more incomplete inputs "
+             f"({len(incomplete)} in all; --json lists each)")
 
 
 def _under_mpi() -> bool:
@@ -408,7 +456,8 @@ def _merge_mpi(args: argparse.Namespace, settings: Any) -> int:
     progress = MergeProgress(total_input_bytes=0)
     work = functools.partial(merge_over_ranks, world, args.inputs, args.directory, args.output, settings=settings,
                              force=args.force, salvage=args.salvage, validate=args.validate, progress=progress,
-                             offsets=args.mpi_offsets, recursive=args.recursive)
+                             offsets=args.mpi_offsets, recursive=args.recursive,
+                             require_complete=args.require_complete)
     try:
         if args.output == "-":  # (every rank finds it: no agreement needed)
             raise UsageError("-o -: a merge over MPI ranks writes a file, not a stream")
@@ -464,6 +513,8 @@ def _print_merge(args: argparse.Namespace, settings: Any, result: Any, checked: 
             "validated": args.validate,
             "dropped_lines": result.dropped_lines,
             "salvaged_inputs": [path for path, _, _ in result.salvaged],
+            "wrap": result.wrap,
+            "incomplete": [entry.as_json() for entry in result.incomplete],
         }
         if checked is not None:
             report["verification"] = _verification_report(checked)

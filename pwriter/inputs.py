@@ -17,7 +17,6 @@ cancellation ends).  An input is read as it was when opened (see
 
 from __future__ import annotations
 
-import errno
 import gzip
 import io
 import os
@@ -28,6 +27,7 @@ import typing
 import zlib
 from collections.abc import Sequence
 
+from .completeness import InputEnd, input_end
 from .errors import DataError, InputError, UsageError
 from .output import is_temporary_name
 from .traceformat import BOM, BlockCleaner, is_gzip_magic, is_valid_json, rfind_newline
@@ -300,6 +300,56 @@ class _WaitingFile(io.RawIOBase):
         super().close()
 
 
+def starts_array(path: str) -> bool | None:
+    """Whether the text of an input begins, after a byte-order mark and
+    whitespace, with ``[`` (array style; see :mod:`pwriter.traceformat`);
+    None for a pipe, FIFO or device, which cannot be looked at before it is
+    read.  Reads only up to the first byte that is not whitespace (a few
+    bytes of a gzip file's first member).  An input that cannot be read, or
+    a damaged gzip file, says False here: its reader reports the problem."""
+    try:
+        if not stat_module.S_ISREG(os.stat(path).st_mode):
+            return None  # (not even opened: a FIFO's writer would see its reader come and go)
+        fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC | os.O_NONBLOCK)
+    except OSError:
+        return False
+    try:
+        if not stat_module.S_ISREG(os.fstat(fd).st_mode):  # (replaced since)
+            return None
+        inflater = zlib.decompressobj(wbits=31) if is_gzip_magic(os.pread(fd, 2, 0)) else None
+        offset, first = 0, True
+        while True:
+            data = os.pread(fd, 4096, offset)
+            if not data:
+                return False
+            offset += len(data)
+            while inflater is not None and data:  # a few bytes of text at a time, member after member
+                text = inflater.decompress(data, 64)
+                data = inflater.unconsumed_tail
+                if inflater.eof:
+                    data, inflater = inflater.unused_data + data, zlib.decompressobj(wbits=31)
+                if (found := _first_byte(text, first)) is not None:
+                    return found == b"["
+                first = first and not text
+            if inflater is None:
+                if (found := _first_byte(data, first)) is not None:
+                    return found == b"["
+                first = False
+    except (OSError, zlib.error):
+        return False
+    finally:
+        os.close(fd)
+
+
+def _first_byte(text: bytes, at_start: bool) -> bytes | None:
+    """The first byte of ``text`` that is not whitespace (a byte-order mark
+    skipped ``at_start``), or None."""
+    if at_start and text.startswith(BOM):
+        text = text[len(BOM) :]
+    stripped = text.lstrip()
+    return stripped[:1] or None
+
+
 def input_size(path: str) -> int:
     """The size of an input now; :class:`DataError` if it has vanished since it was collected."""
     try:
@@ -385,6 +435,12 @@ class InputReader:
     @property
     def events(self) -> int:
         return self._cleaner.events
+
+    def end(self) -> InputEnd:
+        """How the input ends (for :mod:`pwriter.completeness`), once it is read whole."""
+        cleaner = self._cleaner
+        return input_end(self.path, events=cleaner.events, ids=cleaner.ids, last_event=cleaner.last_event,
+                         damage=self.damage)
 
     @property
     def raw_offset(self) -> int:
@@ -635,6 +691,7 @@ class InputRun:
         self._salvage = salvage
         self._validate = validate
         self.salvaged: list[tuple[str, str, int]] = []  # (input, what was dropped, lines dropped)
+        self.ends: list[InputEnd] = []  # how each input read whole ends, in order
         self._next = 0
         self.reader: InputReader | None = None
         self.files_done = 0
@@ -659,6 +716,7 @@ class InputRun:
             done, end, finished = self.reader.fill(buffer, done, end, capacity)
             if finished:
                 self.events += self.reader.events
+                self.ends.append(self.reader.end())
                 if self.reader.damage:
                     self.salvaged.append((self.reader.path, self.reader.damage, self.reader.dropped_lines))
                 self.close()

@@ -131,6 +131,7 @@ class Planner(Protocol):
     layout: LayoutName
     files: int
     chunk_capacity: int
+    shared_file: bool
 
     def open(self) -> Placement | None:
         """Placement of the header at open, or None when it rides with the first chunk."""
@@ -210,6 +211,9 @@ def gzip_padding_members(length: int) -> int:
 
 class _Closed:
     closed = False
+    shared_file = False
+    """Whether the file is shared with other writers (MPI ranks), so that
+    this part cannot know whether it stays empty (see :meth:`file_sizes`)."""
     chunk_capacity: int
 
     def _check_open(self) -> None:
@@ -402,6 +406,7 @@ class SharedStripedPlanner(_Closed):
 
     layout: LayoutName = "striped"
     files = 1
+    shared_file = True
 
     def __init__(self, *, counter: Counter, header_length: int, stripe_size: int, writes_header: bool) -> None:
         self.counter = counter
@@ -432,13 +437,14 @@ class SharedPaddedPlanner(_SlotKeeper):
     """One part of a padded-striped file that several processes write:
     slot 0 holds the header alone (padded), placed by the part with
     ``writes_header``; every new slot is taken whole from the shared
-    ``counter``, which starts at slot 1, so no two parts ever write the same
+    ``counter``, which starts at slot 1 (at 0 when there is no header), so no two parts ever write the same
     stripe, and a part's lanes keep their slots as in
     :class:`PaddedStripedPlanner`.  The footer follows the last slot (see
     :class:`SharedStripedPlanner`); every kept slot is padded at close."""
 
     layout: LayoutName = "padded-striped"
     files = 1
+    shared_file = True
 
     def __init__(self, *, counter: Counter, header_length: int, stripe_size: int, min_padding: int,
                  writes_header: bool) -> None:
@@ -447,10 +453,10 @@ class SharedPaddedPlanner(_SlotKeeper):
         super().__init__(header_length=header_length, stripe_size=stripe_size, min_padding=min_padding)
         self.counter = counter
         self.writes_header = writes_header
-        self._end = stripe_size
+        self._end = stripe_size if header_length else 0  # (no header: no slot 0 of its own, the counter starts at 0)
 
     def open(self) -> Placement | None:
-        if not self.writes_header:
+        if not self.writes_header or not self.header_length:
             return None
         return Placement(0, 0, self.header_length, 0, self.stripe_size - self.header_length)
 

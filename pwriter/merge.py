@@ -18,14 +18,18 @@ from typing import Any
 
 import trio
 
-from .errors import UsageError
-from .inputs import InputReader, InputRun, collect_inputs, fill_step, input_size, path_list
-from .settings import Settings, settings_from
+from .completeness import Incomplete, InputEnd, incomplete_inputs
+from .errors import DataError, UsageError
+from .inputs import InputReader, InputRun, collect_inputs, fill_step, input_size, path_list, starts_array
+from .settings import Settings, settings_from, settings_with
 from .sink import ChunkSink
 from .writer import SharedOutputPart, WriterStatistics, error_to_raise, open_writer
 
 __all__ = ["MergeResult", "MergeProgress", "collect_inputs", "merge", "partition", "InputReader", "InputRun",
-           "input_size"]
+           "input_size", "resolve_wrap", "IncompleteInputsError", "INCOMPLETE_SHOWN"]
+
+#: Incomplete inputs named one by one in an error or a report; the rest are counted.
+INCOMPLETE_SHOWN = 10
 
 
 def read_and_write(sink: ChunkSink, run: InputRun, lane: int, buffer: memoryview) -> None:
@@ -111,10 +115,46 @@ class MergeResult:
     """With ``salvage``: (input, what was dropped, lines dropped) per damaged input."""
     member_entries: tuple[tuple[int, int, int, int, int, bool], ...] = ()
     """Gzip output: the members written (:class:`~pwriter.sink.MemberIndex` entries)."""
+    ends: tuple[InputEnd, ...] = ()
+    """How each input ends, in read order (:mod:`pwriter.completeness`)."""
+    incomplete: tuple[Incomplete, ...] = ()
+    """The incomplete inputs among them (:func:`~pwriter.completeness.incomplete_inputs`)."""
+    wrap: str = "array"
+    """How the output is wrapped: ``array`` or ``none`` (``auto`` resolved)."""
 
     @property
     def dropped_lines(self) -> int:
         return sum(lines for _, _, lines in self.salvaged)
+
+
+class IncompleteInputsError(DataError):
+    """``require_complete``: an input of the merge is incomplete (exit 1; nothing is published)."""
+
+    def __init__(self, incomplete: Sequence[Incomplete]) -> None:
+        shown = "; ".join(f"{entry.path}: {entry.why}" for entry in incomplete[:INCOMPLETE_SHOWN])
+        more = len(incomplete) - INCOMPLETE_SHOWN
+        super().__init__(f"{len(incomplete)} incomplete input{'s' if len(incomplete) != 1 else ''} "
+                         f"(--require-complete): {shown}{f'; and {more} more' if more > 0 else ''}")
+        self.incomplete = tuple(incomplete)
+
+
+def resolve_wrap(inputs: Sequence[str], wrap: str) -> str:
+    """``wrap`` with ``auto`` resolved: ``array`` when an input is array
+    style (its text begins with ``[``) or is a pipe or FIFO (which cannot be
+    looked at before it is read), else ``none``.  Looks at the inputs in
+    order and stops at the first that decides (blocking: a few bytes of each)."""
+    if wrap != "auto":
+        return wrap
+    return "array" if any(starts_array(path) is not False for path in inputs) else "none"
+
+
+def check_complete(ends: Sequence[InputEnd], require_complete: bool) -> tuple[Incomplete, ...]:
+    """The incomplete inputs of a merge; with ``require_complete``, any is
+    an :class:`IncompleteInputsError`."""
+    incomplete = tuple(incomplete_inputs(ends))
+    if incomplete and require_complete:
+        raise IncompleteInputsError(incomplete)
+    return incomplete
 
 
 async def merge(
@@ -127,6 +167,7 @@ async def merge(
     readers: int | None = None,
     salvage: bool = False,
     validate: bool = False,
+    require_complete: bool = False,
     part: SharedOutputPart | None = None,
     **overrides: Any,
 ) -> MergeResult:
@@ -137,9 +178,17 @@ async def merge(
     list belongs is a TypeError; no inputs at all is a
     :class:`~pwriter.errors.UsageError`, as on the command line.
 
-    Every event line of every input appears exactly once in the output,
-    between a ``[`` first line and a ``]`` last line; the lines of one input
-    stay together and in order.  Raises :class:`InputError` /
+    Every event line of every input appears exactly once in the output; the
+    lines of one input stay together and in order.  The ``wrap`` setting
+    says what surrounds them: ``array`` (the default) a ``[`` first line and
+    a ``]`` last line, ``none`` nothing (NDJSON), ``auto`` array only when
+    an input is array style or a pipe (:func:`resolve_wrap`).
+
+    Every input's end is checked (:mod:`pwriter.completeness`): the result's
+    ``incomplete`` lists the inputs that are empty, salvaged, cut before
+    their DFTracer ``end`` event or whose ``num_events`` differs from the
+    events read; with ``require_complete`` any of them is an
+    :class:`IncompleteInputsError` and nothing is published.  Raises :class:`InputError` /
     :class:`DataError` (and publishes nothing) when an input is damaged or a
     read or write fails.  With ``salvage``, the damaged tail of an input
     cut short by a crash (a last line that is not a whole event, a gzip file
@@ -154,6 +203,8 @@ async def merge(
     if not inputs and part is None:  # (an MPI rank may have no share of the inputs)
         raise UsageError("no inputs: merge() was given an empty list of trace files")
     settings = settings_from(settings, overrides, "merge")
+    if settings.wrap == "auto":
+        settings = settings_with(settings, wrap=await trio.to_thread.run_sync(resolve_wrap, inputs, "auto"))
     sizes = [input_size(path) for path in inputs]
     if progress is None:
         progress = MergeProgress(total_input_bytes=0)
@@ -194,6 +245,9 @@ async def merge(
             failure = error_to_raise(group)
         if failure is not None:
             raise failure
+        ends = tuple(end for run in progress.runs for end in run.ends)
+        # (An MPI part: the ranks' ends are judged together, on rank 0.)
+        incomplete = check_complete(ends, require_complete) if part is None else ()
     return MergeResult(
         inputs=len(inputs),
         events=progress.events,
@@ -202,4 +256,7 @@ async def merge(
         manifest=writer.manifest,
         salvaged=tuple(entry for run in progress.runs for entry in run.salvaged),
         member_entries=tuple(writer.sink.members.entries()) if writer.compressed else (),
+        ends=ends,
+        incomplete=incomplete,
+        wrap=settings.wrap,
     )

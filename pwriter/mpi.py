@@ -84,8 +84,8 @@ from typing import Any, NoReturn
 import trio
 
 from .errors import PwriterError, UsageError
-from .layout import (Counter, LocalCounter, Placement, Planner, SharedPaddedPlanner,
-                     SharedStripedPlanner, ShardedPlanner, SizedShardedPlanner)
+from .layout import (GZIP_MIN_PADDING, Counter, LocalCounter, Placement, Planner, SharedPaddedPlanner,
+                     SharedStripedPlanner, ShardedPlanner, SizedShardedPlanner, gzip_padding, plain_padding)
 from .settings import Settings
 from .sizing import FsInfo, Sizing, Striping, shard_offsets
 
@@ -427,6 +427,8 @@ class Decision:
     targets: list[str]
     manifest: str | None
     striping: Striping | None
+    wrap: str
+    """The output's wrapping, ``array`` or ``none`` (``auto`` resolved from every input)."""
     generation: int = 0
     """Sharded: the generation of the shards' names (:class:`~pwriter.output.OutputSet`)."""
 
@@ -445,6 +447,7 @@ def _decide(world: World, paths: Sequence[str], directories: Sequence[str] | Non
             settings: Settings, force: bool, offsets: str, recursive: bool = False) -> tuple[Decision, Any]:
     """Step 1, on rank 0: returns the decision and the OutputSet (kept on rank 0 to publish)."""
     from .inputs import collect_inputs, input_size
+    from .merge import resolve_wrap
     from .output import OutputSet, member_index_path, names_of_output
     from .writer import check_shard_size, follow_layout_of, output_compression, plan
 
@@ -455,6 +458,7 @@ def _decide(world: World, paths: Sequence[str], directories: Sequence[str] | Non
                          "before they are written); the shared counter does every layout")
     inputs = collect_inputs(paths, directories, exclude=names_of_output(output), recursive=recursive)
     sizes = [input_size(path) for path in inputs]
+    wrap = resolve_wrap(inputs, settings.wrap)
     fs, sizing = plan(output, settings, expected_bytes=sum(sizes), processes_per_node=world.node_ranks)
     check_shard_size(settings, sizing)
     sharded = sizing.layout == "sharded"
@@ -477,7 +481,7 @@ def _decide(world: World, paths: Sequence[str], directories: Sequence[str] | Non
             outputs.discard()
             raise
     decision = Decision(inputs, sizes, fs, sizing, compressed, list(outputs.temporaries), list(outputs.targets),
-                        outputs.manifest, striping, outputs.generation)
+                        outputs.manifest, striping, wrap, outputs.generation)
     return decision, outputs
 
 
@@ -491,6 +495,7 @@ async def merge_over_ranks(
     force: bool = False,
     salvage: bool = False,
     validate: bool = False,
+    require_complete: bool = False,
     progress: Any = None,
     offsets: str = "counter",
     recursive: bool = False,
@@ -501,22 +506,25 @@ async def merge_over_ranks(
     rank fails, and then nothing is published.  ``offsets`` is ``counter``
     or ``exscan`` (striped, uncompressed output only; see the module docstring);
     ``recursive``: every trace below each of ``directories`` (:func:`~pwriter.inputs.collect_inputs`);
-    ``settings`` default to :func:`~pwriter.settings.load_settings`."""
+    ``settings`` default to :func:`~pwriter.settings.load_settings`.  Rank 0
+    decides the wrapping (``settings.wrap``, ``auto`` from every input) and
+    judges the completeness of every input (``require_complete``: an
+    incomplete one fails the job before anything is published)."""
     from .compress import gzip_member
     from .errors import DataError
-    from .merge import MergeProgress, merge, partition
+    from .merge import MergeProgress, check_complete, merge, partition
     from .output import shard_paths
-    from .settings import load_settings
-    from .writer import FOOTER, HEADER
+    from .settings import load_settings, settings_with
+    from .writer import wrapper_lines
 
     if offsets not in ("counter", "exscan"):  # (every rank finds it: no agreement needed)
         raise ValueError(f"offsets={offsets!r}: expected 'counter' or 'exscan'")
-    settings = settings if settings is not None else load_settings()
+    given = settings if settings is not None else load_settings()
     started = time.perf_counter()
     kept: list[Any] = []  # rank 0: the OutputSet, to publish or discard
 
     def decide() -> Decision:
-        decision, outputs = _decide(world, paths, directories, output, settings, force, offsets, recursive)
+        decision, outputs = _decide(world, paths, directories, output, given, force, offsets, recursive)
         kept.append(outputs)
         return decision
 
@@ -527,8 +535,10 @@ async def merge_over_ranks(
             kept[0].discard()
         raise
     sizing = decision.sizing
-    header = gzip_member(HEADER, settings.level) if decision.compressed else HEADER
-    footer = gzip_member(FOOTER, settings.level) if decision.compressed else FOOTER
+    settings = settings_with(given, wrap=decision.wrap)  # (every rank writes as rank 0 decided)
+    header_text, footer_text = wrapper_lines(settings)
+    header = gzip_member(header_text, settings.level) if decision.compressed and header_text else header_text
+    footer = gzip_member(footer_text, settings.level) if decision.compressed and footer_text else footer_text
     sharded = sizing.layout == "sharded"
     sized = sharded and settings.shard_size is not None
     exscan = offsets == "exscan" and sizing.layout == "striped"
@@ -547,7 +557,7 @@ async def merge_over_ranks(
                                      striping=decision.striping, generation=decision.generation)
         else:
             part_output = RankOutput(output, decision.targets, temporaries=decision.temporaries)
-            start = len(header) if sizing.layout == "striped" else sizing.stripe_size
+            start = len(header) if sizing.layout == "striped" or not header else sizing.stripe_size
             if exscan:
                 counted, before = await _count_and_exscan(world, inputs, sizing, salvage, validate)
                 part_counter = LocalCounter(start + before)
@@ -580,10 +590,12 @@ async def merge_over_ranks(
                 "input_bytes": result.input_bytes, "bytes": stats.bytes_written,
                 "seconds": round(time.perf_counter() - started, 6), "stats": stats, "salvaged": result.salvaged,
                 "entries": [(entry[0] + file_base, *entry[1:]) for entry in result.member_entries],
+                "ends": result.ends,
                 "temporaries": part_output.temporaries if sharded else [],
             })
             commit_error: BaseException | None = None
             footer_bytes = 0
+            incomplete: tuple[Any, ...] = ()
             if world.rank == 0:
                 assert gathered is not None
                 if sharded:  # every rank's shards, in read order: rank 0 publishes (or removes) them all
@@ -596,8 +608,10 @@ async def merge_over_ranks(
                     kept[0].targets = shard_paths(output, base, decision.generation)
                     decision = dataclasses.replace(decision, targets=list(kept[0].targets))
                 try:
+                    incomplete = check_complete([end for item in gathered for end in item["ends"]],
+                                                require_complete)
                     footer_bytes = _commit(kept[0], decision, counter, footer, gathered, settings, exscan,
-                                           len(header))
+                                           len(header), (len(header_text), len(footer_text)))
                 except Exception as exc:
                     commit_error = exc
             await world.agree(commit_error)
@@ -616,7 +630,7 @@ async def merge_over_ranks(
     if world.rank != 0:
         return None
     assert gathered is not None
-    return _aggregate(gathered, decision, footer_bytes, time.perf_counter() - started)
+    return _aggregate(gathered, decision, footer_bytes, time.perf_counter() - started, incomplete)
 
 
 async def _count_and_exscan(world: World, inputs: list[str], sizing: Sizing, salvage: bool,
@@ -656,14 +670,15 @@ async def _count_and_exscan(world: World, inputs: list[str], sizing: Sizing, sal
 
 
 def _commit(outputs: Any, decision: Decision, counter: WindowCounter | None, footer: bytes,
-            gathered: list[dict[str, Any]], settings: Settings, exscan: bool, header_length: int) -> int:
-    """Step 5 on rank 0: the footer (shared file), the member index, publish.  Returns the footer's bytes."""
+            gathered: list[dict[str, Any]], settings: Settings, exscan: bool, header_length: int,
+            texts: tuple[int, int]) -> int:
+    """Step 5 on rank 0: the footer (shared file), the member index, publish.
+    ``texts``: the text lengths of the header and the footer.  Returns the footer's bytes."""
     from .output import member_index_path, write_fully
     from .sink import MemberIndex
-    from .writer import FOOTER, HEADER
 
     written = 0
-    index = MemberIndex(len(HEADER))
+    index = MemberIndex(texts[0])
     for item in gathered:
         index.add_entries(item["entries"])
     if decision.sizing.layout != "sharded":
@@ -672,16 +687,22 @@ def _commit(outputs: Any, decision: Decision, counter: WindowCounter | None, foo
         else:
             assert counter is not None
             end = counter.fetch_add(len(footer))
-        fd = os.open(decision.temporaries[0], os.O_WRONLY | os.O_CLOEXEC)
-        try:
-            os.lseek(fd, end, os.SEEK_SET)
-            write_fully(fd, footer)
-            if settings.fsync:
-                os.fsync(fd)
-        finally:
-            os.close(fd)
-        written = len(footer)
-        index.record(Placement(0, end, 0, len(footer), 0), text=len(FOOTER), events=0)
+        last = Placement(0, end, 0, len(footer), 0)
+        if end == 0 and not footer:  # no header, no event, no footer: one padding line (never an empty file)
+            padding = GZIP_MIN_PADDING if decision.compressed else 1
+            last, footer = Placement(0, 0, 0, 0, padding), (gzip_padding if decision.compressed
+                                                             else plain_padding)(padding)
+        if footer:
+            fd = os.open(decision.temporaries[0], os.O_WRONLY | os.O_CLOEXEC)
+            try:
+                os.lseek(fd, end, os.SEEK_SET)
+                write_fully(fd, footer)
+                if settings.fsync:
+                    os.fsync(fd)
+            finally:
+                os.close(fd)
+            written = len(footer)
+            index.record(last, text=texts[1], events=0)
     sidecars = {}
     if decision.compressed:
         files = [os.path.basename(name) for name in decision.targets]
@@ -690,8 +711,8 @@ def _commit(outputs: Any, decision: Decision, counter: WindowCounter | None, foo
     return written
 
 
-def _aggregate(gathered: list[dict[str, Any]], decision: Decision, footer_bytes: int, seconds: float
-               ) -> RankMergeResult:
+def _aggregate(gathered: list[dict[str, Any]], decision: Decision, footer_bytes: int, seconds: float,
+               incomplete: tuple[Any, ...] = ()) -> RankMergeResult:
     from .backends import BackendStatistics
     from .merge import MergeResult
 
@@ -713,6 +734,9 @@ def _aggregate(gathered: list[dict[str, Any]], decision: Decision, footer_bytes:
         writer=writer,
         manifest=decision.manifest,
         salvaged=tuple(entry for item in gathered for entry in item["salvaged"]),
+        ends=tuple(end for item in gathered for end in item["ends"]),
+        incomplete=incomplete,
+        wrap=decision.wrap,
     )
     per_rank = [{"rank": item["rank"], "inputs": item["inputs"], "events": item["events"], "bytes": item["bytes"],
                  "seconds": item["seconds"]} for item in gathered]

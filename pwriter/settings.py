@@ -21,11 +21,12 @@ from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, ValidationEr
 from .errors import UsageError
 from .layout import LayoutName
 
-__all__ = ["ConfigError", "LayoutChoice", "BackendName", "Settings", "parse_size", "load_settings", "settings_with",
+__all__ = ["ConfigError", "LayoutChoice", "BackendName", "WrapChoice", "Settings", "parse_size", "load_settings", "settings_with",
            "settings_from", "describe_settings"]
 
 LayoutChoice = Literal["auto", LayoutName]  # (the layouts themselves: pwriter.layout.LayoutName)
 BackendName = Literal["auto", "io_uring", "threads"]
+WrapChoice = Literal["auto", "array", "none"]
 
 _SIZE_RE = re.compile(r"^\s*(\d+)\s*([kmgt]?)(i?b)?\s*$", re.IGNORECASE)
 _UNIT = {"": 1, "k": 1 << 10, "m": 1 << 20, "g": 1 << 30, "t": 1 << 40}
@@ -136,6 +137,10 @@ class Settings(BaseModel):
     compress: OptionalBool = Field(
         default=None, description="write gzip members; auto: when the output name ends in .gz (false with such "
                                   "a name is refused)")
+    wrap: WrapChoice = Field(
+        default="array",
+        description="array: a [ line before the events and a ] line after them; none: plain NDJSON; auto (a "
+                    "merge only; the command line's default): array when an input is array style")
     level: int = Field(
         default=1, ge=0, le=9,
         description="compression level: 0 to 3 with python-isal, else zlib's 1 to 9 (another is refused)")

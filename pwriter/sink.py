@@ -187,7 +187,8 @@ class ChunkSink:
             sizes = self._planner.file_sizes()
             placements = self._planner.paddings()
         pad = GZIP_MIN_PADDING if self.compressed else 1
-        placements += [Placement(file, 0, 0, 0, pad) for file, size in enumerate(sizes) if size == 0]
+        if not self._planner.shared_file:  # (a shared file: the one who finishes it knows, pwriter.mpi)
+            placements += [Placement(file, 0, 0, 0, pad) for file, size in enumerate(sizes) if size == 0]
         for placement in placements:
             self.record(placement, text=0, events=0)
         return placements

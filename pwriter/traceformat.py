@@ -16,6 +16,12 @@ untouched.  The check runs in C (``pwriter._native``, memchr speed, GIL
 released) where that module is built, else as three ``bytes`` scans.  Only
 lines that are not bare events (wrapper lines, blank lines, indentation,
 CRLF) are trimmed one by one in Python.
+
+For the completeness of an input (:mod:`pwriter.completeness`) the cleaner
+also keeps two facts, without parsing: how many event lines begin with
+``{"id":`` (:data:`ID_PREFIX`; DFTracer 2.x writes ``id`` first in every
+event its ``end`` event counts, and no ``id`` in metadata lines), counted
+by the C scanner in the same pass, and the last event line.
 """
 
 from __future__ import annotations
@@ -25,11 +31,16 @@ from typing import Any
 
 from .errors import InputError
 
-__all__ = ["BlockCleaner", "is_gzip_magic", "is_valid_json", "rfind_newline", "count_newlines"]
+__all__ = ["BlockCleaner", "is_gzip_magic", "is_valid_json", "rfind_newline", "count_newlines", "count_prefixed",
+           "ID_PREFIX"]
 
 GZIP_MAGIC = b"\x1f\x8b"
 BOM = b"\xef\xbb\xbf"
 _WRAPPERS = (b"", b"[", b"]")
+#: How an event line that DFTracer's ``end`` event counts begins (see the module docstring).
+ID_PREFIX = b'{"id":'
+#: The interface of ``pwriter._native`` this code calls (``ABI_VERSION`` in its build script).
+NATIVE_ABI = 2
 
 
 def is_gzip_magic(head: bytes) -> bool:
@@ -47,7 +58,9 @@ class BlockCleaner:
     :meth:`feed` takes the next piece of text (cut anywhere) and returns the
     event lines completed by it, as one newline-terminated block (possibly
     empty); :meth:`finish` returns the last line when the text does not end
-    with a newline.  ``events`` counts the event lines returned;
+    with a newline.  ``events`` counts the event lines returned, ``ids``
+    those that begin with :data:`ID_PREFIX`, and ``last_event`` is the last
+    of them (without its newline; None before the first);
     ``offset`` is the number of text bytes consumed.  Raises
     :class:`~pwriter.errors.InputError` naming ``path``, the line and the
     byte offset of the first line that is not an event.
@@ -60,6 +73,8 @@ class BlockCleaner:
         self.invalid = 0
         self.invalid_examples: list[str] = []  # "line N (starts ...)", at most 3
         self.events = 0
+        self.ids = 0
+        self.last_event: bytes | None = None
         self.offset = 0
         self.lines = 0
         self._carry = b""
@@ -105,19 +120,20 @@ class BlockCleaner:
             return start + len(cleaned)
         ffi, lib = native
         with ffi.from_buffer(buffer) as view:  # released even when a line is refused
-            return self._clean_in_place_native(buffer, start, stop, view, lib, ffi.new("size_t *"))
+            return self._clean_in_place_native(buffer, start, stop, view, lib, ffi.new("size_t[2]"))
 
     def _clean_in_place_native(self, buffer: memoryview, start: int, stop: int, view: Any, lib: Any,
                                counted: Any) -> int:
-        position, write, lines, kept, irregular = start, start, 0, 0, 0
+        position, write, lines, kept, ids, irregular = start, start, 0, 0, 0, 0
         while position < stop:
-            bare_end = lib.pw_scan_events(view, position, stop, counted, self.validate)
+            bare_end = lib.pw_scan_events(view, position, stop, counted, counted + 1, self.validate)
             if bare_end > position:
                 if write != position:
                     buffer[write : write + bare_end - position] = buffer[position:bare_end]
                 write += bare_end - position
                 lines += counted[0]
                 kept += counted[0]
+                ids += counted[1]
             if bare_end == stop:
                 break
             irregular += 1
@@ -128,6 +144,7 @@ class BlockCleaner:
                 write += len(cleaned)
                 lines += rest.count(b"\n")
                 kept += more
+                ids += count_prefixed(cleaned, ID_PREFIX)
                 break
             end = lib.pw_find_newline(view, bare_end, stop)
             line = bytes(buffer[bare_end:end])
@@ -138,11 +155,20 @@ class BlockCleaner:
                 buffer[write + len(event)] = 10  # newline
                 write += len(event) + 1
                 kept += 1
+                ids += event.startswith(ID_PREFIX)
             position = end + 1
         self.offset += stop - start
         self.lines += lines
         self.events += kept
+        self.ids += ids
+        self._keep_last_event(buffer, start, write)
         return write
+
+    def _keep_last_event(self, buffer: memoryview, start: int, stop: int) -> None:
+        """Keep the last of the cleaned events ``buffer[start:stop]``, if any."""
+        if stop > start:
+            last_start = rfind_newline(buffer, start, stop - 1) + 1 or start
+            self.last_event = bytes(buffer[last_start : stop - 1])
 
     def _clean_python(self, block: bytes) -> bytes:
         """:meth:`clean_in_place` without the C scanner, on a copy."""
@@ -166,6 +192,9 @@ class BlockCleaner:
         self.offset += len(block)
         self.lines += lines
         self.events += kept
+        self.ids += count_prefixed(cleaned, ID_PREFIX)
+        with memoryview(cleaned) as view:
+            self._keep_last_event(view, 0, len(cleaned))
         return cleaned
 
     def _clean_slowly(self, block: bytes, offset: int, lines_before: int) -> tuple[int, bytes]:
@@ -245,6 +274,11 @@ def count_newlines(buffer: memoryview) -> int:
     return bytes(buffer).count(b"\n")
 
 
+def count_prefixed(text: bytes, prefix: bytes) -> int:
+    """Lines of ``text`` that begin with ``prefix`` (which holds no newline)."""
+    return text.count(b"\n" + prefix) + text.startswith(prefix)
+
+
 def count_lines(block: bytes) -> tuple[int, bool]:
     """Newlines in ``block``, and whether one of its lines is empty (a
     newline at its start or right after another); one pass, in C where built."""
@@ -272,6 +306,9 @@ def _load_native() -> tuple[Any, Any] | None:
     try:
         from . import _native as module
     except ImportError:
+        return None
+    version = getattr(module.lib, "pw_abi_version", None)
+    if version is None or version() != NATIVE_ABI:  # a stale build: the pure-Python scan instead
         return None
     return module.ffi, module.lib
 

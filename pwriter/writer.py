@@ -58,10 +58,21 @@ from .sizing import FsInfo, Sizing, follow_layout_set, plan_sizing
 from .traceformat import BlockCleaner
 
 __all__ = ["Writer", "WriterStatistics", "open_writer", "plan", "output_compression", "check_shard_size",
-           "error_to_raise", "HEADER", "FOOTER"]
+           "error_to_raise", "HEADER", "FOOTER", "wrapper_lines"]
 
 HEADER = b"[\n"
 FOOTER = b"]\n"
+
+
+def wrapper_lines(settings: Settings) -> tuple[bytes, bytes]:
+    """The header and footer text of ``settings.wrap``: ``[`` and ``]``
+    lines for ``array``, nothing for ``none``.  ``auto`` follows the inputs
+    of a merge (:func:`pwriter.merge.merge` resolves it first): a writer
+    given it raises :class:`~pwriter.settings.ConfigError`."""
+    if settings.wrap == "auto":
+        raise ConfigError("invalid setting wrap='auto': it follows the inputs of a merge; a writer writes "
+                          "wrap='array' ([ and ] lines) or wrap='none' (NDJSON)")
+    return (HEADER, FOOTER) if settings.wrap == "array" else (b"", b"")
 
 
 def plan(
@@ -342,8 +353,8 @@ async def open_writer(
     producers: int | None = None,
     force: bool = False,
     inputs: Sequence[str] = (),
-    header: bytes = HEADER,
-    footer: bytes = FOOTER,
+    header: bytes | None = None,
+    footer: bytes | None = None,
     fs: FsInfo | None = None,
     backend: Backend | str | None = None,
     validate: bool = False,
@@ -366,10 +377,14 @@ async def open_writer(
     (:class:`~pwriter.errors.OutputExistsError`), when it is one of
     ``inputs``, and, even with ``force``, when the name is not a regular file
     or a symlink to one (a directory, FIFO, socket, device).  ``header``
-    starts and ``footer`` ends the output in every layout (with a
-    ``shard_size``, every shard: each is a complete trace, and the set has
-    as many shards as its lanes started; a shard size for another layout,
-    or for a stream, is a :class:`~pwriter.settings.ConfigError`).  ``fs`` replaces
+    starts and ``footer`` ends the output in every layout (a sharded set:
+    its first and last shard; with a ``shard_size``, every shard: each is a
+    complete trace, and the set has as many shards as its lanes started; a
+    shard size for another layout, or for a stream, is a
+    :class:`~pwriter.settings.ConfigError`); by default they follow the
+    ``wrap`` setting: ``"array"`` (the default) the lines ``[`` and ``]``,
+    ``"none"`` nothing (NDJSON); ``"auto"`` is for merges and is refused
+    here (:func:`wrapper_lines`).  ``fs`` replaces
     filesystem detection and a ``backend`` object the backend named in the
     settings (both for tests; a backend name is the setting).  ``compress``
     (default: a ``path`` ending in ``.gz``; :func:`output_compression`
@@ -440,9 +455,13 @@ async def open_writer(
     compress = output_compression(target, settings, stream=isinstance(output, StreamOutput))
     if compress:
         check_level(settings.level)
+    if header is None or footer is None:
+        wrapped = wrapper_lines(settings)
+        header, footer = wrapped[0] if header is None else header, wrapped[1] if footer is None else footer
     header_text, footer_text = len(header), len(footer)
-    if compress:  # the header and the footer are gzip members of their own
-        header, footer = gzip_member(header, settings.level), gzip_member(footer, settings.level)
+    if compress:  # the header and the footer are gzip members of their own (none for no text)
+        header = gzip_member(header, settings.level) if header else b""
+        footer = gzip_member(footer, settings.level) if footer else b""
     min_padding = GZIP_MIN_PADDING if compress else 1
     if part is not None:  # one rank's part of a shared output (pwriter.mpi): decided and created already
         fs, sizing, output = part.fs, part.sizing, part.output

@@ -89,9 +89,9 @@ def published_events(target: str) -> collections.Counter[bytes] | None:
     return None
 
 
-def assert_nothing_left(directory: str) -> None:
+def assert_nothing_left(directory: str, why: object = "") -> None:
     left = os.listdir(directory)
-    assert left == [], f"nothing was published, yet {left} is left"
+    assert left == [], f"nothing was published, yet {left} is left {why}"
 
 
 def check_outcome(target: str, ledger: Ledger, close_raised: BaseException | None) -> None:
@@ -477,7 +477,7 @@ def test_cli_merge_signalled_at_random_moments(tmp_path, corpus: tuple[str, str]
     else:
         # (a signal that lands before Python's start-up is done ends the process by default: -signal)
         assert how is not None and code in ({signal.SIGINT: 130, signal.SIGTERM: 143}[how], -how), (code, err)
-        assert_nothing_left(str(out))
+        assert_nothing_left(str(out), (code, err))
 
 
 @pytest.mark.parametrize("layout", LAYOUTS)

@@ -112,13 +112,16 @@ def test_exscan_offsets_give_the_same_events(corpus, single_process_events, tmp_
     assert sorted(read_events(out)) == single_process_events
 
 
-def test_more_ranks_than_inputs(tmp_path) -> None:
+@pytest.mark.parametrize("wrap", ["auto", "array"])
+def test_more_ranks_than_inputs(tmp_path, wrap: str) -> None:
+    """(auto: NDJSON in, NDJSON out, issue 22; the ranks with nothing to
+    write leave the shared file's start alone, header or none.)"""
     source = tmp_path / "only.pfw"
     source.write_bytes(b'{"id":1}\n{"id":2}\n')
     out = tmp_path / "merged.pfw"
-    done = mpi_merge(4, str(source), "-o", str(out), "--no-fsync", "--layout", "striped")
+    done = mpi_merge(4, str(source), "-o", str(out), "--no-fsync", "--layout", "striped", "--wrap", wrap)
     assert done.returncode == 0, done.stderr
-    assert out.read_bytes() == b'[\n{"id":1}\n{"id":2}\n]\n'
+    assert out.read_bytes() == (b'[\n{"id":1}\n{"id":2}\n]\n' if wrap == "array" else b'{"id":1}\n{"id":2}\n')
 
 
 @pytest.mark.parametrize("layout", ["striped", "sharded"])  # (sharded: each rank removes the shards it created)
