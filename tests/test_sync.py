@@ -269,7 +269,8 @@ def test_a_pool_that_outlives_the_writer_gets_closed_errors_and_loses_nothing(tm
 
 
 CTRL_C_DURING_A_SEND = r"""
-import os, signal, sys, threading, time
+import faulthandler, os, signal, sys, threading, time
+faulthandler.dump_traceback_later(30, exit=True)  # a hang shows where every thread waits
 from pwriter.settings import load_settings
 from pwriter.sync import open_writer_sync
 from pwriter.testing import FaultBackend, MemoryBackend
