@@ -1,4 +1,4 @@
-from hypothesis import given, settings
+from hypothesis import example, given, settings
 from hypothesis import strategies as st
 
 import pytest
@@ -60,6 +60,7 @@ def slot_owners(placements: list[tuple[int, Placement]], stripe: int) -> dict[in
 
 @given(st.lists(st.tuples(st.integers(0, 3), st.integers(1, 5000)), max_size=40), st.integers(1, 8),
        st.integers(1, 8), st.sampled_from([1, 22, 23, 25]), st.sampled_from([64, 100, 4096]))
+@example(chunks=[(0, 63), (1, 1), (0, 1)], header=1, footer=1, min_padding=1, stripe=64)
 def test_padded_lanes_keep_their_slots_and_never_a_short_pad(chunks, header, footer, min_padding, stripe) -> None:
     planner = PaddedStripedPlanner(header_length=header, stripe_size=stripe, min_padding=min_padding)
     assert planner.open() is None
@@ -73,8 +74,8 @@ def test_padded_lanes_keep_their_slots_and_never_a_short_pad(chunks, header, foo
         if lane in ends and (left == 0 or left >= min_padding):
             assert placement.offset == ends[lane], "a chunk that fits its lane's slot goes right after its last"
         ends[lane] = placement.end - placement.pad
-        if placement.pad:
-            ends.pop(lane)  # the slot is full: padded with it
+        if placement.pad or placement.end % stripe == 0:
+            ends.pop(lane)  # the slot is full (padded with it, or filled exactly): the next chunk takes another
         placed.append((lane, placement))
         paddings += planner.paddings()
     closing = planner.close(footer)
