@@ -5,17 +5,14 @@ gzip, on both backends, and read back with pwriter's own reader, ``pwriter
 verify`` and the field's tools (``dftracer_event_count``, ``dftracer_split
 --verify``).  The corpus is built once a session (the ``dftracer_run``
 fixture, tests/dftracer_corpus.py); the expected events are computed there
-without pwriter.
-
-The tests of options that other parts of issue 22 add (``--wrap``, the
-incomplete report, ``-r``, ``--shard-size``) skip until ``pwriter merge
---help`` offers them, and the docs page's commands run once all of them exist.
+without pwriter.  The options issue 22 added (``--wrap``, the incomplete report, ``-r``,
+``--shard-size``) are tested on the same corpus, and the docs page's
+commands (docs/dftracer.md) run as written.
 """
 
 from __future__ import annotations
 
 import collections
-import functools
 import gzip
 import json
 import os
@@ -37,16 +34,6 @@ LAYOUTS = ["striped", "padded-striped", "sharded"]
 DOCS_PAGE = pathlib.Path(__file__).resolve().parent.parent / "docs" / "dftracer.md"
 
 
-@functools.cache
-def merge_help() -> str:
-    return run_cli("merge", "--help").stdout
-
-
-def needs(*options: str) -> None:
-    """Skip until ``pwriter merge`` offers every one of ``options``."""
-    missing = [option for option in options if option not in merge_help()]
-    if missing:
-        pytest.skip(f"pwriter merge has no {', '.join(missing)} yet (issue 22)")
 
 
 @pytest.fixture(scope="module")
@@ -124,7 +111,6 @@ def test_a_salvaged_merge_holds_every_readable_event(dftracer_run: TracedRun, fi
 def test_ndjson_traces_merge_to_ndjson(dftracer_run: TracedRun, tmp_path: pathlib.Path) -> None:
     """``--wrap auto`` (the CLI's default) keeps the tracer's NDJSON; ``--wrap
     array`` wraps it for Perfetto."""
-    needs("--wrap")
     done = merge(dftracer_run, tmp_path / "auto.pfw.gz", "--salvage")
     assert done.returncode == 0, done.stderr
     lines = read_text(tmp_path / "auto.pfw.gz").splitlines()
@@ -140,7 +126,6 @@ def test_ndjson_traces_merge_to_ndjson(dftracer_run: TracedRun, tmp_path: pathli
 def test_the_incomplete_report_names_the_lost_worker(dftracer_run: TracedRun, tmp_path: pathlib.Path) -> None:
     """Only the worker that never finalized is incomplete: no end event, its
     readable events counted; ``--require-complete`` refuses the merge."""
-    needs("--require-complete")
     done = merge(dftracer_run, tmp_path / "app.pfw.gz", "--salvage", "--json")
     assert done.returncode == 0, done.stderr
     incomplete = json.loads(done.stdout)["incomplete"]
@@ -161,7 +146,6 @@ def test_the_incomplete_report_names_the_lost_worker(dftracer_run: TracedRun, tm
 
 def test_recursive_input_directories(dftracer_run: TracedRun, tmp_path: pathlib.Path) -> None:
     """``-r``: every trace below the directory once; hidden names skipped."""
-    needs("--recursive")
     root = tmp_path / "job"
     for index, path in enumerate(dftracer_run.files):
         node = root / f"node-{index % 2}" / "traces"
@@ -178,7 +162,6 @@ def test_compaction_into_pieces(dftracer_run: TracedRun, field_reference: tuple[
                                 tmp_path: pathlib.Path, backend_name: str) -> None:
     """``--shard-size``: many gzip pieces, each a trace the field's tools read,
     together every readable event once."""
-    needs("--shard-size")
     pieces = tmp_path / "pieces"
     pieces.mkdir()
     done = merge(dftracer_run, pieces / "app.pfw.gz", "--salvage", "--layout", "sharded", "--workers", "2",
@@ -215,7 +198,6 @@ def test_the_docs_page_commands_run(dftracer_run: TracedRun, tmp_path: pathlib.P
     """The page's commands, run as written in an empty directory holding
     only ``examples/traced_app.py``; every command expected to fail says so
     with ``|| echo "exit $?"``."""
-    needs("--wrap", "--require-complete", "--recursive", "--shard-size")
     (tmp_path / "examples").mkdir()
     shutil.copy(EXAMPLE, tmp_path / "examples")
     commands = docs_commands()
