@@ -26,7 +26,6 @@ import subprocess
 import sys
 import threading
 import time
-from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 
@@ -44,7 +43,7 @@ from pwriter.traceformat import BlockCleaner
 from pwriter.testing import MemoryBackend, event_counter, read_events, write_corpus
 from pwriter.writer import open_writer
 
-from conftest import BIN
+from helpers import BIN
 
 LOCAL = FsInfo(FsKind.LOCAL, 0xEF53, "/")
 LAYOUTS = ["striped", "padded-striped", "sharded"]

@@ -14,7 +14,7 @@ import pytest
 import pwriter
 from pwriter.settings import Settings
 
-from conftest import run_cli
+from helpers import run_cli
 
 
 def test_dir_and_help_show_the_api() -> None:

@@ -15,7 +15,7 @@ import sys
 
 import pytest
 
-from conftest import expect_failure, run_cli
+from helpers import expect_failure, run_cli
 from pwriter import traceformat
 from pwriter.completeness import InputEnd, end_event_claim, incomplete_inputs, input_end
 from pwriter.traceformat import BlockCleaner, count_prefixed

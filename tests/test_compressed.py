@@ -14,7 +14,7 @@ import zlib
 import pytest
 import trio
 
-from conftest import dftracer_tool, run_cli
+from helpers import dftracer_tool, run_cli
 from pwriter.corpus import write_corpus
 from pwriter.settings import load_settings
 from pwriter.sizing import FsInfo, FsKind

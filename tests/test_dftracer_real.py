@@ -26,7 +26,7 @@ import pytest
 from pwriter.output import read_shard_set
 from pwriter.testing import read_events, read_text
 
-from conftest import BIN, expect_failure, published, run_cli
+from helpers import BIN, expect_failure, published, run_cli
 from dftracer_corpus import EXAMPLE, TracedRun
 from test_field_readers import event_count, split
 

@@ -17,7 +17,7 @@ from collections.abc import Iterator
 
 import pytest
 
-from conftest import BIN, expect_failure, published, run_cli
+from helpers import BIN, expect_failure, published, run_cli
 from pwriter.corpus import write_corpus
 from pwriter.errors import DataError
 from pwriter.output import is_temporary_name

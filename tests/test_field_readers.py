@@ -15,7 +15,7 @@ import pytest
 from pwriter.output import read_shard_set
 from pwriter.testing import read_text
 
-from conftest import dftracer_tool, run_cli
+from helpers import dftracer_tool, run_cli
 
 LAYOUTS = ["striped", "padded-striped", "sharded"]
 

@@ -19,7 +19,7 @@ from pwriter.sizing import AUTO_STRIPE_ALL_FROM, FsInfo, FsKind, plan_sizing, sh
 from pwriter.testing import read_events
 from pwriter.writer import open_writer
 
-from conftest import published
+from helpers import published
 
 LUSTRE_MAGIC = 0x0BD00BD0
 MiB = 1 << 20

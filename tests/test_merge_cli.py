@@ -16,7 +16,7 @@ import zlib
 import pytest
 import trio
 
-from conftest import BIN, dftracer_tool, expect_failure, run_cli
+from helpers import BIN, dftracer_tool, expect_failure, run_cli
 from pwriter.corpus import write_corpus
 from pwriter.output import is_temporary_name
 from pwriter.testing import event_counter, read_events, read_text
@@ -418,7 +418,7 @@ def test_interrupt_exits_130_and_publishes_nothing(tmp_path, backend_name: str, 
     import signal
     import time
 
-    from conftest import BIN
+    from helpers import BIN
 
     fifo = tmp_path / "live.pfw"
     os.mkfifo(fifo)
@@ -469,7 +469,7 @@ def test_a_signal_ends_a_merge_blocked_on_a_fifo(tmp_path, backend_name: str, fe
     import threading
     import time
 
-    from conftest import BIN
+    from helpers import BIN
 
     fifo = tmp_path / "live.pfw"
     os.mkfifo(fifo)
@@ -520,7 +520,6 @@ def test_sigterm_right_after_the_temporary_is_created_leaves_nothing(tmp_path) -
     the temporary is removed.  (Started with ``start_soon``, the receiver
     was not yet listening: the default action killed the process, and the
     temporary stayed.)"""
-    import signal
     import sys
 
     good = tmp_path / "a.pfw"
@@ -606,7 +605,7 @@ def test_input_from_a_pipe(tmp_path) -> None:
     fifo = tmp_path / "pipe.pfw"
     os.mkfifo(fifo)
     out = tmp_path / "m.pfw"
-    from conftest import BIN
+    from helpers import BIN
 
     process = subprocess.Popen([os.path.join(BIN, "pwriter"), "merge", str(fifo), "-o", str(out)],
                                stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)

@@ -25,7 +25,7 @@ from pwriter.testing import read_events, write_corpus
 from pwriter.writer import open_writer
 from pwriter.sizing import FsInfo, FsKind
 
-from conftest import expect_failure, run_cli
+from helpers import expect_failure, run_cli
 
 LOCAL = FsInfo(FsKind.LOCAL, 0xEF53, "/")
 

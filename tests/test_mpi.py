@@ -21,7 +21,7 @@ from pwriter.corpus import write_corpus
 from pwriter.output import is_temporary_name, lock_path
 from pwriter.testing import read_events
 
-from conftest import BIN, dftracer_tool, published, run_cli
+from helpers import BIN, dftracer_tool, published, run_cli
 
 pytest.importorskip("mpi4py", reason="the MPI extra is not installed (pip install 'pwriter[mpi]')")
 MPIEXEC = shutil.which("mpiexec", path=BIN)

@@ -15,7 +15,7 @@ import subprocess
 import pytest
 import trio
 
-from conftest import dftracer_tool, run_cli
+from helpers import dftracer_tool, run_cli
 from pwriter.settings import load_settings
 from pwriter.sizing import FsInfo, FsKind
 from pwriter.testing import MemoryBackend, read_events

@@ -13,7 +13,7 @@ import trio.testing
 
 from pwriter import cli
 
-from conftest import run_cli
+from helpers import run_cli
 
 
 class FakeProgress:

@@ -27,7 +27,7 @@ from pwriter.settings import load_settings
 from pwriter.testing import FaultBackend, event_counter, read_events, write_corpus
 from pwriter.verify import verify
 
-from conftest import BIN, dftracer_tool, expect_failure, published, run_cli
+from helpers import BIN, dftracer_tool, expect_failure, published, run_cli
 
 LAYOUTS = ["striped", "padded-striped", "sharded"]
 

@@ -9,7 +9,7 @@ import os
 import pathlib
 
 import pytest
-from conftest import expect_failure, run_cli
+from helpers import expect_failure, run_cli
 
 from pwriter.errors import UsageError
 from pwriter.inputs import collect_inputs

@@ -15,7 +15,7 @@ import subprocess
 
 import pytest
 import trio
-from conftest import BIN, dftracer_tool, expect_failure, run_cli
+from helpers import BIN, dftracer_tool, expect_failure, run_cli
 
 from pwriter.layout import SizedShardedPlanner
 from pwriter.merge import merge

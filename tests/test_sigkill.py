@@ -18,7 +18,7 @@ import signal
 import subprocess
 import time
 
-from conftest import BIN
+from helpers import BIN
 from pwriter.backends import available_backends
 from pwriter.corpus import write_corpus
 from pwriter.output import is_temporary_name, lock_path

@@ -19,7 +19,7 @@ from pwriter.output import is_temporary_name
 from pwriter.sync import merge_sync, open_writer_sync
 from pwriter.testing import FaultBackend, MemoryBackend, event_counter, read_events, write_corpus
 
-from conftest import published
+from helpers import published
 
 LAYOUTS = ["striped", "padded-striped", "sharded"]
 

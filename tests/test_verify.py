@@ -8,7 +8,7 @@ import json
 import pytest
 
 import pwriter.traceformat as traceformat
-from conftest import run_cli
+from helpers import run_cli
 from pwriter.corpus import write_corpus
 from pwriter.verify import verify
 

@@ -17,7 +17,7 @@ import zlib
 
 import pytest
 
-from conftest import run_cli
+from helpers import run_cli
 from pwriter.errors import UsageError
 from pwriter.inputs import starts_array
 from pwriter.merge import merge, resolve_wrap

@@ -20,7 +20,7 @@ from pwriter.settings import load_settings
 from pwriter.testing import FaultBackend, MemoryBackend, read_events, read_text
 from pwriter.writer import open_writer
 
-from conftest import published
+from helpers import published
 
 LAYOUTS = ["striped", "padded-striped", "sharded"]
 LOCAL = FsInfo(FsKind.LOCAL, 0xEF53, "/")

@@ -1,0 +1,53 @@
+"""Helpers shared by the test modules (imported as ``from helpers import ...``;
+the fixtures are in conftest.py): running the command line as a user would,
+checking a documented failure, naming a published output, and finding the
+field's tools."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+import sys
+
+import pytest
+
+# The dftracer-utils binaries (and the venv's pwriter, mpiexec) live beside this interpreter.
+BIN = os.path.dirname(sys.executable)
+
+
+def dftracer_tool(name: str) -> str:
+    path = shutil.which(name, path=BIN + os.pathsep + os.environ.get("PATH", ""))
+    if path is None:
+        pytest.skip(f"{name} is not installed (pip install dftracer-utils)")
+    return path
+
+
+def run_cli(*args: str, cwd: str | os.PathLike[str] | None = None, env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
+    """Run the installed ``pwriter`` command as a user would."""
+    return subprocess.run(
+        [os.path.join(BIN, "pwriter"), *args],
+        cwd=cwd,
+        capture_output=True,
+        text=True,
+        env={**os.environ, **(env or {})},
+        timeout=300,
+    )
+
+
+def expect_failure(done: subprocess.CompletedProcess[str], code: int, *needles: str) -> None:
+    """A command that failed as documented: exit ``code``, nothing on stdout,
+    one ``pwriter: error:`` line on stderr holding every one of ``needles``
+    (then, for other failures that happened alongside, ``pwriter: also:`` lines)."""
+    assert done.returncode == code, (done.returncode, done.stdout, done.stderr)
+    lines = done.stderr.strip().splitlines()
+    assert len(lines) >= 1 and all(line.startswith("pwriter: also: ") for line in lines[1:]), done.stderr
+    assert lines[0].startswith("pwriter: error: ")
+    for needle in needles:
+        assert needle in lines[0], lines[0]
+    assert done.stdout == ""
+
+
+def published(path: str | os.PathLike[str], layout: str) -> str:
+    """The name to read a whole output from (a sharded set: its manifest)."""
+    return f"{os.fspath(path)}.shards" if layout == "sharded" else os.fspath(path)
