@@ -1,4 +1,4 @@
-"""pwriter: many trio producers, one stream of line records, written at the speed of the storage.
+"""pwriter's public names: many producers, or many trace files, into one output of line records.
 
 Writing from trio tasks::
 

@@ -1,7 +1,8 @@
 """cffi build script for ``pwriter._native``: C loops over trace text.
 
 The merge looks at every byte of its inputs once; in Python (``bytes.count``
-of two patterns) that costs about 1.3 CPU seconds per GiB and holds the GIL.
+of two patterns) that is a large share of the merge's CPU time, and it holds
+the GIL.
 Here the same check runs at memchr speed, and cffi releases the GIL around
 the call, so reader threads scan in parallel.  Optional: ``setup.py`` builds
 it where a C compiler is available, and :mod:`pwriter.traceformat` falls

@@ -1,8 +1,9 @@
-"""From many producer tasks to full stripe buffers.
+"""Producer handles, coalescers and the buffer pool: from many producer tasks to full stripe buffers.
 
 Theory of operation
 -------------------
-A trio channel ``send`` costs microseconds; a trace event is ~200 bytes.  So
+A trio channel ``send`` costs far more than appending to a list, and a
+trace event is a few hundred bytes.  So
 a :class:`Producer` never sends single lines: it appends them to a local list
 and sends one joined *block* (whole, newline-terminated lines) when the list
 holds ``batch_bytes``, with the trio time its oldest line was queued.  Each

@@ -1,7 +1,7 @@
 """Gzip members for compressed output (blocking; run in worker threads).
 
 Each chunk becomes one standalone gzip member, so that any member can be
-decompressed alone (see the member index in :mod:`pwriter.writer`) and the
+decompressed alone (see :class:`~pwriter.sink.MemberIndex`) and the
 concatenation is an ordinary multi-member gzip file.  python-isal compresses
 (it releases the GIL, so worker threads compress in parallel); its levels are
 0 to 3, and a higher level is an error (:func:`check_level`).  Without isal, zlib does it (levels

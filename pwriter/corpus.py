@@ -1,6 +1,6 @@
 """Realistic DFTracer-like events and corpora, for examples, tests and benchmarks.
 
-The events imitate what DFTracer writes (see NOTES.md section 1): metadata
+The events imitate what DFTracer writes (see ``docs/dftracer.md``): metadata
 lines (``HH`` host hashes, ``FH`` file hashes) first, then POSIX and
 application events with ids, pids, tids, timestamps, durations and ``args``.
 Deterministic for a given seed.

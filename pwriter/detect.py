@@ -1,4 +1,4 @@
-"""Detection: the I/O half of sizing.
+"""Filesystem detection (statfs, xattrs, ``lfs``): the I/O half of sizing.
 
 Everything here asks the operating system about a path and returns plain
 values (:class:`~pwriter.sizing.FsInfo`) for the pure policy in

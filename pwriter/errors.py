@@ -1,6 +1,6 @@
 """pwriter's exceptions; each carries the command-line exit code it maps to.
 
-Exit codes (also in the README):
+Exit codes (also in ``docs/faults.md``):
 
 * 0: success
 * 1: an error found while working: an input that is not a trace, a corrupt
@@ -9,6 +9,8 @@ Exit codes (also in the README):
   missing or unreadable input, an output that exists, an output that is one
   of the inputs, a missing output directory, an unavailable backend
   (:class:`UsageError`)
+
+130 and 143 (SIGINT, SIGTERM before publishing) are the command line's own.
 """
 
 from __future__ import annotations

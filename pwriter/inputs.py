@@ -1,5 +1,6 @@
-"""Reading trace inputs: finding them, opening them, and cleaning their text
-straight into the caller's stripe buffers.
+"""Reading trace inputs: find, open, decompress and clean them into stripe buffers.
+
+Their text goes straight into the caller's buffers.
 
 An :class:`InputReader` reads one input, plain or gzip (told apart by its
 magic number; decompressed with python-isal, which releases the GIL), and
@@ -153,10 +154,10 @@ def _traces_in(directory: str, excluded: set[tuple[int, int, str]], *, recursive
 def _gzip_file(raw: io.BufferedReader[typing.Any]) -> gzip.GzipFile:
     """A gzip reader over ``raw``: python-isal's where installed.
 
-    Chosen by ``bench/gzip_readers.py --mib 64`` on this project's 2-CPU
-    machine: stdlib gzip 0.47 GiB/s of text, zlib-ng 1.46, python-isal 2.25
-    (each 1.7 to 1.9 times that with two threads).  Multi-member files work
-    with all three.
+    python-isal was the fastest reader of the three ``bench/gzip_readers.py``
+    compares (stdlib gzip, zlib-ng, python-isal; figures in
+    ``docs/performance.md``), and it releases the GIL.  Multi-member files
+    work with all three.
     """
     try:
         from isal import igzip
@@ -607,9 +608,8 @@ class InputReader:
     def _read_into(self, buffer: memoryview, start: int, stop: int) -> int:
         """Read text into ``buffer[start:stop]``; returns the bytes read, 0 at the end.
 
-        gzip is decompressed straight into the buffer (no intermediate
-        bytes object: 13% faster with python-isal, ``readinto`` against
-        ``read`` and a copy, 2 MiB at a time).
+        gzip is decompressed straight into the buffer (``readinto``: no
+        intermediate bytes object and no copy).
         """
         if self._recovered is not None:
             data, self._recovered = self._recovered[: stop - start], self._recovered[stop - start :]

@@ -18,9 +18,10 @@ no gap and no overlap.  A gap would be a hole of zero bytes (which trace
 readers refuse); an overlap would lose data.
 
 * **striped**: one file.  The header takes ``[0, len(header))`` at open;
-  every chunk takes the next ``len(chunk)`` bytes from a counter (a fetch-add
-  that needs no lock, since planners run in the trio thread); the footer is
+  every chunk takes the next ``len(chunk)`` bytes from a counter; the footer is
   reserved last, at close, so it ends the file whatever order lanes finish in.
+  (No planner is thread-safe: the chunk sink calls them under its placement
+  lock, since worker threads place too.)
 
 * **padded-striped**: one file cut into slots of ``stripe_size`` bytes, each
   written by one lane only.  A lane takes a slot when it places its first
@@ -69,7 +70,7 @@ does; the slots come from the counter, so no two parts share one.  A sharded out
 :class:`ShardedPlanner` per rank over that rank's own shards.
 
 Plain padding is ``n - 1`` spaces and a newline: a whitespace-only line, which
-every trace reader skips (see NOTES.md section 2).  Gzip padding is one or
+every trace reader skips (see ``docs/layouts.md``).  Gzip padding is one or
 more gzip members with an FEXTRA field that each hold one whitespace line,
 ``"\n"`` (23 bytes at least, so gzip planners use ``min_padding=23``); never
 an empty member, which one field reader stops at.  Chunks are then whole

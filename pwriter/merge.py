@@ -1,12 +1,15 @@
 """``pwriter merge``: many trace files in, one well-formed trace out.
 
 The inputs are cut, in order, into one run per reader of about equal bytes
-(:func:`partition`).  Each reader task fills stripe buffers taken from the
+(:func:`partition`).  Each reader fills a stripe buffer taken from the
 writer's pool straight from its inputs (:mod:`pwriter.inputs`, in a worker
-thread: read, decompress, clean in place) and hands every full buffer to
-the writer as one chunk.  A small
-input costs no thread hop of its own; a bare-event text is never copied in
-Python.  The lines of one input stay together and in order.
+thread: read, decompress, clean in place) and writes every full buffer, in
+that thread, as one chunk of its lane (:meth:`~pwriter.sink.ChunkSink.write_chunk_in_thread`).
+A small input costs no thread hop of its own; a bare-event text is never
+copied in Python.  The lines of one input keep their order.  They are
+together in the output only when its reader has a file of its own (sharded,
+no more readers than shards): otherwise the readers' chunks are placed as
+they fill, interleaved.
 """
 
 from __future__ import annotations

@@ -177,8 +177,8 @@ def load_settings(**overrides: Any) -> Settings:
     field are ignored.  Raises :class:`ConfigError` with one line naming the
     first bad field (and the variable, when the value came from one).
 
-    (Our own few lines rather than pydantic-settings: that package costs
-    about 35 ms of start-up, a tenth of ``cat``'s time for 1 GiB.)
+    (Our own few lines rather than pydantic-settings: that package's import
+    adds start-up time to every command, which a short merge notices.)
     """
     from_environment = {}
     for variable, value in os.environ.items():

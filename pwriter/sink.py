@@ -199,7 +199,7 @@ class ChunkSink:
             self.members.record(placement, text=text, events=events)
 
     def member_index(self) -> dict[str, object]:
-        """The member index of a compressed output (see the README for the format)."""
+        """The member index of a compressed output (its format: ``docs/layouts.md``)."""
         return self.members.index([os.path.basename(name) for name in self._output.targets])
 
     def splice(self, placement: Placement, buffer: memoryview, filled: int) -> tuple[Placement, memoryview]:
@@ -598,7 +598,7 @@ class MemberIndex:
             self._entries.extend(joined)
 
     def index(self, files: list[str]) -> dict[str, object]:
-        """The member index (see the README for the format) over ``files`` (base names, in read order)."""
+        """The member index (its format: ``docs/layouts.md``) over ``files`` (base names, in read order)."""
         members = []
         text_offset = first_event = 0
         for file, offset, length, text, events, listed in sorted(self.entries()):

@@ -17,12 +17,9 @@ Stripe size (the unit of every write, and the flush threshold)
     Lustre: the layout's stripe size (``lustre.lov`` xattr or ``lfs``).
     GPFS: the filesystem block size, which GPFS stripes by.
     Otherwise 2 MiB: large enough that the per-chunk work in Python costs
-    little; 4 MiB is no faster and doubles the memory.  ``bench/buffer_sizes.py --part 2
-    --rounds 6`` on the 2-CPU development machine (953 MiB corpus, striped,
-    default write calls), median merge times: threads 1.00 s with 512 KiB,
-    0.79 s with 1 MiB, 0.69 s with 2 MiB, 0.70 s with 4 MiB; io_uring 0.88,
-    0.73, 0.66, 0.68 s; gzip inputs 1.28, 1.04, 0.97, 0.97 s.  Always a
-    multiple of 4 KiB so that buffers can be used with O_DIRECT.
+    little, while larger buffers were no faster and cost more memory
+    (``bench/buffer_sizes.py --part 2``; figures in ``docs/performance.md``).
+    Always a multiple of 4 KiB so that buffers can be used with O_DIRECT.
 
 Layout
     O_DIRECT (``direct``): padded-striped, the one layout whose writes all
@@ -51,10 +48,14 @@ Lustre layout on create (``stripe_count``)
     above, so that every buffer is whole stripes.  The writer reads the
     layout back after setting it and sizes itself by what it got.
 
-Workers (coalescers, each with its own buffers and, when sharded, its own file)
+Workers (write lanes: the library's coalescers, the merge's readers; when
+sharded, each with its own file; all take their buffers from one shared pool)
     Never more than the producers (a worker with no producer idles) and never
     more than 2 x the CPUs.  On Lustre, never more than the stripe count of
-    a shared file: each worker then streams to its own OSTs.  Otherwise at most 4 on local disks
+    a shared file: more concurrent writers than stripes add no OST to the
+    write, only contention.  (The planners do not tie a lane to an OST: its
+    offsets or slots come from one counter, so lanes in flight together
+    land on whichever stripes the counter hands out.)  Otherwise at most 4 on local disks
     and tmpfs (one page-cache copy per core is the ceiling) and 8 on networked
     and parallel filesystems (latency hiding).
 
@@ -73,16 +74,11 @@ Write call size (the most bytes one system call or io_uring operation carries)
     as many calls as that takes.  Recent kernels fill the page cache with
     folios as large as the write call and its offset's alignment allow (up
     to 2 MiB).  On a virtual machine that hands free memory back to its host
-    (virtio-balloon free page reporting, as on the development machine),
-    large folios come from exactly the free blocks the host has taken back,
-    and writing them costs seconds of system time now and then.
-    ``bench/buffer_sizes.py --part 3 --rounds 8`` (953 MiB, 2 MiB stripes),
-    median and slowest of 8 merges with calls of 512 KiB / 1 MiB / 2 MiB:
-    striped threads 0.68 (0.69) / 0.65 (0.69) / 0.84 (1.03) s; striped
-    io_uring 0.64 (0.66) / 0.62 (0.63) / 0.81 (1.07) s; padded-striped
-    threads, whose writes start on 2 MiB boundaries, 0.67 (1.33) / 1.12
-    (2.07) / 1.88 (3.03) s.  Smaller calls cost more (256 KiB: 0.73 s
-    striped).  512 KiB is the choice that is never far from the best.
+    (virtio-balloon free page reporting), large folios come from exactly the
+    free blocks the host has taken back, and writing them is slow now and
+    then; smaller calls cost more system calls.  512 KiB is the choice that
+    was never far from the best (``bench/buffer_sizes.py --part 3``; figures
+    in ``docs/performance.md``).
     O_DIRECT writes bypass the page cache: one call per stripe.
 """
 

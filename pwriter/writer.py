@@ -1,4 +1,6 @@
-"""The writer service: ``async with open_writer(path) as writer: ...``.
+"""The writer service (the control plane): open an output, run its write lanes, close and publish it.
+
+Used as ``async with open_writer(path) as writer: ...``.
 
 Task structure (all in one nursery owned by :func:`open_writer`)::
 

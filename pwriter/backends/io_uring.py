@@ -47,7 +47,7 @@ Some facts about io_uring, and what this module does about each.
   serialised by the inode lock: a deeper queue buys no parallelism there, and
   their CPU time shows in the process's rusage.  The gain of io_uring is one
   Python thread with no thread hops and few system calls; it grows with
-  O_DIRECT and many small writes (see NOTES.md section 5).
+  O_DIRECT and many small writes.
 
 * Ctrl-C: trio delivers KeyboardInterrupt to the main task even inside
   shielded scopes, and raises it at once in unprotected code.  The code here
@@ -58,15 +58,11 @@ Some facts about io_uring, and what this module does about each.
   merge's readers writing the chunks they fill) are plain ``pwritev`` calls
   in that thread.  liburing rings are not thread-safe; a small ring of each
   thread's own, used synchronously (prep, ``io_uring_submit_and_wait``,
-  reap), was measured and was slower: a buffered write is handed to an io-wq
-  kernel worker while the thread waits for it.  ``bench/floor.py``, 1 GiB,
-  merge() against its floor: 1.19x (plain) and 1.18x (gzip) with a ring per
-  thread, 1.03x and 1.11x with ``pwritev`` in the thread (2026-11-29).  One
-  shared ring with a submission lock (the thread preps and submits under
-  the lock, the reaper wakes it through a ``threading.Event``) was slower
-  still: ``bench/ring_lock.py``, merge() in process, medians 0.257 to
-  0.334 s against 0.224 to 0.229 s for ``pwritev`` (plain), 0.443 s
-  against 0.343 s (gzip).
+  reap), was slower (``bench/floor.py``): a buffered write is handed to an
+  io-wq kernel worker while the thread waits for it.  One shared ring with
+  a submission lock (the thread preps and submits under the lock, the
+  reaper wakes it through a ``threading.Event``) was slower still
+  (``bench/ring_lock.py``).  Figures in ``docs/performance.md``.
 
 * Closing (shielded): wait until nothing is in flight, stop the reaper,
   unregister files, buffers and the eventfd, ``notify_closing`` the eventfd
