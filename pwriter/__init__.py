@@ -77,8 +77,16 @@ _LAZY = {
 
 if TYPE_CHECKING:
     from .channels import Producer
-    from .errors import (BusyError, ClosedError, DataError, InputError, OutputExistsError, PwriterError, UsageError,
-                         WriteError)
+    from .errors import (
+        BusyError,
+        ClosedError,
+        DataError,
+        InputError,
+        OutputExistsError,
+        PwriterError,
+        UsageError,
+        WriteError,
+    )
     from .merge import collect_inputs, merge
     from .settings import ConfigError, Settings, load_settings
     from .sync import SyncProducer, SyncWriter, merge_sync, open_writer_sync

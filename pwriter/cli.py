@@ -657,10 +657,8 @@ def _render_progress(progress: Any, elapsed: float, *, tty: bool) -> None:
 
 def _info(args: argparse.Namespace) -> int:
     from .backends import available_backends, resolve_backend_name
-    from .settings import describe_settings
+    from .settings import ConfigError, describe_settings, parse_size
     from .writer import plan
-
-    from .settings import ConfigError, parse_size
 
     settings = _settings(args)
     try:

@@ -29,9 +29,10 @@ def events(rank: int, count: int, *, seed: int = 0) -> Iterator[bytes]:
     pid = 1000 + rank
     produced = 0
     if count > 0:
-        yield f'{{"name":"HH","ph":4,"type":1,"args":{{"hhash":"{host}","name":"node-{rank // 4}","value":"{host}"}}}}'.encode()
+        yield (f'{{"name":"HH","ph":4,"type":1,"args":{{"hhash":"{host}","name":"node-{rank // 4}",'
+               f'"value":"{host}"}}}}').encode()
         produced += 1
-    for name, value in zip(files, file_hashes):
+    for name, value in zip(files, file_hashes, strict=False):
         if produced >= count:
             return
         yield f'{{"name":"FH","ph":4,"type":1,"args":{{"hhash":"{host}","name":"{name}","value":"{value}"}}}}'.encode()
@@ -57,7 +58,8 @@ def events(rank: int, count: int, *, seed: int = 0) -> Iterator[bytes]:
         produced += 1
 
 
-def write_trace(path: str, lines: list[bytes], *, array: bool, indent_first: bool = False, close_newline: bool = True) -> None:
+def write_trace(path: str, lines: list[bytes], *, array: bool, indent_first: bool = False,
+                close_newline: bool = True) -> None:
     """Write one trace file: gzip when ``path`` ends in ``.gz``; ``array`` wraps it in ``[`` / ``]``."""
     parts: list[bytes] = []
     if array:

@@ -15,7 +15,8 @@ Exit codes (also in ``docs/faults.md``):
 
 from __future__ import annotations
 
-__all__ = ["attach_other_errors", "other_errors", "ClosedError", "BusyError", "PwriterError", "UsageError", "OutputExistsError", "DataError", "InputError", "WriteError"]
+__all__ = ["attach_other_errors", "other_errors", "ClosedError", "BusyError", "PwriterError", "UsageError",
+           "OutputExistsError", "DataError", "InputError", "WriteError"]
 
 
 class PwriterError(Exception):

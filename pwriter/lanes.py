@@ -36,8 +36,8 @@ from collections.abc import Callable
 import trio
 
 from .channels import Block, BufferPool, Coalescer, CoalescerStatistics, Producer
-from .members import MemberStage
 from .layout import Placement
+from .members import MemberStage
 from .sink import ChunkSink
 
 __all__ = ["WriteLanes", "CHANNEL_BLOCKS"]

@@ -84,8 +84,19 @@ from typing import Any, NoReturn
 import trio
 
 from .errors import PwriterError, UsageError
-from .layout import (GZIP_MIN_PADDING, Counter, LocalCounter, Placement, Planner, SharedPaddedPlanner,
-                     SharedStripedPlanner, ShardedPlanner, SizedShardedPlanner, gzip_padding, plain_padding)
+from .layout import (
+    GZIP_MIN_PADDING,
+    Counter,
+    LocalCounter,
+    Placement,
+    Planner,
+    ShardedPlanner,
+    SharedPaddedPlanner,
+    SharedStripedPlanner,
+    SizedShardedPlanner,
+    gzip_padding,
+    plain_padding,
+)
 from .settings import Settings
 from .sizing import FsInfo, Sizing, Striping, shard_offsets
 

@@ -244,7 +244,7 @@ def close_checked(fds: Sequence[int], names: Sequence[str]) -> None:
     may report a failed write only there (NFS does), so the file must not
     be published.  Every descriptor is closed either way."""
     failure: tuple[str, OSError] | None = None
-    for fd, name in zip(fds, names):
+    for fd, name in zip(fds, names, strict=False):
         try:
             os.close(fd)
         except OSError as exc:
@@ -784,7 +784,7 @@ class OutputSet:
                   for name, content in smalls.items()}
         index, manifest = member_index_path(self._name), manifest_path(self._name)
         data = [("put", os.path.basename(target), os.path.basename(temporary))
-                for temporary, target in zip(self.temporaries, self.targets)]
+                for temporary, target in zip(self.temporaries, self.targets, strict=False)]
         hide_index = [("hide", index, "")] if found.index else []
         put_index = [("put", index, staged[index])] if index in staged else []
         if self.manifest:

@@ -21,7 +21,8 @@ from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, ValidationEr
 from .errors import UsageError
 from .layout import LayoutName
 
-__all__ = ["ConfigError", "LayoutChoice", "BackendName", "WrapChoice", "Settings", "parse_size", "load_settings", "settings_with",
+__all__ = ["ConfigError", "LayoutChoice", "BackendName", "WrapChoice", "Settings", "parse_size", "load_settings",
+           "settings_with",
            "settings_from", "describe_settings"]
 
 LayoutChoice = Literal["auto", LayoutName]  # (the layouts themselves: pwriter.layout.LayoutName)
@@ -163,7 +164,7 @@ def describe_settings(settings: Settings | None = None) -> list[tuple[str, str, 
     rows = []
     for name, field in Settings.model_fields.items():
         value = getattr(settings, name) if settings is not None else field.default
-        shown = "auto" if value is None else str(value) if isinstance(value, str) else str(value).lower() if isinstance(value, bool) else str(value)
+        shown = "auto" if value is None else str(value).lower() if isinstance(value, bool) else str(value)
         rows.append((ENV_PREFIX + name.upper(), shown, field.description or ""))
     return rows
 

@@ -62,8 +62,15 @@ import trio
 from .backends import Backend
 from .compress import Member, SlotMembers, gzip_member
 from .errors import WriteError
-from .layout import (GZIP_MIN_PADDING, Placement, Planner, SizedShardedPlanner, gzip_padding, gzip_padding_members,
-                     plain_padding)
+from .layout import (
+    GZIP_MIN_PADDING,
+    Placement,
+    Planner,
+    SizedShardedPlanner,
+    gzip_padding,
+    gzip_padding_members,
+    plain_padding,
+)
 from .output import OutputSet, StreamOutput
 from .traceformat import count_newlines, rfind_newline
 
@@ -207,7 +214,8 @@ class ChunkSink:
         return splice(placement, buffer, filled, self._header)
 
     @trio.lowlevel.enable_ki_protection
-    async def write_placed(self, placement: Placement, body: bytes | memoryview, *, aligned_memory: bool = False) -> None:
+    async def write_placed(self, placement: Placement, body: bytes | memoryview, *,
+                           aligned_memory: bool = False) -> None:
         """Write ``placement`` (header, ``body``, padding) to its file.
 
         With O_DIRECT, a write of one page-aligned buffer (``aligned_memory``)
@@ -439,7 +447,7 @@ class ChunkSink:
 
     async def sync(self) -> None:
         """fsync every file of the output (WriteError naming the file on failure)."""
-        for fd, name in zip(self._fds, self._output.targets):
+        for fd, name in zip(self._fds, self._output.targets, strict=False):
             try:
                 await self._backend.fsync(fd)
             except OSError as exc:

@@ -114,13 +114,13 @@ def _line_hashes(path: str, salvage: bool = False, validate: bool = False) -> It
     for text in _cleaned_buffers(path, salvage, validate):
         lines = bytes(text).split(b"\n")[:-1]
         if native is None:
-            yield from ((a, line) for (a, _), line in zip(_python_hashes(text), lines))
+            yield from ((a, line) for (a, _), line in zip(_python_hashes(text), lines, strict=True))
             continue
         ffi, lib = native
         sums, hashes = ffi.new("uint64_t[3]"), ffi.new("uint64_t[]", len(lines))
         with ffi.from_buffer(text) as view:
             lib.pw_hash_lines(view, text.nbytes, sums, hashes, len(lines))
-        yield from zip(hashes, lines)
+        yield from zip(hashes, lines, strict=True)
 
 
 def _total(paths: Sequence[str], threads: int, salvage: bool = False, validate: bool = False

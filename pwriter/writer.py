@@ -50,12 +50,12 @@ from .backends import Backend, BackendStatistics, open_backend
 from .channels import DEFAULT_BATCH_BYTES, BufferPool, Producer
 from .compress import check_level, gzip_member
 from .errors import ClosedError, InputError, attach_other_errors
-from .layout import GZIP_MIN_PADDING, Planner, make_planner
-from .output import OutputSet, StreamOutput, member_index_path
 from .lanes import WriteLanes
+from .layout import GZIP_MIN_PADDING, Planner, make_planner
 from .members import MemberStage
-from .sink import ChunkSink
+from .output import OutputSet, StreamOutput, member_index_path
 from .settings import ConfigError, Settings, settings_from, settings_with
+from .sink import ChunkSink
 from .sizing import FsInfo, Sizing, follow_layout_set, plan_sizing
 from .traceformat import BlockCleaner
 
@@ -505,7 +505,7 @@ async def open_writer(
         try:
             async with opened as io:
                 io.register_buffers(pool.buffers)
-                for fd, name in zip(output.fds + output.direct_fds, output.targets + output.targets):
+                for fd, name in zip(output.fds + output.direct_fds, output.targets + output.targets, strict=False):
                     io.register(fd, name)
                 try:
                     async with trio.open_nursery() as nursery:

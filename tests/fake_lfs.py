@@ -28,7 +28,7 @@ def main(argv: list[str]) -> int:
     path = args[-1]
     where = os.path.join(state, "layouts", os.path.basename(path) + ".json")
     if command == "setstripe":
-        options = dict(zip(args[:-1:2], args[1:-1:2]))
+        options = dict(zip(args[:-1:2], args[1:-1:2], strict=True))
         if os.environ.get("FAKE_LFS_FAIL"):
             print(f"lfs setstripe: setstripe error for '{path}': {os.environ['FAKE_LFS_FAIL']}", file=sys.stderr)
             return 1

@@ -23,7 +23,8 @@ def dftracer_tool(name: str) -> str:
     return path
 
 
-def run_cli(*args: str, cwd: str | os.PathLike[str] | None = None, env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
+def run_cli(*args: str, cwd: str | os.PathLike[str] | None = None,
+            env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
     """Run the installed ``pwriter`` command as a user would."""
     return subprocess.run(
         [os.path.join(BIN, "pwriter"), *args],

@@ -17,8 +17,8 @@ each call did (returned or raised), never from pwriter's own counters.
 from __future__ import annotations
 
 import asyncio
-import gzip
 import collections
+import gzip
 import os
 import random
 import signal
@@ -39,8 +39,8 @@ from pwriter.errors import ClosedError
 from pwriter.settings import load_settings
 from pwriter.sizing import FsInfo, FsKind
 from pwriter.sync import open_writer_sync
-from pwriter.traceformat import BlockCleaner
 from pwriter.testing import MemoryBackend, event_counter, read_events, write_corpus
+from pwriter.traceformat import BlockCleaner
 from pwriter.writer import open_writer
 
 from helpers import BIN
@@ -190,7 +190,8 @@ def run_trio_plan(plan: TrioPlan, directory: str, backend: object | None, *, clo
 
     async def main() -> None:
         settings_ = load_settings(layout=plan.layout, workers=plan.lanes, stripe_size="64KiB", fsync=False,
-                                  max_delay=plan.max_delay, **({"backend": backend} if isinstance(backend, str) else {}))
+                                  max_delay=plan.max_delay,
+                                  **({"backend": backend} if isinstance(backend, str) else {}))
         opened = open_writer(target, settings=settings_, fs=LOCAL, producers=len(plan.producers),
                              **({} if backend is None or isinstance(backend, str) else {"backend": backend}))
         async with trio.open_nursery() as outer:  # the producers live outside the writer's block: they race its close

@@ -57,7 +57,7 @@ def test_pool_buffers_are_page_aligned_and_disjoint() -> None:
     buffers = trio.run(take_all)
     addresses = sorted(ctypes.addressof(ctypes.c_char.from_buffer(b)) for b in buffers)
     assert all(address % 4096 == 0 for address in addresses)
-    assert [b - a for a, b in zip(addresses, addresses[1:])] == [8192, 8192]
+    assert [b - a for a, b in zip(addresses, addresses[1:], strict=False)] == [8192, 8192]
     for buffer in buffers:
         pool.give_back(buffer)
     pool.close()

@@ -15,10 +15,11 @@ import sys
 
 import pytest
 
-from helpers import expect_failure, run_cli
 from pwriter import traceformat
 from pwriter.completeness import InputEnd, end_event_claim, incomplete_inputs, input_end
 from pwriter.traceformat import BlockCleaner, count_prefixed
+
+from helpers import expect_failure, run_cli
 
 # Lines copied from a trace that DFTracer 2.2.0 (PyPI) wrote for a small Python workload.
 REAL_METADATA = (b'{"name":"HH","cat":"dftracer","type":1,"pid":13796,"tid":13796,"ph":4,"args":{"hhash":'

@@ -22,13 +22,13 @@ import shutil
 import subprocess
 
 import pytest
+from test_field_readers import event_count, split
 
 from pwriter.output import read_shard_set
 from pwriter.testing import read_events, read_text
 
-from helpers import BIN, expect_failure, published, run_cli
 from dftracer_corpus import EXAMPLE, TracedRun
-from test_field_readers import event_count, split
+from helpers import BIN, expect_failure, published, run_cli
 
 LAYOUTS = ["striped", "padded-striped", "sharded"]
 DOCS_PAGE = pathlib.Path(__file__).resolve().parent.parent / "docs" / "dftracer.md"

@@ -17,11 +17,12 @@ from collections.abc import Iterator
 
 import pytest
 
-from helpers import BIN, expect_failure, published, run_cli
 from pwriter.corpus import write_corpus
 from pwriter.errors import DataError
 from pwriter.output import is_temporary_name
 from pwriter.testing import event_counter, read_events
+
+from helpers import BIN, expect_failure, published, run_cli
 
 LAYOUTS = ["striped", "padded-striped", "sharded"]
 

@@ -1,7 +1,6 @@
+import pytest
 from hypothesis import example, given, settings
 from hypothesis import strategies as st
-
-import pytest
 
 from pwriter.layout import (
     PaddedStripedPlanner,
@@ -140,7 +139,7 @@ def test_sharded_header_in_first_footer_in_last(lengths, shards, header, footer)
     assert_tiles(placements, sizes)
     assert placements[0] == Placement(0, 0, header, 0, 0)
     assert placements[-1].file == shards - 1 and placements[-1].end == sizes[-1]
-    for (worker, _), placement in zip(chunks, placements[1:-1]):
+    for (worker, _), placement in zip(chunks, placements[1:-1], strict=True):
         assert placement.file == worker % shards
     assert sum(sizes) == header + sum(lengths) + footer
 
@@ -151,7 +150,7 @@ def test_chunks_of_one_worker_keep_their_order(layout, lengths) -> None:
     planner = make_planner(layout, header_length=2, stripe_size=4096, workers=3)
     planner.open()
     offsets = [planner.place(1, n) for n in lengths]
-    assert all(a.file == b.file and a.offset < b.offset for a, b in zip(offsets, offsets[1:]))
+    assert all(a.file == b.file and a.offset < b.offset for a, b in zip(offsets, offsets[1:], strict=False))
 
 
 def test_no_chunk_after_close() -> None:
@@ -180,7 +179,8 @@ def test_gzip_padding_is_whitespace_line_members_of_exact_length(length) -> None
     assert len(padding) == length
     newlines = gzip_padding_members(length)
     assert gzip.decompress(padding) == b"\n" * newlines
-    assert gzip.decompress(gzip.compress(b"a\n") + padding + gzip.compress(b"b\n")) == b"a\n" + b"\n" * newlines + b"b\n"
+    whole = gzip.compress(b"a\n") + padding + gzip.compress(b"b\n")
+    assert gzip.decompress(whole) == b"a\n" + b"\n" * newlines + b"b\n"
 
 
 def test_gzip_padding_refuses_what_cannot_be_built() -> None:

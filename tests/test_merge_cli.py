@@ -16,10 +16,11 @@ import zlib
 import pytest
 import trio
 
-from helpers import BIN, dftracer_tool, expect_failure, run_cli
 from pwriter.corpus import write_corpus
 from pwriter.output import is_temporary_name
 from pwriter.testing import event_counter, read_events, read_text
+
+from helpers import BIN, dftracer_tool, expect_failure, run_cli
 
 LAYOUTS = ["striped", "padded-striped", "sharded"]
 JSON_FIELDS = {"outputs", "layout", "backend", "fs_kind", "stripe_size", "workers", "inputs", "events",

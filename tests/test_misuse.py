@@ -12,6 +12,7 @@ import time
 
 import pytest
 import trio
+import trio.lowlevel
 
 import pwriter.channels
 import pwriter.inputs
@@ -20,10 +21,10 @@ from pwriter.errors import BusyError, ClosedError, DataError, InputError, UsageE
 from pwriter.inputs import collect_inputs
 from pwriter.merge import merge
 from pwriter.settings import ConfigError, load_settings
+from pwriter.sizing import FsInfo, FsKind
 from pwriter.sync import merge_sync, open_writer_sync
 from pwriter.testing import read_events, write_corpus
 from pwriter.writer import open_writer
-from pwriter.sizing import FsInfo, FsKind
 
 from helpers import expect_failure, run_cli
 
@@ -68,7 +69,7 @@ async def test_one_handle_used_by_two_tasks_raises_and_loses_nothing(tmp_path, s
                     await shared.send_line(line)
                 except BusyError:
                     refused += 1
-                    await trio.sleep(0)
+                    await trio.lowlevel.checkpoint()
                 else:
                     accepted.append(line)
 
@@ -292,7 +293,8 @@ async def test_options_that_cannot_be_honoured_are_refused(tmp_path, target: str
                                                            needle: str) -> None:
     """Issue 19, case 19: a stream took --layout sharded as striped, --direct with gzip output wrote
     nothing with O_DIRECT (direct_writes 0), compress=False wrote plain text under a .gz name,
-    producers=0 or -2 passed, and a level given for plain output compressed nothing: each was ignored.  Each is a ValueError now, before anything is created."""
+    producers=0 or -2 passed, and a level given for plain output compressed nothing: each was ignored.
+    Each is a ValueError now, before anything is created."""
     path = target if target == "-" else str(tmp_path / target)
     with pytest.raises(ValueError, match=needle):
         async with open_writer(path, fs=LOCAL, fsync=False, **options):  # type: ignore[arg-type]

@@ -14,13 +14,14 @@ import subprocess
 
 import pytest
 import trio
+from test_field_readers import event_count, split
 
-from helpers import dftracer_tool, run_cli
 from pwriter.settings import load_settings
 from pwriter.sizing import FsInfo, FsKind
 from pwriter.testing import MemoryBackend, read_events
 from pwriter.writer import open_writer
-from test_field_readers import event_count, split
+
+from helpers import dftracer_tool, run_cli
 
 MiB = 1 << 20
 LOCAL = FsInfo(FsKind.LOCAL, 0xEF53, "/")

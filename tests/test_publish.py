@@ -509,7 +509,7 @@ def test_two_force_merges_at_once_publish_one_whole_set(tmp_path) -> None:
     results = [process.communicate(timeout=120) for process in processes]
     codes = [process.returncode for process in processes]
     assert 0 in codes and set(codes) <= {0, 2}, results
-    for process, (_, stderr), other in zip(processes, results, reversed(processes)):
+    for process, (_, stderr), other in zip(processes, results, reversed(processes), strict=True):
         if process.returncode == 2:
             assert f"another pwriter is writing this output (host {os.uname().nodename}, pid {other.pid})" in stderr
     files, index = reader_view(out)

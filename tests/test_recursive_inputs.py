@@ -9,12 +9,13 @@ import os
 import pathlib
 
 import pytest
-from helpers import expect_failure, run_cli
 
 from pwriter.errors import UsageError
 from pwriter.inputs import collect_inputs
 from pwriter.output import names_of_output
 from pwriter.testing import event_counter
+
+from helpers import expect_failure, run_cli
 
 
 def trace(path: pathlib.Path, name: str) -> str:

@@ -15,7 +15,6 @@ import subprocess
 
 import pytest
 import trio
-from helpers import BIN, dftracer_tool, expect_failure, run_cli
 
 from pwriter.layout import SizedShardedPlanner
 from pwriter.merge import merge
@@ -24,6 +23,8 @@ from pwriter.settings import ConfigError
 from pwriter.testing import read_events
 from pwriter.verify import verify
 from pwriter.writer import open_writer
+
+from helpers import BIN, dftracer_tool, expect_failure, run_cli
 
 SIZE = 4096
 

@@ -18,12 +18,13 @@ import signal
 import subprocess
 import time
 
-from helpers import BIN
 from pwriter.backends import available_backends
 from pwriter.corpus import write_corpus
 from pwriter.output import is_temporary_name, lock_path
 from pwriter.testing import read_text
 from pwriter.verify import verify
+
+from helpers import BIN
 
 MIB = int(os.environ.get("PWRITER_KILL_TRIAL_MIB", "40"))
 TRIALS = int(os.environ.get("PWRITER_KILL_TRIALS", "20"))

@@ -1,9 +1,8 @@
-from hypothesis import given
-from hypothesis import strategies as st
+import contextlib
 
 import pytest
-
-import contextlib
+from hypothesis import given
+from hypothesis import strategies as st
 
 import pwriter.traceformat as traceformat
 from pwriter.errors import InputError
@@ -38,7 +37,8 @@ def traces(draw):
         lines.insert(position, draw(st.sampled_from([b"", b"   ", b"\r"])))
     text = b"\n".join(lines) + (b"\n" if lines and draw(st.booleans()) else b"")
     if array:
-        text = b"[\n" + text + (b"\n" if text and not text.endswith(b"\n") else b"") + draw(st.sampled_from([b"]", b"]\n", b"]\r\n"]))
+        closing = draw(st.sampled_from([b"]", b"]\n", b"]\r\n"]))
+        text = b"[\n" + text + (b"\n" if text and not text.endswith(b"\n") else b"") + closing
     if draw(st.booleans()):
         text = b"\xef\xbb\xbf" + text
     return text, events

@@ -8,9 +8,10 @@ import json
 import pytest
 
 import pwriter.traceformat as traceformat
-from helpers import run_cli
 from pwriter.corpus import write_corpus
 from pwriter.verify import verify
+
+from helpers import run_cli
 
 SCANNERS = ["python"] + (["native"] if traceformat._native is not None else [])
 

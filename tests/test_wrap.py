@@ -17,7 +17,6 @@ import zlib
 
 import pytest
 
-from helpers import run_cli
 from pwriter.errors import UsageError
 from pwriter.inputs import starts_array
 from pwriter.merge import merge, resolve_wrap
@@ -26,6 +25,8 @@ from pwriter.settings import ConfigError
 from pwriter.testing import read_events
 from pwriter.verify import verify
 from pwriter.writer import open_writer
+
+from helpers import run_cli
 
 LAYOUTS = ["striped", "padded-striped", "sharded"]
 

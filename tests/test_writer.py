@@ -10,13 +10,14 @@ import re
 
 import pytest
 import trio
+import trio.lowlevel
 import trio.testing
 
+from pwriter.backends import open_backend
 from pwriter.errors import UsageError, WriteError
 from pwriter.output import is_temporary_name
-from pwriter.sizing import FsInfo, FsKind
-from pwriter.backends import open_backend
 from pwriter.settings import load_settings
+from pwriter.sizing import FsInfo, FsKind
 from pwriter.testing import FaultBackend, MemoryBackend, read_events, read_text
 from pwriter.writer import open_writer
 
@@ -368,7 +369,7 @@ async def test_producers_outside_the_writers_block_while_it_closes(tmp_path, set
                 for index in range(6):
                     outer.start_soon(send_until_closed, writer, index, accepted, errors, seed)
                 for _ in range(seed * 7):
-                    await trio.sleep(0)
+                    await trio.lowlevel.checkpoint()
         assert set(errors) == {"ClosedError"}
         assert writer.statistics().published
         assert collections.Counter(read_events(published(target, layout))) == accepted

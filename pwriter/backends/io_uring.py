@@ -228,12 +228,13 @@ class IoUringBackend:
             return
         handles = [self._ffi.from_buffer(buffer) for buffer in buffers]
         iovecs = self._ffi.new("struct iovec[]", len(buffers))
-        for index, (handle, buffer) in enumerate(zip(handles, buffers)):
+        for index, (handle, buffer) in enumerate(zip(handles, buffers, strict=True)):
             iovecs[index].iov_base = handle
             iovecs[index].iov_len = buffer.nbytes
         if self._lib.io_uring_register_buffers(self._ring, iovecs, len(buffers)) == 0:
             self.fixed_buffers = True
-            self._registered = [(self._address(handle), buffer.nbytes) for handle, buffer in zip(handles, buffers)]
+            self._registered = [(self._address(handle), buffer.nbytes)
+                                for handle, buffer in zip(handles, buffers, strict=True)]
             self._registered_keep = (handles, buffers)
 
     def _address(self, handle: Any) -> int:
@@ -311,7 +312,7 @@ class IoUringBackend:
                                                    offset, index, user_data)
                 return rc, (handles, views)
         iovecs = self._ffi.new("struct iovec[]", len(views))
-        for index, (handle, view) in enumerate(zip(handles, views)):
+        for index, (handle, view) in enumerate(zip(handles, views, strict=True)):
             iovecs[index].iov_base = handle
             iovecs[index].iov_len = view.nbytes
         rc = self._lib.pw_prep_writev(self._ring, target, fixed_file, iovecs, len(views), offset, user_data)
