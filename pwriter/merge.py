@@ -23,7 +23,7 @@ from .errors import DataError, UsageError
 from .inputs import InputReader, InputRun, collect_inputs, fill_step, input_size, path_list, starts_array
 from .settings import Settings, settings_from, settings_with
 from .sink import ChunkSink
-from .writer import SharedOutputPart, WriterStatistics, error_to_raise, open_writer
+from .writer import WriterShare, WriterStatistics, error_to_raise, open_share, open_writer
 
 __all__ = ["MergeResult", "MergeProgress", "collect_inputs", "merge", "partition", "InputReader", "InputRun",
            "input_size", "resolve_wrap", "IncompleteInputsError", "INCOMPLETE_SHOWN"]
@@ -168,7 +168,7 @@ async def merge(
     salvage: bool = False,
     validate: bool = False,
     require_complete: bool = False,
-    part: SharedOutputPart | None = None,
+    part: WriterShare | None = None,
     **overrides: Any,
 ) -> MergeResult:
     """Merge ``inputs`` (a list of paths, checked by :func:`collect_inputs`) into ``output``.
@@ -234,8 +234,10 @@ async def merge(
             run.close()
             writer.give_back(buffer)  # (the last write has returned: the kernel is done with it)
 
-    async with open_writer(output, settings=settings, producers=len(progress.runs), force=force,
-                           inputs=inputs, expected_bytes=sum(sizes), part=part) as writer:
+    opened = open_share(part) if part is not None else open_writer(
+        output, settings=settings, producers=len(progress.runs), force=force, inputs=inputs,
+        expected_bytes=sum(sizes))
+    async with opened as writer:
         failure = None
         try:
             async with trio.open_nursery() as nursery:

@@ -58,7 +58,8 @@ from .sizing import FsInfo, Sizing, follow_layout_set, plan_sizing
 from .traceformat import BlockCleaner
 
 __all__ = ["Writer", "WriterStatistics", "open_writer", "plan", "output_compression", "check_shard_size",
-           "error_to_raise", "HEADER", "FOOTER", "wrapper_lines"]
+           "error_to_raise", "HEADER", "FOOTER", "wrapper_lines", "OutputFormat", "output_format", "WriterPlan",
+           "writer_plan", "stream_settings", "run_writer", "WriterShare", "open_share", "combine_statistics"]
 
 HEADER = b"[\n"
 FOOTER = b"]\n"
@@ -248,6 +249,22 @@ class WriterStatistics:
     io: BackendStatistics
 
 
+def combine_statistics(stats: Sequence[WriterStatistics]) -> WriterStatistics:
+    """The statistics of several writers of one output (MPI ranks) as one:
+    every count summed (the backend's too, lanes included), except the
+    stripe size and the backend's ``most_in_flight`` (the largest); the
+    rest (names, layout, ``seconds``, ``published``) the first writer's."""
+    first = stats[0]
+
+    def combined(records: Sequence[typing.Any], keep: dict[str, typing.Any]) -> dict[str, typing.Any]:
+        return {field.name: sum(getattr(record, field.name) for record in records)
+                for field in dataclasses.fields(records[0]) if field.type in ("int", int) and field.name not in keep}
+
+    io_kept: dict[str, typing.Any] = {"most_in_flight": max(s.io.most_in_flight for s in stats)}
+    io = dataclasses.replace(first.io, **io_kept, **combined([s.io for s in stats], io_kept))
+    return dataclasses.replace(first, io=io, **combined(stats, {"stripe_size": first.stripe_size}))
+
+
 class Writer:
     """A running writer; obtain one from :func:`open_writer`.
 
@@ -428,17 +445,26 @@ class Writer:
         self._lanes.discard()
 
 
-class SharedOutputPart(typing.Protocol):
-    """One process's part of an output that several write (see :mod:`pwriter.mpi`)."""
+@dataclasses.dataclass(frozen=True)
+class WriterShare:
+    """One process's share of an output that several write (see
+    :mod:`pwriter.mpi`): its plan (:meth:`WriterPlan.for_share`), its files
+    (``output``, shaped like :class:`~pwriter.output.OutputSet` and created
+    by :func:`open_share`; "publishing" only means that this share is
+    written and synced) and its planner."""
 
-    fs: FsInfo
-    sizing: Sizing
+    plan: WriterPlan
     output: typing.Any
-    """Like an :class:`~pwriter.output.OutputSet`: this part's files, opened by ``create``."""
-    writes_header: bool
-    writes_footer: bool
+    planner: Planner
 
-    def planner(self, *, header_length: int, min_padding: int) -> Planner: ...
+
+@asynccontextmanager
+@trio.lowlevel.enable_ki_protection
+async def open_share(share: WriterShare) -> AsyncIterator[Writer]:
+    """Create the files of ``share`` and run a writer on them (:func:`run_writer`)."""
+    share.output.create(direct=share.plan.settings.direct)
+    async with run_writer(share.plan, share.output, planner=share.planner) as writer:
+        yield writer
 
 
 @asynccontextmanager
@@ -456,7 +482,6 @@ async def open_writer(
     backend: Backend | str | None = None,
     validate: bool = False,
     expected_bytes: int | None = None,
-    part: SharedOutputPart | None = None,
     **overrides: typing.Any,
 ) -> AsyncIterator[Writer]:
     """Open a writer that publishes ``path`` when the block ends without error.
@@ -493,10 +518,9 @@ async def open_writer(
     event line (``{...}``, valid JSON, the same C check as ``pwriter merge
     --validate``); another raises :class:`~pwriter.errors.InputError` at the
     call and takes nothing.  ``expected_bytes``, the output's size when known,
-    guides the Lustre layout set on create (``stripe_count`` auto).  ``part``
-    makes this writer one part of an output that several processes write
-    (:mod:`pwriter.mpi`): its sizing, files and planner come from there,
-    and "publishing" only means that this part is written (and synced).
+    guides the Lustre layout set on create (``stripe_count`` auto).  (One
+    process's share of an output that several write is run by
+    :func:`open_share`.)
 
     ``path`` may also be ``"-"`` (standard output) or a binary stream with a
     ``fileno()`` (a pipe, a socket, an open file): the output is then
@@ -544,23 +568,14 @@ async def open_writer(
     else:
         raise TypeError(f"open_writer takes a path, '-' or a binary stream with fileno(), not {type(path).__name__}")
     form = output_format(target, settings, stream=stream is not None, header=header, footer=footer)
-    planner: Planner | None = None
-    output: OutputSet | StreamOutput
-    if part is not None:  # one rank's part of a shared output (pwriter.mpi): decided and created already
-        output = part.output
-        the_plan = writer_plan(target, settings, form, part.fs, part.sizing, validate=validate)
-        planner = part.planner(header_length=the_plan.header_length, min_padding=the_plan.min_padding)
-        the_plan = the_plan.for_share(writes_header=part.writes_header, writes_footer=part.writes_footer)
-        output.create(direct=settings.direct)
-    else:
-        fs, sizing = plan(target if stream is None else ".", settings, producers=producers, fs=fs,
-                          expected_bytes=expected_bytes)
-        the_plan = writer_plan(target, settings, form, fs, sizing, stream=stream is not None, validate=validate)
-        output = stream if stream is not None else OutputSet(
-            target, sharded=the_plan.sharded, files=the_plan.files, force=force, sidecars=list(the_plan.sidecars))
-        output.check(inputs)
-        output.create(direct=settings.direct, striping=sizing.striping)
-    async with run_writer(the_plan, output, planner=planner, backend=backend) as writer:
+    fs, sizing = plan(target if stream is None else ".", settings, producers=producers, fs=fs,
+                      expected_bytes=expected_bytes)
+    the_plan = writer_plan(target, settings, form, fs, sizing, stream=stream is not None, validate=validate)
+    output = stream if stream is not None else OutputSet(
+        target, sharded=the_plan.sharded, files=the_plan.files, force=force, sidecars=list(the_plan.sidecars))
+    output.check(inputs)
+    output.create(direct=settings.direct, striping=sizing.striping)
+    async with run_writer(the_plan, output, backend=backend) as writer:
         yield writer
 
 

@@ -67,3 +67,25 @@ def test_plan_refuses_what_cannot_be_honoured() -> None:
         make_plan(NOWHERE + ".pfw.gz", compress=False)
     with pytest.raises(ConfigError, match="wrap='auto'"):
         make_plan(NOWHERE + ".pfw", wrap="auto")
+
+
+def test_combine_statistics_sums_counts_and_keeps_the_rest() -> None:
+    from pwriter.backends import BackendStatistics
+    from pwriter.writer import WriterStatistics, combine_statistics
+
+    def stats(n: int) -> WriterStatistics:
+        io = BackendStatistics(backend="threads", writes=n, bytes_written=10 * n, short_writes=n, interrupted=n,
+                               fsyncs=n, most_in_flight=n * n, submissions=n, enter_calls=n, fixed_buffer_writes=n)
+        return WriterStatistics(
+            outputs=(f"out{n}",), layout="striped", backend="threads", fs_kind="local", stripe_size=MiB, workers=2,
+            chunks=n, writes=n, line_bytes=n, bytes_written=n, deadline_flushes=n, uncopied_chunks=n,
+            oversized_chunks=n, buffer_waits=n, direct_writes=n, writeback_hints=n, compressed=False,
+            seconds=float(n), published=False, io=io)
+
+    combined = combine_statistics([stats(1), stats(3)])
+    assert (combined.outputs, combined.stripe_size, combined.seconds, combined.workers) == (("out1",), MiB, 1.0, 4)
+    for name in ("chunks", "writes", "line_bytes", "bytes_written", "deadline_flushes", "uncopied_chunks",
+                 "oversized_chunks", "buffer_waits", "direct_writes", "writeback_hints"):
+        assert getattr(combined, name) == 4, name
+    assert (combined.io.writes, combined.io.bytes_written, combined.io.fsyncs) == (4, 40, 4)
+    assert (combined.io.most_in_flight, combined.io.backend) == (9, "threads")  # the largest, not the sum
