@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import dataclasses
 import os
-from collections.abc import Sequence
+from collections.abc import Awaitable, Callable, Sequence
 from typing import Any
 
 import trio
@@ -157,6 +157,20 @@ def check_complete(ends: Sequence[InputEnd], require_complete: bool) -> tuple[In
     return incomplete
 
 
+async def _run_readers(runs: Sequence[InputRun], read_run: Callable[[int, InputRun], Awaitable[None]]) -> None:
+    """Run ``read_run`` for every run, each in a task of its own; the readers'
+    own errors: one raised, the others kept on it (:func:`error_to_raise`)."""
+    failure = None
+    try:
+        async with trio.open_nursery() as nursery:
+            for index, run in enumerate(runs):  # a lane each (sharded: shard lane % workers)
+                nursery.start_soon(read_run, index, run)
+    except BaseExceptionGroup as group:  # the readers' own: one error raised, the others kept on it
+        failure = error_to_raise(group)
+    if failure is not None:
+        raise failure
+
+
 async def merge(
     inputs: Sequence[str],
     output: str,
@@ -238,15 +252,7 @@ async def merge(
         output, settings=settings, producers=len(progress.runs), force=force, inputs=inputs,
         expected_bytes=sum(sizes))
     async with opened as writer:
-        failure = None
-        try:
-            async with trio.open_nursery() as nursery:
-                for index, run in enumerate(progress.runs):  # a lane each (sharded: shard lane % workers)
-                    nursery.start_soon(read_run, index, run)
-        except BaseExceptionGroup as group:  # the readers' own: one error raised, the others kept on it
-            failure = error_to_raise(group)
-        if failure is not None:
-            raise failure
+        await _run_readers(progress.runs, read_run)
         ends = tuple(end for run in progress.runs for end in run.ends)
         # (An MPI part: the ranks' ends are judged together, on rank 0.)
         incomplete = check_complete(ends, require_complete) if part is None else ()
