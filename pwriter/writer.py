@@ -621,7 +621,7 @@ async def run_writer(plan: WriterPlan, output: typing.Any, *, planner: Planner |
         try:
             async with opened as io:
                 io.register_buffers(pool.buffers)
-                for fd, name in zip(output.fds + output.direct_fds, output.targets + output.targets):
+                for fd, name in zip(output.fds + output.direct_fds, output.targets + output.targets, strict=False):
                     io.register(fd, name)
                 try:
                     async with trio.open_nursery() as nursery:
