@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import dataclasses
 import os
-from collections.abc import Sequence
+from collections.abc import Awaitable, Callable, Sequence
 from typing import Any
 
 import trio
@@ -26,7 +26,7 @@ from .errors import DataError, UsageError
 from .inputs import InputReader, InputRun, collect_inputs, fill_step, input_size, path_list, starts_array
 from .settings import Settings, settings_from, settings_with
 from .sink import ChunkSink
-from .writer import SharedOutputPart, WriterStatistics, error_to_raise, open_writer
+from .writer import WriterShare, WriterStatistics, error_to_raise, open_share, open_writer
 
 __all__ = ["MergeResult", "MergeProgress", "collect_inputs", "merge", "partition", "InputReader", "InputRun",
            "input_size", "resolve_wrap", "IncompleteInputsError", "INCOMPLETE_SHOWN"]
@@ -160,6 +160,20 @@ def check_complete(ends: Sequence[InputEnd], require_complete: bool) -> tuple[In
     return incomplete
 
 
+async def _run_readers(runs: Sequence[InputRun], read_run: Callable[[int, InputRun], Awaitable[None]]) -> None:
+    """Run ``read_run`` for every run, each in a task of its own; the readers'
+    own errors: one raised, the others kept on it (:func:`error_to_raise`)."""
+    failure = None
+    try:
+        async with trio.open_nursery() as nursery:
+            for index, run in enumerate(runs):  # a lane each (sharded: shard lane % workers)
+                nursery.start_soon(read_run, index, run)
+    except BaseExceptionGroup as group:  # the readers' own: one error raised, the others kept on it
+        failure = error_to_raise(group)
+    if failure is not None:
+        raise failure
+
+
 async def merge(
     inputs: Sequence[str],
     output: str,
@@ -171,7 +185,7 @@ async def merge(
     salvage: bool = False,
     validate: bool = False,
     require_complete: bool = False,
-    part: SharedOutputPart | None = None,
+    part: WriterShare | None = None,
     **overrides: Any,
 ) -> MergeResult:
     """Merge ``inputs`` (a list of paths, checked by :func:`collect_inputs`) into ``output``.
@@ -237,17 +251,11 @@ async def merge(
             run.close()
             writer.give_back(buffer)  # (the last write has returned: the kernel is done with it)
 
-    async with open_writer(output, settings=settings, producers=len(progress.runs), force=force,
-                           inputs=inputs, expected_bytes=sum(sizes), part=part) as writer:
-        failure = None
-        try:
-            async with trio.open_nursery() as nursery:
-                for index, run in enumerate(progress.runs):  # a lane each (sharded: shard lane % workers)
-                    nursery.start_soon(read_run, index, run)
-        except BaseExceptionGroup as group:  # the readers' own: one error raised, the others kept on it
-            failure = error_to_raise(group)
-        if failure is not None:
-            raise failure
+    opened = open_share(part) if part is not None else open_writer(
+        output, settings=settings, producers=len(progress.runs), force=force, inputs=inputs,
+        expected_bytes=sum(sizes))
+    async with opened as writer:
+        await _run_readers(progress.runs, read_run)
         ends = tuple(end for run in progress.runs for end in run.ends)
         # (An MPI part: the ranks' ends are judged together, on rank 0.)
         incomplete = check_complete(ends, require_complete) if part is None else ()

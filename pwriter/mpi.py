@@ -79,7 +79,7 @@ import math
 import os
 import time
 from collections.abc import Sequence
-from typing import Any, NoReturn
+from typing import TYPE_CHECKING, Any, NoReturn
 
 import trio
 
@@ -99,6 +99,9 @@ from .layout import (
 )
 from .settings import Settings
 from .sizing import FsInfo, Sizing, Striping, shard_offsets
+
+if TYPE_CHECKING:
+    from .writer import WriterShare
 
 __all__ = ["launched_by_mpi", "RankFailed", "RankTimeout", "World", "WindowCounter", "RankPart", "RankOutput",
            "merge_over_ranks", "RankMergeResult"]
@@ -397,7 +400,7 @@ class RankOutput:
 
 @dataclasses.dataclass
 class RankPart:
-    """What one rank's writer needs (:class:`pwriter.writer.SharedOutputPart`)."""
+    """What one rank writes; :meth:`writer_share` makes its writer's plan (:class:`pwriter.writer.WriterShare`)."""
 
     fs: FsInfo
     sizing: Sizing
@@ -408,6 +411,16 @@ class RankPart:
     """Striped and padded-striped: where offsets come from."""
     shard_size: int | None = None
     """Sharded: the shard size (each shard then has the header and the footer)."""
+
+    def writer_share(self, target: str, settings: Settings) -> WriterShare:
+        """This rank's writer: its plan (the sizing rank 0 decided, without the
+        header or footer another rank writes), its files and its planner."""
+        from .writer import WriterShare, output_format, writer_plan
+
+        plan = writer_plan(target, settings, output_format(target, settings), self.fs, self.sizing)
+        planner = self.planner(header_length=plan.header_length, min_padding=plan.min_padding)
+        return WriterShare(plan.for_share(writes_header=self.writes_header, writes_footer=self.writes_footer),
+                           self.output, planner)
 
     def planner(self, *, header_length: int, min_padding: int) -> Planner:
         layout, stripe = self.sizing.layout, self.sizing.stripe_size
@@ -521,108 +534,40 @@ async def merge_over_ranks(
     decides the wrapping (``settings.wrap``, ``auto`` from every input) and
     judges the completeness of every input (``require_complete``: an
     incomplete one fails the job before anything is published)."""
-    from .compress import gzip_member
-    from .errors import DataError
-    from .merge import MergeProgress, check_complete, merge, partition
-    from .output import shard_paths
     from .settings import load_settings, settings_with
-    from .writer import wrapper_lines
 
     if offsets not in ("counter", "exscan"):  # (every rank finds it: no agreement needed)
         raise ValueError(f"offsets={offsets!r}: expected 'counter' or 'exscan'")
     given = settings if settings is not None else load_settings()
     started = time.perf_counter()
-    kept: list[Any] = []  # rank 0: the OutputSet, to publish or discard
-
-    def decide() -> Decision:
-        decision, outputs = _decide(world, paths, directories, output, given, force, offsets, recursive)
-        kept.append(outputs)
-        return decision
-
-    try:
-        decision: Decision = await world.decide(decide)
-    except BaseException:  # (rank 0 gave up waiting for the others: its temporary goes)
-        if kept:
-            kept[0].discard()
-        raise
-    sizing = decision.sizing
+    decision, outputs = await _decide_everywhere(world, paths, directories, output, given, force, offsets, recursive)
     settings = settings_with(given, wrap=decision.wrap)  # (every rank writes as rank 0 decided)
-    header_text, footer_text = wrapper_lines(settings)
-    header = gzip_member(header_text, settings.level) if decision.compressed and header_text else header_text
-    footer = gzip_member(footer_text, settings.level) if decision.compressed and footer_text else footer_text
-    sharded = sizing.layout == "sharded"
-    sized = sharded and settings.shard_size is not None
-    exscan = offsets == "exscan" and sizing.layout == "striped"
+    frame = _Frame.of(settings, decision.compressed)
+    exscan = offsets == "exscan" and decision.sizing.layout == "striped"
     counter: WindowCounter | None = None
     part_output: RankOutput | None = None
     hung = False  # another rank hangs: nothing collective any more
     try:
-        share = partition(decision.sizes, world.size) if decision.sizes else []
-        mine = share[world.rank] if world.rank < len(share) else range(0)
-        inputs = [decision.inputs[index] for index in mine]
-        part_counter: Counter | None = None
-        counted = 0
-        if sharded:
-            first = world.rank * sizing.workers
-            part_output = RankOutput(output, decision.targets[first : first + sizing.workers], first=first,
-                                     striping=decision.striping, generation=decision.generation)
-        else:
-            part_output = RankOutput(output, decision.targets, temporaries=decision.temporaries)
-            start = len(header) if sizing.layout == "striped" or not header else sizing.stripe_size
-            if exscan:
-                counted, before = await _count_and_exscan(world, inputs, sizing, salvage, validate)
-                part_counter = LocalCounter(start + before)
-            else:
-                counter = WindowCounter(world, start)
-                part_counter = counter
-        part = RankPart(fs=decision.fs, sizing=sizing, output=part_output, writes_header=world.rank == 0 or sized,
-                        writes_footer=sized or (sharded and world.rank == world.size - 1), counter=part_counter,
-                        shard_size=settings.shard_size if sized else None)
-        result = failure = None
-        try:
-            result = await merge(inputs, output, settings=settings, force=force,
-                                 progress=progress if progress is not None else MergeProgress(0),
-                                 readers=max(1, min(len(inputs), (os.cpu_count() or 1) // world.node_ranks)),
-                                 salvage=salvage, validate=validate, part=part)
-            if exscan and result.writer.line_bytes != counted:
-                raise DataError(f"an input of rank {world.rank} changed while it was read: {counted} bytes of "
-                                f"events counted, {result.writer.line_bytes} written")
-        except BaseException as exc:
-            if counter is not None:
-                counter.abort()
-            failure = exc
+        inputs = _inputs_of_rank(world, decision)
+        part_output = _rank_output(world, decision, output)
+        counter, part_counter, counted = await _rank_offsets(world, decision, inputs, len(frame.header), exscan,
+                                                             salvage, validate)
+        part = _rank_part(world, decision, settings, part_output, part_counter)
+        result, failure = await _merge_share(world, inputs, output, settings, part, counter, counted, exscan,
+                                             force=force, progress=progress, salvage=salvage, validate=validate)
         with trio.CancelScope(shield=True):  # collective from here on: every rank takes part
             await world.agree(failure)
             assert result is not None
-            stats = result.writer
-            file_base = world.rank * sizing.workers if sharded and not sized else 0  # (sized: made global below)
-            gathered = world.gather({
-                "rank": world.rank, "inputs": result.inputs, "events": result.events,
-                "input_bytes": result.input_bytes, "bytes": stats.bytes_written,
-                "seconds": round(time.perf_counter() - started, 6), "stats": stats, "salvaged": result.salvaged,
-                "entries": [(entry[0] + file_base, *entry[1:]) for entry in result.member_entries],
-                "ends": result.ends,
-                "temporaries": part_output.temporaries if sharded else [],
-            })
+            gathered = world.gather(_rank_report(world, decision, settings, result, part_output, started))
             commit_error: BaseException | None = None
             footer_bytes = 0
             incomplete: tuple[Any, ...] = ()
             if world.rank == 0:
-                assert gathered is not None
-                if sharded:  # every rank's shards, in read order: rank 0 publishes (or removes) them all
-                    kept[0].temporaries = [name for item in gathered for name in item["temporaries"]]
-                if sized:  # the shards' final names, and their file numbers in the member index, in read order
-                    base = 0
-                    for item in gathered:
-                        item["entries"] = [(entry[0] + base, *entry[1:]) for entry in item["entries"]]
-                        base += len(item["temporaries"])
-                    kept[0].targets = shard_paths(output, base, decision.generation)
-                    decision = dataclasses.replace(decision, targets=list(kept[0].targets))
+                assert gathered is not None and outputs is not None
+                decision = _make_global(outputs, decision, settings, gathered, output)
                 try:
-                    incomplete = check_complete([end for item in gathered for end in item["ends"]],
-                                                require_complete)
-                    footer_bytes = _commit(kept[0], decision, counter, footer, gathered, settings, exscan,
-                                           len(header), (len(header_text), len(footer_text)))
+                    incomplete, footer_bytes = _check_and_commit(outputs, decision, counter, frame, gathered,
+                                                                 settings, exscan, require_complete)
                 except Exception as exc:
                     commit_error = exc
             await world.agree(commit_error)
@@ -630,8 +575,8 @@ async def merge_over_ranks(
         hung = isinstance(exc, RankTimeout)
         if part_output is not None:
             part_output.remove_created()
-        if world.rank == 0 and kept:
-            kept[0].discard()
+        if world.rank == 0 and outputs is not None:
+            outputs.discard()
         raise
     finally:
         if counter is not None and not hung:
@@ -642,6 +587,166 @@ async def merge_over_ranks(
         return None
     assert gathered is not None
     return _aggregate(gathered, decision, footer_bytes, time.perf_counter() - started, incomplete)
+
+
+async def _decide_everywhere(world: World, paths: Sequence[str], directories: Sequence[str] | None, output: str,
+                             settings: Settings, force: bool, offsets: str, recursive: bool) -> tuple[Decision, Any]:
+    """Step 1: rank 0 decides (:func:`_decide`), every rank learns the decision.
+    Returns it with the OutputSet rank 0 keeps to publish (None elsewhere)."""
+    kept: list[Any] = []  # rank 0: the OutputSet, to publish or discard
+
+    def decide() -> Decision:
+        decision, outputs = _decide(world, paths, directories, output, settings, force, offsets, recursive)
+        kept.append(outputs)
+        return decision
+
+    try:
+        decision: Decision = await world.decide(decide)
+    except BaseException:  # (rank 0 gave up waiting for the others: its temporary goes)
+        if kept:
+            kept[0].discard()
+        raise
+    return decision, kept[0] if kept else None
+
+
+@dataclasses.dataclass(frozen=True)
+class _Frame:
+    """The header and footer as written (gzip members when compressed), and their text lengths."""
+
+    header: bytes
+    footer: bytes
+    texts: tuple[int, int]
+
+    @classmethod
+    def of(cls, settings: Settings, compressed: bool) -> _Frame:
+        from .compress import gzip_member
+        from .writer import wrapper_lines
+
+        header_text, footer_text = wrapper_lines(settings)
+        header = gzip_member(header_text, settings.level) if compressed and header_text else header_text
+        footer = gzip_member(footer_text, settings.level) if compressed and footer_text else footer_text
+        return cls(header, footer, (len(header_text), len(footer_text)))
+
+
+def _inputs_of_rank(world: World, decision: Decision) -> list[str]:
+    """Step 2: this rank's share of the inputs (by size, in order; none for a rank beyond the inputs)."""
+    from .merge import partition
+
+    share = partition(decision.sizes, world.size) if decision.sizes else []
+    mine = share[world.rank] if world.rank < len(share) else range(0)
+    return [decision.inputs[index] for index in mine]
+
+
+def _rank_output(world: World, decision: Decision, output: str) -> RankOutput:
+    """Step 2: this rank's files: its own shards (sharded), else the shared file rank 0 created."""
+    if decision.sizing.layout == "sharded":
+        first = world.rank * decision.sizing.workers
+        return RankOutput(output, decision.targets[first : first + decision.sizing.workers], first=first,
+                          striping=decision.striping, generation=decision.generation)
+    return RankOutput(output, decision.targets, temporaries=decision.temporaries)
+
+
+async def _rank_offsets(world: World, decision: Decision, inputs: list[str], header_length: int, exscan: bool,
+                        salvage: bool, validate: bool) -> tuple[WindowCounter | None, Counter | None, int]:
+    """Step 2, striped and padded-striped: where this rank's offsets come from
+    (the shared window counter, or with ``exscan`` a counter of the rank's own
+    range), and the bytes of events counted for exscan.  Collective."""
+    sizing = decision.sizing
+    if sizing.layout == "sharded":
+        return None, None, 0
+    start = header_length if sizing.layout == "striped" or not header_length else sizing.stripe_size
+    if exscan:
+        counted, before = await _count_and_exscan(world, inputs, sizing, salvage, validate)
+        return None, LocalCounter(start + before), counted
+    counter = WindowCounter(world, start)
+    return counter, counter, 0
+
+
+def _rank_part(world: World, decision: Decision, settings: Settings, part_output: RankOutput,
+               part_counter: Counter | None) -> RankPart:
+    """What this rank writes: its files, the header (rank 0, or every shard of a
+    sized sharded set) and the footer (the last rank's last shard, or every sized shard)."""
+    sharded = decision.sizing.layout == "sharded"
+    sized = sharded and settings.shard_size is not None
+    return RankPart(fs=decision.fs, sizing=decision.sizing, output=part_output,
+                    writes_header=world.rank == 0 or sized,
+                    writes_footer=sized or (sharded and world.rank == world.size - 1), counter=part_counter,
+                    shard_size=settings.shard_size if sized else None)
+
+
+async def _merge_share(world: World, inputs: list[str], output: str, settings: Settings, part: RankPart,
+                       counter: WindowCounter | None, counted: int, exscan: bool, *, force: bool, progress: Any,
+                       salvage: bool, validate: bool) -> tuple[Any, BaseException | None]:
+    """Step 3: merge this rank's share with the normal data plane, as its part of
+    the output.  Returns the result, or the failure (to agree on; the shared
+    counter is told first, so that the other ranks stop early)."""
+    from .errors import DataError
+    from .merge import MergeProgress, merge
+
+    try:
+        result = await merge(inputs, output, settings=settings, force=force,
+                             progress=progress if progress is not None else MergeProgress(0),
+                             readers=max(1, min(len(inputs), (os.cpu_count() or 1) // world.node_ranks)),
+                             salvage=salvage, validate=validate, part=part.writer_share(output, settings))
+        if exscan and result.writer.line_bytes != counted:
+            raise DataError(f"an input of rank {world.rank} changed while it was read: {counted} bytes of "
+                            f"events counted, {result.writer.line_bytes} written")
+    except BaseException as exc:
+        if counter is not None:
+            counter.abort()
+        return None, exc
+    return result, None
+
+
+def _rank_report(world: World, decision: Decision, settings: Settings, result: Any, part_output: RankOutput,
+                 started: float) -> dict[str, Any]:
+    """Step 4: what this rank sends rank 0 for the commit and the report."""
+    sharded = decision.sizing.layout == "sharded"
+    sized = sharded and settings.shard_size is not None
+    stats = result.writer
+    file_base = world.rank * decision.sizing.workers if sharded and not sized else 0  # (sized: made global later)
+    return {
+        "rank": world.rank, "inputs": result.inputs, "events": result.events,
+        "input_bytes": result.input_bytes, "bytes": stats.bytes_written,
+        "seconds": round(time.perf_counter() - started, 6), "stats": stats, "salvaged": result.salvaged,
+        "entries": [(entry[0] + file_base, *entry[1:]) for entry in result.member_entries],
+        "ends": result.ends,
+        "temporaries": part_output.temporaries if sharded else [],
+    }
+
+
+def _make_global(outputs: Any, decision: Decision, settings: Settings, gathered: list[dict[str, Any]],
+                 output: str) -> Decision:
+    """Step 5 on rank 0, sharded: every rank's shards in read order go to the
+    OutputSet (rank 0 publishes or removes them all); with a shard size, their
+    final names and their file numbers in the member index.  Returns the
+    decision with the final targets."""
+    from .output import shard_paths
+
+    if decision.sizing.layout != "sharded":
+        return decision
+    outputs.temporaries = [name for item in gathered for name in item["temporaries"]]
+    if settings.shard_size is None:
+        return decision
+    base = 0
+    for item in gathered:
+        item["entries"] = [(entry[0] + base, *entry[1:]) for entry in item["entries"]]
+        base += len(item["temporaries"])
+    outputs.targets = shard_paths(output, base, decision.generation)
+    return dataclasses.replace(decision, targets=list(outputs.targets))
+
+
+def _check_and_commit(outputs: Any, decision: Decision, counter: WindowCounter | None, frame: _Frame,
+                      gathered: list[dict[str, Any]], settings: Settings, exscan: bool,
+                      require_complete: bool) -> tuple[tuple[Any, ...], int]:
+    """Step 5 on rank 0: judge every input's completeness, then commit
+    (:func:`_commit`).  Returns the incomplete inputs and the footer's bytes."""
+    from .merge import check_complete
+
+    incomplete = check_complete([end for item in gathered for end in item["ends"]], require_complete)
+    footer_bytes = _commit(outputs, decision, counter, frame.footer, gathered, settings, exscan,
+                           len(frame.header), frame.texts)
+    return incomplete, footer_bytes
 
 
 async def _count_and_exscan(world: World, inputs: list[str], sizing: Sizing, salvage: bool,
@@ -724,20 +829,12 @@ def _commit(outputs: Any, decision: Decision, counter: WindowCounter | None, foo
 
 def _aggregate(gathered: list[dict[str, Any]], decision: Decision, footer_bytes: int, seconds: float,
                incomplete: tuple[Any, ...] = ()) -> RankMergeResult:
-    from .backends import BackendStatistics
     from .merge import MergeResult
+    from .writer import combine_statistics
 
-    stats = [item["stats"] for item in gathered]
-    first = stats[0]
-    io_fields = {field.name for field in dataclasses.fields(BackendStatistics)} - {"backend", "most_in_flight"}
-    io = dataclasses.replace(first.io, most_in_flight=max(s.io.most_in_flight for s in stats),
-                             **{name: sum(getattr(s.io, name) for s in stats) for name in io_fields})
-    summed = {name: sum(getattr(s, name) for s in stats)
-              for name in ("chunks", "writes", "line_bytes", "bytes_written", "deadline_flushes", "uncopied_chunks",
-                           "oversized_chunks", "buffer_waits", "direct_writes", "writeback_hints")}
-    summed["bytes_written"] += footer_bytes
-    writer = dataclasses.replace(first, outputs=tuple(decision.targets), workers=first.workers * len(stats),
-                                 seconds=seconds, published=True, io=io, **summed)
+    combined = combine_statistics([item["stats"] for item in gathered])
+    writer = dataclasses.replace(combined, outputs=tuple(decision.targets), seconds=seconds, published=True,
+                                 bytes_written=combined.bytes_written + footer_bytes)
     result = MergeResult(
         inputs=sum(item["inputs"] for item in gathered),
         events=sum(item["events"] for item in gathered),

@@ -739,21 +739,8 @@ class OutputSet:
         kept: dict[str, str] = {}  # name -> the temporary that keeps its previous file ("": links are refused)
         try:
             found, steps = self._plan(sidecars or {}, fsync=fsync)
-            for step, name, _ in steps:  # keep what is replaced, or removed before the commit
-                if name not in kept and (step == "hide" or self.force) and _exists(name, self._dir_fd):
-                    kept[name] = self._keep(name, by_link=True)
-            for step, name, temporary in steps:
-                if step == "hide" and name not in kept:  # (gone meanwhile)
-                    continue
-                if step == "hide" or kept.get(name) == "":  # its file goes away now: unlinked, or renamed away
-                    if kept[name]:
-                        os.unlink(name, dir_fd=self._dir_fd)
-                    else:
-                        kept[name] = self._keep(name, by_link=False)
-                    done.append(("hide", name, False))
-                if step == "put":
-                    self._rename(temporary, name)
-                    done.append(("put", name, name in kept and ("hide", name, False) not in done))
+            self._keep_what_goes(steps, kept)
+            self._take_steps(steps, kept, done)
             if fsync:
                 os.fsync(self._dir_fd)
         except (OSError, UsageError) as exc:
@@ -765,6 +752,31 @@ class OutputSet:
             raise WriteError(self.target, f"cannot publish the output: {what}", exc.errno) from None
         self._remove_replaced(found, kept)
         self.discard()
+
+    def _keep_what_goes(self, steps: list[tuple[str, str, str]], kept: dict[str, str]) -> None:
+        """Publish, before any step: keep (a hard link) every file that a step
+        replaces or removes before the commit, in ``kept``."""
+        for step, name, _ in steps:
+            if name not in kept and (step == "hide" or self.force) and _exists(name, self._dir_fd):
+                kept[name] = self._keep(name, by_link=True)
+
+    def _take_steps(self, steps: list[tuple[str, str, str]], kept: dict[str, str],
+                    done: list[tuple[str, str, bool]]) -> None:
+        """Publish: take ``steps`` in order, recording each in ``done`` as it is
+        taken (what :meth:`_restore` undoes)."""
+        assert self._dir_fd is not None
+        for step, name, temporary in steps:
+            if step == "hide" and name not in kept:  # (gone meanwhile)
+                continue
+            if step == "hide" or kept.get(name) == "":  # its file goes away now: unlinked, or renamed away
+                if kept[name]:
+                    os.unlink(name, dir_fd=self._dir_fd)
+                else:
+                    kept[name] = self._keep(name, by_link=False)
+                done.append(("hide", name, False))
+            if step == "put":
+                self._rename(temporary, name)
+                done.append(("put", name, name in kept and ("hide", name, False) not in done))
 
     def _plan(self, sidecars: dict[str, bytes], *, fsync: bool) -> tuple[_Found, list[tuple[str, str, str]]]:
         """The renames of :meth:`publish`, in order: ``(step, name, temporary)``

@@ -226,123 +226,30 @@ def plan_sizing(
     settings cannot be honoured (a budget smaller than two stripes, a Lustre
     layout that cannot be set).
     """
-    reasons: list[str] = []
-    cpus = max(1, cpu_count)
-
-    # Stripe size.
-    if settings.stripe_size is not None:
-        stripe_size = settings.stripe_size
-        reasons.append(f"stripe size {stripe_size} bytes: set explicitly")
-    elif fs.stripe_size:
-        stripe_size = fs.stripe_size
-        reasons.append(f"stripe size {stripe_size} bytes: the {fs.kind.value} stripe size")
-    else:
-        stripe_size = DEFAULT_STRIPE_SIZE
-        reasons.append(f"stripe size {stripe_size} bytes: default for {fs.kind.value}")
-    if stripe_size % PAGE or stripe_size > MAX_STRIPE_SIZE:
-        raise ConfigError(
-            f"invalid setting stripe_size={stripe_size}: must be a multiple of 4096 and at most 256MiB"
-        )
-    stripe_known = settings.stripe_size is not None or bool(fs.stripe_size)
-
-    # Layout.
-    layout: LayoutName
-    if settings.direct and settings.layout not in ("auto", "padded-striped"):
-        raise ConfigError(
-            f"invalid setting layout={settings.layout!r}: O_DIRECT (direct) needs the padded-striped layout, "
-            "whose writes cover whole stripes"
-        )
-    if settings.direct:
-        layout = "padded-striped"
-        reasons.append("layout padded-striped: O_DIRECT needs writes of whole, aligned stripes")
-    elif settings.layout != "auto":
-        layout = settings.layout
-        reasons.append(f"layout {layout}: set explicitly")
-    elif fs.kind is FsKind.NFS:
-        layout = "sharded"
-        reasons.append("layout sharded: NFS does not keep shared-file writers coherent")
-    elif fs.kind.is_parallel and stripe_known:
-        layout = "padded-striped"
-        reasons.append(f"layout padded-striped: {fs.kind.value} with a known stripe size")
-    elif fs.kind.is_parallel:
-        layout = "sharded"
-        reasons.append(f"layout sharded: {fs.kind.value} with an unknown stripe size")
-    else:
-        layout = "striped"
-        reasons.append(f"layout striped: {fs.kind.value} filesystem")
-
+    stripe_size, stripe_reason = _stripe_size(fs, settings)
+    layout, layout_reason = _layout(fs, settings, stripe_known=settings.stripe_size is not None or bool(fs.stripe_size))
+    reasons = [stripe_reason, layout_reason]
     # Lustre layout on create (the stripe size and count the files will have).
-    striping = _plan_striping(fs, settings, layout, stripe_size, expected_bytes, reasons)
+    striping, striping_reason = _plan_striping(fs, settings, layout, stripe_size, expected_bytes)
+    if striping_reason is not None:
+        reasons.append(striping_reason)
     stripe_count = fs.stripe_count
     if striping is not None:
         stripe_count = striping.stripe_count if striping.stripe_count > 0 else fs.ost_count
-
-    # Workers.
-    if settings.workers is not None:
-        workers = settings.workers
-        reasons.append(f"workers {workers}: set explicitly")
-    else:
-        if fs.kind is FsKind.LUSTRE and stripe_count and layout != "sharded":
-            cap, why = stripe_count, "the Lustre stripe count"
-        elif fs.kind.is_parallel or fs.kind is FsKind.NFS:
-            cap, why = 8, f"at most 8 on {fs.kind.value}"
-        else:
-            cap, why = 4, f"at most 4 on {fs.kind.value}"
-        workers = min(cap, 2 * cpus)
-        if workers < cap:
-            why = f"2 x {cpus} CPUs"
-        if producers is not None and 0 < producers < workers:
-            workers, why = producers, f"{producers} producers"
-        workers = max(1, workers)
-        reasons.append(f"workers {workers}: {why}")
-
-    # Memory.
-    if settings.memory_budget is not None:
-        budget = settings.memory_budget
-        reasons.append(f"memory budget {budget} bytes: set explicitly")
-    else:
-        budget = max(16 * MiB, min(DEFAULT_MEMORY_CAP, available_memory // 4))
-        reasons.append(f"memory budget {budget} bytes: a quarter of available memory, at most 256MiB")
-    per_worker = settings.buffers_per_worker or DEFAULT_BUFFERS_PER_WORKER
-    if settings.buffers_per_worker is None:
-        while per_worker > 2 and workers * per_worker * stripe_size > budget:
-            per_worker -= 1
-    if settings.workers is None:
-        while workers > 1 and workers * per_worker * stripe_size > budget:
-            workers -= 1
-    if workers * per_worker * stripe_size > budget:
-        raise ConfigError(
-            f"invalid setting memory_budget={budget}: too small for {workers} worker(s) x "
-            f"{per_worker} buffers x {stripe_size}-byte stripes"
-        )
+    workers, workers_reason = _workers(fs, settings, layout, stripe_count, producers, max(1, cpu_count))
+    budget, budget_reason = _memory_budget(settings, available_memory)
+    reasons += [workers_reason, budget_reason]
+    workers, per_worker = _fit_buffers(settings, workers, stripe_size, budget)
     buffers = workers * per_worker
     if striping is not None:  # one entry per file
         files = workers if layout == "sharded" else 1
         offsets = shard_offsets(files, fs.ost_count) if layout == "sharded" else (-1,)
         striping = dataclasses.replace(striping, offsets=offsets)
     reasons.append(f"buffers {buffers}: {per_worker} per worker, {buffers * stripe_size} bytes in all")
-
-    if settings.queue_depth is not None:
-        queue_depth = settings.queue_depth
-    else:
-        queue_depth = buffers
+    queue_depth = settings.queue_depth if settings.queue_depth is not None else buffers
     reasons.append(f"queue depth {queue_depth}")
-
-    if settings.write_call_size is not None:
-        write_call_size = settings.write_call_size
-        if write_call_size % PAGE:
-            raise ConfigError(
-                f"invalid setting write_call_size={write_call_size}: must be a multiple of 4096 (O_DIRECT writes "
-                "are cut at these sizes)"
-            )
-        reasons.append(f"write calls of at most {write_call_size} bytes: set explicitly")
-    elif settings.direct:
-        write_call_size = stripe_size
-        reasons.append("write calls of one stripe: O_DIRECT bypasses the page cache")
-    else:
-        write_call_size = min(stripe_size, BUFFERED_WRITE_CALL_SIZE)
-        reasons.append(f"write calls of at most {write_call_size} bytes: page-cache folios no larger than that")
-
+    write_call_size, write_call_reason = _write_call_size(settings, stripe_size)
+    reasons.append(write_call_reason)
     return Sizing(
         layout=layout,
         workers=workers,
@@ -357,30 +264,127 @@ def plan_sizing(
     )
 
 
+def _stripe_size(fs: FsInfo, settings: Settings) -> tuple[int, str]:
+    """The stripe size and its reason."""
+    if settings.stripe_size is not None:
+        stripe_size = settings.stripe_size
+        reason = f"stripe size {stripe_size} bytes: set explicitly"
+    elif fs.stripe_size:
+        stripe_size = fs.stripe_size
+        reason = f"stripe size {stripe_size} bytes: the {fs.kind.value} stripe size"
+    else:
+        stripe_size = DEFAULT_STRIPE_SIZE
+        reason = f"stripe size {stripe_size} bytes: default for {fs.kind.value}"
+    if stripe_size % PAGE or stripe_size > MAX_STRIPE_SIZE:
+        raise ConfigError(
+            f"invalid setting stripe_size={stripe_size}: must be a multiple of 4096 and at most 256MiB"
+        )
+    return stripe_size, reason
+
+
+def _layout(fs: FsInfo, settings: Settings, *, stripe_known: bool) -> tuple[LayoutName, str]:
+    """The layout and its reason."""
+    if settings.direct and settings.layout not in ("auto", "padded-striped"):
+        raise ConfigError(
+            f"invalid setting layout={settings.layout!r}: O_DIRECT (direct) needs the padded-striped layout, "
+            "whose writes cover whole stripes"
+        )
+    if settings.direct:
+        return "padded-striped", "layout padded-striped: O_DIRECT needs writes of whole, aligned stripes"
+    if settings.layout != "auto":
+        return settings.layout, f"layout {settings.layout}: set explicitly"
+    if fs.kind is FsKind.NFS:
+        return "sharded", "layout sharded: NFS does not keep shared-file writers coherent"
+    if fs.kind.is_parallel and stripe_known:
+        return "padded-striped", f"layout padded-striped: {fs.kind.value} with a known stripe size"
+    if fs.kind.is_parallel:
+        return "sharded", f"layout sharded: {fs.kind.value} with an unknown stripe size"
+    return "striped", f"layout striped: {fs.kind.value} filesystem"
+
+
+def _workers(fs: FsInfo, settings: Settings, layout: LayoutName, stripe_count: int | None, producers: int | None,
+             cpus: int) -> tuple[int, str]:
+    """The write lanes before the memory budget is applied, and the reason."""
+    if settings.workers is not None:
+        return settings.workers, f"workers {settings.workers}: set explicitly"
+    if fs.kind is FsKind.LUSTRE and stripe_count and layout != "sharded":
+        cap, why = stripe_count, "the Lustre stripe count"
+    elif fs.kind.is_parallel or fs.kind is FsKind.NFS:
+        cap, why = 8, f"at most 8 on {fs.kind.value}"
+    else:
+        cap, why = 4, f"at most 4 on {fs.kind.value}"
+    workers = min(cap, 2 * cpus)
+    if workers < cap:
+        why = f"2 x {cpus} CPUs"
+    if producers is not None and 0 < producers < workers:
+        workers, why = producers, f"{producers} producers"
+    workers = max(1, workers)
+    return workers, f"workers {workers}: {why}"
+
+
+def _memory_budget(settings: Settings, available_memory: int) -> tuple[int, str]:
+    """The memory budget for buffers and its reason."""
+    if settings.memory_budget is not None:
+        return settings.memory_budget, f"memory budget {settings.memory_budget} bytes: set explicitly"
+    budget = max(16 * MiB, min(DEFAULT_MEMORY_CAP, available_memory // 4))
+    return budget, f"memory budget {budget} bytes: a quarter of available memory, at most 256MiB"
+
+
+def _fit_buffers(settings: Settings, workers: int, stripe_size: int, budget: int) -> tuple[int, int]:
+    """The lanes and buffers per lane that fit the budget: fewer buffers per
+    lane first (down to 2), then fewer lanes (neither when set explicitly)."""
+    per_worker = settings.buffers_per_worker or DEFAULT_BUFFERS_PER_WORKER
+    if settings.buffers_per_worker is None:
+        while per_worker > 2 and workers * per_worker * stripe_size > budget:
+            per_worker -= 1
+    if settings.workers is None:
+        while workers > 1 and workers * per_worker * stripe_size > budget:
+            workers -= 1
+    if workers * per_worker * stripe_size > budget:
+        raise ConfigError(
+            f"invalid setting memory_budget={budget}: too small for {workers} worker(s) x "
+            f"{per_worker} buffers x {stripe_size}-byte stripes"
+        )
+    return workers, per_worker
+
+
+def _write_call_size(settings: Settings, stripe_size: int) -> tuple[int, str]:
+    """The most bytes of one write call, and the reason."""
+    if settings.write_call_size is not None:
+        write_call_size = settings.write_call_size
+        if write_call_size % PAGE:
+            raise ConfigError(
+                f"invalid setting write_call_size={write_call_size}: must be a multiple of 4096 (O_DIRECT writes "
+                "are cut at these sizes)"
+            )
+        return write_call_size, f"write calls of at most {write_call_size} bytes: set explicitly"
+    if settings.direct:
+        return stripe_size, "write calls of one stripe: O_DIRECT bypasses the page cache"
+    write_call_size = min(stripe_size, BUFFERED_WRITE_CALL_SIZE)
+    return write_call_size, f"write calls of at most {write_call_size} bytes: page-cache folios no larger than that"
+
+
 def _plan_striping(fs: FsInfo, settings: Settings, layout: LayoutName, stripe_size: int,
-                   expected_bytes: int | None, reasons: list[str]) -> Striping | None:
-    """The Lustre layout to set on create, or None (the directory's default)."""
+                   expected_bytes: int | None) -> tuple[Striping | None, str | None]:
+    """The Lustre layout to set on create, or None (the directory's default), and the reason (none off Lustre)."""
     if fs.kind is not FsKind.LUSTRE:
-        return None
+        return None, None
     count = settings.stripe_count
     if count == 0:
-        reasons.append("Lustre layout: the directory's default (stripe_count 0)")
-        return None
+        return None, "Lustre layout: the directory's default (stripe_count 0)"
     if fs.layout_setter is None:
         if count != "auto":
             raise ConfigError(f"invalid setting stripe_count={count}: cannot set a Lustre layout here "
                               "(neither liblustreapi nor the lfs command was found)")
-        reasons.append("Lustre layout: the directory's default (neither liblustreapi nor lfs was found)")
-        return None
+        return None, "Lustre layout: the directory's default (neither liblustreapi nor lfs was found)"
     if count == "auto" and layout == "sharded":
         count, why = 1, "auto: one stripe per shard, shards spread over the OSTs"
     elif count == "auto" and expected_bytes is not None and expected_bytes >= AUTO_STRIPE_ALL_FROM:
         count, why = -1, f"auto: every OST for an output of {expected_bytes} bytes (at least {AUTO_STRIPE_ALL_FROM})"
     elif count == "auto":
         size = "of unknown size" if expected_bytes is None else f"of {expected_bytes} bytes"
-        reasons.append(f"Lustre layout: the directory's default (auto: an output {size}; every OST from "
-                       f"{AUTO_STRIPE_ALL_FROM} bytes)")
-        return None
+        return None, (f"Lustre layout: the directory's default (auto: an output {size}; every OST from "
+                      f"{AUTO_STRIPE_ALL_FROM} bytes)")
     else:
         why = "set explicitly"
     assert isinstance(count, int)
@@ -391,9 +395,8 @@ def _plan_striping(fs: FsInfo, settings: Settings, layout: LayoutName, stripe_si
         raise ConfigError(f"invalid setting stripe_count={count}: this filesystem has {fs.ost_count} OSTs")
     if layout == "sharded" and fs.ost_count:
         why += f"; shard i starts on OST i x {fs.ost_count} / shards"
-    reasons.append(f"Lustre layout: stripe count {count}, stripe size {stripe_size} ({why}; set by "
-                   f"{fs.layout_setter})")
-    return Striping(stripe_count=count, stripe_size=stripe_size, offsets=(-1,))
+    return Striping(stripe_count=count, stripe_size=stripe_size, offsets=(-1,)), (
+        f"Lustre layout: stripe count {count}, stripe size {stripe_size} ({why}; set by {fs.layout_setter})")
 
 
 def shard_offsets(shards: int, ost_count: int | None) -> tuple[int, ...]:

@@ -60,7 +60,8 @@ from .sizing import FsInfo, Sizing, follow_layout_set, plan_sizing
 from .traceformat import BlockCleaner
 
 __all__ = ["Writer", "WriterStatistics", "open_writer", "plan", "output_compression", "check_shard_size",
-           "error_to_raise", "HEADER", "FOOTER", "wrapper_lines"]
+           "error_to_raise", "HEADER", "FOOTER", "wrapper_lines", "OutputFormat", "output_format", "WriterPlan",
+           "writer_plan", "stream_settings", "run_writer", "WriterShare", "open_share", "combine_statistics"]
 
 HEADER = b"[\n"
 FOOTER = b"]\n"
@@ -75,6 +76,108 @@ def wrapper_lines(settings: Settings) -> tuple[bytes, bytes]:
         raise ConfigError("invalid setting wrap='auto': it follows the inputs of a merge; a writer writes "
                           "wrap='array' ([ and ] lines) or wrap='none' (NDJSON)")
     return (HEADER, FOOTER) if settings.wrap == "array" else (b"", b"")
+
+
+@dataclasses.dataclass(frozen=True)
+class OutputFormat:
+    """How an output's bytes are framed: gzip members or plain text, and the
+    header and footer as written (each a gzip member of its own when
+    compressed; ``*_text``: their lengths before compression)."""
+
+    compress: bool
+    header: bytes
+    footer: bytes
+    header_text: int
+    footer_text: int
+
+
+def output_format(target: str, settings: Settings, *, stream: bool = False, header: bytes | None = None,
+                  footer: bytes | None = None) -> OutputFormat:
+    """The framing of ``target`` from plain values (no I/O): its compression
+    (:func:`output_compression`), and ``header`` and ``footer`` (None: from
+    the ``wrap`` setting, :func:`wrapper_lines`)."""
+    compress = output_compression(target, settings, stream=stream)
+    if compress:
+        check_level(settings.level)
+    if header is None or footer is None:
+        wrapped = wrapper_lines(settings)
+        header, footer = wrapped[0] if header is None else header, wrapped[1] if footer is None else footer
+    header_text, footer_text = len(header), len(footer)
+    if compress:  # the header and the footer are gzip members of their own (none for no text)
+        header = gzip_member(header, settings.level) if header else b""
+        footer = gzip_member(footer, settings.level) if footer else b""
+    return OutputFormat(compress, header, footer, header_text, footer_text)
+
+
+@dataclasses.dataclass(frozen=True)
+class WriterPlan:
+    """Everything a writer decides before it touches a file, as plain values
+    (built by :func:`writer_plan`; printable, and testable without I/O).
+
+    The planner's parameters are ``sizing.layout``, ``header_length``,
+    ``sizing.stripe_size``, ``sizing.workers``, ``min_padding`` and
+    ``settings.shard_size`` (:meth:`planner`).  ``header_length`` is the
+    header's place in the output, which a share of an output that does not
+    write the header (:meth:`for_share`) still leaves before its data.
+    ``files`` and ``sidecars`` are the file set to create (a sharded set
+    with a shard size: none yet, its shards are made as lanes start them).
+    """
+
+    target: str
+    stream: bool
+    settings: Settings
+    fs: FsInfo
+    sizing: Sizing
+    compress: bool
+    header: bytes
+    footer: bytes
+    header_text: int
+    footer_text: int
+    header_length: int
+    min_padding: int
+    files: int
+    sidecars: tuple[str, ...]
+    validate: bool = False
+
+    @property
+    def sharded(self) -> bool:
+        return self.sizing.layout == "sharded"
+
+    def planner(self) -> Planner:
+        """The layout's planner for this plan (pure)."""
+        return make_planner(self.sizing.layout, header_length=self.header_length, stripe_size=self.sizing.stripe_size,
+                            workers=self.sizing.workers, min_padding=self.min_padding,
+                            shard_size=self.settings.shard_size)
+
+    def following(self, fs: FsInfo, sizing: Sizing) -> WriterPlan:
+        """This plan sized anew (Lustre: by the layout the file got on create)."""
+        return dataclasses.replace(self, fs=fs, sizing=sizing)
+
+    def for_share(self, *, writes_header: bool, writes_footer: bool) -> WriterPlan:
+        """This plan for one share of an output that several write: without the
+        header or the footer that another share writes (their place stays)."""
+        header, header_text = (self.header, self.header_text) if writes_header else (b"", 0)
+        footer, footer_text = (self.footer, self.footer_text) if writes_footer else (b"", 0)
+        return dataclasses.replace(self, header=header, header_text=header_text, footer=footer,
+                                   footer_text=footer_text)
+
+
+def writer_plan(target: str, settings: Settings, form: OutputFormat, fs: FsInfo, sizing: Sizing, *,
+                stream: bool = False, validate: bool = False) -> WriterPlan:
+    """The plan of a writer of ``target`` from plain values: its settings, its
+    framing (:func:`output_format`), the filesystem and the sizing
+    (:func:`plan`).  A shard size the layout cannot honour is refused
+    (:func:`check_shard_size`)."""
+    check_shard_size(settings, sizing)
+    sharded = sizing.layout == "sharded"
+    # (with a shard size, the set grows: its shards are made as they are started)
+    files = (0 if settings.shard_size is not None else sizing.workers) if sharded else 1
+    return WriterPlan(
+        target=target, stream=stream, settings=settings, fs=fs, sizing=sizing, compress=form.compress,
+        header=form.header, footer=form.footer, header_text=form.header_text, footer_text=form.footer_text,
+        header_length=len(form.header), min_padding=GZIP_MIN_PADDING if form.compress else 1, files=files,
+        sidecars=(member_index_path(target),) if form.compress else (), validate=validate,
+    )
 
 
 def plan(
@@ -148,6 +251,22 @@ class WriterStatistics:
     io: BackendStatistics
 
 
+def combine_statistics(stats: Sequence[WriterStatistics]) -> WriterStatistics:
+    """The statistics of several writers of one output (MPI ranks) as one:
+    every count summed (the backend's too, lanes included), except the
+    stripe size and the backend's ``most_in_flight`` (the largest); the
+    rest (names, layout, ``seconds``, ``published``) the first writer's."""
+    first = stats[0]
+
+    def combined(records: Sequence[typing.Any], keep: dict[str, typing.Any]) -> dict[str, typing.Any]:
+        return {field.name: sum(getattr(record, field.name) for record in records)
+                for field in dataclasses.fields(records[0]) if field.type in ("int", int) and field.name not in keep}
+
+    io_kept: dict[str, typing.Any] = {"most_in_flight": max(s.io.most_in_flight for s in stats)}
+    io = dataclasses.replace(first.io, **io_kept, **combined([s.io for s in stats], io_kept))
+    return dataclasses.replace(first, io=io, **combined(stats, {"stripe_size": first.stripe_size}))
+
+
 class Writer:
     """A running writer; obtain one from :func:`open_writer`.
 
@@ -168,26 +287,21 @@ class Writer:
         self,
         *,
         nursery: trio.Nursery,
-        settings: Settings,
-        fs: FsInfo,
-        sizing: Sizing,
+        plan: WriterPlan,
         planner: Planner,
         output: OutputSet | StreamOutput,
         backend: Backend,
         pool: BufferPool,
-        header: bytes,
-        footer: bytes,
-        compress: bool,
-        header_text: int,
-        footer_text: int,
-        check_lines: Callable[[bytes], None] | None = None,
     ) -> None:
+        settings, sizing, compress = plan.settings, plan.sizing, plan.compress
+        self.plan = plan
+        """What this writer runs (:class:`WriterPlan`)."""
         self.settings = settings
-        self.fs = fs
+        self.fs = plan.fs
         self.sizing = sizing
         self.compressed = compress
         self.published = False
-        self.line_check = check_lines
+        self.line_check = _line_checker(plan.target) if plan.validate else None
         """The check every line sent through a handle passes (``validate=True``), else None."""
         self._planner = planner
         self._output = output
@@ -198,7 +312,7 @@ class Writer:
         self._closing = False
         padded = planner.layout == "padded-striped"
         self._sink = ChunkSink(
-            planner=planner, output=output, backend=backend, header=header, header_text=header_text,
+            planner=planner, output=output, backend=backend, header=plan.header, header_text=plan.header_text,
             compressed=compress, padded=padded, level=settings.level, chunk_capacity=self.chunk_capacity,
             writeback=settings.fsync and settings.early_writeback,
             # every pool buffer, whole chunk and member in flight, the header and the footer
@@ -208,7 +322,7 @@ class Writer:
                               slots=pool.count)
         self._lanes = WriteLanes(nursery=nursery, sink=self._sink, pool=pool, lanes=sizing.workers,
                                  chunk_capacity=self.chunk_capacity, max_delay=settings.max_delay,
-                                 compressed=compress, members=members, footer=footer, footer_text=footer_text)
+                                 compressed=compress, members=members, footer=plan.footer, footer_text=plan.footer_text)
         header_placement = self._sink.open()
         if header_placement is not None:
             nursery.start_soon(self._sink.write_placed, header_placement, b"")
@@ -333,17 +447,26 @@ class Writer:
         self._lanes.discard()
 
 
-class SharedOutputPart(typing.Protocol):
-    """One process's part of an output that several write (see :mod:`pwriter.mpi`)."""
+@dataclasses.dataclass(frozen=True)
+class WriterShare:
+    """One process's share of an output that several write (see
+    :mod:`pwriter.mpi`): its plan (:meth:`WriterPlan.for_share`), its files
+    (``output``, shaped like :class:`~pwriter.output.OutputSet` and created
+    by :func:`open_share`; "publishing" only means that this share is
+    written and synced) and its planner."""
 
-    fs: FsInfo
-    sizing: Sizing
+    plan: WriterPlan
     output: typing.Any
-    """Like an :class:`~pwriter.output.OutputSet`: this part's files, opened by ``create``."""
-    writes_header: bool
-    writes_footer: bool
+    planner: Planner
 
-    def planner(self, *, header_length: int, min_padding: int) -> Planner: ...
+
+@asynccontextmanager
+@trio.lowlevel.enable_ki_protection
+async def open_share(share: WriterShare) -> AsyncIterator[Writer]:
+    """Create the files of ``share`` and run a writer on them (:func:`run_writer`)."""
+    share.output.create(direct=share.plan.settings.direct)
+    async with run_writer(share.plan, share.output, planner=share.planner) as writer:
+        yield writer
 
 
 @asynccontextmanager
@@ -361,7 +484,6 @@ async def open_writer(
     backend: Backend | str | None = None,
     validate: bool = False,
     expected_bytes: int | None = None,
-    part: SharedOutputPart | None = None,
     **overrides: typing.Any,
 ) -> AsyncIterator[Writer]:
     """Open a writer that publishes ``path`` when the block ends without error.
@@ -398,10 +520,9 @@ async def open_writer(
     event line (``{...}``, valid JSON, the same C check as ``pwriter merge
     --validate``); another raises :class:`~pwriter.errors.InputError` at the
     call and takes nothing.  ``expected_bytes``, the output's size when known,
-    guides the Lustre layout set on create (``stripe_count`` auto).  ``part``
-    makes this writer one part of an output that several processes write
-    (:mod:`pwriter.mpi`): its sizing, files and planner come from there,
-    and "publishing" only means that this part is written (and synced).
+    guides the Lustre layout set on create (``stripe_count`` auto).  (One
+    process's share of an output that several write is run by
+    :func:`open_share`.)
 
     ``path`` may also be ``"-"`` (standard output) or a binary stream with a
     ``fileno()`` (a pipe, a socket, an open file): the output is then
@@ -437,69 +558,66 @@ async def open_writer(
     settings = settings_from(settings, overrides, "open_writer")
     if producers is not None and (type(producers) is not int or producers < 1):
         raise ValueError(f"producers={producers!r}: the number of producers expected, at least 1 (or None)")
-    output: OutputSet | StreamOutput
+    stream: StreamOutput | None = None
     if _is_stream(path):
-        if settings.layout not in ("auto", "striped") or settings.direct or settings.shard_size is not None:
-            what = (f"layout={settings.layout!r}" if settings.layout not in ("auto", "striped") else "direct"
-                    if settings.direct else f"shard_size={settings.shard_size}")
-            raise ConfigError(f"invalid setting {what}: a stream (-o -) is written in read order, in the "
-                              "striped layout, without O_DIRECT")
-        output = StreamOutput(path)
-        target = output.target
-        settings = settings_with(settings, layout="striped")
+        settings = stream_settings(settings)
+        stream = StreamOutput(path)
+        target = stream.target
     elif isinstance(path, (str, os.PathLike)):
         target = os.fspath(path)
         if not isinstance(target, str):
             raise TypeError(f"open_writer takes a str path, not {type(target).__name__}")
-        output = None  # type: ignore[assignment]  # made once the layout is known
     else:
         raise TypeError(f"open_writer takes a path, '-' or a binary stream with fileno(), not {type(path).__name__}")
-    compress = output_compression(target, settings, stream=isinstance(output, StreamOutput))
-    if compress:
-        check_level(settings.level)
-    if header is None or footer is None:
-        wrapped = wrapper_lines(settings)
-        header, footer = wrapped[0] if header is None else header, wrapped[1] if footer is None else footer
-    header_text, footer_text = len(header), len(footer)
-    if compress:  # the header and the footer are gzip members of their own (none for no text)
-        header = gzip_member(header, settings.level) if header else b""
-        footer = gzip_member(footer, settings.level) if footer else b""
-    min_padding = GZIP_MIN_PADDING if compress else 1
-    if part is not None:  # one rank's part of a shared output (pwriter.mpi): decided and created already
-        fs, sizing, output = part.fs, part.sizing, part.output
-        planner = part.planner(header_length=len(header), min_padding=min_padding)
-        if not part.writes_header:
-            header, header_text = b"", 0
-        if not part.writes_footer:
-            footer, footer_text = b"", 0
-        output.create(direct=settings.direct)
-    else:
-        fs, sizing = plan(target if output is None else ".", settings, producers=producers, fs=fs,
-                          expected_bytes=expected_bytes)
-        check_shard_size(settings, sizing)
-        if output is None:
-            # (with a shard size, the set grows: its shards are made as they are started)
-            files = (0 if settings.shard_size is not None else sizing.workers) if sizing.layout == "sharded" else 1
-            output = OutputSet(target, sharded=sizing.layout == "sharded", files=files, force=force,
-                               sidecars=[member_index_path(target)] if compress else [])
-        output.check(inputs)
-        output.create(direct=settings.direct, striping=sizing.striping)
+    form = output_format(target, settings, stream=stream is not None, header=header, footer=footer)
+    fs, sizing = plan(target if stream is None else ".", settings, producers=producers, fs=fs,
+                      expected_bytes=expected_bytes)
+    the_plan = writer_plan(target, settings, form, fs, sizing, stream=stream is not None, validate=validate)
+    output = stream if stream is not None else OutputSet(
+        target, sharded=the_plan.sharded, files=the_plan.files, force=force, sidecars=list(the_plan.sidecars))
+    output.check(inputs)
+    output.create(direct=settings.direct, striping=sizing.striping)
+    async with run_writer(the_plan, output, backend=backend) as writer:
+        yield writer
+
+
+def stream_settings(settings: Settings) -> Settings:
+    """The settings of a stream output: the striped layout (read order);
+    another layout, ``direct`` or a shard size is refused
+    (:class:`~pwriter.settings.ConfigError`)."""
+    if settings.layout not in ("auto", "striped") or settings.direct or settings.shard_size is not None:
+        what = (f"layout={settings.layout!r}" if settings.layout not in ("auto", "striped") else "direct"
+                if settings.direct else f"shard_size={settings.shard_size}")
+        raise ConfigError(f"invalid setting {what}: a stream (-o -) is written in read order, in the "
+                          "striped layout, without O_DIRECT")
+    return settings_with(settings, layout="striped")
+
+
+@asynccontextmanager
+@trio.lowlevel.enable_ki_protection
+async def run_writer(plan: WriterPlan, output: typing.Any, *, planner: Planner | None = None,
+                     backend: Backend | None = None) -> AsyncIterator[Writer]:
+    """The lifecycle of a writer that runs ``plan`` on ``output`` (its files
+    created): the backend, the writer's tasks, the close, then publish, or
+    on error discard (see :func:`open_writer`).  ``planner``: one given by a
+    share of an output that several write, else the plan's own (sized
+    first by the Lustre layout the file got on create)."""
     try:
-        if part is None:
-            if sizing.striping is not None and isinstance(output, OutputSet) and output.temporaries:
-                fs, sizing = follow_layout_of(output.temporaries[0], fs, sizing, settings)
-            planner = make_planner(sizing.layout, header_length=len(header), stripe_size=sizing.stripe_size,
-                                   workers=sizing.workers, min_padding=min_padding, shard_size=settings.shard_size)
+        if planner is None:
+            if plan.sizing.striping is not None and isinstance(output, OutputSet) and output.temporaries:
+                plan = plan.following(*follow_layout_of(output.temporaries[0], plan.fs, plan.sizing, plan.settings))
+            planner = plan.planner()
         assert planner.files == len(output.fds), "one file per shard"
-        pool = BufferPool(sizing.buffers, sizing.stripe_size)
+        pool = BufferPool(plan.sizing.buffers, plan.sizing.stripe_size)
     except BaseException:
         output.discard()
         raise
+    settings = plan.settings
     writer: Writer | None = None
     body_error: BaseException | None = None
     failure: BaseException | None = None
     opened = contextlib.nullcontext(backend) if backend is not None else open_backend(
-        settings.backend, queue_depth=sizing.queue_depth, write_call_size=sizing.write_call_size
+        settings.backend, queue_depth=plan.sizing.queue_depth, write_call_size=plan.sizing.write_call_size
     )
     try:
         try:
@@ -509,22 +627,8 @@ async def open_writer(
                     io.register(fd, name)
                 try:
                     async with trio.open_nursery() as nursery:
-                        writer = Writer(
-                            nursery=nursery,
-                            settings=settings,
-                            fs=fs,
-                            sizing=sizing,
-                            planner=planner,
-                            output=output,
-                            backend=io,
-                            pool=pool,
-                            header=header,
-                            footer=footer,
-                            compress=compress,
-                            header_text=header_text,
-                            footer_text=footer_text,
-                            check_lines=_line_checker(target) if validate else None,
-                        )
+                        writer = Writer(nursery=nursery, plan=plan, planner=planner, output=output, backend=io,
+                                        pool=pool)
                         try:
                             yield writer
                         except BaseException as exc:
@@ -541,7 +645,8 @@ async def open_writer(
         if failure is not None:
             raise failure
         assert writer is not None
-        sidecars = {member_index_path(target): json.dumps(writer._sink.member_index()).encode()} if compress else {}
+        sidecars = ({member_index_path(plan.target): json.dumps(writer._sink.member_index()).encode()}
+                    if plan.compress else {})
         output.publish(fsync=settings.fsync, sidecars=sidecars)
         writer.published = True
         writer._finished = trio.current_time()
