@@ -650,12 +650,11 @@ async def run_writer(plan: WriterPlan, output: typing.Any, *, planner: Planner |
         output.publish(fsync=settings.fsync, sidecars=sidecars)
         writer.published = True
         writer._finished = trio.current_time()
-    finally:
+    finally:  # (no checkpoint here: a cancellation cannot cut this cleanup short)
         if writer is not None:
             writer._close_for_caller()
-        with trio.CancelScope(shield=True):
-            output.discard()
-            pool.close()
+        output.discard()
+        pool.close()
 
 
 def check_shard_size(settings: Settings, sizing: Sizing) -> None:
