@@ -142,8 +142,20 @@ def _parser(*, settings_help: bool = False) -> argparse.ArgumentParser:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    """Run the command line; returns the exit code."""
-    arguments = sys.argv[1:] if argv is None else list(argv)
+    """Run the command line; returns the exit code.
+
+    As the command itself (``argv`` None) a merge ignores SIGINT and SIGTERM
+    once its output is published, to the process's exit; called from Python
+    with ``argv``, it leaves the process's signal handlers as it found them.
+    """
+    if argv is not None:
+        with _SIGNALS.restored():
+            return _run(list(argv))
+    return _run(sys.argv[1:])
+
+
+def _run(arguments: list[str]) -> int:
+    """:func:`main` for ``arguments``, leaving the signal handlers as a merge set them."""
     args = _parser(settings_help="-h" in arguments or "--help" in arguments).parse_args(arguments)
     from .errors import OutputExistsError, PwriterError, other_errors
 
@@ -247,6 +259,18 @@ class _SignalPolicy:
 
     def __init__(self) -> None:
         self.published = False
+
+    @contextlib.contextmanager
+    def restored(self) -> Iterator[None]:
+        """Put SIGINT's and SIGTERM's handlers back as they were, at the end (main() called in-process)."""
+        numbers = (signal.SIGINT, signal.SIGTERM)
+        previous = [signal.getsignal(number) for number in numbers]
+        try:
+            yield
+        finally:
+            self.published = False
+            for number, handler in zip(numbers, previous, strict=True):
+                signal.signal(number, handler)
 
     def install(self) -> None:
         for number in (signal.SIGINT, signal.SIGTERM):

@@ -602,6 +602,22 @@ def test_a_signal_before_publishing_publishes_nothing_and_after_changes_nothing(
                        + ("interrupted" if number == "SIGINT" else "terminated"))
 
 
+def test_main_called_in_process_leaves_the_signal_handlers_as_it_found_them(tmp_path) -> None:
+    """A merge ignores SIGINT and SIGTERM once published, to its process's
+    exit; ``pwriter.cli.main(argv)`` called from Python (a test, a pipeline
+    step) must not leave them ignored: every child process would inherit the
+    ignored SIGINT (a program's Ctrl-C then did nothing)."""
+    import signal
+
+    from pwriter.cli import main
+
+    before = (signal.getsignal(signal.SIGINT), signal.getsignal(signal.SIGTERM))
+    inputs = write_corpus(str(tmp_path / "in"), files=2, events_per_file=50, seed=2)
+    assert main(["merge", *inputs, "-o", str(tmp_path / "m.pfw"), "--no-fsync"]) == 0
+    assert (signal.getsignal(signal.SIGINT), signal.getsignal(signal.SIGTERM)) == before
+    assert event_counter([str(tmp_path / "m.pfw")]) == event_counter(inputs)
+
+
 def test_input_from_a_pipe(tmp_path) -> None:
     fifo = tmp_path / "pipe.pfw"
     os.mkfifo(fifo)
