@@ -342,13 +342,17 @@ class Producer:
             raise self._misuse("aclose")
         self.closed = True
         self._blocked += 1  # (no call from now on)
+        await self._push_queued()
+        self._close_channel()
+
+    async def _push_queued(self) -> None:
+        """Send what the handle holds (if anything), marked as a push under way."""
         if self._pending:
             self._start_push()
             try:
                 await self._send_queued()
             finally:
                 self._finish_push()
-        self._close_channel()
 
     def refuse_calls(self) -> None:
         """The writer starts closing: from now on every call raises
@@ -368,12 +372,7 @@ class Producer:
             await self._push_done.wait()
         self.closed = True
         if not self._channel_closed:
-            if self._pending:
-                self._start_push()
-                try:
-                    await self._send_queued()
-                finally:
-                    self._finish_push()
+            await self._push_queued()
             self._close_channel()
 
     def discard_for_writer(self) -> None:

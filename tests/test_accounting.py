@@ -93,6 +93,17 @@ def assert_nothing_left(directory: str, why: object = "") -> None:
     assert left == [], f"nothing was published, yet {left} is left {why}"
 
 
+def finish(process: subprocess.Popen[str]) -> tuple[int, str]:
+    """The exit code and stderr of ``process``, which must end within a minute."""
+    try:
+        _, err = process.communicate(timeout=60)
+    except subprocess.TimeoutExpired:
+        process.kill()
+        process.communicate()
+        pytest.fail("a process did not end: it hangs")
+    return process.returncode, err
+
+
 def check_outcome(target: str, ledger: Ledger, close_raised: BaseException | None) -> None:
     """The close published exactly the accepted lines, or raised and published nothing."""
     got = published_events(target)
@@ -417,13 +428,8 @@ def test_sync_program_interrupted_by_ctrl_c_publishes_nothing_and_ends(tmp_path,
         assert process.stdout.readline() == "ready\n"
         time.sleep(0.1)
         process.send_signal(signal.SIGINT)
-        try:
-            _, err = process.communicate(timeout=20)
-        except subprocess.TimeoutExpired:
-            process.kill()
-            process.communicate()
-            pytest.fail("an interrupted sync program did not end")
-    assert process.returncode != 0
+        code, err = finish(process)
+    assert code != 0
     assert "KeyboardInterrupt" in err
     assert_nothing_left(str(tmp_path / "out"))
 
@@ -442,16 +448,6 @@ def corpus(tmp_path_factory: pytest.TempPathFactory) -> tuple[str, str]:
 def cli(*args: str) -> subprocess.Popen[str]:
     return subprocess.Popen([os.path.join(BIN, "pwriter"), "merge", *args], stdout=subprocess.PIPE,
                             stderr=subprocess.PIPE, text=True)
-
-
-def finish(process: subprocess.Popen[str]) -> tuple[int, str]:
-    try:
-        _, err = process.communicate(timeout=60)
-    except subprocess.TimeoutExpired:
-        process.kill()
-        process.communicate()
-        pytest.fail("a merge did not end")
-    return process.returncode, err
 
 
 @pytest.mark.parametrize("seed", range(8))
