@@ -1,8 +1,11 @@
 """The writer service (the control plane): open an output, run its write lanes, close and publish it.
 
-Used as ``async with open_writer(path) as writer: ...``.
+Used as ``async with open_writer(path) as writer: ...``: :func:`open_writer`
+detects and sizes, builds a pure :class:`WriterPlan` (:func:`writer_plan`),
+and :func:`run_writer` runs it (an MPI rank runs its share's plan through
+:func:`open_share`).
 
-Task structure (all in one nursery owned by :func:`open_writer`)::
+Task structure (all in one nursery owned by :func:`run_writer`)::
 
     producers --(blocks)--> write lanes: coalescer 0 --(chunk)--+
               --(blocks)-->             coalescer 1 --(chunk)--+--> chunk sink --> backend
@@ -24,7 +27,8 @@ every write, fsyncs (unless disabled; with fsync, the writeback of each large
 written range was already started when it was written), and publishes the
 output all or nothing (:mod:`pwriter.output`).  When the body raises or is
 cancelled, or a write fails, every task is cancelled, the temporary files
-are removed (shielded from cancellation) and the target is untouched; the
+are removed (no checkpoint in that cleanup: a cancellation cannot cut it
+short) and the target is untouched; the
 body's own exception propagates as it was raised, else the writer's first
 error with the others kept on it (:func:`error_to_raise`).  After the block
 every handle and call raises ClosedError.
