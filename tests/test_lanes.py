@@ -1,0 +1,161 @@
+"""Unit tests of pwriter.lanes: WriteLanes driven directly (handles, coalescers, ticker, close).
+
+Built as the writer builds them (a planner, a ChunkSink over a file and a
+real backend, a buffer pool, a MemberStage); the oracle is the file read
+back (decompressed with the gzip module for gzip output).
+"""
+
+from __future__ import annotations
+
+import gzip
+import hashlib
+import os
+
+import pytest
+import trio
+import trio.testing
+
+from pwriter.backends import open_backend
+from pwriter.channels import BufferPool
+from pwriter.compress import gzip_member
+from pwriter.errors import ClosedError
+from pwriter.lanes import WriteLanes
+from pwriter.layout import GZIP_MIN_PADDING, PaddedStripedPlanner, StripedPlanner
+from pwriter.members import MemberStage
+from pwriter.sink import ChunkSink
+from pwriter.testing import MemoryBackend
+
+HEADER_TEXT = b"[\n"
+FOOTER_TEXT = b"]\n"
+STRIPE = 4096
+
+
+class FileOutput:
+    """The part of an OutputSet a ChunkSink uses."""
+
+    def __init__(self, path) -> None:
+        self.targets = [str(path)]
+        self.fds = [os.open(path, os.O_RDWR | os.O_CREAT | os.O_TRUNC, 0o644)]
+        self.direct_fds: list[int] = []
+
+
+def line(producer: int, seq: int) -> bytes:
+    """A numbered event line of ``producer``, with text that compresses poorly."""
+    noise = hashlib.sha256(b"%d.%d" % (producer, seq)).hexdigest().encode()[: 20 + seq % 13]
+    return b'{"producer":%d,"seq":%d,"pad":"%s"}\n' % (producer, seq, noise)
+
+
+def producer_order(text: bytes) -> dict[int, list[int]]:
+    order: dict[int, list[int]] = {}
+    for each in text.splitlines():
+        if each.startswith(b'{"producer":'):
+            producer, seq = (int(part.split(b":")[1]) for part in each.split(b",")[:2])
+            order.setdefault(producer, []).append(seq)
+    return order
+
+
+async def run_lanes(backend, output, *, compressed: bool, padded: bool, producers: int, lines: int,
+                    lanes: int = 2, max_delay: float = 0.5) -> ChunkSink:
+    """Write ``lines`` lines through each of ``producers`` handles, as the writer does; close."""
+    header = gzip_member(HEADER_TEXT, 1) if compressed else HEADER_TEXT
+    footer = gzip_member(FOOTER_TEXT, 1) if compressed else FOOTER_TEXT
+    if padded:
+        planner = PaddedStripedPlanner(header_length=len(header), stripe_size=STRIPE,
+                                       min_padding=GZIP_MIN_PADDING if compressed else 1)
+    else:
+        planner = StripedPlanner(header_length=len(header), stripe_size=STRIPE)
+    for fd, name in zip(output.fds, output.targets, strict=True):
+        backend.register(fd, name)
+    pool = BufferPool(4, STRIPE)
+    async with trio.open_nursery() as nursery:
+        sink = ChunkSink(planner=planner, output=output, backend=backend, header=header,
+                         header_text=len(HEADER_TEXT), compressed=compressed, padded=padded, level=1,
+                         chunk_capacity=planner.chunk_capacity, writeback=False, stream_threads=16)
+        members = MemberStage(nursery=nursery, sink=sink, level=1, padded=compressed and padded, slots=pool.count)
+        write_lanes = WriteLanes(nursery=nursery, sink=sink, pool=pool, lanes=lanes,
+                                 chunk_capacity=planner.chunk_capacity, max_delay=max_delay, compressed=compressed,
+                                 members=members, footer=footer, footer_text=len(FOOTER_TEXT))
+        placement = sink.open()
+        if placement is not None:
+            nursery.start_soon(sink.write_placed, placement, b"")
+        write_lanes.start()
+        handles = [write_lanes.producer(512, None) for _ in range(producers)]
+
+        async def produce(number: int) -> None:
+            for seq in range(lines):
+                if seq % 10 == 9:
+                    await handles[number].send_lines([line(number, seq)])
+                else:
+                    await handles[number].send_line(line(number, seq))
+            # (the last lines stay in the handle: the close pushes them)
+
+        async with trio.open_nursery() as producing:
+            for number in range(producers):
+                producing.start_soon(produce, number)
+        await write_lanes.close()
+        with pytest.raises(ClosedError):
+            await handles[0].send_line(line(0, lines))  # refused after the close, taking nothing
+    return sink
+
+
+@pytest.mark.parametrize("padded", [False, True], ids=["striped", "padded"])
+@pytest.mark.parametrize("compressed", [False, True], ids=["plain", "gzip"])
+async def test_every_line_once_in_each_handle_order(tmp_path, backend_name: str, compressed: bool,
+                                                    padded: bool) -> None:
+    path = tmp_path / ("out.pfw.gz" if compressed else "out.pfw")
+    output = FileOutput(path)
+    async with open_backend(backend_name, queue_depth=8) as backend:
+        sink = await run_lanes(backend, output, compressed=compressed, padded=padded, producers=5, lines=300)
+    os.close(output.fds[0])
+    data = path.read_bytes()
+    text = gzip.decompress(data) if compressed else data
+    assert text.startswith(HEADER_TEXT)
+    assert text.rstrip(b" \n").endswith(FOOTER_TEXT.rstrip())
+    assert producer_order(text) == {number: list(range(300)) for number in range(5)}
+    events = [each for each in text.splitlines(keepends=True) if each.startswith(b"{")]
+    assert sorted(events) == sorted(line(number, seq) for number in range(5) for seq in range(300))
+    if padded:
+        assert len(data) // STRIPE >= 3
+        for slot in range(len(data) // STRIPE):  # a whole slot is whole lines (members)
+            piece = data[slot * STRIPE : (slot + 1) * STRIPE]
+            piece = gzip.decompress(piece) if compressed else piece
+            assert piece.endswith(b"\n")
+    assert sink.counts().bytes_written == len(data)
+
+
+async def test_a_line_reaches_the_sink_within_max_delay(autojump_clock: trio.testing.MockClock) -> None:
+    """One line, never flushed by its handle: the ticker and the coalescer
+    hand it to the sink before it has waited ``max_delay`` (trio clock)."""
+    memory = MemoryBackend()
+    planner = StripedPlanner(header_length=len(HEADER_TEXT), stripe_size=STRIPE)
+    fd = os.open(os.devnull, os.O_WRONLY)
+    try:
+        output = type("Output", (), {"targets": ["out.pfw"], "fds": [fd], "direct_fds": []})()
+        memory.register(fd, "out.pfw")
+        pool = BufferPool(2, STRIPE)
+        sent_at = written_at = None
+        async with trio.open_nursery() as nursery:
+            sink = ChunkSink(planner=planner, output=output, backend=memory, header=HEADER_TEXT,
+                             header_text=len(HEADER_TEXT), compressed=False, padded=False, level=1,
+                             chunk_capacity=planner.chunk_capacity, writeback=False, stream_threads=4)
+            members = MemberStage(nursery=nursery, sink=sink, level=1, padded=False, slots=pool.count)
+            lanes = WriteLanes(nursery=nursery, sink=sink, pool=pool, lanes=1, chunk_capacity=planner.chunk_capacity,
+                               max_delay=2.0, compressed=False, members=members, footer=FOOTER_TEXT,
+                               footer_text=len(FOOTER_TEXT))
+            header = sink.open()
+            assert header is not None
+            nursery.start_soon(sink.write_placed, header, b"")
+            lanes.start()
+            handle = lanes.producer(1 << 20, None)
+            await trio.sleep(1.0)
+            sent_at = trio.current_time()
+            await handle.send_line(line(0, 0))
+            await trio.sleep(10.0)  # the deadline passes while the handle holds its line
+            written = [write for write in memory.writes if line(0, 0) in write.data]
+            assert len(written) == 1
+            written_at = written[0].time
+            await lanes.close()
+        assert sent_at < written_at <= sent_at + 2.0
+        assert memory.text() == HEADER_TEXT + line(0, 0) + FOOTER_TEXT
+    finally:
+        os.close(fd)
