@@ -86,7 +86,7 @@ async def trickle(target: str, compress: bool, *, producers: int, every: float, 
     from pwriter.sizing import FsInfo, FsKind
     from pwriter.writer import open_writer
 
-    settings = load_settings(layout="padded-striped", stripe_size="1MiB", max_delay=0.25, workers=4, fsync=False,
+    settings = load_settings(layout="padded-striped", stripe_size="1MiB", max_delay=0.25, lanes=4, fsync=False,
                              compress=compress)
     text = 0
     async with open_writer(target, settings=settings, fs=FsInfo(FsKind.LOCAL, 0xEF53, "/"), force=True) as writer:

@@ -49,7 +49,7 @@ async def test_every_event_arrives_once_tagged_with_its_rank(pwriter_open_writer
 @pytest.mark.trio
 async def test_dropped_categories_are_counted_in_not_out(pwriter_open_writer, tmp_path) -> None:
     paths = write_corpus(str(tmp_path / "traces"), files=3, events_per_file=300)
-    async with pwriter_open_writer(layout="sharded", workers=2) as writer:
+    async with pwriter_open_writer(layout="sharded", lanes=2) as writer:
         progress = await aggregate({rank_name(p): file_lines(p) for p in paths}, writer, drop_categories=("APP",),
                                    report=lambda *_: None)
     wanted = expected_lines(paths, drop=("APP",))

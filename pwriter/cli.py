@@ -73,7 +73,9 @@ def _parser(*, settings_help: bool = False) -> argparse.ArgumentParser:
     merge.add_argument("--stripe-count", metavar="N|auto", default=None,
                        help="Lustre: OSTs each new output file is striped over (-1 all, 0 the directory's "
                             "default; auto: all for outputs from 1 GiB, one per shard)")
-    merge.add_argument("--workers", metavar="N", default=None, help="writer workers (shards when sharded)")
+    merge.add_argument("--lanes", metavar="N", default=None, help="write lanes (shards when sharded)")
+    merge.add_argument("--workers", dest="old_workers", metavar="N", default=None,
+                       help=argparse.SUPPRESS)  # (the old name of --lanes: works, and warns)
     merge.add_argument("--shard-size", metavar="SIZE", default=None,
                        help="sharded layout: a lane starts a new shard once its shard holds SIZE bytes of event "
                             "lines (e.g. 256MiB; the last line may cross it); each shard is a complete trace")
@@ -240,7 +242,7 @@ def _out_of_descriptors(args: argparse.Namespace, exc: OSError) -> str:
     limit = resource.getrlimit(resource.RLIMIT_NOFILE)[0]
     shown_limit = "unlimited" if limit == resource.RLIM_INFINITY else str(limit)
     problem = (exc.strerror or "too many open files").lower()
-    return (f"{where}: {problem} (the limit is {shown_limit}, ulimit -n): use fewer --workers (each shard is "
+    return (f"{where}: {problem} (the limit is {shown_limit}, ulimit -n): use fewer --lanes (each shard is "
             "a file) or raise the limit")
 
 
@@ -327,6 +329,21 @@ async def _cancel_on_signals(scope: Any, signalled: list[int], *, task_status: A
             return
 
 
+def _lanes(args: argparse.Namespace) -> str | None:
+    """``--lanes``, or its old name ``--workers`` (which warns once); both
+    with different values is a usage error."""
+    lanes: str | None = getattr(args, "lanes", None)
+    old: str | None = getattr(args, "old_workers", None)
+    if old is None:
+        return lanes
+    from .settings import ConfigError, _warn_once
+
+    _warn_once("pwriter: warning: --workers is now --lanes", stderr=True)
+    if lanes is not None and lanes.strip() != old.strip():
+        raise ConfigError(f"invalid setting lanes: --lanes {lanes} and --workers {old} (its old name) differ")
+    return old
+
+
 def _settings(args: argparse.Namespace) -> Any:
     from .settings import load_settings
 
@@ -335,7 +352,7 @@ def _settings(args: argparse.Namespace) -> Any:
         backend=getattr(args, "backend", None),
         stripe_size=getattr(args, "stripe_size", None),
         stripe_count=getattr(args, "stripe_count", None),
-        workers=getattr(args, "workers", None),
+        lanes=_lanes(args),
         shard_size=getattr(args, "shard_size", None),
         fsync=getattr(args, "fsync", None),
         direct=getattr(args, "direct", None),
@@ -512,7 +529,7 @@ def _print_merge(args: argparse.Namespace, settings: Any, result: Any, checked: 
             "backend": stats.backend,
             "fs_kind": stats.fs_kind,
             "stripe_size": stats.stripe_size,
-            "workers": stats.workers,
+            "lanes": stats.lanes,
             "inputs": result.inputs,
             "events": result.events,
             "input_bytes": result.input_bytes,
@@ -551,7 +568,7 @@ def _print_merge(args: argparse.Namespace, settings: Any, result: Any, checked: 
         where = ", ".join(stats.outputs) if not result.manifest else f"{result.manifest} ({len(stats.outputs)} shards)"
         print(_printable(
             f"merged {result.inputs} inputs, {result.events} events, {stats.bytes_written} bytes into {where} "
-            f"[{stats.layout}, {stats.backend}, {stats.workers} workers"
+            f"[{stats.layout}, {stats.backend}, {stats.lanes} lanes"
             f"{_over_ranks(ranks)}] in {stats.seconds:.2f} s ({rate:.0f} MiB/s)"),
             file=_report_stream(args),
         )
@@ -710,7 +727,7 @@ def _info(args: argparse.Namespace) -> int:
                         "stripe_count": striping.stripe_count, "stripe_size": striping.stripe_size,
                         "first_osts": list(striping.offsets), "set_by": fs.layout_setter},
                     "layout": sizing.layout,
-                    "workers": sizing.workers,
+                    "lanes": sizing.lanes,
                     "stripe_size": sizing.stripe_size,
                     "buffers": sizing.buffers,
                     "queue_depth": sizing.queue_depth,

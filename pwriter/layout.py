@@ -611,7 +611,7 @@ def _line_end(text: memoryview, start: int) -> int:
 
 
 def make_planner(
-    layout: LayoutName, *, header_length: int, stripe_size: int, workers: int, min_padding: int = 1,
+    layout: LayoutName, *, header_length: int, stripe_size: int, lanes: int, min_padding: int = 1,
     shard_size: int | None = None,
 ) -> Planner:
     """The planner for ``layout``; sharded layouts get one shard per lane,
@@ -625,5 +625,5 @@ def make_planner(
     if layout == "padded-striped":
         return PaddedStripedPlanner(header_length=header_length, stripe_size=stripe_size, min_padding=min_padding)
     if layout == "sharded":
-        return ShardedPlanner(header_length=header_length, stripe_size=stripe_size, shards=workers)
+        return ShardedPlanner(header_length=header_length, stripe_size=stripe_size, shards=lanes)
     raise ValueError(f"unknown layout {layout!r}")

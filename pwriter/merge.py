@@ -166,7 +166,7 @@ async def _run_readers(runs: Sequence[InputRun], read_run: Callable[[int, InputR
     failure = None
     try:
         async with trio.open_nursery() as nursery:
-            for index, run in enumerate(runs):  # a lane each (sharded: shard lane % workers)
+            for index, run in enumerate(runs):  # a lane each (sharded: shard lane % lanes)
                 nursery.start_soon(read_run, index, run)
     except BaseExceptionGroup as group:  # the readers' own: one error raised, the others kept on it
         failure = error_to_raise(group)
@@ -231,8 +231,8 @@ async def merge(
         # of 64 KiB, in process: 1 and 2 readers 0.33-0.39 s, 4 readers
         # 0.53-0.61 s (2 CPUs); a mixed 135 MiB corpus and its gzip copy: 2
         # readers as fast as 4 or faster.
-        # An explicit --workers still gets that many lanes (shards).
-        readers = max(1, min(len(inputs), max(os.cpu_count() or 1, settings.workers or 1)))
+        # An explicit --lanes still gets that many lanes (shards).
+        readers = max(1, min(len(inputs), max(os.cpu_count() or 1, settings.lanes or 1)))
     limiter = trio.CapacityLimiter(readers)
     progress.runs = [
         InputRun([inputs[i] for i in part], [sizes[i] for i in part], salvage=salvage, validate=validate)

@@ -16,7 +16,7 @@ published:
    inputs, their sizes, the sizing and the file names go to every rank.
 2. **Open**: each rank takes its share of the inputs
    (:func:`~pwriter.merge.partition` over the ranks, by size) and opens
-   the shared file by name; sharded, it creates its own ``workers`` shards
+   the shared file by name; sharded, it creates its own ``lanes`` shards
    (with their layouts), so that thousands of ranks never wait for one to
    create every shard.
 3. **Merge**: each rank merges its share with the normal data plane (the
@@ -428,7 +428,7 @@ class RankPart:
             return SizedShardedPlanner(header_length=header_length, stripe_size=stripe, shard_size=self.shard_size)
         if layout == "sharded":
             return ShardedPlanner(header_length=header_length if self.writes_header else 0, stripe_size=stripe,
-                                  shards=self.sizing.workers)
+                                  shards=self.sizing.lanes)
         assert self.counter is not None
         if layout == "striped":
             return SharedStripedPlanner(counter=self.counter, header_length=header_length, stripe_size=stripe,
@@ -486,7 +486,7 @@ def _decide(world: World, paths: Sequence[str], directories: Sequence[str] | Non
     fs, sizing = plan(output, settings, expected_bytes=sum(sizes), processes_per_node=world.node_ranks)
     check_shard_size(settings, sizing)
     sharded = sizing.layout == "sharded"
-    files = world.size * sizing.workers if sharded else 1
+    files = world.size * sizing.lanes if sharded else 1
     striping = sizing.striping
     if striping is not None and sharded:
         striping = dataclasses.replace(striping, offsets=shard_offsets(files, fs.ost_count))
@@ -640,8 +640,8 @@ def _inputs_of_rank(world: World, decision: Decision) -> list[str]:
 def _rank_output(world: World, decision: Decision, output: str) -> RankOutput:
     """Step 2: this rank's files: its own shards (sharded), else the shared file rank 0 created."""
     if decision.sizing.layout == "sharded":
-        first = world.rank * decision.sizing.workers
-        return RankOutput(output, decision.targets[first : first + decision.sizing.workers], first=first,
+        first = world.rank * decision.sizing.lanes
+        return RankOutput(output, decision.targets[first : first + decision.sizing.lanes], first=first,
                           striping=decision.striping, generation=decision.generation)
     return RankOutput(output, decision.targets, temporaries=decision.temporaries)
 
@@ -704,7 +704,7 @@ def _rank_report(world: World, decision: Decision, settings: Settings, result: A
     sharded = decision.sizing.layout == "sharded"
     sized = sharded and settings.shard_size is not None
     stats = result.writer
-    file_base = world.rank * decision.sizing.workers if sharded and not sized else 0  # (sized: made global later)
+    file_base = world.rank * decision.sizing.lanes if sharded and not sized else 0  # (sized: made global later)
     return {
         "rank": world.rank, "inputs": result.inputs, "events": result.events,
         "input_bytes": result.input_bytes, "bytes": stats.bytes_written,

@@ -14,6 +14,8 @@ from __future__ import annotations
 
 import os
 import re
+import sys
+import warnings
 from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, ValidationError
@@ -70,8 +72,8 @@ def _optional_int(value: object) -> object:
 # An optional size or count: "auto", "" or None mean "let the sizing decide".
 StripeSize = Annotated[Annotated[int, Field(ge=64 << 10)] | None, BeforeValidator(_optional_size)]
 MemoryBudget = Annotated[Annotated[int, Field(ge=16 << 20)] | None, BeforeValidator(_optional_size)]
-WorkerCount = Annotated[Annotated[int, Field(ge=1, le=1024)] | None, BeforeValidator(_optional_int)]
-BuffersPerWorker = Annotated[Annotated[int, Field(ge=2, le=64)] | None, BeforeValidator(_optional_int)]
+LaneCount = Annotated[Annotated[int, Field(ge=1, le=1024)] | None, BeforeValidator(_optional_int)]
+BuffersPerLane = Annotated[Annotated[int, Field(ge=2, le=64)] | None, BeforeValidator(_optional_int)]
 ShardSize = Annotated[Annotated[int, Field(ge=1)] | None, BeforeValidator(_optional_size)]
 WriteCallSize = Annotated[Annotated[int, Field(ge=4096)] | None, BeforeValidator(_optional_size)]
 def _stripe_count(value: object) -> object:
@@ -115,15 +117,15 @@ class Settings(BaseModel):
         default="auto",
         description="Lustre: OSTs each new output file is striped over (-1 all, 0 the directory's default); "
                     "auto stripes large outputs over all OSTs and shards over one each")
-    workers: WorkerCount = Field(
+    lanes: LaneCount = Field(
         default=None, description="write lanes (the number of shards when sharded); auto follows the filesystem")
     shard_size: ShardSize = Field(
         default=None,
         description="sharded layout: a lane starts a new shard once its shard holds this many bytes of event "
                     "lines (e.g. 256MiB; whole lines, the last may cross it); each shard is a complete trace. "
                     "auto: one shard per lane, no limit")
-    buffers_per_worker: BuffersPerWorker = Field(
-        default=None, description="stripe buffers per worker (default 4, cut to the memory budget)")
+    buffers_per_lane: BuffersPerLane = Field(
+        default=None, description="stripe buffers per lane (default 4, cut to the memory budget)")
     queue_depth: QueueDepth = Field(
         default=None, description="writes in flight at once (io_uring entries, or threads)")
     write_call_size: WriteCallSize = Field(
@@ -177,15 +179,28 @@ def load_settings(**overrides: Any) -> Settings:
     names are not case-sensitive; ``PWRITER_*`` variables that name no
     field are ignored.  Raises :class:`ConfigError` with one line naming the
     first bad field (and the variable, when the value came from one).
+    Old names (:data:`OLD_NAMES`: ``workers``, ``PWRITER_WORKERS``) still
+    work and warn once per process; an old and a new name with different
+    values is a :class:`ConfigError`.
 
     (Our own few lines rather than pydantic-settings: that package's import
     adds start-up time to every command, which a short merge notices.)
     """
-    from_environment = {}
+    overrides = _renamed(overrides)
+    from_environment: dict[str, tuple[str, str]] = {}
+    old_environment: dict[str, tuple[str, str]] = {}
     for variable, value in os.environ.items():
         name = variable[len(ENV_PREFIX) :].lower() if variable.upper().startswith(ENV_PREFIX) else ""
-        if name in Settings.model_fields:
+        if name in OLD_NAMES:
+            _warn_once(f"pwriter: warning: {variable} is now {ENV_PREFIX}{OLD_NAMES[name].upper()}", stderr=True)
+            old_environment[OLD_NAMES[name]] = (variable, value)
+        elif name in Settings.model_fields:
             from_environment[name] = (variable, value)
+    for name, (variable, value) in old_environment.items():
+        if name in from_environment and from_environment[name][1].strip() != value.strip():
+            raise ConfigError(f"invalid setting {name}: {from_environment[name][0]}={from_environment[name][1]!r} "
+                              f"and {variable}={value!r} (its old name) differ")
+        from_environment.setdefault(name, (variable, value))
     given: dict[str, Any] = {name: value for name, (_, value) in from_environment.items()}
     given.update({name: value for name, value in overrides.items() if value is not None})
     try:
@@ -199,6 +214,7 @@ def load_settings(**overrides: Any) -> Settings:
 def settings_with(settings: Settings, **overrides: Any) -> Settings:
     """``settings`` with the ``overrides`` that are not ``None`` replaced,
     validated like :func:`load_settings` (a bad value is a :class:`ConfigError`)."""
+    overrides = _renamed(overrides)
     given = {name: value for name, value in overrides.items() if value is not None}
     if not given:
         return settings
@@ -216,6 +232,7 @@ def settings_from(settings: Settings | None, overrides: dict[str, Any], function
     :func:`load_settings`, the environment) with any setting given as a
     keyword on top (``None``: not given).  A keyword that names no setting is
     a TypeError naming it, as Python's own for an unexpected keyword."""
+    overrides = _renamed(overrides)
     for name in overrides:
         if name not in Settings.model_fields:
             raise TypeError(f"{function}() got an unexpected keyword argument {name!r} (neither one of its own "
@@ -226,6 +243,42 @@ def settings_from(settings: Settings | None, overrides: dict[str, Any], function
         raise TypeError(f"{function}(): settings must be a pwriter.Settings (see load_settings), "
                         f"not {type(settings).__name__}")
     return settings_with(settings, **overrides)
+
+
+OLD_NAMES = {"workers": "lanes", "buffers_per_worker": "buffers_per_lane"}
+"""Old names of settings that still work (keyword ``workers=``, ``PWRITER_WORKERS``, ``--workers``) and
+warn once per process."""
+
+_warned: set[str] = set()
+
+
+def _warn_once(message: str, *, stderr: bool) -> None:
+    """Say ``message`` once per process: a line on standard error (an old
+    variable or option name), else a FutureWarning (an old keyword)."""
+    if message in _warned:
+        return
+    _warned.add(message)
+    if stderr:
+        print(message, file=sys.stderr)
+    else:
+        warnings.warn(message, FutureWarning, stacklevel=4)
+
+
+def _renamed(overrides: dict[str, Any]) -> dict[str, Any]:
+    """``overrides`` with each old name of a setting (:data:`OLD_NAMES`) put
+    under the new one, warning once per old name; both names with different
+    values is a :class:`ConfigError`."""
+    renamed = {name: value for name, value in overrides.items() if name not in OLD_NAMES}
+    for old, new in OLD_NAMES.items():
+        value = overrides.get(old)
+        if value is None:
+            continue
+        _warn_once(f"pwriter: the setting {old}= is now {new}= (the old name still works)", stderr=False)
+        if renamed.get(new) is not None and renamed[new] != value:
+            raise ConfigError(f"invalid setting {new}: given as {new}={renamed[new]!r} and as {old}={value!r} "
+                              f"(its old name)")
+        renamed[new] = value
+    return renamed
 
 
 def _describe(exc: ValidationError, variables: dict[str, str]) -> str:

@@ -26,9 +26,9 @@ Layout
     start and end on stripe boundaries.
     NFS: sharded.  The NFS client keeps no coherence between writers of one
     file beyond close-to-open, and serialises writes per inode; one file per
-    worker is both safe and parallel.
+    lane is both safe and parallel.
     Lustre, GPFS, BeeGFS with a known stripe size: padded-striped, so that each
-    write covers whole stripes and no two workers contend for one stripe's
+    write covers whole stripes and no two lanes contend for one stripe's
     lock.  With plain text the padding costs less than one line per stripe.
     A parallel filesystem whose stripe size is unknown: sharded (the
     reference writer's newest rule: unaligned shared-file writes are the
@@ -48,9 +48,9 @@ Lustre layout on create (``stripe_count``)
     above, so that every buffer is whole stripes.  The writer reads the
     layout back after setting it and sizes itself by what it got.
 
-Workers (write lanes: the library's coalescers, the merge's readers; when
+Lanes (write lanes: the library's coalescers, the merge's readers; when
 sharded, each with its own file; all take their buffers from one shared pool)
-    Never more than the producers (a worker with no producer idles) and never
+    Never more than the producers (a lane with no producer idles) and never
     more than 2 x the CPUs.  On Lustre, never more than the stripe count of
     a shared file: more concurrent writers than stripes add no OST to the
     write, only contention.  (The planners do not tie a lane to an OST: its
@@ -60,10 +60,10 @@ sharded, each with its own file; all take their buffers from one shared pool)
     and parallel filesystems (latency hiding).
 
 Buffers
-    ``buffers_per_worker`` (default 4: one filling, up to three in flight)
-    stripe-sized buffers per worker, cut down to fit the memory budget:
+    ``buffers_per_lane`` (default 4: one filling, up to three in flight)
+    stripe-sized buffers per lane, cut down to fit the memory budget:
     at most a quarter of the available memory and at most 256 MiB unless set.
-    Fewer buffers per worker first (down to 2), then fewer workers.
+    Fewer buffers per lane first (down to 2), then fewer lanes.
 
 Queue depth
     How many writes may be in flight at once: one per buffer, since a buffer
@@ -106,7 +106,7 @@ __all__ = [
 
 MiB = 1 << 20
 DEFAULT_STRIPE_SIZE = 2 * MiB
-DEFAULT_BUFFERS_PER_WORKER = 4
+DEFAULT_BUFFERS_PER_LANE = 4
 BUFFERED_WRITE_CALL_SIZE = 512 << 10
 DEFAULT_MEMORY_CAP = 256 * MiB
 MAX_STRIPE_SIZE = 256 * MiB
@@ -182,7 +182,7 @@ class Striping:
 
 @dataclasses.dataclass(frozen=True)
 class Sizing:
-    """The decisions: how many workers, how big each write, how many buffers.
+    """The decisions: how many lanes, how big each write, how many buffers.
 
     ``stripe_size`` is the capacity of every buffer and the flush threshold in
     bytes; ``buffers`` is the total number of such buffers (the writer's
@@ -193,7 +193,7 @@ class Sizing:
     """
 
     layout: LayoutName
-    workers: int
+    lanes: int
     stripe_size: int
     buffers: int
     queue_depth: int
@@ -236,23 +236,23 @@ def plan_sizing(
     stripe_count = fs.stripe_count
     if striping is not None:
         stripe_count = striping.stripe_count if striping.stripe_count > 0 else fs.ost_count
-    workers, workers_reason = _workers(fs, settings, layout, stripe_count, producers, max(1, cpu_count))
+    lanes, lanes_reason = _lanes(fs, settings, layout, stripe_count, producers, max(1, cpu_count))
     budget, budget_reason = _memory_budget(settings, available_memory)
-    reasons += [workers_reason, budget_reason]
-    workers, per_worker = _fit_buffers(settings, workers, stripe_size, budget)
-    buffers = workers * per_worker
+    reasons += [lanes_reason, budget_reason]
+    lanes, per_lane = _fit_buffers(settings, lanes, stripe_size, budget)
+    buffers = lanes * per_lane
     if striping is not None:  # one entry per file
-        files = workers if layout == "sharded" else 1
+        files = lanes if layout == "sharded" else 1
         offsets = shard_offsets(files, fs.ost_count) if layout == "sharded" else (-1,)
         striping = dataclasses.replace(striping, offsets=offsets)
-    reasons.append(f"buffers {buffers}: {per_worker} per worker, {buffers * stripe_size} bytes in all")
+    reasons.append(f"buffers {buffers}: {per_lane} per lane, {buffers * stripe_size} bytes in all")
     queue_depth = settings.queue_depth if settings.queue_depth is not None else buffers
     reasons.append(f"queue depth {queue_depth}")
     write_call_size, write_call_reason = _write_call_size(settings, stripe_size)
     reasons.append(write_call_reason)
     return Sizing(
         layout=layout,
-        workers=workers,
+        lanes=lanes,
         stripe_size=stripe_size,
         buffers=buffers,
         queue_depth=queue_depth,
@@ -302,24 +302,24 @@ def _layout(fs: FsInfo, settings: Settings, *, stripe_known: bool) -> tuple[Layo
     return "striped", f"layout striped: {fs.kind.value} filesystem"
 
 
-def _workers(fs: FsInfo, settings: Settings, layout: LayoutName, stripe_count: int | None, producers: int | None,
-             cpus: int) -> tuple[int, str]:
+def _lanes(fs: FsInfo, settings: Settings, layout: LayoutName, stripe_count: int | None, producers: int | None,
+           cpus: int) -> tuple[int, str]:
     """The write lanes before the memory budget is applied, and the reason."""
-    if settings.workers is not None:
-        return settings.workers, f"workers {settings.workers}: set explicitly"
+    if settings.lanes is not None:
+        return settings.lanes, f"lanes {settings.lanes}: set explicitly"
     if fs.kind is FsKind.LUSTRE and stripe_count and layout != "sharded":
         cap, why = stripe_count, "the Lustre stripe count"
     elif fs.kind.is_parallel or fs.kind is FsKind.NFS:
         cap, why = 8, f"at most 8 on {fs.kind.value}"
     else:
         cap, why = 4, f"at most 4 on {fs.kind.value}"
-    workers = min(cap, 2 * cpus)
-    if workers < cap:
+    lanes = min(cap, 2 * cpus)
+    if lanes < cap:
         why = f"2 x {cpus} CPUs"
-    if producers is not None and 0 < producers < workers:
-        workers, why = producers, f"{producers} producers"
-    workers = max(1, workers)
-    return workers, f"workers {workers}: {why}"
+    if producers is not None and 0 < producers < lanes:
+        lanes, why = producers, f"{producers} producers"
+    lanes = max(1, lanes)
+    return lanes, f"lanes {lanes}: {why}"
 
 
 def _memory_budget(settings: Settings, available_memory: int) -> tuple[int, str]:
@@ -330,22 +330,22 @@ def _memory_budget(settings: Settings, available_memory: int) -> tuple[int, str]
     return budget, f"memory budget {budget} bytes: a quarter of available memory, at most 256MiB"
 
 
-def _fit_buffers(settings: Settings, workers: int, stripe_size: int, budget: int) -> tuple[int, int]:
+def _fit_buffers(settings: Settings, lanes: int, stripe_size: int, budget: int) -> tuple[int, int]:
     """The lanes and buffers per lane that fit the budget: fewer buffers per
     lane first (down to 2), then fewer lanes (neither when set explicitly)."""
-    per_worker = settings.buffers_per_worker or DEFAULT_BUFFERS_PER_WORKER
-    if settings.buffers_per_worker is None:
-        while per_worker > 2 and workers * per_worker * stripe_size > budget:
-            per_worker -= 1
-    if settings.workers is None:
-        while workers > 1 and workers * per_worker * stripe_size > budget:
-            workers -= 1
-    if workers * per_worker * stripe_size > budget:
+    per_lane = settings.buffers_per_lane or DEFAULT_BUFFERS_PER_LANE
+    if settings.buffers_per_lane is None:
+        while per_lane > 2 and lanes * per_lane * stripe_size > budget:
+            per_lane -= 1
+    if settings.lanes is None:
+        while lanes > 1 and lanes * per_lane * stripe_size > budget:
+            lanes -= 1
+    if lanes * per_lane * stripe_size > budget:
         raise ConfigError(
-            f"invalid setting memory_budget={budget}: too small for {workers} worker(s) x "
-            f"{per_worker} buffers x {stripe_size}-byte stripes"
+            f"invalid setting memory_budget={budget}: too small for {lanes} lane(s) x "
+            f"{per_lane} buffers x {stripe_size}-byte stripes"
         )
-    return workers, per_worker
+    return lanes, per_lane
 
 
 def _write_call_size(settings: Settings, stripe_size: int) -> tuple[int, str]:
@@ -428,7 +428,7 @@ def follow_layout_set(
     read_back = f"Lustre layout read back: stripe count {stripe_count or 'unknown'}, stripe size {got_size}"
     if got_size == sizing.stripe_size:
         return fs, dataclasses.replace(sizing, reasons=sizing.reasons + (read_back,))
-    pinned = settings.model_copy(update={"stripe_size": got_size, "workers": sizing.workers, "layout": sizing.layout,
+    pinned = settings.model_copy(update={"stripe_size": got_size, "lanes": sizing.lanes, "layout": sizing.layout,
                                          "stripe_count": 0})
     again = plan_sizing(fs, pinned, producers=None, available_memory=available_memory, cpu_count=cpu_count)
     return fs, dataclasses.replace(again, striping=sizing.striping,

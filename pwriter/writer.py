@@ -119,7 +119,7 @@ class WriterPlan:
     (built by :func:`writer_plan`; printable, and testable without I/O).
 
     The planner's parameters are ``sizing.layout``, ``header_length``,
-    ``sizing.stripe_size``, ``sizing.workers``, ``min_padding`` and
+    ``sizing.stripe_size``, ``sizing.lanes``, ``min_padding`` and
     ``settings.shard_size`` (:meth:`planner`).  ``header_length`` is the
     header's place in the output, which a share of an output that does not
     write the header (:meth:`for_share`) still leaves before its data.
@@ -150,7 +150,7 @@ class WriterPlan:
     def planner(self) -> Planner:
         """The layout's planner for this plan (pure)."""
         return make_planner(self.sizing.layout, header_length=self.header_length, stripe_size=self.sizing.stripe_size,
-                            workers=self.sizing.workers, min_padding=self.min_padding,
+                            lanes=self.sizing.lanes, min_padding=self.min_padding,
                             shard_size=self.settings.shard_size)
 
     def following(self, fs: FsInfo, sizing: Sizing) -> WriterPlan:
@@ -175,7 +175,7 @@ def writer_plan(target: str, settings: Settings, form: OutputFormat, fs: FsInfo,
     check_shard_size(settings, sizing)
     sharded = sizing.layout == "sharded"
     # (with a shard size, the set grows: its shards are made as they are started)
-    files = (0 if settings.shard_size is not None else sizing.workers) if sharded else 1
+    files = (0 if settings.shard_size is not None else sizing.lanes) if sharded else 1
     return WriterPlan(
         target=target, stream=stream, settings=settings, fs=fs, sizing=sizing, compress=form.compress,
         header=form.header, footer=form.footer, header_text=form.header_text, footer_text=form.footer_text,
@@ -233,8 +233,8 @@ class WriterStatistics:
     backend: str
     fs_kind: str
     stripe_size: int
-    workers: int
-    """Write lanes (``--workers``; the shards of a sharded output)."""
+    lanes: int
+    """Write lanes (``--lanes``; the shards of a sharded output)."""
     chunks: int
     writes: int
     """Write operations issued by the backend (a resumed short write counts again)."""
@@ -324,7 +324,7 @@ class Writer:
         )
         members = MemberStage(nursery=nursery, sink=self._sink, level=settings.level, padded=compress and padded,
                               slots=pool.count)
-        self._lanes = WriteLanes(nursery=nursery, sink=self._sink, pool=pool, lanes=sizing.workers,
+        self._lanes = WriteLanes(nursery=nursery, sink=self._sink, pool=pool, lanes=sizing.lanes,
                                  chunk_capacity=self.chunk_capacity, max_delay=settings.max_delay,
                                  compressed=compress, members=members, footer=plan.footer, footer_text=plan.footer_text)
         header_placement = self._sink.open()
@@ -423,7 +423,7 @@ class Writer:
             backend=self._backend.name,
             fs_kind=self.fs.kind.value,
             stripe_size=self.sizing.stripe_size,
-            workers=self.sizing.workers,
+            lanes=self.sizing.lanes,
             chunks=sink.chunks + sum(stat.chunks for stat in coalesced),
             writes=io.writes,
             line_bytes=sink.line_bytes + sum(stat.bytes for stat in coalesced),

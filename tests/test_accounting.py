@@ -200,7 +200,7 @@ def run_trio_plan(plan: TrioPlan, directory: str, backend: object | None, *, clo
     close_raised: list[BaseException] = []
 
     async def main() -> None:
-        settings_ = load_settings(layout=plan.layout, workers=plan.lanes, stripe_size="64KiB", fsync=False,
+        settings_ = load_settings(layout=plan.layout, lanes=plan.lanes, stripe_size="64KiB", fsync=False,
                                   max_delay=plan.max_delay,
                                   **({"backend": backend} if isinstance(backend, str) else {}))
         opened = open_writer(target, settings=settings_, fs=LOCAL, producers=len(plan.producers),
@@ -318,7 +318,7 @@ def test_sync_threads_racing_the_close(tmp_path, settings_for, seed: int) -> Non
             errors.append(exc)
 
     threads: list[threading.Thread] = []
-    with open_writer_sync(target, settings=settings_for(layout=LAYOUTS[seed % 3], workers=2,
+    with open_writer_sync(target, settings=settings_for(layout=LAYOUTS[seed % 3], lanes=2,
                                                          stripe_size="64KiB")) as writer:
         for index in range(rng.randint(2, 6)):
             thread = threading.Thread(target=guarded, args=(index, writer))
@@ -339,7 +339,7 @@ def test_sync_pool_enclosing_the_writer(tmp_path, settings_for, seed: int) -> No
     ledger = Ledger()
     target = str(tmp_path / "out.pfw")
     with ThreadPoolExecutor(4) as pool:
-        with open_writer_sync(target, settings=settings_for(layout=LAYOUTS[seed % 3], workers=2,
+        with open_writer_sync(target, settings=settings_for(layout=LAYOUTS[seed % 3], lanes=2,
                                                              stripe_size="64KiB")) as writer:
             futures = [pool.submit(sync_worker, writer, index, ledger, random.Random(seed * 10 + index),
                                    rng.randint(20, 400), 100) for index in range(8)]
@@ -375,7 +375,7 @@ def test_asyncio_through_the_sync_api(tmp_path, settings_for, seed: int) -> None
     rng = random.Random(seed)
 
     async def main() -> None:
-        with open_writer_sync(target, settings=settings_for(layout=LAYOUTS[seed % 3], workers=2)) as writer:
+        with open_writer_sync(target, settings=settings_for(layout=LAYOUTS[seed % 3], lanes=2)) as writer:
             async def task(index: int) -> None:
                 handle = writer.producer(batch_bytes=rng.choice([1, 4000]))
                 for n in range(0, 400, 20):

@@ -149,8 +149,8 @@ async def test_a_write_is_cut_into_calls_of_write_call_size(tmp_path, backend_na
 
 
 async def test_writer_with_a_ring_smaller_than_its_buffers(tmp_path, backend_name: str) -> None:
-    settings = load_settings(backend=backend_name, fsync=True, stripe_size="64KiB", workers=4,
-                             buffers_per_worker=4, queue_depth=2, layout="striped", write_call_size="32KiB")
+    settings = load_settings(backend=backend_name, fsync=True, stripe_size="64KiB", lanes=4,
+                             buffers_per_lane=4, queue_depth=2, layout="striped", write_call_size="32KiB")
     target = str(tmp_path / "out.pfw")
     lines = [b'{"n":%d,"pad":"%s"}' % (n, b"p" * (n % 300)) for n in range(20_000)]
     async with open_writer(target, settings=settings, fs=FsInfo(FsKind.LOCAL, 0, "/")) as writer:

@@ -20,7 +20,7 @@ class Recorder:
         self.held: list[memoryview] = []
         self.hold = hold
 
-    async def flush(self, worker: int, buffer: memoryview, filled: int, since: float) -> None:
+    async def flush(self, lane: int, buffer: memoryview, filled: int, since: float) -> None:
         self.chunks.append(bytes(buffer[:filled]))
         self.flush_times.append(trio.current_time())
         if self.hold:
@@ -28,7 +28,7 @@ class Recorder:
         else:
             self.pool.give_back(buffer)
 
-    async def write_whole(self, worker: int, view: memoryview, since: float) -> None:
+    async def write_whole(self, lane: int, view: memoryview, since: float) -> None:
         self.oversized.append(bytes(view))
         self.chunks.append(bytes(view))
 

@@ -143,7 +143,7 @@ async def test_padded_gzip_sweep_never_leaves_bytes_between_members(tmp_path, ba
     in their slot, including a few bytes before its end."""
     rng = random.Random(stripe)
     settings = load_settings(backend=backend_name, layout="padded-striped", stripe_size=stripe, fsync=False,
-                             workers=2, level=1)
+                             lanes=2, level=1)
     target = str(tmp_path / "sweep.pfw.gz")
     sent = []
     async with open_writer(target, settings=settings, fs=FsInfo(FsKind.LOCAL, 0, "/")) as writer:

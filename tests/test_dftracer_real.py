@@ -80,7 +80,7 @@ def test_a_salvaged_merge_holds_every_readable_event(dftracer_run: TracedRun, fi
     out = tmp_path / "out"
     out.mkdir()
     output = out / ("app.pfw.gz" if compress else "app.pfw")
-    done = merge(dftracer_run, output, "--salvage", "--layout", layout, "--stripe-size", "64KiB", "--workers", "3",
+    done = merge(dftracer_run, output, "--salvage", "--layout", layout, "--stripe-size", "64KiB", "--lanes", "3",
                  "--backend", backend_name, "--json")
     assert done.returncode == 0, done.stderr
     report = json.loads(done.stdout)
@@ -164,7 +164,7 @@ def test_compaction_into_pieces(dftracer_run: TracedRun, field_reference: tuple[
     together every readable event once."""
     pieces = tmp_path / "pieces"
     pieces.mkdir()
-    done = merge(dftracer_run, pieces / "app.pfw.gz", "--salvage", "--layout", "sharded", "--workers", "2",
+    done = merge(dftracer_run, pieces / "app.pfw.gz", "--salvage", "--layout", "sharded", "--lanes", "2",
                  "--shard-size", "32KiB", "--backend", backend_name)
     assert done.returncode == 0, done.stderr
     shards = read_shard_set(published(pieces / "app.pfw.gz", "sharded"))

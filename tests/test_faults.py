@@ -301,9 +301,9 @@ def test_running_out_of_descriptors_is_one_line_and_leaves_nothing(tmp_path, bac
     def limit() -> None:
         resource.setrlimit(resource.RLIMIT_NOFILE, (256, 256))
 
-    for workers in (245, 246, 248):
+    for lanes in (245, 246, 248):
         done = subprocess.run([os.path.join(BIN, "pwriter"), "merge", *inputs, "-o", str(out / "m.pfw"),
-                               "--layout", "sharded", "--workers", str(workers), "--stripe-size", "64KiB",
+                               "--layout", "sharded", "--lanes", str(lanes), "--stripe-size", "64KiB",
                                "--backend", backend_name], capture_output=True, text=True, preexec_fn=limit,
                               env={**os.environ, "PWRITER_MEMORY_BUDGET": "1GiB"}, timeout=60)
         if done.returncode == 0:  # (this many shards still fit)
@@ -312,7 +312,7 @@ def test_running_out_of_descriptors_is_one_line_and_leaves_nothing(tmp_path, bac
             continue
         expect_failure(done, 1, "many open files")
         assert "Traceback" not in done.stderr
-        assert os.listdir(out) == [], workers
+        assert os.listdir(out) == [], lanes
 
 
 def test_ten_thousand_inputs_with_256_descriptors(tmp_path, backend_name: str) -> None:
@@ -344,7 +344,7 @@ producers, lines_each, backend, target = int(sys.argv[1]), int(sys.argv[2]), sys
 pad = b"x" * 150
 
 async def main():
-    settings = load_settings(backend=backend, fsync=False, stripe_size="1MiB", buffers_per_worker=4)
+    settings = load_settings(backend=backend, fsync=False, stripe_size="1MiB", buffers_per_lane=4)
     async with open_writer(target, settings=settings, producers=producers) as writer:
         async def produce(number):
             async with writer.producer() as producer:

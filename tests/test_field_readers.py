@@ -70,7 +70,7 @@ def test_gzip_output_is_read_whole_by_the_field_tools(ranks: pathlib.Path, refer
     out = tmp_path / "out"
     out.mkdir()
     done = run_cli("merge", "-d", str(ranks), "-o", str(out / "merged.pfw.gz"), "--layout", layout,
-                   "--stripe-size", "64KiB", "--workers", "3", "--backend", backend_name)
+                   "--stripe-size", "64KiB", "--lanes", "3", "--backend", backend_name)
     assert done.returncode == 0, done.stderr
     if layout == "padded-striped":  # the case the padding is about: many padding members
         assert gzip.decompress((out / "merged.pfw.gz").read_bytes()).count(b"\n\n") > 3
@@ -88,7 +88,7 @@ def test_plain_output_gzipped_is_read_whole_by_the_field_tools(ranks: pathlib.Pa
     """The tools read gzip only: plain output (its padding is whitespace
     lines), gzipped as it is, in read order."""
     done = run_cli("merge", "-d", str(ranks), "-o", str(tmp_path / "merged.pfw"), "--layout", layout,
-                   "--stripe-size", "64KiB", "--workers", "3")
+                   "--stripe-size", "64KiB", "--lanes", "3")
     assert done.returncode == 0, done.stderr
     whole = str(tmp_path / "merged.pfw") + (".shards" if layout == "sharded" else "")
     text = read_text(whole)

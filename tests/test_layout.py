@@ -19,8 +19,8 @@ def apply(planner, chunks: list[tuple[int, int]], header: int, footer: int) -> l
     opened = planner.open()
     if opened is not None:
         placements.append(opened)
-    for worker, length in chunks:
-        placements.append(planner.place(worker, length))
+    for lane, length in chunks:
+        placements.append(planner.place(lane, length))
     placements.append(planner.close(footer))
     return placements
 
@@ -139,15 +139,15 @@ def test_sharded_header_in_first_footer_in_last(lengths, shards, header, footer)
     assert_tiles(placements, sizes)
     assert placements[0] == Placement(0, 0, header, 0, 0)
     assert placements[-1].file == shards - 1 and placements[-1].end == sizes[-1]
-    for (worker, _), placement in zip(chunks, placements[1:-1], strict=True):
-        assert placement.file == worker % shards
+    for (lane, _), placement in zip(chunks, placements[1:-1], strict=True):
+        assert placement.file == lane % shards
     assert sum(sizes) == header + sum(lengths) + footer
 
 
 @settings(max_examples=50)
 @given(st.sampled_from(["striped", "padded-striped", "sharded"]), chunk_lengths)
 def test_chunks_of_one_worker_keep_their_order(layout, lengths) -> None:
-    planner = make_planner(layout, header_length=2, stripe_size=4096, workers=3)
+    planner = make_planner(layout, header_length=2, stripe_size=4096, lanes=3)
     planner.open()
     offsets = [planner.place(1, n) for n in lengths]
     assert all(a.file == b.file and a.offset < b.offset for a, b in zip(offsets, offsets[1:], strict=False))

@@ -38,8 +38,8 @@ producer_plans = st.lists(
 
 @settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(plans=producer_plans, layout=st.sampled_from(["striped", "padded-striped", "sharded"]),
-       workers=st.integers(1, 4), max_delay=st.sampled_from([0.01, 0.5, 5.0]))
-def test_every_accepted_line_once_in_handle_order(plans: list[dict[str, int | None]], layout: str, workers: int,
+       lanes=st.integers(1, 4), max_delay=st.sampled_from([0.01, 0.5, 5.0]))
+def test_every_accepted_line_once_in_handle_order(plans: list[dict[str, int | None]], layout: str, lanes: int,
                                                   max_delay: float) -> None:
     memory = MemoryBackend()
     accepted: dict[int, list[bytes]] = collections.defaultdict(list)
@@ -76,7 +76,7 @@ def test_every_accepted_line_once_in_handle_order(plans: list[dict[str, int | No
                         await trio.sleep(max_delay * 0.7)  # let deadlines pass now and then
 
     async def main() -> None:
-        writer_settings = load_settings(layout=layout, workers=workers, stripe_size="64KiB", fsync=False,
+        writer_settings = load_settings(layout=layout, lanes=lanes, stripe_size="64KiB", fsync=False,
                                         max_delay=max_delay)
         async with open_writer(os.path.join(directory, "out.pfw"), settings=writer_settings, fs=LOCAL,
                                backend=memory, producers=len(plans)) as writer:

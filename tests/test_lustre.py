@@ -85,7 +85,7 @@ def test_auto_stripes_large_outputs_over_every_ost() -> None:
     sizing = sizing_for(expected=AUTO_STRIPE_ALL_FROM)
     assert sizing.striping is not None
     assert (sizing.striping.stripe_count, sizing.striping.stripe_size) == (-1, MiB)  # the directory's size kept
-    assert sizing.workers == 16  # capped by the 16 stripes, not by the directory's single stripe
+    assert sizing.lanes == 16  # capped by the 16 stripes, not by the directory's single stripe
     assert any("every OST" in reason for reason in sizing.reasons)
 
 
@@ -93,12 +93,12 @@ def test_auto_stripes_large_outputs_over_every_ost() -> None:
 def test_auto_leaves_small_or_unsized_outputs_to_the_directory(expected: int | None) -> None:
     sizing = sizing_for(expected=expected)
     assert sizing.striping is None
-    assert sizing.workers == 1  # the directory's one stripe
+    assert sizing.lanes == 1  # the directory's one stripe
     assert any("directory's default" in reason for reason in sizing.reasons)
 
 
 def test_auto_gives_each_shard_one_stripe_on_spread_osts() -> None:
-    sizing = sizing_for(layout="sharded", workers=4)
+    sizing = sizing_for(layout="sharded", lanes=4)
     assert sizing.striping is not None
     assert sizing.striping.stripe_count == 1
     assert sizing.striping.offsets == (0, 4, 8, 12)
@@ -110,7 +110,7 @@ def test_explicit_count_and_size() -> None:
     sizing = sizing_for(stripe_count=4, stripe_size="4MiB")
     assert sizing.striping is not None
     assert (sizing.striping.stripe_count, sizing.striping.stripe_size) == (4, 4 * MiB)
-    assert sizing.stripe_size == 4 * MiB and sizing.workers == 4
+    assert sizing.stripe_size == 4 * MiB and sizing.lanes == 4
     assert sizing_for(stripe_count=0, expected=1 << 40).striping is None  # 0: always the directory's default
 
 
@@ -149,7 +149,7 @@ async def test_library_sets_the_layout_on_create_and_sizes_by_it(fake_lustre, se
     assert call[:5] == ["setstripe", "-c", "-1", "-S", str(MiB)]
     assert is_temporary_name(os.path.basename(call[-1])) and os.path.dirname(call[-1]) == fake_lustre.root
     assert stats.layout == "padded-striped" and stats.stripe_size == MiB
-    assert stats.workers == min(4, 2 * (os.cpu_count() or 1))  # the 4 OSTs of the -1 layout, or 2 x the CPUs
+    assert stats.lanes == min(4, 2 * (os.cpu_count() or 1))  # the 4 OSTs of the -1 layout, or 2 x the CPUs
     assert sorted(read_events(target)) == sorted(line.rstrip(b"\n") for line in sent)
     assert [name for name in os.listdir(fake_lustre.root) if is_temporary_name(name)] == []
 
@@ -170,7 +170,7 @@ async def test_shards_get_one_stripe_each_on_spread_osts(fake_lustre, settings_f
     monkeypatch.setenv("FAKE_LFS_OSTS", "8")
     target = os.path.join(fake_lustre.root, "merged.pfw")
     sent = lines(2000)
-    async with open_writer(target, settings=settings_for(layout="sharded", workers=4)) as writer:
+    async with open_writer(target, settings=settings_for(layout="sharded", lanes=4)) as writer:
         for lane in range(4):
             await writer.write_lines(lane, b"".join(sent[lane::4]))
     calls = fake_lustre.setstripes()

@@ -23,7 +23,7 @@ from pwriter.testing import event_counter, read_events, read_text
 from helpers import BIN, dftracer_tool, expect_failure, run_cli
 
 LAYOUTS = ["striped", "padded-striped", "sharded"]
-JSON_FIELDS = {"outputs", "layout", "backend", "fs_kind", "stripe_size", "workers", "inputs", "events",
+JSON_FIELDS = {"outputs", "layout", "backend", "fs_kind", "stripe_size", "lanes", "inputs", "events",
                "bytes_written", "seconds"}
 
 
@@ -317,7 +317,7 @@ def test_missing_output_directory(tmp_path) -> None:
     ("option", "needle"),
     [
         (["--stripe-size", "4XB"], "stripe_size"),
-        (["--workers", "zero"], "workers"),
+        (["--lanes", "zero"], "lanes"),
         (["--layout", "diagonal"], "--layout"),
         (["--bogus"], "--bogus"),
     ],
@@ -659,7 +659,7 @@ async def test_merge_lines_of_every_length_through_small_buffers(tmp_path, backe
         paths.append(str(path))
     out = tmp_path / "out" / "merged.pfw"
     out.parent.mkdir()
-    settings = load_settings(backend=backend_name, layout=layout, stripe_size="64KiB", fsync=False, workers=2)
+    settings = load_settings(backend=backend_name, layout=layout, stripe_size="64KiB", fsync=False, lanes=2)
     result = await merge(paths, str(out), settings=settings, readers=3)
     whole = str(out) + ".shards" if layout == "sharded" else str(out)
     assert collections.Counter(read_events(whole)) == event_counter(paths)
@@ -679,7 +679,7 @@ async def test_more_readers_than_buffers_do_not_deadlock(tmp_path, backend_name:
 
     paths = write_corpus(str(tmp_path / "in"), files=12, events_per_file=1500)
     out = tmp_path / "merged.pfw"
-    settings = load_settings(backend=backend_name, stripe_size="64KiB", workers=1, buffers_per_worker=2,
+    settings = load_settings(backend=backend_name, stripe_size="64KiB", lanes=1, buffers_per_lane=2,
                              fsync=False, layout="striped")
     with trio.fail_after(60):  # a hang guard, not a timing: the merge takes well under a second
         result = await merge(paths, str(out), settings=settings, readers=6)
@@ -882,3 +882,24 @@ def test_validate_with_salvage_drops_and_counts(tmp_path, backend_name: str) -> 
     warnings = done.stderr.strip().splitlines()
     assert len(warnings) == 2 and all("not valid JSON" in line for line in warnings)
     assert collections.Counter(read_events(out)) == collections.Counter(good)
+
+
+def test_old_option_and_variable_work_and_warn_once(tmp_path) -> None:
+    """``--workers`` and ``PWRITER_WORKERS``, the old names of ``--lanes``
+    and ``PWRITER_LANES``, still work and say so once on stderr; both names
+    with different values is a usage error."""
+    inputs = [good_trace(tmp_path / f"{n}.pfw") for n in range(3)]
+    out = tmp_path / "m"
+    done = run_cli("merge", *inputs, "-o", str(out), "--layout", "sharded", "--workers", "2", "--no-fsync", "--json")
+    assert done.returncode == 0, done.stderr
+    assert done.stderr.splitlines() == ["pwriter: warning: --workers is now --lanes"]
+    assert json.loads(done.stdout)["lanes"] == 2
+    done = run_cli("merge", *inputs, "-o", str(out), "--force", "--layout", "sharded", "--no-fsync", "--json",
+                   env={"PWRITER_WORKERS": "3"})
+    assert done.returncode == 0, done.stderr
+    assert done.stderr.splitlines() == ["pwriter: warning: PWRITER_WORKERS is now PWRITER_LANES"]
+    assert json.loads(done.stdout)["lanes"] == 3
+    done = run_cli("merge", *inputs, "-o", str(tmp_path / "n"), "--lanes", "2", "--workers", "3")
+    assert done.returncode == 2, done.stderr
+    assert done.stderr.splitlines()[-1].startswith("pwriter: error: invalid setting lanes: --lanes 2 and --workers 3")
+    assert not (tmp_path / "n").exists()

@@ -58,7 +58,7 @@ async def test_one_handle_used_by_two_tasks_raises_and_loses_nothing(tmp_path, s
     target = str(tmp_path / "out.pfw")
     accepted: list[bytes] = []
     refused = 0
-    async with open_writer(target, settings=settings_for(workers=1, stripe_size="64KiB"), fs=LOCAL) as writer:
+    async with open_writer(target, settings=settings_for(lanes=1, stripe_size="64KiB"), fs=LOCAL) as writer:
         shared = writer.producer(batch_bytes=500)
 
         async def use(task: int) -> None:
@@ -204,7 +204,7 @@ async def test_reader_buffers_go_back_to_the_pool(tmp_path, settings_for, monkey
     with trio.move_on_after(0.05 if how == "cancelled" else 60):
         with pytest.raises(DataError) if how == "bad input" else _nothing():
             await merge(inputs, str(tmp_path / "out" / "m.pfw"),
-                        settings=settings_for(stripe_size="64KiB", workers=2))
+                        settings=settings_for(stripe_size="64KiB", lanes=2))
     assert seen and seen[0][0] == seen[0][1]
     assert os.listdir(tmp_path / "out") == []
 
@@ -328,8 +328,8 @@ def test_every_entrance_takes_settings_the_same_way(tmp_path) -> None:
     base = load_settings(fsync=False, backend="threads")
 
     async def through_the_trio_entrances() -> None:
-        result = await merge(inputs, str(tmp_path / "a.pfw"), fsync=False, layout="sharded", workers=2)
-        assert (result.writer.layout, result.writer.workers) == ("sharded", 2)
+        result = await merge(inputs, str(tmp_path / "a.pfw"), fsync=False, layout="sharded", lanes=2)
+        assert (result.writer.layout, result.writer.lanes) == ("sharded", 2)
         async with open_writer(str(tmp_path / "b.pfw"), settings=base, layout="padded-striped",
                                stripe_size="64KiB", max_delay=5) as writer:
             assert (writer.sizing.layout, writer.sizing.stripe_size, writer.settings.max_delay) == (

@@ -291,7 +291,7 @@ def test_every_file_gets_its_lustre_layout_on_create(corpus, single_process_even
     out = root / "merged.pfw"
     process = subprocess.Popen(
         [MPIEXEC, "-n", "2", os.path.join(BIN, "python"), "-c", script, "merge", "-d", corpus, "-o", str(out),
-         "--layout", layout, "--workers", "2", "--stripe-count", "2" if layout != "sharded" else "auto",
+         "--layout", layout, "--lanes", "2", "--stripe-count", "2" if layout != "sharded" else "auto",
          "--no-fsync"], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True,
         env={**os.environ, "PATH": f"{bin_dir}{os.pathsep}{os.environ['PATH']}", "FAKE_LFS_STATE": str(state),
              "FAKE_LFS_OSTS": "8"})
@@ -378,7 +378,7 @@ def test_an_output_directory_renamed_mid_merge_gets_the_whole_set(corpus, tmp_pa
     merge into it (sharded: each rank has created its shards there): the set
     is published whole in the directory under its new name, and no
     temporary or lock is left anywhere."""
-    job = LiveJob(corpus, tmp_path, 2, "--layout", "sharded", "--workers", "2")
+    job = LiveJob(corpus, tmp_path, 2, "--layout", "sharded", "--lanes", "2")
     moved = tmp_path / "moved"
     os.rename(job.out.parent, moved)
     job.close_feed()
@@ -410,7 +410,7 @@ def test_a_write_error_reported_at_close_fails_the_job(corpus, tmp_path) -> None
               "pwriter.output.os = FailingClose()\n"
               "from pwriter.cli import main\nsys.exit(main(sys.argv[1:]))\n")
     process = subprocess.Popen([MPIEXEC, "-n", "2", os.path.join(BIN, "python"), "-c", script, "merge", "-d", corpus,
-                                "-o", str(out), "--no-fsync", "--layout", "sharded", "--workers", "2"],
+                                "-o", str(out), "--no-fsync", "--layout", "sharded", "--lanes", "2"],
                                stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True)
     stdout, stderr = process.communicate(timeout=JOB_TIMEOUT)
     assert process.returncode == 1, stderr

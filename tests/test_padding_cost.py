@@ -88,7 +88,7 @@ async def trickle(target: str, backend: object, *, seconds: float = 8.0, produce
     task's number) every 0.1 s for ``seconds`` (trio clock), max_delay
     0.25, padded-striped, 1 MiB stripes.  Returns (bytes written, bytes of
     text sent, deadline flushes, the lane of each pid)."""
-    settings = load_settings(layout="padded-striped", stripe_size="1MiB", max_delay=0.25, workers=lanes,
+    settings = load_settings(layout="padded-striped", stripe_size="1MiB", max_delay=0.25, lanes=lanes,
                              fsync=False, backend="threads")
     text = 0
     lane_of_pid: dict[int, int] = {}  # handles go to the lanes in turn
@@ -162,7 +162,7 @@ async def test_a_deadline_flush_costs_no_padding(tmp_path: pathlib.Path, autojum
     """Plain output, one lane: a few lines go at their deadline into the
     lane's slot; the full buffers that follow fill the rest of that slot
     first (cut at a line end), so no slot is left part empty."""
-    settings = settings_for(layout="padded-striped", stripe_size="1MiB", max_delay=0.25, workers=1)  # type: ignore[operator]
+    settings = settings_for(layout="padded-striped", stripe_size="1MiB", max_delay=0.25, lanes=1)  # type: ignore[operator]
     target = tmp_path / "bursts.pfw"
     text = 0
     async with open_writer(str(target), settings=settings, fs=LOCAL) as writer:

@@ -46,9 +46,9 @@ def test_gzip_plan_frames_header_and_footer_as_members() -> None:
 
 
 def test_sharded_plan_files_and_a_growing_set() -> None:
-    fixed = make_plan(NOWHERE + ".pfw", layout="sharded", workers=3, wrap="none")
+    fixed = make_plan(NOWHERE + ".pfw", layout="sharded", lanes=3, wrap="none")
     assert (fixed.files, fixed.header, fixed.footer, fixed.planner().files) == (3, b"", b"", 3)
-    growing = make_plan(NOWHERE + ".pfw", layout="sharded", workers=3, shard_size="4MiB")
+    growing = make_plan(NOWHERE + ".pfw", layout="sharded", lanes=3, shard_size="4MiB")
     assert growing.files == 0  # shards are made as lanes start them
 
 
@@ -77,13 +77,13 @@ def test_combine_statistics_sums_counts_and_keeps_the_rest() -> None:
         io = BackendStatistics(backend="threads", writes=n, bytes_written=10 * n, short_writes=n, interrupted=n,
                                fsyncs=n, most_in_flight=n * n, submissions=n, enter_calls=n, fixed_buffer_writes=n)
         return WriterStatistics(
-            outputs=(f"out{n}",), layout="striped", backend="threads", fs_kind="local", stripe_size=MiB, workers=2,
+            outputs=(f"out{n}",), layout="striped", backend="threads", fs_kind="local", stripe_size=MiB, lanes=2,
             chunks=n, writes=n, line_bytes=n, bytes_written=n, deadline_flushes=n, uncopied_chunks=n,
             oversized_chunks=n, buffer_waits=n, direct_writes=n, writeback_hints=n, compressed=False,
             seconds=float(n), published=False, io=io)
 
     combined = combine_statistics([stats(1), stats(3)])
-    assert (combined.outputs, combined.stripe_size, combined.seconds, combined.workers) == (("out1",), MiB, 1.0, 4)
+    assert (combined.outputs, combined.stripe_size, combined.seconds, combined.lanes) == (("out1",), MiB, 1.0, 4)
     for name in ("chunks", "writes", "line_bytes", "bytes_written", "deadline_flushes", "uncopied_chunks",
                  "oversized_chunks", "buffer_waits", "direct_writes", "writeback_hints"):
         assert getattr(combined, name) == 4, name

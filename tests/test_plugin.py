@@ -55,7 +55,7 @@ MARK
 @pytest.mark.pwriter_fault(delay=5.0, inner="memory")
 async def test_slow_disk_on_the_virtual_clock(pwriter_open_writer, pwriter_fault_backend, autojump_clock):
     lines = [b'{"n":%d}' % n for n in range(1000)]
-    async with pwriter_open_writer(backend=pwriter_fault_backend, layout="sharded", workers=2) as writer:
+    async with pwriter_open_writer(backend=pwriter_fault_backend, layout="sharded", lanes=2) as writer:
         async with writer.producer() as producer:
             await producer.send_lines(lines)
     assert trio.current_time() >= 5.0
@@ -67,7 +67,7 @@ async def test_sizing_on_a_fake_lustre(pwriter_fake_fs, pwriter_open_writer):
     info = pwriter_fake_fs("lustre", stripe_size="1MiB", stripe_count=4)
     async with pwriter_open_writer() as writer:
         assert (writer.sizing.layout, writer.sizing.stripe_size) == ("padded-striped", 1 << 20)
-        assert writer.sizing.workers <= 4
+        assert writer.sizing.lanes <= 4
         await writer.write_lines(0, b'{"a":1}\\n')
     assert info.kind == "lustre" and writer.statistics().fs_kind == "lustre"
 
@@ -79,9 +79,9 @@ async def test_the_fixture_takes_settings_as_open_writer_does(pwriter_open_write
     with pytest.raises(TypeError, match="'stripe_sise'"):
         async with pwriter_open_writer(stripe_sise="64KiB"):
             pass
-    given = load_settings(fsync=False, layout="sharded", workers=2)
+    given = load_settings(fsync=False, layout="sharded", lanes=2)
     async with pwriter_open_writer("given.pfw", settings=given, max_delay=10, producers=2) as writer:
-        assert (writer.sizing.layout, writer.sizing.workers, writer.settings.max_delay) == ("sharded", 2, 10)
+        assert (writer.sizing.layout, writer.sizing.lanes, writer.settings.max_delay) == ("sharded", 2, 10)
         await writer.write_lines(0, b'{"a":1}\\n')
     assert read_events(writer.manifest) == [b'{"a":1}']
 

@@ -116,9 +116,9 @@ async def test_fault_sweep(tmp_path, settings_for, monkeypatch: pytest.MonkeyPat
     out_dir = tmp_path / "out"
     out_dir.mkdir()
     target = str(out_dir / ("m.pfw.gz" if compressed else "m.pfw"))
-    settings = settings_for(layout=layout, workers=2, stripe_size="64KiB", fsync=True)
+    settings = settings_for(layout=layout, lanes=2, stripe_size="64KiB", fsync=True)
     if force:  # an existing output, of another size and shard count, to be replaced
-        await merge(old_inputs, target, settings=settings_for(layout=layout, workers=3, stripe_size="64KiB"))
+        await merge(old_inputs, target, settings=settings_for(layout=layout, lanes=3, stripe_size="64KiB"))
     before = snapshot(str(out_dir))
 
     counting = Sweep(None)
@@ -248,7 +248,7 @@ async def test_library_refuses_dev_stdout_and_says_force_true(tmp_path, settings
 def test_merge_to_standard_output_in_read_order(tmp_path, backend_name: str, compress: bool) -> None:
     inputs = write_corpus(str(tmp_path / "in"), files=5, events_per_file=400, seed=6)
     args = [os.path.join(BIN, "pwriter"), "merge", *inputs, "-o", "-", "--backend", backend_name,
-            "--stripe-size", "64KiB", "--workers", "3", "--json"] + (["--compress"] if compress else [])
+            "--stripe-size", "64KiB", "--lanes", "3", "--json"] + (["--compress"] if compress else [])
     done = subprocess.run(args, capture_output=True, timeout=120)
     assert done.returncode == 0, done.stderr
     text = gzip.decompress(done.stdout) if compress else done.stdout
@@ -275,7 +275,7 @@ def test_merge_to_a_closed_pipe_is_an_error(tmp_path) -> None:
 async def test_library_stream_target(tmp_path, settings_for) -> None:
     with open(tmp_path / "stream.pfw", "wb") as stream:
         stream.write(b"")
-        async with pwriter.writer.open_writer(stream, settings=settings_for(workers=2, stripe_size="64KiB")) as w:
+        async with pwriter.writer.open_writer(stream, settings=settings_for(lanes=2, stripe_size="64KiB")) as w:
             async with w.producer(batch_bytes=100) as producer:
                 for n in range(2000):
                     await producer.send_line(b'{"n":%d}' % n)
@@ -387,8 +387,8 @@ async def test_a_kill_at_any_step_of_publishing_leaves_one_whole_set(tmp_path, m
     old_inputs = write_corpus(str(tmp_path / "old"), files=2, events_per_file=60, seed=20)
     target = str(directory / "m.pfw.gz")
     new_events, old_events = event_counter(inputs), event_counter(old_inputs)
-    old_settings = load_settings(backend="threads", fsync=False, layout=old_layout, workers=3, stripe_size="64KiB")
-    settings = load_settings(backend="threads", fsync=False, layout=new_layout, workers=2, stripe_size="64KiB")
+    old_settings = load_settings(backend="threads", fsync=False, layout=old_layout, lanes=3, stripe_size="64KiB")
+    settings = load_settings(backend="threads", fsync=False, layout=new_layout, lanes=2, stripe_size="64KiB")
 
     def collect() -> list[str]:
         return collect_inputs([], [str(directory)], exclude=names_of_output(target))
@@ -473,7 +473,7 @@ def test_a_second_run_onto_an_output_being_written_is_refused(tmp_path, layout: 
     second = write_corpus(str(tmp_path / "b"), files=3, events_per_file=300, seed=62)
     (tmp_path / "out").mkdir()
     out = str(tmp_path / "out" / "m.pfw.gz")
-    args = ["--force", "--layout", layout, "--workers", "2", "--no-fsync"]
+    args = ["--force", "--layout", layout, "--lanes", "2", "--no-fsync"]
     held = HeldMerge(tmp_path, first, out, *args)
     try:
         done = run_cli("merge", *second, "-o", out, *args)
@@ -503,7 +503,7 @@ def test_two_force_merges_at_once_publish_one_whole_set(tmp_path) -> None:
             for name, seed in (("a", 63), ("b", 64))]
     (tmp_path / "out").mkdir()
     out = str(tmp_path / "out" / "m.pfw.gz")
-    args = ["-o", out, "--force", "--layout", "sharded", "--workers", "2", "--no-fsync"]
+    args = ["-o", out, "--force", "--layout", "sharded", "--lanes", "2", "--no-fsync"]
     processes = [subprocess.Popen([os.path.join(BIN, "pwriter"), "merge", *inputs, *args], stdout=subprocess.PIPE,
                                   stderr=subprocess.PIPE, text=True) for inputs in runs]
     results = [process.communicate(timeout=120) for process in processes]
@@ -549,7 +549,7 @@ async def test_manifest_names_are_read_exactly(tmp_path) -> None:
     its own shards, never those of `out.pfw` beside it."""
     inputs = write_corpus(str(tmp_path / "in"), files=3, events_per_file=100, seed=7)
     others = write_corpus(str(tmp_path / "other"), files=2, events_per_file=80, seed=8)
-    settings = load_settings(backend="threads", fsync=False, layout="sharded", workers=2)
+    settings = load_settings(backend="threads", fsync=False, layout="sharded", lanes=2)
     (tmp_path / "out").mkdir()
     out, spaced = str(tmp_path / "out" / "out.pfw"), str(tmp_path / "out" / " out.pfw")
     await merge(others, out, settings=settings)
@@ -586,7 +586,7 @@ async def test_force_replaces_the_whole_set_whatever_its_layout(tmp_path) -> Non
     old = write_corpus(str(tmp_path / "old"), files=2, events_per_file=90, seed=12)
 
     def settings(layout: str = "striped", **more: Any) -> Any:
-        return load_settings(backend="threads", fsync=False, workers=2, layout=layout, **more)
+        return load_settings(backend="threads", fsync=False, lanes=2, layout=layout, **more)
 
     counts = {}  # what the field's tool counts in a directory of one gzip merge of each corpus
     for name, corpus in (("new", inputs), ("old", old)):
@@ -648,7 +648,7 @@ async def test_a_write_error_reported_at_close_fails_the_merge(tmp_path, setting
     inputs = write_corpus(str(tmp_path / "in"), files=3, events_per_file=200, seed=12)
     (tmp_path / "out").mkdir()
     target = str(tmp_path / "out" / "m.pfw")
-    settings = settings_for(layout=layout, workers=2, stripe_size="64KiB", fsync=False)
+    settings = settings_for(layout=layout, lanes=2, stripe_size="64KiB", fsync=False)
     await merge(inputs[:1], target, settings=settings)
     before = snapshot(str(tmp_path / "out"))
     failing = FailingCloseOs("m")
@@ -686,9 +686,9 @@ async def test_force_where_hard_links_are_refused(tmp_path, monkeypatch: pytest.
     out_dir = tmp_path / "out"
     out_dir.mkdir()
     target = str(out_dir / "m.pfw.gz")
-    settings = load_settings(backend="threads", fsync=True, layout=layout, workers=2, stripe_size="64KiB")
+    settings = load_settings(backend="threads", fsync=True, layout=layout, lanes=2, stripe_size="64KiB")
     await merge(old_inputs, target, settings=load_settings(backend="threads", fsync=False, layout=layout,
-                                                            workers=3, stripe_size="64KiB"))
+                                                            lanes=3, stripe_size="64KiB"))
     before = snapshot(str(out_dir))
     counting = Sweep(None)
     monkeypatch.setattr(pwriter.output, "os", NoLinksOs(counting))

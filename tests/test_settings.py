@@ -1,7 +1,8 @@
 import pytest
 
+import pwriter.settings
 from pwriter.errors import UsageError
-from pwriter.settings import ConfigError, load_settings, parse_size
+from pwriter.settings import ConfigError, load_settings, parse_size, settings_from, settings_with
 
 
 @pytest.mark.parametrize(
@@ -33,7 +34,7 @@ def test_defaults() -> None:
     assert settings.backend == "auto"
     assert settings.fsync is True
     assert settings.direct is False
-    assert settings.stripe_size is None and settings.workers is None
+    assert settings.stripe_size is None and settings.lanes is None
 
 
 def test_environment_is_read(monkeypatch: pytest.MonkeyPatch) -> None:
@@ -48,9 +49,9 @@ def test_environment_is_read(monkeypatch: pytest.MonkeyPatch) -> None:
 
 
 def test_explicit_values_beat_environment(monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setenv("PWRITER_WORKERS", "3")
-    assert load_settings(workers=5).workers == 5
-    assert load_settings(workers=None).workers == 3  # None means "not given"
+    monkeypatch.setenv("PWRITER_LANES", "3")
+    assert load_settings(lanes=5).lanes == 5
+    assert load_settings(lanes=None).lanes == 3  # None means "not given"
 
 
 @pytest.mark.parametrize(
@@ -60,9 +61,9 @@ def test_explicit_values_beat_environment(monkeypatch: pytest.MonkeyPatch) -> No
         ({"stripe_size": "1K"}, "stripe_size"),
         ({"layout": "diagonal"}, "layout"),
         ({"backend": "magic"}, "backend"),
-        ({"workers": 0}, "workers"),
-        ({"workers": "many"}, "workers"),
-        ({"buffers_per_worker": 1}, "buffers_per_worker"),
+        ({"lanes": 0}, "lanes"),
+        ({"lanes": "many"}, "lanes"),
+        ({"buffers_per_lane": 1}, "buffers_per_lane"),
         ({"max_delay": -1}, "max_delay"),
         ({"memory_budget": "1K"}, "memory_budget"),
         ({"write_call_size": "1K"}, "write_call_size"),
@@ -97,3 +98,43 @@ def test_environment_error_names_the_variable_and_unknown_variables_are_ignored(
     with pytest.raises(ConfigError) as caught:
         load_settings(stripe_size="4XB")
     assert "(from" not in str(caught.value)
+
+
+@pytest.fixture
+def fresh_warnings(monkeypatch: pytest.MonkeyPatch) -> None:
+    """As in a new process: no old name has warned yet."""
+    monkeypatch.setattr(pwriter.settings, "_warned", set())
+
+
+@pytest.mark.usefixtures("fresh_warnings")
+@pytest.mark.parametrize(("old", "new"), [("workers", "lanes"), ("buffers_per_worker", "buffers_per_lane")])
+def test_old_keyword_works_and_warns_once(old: str, new: str) -> None:
+    with pytest.warns(FutureWarning, match=f"{old}= is now {new}=") as record:
+        assert getattr(load_settings(**{old: 3}), new) == 3
+        assert getattr(settings_with(load_settings(), **{old: 4}), new) == 4
+        assert getattr(settings_from(None, {old: 5}, "open_writer"), new) == 5
+        assert getattr(settings_from(load_settings(), {old: 6, new: 6}, "merge"), new) == 6  # the same value: fine
+    assert len(record) == 1
+
+
+@pytest.mark.usefixtures("fresh_warnings")
+def test_old_and_new_keyword_with_different_values_is_refused() -> None:
+    with pytest.warns(FutureWarning), pytest.raises(ConfigError, match="lanes=2 and as workers=3"):
+        load_settings(lanes=2, workers=3)
+
+
+@pytest.mark.usefixtures("fresh_warnings")
+def test_old_variable_works_and_warns_once(monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]) -> None:
+    monkeypatch.setenv("PWRITER_WORKERS", "3")
+    monkeypatch.setenv("PWRITER_BUFFERS_PER_WORKER", "5")
+    assert (load_settings().lanes, load_settings().buffers_per_lane) == (3, 5)
+    assert load_settings(lanes=4).lanes == 4  # an explicit value still wins
+    assert sorted(capsys.readouterr().err.splitlines()) == [
+        "pwriter: warning: PWRITER_BUFFERS_PER_WORKER is now PWRITER_BUFFERS_PER_LANE",
+        "pwriter: warning: PWRITER_WORKERS is now PWRITER_LANES",
+    ]
+    monkeypatch.setenv("PWRITER_LANES", "3")
+    assert load_settings().lanes == 3  # the same value under both names
+    monkeypatch.setenv("PWRITER_LANES", "2")
+    with pytest.raises(ConfigError, match="PWRITER_LANES='2' and PWRITER_WORKERS='3'"):
+        load_settings()

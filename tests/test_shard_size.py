@@ -110,7 +110,7 @@ async def test_merge_with_a_shard_size_writes_complete_shards_in_order(tmp_path,
     inputs, longest = write_numbered_inputs(tmp_path / "in")
     output = str(tmp_path / "out" / f"merged{suffix}")
     os.mkdir(tmp_path / "out")
-    result = await merge(inputs, output, settings=settings_for(layout="sharded", workers=2, stripe_size="64KiB",
+    result = await merge(inputs, output, settings=settings_for(layout="sharded", lanes=2, stripe_size="64KiB",
                                                                shard_size=SIZE), readers=3)
     assert result.manifest == output + ".shards"
     shards = check_shards(result.manifest, 3, longest, compressed=suffix.endswith(".gz"))
@@ -132,7 +132,7 @@ async def test_the_writer_with_a_shard_size_keeps_each_producer_in_order(tmp_pat
     the member stage (gzip) are cut at the shard limits too."""
     output = str(tmp_path / f"w{suffix}")
     sent = 0
-    async with open_writer(output, settings=settings_for(layout="sharded", workers=2, stripe_size="64KiB",
+    async with open_writer(output, settings=settings_for(layout="sharded", lanes=2, stripe_size="64KiB",
                                                          shard_size=SIZE, max_delay=0.01)) as writer:
         async def produce(number: int) -> None:
             nonlocal sent
@@ -185,7 +185,7 @@ def test_force_replaces_a_set_of_any_number_of_shards(tmp_path) -> None:
     target = str(out / "m.pfw.gz")
 
     def run(*options: str) -> list[str]:
-        done = run_cli("merge", *inputs, "-o", target, "--force", "--stripe-size", "64KiB", "--workers", "2",
+        done = run_cli("merge", *inputs, "-o", target, "--force", "--stripe-size", "64KiB", "--lanes", "2",
                        "--no-fsync", "--json", *options)
         assert done.returncode == 0, done.stderr
         assert verify(target, inputs).match
@@ -241,7 +241,7 @@ def test_mpi_ranks_each_grow_their_shards(tmp_path, suffix: str) -> None:
     out.mkdir()
     target = str(out / f"m{suffix}")
     done = subprocess.run([shutil.which("mpiexec", path=BIN), "-n", "2", os.path.join(BIN, "pwriter"), "merge",
-                           *inputs, "-o", target, "--layout", "sharded", "--shard-size", str(SIZE), "--workers", "1",
+                           *inputs, "-o", target, "--layout", "sharded", "--shard-size", str(SIZE), "--lanes", "1",
                            "--stripe-size", "64KiB", "--no-fsync", "--verify"],
                           capture_output=True, text=True, timeout=120, env=os.environ, check=False)
     assert done.returncode == 0, done.stderr
@@ -275,7 +275,7 @@ def test_a_merge_killed_while_its_lanes_start_shards_leaves_the_old_set_and_temp
     old_listing = sorted(os.listdir(out))
     old_events = read_events(target + ".shards")
     process = subprocess.Popen([os.path.join(BIN, "pwriter"), "merge", *inputs, str(fifo), "-o", target, "--force",
-                                "--layout", "sharded", "--shard-size", str(SIZE), "--workers", "2", "--no-fsync"],
+                                "--layout", "sharded", "--shard-size", str(SIZE), "--lanes", "2", "--no-fsync"],
                                stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=os.environ)
     feed = None
     try:

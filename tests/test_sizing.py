@@ -118,7 +118,7 @@ def test_local_is_striped_with_default_stripe() -> None:
     sizing = plan(FsInfo(FsKind.LOCAL, 0xEF53, "/"))
     assert sizing.layout == "striped"
     assert sizing.stripe_size == DEFAULT_STRIPE_SIZE
-    assert sizing.workers == 4
+    assert sizing.lanes == 4
     assert sizing.buffers == 16 and sizing.queue_depth == 16
 
 
@@ -143,14 +143,14 @@ def test_tmpfs_is_striped() -> None:
 def test_nfs_is_sharded() -> None:
     sizing = plan(FsInfo(FsKind.NFS, 0x6969, "/home"))
     assert sizing.layout == "sharded"
-    assert sizing.workers == 8
+    assert sizing.lanes == 8
 
 
 def test_lustre_with_stripes_is_padded_and_capped_by_stripe_count() -> None:
     sizing = plan(FsInfo(FsKind.LUSTRE, 0x0BD00BD0, "/lustre", stripe_size=MiB, stripe_count=3))
     assert sizing.layout == "padded-striped"
     assert sizing.stripe_size == MiB
-    assert sizing.workers == 3
+    assert sizing.lanes == 3
 
 
 def test_parallel_fs_without_stripe_size_is_sharded() -> None:
@@ -162,29 +162,29 @@ def test_parallel_fs_without_stripe_size_is_sharded() -> None:
 
 def test_gpfs_block_size_gives_padded() -> None:
     sizing = plan(FsInfo(FsKind.GPFS, 0x47504653, "/gpfs", stripe_size=8 * MiB))
-    assert (sizing.layout, sizing.stripe_size, sizing.workers) == ("padded-striped", 8 * MiB, 8)
+    assert (sizing.layout, sizing.stripe_size, sizing.lanes) == ("padded-striped", 8 * MiB, 8)
 
 
-def test_workers_follow_producers_and_cpus() -> None:
-    assert plan(FsInfo(FsKind.LOCAL, 0, "/"), producers=1).workers == 1
-    assert plan(FsInfo(FsKind.LOCAL, 0, "/"), producers=None, cpus=1).workers == 2
-    assert plan(FsInfo(FsKind.NFS, 0, "/"), producers=100, cpus=2).workers == 4
+def test_lanes_follow_producers_and_cpus() -> None:
+    assert plan(FsInfo(FsKind.LOCAL, 0, "/"), producers=1).lanes == 1
+    assert plan(FsInfo(FsKind.LOCAL, 0, "/"), producers=None, cpus=1).lanes == 2
+    assert plan(FsInfo(FsKind.NFS, 0, "/"), producers=100, cpus=2).lanes == 4
 
 
 def test_explicit_settings_win() -> None:
-    sizing = plan(FsInfo(FsKind.NFS, 0x6969, "/"), layout="striped", workers=7, stripe_size="256KiB",
-                  buffers_per_worker=3, queue_depth=5)
-    assert (sizing.layout, sizing.workers, sizing.stripe_size, sizing.buffers, sizing.queue_depth) == (
+    sizing = plan(FsInfo(FsKind.NFS, 0x6969, "/"), layout="striped", lanes=7, stripe_size="256KiB",
+                  buffers_per_lane=3, queue_depth=5)
+    assert (sizing.layout, sizing.lanes, sizing.stripe_size, sizing.buffers, sizing.queue_depth) == (
         "striped", 7, 256 << 10, 21, 5)
     assert any("set explicitly" in reason for reason in sizing.reasons)
 
 
-def test_memory_budget_cuts_buffers_then_workers() -> None:
+def test_memory_budget_cuts_buffers_then_lanes() -> None:
     fs = FsInfo(FsKind.LOCAL, 0, "/")
     small = plan(fs, memory=64 * MiB, stripe_size="4MiB")  # budget: 16 MiB
     assert small.buffer_bytes <= small.memory_budget == 16 * MiB
-    assert small.buffers >= 2 * small.workers
-    assert small.workers == 2  # 4 workers x 2 x 4 MiB would not fit
+    assert small.buffers >= 2 * small.lanes
+    assert small.lanes == 2  # 4 lanes x 2 x 4 MiB would not fit
     big = plan(fs, memory=64 * GiB)
     assert big.memory_budget == 256 * MiB
 

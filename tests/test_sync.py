@@ -37,19 +37,19 @@ def run_threads(target: Callable[[int], None], count: int) -> None:
         thread.join()
 
 
-def assert_each_worker_in_order(events: list[bytes], workers: int, count: int) -> None:
-    assert len(events) == workers * count
+def assert_each_worker_in_order(events: list[bytes], threads: int, count: int) -> None:
+    assert len(events) == threads * count
     seen: dict[int, list[int]] = collections.defaultdict(list)
     for event in events:
         worker = int(event.split(b'"worker":')[1].split(b",")[0])
         seen[worker].append(int(event.split(b'"n":')[1].split(b",")[0]))
-    assert {worker: numbers for worker, numbers in seen.items()} == {w: list(range(count)) for w in range(workers)}
+    assert {worker: numbers for worker, numbers in seen.items()} == {w: list(range(count)) for w in range(threads)}
 
 
 @pytest.mark.parametrize("layout", LAYOUTS)
 def test_four_threads_every_line_once_in_order(tmp_path, settings_for, layout: str) -> None:
     target = str(tmp_path / "out.pfw.gz") if layout == "padded-striped" else str(tmp_path / "out.pfw")
-    settings = settings_for(layout=layout, workers=2, stripe_size="64KiB")
+    settings = settings_for(layout=layout, lanes=2, stripe_size="64KiB")
     with open_writer_sync(target, settings=settings) as writer:
         def work(worker: int) -> None:
             with writer.producer(batch_bytes=3000) as producer:
@@ -69,7 +69,7 @@ def test_from_asyncio_and_a_pool(tmp_path, settings_for) -> None:
     target = str(tmp_path / "out.pfw")
 
     async def main() -> None:
-        with open_writer_sync(target, settings=settings_for(workers=2)) as writer:
+        with open_writer_sync(target, settings=settings_for(lanes=2)) as writer:
             async def worker(index: int) -> None:
                 producer = writer.producer(batch_bytes=2000)
                 for n in range(0, 2000, 100):
@@ -110,7 +110,7 @@ def test_one_handle_shared_by_two_threads_is_refused_and_loses_nothing(tmp_path,
     accepted: list[bytes] = []
     refused = [0]
     lock = threading.Lock()
-    with open_writer_sync(target, settings=settings_for(workers=1)) as writer:
+    with open_writer_sync(target, settings=settings_for(lanes=1)) as writer:
         shared = writer.producer(batch_bytes=300)
 
         def hammer(worker: int) -> None:
@@ -234,7 +234,7 @@ def test_leaving_the_block_while_threads_send_keeps_every_returned_call(tmp_path
         target = str(tmp_path / f"out{seed}.pfw")
         ledger = Ledger()
         threads = []
-        with open_writer_sync(target, settings=settings_for(layout=layout, workers=2, stripe_size="64KiB")) as writer:
+        with open_writer_sync(target, settings=settings_for(layout=layout, lanes=2, stripe_size="64KiB")) as writer:
             for worker in range(4):
                 thread = threading.Thread(target=send_until_closed, args=(writer, worker, ledger, seed))
                 thread.start()
@@ -250,14 +250,14 @@ def test_leaving_the_block_while_threads_send_keeps_every_returned_call(tmp_path
 
 def test_a_pool_that_outlives_the_writer_gets_closed_errors_and_loses_nothing(tmp_path, settings_for) -> None:
     """Issue 19, case 3: a ThreadPoolExecutor whose ``with`` encloses the
-    writer's: its workers go on after the writer closed, and get
+    writer's: its threads go on after the writer closed, and get
     ClosedError (never trio.RunFinishedError); the output holds exactly the
     lines of the calls that returned."""
     for seed in range(10):
         target = str(tmp_path / f"out{seed}.pfw")
         ledger = Ledger()
         with ThreadPoolExecutor(4) as pool:
-            with open_writer_sync(target, settings=settings_for(workers=2, stripe_size="64KiB")) as writer:
+            with open_writer_sync(target, settings=settings_for(lanes=2, stripe_size="64KiB")) as writer:
                 futures = [pool.submit(send_until_closed, writer, worker, ledger, seed) for worker in range(8)]
                 while sum(ledger.accepted.values()) < 100 * (seed % 3 + 1):
                     time.sleep(0.001)
@@ -288,7 +288,7 @@ def press_ctrl_c() -> None:
 
 try:
     with open_writer_sync(os.path.join(directory, "out.pfw"), backend=stuck,
-                          settings=load_settings(fsync=False, stripe_size="64KiB", workers=1)) as writer:
+                          settings=load_settings(fsync=False, stripe_size="64KiB", lanes=1)) as writer:
         threading.Thread(target=press_ctrl_c, daemon=True).start()
         with writer.producer() as producer:
             while True:

@@ -110,7 +110,7 @@ def check_output(files: list[str], events: list[bytes], wrapped: bool, compresse
 async def test_wrap_in_every_layout(tmp_path, settings_for, layout: str, compressed: bool, wrap: str) -> None:
     paths, events = ndjson_inputs(tmp_path / "in", array_too=wrap == "auto-array")
     out = str(tmp_path / ("m.pfw.gz" if compressed else "m.pfw"))
-    result = await merge(paths, out, settings=settings_for(layout=layout, stripe_size="64KiB", workers=2,
+    result = await merge(paths, out, settings=settings_for(layout=layout, stripe_size="64KiB", lanes=2,
                                                            wrap=wrap.split("-")[0]))
     wrapped = wrap in ("array", "auto-array")
     assert result.wrap == ("array" if wrapped else "none")
@@ -186,7 +186,7 @@ async def test_no_event_and_no_wrapper_still_gives_a_readable_file(tmp_path, set
     empty = tmp_path / "empty.pfw"
     empty.write_bytes(b"")
     out = str(tmp_path / ("m.pfw.gz" if compressed else "m.pfw"))
-    result = await merge([str(empty)], out, settings=settings_for(layout=layout, workers=2, wrap="auto"))
+    result = await merge([str(empty)], out, settings=settings_for(layout=layout, lanes=2, wrap="auto"))
     assert result.wrap == "none" and [entry.why for entry in result.incomplete] == ["no end event"]
     for path in result.writer.outputs:
         with open(path, "rb") as handle:
@@ -232,7 +232,7 @@ def test_starts_array(tmp_path) -> None:
 def test_verify_reads_an_unwrapped_output(tmp_path) -> None:
     paths, events = ndjson_inputs(tmp_path / "in")
     out = tmp_path / "m.pfw.gz"
-    done = run_cli("merge", *paths, "-o", str(out), "--layout", "sharded", "--workers", "3", "--verify")
+    done = run_cli("merge", *paths, "-o", str(out), "--layout", "sharded", "--lanes", "3", "--verify")
     assert done.returncode == 0, done.stderr
     assert "verified" in done.stdout
     assert run_cli("verify", f"{out}.shards", *paths).returncode == 0

@@ -34,7 +34,7 @@ def leftovers(directory) -> list[str]:
 @pytest.mark.parametrize("layout", LAYOUTS)
 async def test_many_producers_every_line_once(tmp_path, settings_for, layout: str) -> None:
     target = str(tmp_path / "out.pfw")
-    settings = settings_for(layout=layout, stripe_size="64KiB", workers=3)
+    settings = settings_for(layout=layout, stripe_size="64KiB", lanes=3)
     expected: collections.Counter[bytes] = collections.Counter()
     lane_of: dict[int, int] = {}  # producer -> its lane: handles go to the lanes in turn
     async with open_writer(target, settings=settings, fs=LOCAL) as writer:
@@ -81,7 +81,7 @@ async def test_many_producers_every_line_once(tmp_path, settings_for, layout: st
 @pytest.mark.parametrize("layout", LAYOUTS)
 async def test_empty_output_is_header_and_footer(tmp_path, settings_for, layout: str) -> None:
     target = str(tmp_path / "empty.pfw")
-    async with open_writer(target, settings=settings_for(layout=layout, workers=2), fs=LOCAL):
+    async with open_writer(target, settings=settings_for(layout=layout, lanes=2), fs=LOCAL):
         pass
     assert read_text(published(target, layout)) == b"[\n]\n"
 
@@ -154,10 +154,10 @@ async def test_missing_output_directory(tmp_path, settings_for) -> None:
 
 async def test_sharded_force_removes_stale_shards(tmp_path, settings_for) -> None:
     target = str(tmp_path / "out.pfw")
-    async with open_writer(target, settings=settings_for(layout="sharded", workers=4), fs=LOCAL):
+    async with open_writer(target, settings=settings_for(layout="sharded", lanes=4), fs=LOCAL):
         pass
     assert len([n for n in os.listdir(tmp_path) if ".shard_" in n]) == 4
-    async with open_writer(target, settings=settings_for(layout="sharded", workers=2), fs=LOCAL, force=True) as w:
+    async with open_writer(target, settings=settings_for(layout="sharded", lanes=2), fs=LOCAL, force=True) as w:
         pass
     # The new set has names of another generation than the set it replaces
     # (a reader of the old manifest never sees a new shard); the old ones are gone.
@@ -165,7 +165,7 @@ async def test_sharded_force_removes_stale_shards(tmp_path, settings_for) -> Non
     assert sorted(n for n in os.listdir(tmp_path) if ".shard_" in n) == new
     assert read_text(target + ".shards") == b"[\n]\n"
     assert [os.path.basename(p) for p in w.outputs] == new
-    async with open_writer(target, settings=settings_for(layout="sharded", workers=3), fs=LOCAL, force=True) as w:
+    async with open_writer(target, settings=settings_for(layout="sharded", lanes=3), fs=LOCAL, force=True) as w:
         pass
     again = ["out.shard_000.pfw", "out.shard_001.pfw", "out.shard_002.pfw"]
     assert sorted(n for n in os.listdir(tmp_path) if ".shard_" in n) == again
@@ -175,7 +175,7 @@ async def test_sharded_force_removes_stale_shards(tmp_path, settings_for) -> Non
 
 async def test_fsync_on_close_when_enabled(tmp_path, settings_for) -> None:
     target = str(tmp_path / "out.pfw")
-    async with open_writer(target, settings=settings_for(fsync=True, layout="sharded", workers=2), fs=LOCAL) as w:
+    async with open_writer(target, settings=settings_for(fsync=True, layout="sharded", lanes=2), fs=LOCAL) as w:
         pass
     assert w.statistics().io.fsyncs == 2
 
@@ -222,7 +222,7 @@ async def test_failed_operation_publishes_nothing_and_names_the_output(
 
 async def test_slow_completions_still_give_a_complete_output(tmp_path, backend_name: str, autojump_clock) -> None:
     target = tmp_path / "out.pfw"
-    settings = load_settings(backend=backend_name, stripe_size="64KiB", fsync=True, workers=2)
+    settings = load_settings(backend=backend_name, stripe_size="64KiB", fsync=True, lanes=2)
     async with open_backend(backend_name, queue_depth=4) as inner:
         slow = FaultBackend(inner, delay=3.0)
         async with open_writer(str(target), settings=settings, fs=LOCAL, backend=slow) as writer:
@@ -250,7 +250,7 @@ async def test_short_writes_and_eintr_under_the_whole_service(tmp_path, monkeypa
 
     monkeypatch.setattr(os, "pwritev", stingy_and_interrupted)
     target = tmp_path / "out.pfw"
-    settings = load_settings(backend="threads", stripe_size="64KiB", fsync=True, workers=2)
+    settings = load_settings(backend="threads", stripe_size="64KiB", fsync=True, lanes=2)
     lines = [b'{"n":%d,"pad":"%s"}' % (n, b"y" * (n % 300)) for n in range(3000)]
     async with open_writer(str(target), settings=settings, fs=LOCAL) as writer:
         async with writer.producer() as producer:
@@ -279,7 +279,7 @@ async def test_early_writeback_with_fsync(tmp_path, settings_for, early_writebac
     target = str(tmp_path / "out.pfw")
     line = b'{"pad":"%s"}' % (b"x" * 1000)
     for fsync in (True, False):
-        settings = settings_for(fsync=fsync, early_writeback=early_writeback, stripe_size="1MiB", workers=1)
+        settings = settings_for(fsync=fsync, early_writeback=early_writeback, stripe_size="1MiB", lanes=1)
         async with open_writer(target, settings=settings, fs=LOCAL, force=True) as writer:
             async with writer.producer() as producer:
                 await producer.send_lines([line] * 5000)
@@ -295,7 +295,7 @@ async def test_a_shard_that_got_nothing_holds_one_padding_line(tmp_path, setting
     import gzip
 
     target = str(tmp_path / ("out.pfw.gz" if compressed else "out.pfw"))
-    async with open_writer(target, settings=settings_for(layout="sharded", workers=3), fs=LOCAL) as writer:
+    async with open_writer(target, settings=settings_for(layout="sharded", lanes=3), fs=LOCAL) as writer:
         await writer.write_lines(0, b'{"id":1}\n')
     shards = writer.outputs
     with open(shards[1], "rb") as shard:
@@ -363,7 +363,7 @@ async def test_producers_outside_the_writers_block_while_it_closes(tmp_path, set
         target = str(tmp_path / f"out{seed}.pfw")
         accepted: collections.Counter[bytes] = collections.Counter()
         errors: list[str] = []
-        settings = settings_for(layout=layout, workers=2, stripe_size="64KiB")
+        settings = settings_for(layout=layout, lanes=2, stripe_size="64KiB")
         async with trio.open_nursery() as outer:
             async with open_writer(target, settings=settings, fs=LOCAL) as writer:
                 for index in range(6):
@@ -382,7 +382,7 @@ async def test_retrying_a_cancelled_send_writes_each_line_once(tmp_path, setting
     target = str(tmp_path / "out.pfw")
     expected: collections.Counter[bytes] = collections.Counter()
     cancelled = 0
-    async with open_writer(target, settings=settings_for(workers=2, stripe_size="64KiB"), fs=LOCAL) as writer:
+    async with open_writer(target, settings=settings_for(lanes=2, stripe_size="64KiB"), fs=LOCAL) as writer:
 
         async def produce(index: int) -> None:
             nonlocal cancelled
@@ -435,7 +435,7 @@ async def test_no_line_waits_longer_than_max_delay(tmp_path, layout: str, compre
     delay = 10.0
     memory = MemoryBackend()
     sent_at: dict[bytes, float] = {}
-    settings = load_settings(layout=layout, workers=2, stripe_size="64KiB", fsync=False, max_delay=delay)
+    settings = load_settings(layout=layout, lanes=2, stripe_size="64KiB", fsync=False, max_delay=delay)
     target = str(tmp_path / ("out.pfw.gz" if compress else "out.pfw"))
     async with open_writer(target, settings=settings, fs=LOCAL, backend=memory) as writer:
 
