@@ -52,3 +52,11 @@ def expect_failure(done: subprocess.CompletedProcess[str], code: int, *needles: 
 def published(path: str | os.PathLike[str], layout: str) -> str:
     """The name to read a whole output from (a sharded set: its manifest)."""
     return f"{os.fspath(path)}.shards" if layout == "sharded" else os.fspath(path)
+
+
+def fake_ranks(directory: str | os.PathLike[str], *, ranks: int, epochs: int, steps: int, hosts: int = 2) -> None:
+    """Realistic per-rank ``rank_N.pfw.gz`` traces in ``directory``, made by
+    the field's own generator (``dftracer_gen_fake_trace``)."""
+    subprocess.run([dftracer_tool("dftracer_gen_fake_trace"), "-o", os.fspath(directory), "-p", str(ranks),
+                    "-H", str(hosts), "-e", str(epochs), "-s", str(steps)], check=True, capture_output=True,
+                   timeout=120)

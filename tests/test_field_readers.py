@@ -15,7 +15,7 @@ import pytest
 from pwriter.output import read_shard_set
 from pwriter.testing import read_text
 
-from helpers import dftracer_tool, run_cli
+from helpers import dftracer_tool, fake_ranks, run_cli
 
 LAYOUTS = ["striped", "padded-striped", "sharded"]
 
@@ -23,8 +23,7 @@ LAYOUTS = ["striped", "padded-striped", "sharded"]
 @pytest.fixture(scope="module")
 def ranks(tmp_path_factory: pytest.TempPathFactory) -> pathlib.Path:
     directory = tmp_path_factory.mktemp("ranks")
-    subprocess.run([dftracer_tool("dftracer_gen_fake_trace"), "-o", str(directory), "-p", "16", "-H", "2", "-e", "1",
-                    "-s", "100"], check=True, capture_output=True, timeout=120)
+    fake_ranks(directory, ranks=16, epochs=1, steps=100)
     return directory
 
 

@@ -20,7 +20,7 @@ from pwriter.corpus import write_corpus
 from pwriter.output import is_temporary_name
 from pwriter.testing import event_counter, read_events, read_text
 
-from helpers import BIN, dftracer_tool, expect_failure, run_cli
+from helpers import BIN, dftracer_tool, expect_failure, fake_ranks, run_cli
 
 LAYOUTS = ["striped", "padded-striped", "sharded"]
 JSON_FIELDS = {"outputs", "layout", "backend", "fs_kind", "stripe_size", "lanes", "inputs", "events",
@@ -34,8 +34,7 @@ def corpus(tmp_path_factory: pytest.TempPathFactory) -> str:
     directory = tmp_path_factory.mktemp("corpus")
     write_corpus(str(directory), files=200, events_per_file=120, seed=7)
     fake = directory / "fake"
-    subprocess.run([dftracer_tool("dftracer_gen_fake_trace"), "-o", str(fake), "-p", "6", "-H", "2", "-e", "1",
-                    "-s", "20"], check=True, capture_output=True)
+    fake_ranks(fake, ranks=6, epochs=1, steps=20)
     for path in fake.glob("*.pfw.gz"):
         path.rename(directory / f"fake_{path.name}")
     return str(directory)

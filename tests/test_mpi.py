@@ -21,7 +21,7 @@ from pwriter.corpus import write_corpus
 from pwriter.output import is_temporary_name, lock_path
 from pwriter.testing import read_events
 
-from helpers import BIN, dftracer_tool, published, run_cli
+from helpers import BIN, dftracer_tool, fake_ranks, published, run_cli
 
 pytest.importorskip("mpi4py", reason="the MPI extra is not installed (pip install 'pwriter[mpi]')")
 MPIEXEC = shutil.which("mpiexec", path=BIN)
@@ -91,8 +91,7 @@ def event_count(directory) -> int:
 @pytest.mark.parametrize("layout", LAYOUTS)
 def test_gzip_output_of_two_ranks_reads_whole_in_the_field_tool(tmp_path, layout: str) -> None:
     ranks = tmp_path / "ranks"
-    subprocess.run([dftracer_tool("dftracer_gen_fake_trace"), "-o", str(ranks), "-p", "8", "-H", "2", "-e", "1",
-                    "-s", "40"], check=True, capture_output=True, timeout=120)
+    fake_ranks(ranks, ranks=8, epochs=1, steps=40)
     expected = event_count(ranks)
     out = tmp_path / "out" / "merged.pfw.gz"
     out.parent.mkdir()

@@ -10,7 +10,6 @@ import gzip
 import json
 import pathlib
 import re
-import subprocess
 
 import pytest
 import trio
@@ -21,7 +20,7 @@ from pwriter.sizing import FsInfo, FsKind
 from pwriter.testing import MemoryBackend, read_events
 from pwriter.writer import open_writer
 
-from helpers import dftracer_tool, run_cli
+from helpers import fake_ranks, run_cli
 
 MiB = 1 << 20
 LOCAL = FsInfo(FsKind.LOCAL, 0xEF53, "/")
@@ -31,8 +30,7 @@ LOCAL = FsInfo(FsKind.LOCAL, 0xEF53, "/")
 def ranks(tmp_path_factory: pytest.TempPathFactory) -> pathlib.Path:
     """Eight DFTracer ranks, as in the issue: 26.5 MB of text, 2.2 MB gzipped."""
     directory = tmp_path_factory.mktemp("ranks")
-    subprocess.run([dftracer_tool("dftracer_gen_fake_trace"), "-o", str(directory), "-p", "8", "-H", "2", "-e", "4",
-                    "-s", "200"], check=True, capture_output=True, timeout=120)
+    fake_ranks(directory, ranks=8, epochs=4, steps=200)
     return directory
 
 
