@@ -172,7 +172,7 @@ class Producer:
             self._queue(line)
             await trio.lowlevel.cancel_shielded_checkpoint()
         else:
-            await self._push("send_line", line)
+            await self._push(line)
 
     async def send_lines(self, lines: Iterable[bytes]) -> None:
         """Queue many lines at once (newlines added where missing; every
@@ -189,7 +189,7 @@ class Producer:
                 self._queue(block)
             await trio.lowlevel.cancel_shielded_checkpoint()
         else:
-            await self._push("send_lines", block)
+            await self._push(block)
 
     async def send_block(self, block: bytes) -> None:
         """Send a block of whole lines (newline-terminated; one is added at the end if missing).
@@ -226,11 +226,7 @@ class Producer:
         if not self._pending:
             await trio.lowlevel.checkpoint()
             return
-        self._start_push()
-        try:
-            await self._send_queued()
-        finally:
-            self._finish_push()
+        await self._push()
 
     def _queue(self, lines: bytes) -> None:
         if not self._pending:
@@ -238,10 +234,10 @@ class Producer:
         self._pending.append(lines)
         self._pending_bytes += len(lines)
 
-    async def _push(self, call: str, lines: bytes) -> None:
-        """Push the queued lines and ``lines`` (the current call's) as one block."""
-        if self._blocked:
-            raise self._misuse(call)
+    async def _push(self, lines: bytes = b"") -> None:
+        """Push the queued lines and ``lines`` (the current call's, if any;
+        one of the two holds something) as one block, marked as a push under
+        way (the caller checked that the handle takes calls)."""
         self._start_push()
         try:
             await self._send_queued(lines)
@@ -342,17 +338,9 @@ class Producer:
             raise self._misuse("aclose")
         self.closed = True
         self._blocked += 1  # (no call from now on)
-        await self._push_queued()
-        self._close_channel()
-
-    async def _push_queued(self) -> None:
-        """Send what the handle holds (if anything), marked as a push under way."""
         if self._pending:
-            self._start_push()
-            try:
-                await self._send_queued()
-            finally:
-                self._finish_push()
+            await self._push()
+        self._close_channel()
 
     def refuse_calls(self) -> None:
         """The writer starts closing: from now on every call raises
@@ -372,7 +360,8 @@ class Producer:
             await self._push_done.wait()
         self.closed = True
         if not self._channel_closed:
-            await self._push_queued()
+            if self._pending:
+                await self._push()
             self._close_channel()
 
     def discard_for_writer(self) -> None:
