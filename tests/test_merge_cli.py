@@ -8,6 +8,7 @@ import contextlib
 import gzip
 import json
 import os
+import pathlib
 import re
 import socket
 import subprocess
@@ -406,19 +407,14 @@ def test_a_reader_of_stdout_that_goes_away_is_quiet(tmp_path) -> None:
     assert read_events(tmp_path / "m.pfw")
 
 
-@pytest.mark.parametrize(("signame", "code", "said"), [("SIGINT", 130, "interrupted"), ("SIGTERM", 143, "terminated")])
-def test_interrupt_exits_130_and_publishes_nothing(tmp_path, backend_name: str, signame: str, code: int,
-                                                   said: str) -> None:
-    """Ctrl-C (or SIGTERM) in the middle of a merge: exit 130 (143), no
-    output, no temporaries.
+SIGNALS = [("SIGINT", 130, "interrupted"), ("SIGTERM", 143, "terminated")]
 
-    The input is a FIFO that the test feeds, so the merge is certainly
-    running (and has its temporary file) when the signal arrives.
-    """
+
+def merge_of_a_fifo(tmp_path, backend_name: str) -> tuple[subprocess.Popen[str], pathlib.Path, pathlib.Path]:
+    """A ``pwriter merge`` whose one input is a FIFO the test feeds (so the
+    merge is certainly running when the test acts): the process, the FIFO
+    and the output (alone in a directory of its own)."""
     import signal
-    import time
-
-    from helpers import BIN
 
     fifo = tmp_path / "live.pfw"
     os.mkfifo(fifo)
@@ -431,6 +427,22 @@ def test_interrupt_exits_130_and_publishes_nothing(tmp_path, backend_name: str, 
                                 "--backend", backend_name],
                                stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
                                preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
+    return process, fifo, out
+
+
+@pytest.mark.parametrize(("signame", "code", "said"), SIGNALS)
+def test_interrupt_exits_130_and_publishes_nothing(tmp_path, backend_name: str, signame: str, code: int,
+                                                   said: str) -> None:
+    """Ctrl-C (or SIGTERM) in the middle of a merge: exit 130 (143), no
+    output, no temporaries.
+
+    The input is a FIFO that the test feeds, so the merge is certainly
+    running (and has its temporary file) when the signal arrives.
+    """
+    import signal
+    import time
+
+    process, fifo, out = merge_of_a_fifo(tmp_path, backend_name)
     try:
         with open(fifo, "wb") as feed:
             feed.write(b'[\n' + b'{"id":1,"name":"read"}\n' * 1000)
@@ -447,9 +459,6 @@ def test_interrupt_exits_130_and_publishes_nothing(tmp_path, backend_name: str, 
     assert process.returncode == code, stderr
     assert stderr.strip() == f"pwriter: {said}"
     assert os.listdir(out.parent) == []
-
-
-SIGNALS = [("SIGINT", 130, "interrupted"), ("SIGTERM", 143, "terminated")]
 
 
 @pytest.mark.parametrize("feed", ["never-opened", "silent", "trickling"])
@@ -469,16 +478,7 @@ def test_a_signal_ends_a_merge_blocked_on_a_fifo(tmp_path, backend_name: str, fe
     import threading
     import time
 
-    from helpers import BIN
-
-    fifo = tmp_path / "live.pfw"
-    os.mkfifo(fifo)
-    out = tmp_path / "out" / "merged.pfw"
-    out.parent.mkdir()
-    process = subprocess.Popen([os.path.join(BIN, "pwriter"), "merge", str(fifo), "-o", str(out),
-                                "--backend", backend_name],
-                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                               preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
+    process, fifo, out = merge_of_a_fifo(tmp_path, backend_name)
     stop = threading.Event()
 
     def write() -> None:  # the writer's side of the FIFO, until the test ends (or the reader goes)
