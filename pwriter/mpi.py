@@ -101,7 +101,7 @@ from .settings import Settings
 from .sizing import FsInfo, Sizing, Striping, shard_offsets
 
 if TYPE_CHECKING:
-    from .writer import WriterShare
+    from .writer import OutputFormat, WriterShare
 
 __all__ = ["launched_by_mpi", "RankFailed", "RankTimeout", "World", "WindowCounter", "RankPart", "RankOutput",
            "merge_over_ranks", "RankMergeResult"]
@@ -316,16 +316,11 @@ class RankOutput:
 
     def create(self, *, direct: bool = False) -> list[int]:
         from .errors import WriteError
-        from .output import create_temporaries
+        from .output import create_temporaries, open_output_directory
 
         self._direct = direct
         if self._creates:  # (in the directory as it is now, even if it is renamed later: see pwriter.output)
-            directory = os.path.dirname(os.path.abspath(self.output))
-            try:
-                self._dir_fd = os.open(directory, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
-            except OSError as exc:
-                raise WriteError(self.output, f"cannot open the output directory: {exc.strerror}",
-                                 exc.errno) from None
+            self._dir_fd = open_output_directory(self.output)
             self.temporaries, self.fds, self.direct_fds = create_temporaries(
                 self.output, self.targets, direct=direct, striping=self._striping, first=self._first,
                 dir_fd=self._dir_fd)
@@ -383,12 +378,11 @@ class RankOutput:
 
     def remove_created(self) -> None:
         """Remove the shards this rank created (nothing for a shared file)."""
+        from .output import _unlink_quietly
+
         if self._creates:
             for name in self.temporaries:
-                try:
-                    os.unlink(os.path.basename(name) if self._dir_fd is not None else name, dir_fd=self._dir_fd)
-                except OSError:
-                    pass
+                _unlink_quietly(name, self._dir_fd)
             self.temporaries = []
 
     def close_directory(self) -> None:
@@ -409,15 +403,17 @@ class RankPart:
     writes_footer: bool
     counter: Counter | None
     """Striped and padded-striped: where offsets come from."""
+    form: OutputFormat
+    """The output's compression and framing (:func:`pwriter.writer.output_format`)."""
     shard_size: int | None = None
     """Sharded: the shard size (each shard then has the header and the footer)."""
 
     def writer_share(self, target: str, settings: Settings) -> WriterShare:
         """This rank's writer: its plan (the sizing rank 0 decided, without the
         header or footer another rank writes), its files and its planner."""
-        from .writer import WriterShare, output_format, writer_plan
+        from .writer import WriterShare, writer_plan
 
-        plan = writer_plan(target, settings, output_format(target, settings), self.fs, self.sizing)
+        plan = writer_plan(target, settings, self.form, self.fs, self.sizing)
         planner = self.planner(header_length=plan.header_length, min_padding=plan.min_padding)
         return WriterShare(plan.for_share(writes_header=self.writes_header, writes_footer=self.writes_footer),
                            self.output, planner)
@@ -535,6 +531,7 @@ async def merge_over_ranks(
     judges the completeness of every input (``require_complete``: an
     incomplete one fails the job before anything is published)."""
     from .settings import load_settings, settings_with
+    from .writer import output_format
 
     if offsets not in ("counter", "exscan"):  # (every rank finds it: no agreement needed)
         raise ValueError(f"offsets={offsets!r}: expected 'counter' or 'exscan'")
@@ -542,17 +539,17 @@ async def merge_over_ranks(
     started = time.perf_counter()
     decision, outputs = await _decide_everywhere(world, paths, directories, output, given, force, offsets, recursive)
     settings = settings_with(given, wrap=decision.wrap)  # (every rank writes as rank 0 decided)
-    frame = _Frame.of(settings, decision.compressed)
     exscan = offsets == "exscan" and decision.sizing.layout == "striped"
     counter: WindowCounter | None = None
     part_output: RankOutput | None = None
     hung = False  # another rank hangs: nothing collective any more
     try:
+        form = output_format(output, settings)  # (a level the codec lacks fails here, agreed on below)
         inputs = _inputs_of_rank(world, decision)
         part_output = _rank_output(world, decision, output)
-        counter, part_counter, counted = await _rank_offsets(world, decision, inputs, len(frame.header), exscan,
+        counter, part_counter, counted = await _rank_offsets(world, decision, inputs, len(form.header), exscan,
                                                              salvage, validate)
-        part = _rank_part(world, decision, settings, part_output, part_counter)
+        part = _rank_part(world, decision, settings, part_output, part_counter, form)
         result, failure = await _merge_share(world, inputs, output, settings, part, counter, counted, exscan,
                                              force=force, progress=progress, salvage=salvage, validate=validate)
         with trio.CancelScope(shield=True):  # collective from here on: every rank takes part
@@ -566,7 +563,7 @@ async def merge_over_ranks(
                 assert gathered is not None and outputs is not None
                 decision = _make_global(outputs, decision, settings, gathered, output)
                 try:
-                    incomplete, footer_bytes = _check_and_commit(outputs, decision, counter, frame, gathered,
+                    incomplete, footer_bytes = _check_and_commit(outputs, decision, counter, form, gathered,
                                                                  settings, exscan, require_complete)
                 except Exception as exc:
                     commit_error = exc
@@ -609,25 +606,6 @@ async def _decide_everywhere(world: World, paths: Sequence[str], directories: Se
     return decision, kept[0] if kept else None
 
 
-@dataclasses.dataclass(frozen=True)
-class _Frame:
-    """The header and footer as written (gzip members when compressed), and their text lengths."""
-
-    header: bytes
-    footer: bytes
-    texts: tuple[int, int]
-
-    @classmethod
-    def of(cls, settings: Settings, compressed: bool) -> _Frame:
-        from .compress import gzip_member
-        from .writer import wrapper_lines
-
-        header_text, footer_text = wrapper_lines(settings)
-        header = gzip_member(header_text, settings.level) if compressed and header_text else header_text
-        footer = gzip_member(footer_text, settings.level) if compressed and footer_text else footer_text
-        return cls(header, footer, (len(header_text), len(footer_text)))
-
-
 def _inputs_of_rank(world: World, decision: Decision) -> list[str]:
     """Step 2: this rank's share of the inputs (by size, in order; none for a rank beyond the inputs)."""
     from .merge import partition
@@ -663,7 +641,7 @@ async def _rank_offsets(world: World, decision: Decision, inputs: list[str], hea
 
 
 def _rank_part(world: World, decision: Decision, settings: Settings, part_output: RankOutput,
-               part_counter: Counter | None) -> RankPart:
+               part_counter: Counter | None, form: OutputFormat) -> RankPart:
     """What this rank writes: its files, the header (rank 0, or every shard of a
     sized sharded set) and the footer (the last rank's last shard, or every sized shard)."""
     sharded = decision.sizing.layout == "sharded"
@@ -671,7 +649,7 @@ def _rank_part(world: World, decision: Decision, settings: Settings, part_output
     return RankPart(fs=decision.fs, sizing=decision.sizing, output=part_output,
                     writes_header=world.rank == 0 or sized,
                     writes_footer=sized or (sharded and world.rank == world.size - 1), counter=part_counter,
-                    shard_size=settings.shard_size if sized else None)
+                    form=form, shard_size=settings.shard_size if sized else None)
 
 
 async def _merge_share(world: World, inputs: list[str], output: str, settings: Settings, part: RankPart,
@@ -736,7 +714,7 @@ def _make_global(outputs: Any, decision: Decision, settings: Settings, gathered:
     return dataclasses.replace(decision, targets=list(outputs.targets))
 
 
-def _check_and_commit(outputs: Any, decision: Decision, counter: WindowCounter | None, frame: _Frame,
+def _check_and_commit(outputs: Any, decision: Decision, counter: WindowCounter | None, form: OutputFormat,
                       gathered: list[dict[str, Any]], settings: Settings, exscan: bool,
                       require_complete: bool) -> tuple[tuple[Any, ...], int]:
     """Step 5 on rank 0: judge every input's completeness, then commit
@@ -744,8 +722,8 @@ def _check_and_commit(outputs: Any, decision: Decision, counter: WindowCounter |
     from .merge import check_complete
 
     incomplete = check_complete([end for item in gathered for end in item["ends"]], require_complete)
-    footer_bytes = _commit(outputs, decision, counter, frame.footer, gathered, settings, exscan,
-                           len(frame.header), frame.texts)
+    footer_bytes = _commit(outputs, decision, counter, form.footer, gathered, settings, exscan,
+                           len(form.header), (form.header_text, form.footer_text))
     return incomplete, footer_bytes
 
 

@@ -103,7 +103,7 @@ if TYPE_CHECKING:
 
 __all__ = ["OutputSet", "OutputLock", "StreamOutput", "create_temporaries", "close_quietly", "close_checked",
            "shard_paths", "manifest_path", "member_index_path", "lock_path", "names_of_output", "read_shard_set",
-           "is_temporary_name", "remove_stale_temporaries", "write_fully", "TEMP_MARKER", "LOCK_SUFFIX"]
+           "is_temporary_name", "open_output_directory", "write_fully", "TEMP_MARKER", "LOCK_SUFFIX"]
 
 TEMP_MARKER = ".pwriter-"
 LOCK_SUFFIX = ".pwriter-lock"
@@ -150,9 +150,10 @@ def shard_paths(target: str, count: int, generation: int = 0) -> list[str]:
 
 
 def _shard_pattern(target: str) -> re.Pattern[str]:
-    """The base names of ``target``'s shards, of any generation and count (exactly: no other name matches)."""
+    """The base names of ``target``'s shards, of any generation and count
+    (exactly: no other name matches); group 1 is the generation (None for 0)."""
     stem, suffix = _stem_and_suffix(os.path.basename(target))
-    return re.compile(re.escape(stem) + r"(?:\.g[0-9]+)?\.shard_[0-9]{3,}" + re.escape(suffix) + r"\Z")
+    return re.compile(re.escape(stem) + r"(?:\.g([0-9]+))?\.shard_[0-9]{3,}" + re.escape(suffix) + r"\Z")
 
 
 def is_temporary_name(name: str) -> bool:
@@ -180,31 +181,6 @@ def _process_is_gone(pid: int) -> bool:
     return False
 
 
-def remove_stale_temporaries(targets: Iterable[str]) -> list[str]:
-    """Remove the temporaries of ``targets`` left by pwriter processes of
-    this host that no longer run (killed before they could clean up);
-    returns the names removed.  Temporaries of live processes and of other
-    hosts (shared storage) are left alone.  Each directory is listed once.
-    (:meth:`OutputSet.check` does this for every file of an output's set.)"""
-    by_directory: dict[str, set[str]] = {}  # directory -> the base names of its targets
-    for target in targets:
-        directory, name = os.path.split(os.path.abspath(target))
-        by_directory.setdefault(directory, set()).add(name)
-    removed: list[str] = []
-    for directory, names in by_directory.items():
-        try:
-            entries = os.listdir(directory)
-        except OSError:
-            continue
-        for entry in entries:
-            of = _stale_temporary_of(entry)
-            if of is not None and of in names:
-                path = os.path.join(directory, entry)
-                _unlink_quietly(path)
-                removed.append(path)
-    return removed
-
-
 def _stale_temporary_of(entry: str) -> str | None:
     """The name whose temporary ``entry`` is, when a process of this host that is gone made it; else None."""
     match = re.fullmatch(r"\.(.+)" + re.escape(TEMP_MARKER + _host()) + r"-([0-9]+)-[0-9a-f]+\.tmp", entry)
@@ -227,6 +203,18 @@ def _at_fresh_name(target: str, make: Callable[[str], T]) -> tuple[str, T]:
             if not attempts_left:
                 raise
     raise AssertionError("unreachable")  # pragma: no cover
+
+
+def open_output_directory(target: str) -> int:
+    """A descriptor of ``target``'s directory, through which its files are
+    created, renamed and removed (so that they stay in the directory as it
+    was, even if it is renamed meanwhile); :class:`WriteError` naming
+    ``target`` when it cannot be opened."""
+    directory = os.path.dirname(os.path.abspath(target))
+    try:
+        return os.open(directory, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+    except OSError as exc:
+        raise WriteError(target, f"cannot open the output directory: {exc.strerror}", exc.errno) from None
 
 
 def close_quietly(fds: Iterable[int]) -> None:
@@ -578,11 +566,7 @@ class OutputSet:
 
     def _open_directory(self) -> None:
         if self._dir_fd is None:
-            directory = os.path.dirname(os.path.abspath(self.target))
-            try:
-                self._dir_fd = os.open(directory, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
-            except OSError as exc:
-                raise WriteError(self.target, f"cannot open the output directory: {exc.strerror}", exc.errno) from None
+            self._dir_fd = open_output_directory(self.target)
 
     def _survey(self) -> _Found:
         manifest, index = manifest_path(self._name), member_index_path(self._name)
@@ -622,8 +606,7 @@ class OutputSet:
         any shard number (see the class docstring): a growing set may take
         any number of them."""
         assert self._dir_fd is not None
-        stem, suffix = _stem_and_suffix(self._name)
-        pattern = re.compile(re.escape(stem) + r"(?:\.g([0-9]+))?\.shard_[0-9]{3,}" + re.escape(suffix) + r"\Z")
+        pattern = _shard_pattern(self.target)
         taken = set()
         for entry in os.listdir(self._dir_fd):
             match = pattern.match(entry)
