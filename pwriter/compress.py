@@ -107,9 +107,13 @@ class SlotMembers:
                     member = self._make(text[done : done + _first_line_end(text[done:])])
                 place([member])
             else:
-                self.held.append(member)
-                self.held_bytes += len(member[0])
+                self.hold(member)
             done += member[1]
+
+    def hold(self, member: Member) -> None:
+        """Hold ``member`` with the others until the slot is written."""
+        self.held.append(member)
+        self.held_bytes += len(member[0])
 
     def take(self) -> list[Member]:
         """The members held (none is lost: the caller places them)."""

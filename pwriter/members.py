@@ -90,12 +90,9 @@ class MemberStage:
             await placed.wait()  # every compressed chunk has its place
         for lane, members in sorted((self._lanes or {}).items()):
             if members.held:
-                self._nursery.start_soon(self._write, self._sink.place_members(lane, members.take()))
+                self._nursery.start_soon(self._sink.write_placed, *self._sink.place_members(lane, members.take()))
         for placed_rest in self._sink.pool.place_rest():
-            self._nursery.start_soon(self._write, placed_rest)
-
-    async def _write(self, placed: tuple[Placement, bytes]) -> None:
-        await self._sink.write_placed(*placed)
+            self._nursery.start_soon(self._sink.write_placed, *placed_rest)
 
     def _write_stale_members(self, lane: int) -> None:
         """Padded gzip: write ``lane``'s held members now, in their place in

@@ -518,8 +518,7 @@ class SlotPool:
                 available = self._sink.room(POOL_LANE) - held.held_bytes
                 if held.held and len(member[0]) != available and len(member[0]) > available - self._sink.min_padding:
                     self._write_members(held.take())
-                held.held.append(member)
-                held.held_bytes += len(member[0])
+                held.hold(member)
             if self._sink.room(POOL_LANE) - held.held_bytes < self._sink.full_below:
                 self._write_members(held.take())
 

@@ -138,7 +138,6 @@ class WriterPlan:
     header_text: int
     footer_text: int
     header_length: int
-    min_padding: int
     files: int
     sidecars: tuple[str, ...]
     validate: bool = False
@@ -146,6 +145,11 @@ class WriterPlan:
     @property
     def sharded(self) -> bool:
         return self.sizing.layout == "sharded"
+
+    @property
+    def min_padding(self) -> int:
+        """The least padding the layout may write (a gzip member of a whitespace line, or one byte)."""
+        return GZIP_MIN_PADDING if self.compress else 1
 
     def planner(self) -> Planner:
         """The layout's planner for this plan (pure)."""
@@ -179,7 +183,7 @@ def writer_plan(target: str, settings: Settings, form: OutputFormat, fs: FsInfo,
     return WriterPlan(
         target=target, stream=stream, settings=settings, fs=fs, sizing=sizing, compress=form.compress,
         header=form.header, footer=form.footer, header_text=form.header_text, footer_text=form.footer_text,
-        header_length=len(form.header), min_padding=GZIP_MIN_PADDING if form.compress else 1, files=files,
+        header_length=len(form.header), files=files,
         sidecars=(member_index_path(target),) if form.compress else (), validate=validate,
     )
 
