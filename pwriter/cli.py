@@ -54,10 +54,18 @@ def _at_least_one(text: str) -> int:
 def _parser(*, settings_help: bool = False) -> argparse.ArgumentParser:
     parser = _Parser(prog="pwriter", description="Merge and write DFTracer traces at the speed of the storage.")
     commands = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
-
     merge = commands.add_parser("merge", help="merge .pfw / .pfw.gz traces into one trace",
                                 epilog=_settings_epilog() if settings_help else None,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+    _merge_arguments(merge)
+    _verify_arguments(commands.add_parser(
+        "verify", help="check that an output holds exactly the event lines of its inputs"))
+    _info_arguments(commands.add_parser("info", help="show the filesystem, sizing and backends for a path"))
+    _gen_corpus_arguments(commands.add_parser("gen-corpus", help="write an example corpus of mixed traces"))
+    return parser
+
+
+def _merge_arguments(merge: argparse.ArgumentParser) -> None:
     merge.add_argument("inputs", nargs="*", metavar="INPUT", help="trace files (.pfw or .pfw.gz, mixed)")
     merge.add_argument("-d", "--directory", metavar="DIR", action="append", default=[],
                        help="also merge every *.pfw and *.pfw.gz in DIR (repeat for more directories)")
@@ -111,7 +119,8 @@ def _parser(*, settings_help: bool = False) -> argparse.ArgumentParser:
                        help="MPI, striped: offsets from a shared counter (default) or from a prefix sum of "
                             "counted bytes (reads the inputs twice; plain output only)")
 
-    verify = commands.add_parser("verify", help="check that an output holds exactly the event lines of its inputs")
+
+def _verify_arguments(verify: argparse.ArgumentParser) -> None:
     verify.add_argument("output", metavar="OUTPUT", help="a merged trace (plain, gzip, or a sharded set)")
     verify.add_argument("inputs", nargs="*", metavar="INPUT")
     verify.add_argument("-d", "--directory", metavar="DIR", action="append", default=[],
@@ -125,7 +134,8 @@ def _parser(*, settings_help: bool = False) -> argparse.ArgumentParser:
                              "JSON is not expected in the output)")
     verify.add_argument("--json", action="store_true")
 
-    info = commands.add_parser("info", help="show the filesystem, sizing and backends for a path")
+
+def _info_arguments(info: argparse.ArgumentParser) -> None:
     info.add_argument("path", metavar="PATH")
     info.add_argument("--json", action="store_true")
     info.add_argument("--size", metavar="SIZE", default=None,
@@ -134,13 +144,13 @@ def _parser(*, settings_help: bool = False) -> argparse.ArgumentParser:
     info.add_argument("--stripe-size", metavar="SIZE", default=None, help="as for merge")
     info.add_argument("--layout", choices=("auto", "striped", "padded-striped", "sharded"), default=None)
 
-    gen = commands.add_parser("gen-corpus", help="write an example corpus of mixed traces")
+
+def _gen_corpus_arguments(gen: argparse.ArgumentParser) -> None:
     gen.add_argument("directory", metavar="DIR")
     gen.add_argument("--files", type=_at_least_one, default=200)
     gen.add_argument("--events", type=_at_least_one, default=500, help="events per file")
     gen.add_argument("--seed", type=int, default=0)
     gen.add_argument("--force", action="store_true", help="overwrite rank_N.pfw[.gz] files already in DIR")
-    return parser
 
 
 def main(argv: Sequence[str] | None = None) -> int:
