@@ -337,6 +337,7 @@ class RankOutput(CreatedFiles):
         self.written = True
 
     def discard(self) -> None:
+        """Close this rank's descriptors; remove the shards it created unless its part was written."""
         self.close_files()
         if not self.written:
             self.remove_created()
