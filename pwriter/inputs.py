@@ -359,47 +359,38 @@ def input_size(path: str) -> int:
         raise DataError(f"{path}: the input vanished before it was read: {exc.strerror}") from None
 
 
-class InputReader:
-    """Reads one input (plain or gzip, told apart by its magic number) and
-    cleans its text straight into the caller's stripe buffers.  Blocking:
-    meant to run in a worker thread.
+class _InputFile:
+    """One input, opened as it is now, and its text (plain or gzip, told
+    apart by its magic number).  Blocking: meant to run in a worker thread.
 
-    The caller keeps a buffer in two parts: ``buffer[:done]`` holds cleaned
-    event lines, ``buffer[done:end]`` text read but not yet cleaned (the
-    start of a line whose newline has not been read).  :meth:`fill` reads
-    more, cleans every complete line in place and returns the new
-    ``(done, end, finished)``.
-
-    An input is read as it was when opened.  A regular file is read up to
-    its size then; at its end, its size, modification and change times (of
-    the open descriptor) and the file its name means are checked again.  A
-    change raises :class:`DataError` naming it.  With ``salvage``, an input
-    that grew (a rank still writing it) or whose name now means another
-    file (or none) keeps the lines it had when opened, and the change is
-    reported in ``damage``; one rewritten in place is an error still (its
-    lines may mix the old text and the new).  A last line without its
-    newline is kept only if it is valid JSON (or a wrapper line): else it was
-    cut short, an :class:`InputError` that suggests ``--salvage``, or with
-    ``salvage`` dropped and reported.  Pipes, FIFOs and devices have no size
-    to check; they are opened and read without blocking a cancellation
+    A plain regular file is read with ``os.readv`` straight into the
+    caller's buffer, up to its size when opened: no buffered reader, a few
+    system calls for a small file (open, fstat, pread of the magic, read,
+    then fstat and stat to check it did not change, close).  gzip files and
+    pipes (which cannot pread: FIFOs are inputs too) go through a buffered
+    reader that can peek; pipes, FIFOs and devices have no size to check,
+    and are opened and read without blocking a cancellation
     (:class:`_WaitingFile`).
+
+    An input is read as it was when opened: at its end (:meth:`check_whole`),
+    its size, modification and change times (of the open descriptor) and
+    the file its name means are checked again.  A change raises
+    :class:`DataError` naming it.  With ``salvage``, an input that grew (a
+    rank still writing it) or whose name now means another file (or none)
+    keeps the text it had when opened, and a truncated gzip the text that
+    decompresses; each is told to ``note``.  One rewritten in place is an
+    error still (its lines may mix the old text and the new).
     """
 
-    def __init__(self, path: str, *, salvage: bool = False, validate: bool = False, size: int = 0) -> None:
+    def __init__(self, path: str, *, salvage: bool, size: int, note: typing.Callable[[str], None]) -> None:
         self.path = path
         self.salvage = salvage
         self.size = size  # bytes when the merge began: reading fewer means it shrank
-        self.damage: str | None = None  # what --salvage dropped, if anything
-        self.dropped_lines = 0
-        self._text_read = 0
+        self.text_read = 0
+        """Bytes of text read so far."""
+        self._note = note
         self._recovered: bytes | None = None  # the readable rest of a truncated gzip
         self._checked = False  # whether the input was checked for a change since it was opened
-        # A plain file is read with os.readv straight into the caller's
-        # buffer: no buffered reader, a few system calls for a small file
-        # (open, fstat, pread of the magic, read, then fstat and stat to
-        # check it did not change, close).  gzip files and pipes (which
-        # cannot pread: FIFOs are inputs too) go through a buffered reader
-        # that can peek.
         self._fd: int | None = None
         self._raw: io.BufferedReader[typing.Any] | None = None
         try:
@@ -431,123 +422,18 @@ class InputReader:
             raise
         self.compressed = is_gzip_magic(head)
         self._gzip = _gzip_file(self._raw) if self.compressed and self._raw is not None else None
-        self._cleaner = BlockCleaner(path, validate=validate, drop_invalid=salvage)
-
-    @property
-    def events(self) -> int:
-        return self._cleaner.events
-
-    def end(self) -> InputEnd:
-        """How the input ends (for :mod:`pwriter.completeness`), once it is read whole."""
-        cleaner = self._cleaner
-        return input_end(self.path, events=cleaner.events, ids=cleaner.ids, last_event=cleaner.last_event,
-                         damage=self.damage)
 
     @property
     def raw_offset(self) -> int:
         """Bytes of the file (compressed, for gzip) consumed so far."""
         if self._raw is None:
-            return self._text_read  # plain: the text is the file
+            return self.text_read  # plain: the text is the file
         try:
             return self._raw.tell()
         except (OSError, ValueError):
             return 0
 
-    def fill(self, buffer: memoryview, done: int, end: int, capacity: int) -> tuple[int, int, bool]:
-        """Read into ``buffer[end:capacity]`` and clean the complete lines.
-
-        ``finished`` is true once the input is exhausted and all its lines
-        are cleaned (a last line without a newline gets one, if it is
-        whole).  When the buffer is full and no progress is possible,
-        returns its arguments unchanged: the caller must make room.
-        """
-        start, at_end = end, False
-        while end < capacity:  # fill the buffer or read to the end: one thread hop for a small file
-            got = self._read_into(buffer, end, capacity)
-            if got == 0:
-                at_end = True
-                break
-            end += got
-        if at_end:  # (so end < capacity: there is room for a newline)
-            self._check_whole()
-            if end > done and buffer[end - 1] != 10:  # the last line has no newline
-                line_start = rfind_newline(buffer, done, end) + 1 or done
-                line = bytes(buffer[line_start:end])
-                done = end = self._cleaner.clean_in_place(buffer, done, line_start)  # (an error before it comes first)
-                if self._keeps_last_line(line, self._text_read - len(line)):
-                    buffer[done : done + len(line)] = line
-                    buffer[done + len(line)] = 10
-                    end = done + len(line) + 1
-            done = self._cleaner.clean_in_place(buffer, done, end)
-            self._note_invalid_lines()
-            return done, done, True
-        if end == start:
-            return done, end, False  # full: the caller must make room
-        last = rfind_newline(buffer, done, end)
-        if last < 0:
-            return done, end, False
-        cleaned = self._cleaner.clean_in_place(buffer, done, last + 1)
-        tail = end - (last + 1)
-        if tail and cleaned != last + 1:
-            buffer[cleaned : cleaned + tail] = buffer[last + 1 : end]
-        return cleaned, cleaned + tail, False
-
-    def read_long_line(self, start: bytes, size: int) -> tuple[bytes, bytes]:
-        """Finish a line longer than a buffer that begins with ``start``.
-
-        Returns the cleaned line (with its newline; empty for a wrapper line
-        or a cut last line that ``salvage`` drops) and the text read past
-        its end (shorter than ``size``).
-        """
-        parts = [start]
-        while True:
-            data = self._read(size)
-            newline = data.find(b"\n")
-            if newline >= 0:
-                parts.append(data[: newline + 1])
-                rest = data[newline + 1 :]
-                break
-            parts.append(data)
-            if not data:
-                line = b"".join(parts)
-                if not self._keeps_last_line(line, self._text_read - len(line)):
-                    return b"", b""
-                parts.append(b"\n")
-                rest = b""
-                break
-        return self._cleaner.feed(b"".join(parts)), rest
-
-    def _note(self, what: str) -> None:
-        self.damage = f"{self.damage}; {what}" if self.damage else what
-
-    def _note_invalid_lines(self) -> None:
-        """--salvage --validate: count and describe the invalid lines dropped."""
-        cleaner = self._cleaner
-        if cleaner.invalid:
-            self.dropped_lines += cleaner.invalid
-            shown = ", ".join(cleaner.invalid_examples) + (", ..." if cleaner.invalid > 3 else "")
-            self._note(f"dropped {cleaner.invalid} lines that are not valid JSON: {shown}")
-
-    def _keeps_last_line(self, line: bytes, offset: int) -> bool:
-        """Whether the last line of the input, which has no newline, is
-        whole.  A line cut short (a crash, or a rank still writing) is not
-        valid JSON: an :class:`InputError`, or with ``salvage`` dropped and
-        noted (returns False).  ``offset``: where the line starts in the text."""
-        stripped = line.strip()
-        if offset == 0 and stripped.startswith(BOM):
-            stripped = stripped[len(BOM) :].strip()
-        if stripped in (b"", b"[", b"]") or is_valid_json(stripped):
-            return True  # a wrapper line, or a whole value (the cleaner checks that it is an event)
-        if not stripped.startswith(b"{") and b"\x00" not in stripped:
-            return True  # not the start of an event: the cleaner says what it is
-        if not self.salvage:
-            raise InputError(self.path, "its last line has no newline and is not whole JSON: cut short by a crash, "
-                                        f"or still being written? (--salvage drops it): {_preview(stripped)}", offset)
-        self.dropped_lines += 1
-        self._note(f"dropped a cut last line of {len(line)} bytes")
-        return False
-
-    def _check_whole(self) -> None:
+    def check_whole(self) -> None:
         """At the end of the input: it must not have shrunk since the merge
         began, nor changed since it was opened (see the class docstring)."""
         consumed = self.raw_offset
@@ -597,15 +483,15 @@ class InputReader:
                     else "it was removed"), True
         return None
 
-    def _read(self, size: int) -> bytes:
+    def read(self, size: int) -> bytes:
         """Up to ``size`` bytes of text, b"" at the end (for the rare line longer than a buffer)."""
         data = bytearray(size)
         with memoryview(data) as view:
-            got = self._read_into(view, 0, size)
+            got = self.read_into(view, 0, size)
         del data[got:]
         return bytes(data)
 
-    def _read_into(self, buffer: memoryview, start: int, stop: int) -> int:
+    def read_into(self, buffer: memoryview, start: int, stop: int) -> int:
         """Read text into ``buffer[start:stop]``; returns the bytes read, 0 at the end.
 
         gzip is decompressed straight into the buffer (``readinto``: no
@@ -614,12 +500,12 @@ class InputReader:
         if self._recovered is not None:
             data, self._recovered = self._recovered[: stop - start], self._recovered[stop - start :]
             buffer[start : start + len(data)] = data
-            self._text_read += len(data)
+            self.text_read += len(data)
             return len(data)
         try:
             if self._fd is not None:  # plain and regular: no further than its size when opened
                 assert self._opened is not None
-                stop = min(stop, start + self._opened.st_size - self._text_read)
+                stop = min(stop, start + self._opened.st_size - self.text_read)
                 if stop <= start:
                     return 0
                 with buffer[start:stop] as target:
@@ -632,23 +518,23 @@ class InputReader:
             self._check_unchanged()  # (a file cut where it was still being written, or rewritten)
             if not self.salvage or self._opened is None:
                 raise self._truncated() from None
-            self._recovered = _readable_gzip_text(self._descriptor, self._opened.st_size, skip=self._text_read)
+            self._recovered = _readable_gzip_text(self._descriptor, self._opened.st_size, skip=self.text_read)
             self._note("truncated gzip: kept what decompresses")
-            return self._read_into(buffer, start, stop)
+            return self.read_into(buffer, start, stop)
         except (gzip.BadGzipFile, *_gzip_errors()) as exc:  # type: ignore[misc]
             self._check_unchanged()  # (corrupt because it was rewritten while read?)
             raise self._corrupt(exc) from None
         except OSError as exc:
             raise DataError(f"{self.path}: read failed: {exc.strerror or exc}") from None
-        self._text_read += got
+        self.text_read += got
         return got
 
     def _text_reached(self) -> int:
         """Bytes of text a gzip input gave, up to where reading stopped."""
         try:
-            return int(self._gzip.tell()) if self._gzip is not None else self._text_read
+            return int(self._gzip.tell()) if self._gzip is not None else self.text_read
         except (OSError, ValueError):
-            return self._text_read
+            return self.text_read
 
     def _truncated(self) -> InputError:
         end = self.raw_offset
@@ -668,6 +554,148 @@ class InputReader:
         if self._fd is not None:
             fd, self._fd = self._fd, None
             os.close(fd)
+
+
+class InputReader:
+    """Reads one input (:class:`_InputFile`: plain or gzip, as it was when
+    opened) and cleans its text straight into the caller's stripe buffers.
+    Blocking: meant to run in a worker thread.
+
+    The caller keeps a buffer in two parts: ``buffer[:done]`` holds cleaned
+    event lines, ``buffer[done:end]`` text read but not yet cleaned (the
+    start of a line whose newline has not been read).  :meth:`fill` reads
+    more, cleans every complete line in place and returns the new
+    ``(done, end, finished)``.
+
+    A change of the input while it is read raises :class:`DataError`
+    naming it, or with ``salvage`` keeps the lines it had when opened where
+    they are whole (see :class:`_InputFile`); what ``salvage`` kept or
+    dropped is reported in ``damage``.  A last line without its newline is
+    kept only if it is valid JSON (or a wrapper line): else it was cut
+    short, an :class:`InputError` that suggests ``--salvage``, or with
+    ``salvage`` dropped and reported.
+    """
+
+    def __init__(self, path: str, *, salvage: bool = False, validate: bool = False, size: int = 0) -> None:
+        self.path = path
+        self.salvage = salvage
+        self.damage: str | None = None  # what --salvage dropped, if anything
+        self.dropped_lines = 0
+        self._file = _InputFile(path, salvage=salvage, size=size, note=self._note)
+        self.compressed = self._file.compressed
+        self._cleaner = BlockCleaner(path, validate=validate, drop_invalid=salvage)
+
+    @property
+    def events(self) -> int:
+        return self._cleaner.events
+
+    def end(self) -> InputEnd:
+        """How the input ends (for :mod:`pwriter.completeness`), once it is read whole."""
+        cleaner = self._cleaner
+        return input_end(self.path, events=cleaner.events, ids=cleaner.ids, last_event=cleaner.last_event,
+                         damage=self.damage)
+
+    @property
+    def raw_offset(self) -> int:
+        """Bytes of the file (compressed, for gzip) consumed so far."""
+        return self._file.raw_offset
+
+    def fill(self, buffer: memoryview, done: int, end: int, capacity: int) -> tuple[int, int, bool]:
+        """Read into ``buffer[end:capacity]`` and clean the complete lines.
+
+        ``finished`` is true once the input is exhausted and all its lines
+        are cleaned (a last line without a newline gets one, if it is
+        whole).  When the buffer is full and no progress is possible,
+        returns its arguments unchanged: the caller must make room.
+        """
+        start, at_end = end, False
+        while end < capacity:  # fill the buffer or read to the end: one thread hop for a small file
+            got = self._file.read_into(buffer, end, capacity)
+            if got == 0:
+                at_end = True
+                break
+            end += got
+        if at_end:  # (so end < capacity: there is room for a newline)
+            self._file.check_whole()
+            if end > done and buffer[end - 1] != 10:  # the last line has no newline
+                line_start = rfind_newline(buffer, done, end) + 1 or done
+                line = bytes(buffer[line_start:end])
+                done = end = self._cleaner.clean_in_place(buffer, done, line_start)  # (an error before it comes first)
+                if self._keeps_last_line(line, self._file.text_read - len(line)):
+                    buffer[done : done + len(line)] = line
+                    buffer[done + len(line)] = 10
+                    end = done + len(line) + 1
+            done = self._cleaner.clean_in_place(buffer, done, end)
+            self._note_invalid_lines()
+            return done, done, True
+        if end == start:
+            return done, end, False  # full: the caller must make room
+        last = rfind_newline(buffer, done, end)
+        if last < 0:
+            return done, end, False
+        cleaned = self._cleaner.clean_in_place(buffer, done, last + 1)
+        tail = end - (last + 1)
+        if tail and cleaned != last + 1:
+            buffer[cleaned : cleaned + tail] = buffer[last + 1 : end]
+        return cleaned, cleaned + tail, False
+
+    def read_long_line(self, start: bytes, size: int) -> tuple[bytes, bytes]:
+        """Finish a line longer than a buffer that begins with ``start``.
+
+        Returns the cleaned line (with its newline; empty for a wrapper line
+        or a cut last line that ``salvage`` drops) and the text read past
+        its end (shorter than ``size``).
+        """
+        parts = [start]
+        while True:
+            data = self._file.read(size)
+            newline = data.find(b"\n")
+            if newline >= 0:
+                parts.append(data[: newline + 1])
+                rest = data[newline + 1 :]
+                break
+            parts.append(data)
+            if not data:
+                line = b"".join(parts)
+                if not self._keeps_last_line(line, self._file.text_read - len(line)):
+                    return b"", b""
+                parts.append(b"\n")
+                rest = b""
+                break
+        return self._cleaner.feed(b"".join(parts)), rest
+
+    def _note(self, what: str) -> None:
+        self.damage = f"{self.damage}; {what}" if self.damage else what
+
+    def _note_invalid_lines(self) -> None:
+        """--salvage --validate: count and describe the invalid lines dropped."""
+        cleaner = self._cleaner
+        if cleaner.invalid:
+            self.dropped_lines += cleaner.invalid
+            shown = ", ".join(cleaner.invalid_examples) + (", ..." if cleaner.invalid > 3 else "")
+            self._note(f"dropped {cleaner.invalid} lines that are not valid JSON: {shown}")
+
+    def _keeps_last_line(self, line: bytes, offset: int) -> bool:
+        """Whether the last line of the input, which has no newline, is
+        whole.  A line cut short (a crash, or a rank still writing) is not
+        valid JSON: an :class:`InputError`, or with ``salvage`` dropped and
+        noted (returns False).  ``offset``: where the line starts in the text."""
+        stripped = line.strip()
+        if offset == 0 and stripped.startswith(BOM):
+            stripped = stripped[len(BOM) :].strip()
+        if stripped in (b"", b"[", b"]") or is_valid_json(stripped):
+            return True  # a wrapper line, or a whole value (the cleaner checks that it is an event)
+        if not stripped.startswith(b"{") and b"\x00" not in stripped:
+            return True  # not the start of an event: the cleaner says what it is
+        if not self.salvage:
+            raise InputError(self.path, "its last line has no newline and is not whole JSON: cut short by a crash, "
+                                        f"or still being written? (--salvage drops it): {_preview(stripped)}", offset)
+        self.dropped_lines += 1
+        self._note(f"dropped a cut last line of {len(line)} bytes")
+        return False
+
+    def close(self) -> None:
+        self._file.close()
 
 
 def _preview(line: bytes) -> str:

@@ -97,6 +97,7 @@ from .layout import (
     gzip_padding,
     plain_padding,
 )
+from .output import CreatedFiles, OutputSet
 from .settings import Settings
 from .sizing import FsInfo, Sizing, Striping, shard_offsets
 
@@ -284,46 +285,38 @@ class WindowCounter:
         self._window.Free()
 
 
-class RankOutput:
-    """One rank's files of the output: a shared file that rank 0 created,
-    opened by name; or (sharded) this rank's own shards, which it creates
-    itself, so that thousands of ranks do not wait for rank 0 to create
-    every shard one after the other.
+class RankOutput(CreatedFiles):
+    """One rank's files of the output (an :class:`~pwriter.output.Output`):
+    a shared file that rank 0 created, opened by name; or (sharded) this
+    rank's own shards, which it creates itself (``first`` is the file
+    number of its first, for its Lustre layout), so that thousands of ranks
+    do not wait for rank 0 to create every shard one after the other.  A
+    growing part (a shard size) adds its shards as the base class does;
+    their final names are given by rank 0 at the commit, in the set's read
+    order.
 
-    Shaped like :class:`~pwriter.output.OutputSet` for the writer: ``publish``
-    only records that this part is written; rank 0 publishes the whole
-    output once every part is (see the module docstring).  ``discard``
-    closes this rank's descriptors, and removes the shards it created
-    unless its part was written (then rank 0 publishes or removes them);
-    :meth:`remove_created` removes them when another rank failed."""
+    ``publish`` only records that this part is written; rank 0 publishes
+    the whole output once every part is (see the module docstring).
+    ``discard`` closes this rank's descriptors, and removes the shards it
+    created unless its part was written (then rank 0 publishes or removes
+    them); :meth:`remove_created` removes them when another rank failed."""
 
-    def __init__(self, output: str, targets: Sequence[str], *, temporaries: Sequence[str] = (),
+    def __init__(self, target: str, targets: Sequence[str], *, temporaries: Sequence[str] = (),
                  first: int = 0, striping: Striping | None = None, generation: int = 0) -> None:
-        self.output = output
-        self.targets = list(targets)
+        super().__init__(target, targets, striping=striping, first=first, generation=generation)
         self.temporaries = list(temporaries)
         self._creates = not temporaries  # a sharded part: this rank creates its shards
-        self._first = first
-        self._striping = striping
-        self._generation = generation
-        self._direct = False
-        self.fds: list[int] = []
-        self.direct_fds: list[int] = []
         self.manifest: str | None = None
-        self.can_sync = True
         self.written = False
-        self._dir_fd: int | None = None
 
     def create(self, *, direct: bool = False) -> list[int]:
+        """Create this rank's shards (in the directory as it is now, even if
+        it is renamed later: see :mod:`pwriter.output`), or open the shared
+        file rank 0 created."""
         from .errors import WriteError
-        from .output import create_temporaries, open_output_directory
 
-        self._direct = direct
-        if self._creates:  # (in the directory as it is now, even if it is renamed later: see pwriter.output)
-            self._dir_fd = open_output_directory(self.output)
-            self.temporaries, self.fds, self.direct_fds = create_temporaries(
-                self.output, self.targets, direct=direct, striping=self._striping, first=self._first,
-                dir_fd=self._dir_fd)
+        if self._creates:
+            self._create_files(direct=direct)
             return self.fds
         try:
             for name in self.temporaries:
@@ -336,43 +329,16 @@ class RankOutput:
                              exc.errno) from None
         return self.fds
 
-    def add_shard(self) -> tuple[int, int | None]:
-        """A shard size: create this rank's next shard (as
-        :meth:`pwriter.output.OutputSet.add_shard` does; its final name is
-        given by rank 0 at the commit, in the set's read order)."""
-        from .output import create_temporaries, shard_paths
-
-        assert self._creates and self._dir_fd is not None, "add_shard: a sharded part, after create()"
-        index = len(self.fds)
-        name = shard_paths(self.output, index + 1, self._generation)[index]
-        temporaries, fds, direct_fds = create_temporaries(
-            self.output, [name], direct=self._direct, striping=self._striping, first=self._first + index,
-            dir_fd=self._dir_fd)
-        self.temporaries += temporaries
-        self.fds += fds
-        self.direct_fds += direct_fds
-        self.targets.append(name)
-        return fds[0], direct_fds[0] if direct_fds else None
-
-    def check(self, inputs: Sequence[str] = ()) -> None:
-        """(Rank 0 checked the output before any file was created.)"""
-
     def publish(self, *, fsync: bool, sidecars: dict[str, bytes] | None = None) -> None:
         """This part is written: close its files, checking each close
         (:func:`~pwriter.output.close_checked`: a write error reported there
         fails the part, and so the job)."""
-        from .output import close_checked
-
-        fds, names = self.fds + self.direct_fds, self.targets + self.targets[: len(self.direct_fds)]
-        self.fds, self.direct_fds = [], []
-        close_checked(fds, names)
+        self._close_files_checked()
         self.written = True
 
     def discard(self) -> None:
-        from .output import close_quietly
-
-        close_quietly(self.fds + self.direct_fds)
-        self.fds, self.direct_fds = [], []
+        """Close this rank's descriptors; remove the shards it created unless its part was written."""
+        self.close_files()
         if not self.written:
             self.remove_created()
 
@@ -464,11 +430,11 @@ class RankMergeResult:
 
 
 def _decide(world: World, paths: Sequence[str], directories: Sequence[str] | None, output: str,
-            settings: Settings, force: bool, offsets: str, recursive: bool = False) -> tuple[Decision, Any]:
+            settings: Settings, force: bool, offsets: str, recursive: bool = False) -> tuple[Decision, OutputSet]:
     """Step 1, on rank 0: returns the decision and the OutputSet (kept on rank 0 to publish)."""
     from .inputs import collect_inputs, input_size
     from .merge import resolve_wrap
-    from .output import OutputSet, member_index_path, names_of_output
+    from .output import member_index_path, names_of_output
     from .writer import check_shard_size, follow_layout_of, output_compression, plan
 
     compressed = output_compression(output, settings)
@@ -489,10 +455,10 @@ def _decide(world: World, paths: Sequence[str], directories: Sequence[str] | Non
     if settings.shard_size is not None:
         files = 0  # (a growing set: each rank makes its shards as it starts them)
     outputs = OutputSet(output, sharded=sharded, files=files, force=force,
-                        sidecars=[member_index_path(output)] if compressed else [])
+                        sidecars=[member_index_path(output)] if compressed else [], striping=striping)
     outputs.check(inputs)  # (takes the output's lock, kept until rank 0 publishes or discards)
     if not sharded:  # (sharded: each rank creates its own shards, step 2)
-        outputs.create(direct=settings.direct, striping=striping)
+        outputs.create(direct=settings.direct)
         try:
             if striping is not None:
                 fs, sizing = follow_layout_of(outputs.temporaries[0], fs, sizing, settings, world.node_ranks)
@@ -587,10 +553,11 @@ async def merge_over_ranks(
 
 
 async def _decide_everywhere(world: World, paths: Sequence[str], directories: Sequence[str] | None, output: str,
-                             settings: Settings, force: bool, offsets: str, recursive: bool) -> tuple[Decision, Any]:
+                             settings: Settings, force: bool, offsets: str, recursive: bool
+                             ) -> tuple[Decision, OutputSet | None]:
     """Step 1: rank 0 decides (:func:`_decide`), every rank learns the decision.
     Returns it with the OutputSet rank 0 keeps to publish (None elsewhere)."""
-    kept: list[Any] = []  # rank 0: the OutputSet, to publish or discard
+    kept: list[OutputSet] = []  # rank 0: the OutputSet, to publish or discard
 
     def decide() -> Decision:
         decision, outputs = _decide(world, paths, directories, output, settings, force, offsets, recursive)
@@ -693,7 +660,7 @@ def _rank_report(world: World, decision: Decision, settings: Settings, result: A
     }
 
 
-def _make_global(outputs: Any, decision: Decision, settings: Settings, gathered: list[dict[str, Any]],
+def _make_global(outputs: OutputSet, decision: Decision, settings: Settings, gathered: list[dict[str, Any]],
                  output: str) -> Decision:
     """Step 5 on rank 0, sharded: every rank's shards in read order go to the
     OutputSet (rank 0 publishes or removes them all); with a shard size, their
@@ -714,7 +681,7 @@ def _make_global(outputs: Any, decision: Decision, settings: Settings, gathered:
     return dataclasses.replace(decision, targets=list(outputs.targets))
 
 
-def _check_and_commit(outputs: Any, decision: Decision, counter: WindowCounter | None, form: OutputFormat,
+def _check_and_commit(outputs: OutputSet, decision: Decision, counter: WindowCounter | None, form: OutputFormat,
                       gathered: list[dict[str, Any]], settings: Settings, exscan: bool,
                       require_complete: bool) -> tuple[tuple[Any, ...], int]:
     """Step 5 on rank 0: judge every input's completeness, then commit
@@ -763,7 +730,7 @@ async def _count_and_exscan(world: World, inputs: list[str], sizing: Sizing, sal
     return count.total, int(before or 0)
 
 
-def _commit(outputs: Any, decision: Decision, counter: WindowCounter | None, footer: bytes,
+def _commit(outputs: OutputSet, decision: Decision, counter: WindowCounter | None, footer: bytes,
             gathered: list[dict[str, Any]], settings: Settings, exscan: bool, header_length: int,
             texts: tuple[int, int]) -> int:
     """Step 5 on rank 0: the footer (shared file), the member index, publish.

@@ -94,16 +94,17 @@ import secrets
 import stat as stat_module
 import time
 from collections.abc import Callable, Iterable, Sequence
-from typing import TYPE_CHECKING, TypeVar
+from typing import TYPE_CHECKING, Protocol, TypeVar
 
 from .errors import OutputExistsError, UsageError, WriteError
 
 if TYPE_CHECKING:
     from .sizing import Striping
 
-__all__ = ["OutputSet", "OutputLock", "StreamOutput", "create_temporaries", "close_quietly", "close_checked",
-           "shard_paths", "manifest_path", "member_index_path", "lock_path", "names_of_output", "read_shard_set",
-           "is_temporary_name", "open_output_directory", "write_fully", "TEMP_MARKER", "LOCK_SUFFIX"]
+__all__ = ["Output", "CreatedFiles", "OutputSet", "OutputLock", "StreamOutput", "create_temporaries",
+           "close_quietly", "close_checked", "shard_paths", "manifest_path", "member_index_path", "lock_path",
+           "names_of_output", "read_shard_set", "is_temporary_name", "open_output_directory", "write_fully",
+           "TEMP_MARKER", "LOCK_SUFFIX"]
 
 TEMP_MARKER = ".pwriter-"
 LOCK_SUFFIX = ".pwriter-lock"
@@ -462,6 +463,121 @@ def _exists(name: str, dir_fd: int | None) -> bool:
     return True
 
 
+class Output(Protocol):
+    """What the writer uses of an output: its files, created (:meth:`create`),
+    grown by a shard (:meth:`add_shard`), then published or discarded.
+
+    Implemented by :class:`OutputSet` (a file set, published all or
+    nothing), :class:`StreamOutput` (a stream: nothing to publish or take
+    back) and :class:`pwriter.mpi.RankOutput` (one MPI rank's share: its
+    "publish" only says that the share is written; rank 0 publishes the
+    whole set).  What comes before the writer (an :class:`OutputSet`'s
+    :meth:`~OutputSet.check`, which takes the output's lock) is each
+    implementation's own.
+    """
+
+    @property
+    def targets(self) -> list[str]:
+        """The files' final names, in read order (one per descriptor of :attr:`fds`)."""
+
+    @property
+    def manifest(self) -> str | None:
+        """The manifest of a sharded output, else None."""
+
+    @property
+    def fds(self) -> list[int]:
+        """The files' descriptors, in read order (after :meth:`create`)."""
+
+    @property
+    def direct_fds(self) -> list[int]:
+        """Their O_DIRECT descriptors (``create(direct=True)``), else empty."""
+
+    @property
+    def can_sync(self) -> bool:
+        """Whether fsync means anything for the files (not for a pipe)."""
+
+    def create(self, *, direct: bool = False) -> list[int]:
+        """Make (or open) the files for writing; returns :attr:`fds`."""
+
+    def add_shard(self) -> tuple[int, int | None]:
+        """A sharded output with a shard size: make the next shard; returns
+        its descriptor and its O_DIRECT descriptor (or None)."""
+
+    def publish(self, *, fsync: bool, sidecars: dict[str, bytes] | None = None) -> None:
+        """The files are written (and, with ``fsync``, synced): close them,
+        checking each close, and put them in place with ``sidecars`` (name ->
+        content); raises, publishing nothing, on failure."""
+
+    def discard(self) -> None:
+        """Close the files and take back what can be (idempotent; also the end of a publish)."""
+
+
+class CreatedFiles:
+    """Files that an output creates itself: a temporary beside each of
+    :attr:`targets` (:func:`create_temporaries`, through a descriptor of the
+    output's directory opened once, with ``striping``'s layout), and for a
+    growing sharded set each next shard (:meth:`add_shard`).  ``first`` is
+    the file number of the first target (for its Lustre layout),
+    ``generation`` that of the shards' names.  The base of
+    :class:`OutputSet` and of :class:`pwriter.mpi.RankOutput`."""
+
+    def __init__(self, target: str, targets: Sequence[str], *, striping: Striping | None = None, first: int = 0,
+                 generation: int = 0) -> None:
+        self.target = target
+        self.targets = list(targets)
+        self.temporaries: list[str] = []
+        self.fds: list[int] = []
+        self.direct_fds: list[int] = []
+        self.can_sync = True
+        self._striping = striping
+        self._first = first
+        self._generation = generation
+        self._direct = False
+        self._dir_fd: int | None = None
+
+    def _open_directory(self) -> int:
+        if self._dir_fd is None:
+            self._dir_fd = open_output_directory(self.target)
+        return self._dir_fd
+
+    def _create_files(self, *, direct: bool) -> None:
+        """Create the temporaries of :attr:`targets` (:func:`create_temporaries`)."""
+        self._direct = direct
+        self.temporaries, self.fds, self.direct_fds = create_temporaries(
+            self.target, self.targets, direct=direct, striping=self._striping, first=self._first,
+            dir_fd=self._open_directory())
+
+    def add_shard(self) -> tuple[int, int | None]:
+        """A growing set: create the next shard's temporary, as the others
+        were (exclusively, with the layout of its file number); returns its
+        descriptor and its O_DIRECT descriptor (or None).  :attr:`targets`
+        then names every shard (their number's width may grow).  Raises
+        :class:`WriteError` naming the output when it cannot be created; the
+        files are then discarded by their owner as on any error."""
+        assert self._dir_fd is not None, "add_shard: files that this output created"
+        index = len(self.fds)
+        names = shard_paths(self.target, index + 1, self._generation)
+        temporaries, fds, direct_fds = create_temporaries(
+            self.target, names[index:], direct=self._direct, striping=self._striping, first=self._first + index,
+            dir_fd=self._dir_fd)
+        self.temporaries += temporaries
+        self.fds += fds
+        self.direct_fds += direct_fds
+        self.targets = names
+        return fds[0], direct_fds[0] if direct_fds else None
+
+    def close_files(self) -> None:
+        """Close every descriptor, whatever closing says (cleanup paths)."""
+        close_quietly(self.fds + self.direct_fds)
+        self.fds, self.direct_fds = [], []
+
+    def _close_files_checked(self) -> None:
+        """Close every descriptor (:func:`close_checked`: :class:`WriteError` naming a file whose close failed)."""
+        fds, names = self.fds + self.direct_fds, self.targets + self.targets[: len(self.direct_fds)]
+        self.fds, self.direct_fds = [], []
+        close_checked(fds, names)
+
+
 @dataclasses.dataclass(frozen=True)
 class _Found:
     """What an output name stands for now (base names): see the module docstring."""
@@ -473,12 +589,20 @@ class _Found:
     """The shards the manifest lists."""
 
 
-class OutputSet:
+def _survey(name: str, dir_fd: int) -> _Found:
+    """What the output name ``name`` (a base name in ``dir_fd``) stands for now."""
+    manifest, index = manifest_path(name), member_index_path(name)
+    return _Found(data=_exists(name, dir_fd), index=_exists(index, dir_fd), manifest=_exists(manifest, dir_fd),
+                  listed=tuple(_read_manifest(manifest, dir_fd)))
+
+
+class OutputSet(CreatedFiles):
     """The files of one output: targets in read order, their temporaries, and
     (sharded) the manifest.  :meth:`check` takes the output's lock and
-    decides the names, :meth:`create` makes the temporaries; finished by
-    :meth:`publish` or :meth:`discard` (which also releases the lock, and
-    may follow a publish).
+    decides the names, :meth:`create` makes the temporaries (with
+    ``striping``'s Lustre layout, when given); finished by :meth:`publish`
+    or :meth:`discard` (which also releases the lock, and may follow a
+    publish).
 
     A sharded output gets shard names of a *generation* that no file has
     (``merged.shard_000.pfw`` and ``merged.g1.shard_000.pfw`` alternate as
@@ -493,22 +617,14 @@ class OutputSet:
     set.  Its shards are named in the order they were added.
     """
 
-    def __init__(self, target: str, *, sharded: bool, files: int, force: bool, sidecars: Sequence[str] = ()) -> None:
-        self.target = target
+    def __init__(self, target: str, *, sharded: bool, files: int, force: bool, sidecars: Sequence[str] = (),
+                 striping: Striping | None = None) -> None:
+        super().__init__(target, shard_paths(target, files) if sharded else [target], striping=striping)
         self.sharded = sharded
         self.force = force
         self.manifest = manifest_path(target) if sharded else None
-        self.targets = shard_paths(target, files) if sharded else [target]
         self.sidecars = list(sidecars)
-        self.temporaries: list[str] = []
-        self.fds: list[int] = []
-        self.direct_fds: list[int] = []
-        self.can_sync = True
         self._files = files
-        self._generation = 0
-        self._direct = False
-        self._striping: Striping | None = None
-        self._dir_fd: int | None = None
         self._lock: OutputLock | None = None
         self._name = os.path.basename(target)
 
@@ -537,6 +653,7 @@ class OutputSet:
         socket, device, dangling link): replacing such a name with a file is
         never what was meant.  Removes what killed runs of this host left
         (see the module docstring) and, sharded, picks the shard generation.
+        The directory is listed once, under the lock.
         """
         directory = os.path.dirname(os.path.abspath(self.target))
         if not os.path.isdir(directory):
@@ -551,156 +668,45 @@ class OutputSet:
             except OSError:
                 continue
         try:
-            self._open_directory()
-            assert self._dir_fd is not None
-            self._lock = OutputLock(self.target, self._dir_fd)
+            dir_fd = self._open_directory()
+            self._lock = OutputLock(self.target, dir_fd)
             self._lock.acquire()
-            found = self._survey()
-            self._remove_leftovers(found, [stat for _, stat in input_stats])
+            found = _survey(self._name, dir_fd)
+            entries = set(os.listdir(dir_fd))
+            entries -= _remove_leftovers(self.target, entries, found, [stat for _, stat in input_stats], dir_fd)
             if self.sharded:
-                self.targets = self._free_generation()
-            self._check_names(found, input_stats)
+                self._generation = _free_generation(self.target, entries)
+                self.targets = shard_paths(self.target, self._files, self._generation)
+            directory = os.path.dirname(self.target)
+            replaced = [os.path.join(directory, name) for name in found.listed]
+            own = [self.target, member_index_path(self.target), manifest_path(self.target)]
+            _check_names(list(dict.fromkeys(own + self.names + replaced)), replaced, input_stats, force=self.force)
         except BaseException:
             self.discard()
             raise
 
-    def _open_directory(self) -> None:
-        if self._dir_fd is None:
-            self._dir_fd = open_output_directory(self.target)
-
-    def _survey(self) -> _Found:
-        manifest, index = manifest_path(self._name), member_index_path(self._name)
-        return _Found(data=_exists(self._name, self._dir_fd), index=_exists(index, self._dir_fd),
-                      manifest=_exists(manifest, self._dir_fd), listed=tuple(_read_manifest(manifest, self._dir_fd)))
-
-    def _remove_leftovers(self, found: _Found, inputs: list[os.stat_result]) -> None:
-        """Remove the temporaries of every file of this output's set that
-        processes of this host which are gone left, and first the shards that
-        their manifests (staged or kept) list and the current one does not
-        (unless one is among ``inputs``: then it stays, and is read)."""
-        assert self._dir_fd is not None
-        pattern = _shard_pattern(self.target)
-        ours = {self._name, member_index_path(self._name), manifest_path(self._name)}
-        stale: dict[str, str] = {}  # temporary -> the name it is of
-        for entry in os.listdir(self._dir_fd):
-            of = _stale_temporary_of(entry)
-            if of is not None and (of in ours or pattern.match(of)):
-                stale[entry] = of
-        for entry, of in stale.items():
-            if of == manifest_path(self._name):
-                for shard in _read_manifest(entry, self._dir_fd):
-                    if pattern.match(shard) and shard not in found.listed and not self._is_input(shard, inputs):
-                        _unlink_quietly(shard, self._dir_fd)
-        for entry in stale:
-            _unlink_quietly(entry, self._dir_fd)
-
-    def _is_input(self, name: str, inputs: list[os.stat_result]) -> bool:
-        try:
-            stat = os.stat(name, dir_fd=self._dir_fd)
-        except OSError:
-            return False
-        return any(_same_file(stat, input_stat) for input_stat in inputs)
-
-    def _free_generation(self) -> list[str]:
-        """Shard names of the first generation of which no file exists, of
-        any shard number (see the class docstring): a growing set may take
-        any number of them."""
-        assert self._dir_fd is not None
-        pattern = _shard_pattern(self.target)
-        taken = set()
-        for entry in os.listdir(self._dir_fd):
-            match = pattern.match(entry)
-            if match is not None:
-                taken.add(int(match.group(1) or 0))
-        self._generation = next(generation for generation in range(len(taken) + 1) if generation not in taken)
-        return shard_paths(self.target, self._files, self._generation)
-
-    def _check_names(self, found: _Found, input_stats: list[tuple[str, os.stat_result]]) -> None:
-        directory = os.path.dirname(self.target)
-        own = [self.target, member_index_path(self.target), manifest_path(self.target)]
-        replaced = [os.path.join(directory, name) for name in found.listed]
-        for name in dict.fromkeys(own + self.names + replaced):
-            try:
-                link = os.lstat(name)
-            except FileNotFoundError:
-                continue
-            except OSError as exc:
-                raise UsageError(f"{name}: cannot examine the output: {exc.strerror}") from None
-            if name not in replaced:
-                self._check_replaceable(name, link)
-            try:
-                stat = os.stat(name)
-            except OSError:
-                continue
-            for path, input_stat in input_stats:
-                if _same_file(stat, input_stat):
-                    raise UsageError(f"{name}: the output is the input {path}")
-            if not self.force:
-                raise OutputExistsError(name, "output exists")
-
-    @staticmethod
-    def _check_replaceable(name: str, link: os.stat_result) -> None:
-        if _is_system_name(name):
-            raise UsageError(f"{name}: the output is a device or process file (/dev, /proc); "
-                             "refusing to replace it (use -o - for standard output)")
-        try:
-            stat = os.stat(name)
-        except OSError:
-            raise UsageError(f"{name}: the output is a symlink to nothing; refusing to replace it") from None
-        if not stat_module.S_ISREG(stat.st_mode):
-            what = _kind_of(stat.st_mode)
-            via = " (through a symlink)" if stat_module.S_ISLNK(link.st_mode) else ""
-            raise UsageError(f"{name}: the output is {what}{via}, not a regular file; refusing to replace it")
-
-    def create(self, *, direct: bool = False, striping: Striping | None = None) -> list[int]:
+    def create(self, *, direct: bool = False) -> list[int]:
         """Create the temporary files exclusively; returns their descriptors in read order.
 
         With ``direct``, each file also gets a second descriptor opened with
         O_DIRECT (:attr:`direct_fds`), for the writes that are aligned.
-        With ``striping`` (Lustre), each file is created with that layout
+        With a ``striping`` (Lustre), each file is created with that layout
         (:func:`pwriter.lustre.create_striped`); a layout that cannot be set
         is a :class:`WriteError` naming the file.  On failure, everything is
         discarded (the lock released).
         """
-        self._direct, self._striping = direct, striping
         try:
-            self._open_directory()
-            self.temporaries, self.fds, self.direct_fds = create_temporaries(
-                self.target, self.targets, direct=direct, striping=striping, dir_fd=self._dir_fd)
+            self._create_files(direct=direct)
         except BaseException:
             self.discard()
             raise
         return self.fds
 
-    def add_shard(self) -> tuple[int, int | None]:
-        """A growing set (see the class docstring): create the next shard's
-        temporary, as :meth:`create` did the others; returns its descriptor
-        and its O_DIRECT descriptor (or None).  :attr:`targets` then names
-        every shard (their number's width may grow).  Raises
-        :class:`WriteError` naming the output when it cannot be created; the
-        set is then discarded by its owner as on any error."""
-        assert self.sharded and self._dir_fd is not None, "add_shard: a sharded set, after create()"
-        index = len(self.fds)
-        names = shard_paths(self.target, index + 1, self._generation)
-        temporaries, fds, direct_fds = create_temporaries(
-            self.target, names[index:], direct=self._direct, striping=self._striping, first=index,
-            dir_fd=self._dir_fd)
-        self.temporaries += temporaries
-        self.fds += fds
-        self.direct_fds += direct_fds
-        self.targets = names
-        return fds[0], direct_fds[0] if direct_fds else None
-
-    def close_files(self) -> None:
-        close_quietly(self.fds + self.direct_fds)
-        self.fds = []
-        self.direct_fds = []
-
     def publish(self, *, fsync: bool, sidecars: dict[str, bytes] | None = None) -> None:
         """Put the (already written and, with ``fsync``, synced) temporaries
         in place as the output's whole set, all or nothing, in the steps of
-        the module docstring; ``sidecars`` (name -> content) are the small
-        files to publish with it (the member index).
+        the module docstring (:class:`_Publication`); ``sidecars`` (name ->
+        content) are the small files to publish with it (the member index).
 
         A failed close of a data file raises :class:`WriteError` naming it;
         any failure up to the directory's sync puts every previous file back,
@@ -709,180 +715,21 @@ class OutputSet:
         appeared meanwhile without ``force``).  Either way nothing is
         published, and the lock is released.
         """
-        fds, names = self.fds + self.direct_fds, self.targets + self.targets[: len(self.direct_fds)]
-        self.fds, self.direct_fds = [], []
         try:
-            close_checked(fds, names)
+            self._close_files_checked()
         except BaseException:
             self.discard()
             raise
-        self._open_directory()
-        assert self._dir_fd is not None
-        done: list[tuple[str, str, bool]] = []  # ("put", name, over its kept file) or ("hide", name, False)
-        kept: dict[str, str] = {}  # name -> the temporary that keeps its previous file ("": links are refused)
+        publication = _Publication(self, self._open_directory(), fsync=fsync)
         try:
-            found, steps = self._plan(sidecars or {}, fsync=fsync)
-            self._keep_what_goes(steps, kept)
-            self._take_steps(steps, kept, done)
-            if fsync:
-                os.fsync(self._dir_fd)
+            publication.run(sidecars or {})
         except (OSError, UsageError) as exc:
-            self._restore(done, kept, fsync=fsync)
             self.discard()
             if isinstance(exc, UsageError):
                 raise
             what = f"{exc.filename}: {exc.strerror}" if exc.filename else exc.strerror
             raise WriteError(self.target, f"cannot publish the output: {what}", exc.errno) from None
-        self._remove_replaced(found, kept)
         self.discard()
-
-    def _keep_what_goes(self, steps: list[tuple[str, str, str]], kept: dict[str, str]) -> None:
-        """Publish, before any step: keep (a hard link) every file that a step
-        replaces or removes before the commit, in ``kept``."""
-        for step, name, _ in steps:
-            if name not in kept and (step == "hide" or self.force) and _exists(name, self._dir_fd):
-                kept[name] = self._keep(name, by_link=True)
-
-    def _take_steps(self, steps: list[tuple[str, str, str]], kept: dict[str, str],
-                    done: list[tuple[str, str, bool]]) -> None:
-        """Publish: take ``steps`` in order, recording each in ``done`` as it is
-        taken (what :meth:`_restore` undoes)."""
-        assert self._dir_fd is not None
-        for step, name, temporary in steps:
-            if step == "hide" and name not in kept:  # (gone meanwhile)
-                continue
-            if step == "hide" or kept.get(name) == "":  # its file goes away now: unlinked, or renamed away
-                if kept[name]:
-                    os.unlink(name, dir_fd=self._dir_fd)
-                else:
-                    kept[name] = self._keep(name, by_link=False)
-                done.append(("hide", name, False))
-            if step == "put":
-                self._rename(temporary, name)
-                done.append(("put", name, name in kept and ("hide", name, False) not in done))
-
-    def _plan(self, sidecars: dict[str, bytes], *, fsync: bool) -> tuple[_Found, list[tuple[str, str, str]]]:
-        """The renames of :meth:`publish`, in order: ``(step, name, temporary)``
-        where step is ``put`` (the temporary onto the name) or ``hide`` (the
-        name's file away); stages the small files."""
-        found = self._survey()
-        if not self.force and (found.data or found.index or found.manifest):
-            existing = self._name if found.data else manifest_path(self._name) if found.manifest else (
-                member_index_path(self._name))
-            raise OutputExistsError(os.path.join(os.path.dirname(self.target), existing),
-                                    "output appeared while writing")
-        smalls = {os.path.basename(name): content for name, content in sidecars.items()}
-        if self.manifest:
-            smalls[os.path.basename(self.manifest)] = b"".join(
-                os.fsencode(os.path.basename(target)) + b"\n" for target in self.targets)
-        staged = {name: os.path.basename(self._stage_small(name, content, fsync=fsync))
-                  for name, content in smalls.items()}
-        index, manifest = member_index_path(self._name), manifest_path(self._name)
-        data = [("put", os.path.basename(target), os.path.basename(temporary))
-                for temporary, target in zip(self.temporaries, self.targets, strict=False)]
-        hide_index = [("hide", index, "")] if found.index else []
-        put_index = [("put", index, staged[index])] if index in staged else []
-        if self.manifest:
-            steps = data + hide_index + [("put", manifest, staged[manifest])] + put_index
-        else:
-            steps = hide_index + data + ([("hide", manifest, "")] if found.manifest else []) + put_index
-        return found, steps
-
-    def _keep(self, name: str, *, by_link: bool) -> str:
-        """Keep ``name``'s current file (or symlink) under a new temporary name,
-        by a hard link, or by renaming it there (``by_link`` false).  Returns
-        the temporary's base name, or "" where links are refused (the caller
-        then keeps it by renaming, right before the name is replaced)."""
-        directory = os.path.dirname(self.target)
-
-        def keep(temporary: str) -> None:
-            base = os.path.basename(temporary)
-            if by_link:
-                os.link(name, base, src_dir_fd=self._dir_fd, dst_dir_fd=self._dir_fd, follow_symlinks=False)
-            elif _exists(base, self._dir_fd):
-                raise FileExistsError(errno.EEXIST, "taken", base)
-            else:
-                os.rename(name, base, src_dir_fd=self._dir_fd, dst_dir_fd=self._dir_fd)
-
-        try:
-            backup, _ = _at_fresh_name(os.path.join(directory, name), keep)
-        except OSError as exc:
-            if by_link and exc.errno in _NO_LINKS:
-                return ""
-            raise
-        self.temporaries.append(backup)
-        return os.path.basename(backup)
-
-    def _restore(self, done: list[tuple[str, str, bool]], kept: dict[str, str], *, fsync: bool) -> None:
-        """Undo a failed publish: each name gets back what it held before (best effort, never raises)."""
-        for step, name, replaced in reversed(done):
-            try:
-                if step == "hide":  # (the name is absent)
-                    os.rename(kept[name], name, src_dir_fd=self._dir_fd, dst_dir_fd=self._dir_fd)
-                elif replaced:
-                    os.replace(kept[name], name, src_dir_fd=self._dir_fd, dst_dir_fd=self._dir_fd)
-                else:
-                    os.unlink(name, dir_fd=self._dir_fd)
-            except OSError:
-                pass
-        if fsync and self._dir_fd is not None:
-            try:
-                os.fsync(self._dir_fd)
-            except OSError:
-                pass
-
-    def _remove_replaced(self, found: _Found, kept: dict[str, str]) -> None:
-        """After the commit: remove what the new set does not reuse, the kept files, the kept manifest last."""
-        new = {os.path.basename(target) for target in self.targets}
-        old = [name for name in found.listed if name not in new]
-        if self.manifest and found.data:
-            old.append(self._name)
-        manifest = manifest_path(self._name)
-        backups = [backup for name, backup in kept.items() if backup and name != manifest]
-        for name in [*old, *backups, *([kept[manifest]] if kept.get(manifest) else [])]:
-            _unlink_quietly(name, self._dir_fd)
-
-    def _rename(self, temporary: str, target: str) -> None:
-        if self.force:
-            os.replace(temporary, target, src_dir_fd=self._dir_fd, dst_dir_fd=self._dir_fd)
-            self._forget(temporary)
-            return
-        # Without force, never replace a file that appeared while we wrote.
-        try:
-            os.link(temporary, target, src_dir_fd=self._dir_fd, dst_dir_fd=self._dir_fd, follow_symlinks=False)
-        except FileExistsError:
-            raise OutputExistsError(os.path.join(os.path.dirname(self.target), target),
-                                    "output appeared while writing") from None
-        except OSError as exc:
-            if exc.errno not in _NO_LINKS:
-                raise
-            # no hard links here: fall back to a checked rename
-            if _exists(target, self._dir_fd):
-                raise OutputExistsError(os.path.join(os.path.dirname(self.target), target),
-                                        "output appeared while writing") from None
-            os.rename(temporary, target, src_dir_fd=self._dir_fd, dst_dir_fd=self._dir_fd)
-            self._forget(temporary)
-            return
-        os.unlink(temporary, dir_fd=self._dir_fd)
-        self._forget(temporary)
-
-    def _forget(self, temporary: str) -> None:
-        """``temporary`` is now a published name: never remove it as a temporary."""
-        self.temporaries = [name for name in self.temporaries if os.path.basename(name) != temporary]
-
-    def _stage_small(self, name: str, content: bytes, *, fsync: bool) -> str:
-        """Write a small file (manifest, index) fully to a temporary of its
-        own (short writes resumed) and sync it; returns the temporary."""
-        path = os.path.join(os.path.dirname(self.target), name)
-        temporary, fd = _create_exclusively(path, dir_fd=self._dir_fd)
-        self.temporaries.append(temporary)
-        try:
-            write_fully(fd, content)
-            if fsync:
-                os.fsync(fd)
-        finally:
-            os.close(fd)
-        return temporary
 
     def discard(self) -> None:
         """Close and remove every temporary file, and release the lock; the
@@ -896,6 +743,285 @@ class OutputSet:
         if self._dir_fd is not None:
             close_quietly([self._dir_fd])
             self._dir_fd = None
+
+
+def _remove_leftovers(target: str, entries: Iterable[str], found: _Found, inputs: list[os.stat_result],
+                      dir_fd: int) -> set[str]:
+    """Remove the temporaries of every file of ``target``'s set that
+    processes of this host which are gone left (of ``entries``, the
+    directory's), and first the shards that their manifests (staged or kept)
+    list and the current one does not (unless one is among ``inputs``: then
+    it stays, and is read).  Returns the names it removed."""
+    name = os.path.basename(target)
+    pattern = _shard_pattern(target)
+    ours = {name, member_index_path(name), manifest_path(name)}
+    stale: dict[str, str] = {}  # temporary -> the name it is of
+    for entry in entries:
+        of = _stale_temporary_of(entry)
+        if of is not None and (of in ours or pattern.match(of)):
+            stale[entry] = of
+    going: dict[str, None] = {}  # in order: the orphaned shards first, then the temporaries
+    for entry, of in stale.items():
+        if of == manifest_path(name):
+            for shard in _read_manifest(entry, dir_fd):
+                if pattern.match(shard) and shard not in found.listed and not _is_input(shard, inputs, dir_fd):
+                    going[shard] = None
+    going.update(dict.fromkeys(stale))
+    removed = set()
+    for entry in going:
+        try:
+            os.unlink(entry, dir_fd=dir_fd)
+        except OSError:
+            continue
+        removed.add(entry)
+    return removed
+
+
+def _is_input(name: str, inputs: list[os.stat_result], dir_fd: int) -> bool:
+    try:
+        stat = os.stat(name, dir_fd=dir_fd)
+    except OSError:
+        return False
+    return any(_same_file(stat, input_stat) for input_stat in inputs)
+
+
+def _free_generation(target: str, entries: Iterable[str]) -> int:
+    """The first generation of ``target``'s shard names of which no file is
+    among ``entries``, of any shard number (see :class:`OutputSet`): a
+    growing set may take any number of them."""
+    pattern = _shard_pattern(target)
+    taken = set()
+    for entry in entries:
+        match = pattern.match(entry)
+        if match is not None:
+            taken.add(int(match.group(1) or 0))
+    return next(generation for generation in range(len(taken) + 1) if generation not in taken)
+
+
+def _check_names(names: Sequence[str], replaced: Sequence[str], input_stats: list[tuple[str, os.stat_result]],
+                 *, force: bool) -> None:
+    """Refuse (:meth:`OutputSet.check`) a name of ``names`` that is an input,
+    exists without ``force``, or (unless ``replaced``: an old shard that goes)
+    is not a regular file or a symlink to one.  Each name is examined once
+    (``lstat``; ``stat`` too for a symlink)."""
+    for name in names:
+        try:
+            link = os.lstat(name)
+        except FileNotFoundError:
+            continue
+        except OSError as exc:
+            raise UsageError(f"{name}: cannot examine the output: {exc.strerror}") from None
+        stat: os.stat_result | None = link
+        if stat_module.S_ISLNK(link.st_mode):
+            try:
+                stat = os.stat(name)
+            except OSError:
+                stat = None
+        if name not in replaced:
+            _check_replaceable(name, link, stat)
+        if stat is None:
+            continue
+        for path, input_stat in input_stats:
+            if _same_file(stat, input_stat):
+                raise UsageError(f"{name}: the output is the input {path}")
+        if not force:
+            raise OutputExistsError(name, "output exists")
+
+
+def _check_replaceable(name: str, link: os.stat_result, stat: os.stat_result | None) -> None:
+    """Refuse to replace ``name`` (``lstat`` ``link``, ``stat`` None if it
+    leads nowhere) unless it is a regular file or a symlink to one."""
+    if _is_system_name(name, is_link=stat_module.S_ISLNK(link.st_mode)):
+        raise UsageError(f"{name}: the output is a device or process file (/dev, /proc); "
+                         "refusing to replace it (use -o - for standard output)")
+    if stat is None:
+        raise UsageError(f"{name}: the output is a symlink to nothing; refusing to replace it")
+    if not stat_module.S_ISREG(stat.st_mode):
+        what = _kind_of(stat.st_mode)
+        via = " (through a symlink)" if stat_module.S_ISLNK(link.st_mode) else ""
+        raise UsageError(f"{name}: the output is {what}{via}, not a regular file; refusing to replace it")
+
+
+_Step = tuple[str, str, str]
+"""A step of a publish: ``(step, name, temporary)``, step ``put`` (the temporary onto the name) or ``hide``."""
+
+
+class _Publication:
+    """One publish of an :class:`OutputSet` (steps 2 to 5 of the module
+    docstring), in its directory ``dir_fd``: :meth:`run` plans the renames
+    and stages the small files, keeps what goes, takes the steps, and after
+    the commit removes what the new set does not reuse; a failure before
+    then is undone (:meth:`_restore`) and raised.  Every temporary it makes
+    joins the set's ``temporaries`` (so that a discard removes it), and one
+    that becomes a published name leaves them."""
+
+    def __init__(self, files: OutputSet, dir_fd: int, *, fsync: bool) -> None:
+        self.files = files
+        self.dir_fd = dir_fd
+        self.fsync = fsync
+        self.done: list[tuple[str, str, bool]] = []  # ("put", name, over its kept file) or ("hide", name, False)
+        self.kept: dict[str, str] = {}  # name -> the temporary that keeps its previous file ("": links are refused)
+
+    def run(self, sidecars: dict[str, bytes]) -> None:
+        """Publish, with ``sidecars``; raises OSError or :class:`UsageError`
+        (every name then holds what it held before)."""
+        try:
+            found, steps = self._plan(sidecars)
+            self._keep_what_goes(steps)
+            self._take_steps(steps)
+            if self.fsync:
+                os.fsync(self.dir_fd)
+        except (OSError, UsageError):
+            self._restore()
+            raise
+        self._remove_replaced(found)
+
+    def _plan(self, sidecars: dict[str, bytes]) -> tuple[_Found, list[_Step]]:
+        """The renames of the publish, in order; stages the small files."""
+        files, name = self.files, self.files._name
+        found = _survey(name, self.dir_fd)
+        if not files.force and (found.data or found.index or found.manifest):
+            existing = name if found.data else manifest_path(name) if found.manifest else member_index_path(name)
+            raise OutputExistsError(os.path.join(os.path.dirname(files.target), existing),
+                                    "output appeared while writing")
+        smalls = {os.path.basename(path): content for path, content in sidecars.items()}
+        if files.manifest:
+            smalls[os.path.basename(files.manifest)] = b"".join(
+                os.fsencode(os.path.basename(target)) + b"\n" for target in files.targets)
+        staged = {small: os.path.basename(self._stage_small(small, content)) for small, content in smalls.items()}
+        index, manifest = member_index_path(name), manifest_path(name)
+        data = [("put", os.path.basename(target), os.path.basename(temporary))
+                for temporary, target in zip(files.temporaries, files.targets, strict=False)]
+        hide_index = [("hide", index, "")] if found.index else []
+        put_index = [("put", index, staged[index])] if index in staged else []
+        if files.manifest:
+            steps = data + hide_index + [("put", manifest, staged[manifest])] + put_index
+        else:
+            steps = hide_index + data + ([("hide", manifest, "")] if found.manifest else []) + put_index
+        return found, steps
+
+    def _stage_small(self, name: str, content: bytes) -> str:
+        """Write a small file (manifest, index) fully to a temporary of its
+        own (short writes resumed) and sync it; returns the temporary."""
+        path = os.path.join(os.path.dirname(self.files.target), name)
+        temporary, fd = _create_exclusively(path, dir_fd=self.dir_fd)
+        self.files.temporaries.append(temporary)
+        try:
+            write_fully(fd, content)
+            if self.fsync:
+                os.fsync(fd)
+        finally:
+            os.close(fd)
+        return temporary
+
+    def _keep_what_goes(self, steps: list[_Step]) -> None:
+        """Before any step: keep (a hard link) every file that a step
+        replaces or removes before the commit."""
+        for step, name, _ in steps:
+            if name not in self.kept and (step == "hide" or self.files.force) and _exists(name, self.dir_fd):
+                self.kept[name] = self._keep(name, by_link=True)
+
+    def _take_steps(self, steps: list[_Step]) -> None:
+        """Take ``steps`` in order, recording each as it is taken (what :meth:`_restore` undoes)."""
+        kept, done = self.kept, self.done
+        for step, name, temporary in steps:
+            if step == "hide" and name not in kept:  # (gone meanwhile)
+                continue
+            if step == "hide" or kept.get(name) == "":  # its file goes away now: unlinked, or renamed away
+                if kept[name]:
+                    os.unlink(name, dir_fd=self.dir_fd)
+                else:
+                    kept[name] = self._keep(name, by_link=False)
+                done.append(("hide", name, False))
+            if step == "put":
+                self._rename(temporary, name)
+                done.append(("put", name, name in kept and ("hide", name, False) not in done))
+
+    def _keep(self, name: str, *, by_link: bool) -> str:
+        """Keep ``name``'s current file (or symlink) under a new temporary name,
+        by a hard link, or by renaming it there (``by_link`` false).  Returns
+        the temporary's base name, or "" where links are refused (the caller
+        then keeps it by renaming, right before the name is replaced)."""
+        dir_fd = self.dir_fd
+
+        def keep(temporary: str) -> None:
+            base = os.path.basename(temporary)
+            if by_link:
+                os.link(name, base, src_dir_fd=dir_fd, dst_dir_fd=dir_fd, follow_symlinks=False)
+            elif _exists(base, dir_fd):
+                raise FileExistsError(errno.EEXIST, "taken", base)
+            else:
+                os.rename(name, base, src_dir_fd=dir_fd, dst_dir_fd=dir_fd)
+
+        try:
+            backup, _ = _at_fresh_name(os.path.join(os.path.dirname(self.files.target), name), keep)
+        except OSError as exc:
+            if by_link and exc.errno in _NO_LINKS:
+                return ""
+            raise
+        self.files.temporaries.append(backup)
+        return os.path.basename(backup)
+
+    def _rename(self, temporary: str, target: str) -> None:
+        """Put ``temporary`` onto ``target``: replacing it with ``force``,
+        else never over a file that appeared while the set was written."""
+        dir_fd = self.dir_fd
+        if self.files.force:
+            os.replace(temporary, target, src_dir_fd=dir_fd, dst_dir_fd=dir_fd)
+            self._forget(temporary)
+            return
+        appeared = OutputExistsError(os.path.join(os.path.dirname(self.files.target), target),
+                                     "output appeared while writing")
+        try:
+            os.link(temporary, target, src_dir_fd=dir_fd, dst_dir_fd=dir_fd, follow_symlinks=False)
+        except FileExistsError:
+            raise appeared from None
+        except OSError as exc:
+            if exc.errno not in _NO_LINKS:
+                raise
+            # no hard links here: fall back to a checked rename
+            if _exists(target, dir_fd):
+                raise appeared from None
+            os.rename(temporary, target, src_dir_fd=dir_fd, dst_dir_fd=dir_fd)
+            self._forget(temporary)
+            return
+        os.unlink(temporary, dir_fd=dir_fd)
+        self._forget(temporary)
+
+    def _forget(self, temporary: str) -> None:
+        """``temporary`` is now a published name: never remove it as a temporary."""
+        self.files.temporaries = [name for name in self.files.temporaries if os.path.basename(name) != temporary]
+
+    def _restore(self) -> None:
+        """Undo a failed publish: each name gets back what it held before (best effort, never raises)."""
+        dir_fd = self.dir_fd
+        for step, name, replaced in reversed(self.done):
+            try:
+                if step == "hide":  # (the name is absent)
+                    os.rename(self.kept[name], name, src_dir_fd=dir_fd, dst_dir_fd=dir_fd)
+                elif replaced:
+                    os.replace(self.kept[name], name, src_dir_fd=dir_fd, dst_dir_fd=dir_fd)
+                else:
+                    os.unlink(name, dir_fd=dir_fd)
+            except OSError:
+                pass
+        if self.fsync:
+            try:
+                os.fsync(dir_fd)
+            except OSError:
+                pass
+
+    def _remove_replaced(self, found: _Found) -> None:
+        """After the commit: remove what the new set does not reuse, the kept files, the kept manifest last."""
+        files, kept = self.files, self.kept
+        new = {os.path.basename(target) for target in files.targets}
+        old = [name for name in found.listed if name not in new]
+        if files.manifest and found.data:
+            old.append(files._name)
+        manifest = manifest_path(files._name)
+        backups = [backup for name, backup in kept.items() if backup and name != manifest]
+        for name in [*old, *backups, *([kept[manifest]] if kept.get(manifest) else [])]:
+            _unlink_quietly(name, self.dir_fd)
 
 
 def names_of_output(target: str) -> list[str]:
@@ -921,14 +1047,13 @@ def names_of_output(target: str) -> list[str]:
 
 class StreamOutput:
     """An output that is a stream (standard output, a pipe, an open file):
-    the same interface as :class:`OutputSet`, for one file written in order.
+    an :class:`Output` of one file written in order.
 
     There is nothing to create, publish or discard: bytes written to a
     stream cannot be taken back.  The writer writes its chunks in offset
     order (at the stream's own position: ``offset`` -1 for the backend).
     """
 
-    sharded = False
     manifest = None
 
     def __init__(self, stream: object) -> None:
@@ -943,21 +1068,12 @@ class StreamOutput:
         self.targets = [self.target]
         self.fds = [fd]
         self.direct_fds: list[int] = []
-        self.temporaries: list[str] = []
         mode = os.fstat(fd).st_mode
         self.can_sync = stat_module.S_ISREG(mode) or stat_module.S_ISBLK(mode)
 
-    @property
-    def names(self) -> list[str]:
-        """No names: a stream publishes nothing."""
-        return []
-
-    def check(self, inputs: Iterable[str] = ()) -> None:
-        """Nothing to check: a stream is always writable as it is."""
-
-    def create(self, *, direct: bool = False, striping: Striping | None = None) -> list[int]:
+    def create(self, *, direct: bool = False) -> list[int]:
         """The stream's descriptor (O_DIRECT is refused: a stream has no
-        aligned offsets; a stream has no layout of ours to set)."""
+        aligned offsets)."""
         if direct:
             raise UsageError(f"{self.target}: --direct needs a file, not a stream")
         return self.fds
@@ -987,12 +1103,12 @@ def write_fully(fd: int, content: bytes) -> None:
         view = view[done:]
 
 
-def _is_system_name(name: str) -> bool:
-    """Whether ``name`` is, or leads through symlinks to, a name under /dev or
-    /proc (``/dev/stdout`` -> ``/proc/self/fd/1`` -> whatever fd 1 is now);
-    /dev/shm, a plain tmpfs, is not."""
+def _is_system_name(name: str, *, is_link: bool) -> bool:
+    """Whether ``name`` (a symlink: ``is_link``) is, or leads through symlinks
+    to, a name under /dev or /proc (``/dev/stdout`` -> ``/proc/self/fd/1`` ->
+    whatever fd 1 is now); /dev/shm, a plain tmpfs, is not."""
     paths = [os.path.abspath(name), os.path.realpath(name)]
-    if os.path.islink(name):
+    if is_link:
         paths.append(os.readlink(name))
     return any(path.startswith(("/dev/", "/proc/")) and not path.startswith("/dev/shm/") for path in paths)
 
@@ -1030,3 +1146,6 @@ def _unlink_quietly(path: str, dir_fd: int | None = None) -> None:
         os.unlink(_in(dir_fd, path), dir_fd=dir_fd)
     except OSError:
         pass
+
+
+_OUTPUTS: tuple[type[Output], ...] = (OutputSet, StreamOutput)  # (mypy checks each against the protocol)

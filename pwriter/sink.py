@@ -71,7 +71,7 @@ from .layout import (
     gzip_padding_members,
     plain_padding,
 )
-from .output import OutputSet, StreamOutput
+from .output import Output, StreamOutput
 from .traceformat import count_newlines, rfind_newline
 
 __all__ = ["ChunkSink", "SinkCounts", "MemberIndex", "StreamGate", "ThreadMembers", "SlotPool", "compress_chunk",
@@ -110,7 +110,7 @@ class ChunkSink:
     ``min_padding``).
     """
 
-    def __init__(self, *, planner: Planner, output: OutputSet | StreamOutput, backend: Backend, header: bytes,
+    def __init__(self, *, planner: Planner, output: Output, backend: Backend, header: bytes,
                  header_text: int, compressed: bool, padded: bool, level: int, chunk_capacity: int,
                  writeback: bool, stream_threads: int) -> None:
         self._planner = planner

@@ -57,7 +57,7 @@ from .errors import ClosedError, InputError, attach_other_errors
 from .lanes import WriteLanes
 from .layout import GZIP_MIN_PADDING, Planner, make_planner
 from .members import MemberStage
-from .output import OutputSet, StreamOutput, member_index_path
+from .output import Output, OutputSet, StreamOutput, member_index_path
 from .settings import ConfigError, Settings, settings_from, settings_with
 from .sink import ChunkSink
 from .sizing import FsInfo, Sizing, follow_layout_set, plan_sizing
@@ -297,7 +297,7 @@ class Writer:
         nursery: trio.Nursery,
         plan: WriterPlan,
         planner: Planner,
-        output: OutputSet | StreamOutput,
+        output: Output,
         backend: Backend,
         pool: BufferPool,
     ) -> None:
@@ -459,12 +459,11 @@ class Writer:
 class WriterShare:
     """One process's share of an output that several write (see
     :mod:`pwriter.mpi`): its plan (:meth:`WriterPlan.for_share`), its files
-    (``output``, shaped like :class:`~pwriter.output.OutputSet` and created
-    by :func:`open_share`; "publishing" only means that this share is
-    written and synced) and its planner."""
+    (``output``, created by :func:`open_share`; "publishing" only means that
+    this share is written and synced) and its planner."""
 
     plan: WriterPlan
-    output: typing.Any
+    output: Output
     planner: Planner
 
 
@@ -581,10 +580,14 @@ async def open_writer(
     fs, sizing = plan(target if stream is None else ".", settings, producers=producers, fs=fs,
                       expected_bytes=expected_bytes)
     the_plan = writer_plan(target, settings, form, fs, sizing, stream=stream is not None, validate=validate)
-    output = stream if stream is not None else OutputSet(
-        target, sharded=the_plan.sharded, files=the_plan.files, force=force, sidecars=list(the_plan.sidecars))
-    output.check(inputs)
-    output.create(direct=settings.direct, striping=sizing.striping)
+    output: Output
+    if stream is not None:
+        output = stream
+    else:
+        output = files = OutputSet(target, sharded=the_plan.sharded, files=the_plan.files, force=force,
+                                   sidecars=list(the_plan.sidecars), striping=sizing.striping)
+        files.check(inputs)
+    output.create(direct=settings.direct)
     async with run_writer(the_plan, output, backend=backend) as writer:
         yield writer
 
@@ -603,7 +606,7 @@ def stream_settings(settings: Settings) -> Settings:
 
 @asynccontextmanager
 @trio.lowlevel.enable_ki_protection
-async def run_writer(plan: WriterPlan, output: typing.Any, *, planner: Planner | None = None,
+async def run_writer(plan: WriterPlan, output: Output, *, planner: Planner | None = None,
                      backend: Backend | None = None) -> AsyncIterator[Writer]:
     """The lifecycle of a writer that runs ``plan`` on ``output`` (its files
     created): the backend, the writer's tasks, the close, then publish, or

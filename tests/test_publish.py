@@ -230,6 +230,66 @@ def test_targets_that_are_not_regular_files_are_refused_even_with_force(tmp_path
     assert not [name for name in os.listdir(tmp_path) if is_temporary_name(name)]
 
 
+def test_check_lists_the_directory_once_and_examines_each_name_once(tmp_path,
+                                                                     monkeypatch: pytest.MonkeyPatch) -> None:
+    """OutputSet.check lists the output directory once (for the killed runs'
+    leftovers and the shard generation both), and stats a name only to
+    follow a symlink (its lstat says the rest)."""
+    target = tmp_path / "merged.pfw"
+    target.write_bytes(b"[\n]\n")
+    (tmp_path / "index.json").write_bytes(b"{}")
+    (tmp_path / "merged.pfw.members.json").symlink_to(tmp_path / "index.json")
+    (tmp_path / "merged.shard_000.pfw").write_bytes(b"")  # (generation 0 is taken: the set gets 1)
+    listed: list[object] = []
+    stats: list[object] = []
+    real_listdir, real_stat = os.listdir, os.stat
+
+    def listdir(path: Any = ".") -> list[str]:
+        listed.append(path)
+        return real_listdir(path)
+
+    def stat(path: Any, *args: Any, **kwargs: Any) -> os.stat_result:
+        stats.append(os.fspath(path) if not isinstance(path, int) else path)
+        return real_stat(path, *args, **kwargs)
+
+    files = pwriter.output.OutputSet(str(target), sharded=True, files=2, force=True)
+    monkeypatch.setattr(os, "listdir", listdir)
+    monkeypatch.setattr(os, "stat", stat)
+    try:
+        files.check()
+    finally:
+        monkeypatch.undo()
+        files.discard()
+    assert len(listed) == 1
+    assert files.generation == 1
+    assert stats.count(str(target)) == 0
+    assert stats.count(str(tmp_path / "merged.pfw.members.json")) == 1
+
+
+def test_check_removes_a_killed_runs_shards_before_it_picks_the_generation(tmp_path) -> None:
+    """The shards that a killed run's manifest temporary lists go first; their
+    generation is then free again (the one listing of the directory, less
+    what was removed)."""
+    target = tmp_path / "merged.pfw"
+    (tmp_path / "merged.shard_000.pfw").write_bytes(b"kept")
+    (tmp_path / "merged.pfw.shards").write_bytes(b"merged.shard_000.pfw\n")
+    (tmp_path / "merged.g1.shard_000.pfw").write_bytes(b"orphan")
+    gone = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True,
+                          check=True)
+    host = pwriter.output._host()
+    stale = tmp_path / f".merged.pfw.shards{pwriter.output.TEMP_MARKER}{host}-{int(gone.stdout)}-0123abcd.tmp"
+    stale.write_bytes(b"merged.g1.shard_000.pfw\n")
+    files = pwriter.output.OutputSet(str(target), sharded=True, files=2, force=True)
+    files.check()
+    try:
+        assert files.generation == 1
+        assert sorted(os.listdir(tmp_path)) == [".merged.pfw.pwriter-lock", "merged.pfw.shards",
+                                                "merged.shard_000.pfw"]
+    finally:
+        files.discard()
+    assert (tmp_path / "merged.shard_000.pfw").read_bytes() == b"kept"
+
+
 async def test_library_refuses_dev_stdout_and_says_force_true(tmp_path, settings_for) -> None:
     before = os.lstat("/dev/stdout")
     with pytest.raises(UsageError, match="refusing to replace it"):
