@@ -144,7 +144,7 @@ class Producer:
     def __init__(self, channel: trio.MemorySendChannel[Block], *, batch_bytes: int = DEFAULT_BATCH_BYTES,
                  check: Callable[[bytes], None] | None = None) -> None:
         self._channel = channel
-        self._core = HandleCore(batch_bytes=batch_bytes, check=check, user="task")
+        self._core = HandleCore(batch_bytes=batch_bytes, check=check, user="task", clock=trio.current_time)
         self._push_done: trio.Event | None = None  # set when a push ends (the writer's close waits for it)
 
     @property
@@ -171,9 +171,8 @@ class Producer:
         if core.state is not OPEN:
             raise core.refusal("send_line")
         line = core.line(line)
-        if core.fits(len(line)):
-            await trio.lowlevel.checkpoint_if_cancelled()
-            core.queue(line, trio.current_time())
+        await trio.lowlevel.checkpoint_if_cancelled()
+        if core.add(line):
             await trio.lowlevel.cancel_shielded_checkpoint()
         else:
             await self._push(line)
@@ -186,10 +185,8 @@ class Producer:
         if core.state is not OPEN:
             raise core.refusal("send_lines")
         block = core.lines(lines)
-        if core.fits(len(block)) or not block:
-            await trio.lowlevel.checkpoint_if_cancelled()
-            if block:
-                core.queue(block, trio.current_time())
+        await trio.lowlevel.checkpoint_if_cancelled()
+        if core.add(block):
             await trio.lowlevel.cancel_shielded_checkpoint()
         else:
             await self._push(block)

@@ -94,21 +94,23 @@ class HandleCore:
     ``user`` names who uses a handle (``"task"`` or ``"thread"``) in the
     BusyError message; ``check`` is the writer's ``validate=True`` check
     (None without it); ``batch_bytes`` is how many bytes of lines the
-    handle queues before a call pushes them.
+    handle queues before a call pushes them; ``clock`` tells when a batch
+    starts (the writer pushes a batch before its oldest line waited too long).
     """
 
     def __init__(self, *, batch_bytes: int = DEFAULT_BATCH_BYTES, check: Callable[[bytes], None] | None = None,
-                 user: str = "task") -> None:
+                 user: str = "task", clock: Callable[[], float] | None = None) -> None:
         self.batch_bytes = batch_bytes
         self.check = check
         self.user = user
+        self._clock = clock  # when a batch starts (trio: the trio clock; a sync handle's queue keeps no time)
         self.state = OPEN
         self.pending: list[bytes] = []
         """The queued blocks of lines (while a push is under way: its one joined block)."""
         self.pending_bytes = 0
         """The bytes of lines queued (a push's own lines are not counted until it is sent)."""
         self.pending_since = math.inf
-        """When the oldest queued line was queued (on the clock its queuer passed; inf when none is)."""
+        """When the oldest queued line was queued, on ``clock`` (inf when none is, or without a clock)."""
 
     # -- the checks: each returns newline-terminated lines, each byte checked once
 
@@ -138,16 +140,19 @@ class HandleCore:
 
     # -- the batch
 
-    def fits(self, size: int) -> bool:
-        """Whether ``size`` more bytes stay queued (else the call pushes the batch with them)."""
-        return self.pending_bytes + size < self.batch_bytes
-
-    def queue(self, lines: bytes, now: float = math.inf) -> None:
-        """Queue checked lines; ``now`` is when (a sync handle's queue keeps no time)."""
-        if not self.pending:
-            self.pending_since = now
-        self.pending.append(lines)
-        self.pending_bytes += len(lines)
+    def add(self, lines: bytes) -> bool:
+        """Queue checked lines if the batch stays under ``batch_bytes`` with
+        them (the first lines of a batch start its clock); False, queuing
+        nothing, if it would not: the caller pushes the batch with them."""
+        size = self.pending_bytes + len(lines)
+        if size >= self.batch_bytes:
+            return False
+        if lines:
+            if not self.pending and self._clock is not None:
+                self.pending_since = self._clock()
+            self.pending.append(lines)
+            self.pending_bytes = size
+        return True
 
     def take(self, lines: bytes = b"") -> bytes:
         """The queued lines, then ``lines``, as one block to push.
@@ -181,9 +186,10 @@ class HandleCore:
     # -- the lifecycle
 
     def refusal(self, call: str) -> Exception:
-        """The error for ``call`` on a handle that is not open."""
+        """The error for ``call`` on a handle that is not open (on one that
+        is, BusyError: a sync handle's call is under way, and is just starting)."""
         state = self.state
-        if state is BUSY:
+        if state is BUSY or state is OPEN:
             return BusyError(f"{call} on a producer handle that another {self.user} is using "
                              f"(one handle per {self.user}): nothing was taken")
         if state in _CLOSED_BY_USER:
@@ -198,11 +204,12 @@ class HandleCore:
 
     def start_push(self) -> None:
         """A push starts (its caller checked that it may): the handle is busy until :meth:`end_push`."""
-        self.state = _PUSH_STARTS[self.state]
+        # (OPEN is tested first, by identity: an enum member hashes in Python, on the hot path)
+        self.state = BUSY if self.state is OPEN else _PUSH_STARTS[self.state]
 
     def end_push(self) -> None:
         """The push (or call) under way ended, whether or not it sent its block."""
-        self.state = _PUSH_ENDS[self.state]
+        self.state = OPEN if self.state is BUSY else _PUSH_ENDS[self.state]
 
     end_call = end_push
 

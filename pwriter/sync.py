@@ -139,13 +139,21 @@ class SyncWriter:
         return self._error if self._error is not None else closed
 
     def _refusal(self, call: str) -> ClosedError | None:
-        """The error for ``call`` once the writer closes (or a call was interrupted by Ctrl-C), else None."""
+        """The error for ``call`` once the writer closes (or a call was interrupted by Ctrl-C), else None.
+
+        (A handle's calls are refused by the handle itself: the writer's
+        close refuses every handle's calls.)
+        """
         if self._closing:
             return ClosedError(f"{call}: its writer is closing or closed: nothing was taken")
         if self._interrupted:
-            return ClosedError(f"{call}: a call was interrupted by Ctrl-C, the writer publishes nothing: "
-                               "nothing was taken")
+            return self._interruption(call)
         return None
+
+    @staticmethod
+    def _interruption(call: str) -> ClosedError:
+        return ClosedError(f"{call}: a call was interrupted by Ctrl-C, the writer publishes nothing: "
+                           "nothing was taken")
 
     # -- the caller's side -------------------------------------------------
 
@@ -274,8 +282,9 @@ class SyncProducer:
         self._writer = writer
         self._inner = inner
         self._core = HandleCore(batch_bytes=batch_bytes, check=check, user="thread")
-        # Held while the core changes state; notified when a call ends (a closing writer waits for that).
-        self._guard = threading.Condition()
+        # Held by a call for as long as it runs (the core is BUSY meanwhile),
+        # and by the writer while it changes the core's state.
+        self._guard = threading.Lock()
 
     @property
     def state(self) -> HandleState:
@@ -283,48 +292,61 @@ class SyncProducer:
         return self._core.state
 
     def _enter(self, call: str) -> None:
-        """A call starts: the handle is busy until :meth:`_leave` (a closing writer waits for that)."""
-        with self._guard:
-            refusal = self._writer._refusal(f"{call} on a producer handle")
-            if refusal is not None:
-                raise refusal
+        """A call starts: it holds the handle's lock, and the handle is BUSY,
+        until :meth:`_leave` (a closing writer takes that lock, so it waits
+        for the call)."""
+        writer = self._writer
+        if writer._closing or writer._interrupted or not self._guard.acquire(blocking=False):
+            raise self._refusal(call)
+        try:
             self._core.start_call(call)
+        except BaseException:
+            self._guard.release()
+            raise
+
+    def _lock(self, call: str) -> None:
+        """Take the handle's lock for ``call`` (not a call: the handle stays as it is), or raise what refuses it."""
+        writer = self._writer
+        if writer._closing or writer._interrupted or not self._guard.acquire(blocking=False):
+            raise self._refusal(call)
+
+    def _refusal(self, call: str) -> Exception:
+        """The error for ``call`` when the writer is closing (it may hold the
+        lock), else for another thread's call holding the lock."""
+        refusal = self._writer._refusal(f"{call} on a producer handle")
+        return refusal if refusal is not None else self._core.refusal(call)
 
     def _leave(self) -> None:
-        with self._guard:
-            self._core.end_call()
-            self._guard.notify_all()
+        self._core.end_call()
+        self._guard.release()
 
     def send_line(self, line: bytes) -> None:
         """Queue one line (a newline is added if it has none)."""
         if type(line) is not bytes:
             line = copy_of(line, "send_line")
         self._enter("send_line")
+        core = self._core
         try:
-            self._queue(self._core.line(line))
+            line = core.line(line)
+            if not core.add(line):
+                self._push(line)
         finally:
-            self._leave()
+            core.end_call()  # (what _leave does: the library's hot path for threads)
+            self._guard.release()
 
     def send_lines(self, lines: Iterable[bytes]) -> None:
         """Queue many lines at once; if one is refused, none is taken."""
         self._enter("send_lines")
         try:
-            self._queue(self._core.lines(lines))
+            block = self._core.lines(lines)
+            if not self._core.add(block):
+                self._push(block)
         finally:
             self._leave()
 
-    def _queue(self, lines: bytes) -> None:
-        """Queue checked lines; once a batch is full, send it with them (if
-        that raises, they were not taken and the queue is as it was)."""
-        if self._core.fits(len(lines)):
-            if lines:
-                self._core.queue(lines)
-        else:
-            self._push(lines)
-
     def _push(self, lines: bytes = b"") -> None:
-        """Send the queued lines and ``lines`` as one block (the queue holds
-        what it held before if this raises)."""
+        """Send the queued lines and ``lines`` as one block (if this raises,
+        ``lines`` were not taken and the queue holds what it held before)."""
         core = self._core
         block = core.take(lines)
         try:
@@ -361,30 +383,37 @@ class SyncProducer:
         """Push what is queued and close the handle; idempotent.  Once the
         writer is closing this does nothing: the writer pushes what the
         handle holds."""
-        with self._guard:
-            if self._writer._refusal("close") is not None or not self._core.start_close("close"):
-                return
         try:
-            if self._core.pending:
-                self._push()
-            self._writer._call(self._inner.aclose)
-        except BaseException:
-            self._leave()  # closed, its lines (if any) left for the writer
-            raise
-        with self._guard:
-            self._core.finish()
-            self._guard.notify_all()
+            self._lock("close")
+        except ClosedError:
+            return
+        core = self._core
+        try:
+            if not core.start_close("close"):
+                return
+            try:
+                if core.pending:
+                    self._push()
+                self._writer._call(self._inner.aclose)
+            except BaseException:
+                core.end_call()  # closed: its lines (if any) are left for the writer
+                raise
+            core.finish()
+        finally:
+            self._guard.release()
 
     def _refuse(self, *, wait: bool) -> None:
-        """The writer starts closing: refuse every call from now on, and
-        with ``wait`` wait until a call under way in another thread has ended."""
-        with self._guard:
+        """The writer starts closing: refuse every call from now on.  With
+        ``wait``, a call under way in another thread ends first (its lines
+        are written); without, the handle is left to that call, which the
+        writer's end makes raise ClosedError."""
+        if self._guard.acquire(blocking=wait):
             self._core.refuse()
-            while wait and self._core.pushing:
-                self._guard.wait()
+            self._guard.release()
 
     def _finish(self) -> None:
-        """The writer has ended: the handle sends nothing more."""
+        """The writer has ended: the handle sends nothing more (a call still
+        under way in another thread ends first: it fails, the writer has ended)."""
         with self._guard:
             self._core.finish()
 

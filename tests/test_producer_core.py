@@ -162,8 +162,7 @@ def test_the_check_sees_what_a_call_hands_in_and_a_refusal_takes_nothing() -> No
             raise InputError("a line", "not JSON")
 
     core = HandleCore(check=check)
-    core.queue(core.line(b"{a}"))
-    core.queue(core.lines([b"{b}", b"{c}"]))
+    assert core.add(core.line(b"{a}")) and core.add(core.lines([b"{b}", b"{c}"]))
     with pytest.raises(InputError):
         core.lines([b"{d}", b"bad"])
     assert core.block(b"") == b"" and seen == [b"{a}\n", b"{b}\n{c}\n", b"{d}\nbad\n"]
@@ -173,11 +172,13 @@ def test_the_check_sees_what_a_call_hands_in_and_a_refusal_takes_nothing() -> No
 # -- the batch -------------------------------------------------------------
 
 def test_take_then_sent_or_unsent_leaves_the_queue_as_it_should() -> None:
-    core = HandleCore(batch_bytes=10)
-    assert core.pending_since == math.inf and core.fits(9) and not core.fits(10)
-    core.queue(b"{a}\n", 5.0)
-    core.queue(b"{b}\n", 6.0)
-    assert core.pending_since == 5.0 and core.pending_bytes == 8 and not core.fits(2)
+    times = iter([5.0, 6.0])
+    core = HandleCore(batch_bytes=10, clock=lambda: next(times))
+    assert core.pending_since == math.inf
+    assert not core.add(b"{a-long}\n\n") and core.add(b"") and core.pending == []
+    assert core.add(b"{a}\n") and core.add(b"{b}\n")  # (the clock is read when a batch starts)
+    assert not core.add(b"{c}\n")  # 12 bytes: the call pushes the batch with its lines
+    assert core.pending_since == 5.0 and core.pending_bytes == 8 and core.pending == [b"{a}\n", b"{b}\n"]
     assert core.take(b"{c}\n") == b"{a}\n{b}\n{c}\n"
     assert core.pending == [b"{a}\n{b}\n{c}\n"]  # what waits is the one block
     core.unsent()  # the push raised: the call's lines were not taken
