@@ -317,7 +317,12 @@ class SyncProducer:
         return refusal if refusal is not None else self._core.refusal(call)
 
     def _leave(self) -> None:
+        """The call ends: it releases the lock (and if the writer started
+        closing meanwhile without waiting for the call, that is, aborting, the
+        handle refuses calls from now on: it is the call's to mark)."""
         self._core.end_call()
+        if self._writer._closing:
+            self._core.refuse()
         self._guard.release()
 
     def send_line(self, line: bytes) -> None:
@@ -331,8 +336,7 @@ class SyncProducer:
             if not core.add(line):
                 self._push(line)
         finally:
-            core.end_call()  # (what _leave does: the library's hot path for threads)
-            self._guard.release()
+            self._leave()
 
     def send_lines(self, lines: Iterable[bytes]) -> None:
         """Queue many lines at once; if one is refused, none is taken."""
@@ -412,10 +416,12 @@ class SyncProducer:
             self._guard.release()
 
     def _finish(self) -> None:
-        """The writer has ended: the handle sends nothing more (a call still
-        under way in another thread ends first: it fails, the writer has ended)."""
-        with self._guard:
+        """The writer has ended: the handle sends nothing more.  (A call
+        still under way in another thread after an abort keeps the handle:
+        it fails, and leaves the handle refusing calls.)"""
+        if self._guard.acquire(blocking=False):
             self._core.finish()
+            self._guard.release()
 
     async def _async_close(self) -> None:
         """At the writer's close, in the trio thread (no call is in progress
