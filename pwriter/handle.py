@@ -24,8 +24,9 @@ holds everything that does not depend on trio or on threads:
 The core does no I/O and never waits, like a protocol state machine: the
 trio handle sends the blocks it forms into a lane's channel, the sync
 handle carries them into the writer's trio thread, and each wakes whoever
-waits for a push to end.  A sync handle's core is changed only under that
-handle's lock.
+waits for a push to end.  A sync handle's core is changed only by the
+thread that holds that handle's lock, or by the writer's close once no
+call can start.
 """
 
 from __future__ import annotations
