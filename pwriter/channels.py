@@ -36,18 +36,17 @@ from __future__ import annotations
 import dataclasses
 import math
 import mmap
-import operator
 from collections.abc import Awaitable, Callable, Iterable
 
 import trio
 
-from .traceformat import count_lines
+from .errors import ClosedError
+from .handle import DEFAULT_BATCH_BYTES, NEWLINE, HandleCore, HandleState, copy_of, join_lines, one_line
 
 __all__ = ["Block", "BufferPool", "Producer", "join_lines", "one_line", "Coalescer", "CoalescerStatistics",
            "DEFAULT_BATCH_BYTES"]
 
-DEFAULT_BATCH_BYTES = 64 << 10
-NEWLINE = b"\n"
+OPEN = HandleState.OPEN
 _KEPT_ALIVE: list[object] = []
 
 
@@ -137,39 +136,43 @@ class Producer:
     :class:`~pwriter.errors.ClosedError` and takes nothing; a call already
     waiting to push is let finish first (the close waits for it), then the
     writer pushes what the handle holds.
+
+    The checks, the batch and the handle's state are a
+    :class:`~pwriter.handle.HandleCore`'s; this class sends what it forms.
     """
 
     def __init__(self, channel: trio.MemorySendChannel[Block], *, batch_bytes: int = DEFAULT_BATCH_BYTES,
                  check: Callable[[bytes], None] | None = None) -> None:
         self._channel = channel
-        self._batch_bytes = batch_bytes
-        self._check = check  # validate=True: raises for a block that is not event lines
-        self._pending: list[bytes] = []
-        self._pending_bytes = 0
-        self.pending_since = math.inf
-        # Nonzero while a push of this handle waits, or once the handle takes
-        # no call (closed, or its writer closing): one test on the hot path
-        # covers every refusal.
-        self._blocked = 0
-        self.closed = False
-        self.closed_by_writer = False
-        self._channel_closed = False
-        self._sending = False  # a push waits for room (the writer's pushes keep off)
-        self._push_done: trio.Event | None = None  # set when that push ends (the writer's close waits for it)
+        self._core = HandleCore(batch_bytes=batch_bytes, check=check, user="task", clock=trio.current_time)
+        self._push_done: trio.Event | None = None  # set when a push ends (the writer's close waits for it)
+
+    @property
+    def state(self) -> HandleState:
+        """Where the handle is in its life."""
+        return self._core.state
+
+    @property
+    def pending_since(self) -> float:
+        """The trio time the oldest queued line was queued (inf when none is)."""
+        return self._core.pending_since
+
+    @property
+    def finished(self) -> bool:
+        """Whether the handle sends nothing more (its channel is closed)."""
+        return self._core.finished
 
     async def send_line(self, line: bytes) -> None:
         """Queue one line (a newline is added if it has none)."""
         # The hot path of the library: kept to a few operations per line.
         if type(line) is not bytes:
-            line = _copy_of(line, "send_line")
-        if self._blocked:
-            raise self._misuse("send_line")
-        line = one_line(line)
-        if self._check is not None:
-            self._check(line)
-        if self._pending_bytes + len(line) < self._batch_bytes:
-            await trio.lowlevel.checkpoint_if_cancelled()
-            self._queue(line)
+            line = copy_of(line, "send_line")
+        core = self._core
+        if core.state is not OPEN:
+            raise core.refusal("send_line")
+        line = core.line(line)
+        await trio.lowlevel.checkpoint_if_cancelled()
+        if core.add(line):
             await trio.lowlevel.cancel_shielded_checkpoint()
         else:
             await self._push(line)
@@ -178,15 +181,12 @@ class Producer:
         """Queue many lines at once (newlines added where missing; every
         line is checked as in :meth:`send_line`, and if one is refused,
         none of them is taken)."""
-        if self._blocked:
-            raise self._misuse("send_lines")
-        block = join_lines(lines)
-        if block and self._check is not None:
-            self._check(block)
-        if self._pending_bytes + len(block) < self._batch_bytes or not block:
-            await trio.lowlevel.checkpoint_if_cancelled()
-            if block:
-                self._queue(block)
+        core = self._core
+        if core.state is not OPEN:
+            raise core.refusal("send_lines")
+        block = core.lines(lines)
+        await trio.lowlevel.checkpoint_if_cancelled()
+        if core.add(block):
             await trio.lowlevel.cancel_shielded_checkpoint()
         else:
             await self._push(block)
@@ -198,95 +198,68 @@ class Producer:
         anything queued before it.
         """
         if type(block) is not bytes:
-            block = _copy_of(block, "send_block")
-        if self._blocked:
-            raise self._misuse("send_block")
+            block = copy_of(block, "send_block")
+        core = self._core
+        if core.state is not OPEN:
+            raise core.refusal("send_block")
+        block = core.block(block)
         if not block:
             await trio.lowlevel.checkpoint()
             return
-        if not block.endswith(NEWLINE):
-            block += NEWLINE
-        if self._check is not None:
-            self._check(block)
-        self._start_push()
-        try:
-            if self._pending:
-                await self._send_queued()
-            await self._send(trio.current_time(), block)
-        finally:
-            self._finish_push()
+        await self._push(block=block)
+
+    async def _send_checked(self, block: bytes) -> None:
+        """For a sync handle: send ``block``, whole lines that the sync
+        handle's own core formed and checked (each byte is checked once)."""
+        if self._core.state is not OPEN:
+            raise self._core.refusal("send_block")
+        await self._push(block=block)
 
     async def flush(self) -> None:
         """Send the queued lines now.
 
         If cancelled, the lines stay queued (nothing is lost or sent twice).
         """
-        if self._blocked:
-            raise self._misuse("flush")
-        if not self._pending:
+        core = self._core
+        if core.state is not OPEN:
+            raise core.refusal("flush")
+        if not core.pending:
             await trio.lowlevel.checkpoint()
             return
         await self._push()
 
-    def _queue(self, lines: bytes) -> None:
-        if not self._pending:
-            self.pending_since = trio.current_time()
-        self._pending.append(lines)
-        self._pending_bytes += len(lines)
+    async def _push(self, lines: bytes = b"", *, block: bytes = b"") -> None:
+        """Push the queued lines and ``lines`` (the current call's) as one
+        block, then ``block`` as a block of its own; the handle is busy
+        meanwhile (its caller checked that it may push).
 
-    async def _push(self, lines: bytes = b"") -> None:
-        """Push the queued lines and ``lines`` (the current call's, if any;
-        one of the two holds something) as one block, marked as a push under
-        way (the caller checked that the handle takes calls)."""
-        self._start_push()
-        try:
-            await self._send_queued(lines)
-        finally:
-            self._finish_push()
-
-    def _start_push(self) -> None:
-        """A push may wait: a second task's call is refused meanwhile, the writer's pushes keep off."""
-        self._blocked += 1
-        self._sending = True
-
-    def _finish_push(self) -> None:
-        self._blocked -= 1
-        self._sending = False
-        if self._push_done is not None:
-            self._push_done.set()
-
-    async def _send_queued(self, lines: bytes = b"") -> None:
-        """Send the queued lines, then ``lines``, as one block.
-
-        If this raises (cancelled included), the queue holds what it held
-        before and ``lines`` was not taken.
+        If this raises (cancelled included), ``lines`` and ``block`` were
+        not taken, and the queue holds what it held before unless it was sent.
         """
-        queued = self._pending
-        since = self.pending_since if queued else trio.current_time()
-        if lines:
-            block = b"".join([*queued, lines]) if queued else lines
-        else:
-            block = b"".join(queued) if len(queued) > 1 else queued[0]
-        # What waits for room is the block, not also the line objects it was
-        # made of: a waiting producer holds one batch of memory, not two.
-        self._pending = [block]
+        core = self._core
+        core.start_push()
         try:
-            await self._send(since, block)
-        except BaseException:
-            if not queued:
-                self._pending = []
-            else:
-                self._pending = [block[: self._pending_bytes] if lines else block]
-            raise
-        self._clear_pending()
+            if core.pending or lines:
+                since = core.pending_since if core.pending else trio.current_time()
+                joined = core.take(lines)
+                try:
+                    await self._send(since, joined)
+                except BaseException:
+                    core.unsent()
+                    raise
+                core.sent()
+            if block:
+                await self._send(trio.current_time(), block)
+        finally:
+            core.end_push()
+            if self._push_done is not None:
+                self._push_done.set()
 
     async def _send(self, since: float, block: bytes) -> None:
         """Send one block (a checkpoint; if it raises, the block was not sent)."""
         try:
             await self._channel.send((since, block))
         except (trio.ClosedResourceError, trio.BrokenResourceError):
-            from .errors import ClosedError
-
             raise ClosedError("a send on a producer handle whose writer closed while it waited: "
                               "nothing was taken") from None
 
@@ -297,31 +270,19 @@ class Producer:
         left in a handle closed under cancellation).  Does nothing while a
         push of the handle waits.
         """
-        if not self._pending:
+        core = self._core
+        if not core.pending:
             return True
-        if self._sending or self._channel_closed:
+        if not core.may_push:
             return False
+        since = core.pending_since
         try:
-            self._channel.send_nowait((self.pending_since, b"".join(self._pending)))
+            self._channel.send_nowait((since, core.take()))
         except trio.WouldBlock:
+            core.unsent()
             return False
-        self._clear_pending()
+        core.sent()
         return True
-
-    def _clear_pending(self) -> None:
-        self._pending = []
-        self._pending_bytes = 0
-        self.pending_since = math.inf
-
-    def _misuse(self, call: str) -> Exception:
-        from .errors import BusyError, ClosedError
-
-        if self.closed_by_writer:
-            return ClosedError(f"{call} on a producer handle whose writer closed (or is closing): nothing was taken")
-        if self.closed:
-            return ClosedError(f"{call} on a producer handle that is closed: nothing was taken")
-        return BusyError(f"{call} on a producer handle that another task is using (one handle per task): "
-                         "nothing was taken")
 
     async def aclose(self) -> None:
         """Push what is queued and close this handle's channel; idempotent.
@@ -332,49 +293,42 @@ class Producer:
         writer is closing, this does nothing: the writer pushes what the
         handle holds.
         """
-        if self.closed or self.closed_by_writer:
+        core = self._core
+        if not core.start_close("aclose"):
             return
-        if self._blocked:
-            raise self._misuse("aclose")
-        self.closed = True
-        self._blocked += 1  # (no call from now on)
-        if self._pending:
+        if core.pending:
             await self._push()
-        self._close_channel()
+        self._finish()
 
     def refuse_calls(self) -> None:
         """The writer starts closing: from now on every call raises
         :class:`~pwriter.errors.ClosedError` and takes nothing (a push
         already waiting goes on)."""
-        if not self.closed_by_writer:
-            self.closed_by_writer = True
-            self._blocked += 1
+        self._core.refuse()
 
     async def close_for_writer(self) -> None:
         """At the writer's close: refuse calls, wait until a push already
         waiting (a call of the handle's task, or its ``aclose``) has ended,
         then push what the handle still holds and close its channel."""
-        self.refuse_calls()
-        while self._sending:
+        core = self._core
+        core.refuse()
+        while core.pushing:
             self._push_done = trio.Event()
             await self._push_done.wait()
-        self.closed = True
-        if not self._channel_closed:
-            if self._pending:
+        if not core.finished:
+            if core.pending:
                 await self._push()
-            self._close_channel()
+            self._finish()
 
     def discard_for_writer(self) -> None:
         """The writer ended without publishing (or is past publishing): close
         the handle as it is; a push still waiting raises ClosedError, and
         so does every later call."""
-        self.refuse_calls()
-        self.closed = True
-        self._close_channel()
+        self._core.refuse()
+        self._finish()
 
-    def _close_channel(self) -> None:
-        if not self._channel_closed:
-            self._channel_closed = True
+    def _finish(self) -> None:
+        if self._core.finish():
             self._channel.close()
 
     async def __aenter__(self) -> Producer:
@@ -382,70 +336,6 @@ class Producer:
 
     async def __aexit__(self, *exc_info: object) -> None:
         await self.aclose()
-
-
-def _copy_of(data: object, call: str) -> bytes:
-    """``data`` (any bytes-like object) as new bytes; TypeError in our words otherwise."""
-    if isinstance(data, (str, int)):
-        raise TypeError(f"{call} takes bytes (a line of UTF-8 text), not {type(data).__name__}")
-    try:
-        with memoryview(data) as view:  # type: ignore[arg-type]
-            return view.tobytes()
-    except TypeError:
-        raise TypeError(f"{call} takes bytes (a line of UTF-8 text), not {type(data).__name__}") from None
-
-
-def one_line(line: bytes) -> bytes:
-    """``line`` (bytes) as one newline-terminated record; ValueError for an
-    empty line or one with a newline other than at its end."""
-    newline = line.find(NEWLINE)
-    if newline < 0:
-        if line:
-            return line + NEWLINE
-    elif newline == len(line) - 1 and newline:
-        return line
-    raise _bad_line(line)
-
-
-def _bad_line(line: bytes) -> ValueError:
-    if not line.strip(NEWLINE):
-        return ValueError("a line must not be empty")
-    shown = line[:60] + (b"..." if len(line) > 60 else b"")
-    return ValueError(f"a line must be one record with no newline except at its end: {shown!r}")
-
-
-_last_item = operator.itemgetter(-1)
-
-
-def join_lines(lines: Iterable[bytes]) -> bytes:
-    """``lines`` as one block of newline-terminated lines, copied.
-
-    Each line must be bytes-like, not empty, with no newline except at its
-    end (one is added where missing); raises TypeError or ValueError
-    otherwise.  The usual cases (no line ends with a newline, or every
-    line does) are checked and joined in C, with no Python step per line:
-    the joined block's newlines (one per line, none empty) and, for lines
-    that bring their own, each line's last byte tell that each line holds
-    exactly one newline, at its end.
-    """
-    if not isinstance(lines, (list, tuple)):
-        lines = list(lines)
-    if not lines:
-        return b""
-    count = len(lines)
-    try:
-        if lines[0][-1:] != NEWLINE:  # the usual case of lines without their newline
-            block = b"\n".join([*lines, b""])
-            if count_lines(block) == (count, False):
-                return block  # no line had a newline inside, none is empty
-        elif bytes(map(_last_item, lines)).count(10) == count:  # every line ends with a newline ...
-            block = b"".join(lines)
-            if count_lines(block) == (count, False):
-                return block  # ... and has no other, none is empty
-    except (TypeError, ValueError, IndexError):  # not bytes, or an empty line: see below, line by line
-        pass
-    # A mix: line by line.
-    return b"".join([one_line(line if type(line) is bytes else _copy_of(line, "send_lines")) for line in lines])
 
 
 @dataclasses.dataclass(frozen=True)

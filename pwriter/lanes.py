@@ -92,7 +92,7 @@ class WriteLanes:
         producer = Producer(send.clone(), batch_bytes=batch_bytes, check=check)
         # A handle closed by its task is dropped here, unless its last push
         # was cancelled: close() pushes that.
-        self._producers = [existing for existing in self._producers if not existing._channel_closed]
+        self._producers = [existing for existing in self._producers if not existing.finished]
         self._producers.append(producer)
         return producer
 

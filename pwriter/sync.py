@@ -16,12 +16,13 @@ thread its own handle; passing one from thread to thread is fine).
 
 Ending the ``with`` block normally first stops the calls: from then on
 every call raises :class:`~pwriter.errors.ClosedError` and takes nothing,
-and a call in progress in another thread ends first (the close takes every
-handle's lock, and keeps it).  Then it closes every handle (pushing what it
-holds), lets the service write the footer, fsync and publish, and joins the
-thread: when ``with`` returns, the output is complete under its name.  An
-exception inside the block (Ctrl-C included) cancels the service, which
-removes its temporaries and publishes nothing; the caller's exception
+and a call in progress in another thread ends first (the close refuses
+every handle's calls, then waits until the call under way in each has
+ended).  Then it closes every handle (pushing what it holds), lets the
+service write the footer, fsync and publish, and joins the thread: when
+``with`` returns, the output is complete under its name.  An exception
+inside the block (Ctrl-C included) cancels the service, which removes its
+temporaries and publishes nothing; the caller's exception
 propagates unchanged, and calls still waiting in other threads raise
 ClosedError.  Ctrl-C that lands while a call waits for the service leaves
 unknown whether that call took its lines: the writer then publishes nothing
@@ -41,8 +42,9 @@ from typing import Any
 
 import trio
 
-from .channels import DEFAULT_BATCH_BYTES, Producer, join_lines, one_line
+from .channels import Producer
 from .errors import BusyError, ClosedError, InputError, PwriterError
+from .handle import DEFAULT_BATCH_BYTES, HandleCore, HandleState, copy_of
 from .inputs import path_list
 from .merge import MergeResult, merge
 from .settings import Settings
@@ -137,13 +139,21 @@ class SyncWriter:
         return self._error if self._error is not None else closed
 
     def _refusal(self, call: str) -> ClosedError | None:
-        """The error for ``call`` once the writer closes (or a call was interrupted by Ctrl-C), else None."""
+        """The error for ``call`` once the writer closes (or a call was interrupted by Ctrl-C), else None.
+
+        (A handle's calls are refused by the handle itself: the writer's
+        close refuses every handle's calls.)
+        """
         if self._closing:
             return ClosedError(f"{call}: its writer is closing or closed: nothing was taken")
         if self._interrupted:
-            return ClosedError(f"{call}: a call was interrupted by Ctrl-C, the writer publishes nothing: "
-                               "nothing was taken")
+            return self._interruption(call)
         return None
+
+    @staticmethod
+    def _interruption(call: str) -> ClosedError:
+        return ClosedError(f"{call}: a call was interrupted by Ctrl-C, the writer publishes nothing: "
+                           "nothing was taken")
 
     # -- the caller's side -------------------------------------------------
 
@@ -159,17 +169,17 @@ class SyncWriter:
 
         From here on every call raises ClosedError.  To publish, the calls
         in progress in other threads end first (what they took is written):
-        the close takes every handle's lock, which it keeps; on abort they
-        raise ClosedError.  Ctrl-C while waiting aborts.
+        the close refuses every handle's calls and waits for the call under
+        way in each; on abort they raise ClosedError.  Ctrl-C while waiting
+        aborts.
         """
         try:
             with self._handles_lock:
                 self._closing = True
                 handles = list(self._handles)
             self._abort = exc is not None or self._interrupted
-            if not self._abort:
-                for handle in handles:
-                    handle._in_use.acquire()
+            for handle in handles:
+                handle._refuse(wait=not self._abort)
             self._soon(self._finish_soon)
             self._thread.join()
         except KeyboardInterrupt:
@@ -192,7 +202,7 @@ class SyncWriter:
     def _set_closed(self) -> None:
         self._closed = True
         for handle in self._handles:
-            handle._closed = True
+            handle._finish()
 
     def _soon(self, function: Callable[[], None]) -> None:
         """Run ``function()`` in the trio thread soon (nothing if the service has ended)."""
@@ -259,44 +269,72 @@ class SyncProducer:
     close and from the moment the writer starts closing), with blocking
     calls.  Lines wait in the handle until it holds ``batch_bytes`` (or
     :meth:`flush`, or :meth:`close`); the writer's ``max_delay`` does not
-    reach lines still in a sync handle."""
+    reach lines still in a sync handle.
+
+    The checks, the batch and the handle's state are a
+    :class:`~pwriter.handle.HandleCore`'s, run in the calling thread (each
+    byte is checked there, once); a full batch is carried into the writer's
+    trio thread in one hop, and sent there by a trio handle of its own.
+    """
 
     def __init__(self, writer: SyncWriter, inner: Producer, batch_bytes: int,
                  check: Callable[[bytes], None] | None) -> None:
         self._writer = writer
-        self._check = check  # validate=True: checked here, at the call, in the caller's thread
         self._inner = inner
-        self._batch_bytes = batch_bytes
-        self._pending: list[bytes] = []
-        self._pending_bytes = 0
-        self._in_use = threading.Lock()  # held during a call: a second thread's call is refused
-        self._closed = False
+        self._core = HandleCore(batch_bytes=batch_bytes, check=check, user="thread")
+        # Held by a call for as long as it runs (the core is BUSY meanwhile),
+        # and by the writer while it changes the core's state.
+        self._guard = threading.Lock()
+
+    @property
+    def state(self) -> HandleState:
+        """Where the handle is in its life."""
+        return self._core.state
 
     def _enter(self, call: str) -> None:
-        """A call starts: it holds the handle's lock until it ends (a closing writer waits for that lock)."""
-        if not self._in_use.acquire(blocking=False):
-            refusal = self._writer._refusal(f"{call} on a producer handle")  # (the closing writer holds it)
-            if refusal is not None:
-                raise refusal
-            raise BusyError(f"{call} on a producer handle that another thread is using (one handle per thread): "
-                            "nothing was taken")
+        """A call starts: it holds the handle's lock, and the handle is BUSY,
+        until :meth:`_leave` (a closing writer takes that lock, so it waits
+        for the call)."""
+        writer = self._writer
+        if writer._closing or writer._interrupted or not self._guard.acquire(blocking=False):
+            raise self._refusal(call)
+        try:
+            self._core.start_call(call)
+        except BaseException:
+            self._guard.release()
+            raise
+
+    def _lock(self, call: str) -> None:
+        """Take the handle's lock for ``call`` (not a call: the handle stays as it is), or raise what refuses it."""
+        writer = self._writer
+        if writer._closing or writer._interrupted or not self._guard.acquire(blocking=False):
+            raise self._refusal(call)
+
+    def _refusal(self, call: str) -> Exception:
+        """The error for ``call`` when the writer is closing (it may hold the
+        lock), else for another thread's call holding the lock."""
         refusal = self._writer._refusal(f"{call} on a producer handle")
-        if self._closed:
-            refusal = ClosedError(f"{call} on a producer handle that is closed: nothing was taken")
-        if refusal is not None:
-            self._in_use.release()
-            raise refusal
+        return refusal if refusal is not None else self._core.refusal(call)
 
     def _leave(self) -> None:
-        self._in_use.release()
+        """The call ends: it releases the lock (and if the writer started
+        closing meanwhile without waiting for the call, that is, aborting, the
+        handle refuses calls from now on: it is the call's to mark)."""
+        self._core.end_call()
+        if self._writer._closing:
+            self._core.refuse()
+        self._guard.release()
 
     def send_line(self, line: bytes) -> None:
         """Queue one line (a newline is added if it has none)."""
         if type(line) is not bytes:
-            line = join_lines((line,))  # (copied, with the checks and messages of send_lines)
+            line = copy_of(line, "send_line")
         self._enter("send_line")
+        core = self._core
         try:
-            self._queue(one_line(line))
+            line = core.line(line)
+            if not core.add(line):
+                self._push(line)
         finally:
             self._leave()
 
@@ -304,32 +342,35 @@ class SyncProducer:
         """Queue many lines at once; if one is refused, none is taken."""
         self._enter("send_lines")
         try:
-            block = join_lines(lines)
-            if block:
-                self._queue(block)
+            block = self._core.lines(lines)
+            if not self._core.add(block):
+                self._push(block)
         finally:
             self._leave()
 
-    def _queue(self, block: bytes) -> None:
-        """Queue checked, newline-terminated lines; once a batch is full, send
-        it with them (if that raises, they were not taken and the queue is
-        as it was)."""
-        if self._check is not None:
-            self._check(block)
-        if self._pending_bytes + len(block) < self._batch_bytes:
-            self._pending.append(block)
-            self._pending_bytes += len(block)
-            return
-        self._writer._call(self._inner.send_block, b"".join([*self._pending, block]))
-        self._pending = []
-        self._pending_bytes = 0
+    def _push(self, lines: bytes = b"") -> None:
+        """Send the queued lines and ``lines`` as one block (if this raises,
+        ``lines`` were not taken and the queue holds what it held before)."""
+        core = self._core
+        block = core.take(lines)
+        try:
+            self._writer._call(self._inner._send_checked, block)
+        except BaseException:
+            core.unsent()
+            raise
+        core.sent()
 
     def send_block(self, block: bytes) -> None:
         """Send a block of whole lines, after anything queued before it."""
+        if type(block) is not bytes:
+            block = copy_of(block, "send_block")
         self._enter("send_block")
         try:
-            self._flush()
-            self._writer._call(self._inner.send_block, block)
+            block = self._core.block(block)
+            if self._core.pending:
+                self._push()
+            if block:
+                self._writer._call(self._inner._send_checked, block)
         finally:
             self._leave()
 
@@ -337,43 +378,59 @@ class SyncProducer:
         """Hand the queued lines to the writer now."""
         self._enter("flush")
         try:
-            self._flush()
+            if self._core.pending:
+                self._push()
         finally:
             self._leave()
-
-    def _flush(self) -> None:
-        if not self._pending:
-            return
-        block = b"".join(self._pending) if len(self._pending) > 1 else self._pending[0]
-        self._writer._call(self._inner.send_block, block)
-        self._pending = []
-        self._pending_bytes = 0
 
     def close(self) -> None:
         """Push what is queued and close the handle; idempotent.  Once the
         writer is closing this does nothing: the writer pushes what the
         handle holds."""
-        if self._closed:
-            return
         try:
-            self._enter("close")
+            self._lock("close")
         except ClosedError:
             return
+        core = self._core
         try:
-            self._flush()
-            self._closed = True
-            self._writer._call(self._inner.aclose)
+            if not core.start_close("close"):
+                return
+            try:
+                if core.pending:
+                    self._push()
+                self._writer._call(self._inner.aclose)
+            except BaseException:
+                core.end_call()  # closed: its lines (if any) are left for the writer
+                raise
+            core.finish()
         finally:
-            self._leave()
+            self._guard.release()
+
+    def _refuse(self, *, wait: bool) -> None:
+        """The writer starts closing: refuse every call from now on.  With
+        ``wait``, a call under way in another thread ends first (its lines
+        are written); without, the handle is left to that call, which the
+        writer's end makes raise ClosedError."""
+        if self._guard.acquire(blocking=wait):
+            self._core.refuse()
+            self._guard.release()
+
+    def _finish(self) -> None:
+        """The writer has ended: the handle sends nothing more.  (A call
+        still under way in another thread after an abort keeps the handle:
+        it fails, and leaves the handle refusing calls.)"""
+        if self._guard.acquire(blocking=False):
+            self._core.finish()
+            self._guard.release()
 
     async def _async_close(self) -> None:
         """At the writer's close, in the trio thread (no call is in progress
         and none starts): the handle's last lines go too."""
-        if not self._closed and self._pending:
-            block = b"".join(self._pending)
-            self._pending = []
-            await self._inner.send_block(block)
-        self._closed = True
+        core = self._core
+        if core.pending and not core.finished:
+            await self._inner._send_checked(core.take())
+            core.sent()
+        self._finish()
         await self._inner.aclose()
 
     def __enter__(self) -> SyncProducer:

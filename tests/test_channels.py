@@ -221,7 +221,7 @@ async def test_a_cancelled_send_takes_nothing_whichever_the_method(autojump_cloc
         with trio.move_on_after(1) as scope:
             await call()  # each one must push (a full batch, a block, a flush), and the channel is full
         assert scope.cancelled_caught
-        assert producer._pending == [b"{queued}\n"] and producer._pending_bytes == 9
+        assert producer._core.pending == [b"{queued}\n"] and producer._core.pending_bytes == 9
     for call in (lambda: producer.send_line(b"{c}"), lambda: producer.send_lines([b"{c}"]),
                  lambda: producer.send_lines([]), lambda: producer.send_block(b"{c}\n"),
                  lambda: producer.send_block(b""), producer.flush):
@@ -229,7 +229,7 @@ async def test_a_cancelled_send_takes_nothing_whichever_the_method(autojump_cloc
             scope.cancel()  # cancelled before the call: a checkpoint raises at once, taking nothing
             await call()
         assert scope.cancelled_caught
-        assert producer._pending == [b"{queued}\n"]
+        assert producer._core.pending == [b"{queued}\n"]
     async with trio.open_nursery() as nursery:
         nursery.start_soon(coalescer.run)
         await producer.aclose()

@@ -125,11 +125,10 @@ def test_one_handle_shared_by_two_threads_is_refused_and_loses_nothing(tmp_path,
                         accepted.append(line(worker, n))
 
         run_threads(hammer, 2)
-        held = shared._in_use  # a call in progress in another thread is refused, deterministically
-        held.acquire()
+        shared._enter("send_line")  # a call in progress in another thread is refused, deterministically
         with pytest.raises(BusyError, match="another thread"):
             shared.send_line(line(9, 9))
-        held.release()
+        shared._leave()
     assert refused[0] > 0
     assert collections.Counter(read_events(target)) == collections.Counter(accepted)
 

@@ -1,0 +1,317 @@
+"""The core of a producer handle: line checks, the batch, and the handle's state.
+
+Theory of operation
+-------------------
+pwriter has two producer handles, :class:`~pwriter.channels.Producer` for
+trio tasks and :class:`~pwriter.sync.SyncProducer` for plain threads.  Both
+keep the same promises (lines checked and copied at the call, batched in the
+handle, one user at a time, a call that returned took its lines and one
+that raised took none), so both are built on one :class:`HandleCore`, which
+holds everything that does not depend on trio or on threads:
+
+* the checks of a line (bytes-like, not empty, one newline at its end at
+  most, one added when missing), the copy, the join of many lines, and the
+  writer's ``validate=True`` check, run exactly once over each byte: at the
+  call that hands the line in, never again when batches are joined or
+  pushed (a block formed here is sent on as it is);
+* the batch: the lines queued so far, their size, when the oldest was
+  queued, and the join of a push (:meth:`HandleCore.take`, then
+  :meth:`~HandleCore.sent` or :meth:`~HandleCore.unsent`: a push that raises
+  leaves the queue as it was, so a retried call writes its lines once);
+* the handle's lifecycle, as one :class:`HandleState`, whose transitions
+  are the methods below; each state says which error a call gets.
+
+The core does no I/O and never waits, like a protocol state machine: the
+trio handle sends the blocks it forms into a lane's channel, the sync
+handle carries them into the writer's trio thread, and each wakes whoever
+waits for a push to end.  A sync handle's core is changed only by the
+thread that holds that handle's lock, or by the writer's close once no
+call can start.
+"""
+
+from __future__ import annotations
+
+import enum
+import math
+import operator
+from collections.abc import Callable, Iterable
+
+from .errors import BusyError, ClosedError
+from .traceformat import count_lines
+
+__all__ = ["DEFAULT_BATCH_BYTES", "HandleCore", "HandleState", "copy_of", "join_lines", "one_line"]
+
+DEFAULT_BATCH_BYTES = 64 << 10
+NEWLINE = b"\n"
+
+
+class HandleState(enum.Enum):
+    """Where a producer handle is in its life; the error a call gets follows from it."""
+
+    OPEN = "open"
+    """Takes calls."""
+    BUSY = "busy"
+    """A call is under way and may wait (trio: a push; sync: any call):
+    another call is refused with BusyError."""
+    CLOSING = "closing"
+    """Its user's close is under way (it pushes the last lines): calls are refused."""
+    CLOSED_PENDING = "closed, lines pending"
+    """Closed by its user, but the close's push did not complete (it was
+    cancelled): the lines wait for the writer, which pushes them."""
+    CLOSED = "closed"
+    """Closed by its user: everything is pushed, nothing more is sent."""
+    WRITER_CLOSING = "writer closing"
+    """The writer is closing: every call is refused; the writer pushes what the handle holds."""
+    WRITER_CLOSING_BUSY = "writer closing, busy"
+    """The writer is closing while a call, a close or the writer's own push
+    is under way: the writer waits until it ends."""
+    ENDED = "ended"
+    """Closed by the writer (or discarded when the writer failed): nothing more is sent."""
+
+
+OPEN = HandleState.OPEN
+BUSY = HandleState.BUSY
+CLOSING = HandleState.CLOSING
+CLOSED_PENDING = HandleState.CLOSED_PENDING
+CLOSED = HandleState.CLOSED
+WRITER_CLOSING = HandleState.WRITER_CLOSING
+WRITER_CLOSING_BUSY = HandleState.WRITER_CLOSING_BUSY
+ENDED = HandleState.ENDED
+
+_CLOSED_BY_USER = frozenset({CLOSING, CLOSED_PENDING, CLOSED})
+_FINISHED = frozenset({CLOSED, ENDED})
+_PUSHING = frozenset({BUSY, CLOSING, WRITER_CLOSING_BUSY})
+# a push starts from these (its caller checked that it may) ...
+_PUSH_STARTS = {OPEN: BUSY, CLOSING: CLOSING, WRITER_CLOSING: WRITER_CLOSING_BUSY}
+# ... and ends in these (the writer's close, or a discard, may have come meanwhile)
+_PUSH_ENDS = {BUSY: OPEN, CLOSING: CLOSED_PENDING, WRITER_CLOSING_BUSY: WRITER_CLOSING, ENDED: ENDED}
+_REFUSED = {OPEN: WRITER_CLOSING, CLOSED_PENDING: WRITER_CLOSING, BUSY: WRITER_CLOSING_BUSY,
+            CLOSING: WRITER_CLOSING_BUSY}
+
+
+class HandleCore:
+    """What a producer handle holds: its checks, its batch and its :class:`HandleState`.
+
+    ``user`` names who uses a handle (``"task"`` or ``"thread"``) in the
+    BusyError message; ``check`` is the writer's ``validate=True`` check
+    (None without it); ``batch_bytes`` is how many bytes of lines the
+    handle queues before a call pushes them; ``clock`` tells when a batch
+    starts (the writer pushes a batch before its oldest line waited too long).
+    """
+
+    def __init__(self, *, batch_bytes: int = DEFAULT_BATCH_BYTES, check: Callable[[bytes], None] | None = None,
+                 user: str = "task", clock: Callable[[], float] | None = None) -> None:
+        self.batch_bytes = batch_bytes
+        self.check = check
+        self.user = user
+        self._clock = clock  # when a batch starts (trio: the trio clock; a sync handle's queue keeps no time)
+        self.state = OPEN
+        self.pending: list[bytes] = []
+        """The queued blocks of lines (while a push is under way: its one joined block)."""
+        self.pending_bytes = 0
+        """The bytes of lines queued (a push's own lines are not counted until it is sent)."""
+        self.pending_since = math.inf
+        """When the oldest queued line was queued, on ``clock`` (inf when none is, or without a clock)."""
+
+    # -- the checks: each returns newline-terminated lines, each byte checked once
+
+    def line(self, line: bytes) -> bytes:
+        """``line`` (bytes) as one checked, newline-terminated record."""
+        line = one_line(line)
+        if self.check is not None:
+            self.check(line)
+        return line
+
+    def lines(self, lines: Iterable[bytes]) -> bytes:
+        """``lines`` joined into one checked block (empty if there are none)."""
+        block = join_lines(lines)
+        if block and self.check is not None:
+            self.check(block)
+        return block
+
+    def block(self, block: bytes) -> bytes:
+        """``block`` (bytes of whole lines) checked, with a newline added at its end if missing."""
+        if not block:
+            return block
+        if not block.endswith(NEWLINE):
+            block += NEWLINE
+        if self.check is not None:
+            self.check(block)
+        return block
+
+    # -- the batch
+
+    def add(self, lines: bytes) -> bool:
+        """Queue checked lines if the batch stays under ``batch_bytes`` with
+        them (the first lines of a batch start its clock); False, queuing
+        nothing, if it would not: the caller pushes the batch with them."""
+        size = self.pending_bytes + len(lines)
+        if size >= self.batch_bytes:
+            return False
+        if lines:
+            if not self.pending and self._clock is not None:
+                self.pending_since = self._clock()
+            self.pending.append(lines)
+            self.pending_bytes = size
+        return True
+
+    def take(self, lines: bytes = b"") -> bytes:
+        """The queued lines, then ``lines``, as one block to push.
+
+        Until :meth:`sent` or :meth:`unsent`, the queue holds that one block
+        instead of the pieces it was made of (a push that waits holds one
+        batch of memory, not two).
+        """
+        queued = self.pending
+        if lines:
+            block = b"".join([*queued, lines]) if queued else lines
+        else:
+            block = b"".join(queued) if len(queued) > 1 else queued[0]
+        self.pending = [block]
+        return block
+
+    def sent(self) -> None:
+        """The block of :meth:`take` was sent: the queue is empty."""
+        self.pending = []
+        self.pending_bytes = 0
+        self.pending_since = math.inf
+
+    def unsent(self) -> None:
+        """The block of :meth:`take` was not sent: the queue holds what it held before."""
+        block = self.pending[0]
+        if not self.pending_bytes:
+            self.pending = []
+        elif len(block) > self.pending_bytes:
+            self.pending = [block[: self.pending_bytes]]
+
+    # -- the lifecycle
+
+    def refusal(self, call: str) -> Exception:
+        """The error for ``call`` on a handle that is not open (on one that
+        is, BusyError: a sync handle's call is under way, and is just starting)."""
+        state = self.state
+        if state is BUSY or state is OPEN:
+            return BusyError(f"{call} on a producer handle that another {self.user} is using "
+                             f"(one handle per {self.user}): nothing was taken")
+        if state in _CLOSED_BY_USER:
+            return ClosedError(f"{call} on a producer handle that is closed: nothing was taken")
+        return ClosedError(f"{call} on a producer handle whose writer closed (or is closing): nothing was taken")
+
+    def start_call(self, call: str) -> None:
+        """A call that may wait starts: OPEN becomes BUSY (else the call's refusal is raised)."""
+        if self.state is not OPEN:
+            raise self.refusal(call)
+        self.state = BUSY
+
+    def start_push(self) -> None:
+        """A push starts (its caller checked that it may): the handle is busy until :meth:`end_push`."""
+        # (OPEN is tested first, by identity: an enum member hashes in Python, on the hot path)
+        self.state = BUSY if self.state is OPEN else _PUSH_STARTS[self.state]
+
+    def end_push(self) -> None:
+        """The push (or call) under way ended, whether or not it sent its block."""
+        self.state = OPEN if self.state is BUSY else _PUSH_ENDS[self.state]
+
+    end_call = end_push
+
+    @property
+    def pushing(self) -> bool:
+        """Whether a call or push is under way (the writer waits for it; nobody else pushes)."""
+        return self.state in _PUSHING
+
+    @property
+    def finished(self) -> bool:
+        """Whether the handle sends nothing more (closed by its user or by the writer)."""
+        return self.state in _FINISHED
+
+    @property
+    def may_push(self) -> bool:
+        """Whether someone other than the handle's user (the writer) may push its lines now."""
+        return not self.pushing and not self.finished
+
+    def start_close(self, call: str) -> bool:
+        """Its user closes the handle: True if the close is to be done
+        (OPEN becomes CLOSING), False if it is closed or its writer is
+        closing; BusyError while a call is under way."""
+        if self.state is BUSY:
+            raise self.refusal(call)
+        if self.state is not OPEN:
+            return False
+        self.state = CLOSING
+        return True
+
+    def refuse(self) -> None:
+        """The writer starts closing: every call is refused from now on."""
+        self.state = _REFUSED.get(self.state, self.state)
+
+    def finish(self) -> bool:
+        """Nothing more is sent: True if the handle's channel is to be
+        closed now, False if that was done before."""
+        if self.state in _FINISHED:
+            return False
+        self.state = CLOSED if self.state in _CLOSED_BY_USER else ENDED
+        return True
+
+
+def copy_of(data: object, call: str) -> bytes:
+    """``data`` (any bytes-like object) as new bytes; TypeError in our words otherwise."""
+    if isinstance(data, (str, int)):
+        raise TypeError(f"{call} takes bytes (a line of UTF-8 text), not {type(data).__name__}")
+    try:
+        with memoryview(data) as view:  # type: ignore[arg-type]
+            return view.tobytes()
+    except TypeError:
+        raise TypeError(f"{call} takes bytes (a line of UTF-8 text), not {type(data).__name__}") from None
+
+
+def one_line(line: bytes) -> bytes:
+    """``line`` (bytes) as one newline-terminated record; ValueError for an
+    empty line or one with a newline other than at its end."""
+    newline = line.find(NEWLINE)
+    if newline < 0:
+        if line:
+            return line + NEWLINE
+    elif newline == len(line) - 1 and newline:
+        return line
+    raise _bad_line(line)
+
+
+def _bad_line(line: bytes) -> ValueError:
+    if not line.strip(NEWLINE):
+        return ValueError("a line must not be empty")
+    shown = line[:60] + (b"..." if len(line) > 60 else b"")
+    return ValueError(f"a line must be one record with no newline except at its end: {shown!r}")
+
+
+_last_item = operator.itemgetter(-1)
+
+
+def join_lines(lines: Iterable[bytes]) -> bytes:
+    """``lines`` as one block of newline-terminated lines, copied.
+
+    Each line must be bytes-like, not empty, with no newline except at its
+    end (one is added where missing); raises TypeError or ValueError
+    otherwise.  The usual cases (no line ends with a newline, or every
+    line does) are checked and joined in C, with no Python step per line:
+    the joined block's newlines (one per line, none empty) and, for lines
+    that bring their own, each line's last byte tell that each line holds
+    exactly one newline, at its end.
+    """
+    if not isinstance(lines, (list, tuple)):
+        lines = list(lines)
+    if not lines:
+        return b""
+    count = len(lines)
+    try:
+        if lines[0][-1:] != NEWLINE:  # the usual case of lines without their newline
+            block = b"\n".join([*lines, b""])
+            if count_lines(block) == (count, False):
+                return block  # no line had a newline inside, none is empty
+        elif bytes(map(_last_item, lines)).count(10) == count:  # every line ends with a newline ...
+            block = b"".join(lines)
+            if count_lines(block) == (count, False):
+                return block  # ... and has no other, none is empty
+    except (TypeError, ValueError, IndexError):  # not bytes, or an empty line: see below, line by line
+        pass
+    # A mix: line by line.
+    return b"".join([one_line(line if type(line) is bytes else copy_of(line, "send_lines")) for line in lines])
