@@ -47,6 +47,7 @@ GiB = 1 << 30
 MiB = 1 << 20
 BIN = os.path.dirname(sys.executable)
 PWRITER = os.path.join(BIN, "pwriter")
+BEFORE: str | None = None  # --before: another pwriter command, each pwriter row run beside it
 
 
 @dataclasses.dataclass
@@ -154,7 +155,10 @@ def pwriter_merge(inputs: list[str], output: str, *extra: str) -> list[str]:
 def run_group(title: str, size: int, commands: dict[str, list[str] | str], rounds: int, out: str,
               results: list[dict[str, object]]) -> None:
     """Run the commands interleaved; the first one is the baseline.  ``out``
-    (where they write) is emptied after each run."""
+    (where they write) is emptied after each run.  With ``--before``, each
+    pwriter command has a twin run with the other pwriter right after it."""
+    if BEFORE:
+        commands = dict(pair for name, command in commands.items() for pair in _with_before(name, command))
     runs: dict[str, list[Run]] = {name: [] for name in commands}
     for round_index in range(rounds + 1):
         for name, command in commands.items():
@@ -182,6 +186,14 @@ def run_group(title: str, size: int, commands: dict[str, list[str] | str], round
     sys.stdout.flush()
 
 
+def _with_before(name: str, command: list[str] | str) -> list[tuple[str, list[str] | str]]:
+    if BEFORE is None or not name.startswith("pwriter"):
+        return [(name, command)]
+    if isinstance(command, str):
+        return [(name, command), (name + " [before]", command.replace(PWRITER, BEFORE))]
+    return [(name, command), (name + " [before]", [BEFORE if part == PWRITER else part for part in command])]
+
+
 PAGE_REPORTING = "/sys/module/page_reporting/parameters/reported_kib"
 
 
@@ -205,8 +217,12 @@ def main() -> None:
     parser.add_argument("--json", metavar="FILE", help="also write the results as JSON")
     parser.add_argument("--only", metavar="GROUP", action="append", choices=GROUPS,
                         help=f"run only these groups (repeatable): {', '.join(GROUPS)}")
+    parser.add_argument("--before", metavar="PWRITER",
+                        help="another pwriter executable (say, an older tree's): each pwriter row runs beside it")
     args = parser.parse_args()
     wanted = set(args.only or GROUPS)
+    global BEFORE
+    BEFORE = args.before
 
     from pwriter.backends import available_backends
 
@@ -271,8 +287,11 @@ def main() -> None:
     elif fio:
         fio_cmd = (f"{fio} --name=seq --rw=write --bs=1M --size={size // MiB}M --direct=1 --ioengine=psync "
                    f"--filename={out}/fio.dat --output-format=terse >/dev/null")
+        fio_ring = (f"{fio} --name=seq --rw=write --bs=1M --size={size // MiB}M --direct=1 --ioengine=io_uring "
+                    f"--iodepth=16 --filename={out}/fio.dat --output-format=terse >/dev/null")
         run_group("the disk itself (fio sequential write, O_DIRECT, 1 MiB)", size, {
             "fio direct write": fio_cmd,
+            "fio direct write, io_uring, 16 in flight": fio_ring,
             **{f"pwriter --direct {backend} (fsync)": pwriter_merge(plain, merged, "--direct", "--backend", backend)
                for backend in backends},
         }, args.rounds, out, results)
