@@ -31,7 +31,7 @@ from collections.abc import Sequence
 from .completeness import InputEnd, input_end
 from .errors import DataError, InputError, UsageError
 from .output import is_temporary_name
-from .traceformat import BOM, BlockCleaner, is_gzip_magic, is_valid_json, rfind_newline
+from .traceformat import BOM, BlockCleaner, is_gzip_magic, is_valid_json, preview, rfind_newline
 
 __all__ = ["collect_inputs", "input_size", "InputReader", "InputRun", "fill_step", "TRACE_SUFFIXES"]
 
@@ -689,18 +689,13 @@ class InputReader:
             return True  # not the start of an event: the cleaner says what it is
         if not self.salvage:
             raise InputError(self.path, "its last line has no newline and is not whole JSON: cut short by a crash, "
-                                        f"or still being written? (--salvage drops it): {_preview(stripped)}", offset)
+                                        f"or still being written? (--salvage drops it): {preview(stripped)}", offset)
         self.dropped_lines += 1
         self._note(f"dropped a cut last line of {len(line)} bytes")
         return False
 
     def close(self) -> None:
         self._file.close()
-
-
-def _preview(line: bytes) -> str:
-    shown = repr(line[:32])[1:]
-    return f"starts {shown}{'...' if len(line) > 32 else ''}"
 
 
 class InputRun:

@@ -82,6 +82,8 @@ from __future__ import annotations
 import dataclasses
 from typing import Literal, Protocol
 
+from .traceformat import line_end
+
 __all__ = [
     "Placement",
     "Planner",
@@ -552,7 +554,7 @@ class SizedShardedPlanner(_Closed):
             if filled >= self.shard_size:
                 filled = 0  # (the next piece starts a new shard)
             need = self.shard_size - filled
-            end = text.nbytes if text.nbytes < need else _line_end(text, need - 1)
+            end = text.nbytes if text.nbytes < need else line_end(text, need - 1)
             pieces.append(text[:end])
             filled += end
             text = text[end:]
@@ -595,19 +597,6 @@ class SizedShardedPlanner(_Closed):
         self._sizes.append(0)
         self.files += 1
         return self.files - 1
-
-
-def _line_end(text: memoryview, start: int) -> int:
-    """The end of the line that holds byte ``start`` of ``text`` (whole
-    lines): the index after its newline."""
-    step = 4096
-    while start < text.nbytes:
-        found = bytes(text[start : start + step]).find(b"\n")
-        if found >= 0:
-            return start + found + 1
-        start += step
-        step *= 2
-    return text.nbytes
 
 
 def make_planner(
