@@ -11,7 +11,7 @@ one each.  :func:`fill_step` is the one step every reader takes (the merge's
 readers and ``pwriter verify`` alike): fill the buffer with whole cleaned
 lines, or finish a line longer than the buffer.  ``--salvage`` keeps what a
 crashed rank's damaged input still holds.  Everything here blocks: it is
-meant to run in worker threads (whose waits on a pipe or FIFO a trio
+meant to run in threads (whose waits on a pipe or FIFO a trio
 cancellation ends).  An input is read as it was when opened (see
 :class:`InputReader`).
 """
@@ -248,7 +248,7 @@ class _FileUpTo(io.RawIOBase):
 class _WaitingFile(io.RawIOBase):
     """A pipe, FIFO or device read through ``fd`` (owned, non-blocking):
     each read first waits until the descriptor is readable, in trio when
-    called from one of trio's worker threads, so that a cancellation (Ctrl-C,
+    called from a thread trio started, so that a cancellation (Ctrl-C,
     SIGTERM) ends the wait at once, even for a FIFO that no writer ever
     opens or that stays silent.  Elsewhere (``pwriter verify``) it waits in
     ``poll``."""
@@ -361,7 +361,7 @@ def input_size(path: str) -> int:
 
 class _InputFile:
     """One input, opened as it is now, and its text (plain or gzip, told
-    apart by its magic number).  Blocking: meant to run in a worker thread.
+    apart by its magic number).  Blocking: meant to run in a thread.
 
     A plain regular file is read with ``os.readv`` straight into the
     caller's buffer, up to its size when opened: no buffered reader, a few
@@ -559,7 +559,7 @@ class _InputFile:
 class InputReader:
     """Reads one input (:class:`_InputFile`: plain or gzip, as it was when
     opened) and cleans its text straight into the caller's stripe buffers.
-    Blocking: meant to run in a worker thread.
+    Blocking: meant to run in a thread.
 
     The caller keeps a buffer in two parts: ``buffer[:done]`` holds cleaned
     event lines, ``buffer[done:end]`` text read but not yet cleaned (the
