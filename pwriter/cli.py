@@ -231,8 +231,9 @@ def _say(line: str) -> None:
     except (AttributeError, ValueError, OSError):  # (stderr replaced by an object without a descriptor)
         sys.stderr.write(data.decode(sys.stderr.encoding or "utf-8", "replace"))
         return
-    while data:
-        data = data[os.write(fd, data) :]
+    from .output import write_fully
+
+    write_fully(fd, data)
 
 
 def _stdout_closed() -> None:
