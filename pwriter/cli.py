@@ -231,8 +231,9 @@ def _say(line: str) -> None:
     except (AttributeError, ValueError, OSError):  # (stderr replaced by an object without a descriptor)
         sys.stderr.write(data.decode(sys.stderr.encoding or "utf-8", "replace"))
         return
-    while data:
-        data = data[os.write(fd, data) :]
+    from .output import write_fully
+
+    write_fully(fd, data)
 
 
 def _stdout_closed() -> None:
@@ -346,12 +347,12 @@ def _lanes(args: argparse.Namespace) -> str | None:
     old: str | None = getattr(args, "old_workers", None)
     if old is None:
         return lanes
-    from .settings import ConfigError, _warn_once
+    from .settings import _warn_once, one_value
 
     _warn_once("pwriter: warning: --workers is now --lanes", stderr=True)
-    if lanes is not None and lanes.strip() != old.strip():
-        raise ConfigError(f"invalid setting lanes: --lanes {lanes} and --workers {old} (its old name) differ")
-    return old
+    given = None if lanes is None else (f"--lanes {lanes}", lanes)
+    value: str = one_value("lanes", given, (f"--workers {old}", old))
+    return value
 
 
 def _settings(args: argparse.Namespace) -> Any:

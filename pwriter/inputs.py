@@ -11,7 +11,7 @@ one each.  :func:`fill_step` is the one step every reader takes (the merge's
 readers and ``pwriter verify`` alike): fill the buffer with whole cleaned
 lines, or finish a line longer than the buffer.  ``--salvage`` keeps what a
 crashed rank's damaged input still holds.  Everything here blocks: it is
-meant to run in worker threads (whose waits on a pipe or FIFO a trio
+meant to run in threads (whose waits on a pipe or FIFO a trio
 cancellation ends).  An input is read as it was when opened (see
 :class:`InputReader`).
 """
@@ -31,7 +31,7 @@ from collections.abc import Sequence
 from .completeness import InputEnd, input_end
 from .errors import DataError, InputError, UsageError
 from .output import is_temporary_name
-from .traceformat import BOM, BlockCleaner, is_gzip_magic, is_valid_json, rfind_newline
+from .traceformat import BOM, BlockCleaner, is_gzip_magic, is_valid_json, preview, rfind_newline
 
 __all__ = ["collect_inputs", "input_size", "InputReader", "InputRun", "fill_step", "TRACE_SUFFIXES"]
 
@@ -248,7 +248,7 @@ class _FileUpTo(io.RawIOBase):
 class _WaitingFile(io.RawIOBase):
     """A pipe, FIFO or device read through ``fd`` (owned, non-blocking):
     each read first waits until the descriptor is readable, in trio when
-    called from one of trio's worker threads, so that a cancellation (Ctrl-C,
+    called from a thread trio started, so that a cancellation (Ctrl-C,
     SIGTERM) ends the wait at once, even for a FIFO that no writer ever
     opens or that stays silent.  Elsewhere (``pwriter verify``) it waits in
     ``poll``."""
@@ -361,7 +361,7 @@ def input_size(path: str) -> int:
 
 class _InputFile:
     """One input, opened as it is now, and its text (plain or gzip, told
-    apart by its magic number).  Blocking: meant to run in a worker thread.
+    apart by its magic number).  Blocking: meant to run in a thread.
 
     A plain regular file is read with ``os.readv`` straight into the
     caller's buffer, up to its size when opened: no buffered reader, a few
@@ -559,7 +559,7 @@ class _InputFile:
 class InputReader:
     """Reads one input (:class:`_InputFile`: plain or gzip, as it was when
     opened) and cleans its text straight into the caller's stripe buffers.
-    Blocking: meant to run in a worker thread.
+    Blocking: meant to run in a thread.
 
     The caller keeps a buffer in two parts: ``buffer[:done]`` holds cleaned
     event lines, ``buffer[done:end]`` text read but not yet cleaned (the
@@ -689,18 +689,13 @@ class InputReader:
             return True  # not the start of an event: the cleaner says what it is
         if not self.salvage:
             raise InputError(self.path, "its last line has no newline and is not whole JSON: cut short by a crash, "
-                                        f"or still being written? (--salvage drops it): {_preview(stripped)}", offset)
+                                        f"or still being written? (--salvage drops it): {preview(stripped)}", offset)
         self.dropped_lines += 1
         self._note(f"dropped a cut last line of {len(line)} bytes")
         return False
 
     def close(self) -> None:
         self._file.close()
-
-
-def _preview(line: bytes) -> str:
-    shown = repr(line[:32])[1:]
-    return f"starts {shown}{'...' if len(line) > 32 else ''}"
 
 
 class InputRun:

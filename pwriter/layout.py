@@ -21,7 +21,7 @@ readers refuse); an overlap would lose data.
   every chunk takes the next ``len(chunk)`` bytes from a counter; the footer is
   reserved last, at close, so it ends the file whatever order lanes finish in.
   (No planner is thread-safe: the chunk sink calls them under its placement
-  lock, since worker threads place too.)
+  lock, since threads place too.)
 
 * **padded-striped**: one file cut into slots of ``stripe_size`` bytes, each
   written by one lane only.  A lane takes a slot when it places its first
@@ -59,15 +59,15 @@ readers refuse); an overlap would lose data.
   on the same rule, from the text length of each placement.
 
 Several processes (MPI ranks, :mod:`pwriter.mpi`) can write one striped or
-padded-striped file: each gets a *shared* planner
+padded-striped file, each its *share* of it: each gets a shared-file planner
 (:class:`SharedStripedPlanner`, :class:`SharedPaddedPlanner`) whose offsets
-come from one :class:`Counter` that all of them share (an atomic fetch-add
+come from one :class:`Counter` that all of them use (an atomic fetch-add
 that the caller provides; the planners stay pure).  The header is placed by
-the one part that writes it, on its own (padded: alone in slot 0), and the
-footer by whoever finishes the file, once every part is done, at the
-counter's last value.  A padded part keeps its lanes' slots as one process
-does; the slots come from the counter, so no two parts share one.  A sharded output under MPI is one
-:class:`ShardedPlanner` per rank over that rank's own shards.
+the one share that writes it, on its own (padded: alone in slot 0), and the
+footer by whoever finishes the file, once every share is done, at the
+counter's last value.  A padded share keeps its lanes' slots as one process
+does; the slots come from the counter, so no two shares write one.  A sharded
+output under MPI is one :class:`ShardedPlanner` per rank over that rank's own shards.
 
 Plain padding is ``n - 1`` spaces and a newline: a whitespace-only line, which
 every trace reader skips (see ``docs/layouts.md``).  Gzip padding is one or
@@ -81,6 +81,8 @@ from __future__ import annotations
 
 import dataclasses
 from typing import Literal, Protocol
+
+from .traceformat import line_end
 
 __all__ = [
     "Placement",
@@ -214,7 +216,7 @@ class _Closed:
     closed = False
     shared_file = False
     """Whether the file is shared with other writers (MPI ranks), so that
-    this part cannot know whether it stays empty (see :meth:`file_sizes`)."""
+    this share cannot know whether it stays empty (see :meth:`file_sizes`)."""
     chunk_capacity: int
 
     def _check_open(self) -> None:
@@ -381,10 +383,10 @@ def padded_length(used: int, stripe_size: int, min_padding: int) -> int:
 
 
 class Counter(Protocol):
-    """A running offset that every part of a shared file reserves from."""
+    """A running offset that every share of a shared file reserves from."""
 
     def fetch_add(self, amount: int) -> int:
-        """Add ``amount``; return the value before (atomically, across every part)."""
+        """Add ``amount``; return the value before (atomically, across every share)."""
 
 
 class LocalCounter:
@@ -399,11 +401,11 @@ class LocalCounter:
 
 
 class SharedStripedPlanner(_Closed):
-    """One part of a striped file that several processes write: each chunk
+    """One share of a striped file that several processes write: each chunk
     takes the next bytes of the shared ``counter``, which starts after the
-    header.  Only the part with ``writes_header`` places the header (at
-    open); no part places the footer (its :meth:`close` reserves nothing:
-    the footer goes at the counter's value once every part is done)."""
+    header.  Only the share with ``writes_header`` places the header (at
+    open); no share places the footer (its :meth:`close` reserves nothing:
+    the footer goes at the counter's value once every share is done)."""
 
     layout: LayoutName = "striped"
     files = 1
@@ -431,15 +433,15 @@ class SharedStripedPlanner(_Closed):
         return Placement(0, self._end, 0, 0, 0)
 
     def file_sizes(self) -> list[int]:
-        return [self._end]  # of this part: the file ends at the counter's last value
+        return [self._end]  # of this share: the file ends at the counter's last value
 
 
 class SharedPaddedPlanner(_SlotKeeper):
-    """One part of a padded-striped file that several processes write:
-    slot 0 holds the header alone (padded), placed by the part with
+    """One share of a padded-striped file that several processes write:
+    slot 0 holds the header alone (padded), placed by the share with
     ``writes_header``; every new slot is taken whole from the shared
-    ``counter``, which starts at slot 1 (at 0 when there is no header), so no two parts ever write the same
-    stripe, and a part's lanes keep their slots as in
+    ``counter``, which starts at slot 1 (at 0 when there is no header), so no two shares ever write the same
+    stripe, and a share's lanes keep their slots as in
     :class:`PaddedStripedPlanner`.  The footer follows the last slot (see
     :class:`SharedStripedPlanner`); every kept slot is padded at close."""
 
@@ -552,7 +554,7 @@ class SizedShardedPlanner(_Closed):
             if filled >= self.shard_size:
                 filled = 0  # (the next piece starts a new shard)
             need = self.shard_size - filled
-            end = text.nbytes if text.nbytes < need else _line_end(text, need - 1)
+            end = text.nbytes if text.nbytes < need else line_end(text, need - 1)
             pieces.append(text[:end])
             filled += end
             text = text[end:]
@@ -595,19 +597,6 @@ class SizedShardedPlanner(_Closed):
         self._sizes.append(0)
         self.files += 1
         return self.files - 1
-
-
-def _line_end(text: memoryview, start: int) -> int:
-    """The end of the line that holds byte ``start`` of ``text`` (whole
-    lines): the index after its newline."""
-    step = 4096
-    while start < text.nbytes:
-        found = bytes(text[start : start + step]).find(b"\n")
-        if found >= 0:
-            return start + found + 1
-        start += step
-        step *= 2
-    return text.nbytes
 
 
 def make_planner(

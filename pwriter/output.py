@@ -372,7 +372,7 @@ class OutputLock:
         if not self.held:
             return
         self.held = False
-        if self._read(self._name) == self._mine:  # (never another's, should it have been taken over)
+        if _read_quietly(self._name, self._dir_fd) == self._mine:  # (never another's, should it have been taken over)
             _unlink_quietly(self._name, self._dir_fd)
 
     def _create(self, name: str) -> int:
@@ -393,24 +393,12 @@ class OutputLock:
                              exc.errno) from None
         return fd
 
-    def _read(self, name: str) -> bytes | None:
-        try:
-            fd = os.open(name, os.O_RDONLY | os.O_CLOEXEC, dir_fd=self._dir_fd)
-        except OSError:
-            return None
-        try:
-            return os.read(fd, 4096)
-        except OSError:
-            return None
-        finally:
-            os.close(fd)
-
     def _holder(self, name: str) -> tuple[str, int | None] | None:
         """The ``(host, pid)`` that ``name`` holds; None if it is gone; pid None
         if it never gets a readable content (within :attr:`UNREADABLE_WAIT`)."""
         deadline = time.monotonic() + self.UNREADABLE_WAIT
         while True:
-            content = self._read(name)
+            content = _read_quietly(name, self._dir_fd)
             if content is None:
                 return None if not _exists(name, self._dir_fd) else ("?", None)
             fields = content.decode("utf-8", "replace").split()
@@ -1129,16 +1117,21 @@ def read_shard_set(manifest: str) -> list[str]:
 def _read_manifest(manifest: str, dir_fd: int | None = None) -> list[str]:
     """The names a manifest lists, one a line, exactly (nothing stripped but
     the newline: a name may begin or end with a space); [] if it cannot be read."""
+    content = _read_quietly(manifest, dir_fd) or b""
+    return [os.fsdecode(line) for line in content.split(b"\n") if line]
+
+
+def _read_quietly(path: str, dir_fd: int | None) -> bytes | None:
+    """The content of the small file ``path`` (relative to ``dir_fd``, see :func:`_in`); None if it cannot be read."""
     try:
-        fd = os.open(_in(dir_fd, manifest), os.O_RDONLY | os.O_CLOEXEC, dir_fd=dir_fd)
+        fd = os.open(_in(dir_fd, path), os.O_RDONLY | os.O_CLOEXEC, dir_fd=dir_fd)
     except OSError:
-        return []
+        return None
     try:
         with open(fd, "rb") as handle:
-            content = handle.read()
+            return handle.read()
     except OSError:
-        return []
-    return [os.fsdecode(line) for line in content.split(b"\n") if line]
+        return None
 
 
 def _unlink_quietly(path: str, dir_fd: int | None = None) -> None:

@@ -57,16 +57,16 @@ def parse_size(value: object) -> int:
     return int(number) * _UNIT[unit.lower()]
 
 
+def _is_auto(value: object) -> bool:
+    return isinstance(value, str) and value.strip().lower() in ("", "auto")
+
+
 def _optional_size(value: object) -> int | None:
-    if value is None or (isinstance(value, str) and value.strip().lower() in ("", "auto")):
-        return None
-    return parse_size(value)
+    return None if value is None or _is_auto(value) else parse_size(value)
 
 
 def _optional_int(value: object) -> object:
-    if isinstance(value, str) and value.strip().lower() in ("", "auto"):
-        return None
-    return value
+    return None if _is_auto(value) else value
 
 
 # An optional size or count: "auto", "" or None mean "let the sizing decide".
@@ -76,8 +76,10 @@ LaneCount = Annotated[Annotated[int, Field(ge=1, le=1024)] | None, BeforeValidat
 BuffersPerLane = Annotated[Annotated[int, Field(ge=2, le=64)] | None, BeforeValidator(_optional_int)]
 ShardSize = Annotated[Annotated[int, Field(ge=1)] | None, BeforeValidator(_optional_size)]
 WriteCallSize = Annotated[Annotated[int, Field(ge=4096)] | None, BeforeValidator(_optional_size)]
+
+
 def _stripe_count(value: object) -> object:
-    if isinstance(value, str) and value.strip().lower() in ("", "auto"):
+    if _is_auto(value):
         return "auto"
     try:
         count = int(value)  # type: ignore[call-overload]
@@ -197,9 +199,9 @@ def load_settings(**overrides: Any) -> Settings:
         elif name in Settings.model_fields:
             from_environment[name] = (variable, value)
     for name, (variable, value) in old_environment.items():
-        if name in from_environment and from_environment[name][1].strip() != value.strip():
-            raise ConfigError(f"invalid setting {name}: {from_environment[name][0]}={from_environment[name][1]!r} "
-                              f"and {variable}={value!r} (its old name) differ")
+        new = from_environment.get(name)
+        shown = None if new is None else (f"{new[0]}={new[1]!r}", new[1])
+        one_value(name, shown, (f"{variable}={value!r}", value))  # (both names: the same value, or an error)
         from_environment.setdefault(name, (variable, value))
     given: dict[str, Any] = {name: value for name, (_, value) in from_environment.items()}
     given.update({name: value for name, value in overrides.items() if value is not None})
@@ -264,20 +266,33 @@ def _warn_once(message: str, *, stderr: bool) -> None:
         warnings.warn(message, FutureWarning, stacklevel=4)
 
 
+def one_value(name: str, given: tuple[str, Any] | None, old: tuple[str, Any]) -> Any:
+    """The value of setting ``name`` given under its old name (``old``) and
+    perhaps under its own (``given``), each as ``(how it was given, value)``:
+    both with different values (strings compared stripped) is a :class:`ConfigError`."""
+    if given is None:
+        return old[1]
+    if _stripped(given[1]) != _stripped(old[1]):
+        raise ConfigError(f"invalid setting {name}: {given[0]} and {old[0]} (its old name) differ")
+    return given[1]
+
+
+def _stripped(value: object) -> object:
+    return value.strip() if isinstance(value, str) else value
+
+
 def _renamed(overrides: dict[str, Any]) -> dict[str, Any]:
     """``overrides`` with each old name of a setting (:data:`OLD_NAMES`) put
-    under the new one, warning once per old name; both names with different
-    values is a :class:`ConfigError`."""
+    under the new one, warning once per old name (see :func:`one_value`)."""
     renamed = {name: value for name, value in overrides.items() if name not in OLD_NAMES}
     for old, new in OLD_NAMES.items():
         value = overrides.get(old)
         if value is None:
             continue
         _warn_once(f"pwriter: the setting {old}= is now {new}= (the old name still works)", stderr=False)
-        if renamed.get(new) is not None and renamed[new] != value:
-            raise ConfigError(f"invalid setting {new}: given as {new}={renamed[new]!r} and as {old}={value!r} "
-                              f"(its old name)")
-        renamed[new] = value
+        given = renamed.get(new)
+        shown = None if given is None else (f"{new}={given!r}", given)
+        renamed[new] = one_value(new, shown, (f"{old}={value!r}", value))
     return renamed
 
 

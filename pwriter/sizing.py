@@ -204,10 +204,6 @@ class Sizing:
     striping: Striping | None = None
     """Lustre: the layout to set on create (None: the directory's default)."""
 
-    @property
-    def buffer_bytes(self) -> int:
-        return self.buffers * self.stripe_size
-
 
 def plan_sizing(
     fs: FsInfo,

@@ -31,8 +31,8 @@ from typing import Any
 
 from .errors import InputError
 
-__all__ = ["BlockCleaner", "is_gzip_magic", "is_valid_json", "rfind_newline", "count_newlines", "count_prefixed",
-           "ID_PREFIX"]
+__all__ = ["BlockCleaner", "is_gzip_magic", "is_valid_json", "rfind_newline", "line_end", "preview", "count_newlines",
+           "count_prefixed", "ID_PREFIX"]
 
 GZIP_MAGIC = b"\x1f\x8b"
 BOM = b"\xef\xbb\xbf"
@@ -225,13 +225,13 @@ class BlockCleaner:
             if self.drop_invalid:
                 self.invalid += 1
                 if len(self.invalid_examples) < 3:
-                    self.invalid_examples.append(f"line {number} ({_preview(stripped)})")
+                    self.invalid_examples.append(f"line {number} ({preview(stripped)})")
                 return b""
-            problem = f"not a trace: line {number} is not valid JSON ({_preview(stripped)})"
+            problem = f"not a trace: line {number} is not valid JSON ({preview(stripped)})"
         elif b"\x00" in line:
             problem = f"not a trace: line {number} holds NUL bytes"
         else:
-            problem = f"not a trace: line {number} is not a JSON event line ({_preview(stripped)})"
+            problem = f"not a trace: line {number} is not a JSON event line ({preview(stripped)})"
         raise InputError(self.path, problem, offset)
 
 
@@ -302,6 +302,19 @@ def rfind_newline(buffer: memoryview, start: int, stop: int) -> int:
     return start + found if found >= 0 else -1
 
 
+def line_end(text: memoryview, start: int) -> int:
+    """The end of the line that holds byte ``start`` of ``text``: the index
+    after its newline (``text.nbytes`` if it has none)."""
+    step = 4096
+    while start < text.nbytes:
+        found = bytes(text[start : start + step]).find(b"\n")
+        if found >= 0:
+            return start + found + 1
+        start += step
+        step *= 2
+    return text.nbytes
+
+
 def _load_native() -> tuple[Any, Any] | None:
     try:
         from . import _native as module
@@ -316,7 +329,7 @@ def _load_native() -> tuple[Any, Any] | None:
 _native = _load_native()
 
 
-def _preview(line: bytes) -> str:
-    shown = line[:32]
-    text = repr(shown)[1:]
+def preview(line: bytes) -> str:
+    """``starts b'...'``: the first bytes of ``line``, for an error message."""
+    text = repr(line[:32])[1:]
     return f"starts {text}{'...' if len(line) > 32 else ''}"

@@ -266,7 +266,7 @@ def test_trio_handles_on_real_files(tmp_path, backend_name: str, seed: int) -> N
 
 # -- sync handles from threads, and asyncio through them -----------------------
 
-def sync_worker(writer: object, index: int, ledger: Ledger, rng: random.Random, size: int, calls: int) -> None:
+def sync_thread(writer: object, index: int, ledger: Ledger, rng: random.Random, size: int, calls: int) -> None:
     """Random calls on a handle of its own until done or refused; records what returned."""
     try:
         handle = writer.producer(batch_bytes=rng.choice([1, 500, 65536]))  # type: ignore[attr-defined]
@@ -313,7 +313,7 @@ def test_sync_threads_racing_the_close(tmp_path, settings_for, seed: int) -> Non
 
     def guarded(index: int, writer: object) -> None:
         try:
-            sync_worker(writer, index, ledger, random.Random(seed * 100 + index), rng.randint(20, 500), 200)
+            sync_thread(writer, index, ledger, random.Random(seed * 100 + index), rng.randint(20, 500), 200)
         except BaseException as exc:  # anything but ClosedError is a failure of the entrance
             errors.append(exc)
 
@@ -341,11 +341,11 @@ def test_sync_pool_enclosing_the_writer(tmp_path, settings_for, seed: int) -> No
     with ThreadPoolExecutor(4) as pool:
         with open_writer_sync(target, settings=settings_for(layout=LAYOUTS[seed % 3], lanes=2,
                                                              stripe_size="64KiB")) as writer:
-            futures = [pool.submit(sync_worker, writer, index, ledger, random.Random(seed * 10 + index),
+            futures = [pool.submit(sync_thread, writer, index, ledger, random.Random(seed * 10 + index),
                                    rng.randint(20, 400), 100) for index in range(8)]
             time.sleep(rng.choice([0, 0.002, 0.01]))
     for future in futures:
-        future.result()  # no raw trio error reaches a worker
+        future.result()  # no raw trio error reaches a thread
     check_outcome(target, ledger, None)
 
 
@@ -355,7 +355,7 @@ def test_sync_block_that_raises_publishes_nothing(tmp_path, settings_for, seed: 
     target = str(tmp_path / "out.pfw")
     with pytest.raises(KeyError):
         with open_writer_sync(target, settings=settings_for(layout=LAYOUTS[seed % 3])) as writer:
-            threads = [threading.Thread(target=sync_worker, args=(writer, index, ledger, random.Random(index),
+            threads = [threading.Thread(target=sync_thread, args=(writer, index, ledger, random.Random(index),
                                                                   100, 50)) for index in range(3)]
             for thread in threads:
                 thread.start()

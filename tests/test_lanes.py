@@ -31,7 +31,7 @@ STRIPE = 4096
 
 
 class FileOutput:
-    """The part of an OutputSet a ChunkSink uses."""
+    """What a ChunkSink uses of an OutputSet."""
 
     def __init__(self, path) -> None:
         self.targets = [str(path)]

@@ -146,7 +146,7 @@ def test_sharded_header_in_first_footer_in_last(lengths, shards, header, footer)
 
 @settings(max_examples=50)
 @given(st.sampled_from(["striped", "padded-striped", "sharded"]), chunk_lengths)
-def test_chunks_of_one_worker_keep_their_order(layout, lengths) -> None:
+def test_chunks_of_one_lane_keep_their_order(layout, lengths) -> None:
     planner = make_planner(layout, header_length=2, stripe_size=4096, lanes=3)
     planner.open()
     offsets = [planner.place(1, n) for n in lengths]
@@ -192,8 +192,8 @@ def test_gzip_padding_refuses_what_cannot_be_built() -> None:
 
 @given(st.lists(st.tuples(st.integers(0, 3), st.integers(1, 5000)), max_size=40), st.integers(1, 8),
        st.sampled_from(["striped", "padded-striped"]), st.sampled_from([1, 23]), st.sampled_from([64, 4096]))
-def test_parts_sharing_a_counter_tile_one_file(chunks, header, layout, min_padding, stripe) -> None:
-    """Four parts (MPI ranks) of one file, chunks interleaved at random: the
+def test_shares_of_one_counter_tile_one_file(chunks, header, layout, min_padding, stripe) -> None:
+    """Four shares (MPI ranks) of one file, chunks interleaved at random: the
     file is tiled, the header once at 0 (padded: alone in slot 0), padded
     chunks on whole slots, and the footer at the counter's last value."""
     from pwriter.layout import LocalCounter, SharedPaddedPlanner, SharedStripedPlanner
@@ -203,20 +203,20 @@ def test_parts_sharing_a_counter_tile_one_file(chunks, header, layout, min_paddi
     start = header if layout == "striped" else stripe
     counter = LocalCounter(start)
     if layout == "striped":
-        parts = [SharedStripedPlanner(counter=counter, header_length=header, stripe_size=stripe,
+        shares = [SharedStripedPlanner(counter=counter, header_length=header, stripe_size=stripe,
                                       writes_header=rank == 0) for rank in range(4)]
     else:
-        parts = [SharedPaddedPlanner(counter=counter, header_length=header, stripe_size=stripe,
+        shares = [SharedPaddedPlanner(counter=counter, header_length=header, stripe_size=stripe,
                                      min_padding=min_padding, writes_header=rank == 0) for rank in range(4)]
-    placements = [opened for part in parts if (opened := part.open()) is not None]
+    placements = [opened for share in shares if (opened := share.open()) is not None]
     assert len(placements) == 1 and placements[0].offset == 0 and placements[0].head == header
     placed = []
     for rank, length in chunks:
-        placement = parts[rank].place(0, min(length, parts[rank].chunk_capacity))
+        placement = shares[rank].place(0, min(length, shares[rank].chunk_capacity))
         placed.append((rank, placement))
-        placements += [placement, *parts[rank].paddings()]
-    for part in parts:  # the parts place no footer ...
-        placements += [part.close(0), *part.paddings()]
+        placements += [placement, *shares[rank].paddings()]
+    for share in shares:  # the shares place no footer ...
+        placements += [share.close(0), *share.paddings()]
     footer = Placement(0, counter.fetch_add(5), 0, 5, 0)  # ... the last one to finish places it at the end
     placements.append(footer)
     assert_tiles(placements, [footer.end])

@@ -1,6 +1,6 @@
 """Unit tests of pwriter.members: the MemberStage, driven directly.
 
-The stage compresses a lane's chunks in worker threads and hands them to
+The stage compresses a lane's chunks in threads and hands them to
 a ChunkSink (over a real backend and file) in the lane's order; the oracle
 is the file, decompressed here with the gzip module.
 """
@@ -48,7 +48,7 @@ def open_file(path) -> int:
 
 
 class FileOutput:
-    """The part of an OutputSet a ChunkSink uses."""
+    """What a ChunkSink uses of an OutputSet."""
 
     def __init__(self, path) -> None:
         self.targets = [str(path)]

@@ -469,7 +469,7 @@ def test_a_signal_ends_a_merge_blocked_on_a_fifo(tmp_path, backend_name: str, fe
     ever opens, that a writer opened but stays silent, or that trickles a
     line now and then: the merge ends (130 / 143), and leaves nothing.
 
-    The readers run in worker threads, which a cancellation cannot stop
+    The readers run in threads, which a cancellation cannot stop
     while they are blocked in ``open`` or ``read``: a FIFO is opened and
     read without blocking, waiting in trio.  (The bound below only says
     "did not hang": it once ran on for as long as the FIFO stayed quiet.)

@@ -119,7 +119,7 @@ def test_old_keyword_works_and_warns_once(old: str, new: str) -> None:
 
 @pytest.mark.usefixtures("fresh_warnings")
 def test_old_and_new_keyword_with_different_values_is_refused() -> None:
-    with pytest.warns(FutureWarning), pytest.raises(ConfigError, match="lanes=2 and as workers=3"):
+    with pytest.warns(FutureWarning), pytest.raises(ConfigError, match="lanes=2 and workers=3"):
         load_settings(lanes=2, workers=3)
 
 

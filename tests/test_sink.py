@@ -26,7 +26,7 @@ FOOTER_TEXT = b"]\n"
 
 
 class FileOutput:
-    """The part of an OutputSet a ChunkSink uses: the targets and their descriptors."""
+    """What a ChunkSink uses of an OutputSet: the targets and their descriptors."""
 
     def __init__(self, *paths: os.PathLike[str]) -> None:
         self.targets = [str(path) for path in paths]
@@ -158,7 +158,7 @@ async def test_members_written_in_reverse_land_in_placement_order(tmp_path, back
 
 
 async def test_padded_members_fill_their_slots(tmp_path, backend_name: str) -> None:
-    """Padded gzip from worker threads: every whole slot decompresses on its
+    """Padded gzip from threads: every whole slot decompresses on its
     own (members never straddle a slot), the padding after a slot's members
     is whitespace-line members that the index does not list, and the pool
     takes the lanes' last partial slots."""

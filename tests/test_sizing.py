@@ -182,7 +182,7 @@ def test_explicit_settings_win() -> None:
 def test_memory_budget_cuts_buffers_then_lanes() -> None:
     fs = FsInfo(FsKind.LOCAL, 0, "/")
     small = plan(fs, memory=64 * MiB, stripe_size="4MiB")  # budget: 16 MiB
-    assert small.buffer_bytes <= small.memory_budget == 16 * MiB
+    assert small.buffers * small.stripe_size <= small.memory_budget == 16 * MiB
     assert small.buffers >= 2 * small.lanes
     assert small.lanes == 2  # 4 lanes x 2 x 4 MiB would not fit
     big = plan(fs, memory=64 * GiB)
