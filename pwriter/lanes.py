@@ -56,18 +56,16 @@ class WriteLanes:
     """
 
     def __init__(self, *, nursery: trio.Nursery, sink: ChunkSink, pool: BufferPool, lanes: int,
-                 chunk_capacity: int, max_delay: float, compressed: bool, members: MemberStage,
-                 footer: bytes, footer_text: int) -> None:
+                 chunk_capacity: int, max_delay: float, compressed: bool, members: MemberStage) -> None:
         self._nursery = nursery
         self._sink = sink
         self._pool = pool
         self._max_delay = max_delay
         self._compressed = compressed
         self._members = members
-        self._footer = footer
-        self._footer_text = footer_text
         self._whole_slots = trio.Semaphore(pool.count)
         self._coalesced = trio.Event()
+        self._started = False
         self._ticker_wake = trio.Event()  # set when the ticker must look again before its next tick
         members.on_held_text = self._wake_ticker
         self._producers: list[Producer] = []
@@ -81,7 +79,11 @@ class WriteLanes:
                                               flush=self.write_buffer, write_whole=self.write_whole))
 
     def start(self) -> None:
-        """Start the coalescers and the ticker in the writer's nursery."""
+        """Start the coalescers and the ticker in the writer's nursery (once;
+        later calls do nothing)."""
+        if self._started:
+            return
+        self._started = True
         self._nursery.start_soon(self._run_coalescers)
         self._nursery.start_soon(self._push_stale_batches)
 
@@ -129,14 +131,15 @@ class WriteLanes:
     async def close(self) -> None:
         """Refuse every new call of every handle, push what each holds (once a
         push already under way has ended), end the channels, and return once
-        every chunk and the footer are placed."""
+        every chunk is placed (the caller places the footer)."""
         for producer in self._producers:
             producer.refuse_calls()
         for producer in self._producers:
             await producer.close_for_writer()
         for send in self._sends:
             send.close()
-        await self._coalesced.wait()
+        if self._started:
+            await self._coalesced.wait()
 
     def discard(self) -> None:
         """After the writer's block: every handle raises ClosedError from now on."""
@@ -149,14 +152,8 @@ class WriteLanes:
             for coalescer in self._coalescers:
                 nursery.start_soon(coalescer.run)
         await self._members.finish_all()
-        footers = self._sink.close(len(self._footer), self._footer_text)  # (with a shard size: every shard's)
         self._coalesced.set()
         self._wake_ticker()
-        for footer in footers:
-            if footer.length:  # (a part of a shared output may have no footer to write)
-                await self._sink.write_placed(footer, self._footer)
-        for padding in self._sink.fill_empty_files():
-            await self._sink.write_placed(padding, b"")
 
     @trio.lowlevel.enable_ki_protection
     async def _push_stale_batches(self) -> None:

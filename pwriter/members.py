@@ -21,9 +21,7 @@ for ``max_delay`` are written by the writer's ticker
 (:meth:`MemberStage.finish_stale`) at the next offset in the lane's slot,
 without padding, in their place in the lane's order; the lane goes on
 filling that slot.  At close, :meth:`MemberStage.finish_all` writes what
-the lanes hold and what the sink's pool holds (the merge's readers'
-last, partial slots: they compress in their own threads, through
-:meth:`~pwriter.sink.ChunkSink.write_chunk_in_thread`).
+the lanes hold.
 """
 
 from __future__ import annotations
@@ -84,15 +82,13 @@ class MemberStage:
 
     async def finish_all(self) -> None:
         """At close: wait until every chunk has its place, then write what
-        the lanes hold, and what the sink's pool holds."""
+        the lanes hold."""
         self._finishing = True  # (the ticker starts no write of its own from now on)
         for placed in list(self._placed.values()):
             await placed.wait()  # every compressed chunk has its place
         for lane, members in sorted((self._lanes or {}).items()):
             if members.held:
                 self._nursery.start_soon(self._sink.write_placed, *self._sink.place_members(lane, members.take()))
-        for placed_rest in self._sink.pool.place_rest():
-            self._nursery.start_soon(self._sink.write_placed, *placed_rest)
 
     def _write_stale_members(self, lane: int) -> None:
         """Padded gzip: write ``lane``'s held members now, in their place in

@@ -242,14 +242,11 @@ async def merge(
     async def read_run(lane: int, run: InputRun) -> None:
         # Each reader fills a stripe buffer of its own, straight from its
         # inputs, and writes every full one as a chunk of its lane, from its
-        # own thread: no hop back to trio per chunk.  The lines of one input
-        # stay together and in order.
-        buffer = await writer.take_buffer()
+        # own thread: no hop back to trio per chunk.
         try:
-            await trio.to_thread.run_sync(read_and_write, writer.sink, run, lane, buffer, limiter=limiter)
+            await writer.run_maker(lambda sink, buffer: read_and_write(sink, run, lane, buffer), limiter=limiter)
         finally:
             run.close()
-            writer.give_back(buffer)  # (the last write has returned: the kernel is done with it)
 
     opened = open_share(part) if part is not None else open_writer(
         output, settings=settings, producers=len(progress.runs), force=force, inputs=inputs,

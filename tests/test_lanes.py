@@ -74,7 +74,7 @@ async def run_lanes(backend, output, *, compressed: bool, padded: bool, producer
         members = MemberStage(nursery=nursery, sink=sink, level=1, padded=compressed and padded, slots=pool.count)
         write_lanes = WriteLanes(nursery=nursery, sink=sink, pool=pool, lanes=lanes,
                                  chunk_capacity=planner.chunk_capacity, max_delay=max_delay, compressed=compressed,
-                                 members=members, footer=footer, footer_text=len(FOOTER_TEXT))
+                                 members=members)
         placement = sink.open()
         if placement is not None:
             nursery.start_soon(sink.write_placed, placement, b"")
@@ -95,7 +95,16 @@ async def run_lanes(backend, output, *, compressed: bool, padded: bool, producer
         await write_lanes.close()
         with pytest.raises(ClosedError):
             await handles[0].send_line(line(0, lines))  # refused after the close, taking nothing
+        await write_footer(sink, footer)
     return sink
+
+
+async def write_footer(sink: ChunkSink, footer: bytes) -> None:
+    """What the writer does once the lanes are closed: the footer, then the padding left to write."""
+    for placement in sink.close(len(footer), len(FOOTER_TEXT)):
+        await sink.write_placed(placement, footer)
+    for padding in sink.fill_empty_files():
+        await sink.write_placed(padding, b"")
 
 
 @pytest.mark.parametrize("padded", [False, True], ids=["striped", "padded"])
@@ -140,8 +149,7 @@ async def test_a_line_reaches_the_sink_within_max_delay(autojump_clock: trio.tes
                              chunk_capacity=planner.chunk_capacity, writeback=False, stream_threads=4)
             members = MemberStage(nursery=nursery, sink=sink, level=1, padded=False, slots=pool.count)
             lanes = WriteLanes(nursery=nursery, sink=sink, pool=pool, lanes=1, chunk_capacity=planner.chunk_capacity,
-                               max_delay=2.0, compressed=False, members=members, footer=FOOTER_TEXT,
-                               footer_text=len(FOOTER_TEXT))
+                               max_delay=2.0, compressed=False, members=members)
             header = sink.open()
             assert header is not None
             nursery.start_soon(sink.write_placed, header, b"")
@@ -155,7 +163,29 @@ async def test_a_line_reaches_the_sink_within_max_delay(autojump_clock: trio.tes
             assert len(written) == 1
             written_at = written[0].time
             await lanes.close()
+            await write_footer(sink, FOOTER_TEXT)
         assert sent_at < written_at <= sent_at + 2.0
         assert memory.text() == HEADER_TEXT + line(0, 0) + FOOTER_TEXT
     finally:
         os.close(fd)
+
+
+@pytest.mark.parametrize("compressed", [False, True], ids=["plain", "gzip"])
+async def test_a_merge_starts_no_coalescer_and_no_ticker(tmp_path, settings_for, compressed: bool,
+                                                         monkeypatch: pytest.MonkeyPatch) -> None:
+    """The merge's readers write through the sink from their own threads:
+    the library's coalescers and its max_delay ticker never run."""
+    import pwriter.channels
+    from pwriter.merge import merge
+    from pwriter.testing import read_events, write_corpus
+
+    def refused(*args: object) -> None:
+        raise AssertionError("a merge started the write lanes")
+
+    monkeypatch.setattr(pwriter.channels.Coalescer, "run", refused)
+    monkeypatch.setattr(WriteLanes, "_push_stale_batches", refused)
+    inputs = write_corpus(str(tmp_path / "in"), files=3, events_per_file=200, seed=5)
+    target = str(tmp_path / ("m.pfw.gz" if compressed else "m.pfw"))
+    result = await merge(inputs, target, settings=settings_for(layout="padded-striped", stripe_size="64KiB"))
+    assert result.events == 600
+    assert len(read_events(target)) == 600

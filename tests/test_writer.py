@@ -266,7 +266,8 @@ async def test_output_that_appears_while_writing_is_never_replaced(tmp_path, set
     target = tmp_path / "out.pfw"
     with pytest.raises(UsageError, match="appeared while writing"):
         async with open_writer(str(target), settings=settings_for(), fs=LOCAL) as writer:
-            await writer.write_lines(0, b'{"ours":1}\n')
+            async with writer.producer() as producer:
+                await producer.send_line(b'{"ours":1}')
             target.write_bytes(b"theirs\n")
     assert target.read_bytes() == b"theirs\n"
     assert leftovers(tmp_path) == []
@@ -296,7 +297,8 @@ async def test_a_shard_that_got_nothing_holds_one_padding_line(tmp_path, setting
 
     target = str(tmp_path / ("out.pfw.gz" if compressed else "out.pfw"))
     async with open_writer(target, settings=settings_for(layout="sharded", lanes=3), fs=LOCAL) as writer:
-        await writer.write_lines(0, b'{"id":1}\n')
+        async with writer.producer() as producer:  # (the first handle: lane 0)
+            await producer.send_line(b'{"id":1}')
     shards = writer.outputs
     with open(shards[1], "rb") as shard:
         middle = shard.read()
