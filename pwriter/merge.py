@@ -4,7 +4,7 @@ The inputs are cut, in order, into one run per reader of about equal bytes
 (:func:`partition`).  Each reader fills a stripe buffer taken from the
 writer's pool straight from its inputs (:mod:`pwriter.inputs`, in a worker
 thread: read, decompress, clean in place) and writes every full buffer, in
-that thread, as one chunk of its lane (:meth:`~pwriter.sink.ChunkSink.write_chunk_in_thread`).
+that thread, as one chunk of its lane (:meth:`~pwriter.sink.ChunkSink.write_chunk`).
 A small input costs no thread hop of its own; a bare-event text is never
 copied in Python.  The lines of one input keep their order.  They are
 together in the output only when its reader has a file of its own (sharded,
@@ -46,18 +46,18 @@ def read_and_write(sink: ChunkSink, run: InputRun, lane: int, buffer: memoryview
         done, end, finished, long_line = fill_step(run, buffer, done, end, capacity)
         if long_line is not None:  # one line longer than a buffer: a chunk of its own
             if long_line:
-                sink.write_lines_in_thread(lane, long_line)
+                sink.write_lines(lane, long_line)
             continue
         if finished:
             break
         # Full: the complete lines go; the start of the next line is copied
         # out first (the write may put padding after the chunk).
         rest = bytes(buffer[done:end])
-        sink.write_chunk_in_thread(lane, buffer, done)
+        sink.write_chunk(lane, buffer, done)
         buffer[: len(rest)] = rest
         done, end = 0, len(rest)
-    sink.write_chunk_in_thread(lane, buffer, done)
-    sink.finish_lane_in_thread(lane)
+    sink.write_chunk(lane, buffer, done)
+    sink.finish_lane(lane)
 
 
 def partition(sizes: Sequence[int], parts: int) -> list[range]:

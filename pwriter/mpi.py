@@ -738,13 +738,13 @@ async def _count_and_exscan(world: World, inputs: list[str], sizing: Sizing, sal
         chunk_capacity = sizing.stripe_size
         total = 0
 
-        def write_chunk_in_thread(self, lane: int, buffer: memoryview, filled: int) -> None:
+        def write_chunk(self, lane: int, buffer: memoryview, filled: int) -> None:
             self.total += filled
 
-        def write_lines_in_thread(self, lane: int, lines: bytes) -> None:
+        def write_lines(self, lane: int, lines: bytes) -> None:
             self.total += len(lines)
 
-        def finish_lane_in_thread(self, lane: int) -> None:
+        def finish_lane(self, lane: int) -> None:
             pass
 
     count, error = Count(), None

@@ -3,32 +3,33 @@
 Theory of operation
 -------------------
 Whoever made a chunk hands it to the sink, which places it (the pure
-planners of :mod:`pwriter.layout`, under one lock: worker threads place
-too), puts the header and the padding around it, and writes it through the
-backend.  There are two ways in, for the two kinds of makers:
-
-* from a worker thread that trio started (the merge's readers):
-  :meth:`ChunkSink.write_chunk_in_thread` places, compresses (gzip output)
-  and writes right there, through the backend's ``write_in_thread``, and
-  returns once the kernel is done with the buffer: no hop back to trio;
-* from the trio thread (the writer's coalescers, the header and footer):
-  :meth:`ChunkSink.place` now, then ``await`` :meth:`ChunkSink.write_placed` in a
-  task of its own.
-
-Either way the placement is taken when the chunk is ready, so the chunks of
-one lane are placed in the order their maker made them.  The sink keeps the
-gzip member index (every member's file, offset, length and text) and the
-counts of what it wrote.
+planners of :mod:`pwriter.layout`, under one lock), puts the header and the
+padding around it, and writes it through the backend.  There is one way in,
+for every maker (the merge's readers, the library's lane writers, the
+header and footer): a blocking call made in a worker thread that trio
+started, :meth:`ChunkSink.write_chunk` (and :meth:`~ChunkSink.write_lines`,
+:meth:`~ChunkSink.flush_lane`, :meth:`~ChunkSink.finish_lane`,
+:meth:`~ChunkSink.write_placed`, :meth:`~ChunkSink.write_end`), which cuts
+the text at its shard limits, compresses it into gzip members for gzip
+output, places it, splices and writes it right there, through the
+backend's ``write_in_thread``, and returns once the kernel is done with
+the buffer: no hop back to trio.  The placement is taken when the chunk is
+ready, so the chunks of one lane (whose calls are made one at a time) are
+placed in the order their maker made them.  The sink keeps the gzip member
+index (every member's file, offset, length and text) and the counts of
+what it wrote.
 
 In a padded layout a lane keeps its slot (see :mod:`pwriter.layout`): the
 padding of a slot the lane leaves is written with the lane's next chunk, by
 whoever writes that chunk.  Gzip members there are sized by what they
 compress to, to fill the slot (:class:`~pwriter.compress.SlotMembers`).  A
-maker in a worker thread (a merge reader, one lane each) writes only slots
-it fills; its last, partial slot's worth goes to the sink's pool
-(:class:`SlotPool`), whose full slots are written by whoever fills them and
-whose rest ends the file at close, before the footer, unpadded when it is
-the file's last slot.  So a padded merge costs about what a striped one does.
+lane writes only slots it fills: what does not fill one is held (until the
+lane's next chunk, or a deadline, :meth:`ChunkSink.flush_lane`, which
+writes it in the slot without padding), and at the lane's end its last,
+partial slot's worth goes to the sink's pool (:class:`SlotPool`), whose
+full slots are written by whoever fills them and whose rest ends the file
+at close, before the footer, unpadded when it is the file's last slot.  So
+a padded merge costs about what a striped one does.
 
 A sharded output with a shard size (:class:`~pwriter.layout.SizedShardedPlanner`)
 grows while it is written: every way in first cuts a lane's text at its
@@ -41,7 +42,7 @@ chunk and the footer at close (:meth:`ChunkSink.close`), whatever bytes
 the writer gave as header and footer.
 
 A stream output (standard output, a pipe) has no
-offsets to write at: every write of a stream, from either way in, passes one
+offsets to write at: every write of a stream passes one
 gate that lets it through once every byte placed before it is written
 (each placed chunk is being written by whoever placed it, so the earliest
 one always can go).  With fsync on, the writeback of each large written
@@ -55,7 +56,8 @@ import dataclasses
 import functools
 import os
 import threading
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
+from typing import Any, TypeVar
 
 import trio
 
@@ -85,6 +87,7 @@ DIRECT_ALIGNMENT = 4096
 WRITEBACK_MIN = 256 << 10
 STREAM_POLL = 0.05  # seconds a stream write waiting for its turn sleeps between checks of cancellation
 POOL_LANE = -1  # the lane of the pool's slots (padded layouts)
+T = TypeVar("T")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -108,11 +111,15 @@ class ChunkSink:
     index.  ``chunk_capacity`` is the most bytes of lines one chunk holds.
     ``padded``: the layout keeps slots (its planner has ``full_below`` and
     ``min_padding``).
+
+    Every method that writes blocks, and is called from a worker thread
+    that trio started (never from the trio thread); one lane's calls are
+    made one at a time, in the lane's order.
     """
 
     def __init__(self, *, planner: Planner, output: OutputSet | StreamOutput, backend: Backend, header: bytes,
                  header_text: int, compressed: bool, padded: bool, level: int, chunk_capacity: int,
-                 writeback: bool, stream_threads: int) -> None:
+                 writeback: bool) -> None:
         self._planner = planner
         self._sized = planner if isinstance(planner, SizedShardedPlanner) else None
         self._output = output
@@ -133,14 +140,12 @@ class ChunkSink:
         self.min_padding: int = getattr(planner, "min_padding", 0)
         self.full_below: int = getattr(planner, "full_below", 0)
         self._owed: dict[tuple[int, int], list[Placement]] = {}  # (file, offset) of a chunk -> padding it writes first
-        self._held: dict[int, bytes] = {}  # padded plain: a lane's chunk that did not fill its slot (thread makers)
+        # Padded plain: a lane's text that did not fill its slot, and when its oldest line was queued.
+        self._held: dict[int, tuple[bytes, float | None]] = {}
         self._thread_members = ThreadMembers(self)
         self.pool = SlotPool(self)
         self._stream = isinstance(output, StreamOutput)
         self._stream_gate = StreamGate()
-        # As many threads as stream writes can wait at once: a write holding
-        # a thread must never keep an earlier one from getting one.
-        self._stream_limiter = trio.CapacityLimiter(stream_threads)
         self._writeback = writeback and not self._stream and hasattr(os, "posix_fadvise")
         self._chunks = 0
         self._line_bytes = 0
@@ -154,22 +159,196 @@ class ChunkSink:
             return SinkCounts(self._chunks, self._line_bytes, self._bytes_written, self._direct_writes,
                               self._writeback_hints)
 
-    def count_chunk(self, line_bytes: int) -> None:
-        """Count a chunk of ``line_bytes`` bytes of lines handed to the sink."""
-        with self._lock:
-            self._chunks += 1
-            self._line_bytes += line_bytes
+    async def call(self, method: Callable[..., T], *args: Any, limiter: trio.CapacityLimiter | None = None) -> T:
+        """From trio: call ``method`` (a blocking method of this sink, its way
+        in) in a worker thread (``limiter``: trio's default if None), never
+        abandoned: a cancelled call returns only once the thread has.  With
+        a backend whose writes complete in the trio thread (``inline``: the
+        testing :class:`~pwriter.testing.MemoryBackend`, so that a mock
+        clock sees exact times), in the trio thread instead."""
+        if self._backend.inline:
+            await trio.lowlevel.checkpoint()
+            return method(*args)
+        return await trio.to_thread.run_sync(method, *args, limiter=limiter)
+
+    # -- the one way in: blocking, from the worker thread of a chunk's maker --
+
+    def write_chunk(self, lane: int, buffer: memoryview, filled: int, since: float | None = None) -> None:
+        """Write ``buffer[:filled]`` (whole lines, at most :attr:`chunk_capacity`
+        bytes) as ``lane``'s next chunk, now, in this thread: cut at its
+        shard limits, compressed into gzip members for gzip output, placed
+        under the lock, spliced with the header and padding into ``buffer``
+        (one write of whole stripes), written through the backend.  Returns
+        once the kernel is done with the buffer; the caller keeps it (its
+        bytes after ``filled`` may have been overwritten by padding).  In a
+        padded layout, text that does not fill the lane's slot is held
+        (copied) until the lane's next chunk, :meth:`flush_lane` or
+        :meth:`finish_lane`; ``since`` is when its oldest line was queued
+        (:meth:`held_since`).  A stream output's writes wait for their turn."""
+        if filled > self.chunk_capacity or filled < 0:
+            raise ValueError(f"a chunk of {filled} bytes: it must hold 0 to {self.chunk_capacity} bytes")
+        if filled:
+            self._write_text(lane, buffer[:filled], since, buffer)
+
+    def write_lines(self, lane: int, lines: bytes | memoryview, since: float | None = None) -> None:
+        """:meth:`write_chunk` for whole lines of any length, not in a pool buffer."""
+        view = memoryview(lines)
+        if view.nbytes:
+            self._write_text(lane, view, since, None)
+
+    def flush_lane(self, lane: int) -> bool:
+        """Write what ``lane`` holds now (padded layouts: text or gzip members
+        that do not fill its slot), at the next offset of its slot, without
+        padding (a deadline).  Returns whether there was anything."""
+        if self.compressed:
+            return self._thread_members.flush(lane)
+        held = self._held.pop(lane, None)
+        if held is None:
+            return False
+        self.write_placed(self.place(lane, len(held[0])), held[0])
+        return True
+
+    def held_since(self, lane: int) -> float | None:
+        """When the oldest line ``lane`` holds was queued (None: it holds none, or no time was given)."""
+        if self.compressed:
+            return self._thread_members.held_since(lane)
+        held = self._held.get(lane)
+        return held[1] if held is not None else None
+
+    def finish_lane(self, lane: int) -> None:
+        """The end of ``lane``: padded layouts put what it held back (less
+        than a slot) into the pool (:class:`SlotPool`), whose rest
+        :meth:`write_end` writes.  A lane number is used by one maker only."""
+        if self.compressed:
+            self.pool.add_members(self._thread_members.finish(lane))
+        elif self.padded:
+            self.pool.add_text(self._held.pop(lane, (b"", None))[0])
 
     def open(self) -> Placement | None:
-        """The header's placement (None when the layout puts it in the first
-        chunk, or when this writer writes no header: a part of a shared output)."""
+        """Place the header, before any chunk (call it first): its placement
+        to write (:meth:`write_placed`, with an empty body), or None when the
+        layout puts it in the first chunk, or when this writer writes no
+        header (a part of a shared output)."""
         with self._lock:
             header = self._planner.open()
-        if header is not None and header.length == 0:
+        if header is None or header.length == 0:
             return None
-        if header is not None:
-            self.record(header, text=self._header_text, events=0)
+        self.record(header, text=self._header_text, events=0)
         return header
+
+    def write_end(self, footer: bytes, footer_text: int) -> None:
+        """Once every lane is finished: write what the pool holds, the
+        footer (``footer_text``: its text length) after every chunk (with a
+        shard size: every shard's), then the padding of the slots and files
+        left unfilled (:meth:`fill_empty_files`)."""
+        for placement, body in self.pool.place_rest():
+            self.write_placed(placement, body)
+        for placement in self.close(len(footer), footer_text):
+            if placement.length:  # (a part of a shared output may have no footer to write)
+                self.write_placed(placement, footer)
+        for padding in self.fill_empty_files():
+            self.write_placed(padding, b"")
+
+    def write_placed(self, placement: Placement, body: bytes | memoryview, *,
+                     aligned_memory: bool = False) -> None:
+        """Write ``placement`` (header, ``body``, padding), after the padding
+        its chunk owes (see :meth:`place`); a stream output waits for its
+        turn first (:class:`StreamGate`).
+
+        With O_DIRECT, a write of one page-aligned buffer (``aligned_memory``)
+        at an aligned offset and of an aligned length goes through the direct
+        descriptor; any other (the footer, a line longer than a stripe) goes
+        through the buffered one.  Their ranges never share a page.
+        """
+        for padding in self._take_owed(placement):
+            self.write_placed(padding, b"")
+        fd, parts = self._parts(placement, body, aligned_memory)
+        offset = placement.offset
+        if self._stream:
+            # A stream takes bytes in order: wait until every byte placed
+            # before these is written (each placed chunk is being written by
+            # the thread that placed it, so the earliest always goes).
+            self._stream_gate.wait_for(offset)
+            offset = -1  # at the stream's own position
+        try:
+            self._backend.write_in_thread(fd, parts, offset)
+        except OSError as exc:
+            raise self._write_error(placement, exc) from None
+        self._written(placement, fd)
+        if self._stream:
+            self._stream_gate.advance(placement.length)
+
+    def _write_text(self, lane: int, text: memoryview, since: float | None, buffer: memoryview | None) -> None:
+        """The way of every chunk (see :meth:`write_chunk`); ``buffer``: the
+        pool buffer ``text`` starts, if it is in one."""
+        with self._lock:
+            self._chunks += 1
+            self._line_bytes += text.nbytes
+        if self.compressed:
+            self._thread_members.add(lane, text, since)
+            return
+        pieces = self.shard_pieces(lane, text)
+        if len(pieces) > 1:
+            for piece in pieces:
+                self.write_placed(self.place(lane, piece.nbytes), piece)
+            return
+        if self.padded:
+            text, buffer = self._fill_slot(lane, text, buffer)
+            if not text.nbytes:
+                return
+            if self.room(lane) - text.nbytes >= self.full_below:
+                # It does not fill its slot: held (copied), written before the
+                # lane's next chunk, at a deadline, or pooled at the lane's end.
+                self._held[lane] = (bytes(text), since)
+                return
+        if buffer is None:
+            self.write_placed(self.place(lane, text.nbytes), text)
+            return
+        placement, body = self.splice(self.place(lane, text.nbytes), buffer, text.nbytes)
+        self.write_placed(placement, body, aligned_memory=True)
+
+    def _fill_slot(self, lane: int, text: memoryview, buffer: memoryview | None
+                   ) -> tuple[memoryview, memoryview | None]:
+        """Padded plain: write what ``lane`` held, then the first lines of
+        ``text`` that fill the rest of the lane's slot when ``text`` does not
+        fit it (so that a deadline flush costs no padding).  Returns the rest
+        of ``text``, and ``buffer`` if the rest still starts it."""
+        self.flush_lane(lane)
+        room = self.room(lane)
+        if text.nbytes > room and room < self._planner.chunk_capacity:  # the lane keeps a slot with some room
+            cut = rfind_newline(text, 0, room) + 1
+            if cut:
+                self.write_placed(self.place(lane, cut), text[:cut])
+                return text[cut:], None
+        return text, buffer
+
+    def _parts(self, placement: Placement, body: bytes | memoryview,
+               aligned_memory: bool) -> tuple[int, list[bytes | memoryview]]:
+        """The descriptor and the buffers of one write: header, ``body``, padding
+        (the direct descriptor for an aligned write, see :meth:`write_placed`)."""
+        parts = [part for part, length in ((self._header, placement.head), (body, placement.body),
+                                           (self._padding(placement.pad), placement.pad)) if length]
+        direct = (self._direct_fds and aligned_memory and len(parts) == 1
+                  and placement.offset % DIRECT_ALIGNMENT == 0 and placement.length % DIRECT_ALIGNMENT == 0)
+        return (self._direct_fds if direct else self._fds)[placement.file], parts
+
+    def _write_error(self, placement: Placement, exc: OSError) -> WriteError:
+        return WriteError(self._output.targets[placement.file], exc.strerror or str(exc), exc.errno)
+
+    def _written(self, placement: Placement, fd: int) -> None:
+        """Bookkeeping after a write."""
+        direct = fd in self._direct_fds
+        hint = self._writeback and placement.length >= WRITEBACK_MIN and not direct
+        if hint:
+            # Durable output: start writing this range back now, so that the
+            # final fsync finds little left to do (see WRITEBACK_MIN).
+            os.posix_fadvise(fd, placement.offset, placement.length, os.POSIX_FADV_DONTNEED)
+        with self._lock:
+            self._bytes_written += placement.length
+            self._direct_writes += direct
+            self._writeback_hints += hint
+
+    # -- placement (pure planners, under the lock) and the member index --
 
     def close(self, footer_length: int, footer_text: int) -> list[Placement]:
         """The footers' placements, after every chunk's: one, or with a
@@ -213,120 +392,6 @@ class ChunkSink:
         """:func:`splice` with this output's header."""
         return splice(placement, buffer, filled, self._header)
 
-    @trio.lowlevel.enable_ki_protection
-    async def write_placed(self, placement: Placement, body: bytes | memoryview, *,
-                           aligned_memory: bool = False) -> None:
-        """Write ``placement`` (header, ``body``, padding) to its file.
-
-        With O_DIRECT, a write of one page-aligned buffer (``aligned_memory``)
-        at an aligned offset and of an aligned length goes through the direct
-        descriptor; any other (the footer, a line longer than a stripe) goes
-        through the buffered one.  Their ranges never share a page.
-        """
-        if self._stream:  # in order, through the one gate of stream writes (a thread's)
-            await trio.to_thread.run_sync(
-                functools.partial(self.write_placed_in_thread, placement, body, aligned_memory=aligned_memory),
-                limiter=self._stream_limiter,
-            )
-            return
-        for padding in self._take_owed(placement):
-            await self.write_placed(padding, b"")
-        fd, parts = self._parts(placement, body, aligned_memory)
-        try:
-            await self._backend.write(fd, parts, placement.offset)
-        except OSError as exc:
-            raise self._write_error(placement, exc) from None
-        self._written(placement, fd)
-
-    def _parts(self, placement: Placement, body: bytes | memoryview,
-               aligned_memory: bool) -> tuple[int, list[bytes | memoryview]]:
-        """The descriptor and the buffers of one write: header, ``body``, padding.
-
-        With O_DIRECT, a write of one page-aligned buffer (``aligned_memory``)
-        at an aligned offset and of an aligned length goes through the direct
-        descriptor; any other goes through the buffered one.
-        """
-        parts = [part for part, length in ((self._header, placement.head), (body, placement.body),
-                                           (self._padding(placement.pad), placement.pad)) if length]
-        direct = (self._direct_fds and aligned_memory and len(parts) == 1
-                  and placement.offset % DIRECT_ALIGNMENT == 0 and placement.length % DIRECT_ALIGNMENT == 0)
-        return (self._direct_fds if direct else self._fds)[placement.file], parts
-
-    def _write_error(self, placement: Placement, exc: OSError) -> WriteError:
-        return WriteError(self._output.targets[placement.file], exc.strerror or str(exc), exc.errno)
-
-    def _written(self, placement: Placement, fd: int) -> None:
-        """Bookkeeping after a write (from the trio thread or a worker thread)."""
-        direct = fd in self._direct_fds
-        hint = self._writeback and placement.length >= WRITEBACK_MIN and not direct
-        if hint:
-            # Durable output: start writing this range back now, so that the
-            # final fsync finds little left to do (see WRITEBACK_MIN).
-            os.posix_fadvise(fd, placement.offset, placement.length, os.POSIX_FADV_DONTNEED)
-        with self._lock:
-            self._bytes_written += placement.length
-            self._direct_writes += direct
-            self._writeback_hints += hint
-
-    # -- the chunk sink, called from the worker thread that made the chunk --
-
-    def write_chunk_in_thread(self, lane: int, buffer: memoryview, filled: int) -> None:
-        """From a worker thread that trio started (never the trio thread):
-        write ``buffer[:filled]`` (whole lines, at most :attr:`chunk_capacity`
-        bytes) as one chunk of ``lane``, now, in this thread: placed under a
-        lock, compressed here for gzip output, written through the backend's
-        ``write_in_thread``.  Returns once the kernel is done with the
-        buffer; the caller keeps it (its bytes after ``filled`` may have been
-        overwritten by padding).  A stream output's chunks wait for their
-        turn (see :meth:`write_placed_in_thread`)."""
-        if filled > self.chunk_capacity or filled < 0:
-            raise ValueError(f"a chunk of {filled} bytes: it must hold 0 to {self.chunk_capacity} bytes")
-        if filled == 0:
-            return
-        self.count_chunk(filled)
-        if self.compressed:
-            self._thread_members.add(lane, buffer[:filled])
-            return
-        if self._sized is not None:
-            pieces = self.shard_pieces(lane, buffer[:filled])
-            if len(pieces) > 1:
-                for piece in pieces:
-                    self.write_placed_in_thread(self.place(lane, piece.nbytes), piece)
-                return
-        if self.padded:
-            self._write_held_in_thread(lane)
-            if self.room(lane) - filled >= self.full_below:
-                # It does not fill its slot: kept back (copied), written
-                # before the lane's next chunk, or pooled at the lane's end.
-                self._held[lane] = bytes(buffer[:filled])
-                return
-        placement, body = self.splice(self.place(lane, filled), buffer, filled)
-        self.write_placed_in_thread(placement, body, aligned_memory=True)
-
-    def write_lines_in_thread(self, lane: int, lines: bytes) -> None:
-        """:meth:`write_chunk_in_thread` for whole lines of any length, not in a pool buffer."""
-        self.count_chunk(len(lines))
-        if self.compressed:
-            self._thread_members.add(lane, memoryview(lines))
-            return
-        self._write_held_in_thread(lane)
-        for piece in self.shard_pieces(lane, memoryview(lines)):
-            self.write_placed_in_thread(self.place(lane, piece.nbytes), piece)
-
-    def finish_lane_in_thread(self, lane: int) -> None:
-        """The end of a thread maker's lane: padded layouts put what it held
-        back (less than a slot) into the pool.  A lane number is used by one
-        maker only."""
-        if self.compressed:
-            self.pool.add_members(self._thread_members.finish(lane))
-        elif self.padded:
-            self.pool.add_text(self._held.pop(lane, b""))
-
-    def _write_held_in_thread(self, lane: int) -> None:
-        held = self._held.pop(lane, None)
-        if held is not None:
-            self.write_placed_in_thread(self.place(lane, len(held)), held)
-
     def slot_members(self, lane: int) -> SlotMembers:
         """The gzip member maker of ``lane`` in a padded layout (see :class:`~pwriter.compress.SlotMembers`)."""
         return SlotMembers(self.level, room=functools.partial(self.room, lane),
@@ -338,31 +403,9 @@ class ChunkSink:
         with self._lock:
             return self._planner.room(lane)
 
-    def write_placed_in_thread(self, placement: Placement, body: bytes | memoryview, *,
-                         aligned_memory: bool = False) -> None:
-        """Write ``placement`` (header, ``body``, padding), blocking, from a worker
-        thread trio started; a stream output waits for its turn first."""
-        for padding in self._take_owed(placement):
-            self.write_placed_in_thread(padding, b"")
-        fd, parts = self._parts(placement, body, aligned_memory)
-        offset = placement.offset
-        if self._stream:
-            # A stream takes bytes in order: wait until every byte placed
-            # before these is written (each placed chunk is being written by
-            # the thread or task that placed it, so the earliest always goes).
-            self._stream_gate.wait_for(offset)
-            offset = -1  # at the stream's own position
-        try:
-            self._backend.write_in_thread(fd, parts, offset)
-        except OSError as exc:
-            raise self._write_error(placement, exc) from None
-        self._written(placement, fd)
-        if self._stream:
-            self._stream_gate.advance(placement.length)
-
     def place(self, lane: int, length: int, text: int | None = None) -> Placement:
         """The planner's placement of a chunk of ``text`` bytes of lines
-        (plain: ``length``), under the lock: worker threads place too.  The
+        (plain: ``length``), under the lock: worker threads place at once.  The
         padding of a slot the lane left for it is written with the chunk,
         first (:meth:`write_placed`).  A placement in a shard not yet made
         makes it first (a shard size: see the module docstring)."""
@@ -399,37 +442,6 @@ class ChunkSink:
                 self._direct_fds.append(direct_fd)
             self._fds.append(fd)
 
-    def place_chunk(self, lane: int, chunk: memoryview) -> list[tuple[Placement, memoryview]]:
-        """Place ``chunk`` (whole lines of plain text) next in ``lane``'s
-        order: one placement, or in a padded layout two, when the chunk does
-        not fit what is left of the lane's slot: its first lines fill the
-        slot and the rest starts the lane's next one (so that a deadline
-        flush costs no padding); with a shard size, one for each shard it
-        goes to.  Write them with :meth:`write_pieces`."""
-        if self._sized is not None:
-            return [(self.place(lane, piece.nbytes), piece) for piece in self.shard_pieces(lane, chunk)]
-        pieces = []
-        room = self.room(lane) if self.padded else chunk.nbytes
-        if chunk.nbytes > room and room < self._planner.chunk_capacity:  # the lane keeps a slot with some room
-            cut = rfind_newline(chunk, 0, room) + 1
-            if cut:
-                pieces.append((self.place(lane, cut), chunk[:cut]))
-                chunk = chunk[cut:]
-        pieces.append((self.place(lane, chunk.nbytes), chunk))
-        return pieces
-
-    async def write_pieces(self, pieces: list[tuple[Placement, memoryview]], buffer: memoryview | None = None
-                           ) -> None:
-        """Write what :meth:`place_chunk` placed; ``buffer``: the pool
-        buffer the chunk fills from its start (header and padding are then
-        spliced into it, for one write of whole stripes)."""
-        if buffer is not None and len(pieces) == 1:
-            placement, body = self.splice(pieces[0][0], buffer, pieces[0][1].nbytes)
-            await self.write_placed(placement, body, aligned_memory=True)
-            return
-        for placement, body in pieces:
-            await self.write_placed(placement, body)
-
     def _take_owed(self, placement: Placement) -> list[Placement]:
         if not self._owed:
             return []
@@ -455,16 +467,18 @@ class ChunkSink:
 
 
 class ThreadMembers:
-    """Gzip members made in the thread of the maker of their text (the
-    merge's readers): a member per chunk, or, in a padded layout, members
-    sized to fill the lane's slots (:meth:`ChunkSink.slot_members`), each
-    slot written by the lane's thread once it is full."""
+    """Gzip members made in the thread of the maker of their text: a member
+    per chunk (per shard piece), or, in a padded layout, members sized to
+    fill the lane's slots (:meth:`ChunkSink.slot_members`), each slot
+    written by the lane's thread once it is full; what does not fill a slot
+    is held, with when its oldest line was queued."""
 
     def __init__(self, sink: ChunkSink) -> None:
         self._sink = sink
-        self._lanes: dict[int, SlotMembers] = {}  # padded: each lane's members (one thread per lane)
+        self._lanes: dict[int, SlotMembers] = {}  # padded: each lane's members (one thread per lane at a time)
+        self._since: dict[int, float] = {}  # padded: when the oldest line of a lane's held members was queued
 
-    def add(self, lane: int, text: memoryview) -> None:
+    def add(self, lane: int, text: memoryview, since: float | None) -> None:
         """Compress ``text`` (whole lines of ``lane``) into members; write what is finished."""
         if not self._sink.padded:
             for piece in self._sink.shard_pieces(lane, text):
@@ -474,16 +488,42 @@ class ThreadMembers:
         members = self._lanes.get(lane)
         if members is None:
             members = self._lanes[lane] = self._sink.slot_members(lane)
-        members.add(text, functools.partial(self._write, lane))
+        held_before = bool(members.held)
+        wrote: list[bool] = []
+
+        def write(finished: list[Member]) -> None:
+            wrote.append(True)
+            self._write(lane, finished)
+
+        members.add(text, write)
+        if not members.held or since is None:
+            self._since.pop(lane, None)
+        elif wrote or not held_before:  # what it holds came with this text
+            self._since[lane] = since
+        else:
+            self._since[lane] = min(self._since.get(lane, since), since)
+
+    def held_since(self, lane: int) -> float | None:
+        return self._since.get(lane)
+
+    def flush(self, lane: int) -> bool:
+        """Write ``lane``'s held members now, without padding; whether there were any."""
+        self._since.pop(lane, None)
+        members = self._lanes.get(lane)
+        if members is None or not members.held:
+            return False
+        self._write(lane, members.take())
+        return True
 
     def finish(self, lane: int) -> list[Member]:
         """The members ``lane`` still holds (less than a slot), at the end of its run."""
+        self._since.pop(lane, None)
         members = self._lanes.pop(lane, None)
         return members.take() if members is not None else []
 
     def _write(self, lane: int, members: list[Member]) -> None:
         placement, body = self._sink.place_members(lane, members)
-        self._sink.write_placed_in_thread(placement, body)
+        self._sink.write_placed(placement, body)
 
 
 class SlotPool:
@@ -506,7 +546,7 @@ class SlotPool:
             self._text += text
             while self._text and len(self._text) >= self._sink.room(POOL_LANE):
                 placement, body = self._place_text()
-                self._sink.write_placed_in_thread(placement, body)
+                self._sink.write_placed(placement, body)
 
     def add_members(self, members: list[Member]) -> None:
         """Gzip members, from a worker thread; writes every slot they fill."""
@@ -539,7 +579,7 @@ class SlotPool:
 
     def _write_members(self, members: list[Member]) -> None:
         placement, body = self._sink.place_members(POOL_LANE, members)
-        self._sink.write_placed_in_thread(placement, body)
+        self._sink.write_placed(placement, body)
 
     def _place_text(self) -> tuple[Placement, bytes]:
         """The next piece of the pool's text: what fits the pool's slot (at

@@ -56,7 +56,6 @@ from .compress import check_level, gzip_member
 from .errors import ClosedError, InputError, attach_other_errors
 from .lanes import WriteLanes
 from .layout import GZIP_MIN_PADDING, Planner, make_planner
-from .members import MemberStage
 from .output import OutputSet, StreamOutput, member_index_path
 from .settings import ConfigError, Settings, settings_from, settings_with
 from .sink import ChunkSink
@@ -323,17 +322,12 @@ class Writer:
             planner=planner, output=output, backend=backend, header=plan.header, header_text=plan.header_text,
             compressed=compress, padded=padded, level=settings.level, chunk_capacity=self.chunk_capacity,
             writeback=settings.fsync and settings.early_writeback,
-            # every pool buffer, whole chunk and member in flight, the header and the footer
-            stream_threads=3 * pool.count + 4,
         )
-        members = MemberStage(nursery=nursery, sink=self._sink, level=settings.level, padded=compress and padded,
-                              slots=pool.count)
         self._lanes = WriteLanes(nursery=nursery, sink=self._sink, pool=pool, lanes=sizing.lanes,
-                                 chunk_capacity=self.chunk_capacity, max_delay=settings.max_delay,
-                                 compressed=compress, members=members)
-        header_placement = self._sink.open()
-        if header_placement is not None:
-            nursery.start_soon(self._sink.write_placed, header_placement, b"")
+                                 chunk_capacity=self.chunk_capacity, max_delay=settings.max_delay)
+        header = self._sink.open()  # (placed before any chunk)
+        if header is not None:
+            nursery.start_soon(self._sink.call, self._sink.write_placed, header, b"")
 
     @property
     def outputs(self) -> list[str]:
@@ -349,7 +343,7 @@ class Writer:
     @property
     def sink(self) -> ChunkSink:
         """Where chunks are placed and written: makers in worker threads (the
-        merge's readers) write through :meth:`ChunkSink.write_chunk_in_thread`."""
+        merge's readers) write through :meth:`ChunkSink.write_chunk`."""
         return self._sink
 
     @property
@@ -401,11 +395,11 @@ class Writer:
             fs_kind=self.fs.kind.value,
             stripe_size=self.sizing.stripe_size,
             lanes=self.sizing.lanes,
-            chunks=sink.chunks + sum(stat.chunks for stat in coalesced),
+            chunks=sink.chunks,
             writes=io.writes,
-            line_bytes=sink.line_bytes + sum(stat.bytes for stat in coalesced),
+            line_bytes=sink.line_bytes,
             bytes_written=sink.bytes_written,
-            deadline_flushes=sum(stat.deadline_flushes for stat in coalesced) + self._lanes.deadline_members,
+            deadline_flushes=sum(stat.deadline_flushes for stat in coalesced) + self._lanes.deadline_flushes,
             uncopied_chunks=sum(stat.uncopied_chunks for stat in coalesced),
             oversized_chunks=sum(stat.oversized_chunks for stat in coalesced),
             buffer_waits=self._pool.waits,
@@ -424,14 +418,7 @@ class Writer:
         chunk) and the padding of slots and files left unfilled."""
         self._closing = True
         await self._lanes.close()
-        for placement, body in self._sink.pool.place_rest():
-            await self._sink.write_placed(placement, body)
-        footers = self._sink.close(len(self.plan.footer), self.plan.footer_text)  # (a shard size: every shard's)
-        for footer in footers:
-            if footer.length:  # (a part of a shared output may have no footer to write)
-                await self._sink.write_placed(footer, self.plan.footer)
-        for padding in self._sink.fill_empty_files():
-            await self._sink.write_placed(padding, b"")
+        await self._sink.call(self._sink.write_end, self.plan.footer, self.plan.footer_text)
 
     def _close_for_caller(self) -> None:
         """After the writer's block (published or not): every handle and call is closed."""

@@ -169,8 +169,7 @@ async def test_writer_with_a_ring_smaller_than_its_buffers(tmp_path, backend_nam
     assert io.writes >= io.bytes_written / (32 << 10) and io.writes > writer.statistics().chunks
     if backend_name == "io_uring":
         assert io.most_in_flight <= 2
-        assert io.submissions >= io.enter_calls > 0
-        assert io.fixed_buffer_writes > 0  # stripe buffers are registered and used
+        assert io.submissions >= io.enter_calls > 0  # (the fsync: writes are pwritev from the lanes' threads)
 
 
 def test_uring_abi_matches_build_script() -> None:

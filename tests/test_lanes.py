@@ -1,7 +1,7 @@
 """Unit tests of pwriter.lanes: WriteLanes driven directly (handles, coalescers, ticker, close).
 
 Built as the writer builds them (a planner, a ChunkSink over a file and a
-real backend, a buffer pool, a MemberStage); the oracle is the file read
+real backend, a buffer pool); the oracle is the file read
 back (decompressed with the gzip module for gzip output).
 """
 
@@ -21,7 +21,6 @@ from pwriter.compress import gzip_member
 from pwriter.errors import ClosedError
 from pwriter.lanes import WriteLanes
 from pwriter.layout import GZIP_MIN_PADDING, PaddedStripedPlanner, StripedPlanner
-from pwriter.members import MemberStage
 from pwriter.sink import ChunkSink
 from pwriter.testing import MemoryBackend
 
@@ -70,14 +69,12 @@ async def run_lanes(backend, output, *, compressed: bool, padded: bool, producer
     async with trio.open_nursery() as nursery:
         sink = ChunkSink(planner=planner, output=output, backend=backend, header=header,
                          header_text=len(HEADER_TEXT), compressed=compressed, padded=padded, level=1,
-                         chunk_capacity=planner.chunk_capacity, writeback=False, stream_threads=16)
-        members = MemberStage(nursery=nursery, sink=sink, level=1, padded=compressed and padded, slots=pool.count)
+                         chunk_capacity=planner.chunk_capacity, writeback=False)
         write_lanes = WriteLanes(nursery=nursery, sink=sink, pool=pool, lanes=lanes,
-                                 chunk_capacity=planner.chunk_capacity, max_delay=max_delay, compressed=compressed,
-                                 members=members)
+                                 chunk_capacity=planner.chunk_capacity, max_delay=max_delay)
         placement = sink.open()
         if placement is not None:
-            nursery.start_soon(sink.write_placed, placement, b"")
+            nursery.start_soon(trio.to_thread.run_sync, sink.write_placed, placement, b"")
         write_lanes.start()
         handles = [write_lanes.producer(512, None) for _ in range(producers)]
 
@@ -100,11 +97,8 @@ async def run_lanes(backend, output, *, compressed: bool, padded: bool, producer
 
 
 async def write_footer(sink: ChunkSink, footer: bytes) -> None:
-    """What the writer does once the lanes are closed: the footer, then the padding left to write."""
-    for placement in sink.close(len(footer), len(FOOTER_TEXT)):
-        await sink.write_placed(placement, footer)
-    for padding in sink.fill_empty_files():
-        await sink.write_placed(padding, b"")
+    """What the writer does once the lanes are closed: the pool, the footer, then the padding left to write."""
+    await trio.to_thread.run_sync(sink.write_end, footer, len(FOOTER_TEXT))
 
 
 @pytest.mark.parametrize("padded", [False, True], ids=["striped", "padded"])
@@ -146,13 +140,12 @@ async def test_a_line_reaches_the_sink_within_max_delay(autojump_clock: trio.tes
         async with trio.open_nursery() as nursery:
             sink = ChunkSink(planner=planner, output=output, backend=memory, header=HEADER_TEXT,
                              header_text=len(HEADER_TEXT), compressed=False, padded=False, level=1,
-                             chunk_capacity=planner.chunk_capacity, writeback=False, stream_threads=4)
-            members = MemberStage(nursery=nursery, sink=sink, level=1, padded=False, slots=pool.count)
+                             chunk_capacity=planner.chunk_capacity, writeback=False)
             lanes = WriteLanes(nursery=nursery, sink=sink, pool=pool, lanes=1, chunk_capacity=planner.chunk_capacity,
-                               max_delay=2.0, compressed=False, members=members)
+                               max_delay=2.0)
             header = sink.open()
             assert header is not None
-            nursery.start_soon(sink.write_placed, header, b"")
+            nursery.start_soon(sink.call, sink.write_placed, header, b"")
             lanes.start()
             handle = lanes.producer(1 << 20, None)
             await trio.sleep(1.0)

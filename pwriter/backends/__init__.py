@@ -19,6 +19,11 @@ base; :class:`Backend` is only a typing protocol):
     started (never from the trio thread): a chunk is written by the thread
     that made it, with no hop back to trio.  Returns once the kernel is done
     with the buffers.
+``inline``
+    True only for a test double whose writes complete in the trio thread
+    (:class:`~pwriter.testing.MemoryBackend`): the data plane then makes
+    its blocking sink calls there, not in worker threads, so that a mock
+    clock sees exact times.
 ``await fsync(fd)``
     Flush the file's data and metadata to stable storage.
 ``register(fd, name)`` / ``unregister(fd)``
@@ -114,6 +119,7 @@ class BackendCounters:
 
 class Backend(Protocol):
     name: str
+    inline: bool
 
     def register(self, fd: int, name: str) -> None: ...
 

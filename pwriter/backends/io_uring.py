@@ -162,6 +162,7 @@ class IoUringBackend:
     """
 
     name = "io_uring"
+    inline = False
 
     def __init__(self, *, queue_depth: int, write_call_size: int | None = None) -> None:
         self.write_call_size = write_call_size

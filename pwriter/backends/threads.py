@@ -98,6 +98,7 @@ class ThreadBackend:
     call at most ``write_call_size`` bytes (a larger write loops in its thread)."""
 
     name = "threads"
+    inline = False
 
     def __init__(self, *, queue_depth: int, write_call_size: int | None = None) -> None:
         self.write_call_size = write_call_size
