@@ -94,8 +94,6 @@ from .layout import (
     SharedPaddedPlanner,
     SharedStripedPlanner,
     SizedShardedPlanner,
-    gzip_padding,
-    plain_padding,
 )
 from .settings import Settings
 from .sizing import FsInfo, Sizing, Striping, shard_offsets
@@ -768,41 +766,72 @@ def _commit(outputs: Any, decision: Decision, counter: WindowCounter | None, foo
             texts: tuple[int, int]) -> int:
     """Step 5 on rank 0: the footer (shared file), the member index, publish.
     ``texts``: the text lengths of the header and the footer.  Returns the footer's bytes."""
-    from .output import member_index_path, write_fully
+    from .output import member_index_path
     from .sink import MemberIndex
 
-    written = 0
     index = MemberIndex(texts[0])
     for item in gathered:
         index.add_entries(item["entries"])
+    written = 0
     if decision.sizing.layout != "sharded":
         if exscan:
             end = header_length + sum(item["stats"].line_bytes for item in gathered)
         else:
             assert counter is not None
             end = counter.fetch_add(len(footer))
-        last = Placement(0, end, 0, len(footer), 0)
-        if end == 0 and not footer:  # no header, no event, no footer: one padding line (never an empty file)
-            padding = GZIP_MIN_PADDING if decision.compressed else 1
-            last, footer = Placement(0, 0, 0, 0, padding), (gzip_padding if decision.compressed
-                                                             else plain_padding)(padding)
-        if footer:
-            fd = os.open(decision.temporaries[0], os.O_WRONLY | os.O_CLOEXEC)
-            try:
-                os.lseek(fd, end, os.SEEK_SET)
-                write_fully(fd, footer)
-                if settings.fsync:
-                    os.fsync(fd)
-            finally:
-                os.close(fd)
-            written = len(footer)
-            index.record(last, text=texts[1], events=0)
+        written = _write_footer(decision, settings, index, end, footer, texts[1])
     sidecars = {}
     if decision.compressed:
         files = [os.path.basename(name) for name in decision.targets]
         sidecars[member_index_path(outputs.target)] = json.dumps(index.index(files)).encode()
     outputs.publish(fsync=settings.fsync, sidecars=sidecars)
     return written
+
+
+def _write_footer(decision: Decision, settings: Settings, index: Any, end: int, footer: bytes,
+                  footer_text: int) -> int:
+    """Rank 0, a shared file: write ``footer`` at ``end`` (once every rank
+    is done) through a chunk sink over the file, the one way bytes go out,
+    and record it in ``index``; when the file would be empty (no header, no
+    event, no footer), one padding line instead.  Returns the bytes written."""
+    from .backends.threads import ThreadBackend
+    from .sink import ChunkSink
+
+    if not footer and end:
+        return 0
+    fd = os.open(decision.temporaries[0], os.O_WRONLY | os.O_CLOEXEC)
+    try:
+        backend = ThreadBackend(queue_depth=1)
+        backend.register(fd, decision.temporaries[0])
+        the_file: Any = _SharedFile([decision.temporaries[0]], [fd])  # (what a sink writes to)
+        sink = ChunkSink(planner=SharedStripedPlanner(counter=LocalCounter(end), header_length=0, stripe_size=1,
+                                                      writes_header=False),
+                         output=the_file, backend=backend, header=b"", header_text=0,
+                         compressed=decision.compressed, padded=False, level=settings.level, chunk_capacity=1,
+                         writeback=False)
+        sink.members = index
+        if footer:
+            placement = sink.place(0, len(footer))
+            sink.record(placement, text=footer_text, events=0)
+            sink.write_placed(placement, footer)
+        else:  # (end 0: never an empty file)
+            placement = Placement(0, 0, 0, 0, GZIP_MIN_PADDING if decision.compressed else 1)
+            sink.record(placement, text=0, events=0)
+            sink.write_placed(placement, b"")
+        if settings.fsync:
+            os.fsync(fd)
+    finally:
+        os.close(fd)
+    return placement.length
+
+
+@dataclasses.dataclass
+class _SharedFile:
+    """The shared file as a sink writes to it: its name and its descriptor."""
+
+    targets: list[str]
+    fds: list[int]
+    direct_fds: list[int] = dataclasses.field(default_factory=list)
 
 
 def _aggregate(gathered: list[dict[str, Any]], decision: Decision, footer_bytes: int, seconds: float,
