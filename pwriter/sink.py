@@ -12,7 +12,7 @@ started, :meth:`ChunkSink.write_chunk` (and :meth:`~ChunkSink.write_lines`,
 :meth:`~ChunkSink.write_placed`, :meth:`~ChunkSink.write_end`), which cuts
 the text at its shard limits, compresses it into gzip members for gzip
 output, places it, splices and writes it right there, through the
-backend's ``write_in_thread``, and returns once the kernel is done with
+backend's blocking ``write``, and returns once the kernel is done with
 the buffer: no hop back to trio.  The placement is taken when the chunk is
 ready, so the chunks of one lane (whose calls are made one at a time) are
 placed in the order their maker made them.  The sink keeps the gzip member
@@ -271,7 +271,7 @@ class ChunkSink:
             self._stream_gate.wait_for(offset)
             offset = -1  # at the stream's own position
         try:
-            self._backend.write_in_thread(fd, parts, offset)
+            self._backend.write(fd, parts, offset)
         except OSError as exc:
             raise self._write_error(placement, exc) from None
         self._written(placement, fd)
@@ -687,7 +687,7 @@ class StreamGate:
 def splice(placement: Placement, buffer: memoryview, filled: int, header: bytes) -> tuple[Placement, memoryview]:
     """Put ``header`` and the padding of ``placement`` inside ``buffer``
     (around its first ``filled`` bytes) where they fit: one contiguous
-    write of whole stripes (a registered buffer for io_uring, aligned for
+    write of whole stripes (one buffer, aligned for
     O_DIRECT).  Only the first chunk has a header to make room for; the
     bytes of ``buffer`` after ``filled`` may be overwritten.  Returns the
     placement of that one write and its bytes."""

@@ -601,7 +601,6 @@ async def run_writer(plan: WriterPlan, output: typing.Any, *, planner: Planner |
     try:
         try:
             async with opened as io:
-                io.register_buffers(pool.buffers)
                 for fd, name in zip(output.fds + output.direct_fds, output.targets + output.targets, strict=False):
                     io.register(fd, name)
                 try:

@@ -211,7 +211,7 @@ class _nothing:
         return False
 
 
-async def test_io_uring_permit_is_released_when_prep_fails() -> None:
+async def test_io_uring_permit_is_released_when_prep_fails(tmp_path) -> None:
     from pwriter.backends import available_backends
 
     if available_backends()["io_uring"] is not None:
@@ -222,21 +222,20 @@ async def test_io_uring_permit_is_released_when_prep_fails() -> None:
         def prep(*args: object) -> object:
             raise MemoryError("injected")
 
-        read_end, write_end = os.pipe()
+        fd = os.open(tmp_path / "f", os.O_WRONLY | os.O_CREAT)
         try:
-            backend._prep_write = prep  # type: ignore[attr-defined]
+            backend._prep_fsync = prep  # type: ignore[attr-defined]
             for _ in range(2 * entries):
                 with pytest.raises(MemoryError):
-                    await backend.write(write_end, [b"x"], -1)
+                    await backend.fsync(fd)
             assert backend._admit.value == entries  # type: ignore[attr-defined]
         finally:
-            os.close(read_end)
-            os.close(write_end)
+            os.close(fd)
 
 
 async def test_a_full_non_blocking_pipe_is_waited_for_not_spun_on(backend_name: str) -> None:
-    """EAGAIN from a full O_NONBLOCK pipe: the write waits (threads: poll;
-    io_uring: backs off) and completes once a slow reader drains the pipe."""
+    """EAGAIN from a full O_NONBLOCK pipe: the write waits (poll, in the
+    writing thread) and completes once a slow reader drains the pipe."""
     read_end, write_end = os.pipe()
     fcntl.fcntl(write_end, fcntl.F_SETFL, fcntl.fcntl(write_end, fcntl.F_GETFL) | os.O_NONBLOCK)
     payload = os.urandom(1 << 20)
@@ -252,7 +251,7 @@ async def test_a_full_non_blocking_pipe_is_waited_for_not_spun_on(backend_name: 
     try:
         async with open_backend(backend_name, queue_depth=4, write_call_size=256 << 10) as backend:
             backend.register(write_end, "pipe")
-            await backend.write(write_end, [payload], -1)
+            await trio.to_thread.run_sync(backend.write, write_end, [payload], -1)
             retries = backend.statistics().interrupted
     finally:
         reader.join()
