@@ -117,7 +117,7 @@ class MergeResult:
     salvaged: tuple[tuple[str, str, int], ...] = ()
     """With ``salvage``: (input, what was dropped, lines dropped) per damaged input."""
     member_entries: tuple[tuple[int, int, int, int, int, bool], ...] = ()
-    """Gzip output: the members written (:class:`~pwriter.sink.MemberIndex` entries)."""
+    """Gzip output: the members written (:class:`~pwriter.gzip_members.MemberIndex` entries)."""
     ends: tuple[InputEnd, ...] = ()
     """How each input ends, in read order (:mod:`pwriter.completeness`)."""
     incomplete: tuple[Incomplete, ...] = ()
@@ -263,7 +263,7 @@ async def merge(
         writer=writer.statistics(),
         manifest=writer.manifest,
         salvaged=tuple(entry for run in progress.runs for entry in run.salvaged),
-        member_entries=tuple(writer.sink.members.entries()) if writer.compressed else (),
+        member_entries=tuple(writer.sink.placer.members.entries()) if writer.compressed else (),
         ends=ends,
         incomplete=incomplete,
         wrap=settings.wrap,

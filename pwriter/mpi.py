@@ -99,6 +99,7 @@ from .settings import Settings
 from .sizing import FsInfo, Sizing, Striping, shard_offsets
 
 if TYPE_CHECKING:
+    from .gzip_members import MemberIndex
     from .writer import OutputFormat, WriterShare
 
 __all__ = ["launched_by_mpi", "RankFailed", "RankTimeout", "World", "WindowCounter", "RankPart", "RankOutput",
@@ -766,8 +767,8 @@ def _commit(outputs: Any, decision: Decision, counter: WindowCounter | None, foo
             texts: tuple[int, int]) -> int:
     """Step 5 on rank 0: the footer (shared file), the member index, publish.
     ``texts``: the text lengths of the header and the footer.  Returns the footer's bytes."""
+    from .gzip_members import MemberIndex
     from .output import member_index_path
-    from .sink import MemberIndex
 
     index = MemberIndex(texts[0])
     for item in gathered:
@@ -788,7 +789,7 @@ def _commit(outputs: Any, decision: Decision, counter: WindowCounter | None, foo
     return written
 
 
-def _write_footer(decision: Decision, settings: Settings, index: Any, end: int, footer: bytes,
+def _write_footer(decision: Decision, settings: Settings, index: MemberIndex, end: int, footer: bytes,
                   footer_text: int) -> int:
     """Rank 0, a shared file: write ``footer`` at ``end`` (once every rank
     is done) through a chunk sink over the file, the one way bytes go out,
@@ -809,14 +810,14 @@ def _write_footer(decision: Decision, settings: Settings, index: Any, end: int, 
                          output=the_file, backend=backend, header=b"", header_text=0,
                          compressed=decision.compressed, padded=False, level=settings.level, chunk_capacity=1,
                          writeback=False)
-        sink.members = index
+        sink.placer.members = index
         if footer:
-            placement = sink.place(0, len(footer))
-            sink.record(placement, text=footer_text, events=0)
+            placement = sink.placer.place(0, len(footer))
+            sink.placer.record(placement, text=footer_text, events=0)
             sink.write_placed(placement, footer)
         else:  # (end 0: never an empty file)
             placement = Placement(0, 0, 0, 0, GZIP_MIN_PADDING if decision.compressed else 1)
-            sink.record(placement, text=0, events=0)
+            sink.placer.record(placement, text=0, events=0)
             sink.write_placed(placement, b"")
         if settings.fsync:
             os.fsync(fd)

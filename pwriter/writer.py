@@ -52,8 +52,8 @@ import trio
 
 from .backends import Backend, BackendStatistics, open_backend
 from .channels import DEFAULT_BATCH_BYTES, BufferPool, Producer
-from .compress import check_level, gzip_member
 from .errors import ClosedError, InputError, attach_other_errors
+from .gzip_members import check_level, gzip_member
 from .lanes import WriteLanes
 from .layout import GZIP_MIN_PADDING, Planner, make_planner
 from .output import OutputSet, StreamOutput, member_index_path
@@ -325,7 +325,7 @@ class Writer:
         )
         self._lanes = WriteLanes(nursery=nursery, sink=self._sink, pool=pool, lanes=sizing.lanes,
                                  chunk_capacity=self.chunk_capacity, max_delay=settings.max_delay)
-        header = self._sink.open()  # (placed before any chunk)
+        header = self._sink.placer.open()  # (placed before any chunk)
         if header is not None:
             nursery.start_soon(self._sink.call, self._sink.write_placed, header, b"")
 
@@ -623,7 +623,7 @@ async def run_writer(plan: WriterPlan, output: typing.Any, *, planner: Planner |
         if failure is not None:
             raise failure
         assert writer is not None
-        sidecars = ({member_index_path(plan.target): json.dumps(writer._sink.member_index()).encode()}
+        sidecars = ({member_index_path(plan.target): json.dumps(writer._sink.placer.member_index()).encode()}
                     if plan.compress else {})
         output.publish(fsync=settings.fsync, sidecars=sidecars)
         writer.published = True

@@ -17,8 +17,8 @@ import trio.testing
 
 from pwriter.backends import open_backend
 from pwriter.channels import BufferPool
-from pwriter.compress import gzip_member
 from pwriter.errors import ClosedError
+from pwriter.gzip_members import gzip_member
 from pwriter.lanes import WriteLanes
 from pwriter.layout import GZIP_MIN_PADDING, PaddedStripedPlanner, StripedPlanner
 from pwriter.sink import ChunkSink
@@ -72,7 +72,7 @@ async def run_lanes(backend, output, *, compressed: bool, padded: bool, producer
                          chunk_capacity=planner.chunk_capacity, writeback=False)
         write_lanes = WriteLanes(nursery=nursery, sink=sink, pool=pool, lanes=lanes,
                                  chunk_capacity=planner.chunk_capacity, max_delay=max_delay)
-        placement = sink.open()
+        placement = sink.placer.open()
         if placement is not None:
             nursery.start_soon(trio.to_thread.run_sync, sink.write_placed, placement, b"")
         write_lanes.start()
@@ -143,7 +143,7 @@ async def test_a_line_reaches_the_sink_within_max_delay(autojump_clock: trio.tes
                              chunk_capacity=planner.chunk_capacity, writeback=False)
             lanes = WriteLanes(nursery=nursery, sink=sink, pool=pool, lanes=1, chunk_capacity=planner.chunk_capacity,
                                max_delay=2.0)
-            header = sink.open()
+            header = sink.placer.open()
             assert header is not None
             nursery.start_soon(sink.call, sink.write_placed, header, b"")
             lanes.start()

@@ -16,10 +16,10 @@ import zlib
 import trio
 
 from pwriter.backends import open_backend
-from pwriter.compress import gzip_member
+from pwriter.gzip_members import MemberIndex, gzip_member
 from pwriter.layout import GZIP_MIN_PADDING, PaddedStripedPlanner, Placement, StripedPlanner, gzip_padding_members
 from pwriter.output import StreamOutput
-from pwriter.sink import ChunkSink, MemberIndex, StreamGate
+from pwriter.sink import ChunkSink, StreamGate
 
 HEADER_TEXT = b"[\n"
 FOOTER_TEXT = b"]\n"
@@ -69,7 +69,7 @@ def lane_order(text: bytes) -> dict[int, list[int]]:
 def check_member_index(sink: ChunkSink, data: bytes, text: bytes) -> list[dict[str, int]]:
     """The index lists members whose bytes decompress to the text at their
     text offsets; listed and unlisted (padding) members tile the file."""
-    index = sink.member_index()
+    index = sink.placer.member_index()
     assert index["format"] == "pwriter-members/1"
     members = index["members"]
     assert isinstance(members, list)
@@ -79,7 +79,7 @@ def check_member_index(sink: ChunkSink, data: bytes, text: bytes) -> list[dict[s
         assert text[member["text_offset"] : member["text_offset"] + member["text_length"]] == piece
         assert member["events"] == sum(line.startswith(b"{") for line in piece.splitlines())
         assert member["first_event"] == text[: member["text_offset"]].count(b"\n{") + text.startswith(b"{")
-    entries = sorted(sink.members.entries())
+    entries = sorted(sink.placer.members.entries())
     position = 0
     for _file, offset, length, _text, _events, _listed in entries:
         assert offset == position  # contiguous: no hole, no overlap
@@ -99,7 +99,7 @@ async def test_thread_members_out_of_order_keep_lane_order(tmp_path, backend_nam
     async with open_backend(backend_name, queue_depth=8) as backend:
         backend.register(output.fds[0], output.targets[0])
         sink = make_sink(planner, output, backend, compressed=True)
-        header = sink.open()
+        header = sink.placer.open()
         assert header is not None
 
         def lane_thread(lane: int) -> None:
@@ -114,7 +114,7 @@ async def test_thread_members_out_of_order_keep_lane_order(tmp_path, backend_nam
             for lane in (2, 0, 1):
                 nursery.start_soon(trio.to_thread.run_sync, lane_thread, lane)
         footer = gzip_member(FOOTER_TEXT, 1)
-        for placement in sink.close(len(footer), len(FOOTER_TEXT)):
+        for placement in sink.placer.close(len(footer), len(FOOTER_TEXT)):
             await write_placed(sink, placement, footer)
     output.close()
     data = path.read_bytes()
@@ -141,14 +141,14 @@ async def test_members_written_in_reverse_land_in_placement_order(tmp_path, back
     async with open_backend(backend_name, queue_depth=8) as backend:
         backend.register(output.fds[0], output.targets[0])
         sink = make_sink(planner, output, backend, compressed=True)
-        header = sink.open()
+        header = sink.placer.open()
         assert header is not None
         placed = []
         for start in range(0, 40, 8):
             chunk = b"".join(sent[start : start + 8])
-            placed.append(sink.place_members(0, [(gzip_member(chunk, 1), len(chunk), 8)]))
+            placed.append(sink.placer.place_members(0, [(gzip_member(chunk, 1), len(chunk), 8)]))
         footer = gzip_member(FOOTER_TEXT, 1)
-        (footer_placement,) = sink.close(len(footer), len(FOOTER_TEXT))
+        (footer_placement,) = sink.placer.close(len(footer), len(FOOTER_TEXT))
         await write_placed(sink, footer_placement, footer)
         for placement, body in reversed(placed):
             await write_placed(sink, placement, body)
@@ -177,7 +177,7 @@ async def test_padded_members_fill_their_slots(tmp_path, backend_name: str) -> N
     async with open_backend(backend_name, queue_depth=8) as backend:
         backend.register(output.fds[0], output.targets[0])
         sink = make_sink(planner, output, backend, compressed=True, padded=True)
-        assert sink.open() is None  # the header rides with the first slot
+        assert sink.placer.open() is None  # the header rides with the first slot
 
         def lane_thread(lane: int) -> None:
             buffer = memoryview(bytearray(planner.chunk_capacity))
@@ -194,9 +194,9 @@ async def test_padded_members_fill_their_slots(tmp_path, backend_name: str) -> N
         for placement, body in sink.pool.place_rest():
             await write_placed(sink, placement, body)
         footer = gzip_member(FOOTER_TEXT, 1)
-        for placement in sink.close(len(footer), len(FOOTER_TEXT)):
+        for placement in sink.placer.close(len(footer), len(FOOTER_TEXT)):
             await write_placed(sink, placement, footer)
-        for padding in sink.fill_empty_files():
+        for padding in sink.placer.fill_empty_files():
             await write_placed(sink, padding, b"")
     output.close()
     data = path.read_bytes()
@@ -212,7 +212,7 @@ async def test_padded_members_fill_their_slots(tmp_path, backend_name: str) -> N
     members = check_member_index(sink, data, text)
     listed = {(member["offset"], member["length"]) for member in members}
     unlisted = [(offset, length, text_length) for _f, offset, length, text_length, _e, is_listed
-                in sorted(sink.members.entries()) if not is_listed]
+                in sorted(sink.placer.members.entries()) if not is_listed]
     assert unlisted  # slots were padded
     for offset, length, text_length in unlisted:
         assert (offset, length) not in listed
@@ -232,11 +232,11 @@ async def test_stream_chunks_written_in_offset_order(tmp_path, backend_name: str
         async with open_backend(backend_name, queue_depth=8) as backend:
             backend.register(output.fds[0], output.targets[0])
             sink = make_sink(planner, output, backend, compressed=False)
-            header = sink.open()
+            header = sink.placer.open()
             assert header is not None
             chunks = [b"".join(lines_of(0, 5, start)) for start in range(0, 30, 5)]
-            placed = [(sink.place(0, len(chunk)), chunk) for chunk in chunks]
-            (footer,) = sink.close(len(FOOTER_TEXT), len(FOOTER_TEXT))
+            placed = [(sink.placer.place(0, len(chunk)), chunk) for chunk in chunks]
+            (footer,) = sink.placer.close(len(FOOTER_TEXT), len(FOOTER_TEXT))
             writes = [(header, b""), *placed, (footer, FOOTER_TEXT)]
 
             async def write_late(rank: int, placement: Placement, body: bytes) -> None:
@@ -321,7 +321,7 @@ def test_write_chunk_refuses_a_chunk_over_capacity(tmp_path) -> None:
 
 
 def test_compress_chunk_is_one_member_of_its_lines() -> None:
-    from pwriter.sink import compress_chunk
+    from pwriter.gzip_members import compress_chunk
 
     text = b"".join(lines_of(0, 7))
     member, events = compress_chunk(memoryview(text), 1)
