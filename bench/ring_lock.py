@@ -7,7 +7,7 @@ In one process, on the bench corpus (``bench/bench.py``'s), shuffled rounds of
 ``merge()`` (striped, io_uring backend, no fsync) with three ways for a
 reader thread to write the chunk it filled:
 
-* ``pwritev``: what pwriter does (``IoUringBackend.write_in_thread``);
+* ``pwritev``: what pwriter does (``IoUringBackend.write``);
 * ``shared ring + lock``: the thread takes a lock, preps one SQE per write
   call (512 KiB) on the backend's own ring, submits, releases the lock and
   waits on a ``threading.Event`` that the backend's reaper (a trio task,
@@ -45,8 +45,20 @@ KiB = 1 << 10
 THREAD_DATA = 1 << 60  # user_data of the threads' operations (the trio thread's count up from 1)
 
 
-def shared_ring_write_in_thread(self: io_uring.IoUringBackend, fd: int, buffers: Sequence[object],
-                                offset: int) -> None:
+def prep_writev(self: io_uring.IoUringBackend, fd: int, views: list[memoryview], offset: int,
+                user_data: int) -> tuple[int, object]:
+    """One writev SQE on the backend's ring (what its write path once did)."""
+    target, fixed_file = self._target(fd)
+    handles = [self._ffi.from_buffer(view) for view in views]
+    iovecs = self._ffi.new("struct iovec[]", len(views))
+    for index, (handle, view) in enumerate(zip(handles, views, strict=True)):
+        iovecs[index].iov_base = handle
+        iovecs[index].iov_len = view.nbytes
+    rc = self._lib.pw_prep_writev(self._ring, target, fixed_file, iovecs, len(views), offset, user_data)
+    return rc, (iovecs, handles, list(views))
+
+
+def shared_ring_write(self: io_uring.IoUringBackend, fd: int, buffers: Sequence[object], offset: int) -> None:
     views = [memoryview(buffer).cast("B") for buffer in buffers]  # type: ignore[arg-type]
     call = self.write_call_size or (1 << 62)
     if len(views) == 1:  # one SQE per write call, submitted together
@@ -61,7 +73,7 @@ def shared_ring_write_in_thread(self: io_uring.IoUringBackend, fd: int, buffers:
         for parts, at in writes:
             user_data = state["next"]
             state["next"] += 1
-            rc, keep = self._prep_write(fd, parts, at, user_data)
+            rc, keep = prep_writev(self, fd, parts, at, user_data)
             if rc < 0:
                 raise OSError(-rc, "prep failed")
             waiting["keep"].append(keep)
@@ -101,7 +113,7 @@ def shared_ring_drain(self: io_uring.IoUringBackend) -> None:
 
 def run_merge(paths: list[str], target: str, variant: str) -> float:
     backend = io_uring.IoUringBackend
-    saved = (backend.write_in_thread, backend.drain, backend.__init__)
+    saved = (backend.write, backend.drain, backend.__init__)
     if variant == "shared ring + lock":
         original_init = backend.__init__
 
@@ -110,7 +122,7 @@ def run_merge(paths: list[str], target: str, variant: str) -> float:
             self._thread_state = {"lock": threading.Lock(), "next": THREAD_DATA, "ops": {}}  # type: ignore[attr-defined]
 
         backend.__init__ = init  # type: ignore[method-assign]
-        backend.write_in_thread = shared_ring_write_in_thread  # type: ignore[method-assign,assignment]
+        backend.write = shared_ring_write  # type: ignore[method-assign,assignment]
         backend.drain = shared_ring_drain  # type: ignore[method-assign]
     settings = load_settings(backend="io_uring", layout="striped", fsync=False)
     try:
@@ -118,7 +130,7 @@ def run_merge(paths: list[str], target: str, variant: str) -> float:
         trio.run(lambda: merge(paths, target, settings=settings, force=True))
         return time.perf_counter() - start
     finally:
-        backend.write_in_thread, backend.drain, backend.__init__ = saved  # type: ignore[method-assign]
+        backend.write, backend.drain, backend.__init__ = saved  # type: ignore[method-assign]
 
 
 def main() -> None:

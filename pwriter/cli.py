@@ -548,10 +548,10 @@ def _print_merge(args: argparse.Namespace, settings: Any, result: Any, checked: 
             "chunks": stats.chunks,
             "writes": stats.writes,
             "io": {
+                "mechanism": stats.io.mechanism,
                 "submissions": stats.io.submissions,
                 "enter_calls": stats.io.enter_calls,
                 "ops_per_enter": round(stats.io.ops_per_enter, 3),
-                "fixed_buffer_writes": stats.io.fixed_buffer_writes,
                 "short_writes": stats.io.short_writes,
                 "most_in_flight": stats.io.most_in_flight,
                 "bytes_written": stats.io.bytes_written,
@@ -708,7 +708,7 @@ def _render_progress(progress: Any, elapsed: float, *, tty: bool) -> None:
 
 
 def _info(args: argparse.Namespace) -> int:
-    from .backends import available_backends, resolve_backend_name
+    from .backends import MECHANISMS, available_backends, resolve_backend_name
     from .settings import ConfigError, describe_settings, parse_size
     from .writer import plan
 
@@ -746,7 +746,8 @@ def _info(args: argparse.Namespace) -> int:
                     "memory_budget": sizing.memory_budget,
                     "backend": chosen,
                     "reasons": list(sizing.reasons),
-                    "backends": {name: {"available": why is None, "reason": why} for name, why in backends.items()},
+                    "backends": {name: {"available": why is None, "reason": why, "mechanism": MECHANISMS[name]}
+                                 for name, why in backends.items()},
                     "members": members,
                     "settings": {name: {"value": value, "description": description}
                                  for name, value, description in describe_settings(settings)},
@@ -782,7 +783,7 @@ def _info(args: argparse.Namespace) -> int:
         print(f"  {name:<{width}}  {value:<6}  {description}")
     print("backends:")
     for name, why in backends.items():
-        print(f"  {name}: {'available' if why is None else 'unavailable: ' + why}")
+        print(f"  {name}: {'available' if why is None else 'unavailable: ' + why} ({MECHANISMS[name]})")
     return 0
 
 

@@ -1,16 +1,21 @@
-"""The library path's write lanes: producer handles, coalescers and the ticker.
+"""The library path's write lanes: producer handles, coalescers, lane writers and the ticker.
 
 Theory of operation
 -------------------
-Each write lane is one trio memory channel and one
-:class:`~pwriter.channels.Coalescer`.  Producer handles are spread over the
-lanes in turn; a handle sends whole batches (blocks of lines) into its
-lane's channel, and the coalescer copies them into pool buffers of at most
-``chunk_capacity`` bytes, or passes a block that is already chunk-sized on
-whole.  Every chunk a coalescer makes goes to the chunk sink right there:
-placed at once (so a lane's chunks keep its order), written by a task of its
-own; for gzip output it goes through the member stage instead, which
-compresses in worker threads and places in the lane's order.
+Each write lane is one trio memory channel, one
+:class:`~pwriter.channels.Coalescer` and one lane writer task.  Producer
+handles are spread over the lanes in turn; a handle sends whole batches
+(blocks of lines) into its lane's channel, and the coalescer copies them
+into pool buffers of at most ``chunk_capacity`` bytes, or passes a block
+that is already chunk-sized on whole.  Every chunk a coalescer makes goes
+through a small channel to its lane's writer, which hands it to the chunk
+sink's one way in (:meth:`~pwriter.sink.ChunkSink.write_chunk`, a
+blocking call: cut, gzip members, place, write) in a worker thread, and
+then gives the buffer back to the pool.  So a lane's chunks keep its order
+(one call at a time), and a coalescer fills its next buffer while the
+previous one is written.  The worker-thread call is never abandoned: a
+cancelled lane writer waits for it, so a buffer goes back to the pool only
+once no thread uses it.
 
 Every block carries the time its oldest line was queued, and a line waits
 at most ``max_delay`` from its call to its chunk's hand-off to the sink:
@@ -18,71 +23,84 @@ the ticker pushes each handle's batch before its oldest line has waited
 ``max_delay`` (once it has waited half of it, so that the ticker wakes at
 most about twice per ``max_delay``), and a coalescer flushes its buffer
 when the oldest line in it has waited ``max_delay`` since its call (the
-time it spent in the handle counts).  For padded gzip, the ticker also
-finishes a member once it has held text for ``max_delay``.  All deadlines
-are on the trio clock, so ``autojump_clock`` drives them in tests.
+time it spent in the handle counts).  In a padded layout the sink may hold
+text (or gzip members) that does not fill the lane's slot: the lane writer
+has it written, without padding, once its oldest line has waited
+``max_delay`` (:meth:`~pwriter.sink.ChunkSink.flush_lane`), in its place
+in the lane's order.  All deadlines are on the trio clock, so
+``autojump_clock`` drives them in tests.
 
 At close, :meth:`WriteLanes.close` first makes every handle refuse new
 calls (ClosedError), waits for a push already under way, pushes what
 handles still hold, closes the channels, and waits until every coalescer
-has flushed, every member is finished and the footer is placed; the writes
-themselves are the nursery's tasks, which ``open_writer`` waits for.
+has flushed and every lane writer has written its chunks and what the
+sink still held for its lane, in the lane's slot
+(:meth:`~pwriter.sink.ChunkSink.flush_lane`: a slot holds the lines of one
+lane); the writer then writes the end of the output.
 """
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable
 
 import trio
 
 from .channels import Block, BufferPool, Coalescer, CoalescerStatistics, Producer
-from .layout import Placement
-from .members import MemberStage
 from .sink import ChunkSink
 
-__all__ = ["WriteLanes", "CHANNEL_BLOCKS"]
+__all__ = ["WriteLanes", "CHANNEL_BLOCKS", "LANE_CHUNKS"]
 
 CHANNEL_BLOCKS = 8  # blocks a lane's channel holds before a producer's send waits
+LANE_CHUNKS = 1  # chunks waiting for a lane's writer while it writes one (then the coalescer waits)
+
+# A chunk for a lane writer: its bytes, how many, when its oldest line was
+# queued, and whether it is a pool buffer (given back once written).
+LaneChunk = tuple[memoryview, int, float, bool]
 
 
 class WriteLanes:
-    """The coalescers of one writer and the handles that feed them.
+    """The coalescers and lane writers of one writer and the handles that feed them.
 
-    ``footer`` (bytes already in their output form) is placed once the
-    last coalescer is done, ``footer_text`` is its length as text (for the
-    member index).  Chunk buffers come from ``pool``; chunks that bypass it
-    (whole blocks) hold one of as many slots as the pool has buffers, so
-    that memory stays bounded whatever the producers send.
+    Chunk buffers come from ``pool``; chunks that bypass it (whole blocks)
+    wait in their lane's small channel, so that memory stays bounded
+    whatever the producers send.
     """
 
     def __init__(self, *, nursery: trio.Nursery, sink: ChunkSink, pool: BufferPool, lanes: int,
-                 chunk_capacity: int, max_delay: float, compressed: bool, members: MemberStage,
-                 footer: bytes, footer_text: int) -> None:
+                 chunk_capacity: int, max_delay: float) -> None:
         self._nursery = nursery
         self._sink = sink
         self._pool = pool
         self._max_delay = max_delay
-        self._compressed = compressed
-        self._members = members
-        self._footer = footer
-        self._footer_text = footer_text
-        self._whole_slots = trio.Semaphore(pool.count)
         self._coalesced = trio.Event()
-        self._ticker_wake = trio.Event()  # set when the ticker must look again before its next tick
-        members.on_held_text = self._wake_ticker
+        self._started = False
+        self._ticker_wake = trio.Event()  # set when the ticker must stop before its next tick
+        self._threads = trio.CapacityLimiter(lanes)  # (a lane writer waits for one call at a time)
         self._producers: list[Producer] = []
         self._next_lane = 0
         self._sends: list[trio.MemorySendChannel[Block]] = []
         self._coalescers: list[Coalescer] = []
+        self._chunk_sends: list[trio.MemorySendChannel[LaneChunk]] = []
+        self._chunk_receives: list[trio.MemoryReceiveChannel[LaneChunk]] = []
+        self.deadline_flushes = 0
+        """Writes of held text (or padded gzip members) whose oldest line waited ``max_delay``."""
         for lane in range(lanes):
             send, receive = trio.open_memory_channel[Block](CHANNEL_BLOCKS)
             self._sends.append(send)
             self._coalescers.append(Coalescer(lane, receive, pool, capacity=chunk_capacity, max_delay=max_delay,
                                               flush=self.write_buffer, write_whole=self.write_whole))
+            chunk_send, chunk_receive = trio.open_memory_channel[LaneChunk](LANE_CHUNKS)
+            self._chunk_sends.append(chunk_send)
+            self._chunk_receives.append(chunk_receive)
 
     def start(self) -> None:
-        """Start the coalescers and the ticker in the writer's nursery."""
-        self._nursery.start_soon(self._run_coalescers)
+        """Start the coalescers, the lane writers and the ticker in the
+        writer's nursery (once; later calls do nothing)."""
+        if self._started:
+            return
+        self._started = True
+        self._nursery.start_soon(self._run_lanes)
         self._nursery.start_soon(self._push_stale_batches)
 
     def producer(self, batch_bytes: int, check: Callable[[bytes], None] | None) -> Producer:
@@ -99,44 +117,27 @@ class WriteLanes:
     def statistics(self) -> list[CoalescerStatistics]:
         return [coalescer.statistics() for coalescer in self._coalescers]
 
-    @property
-    def deadline_members(self) -> int:
-        """Padded gzip members finished because their oldest text waited ``max_delay``."""
-        return self._members.deadline_members
+    async def write_buffer(self, lane: int, buffer: memoryview, filled: int, since: float) -> None:
+        """Hand ``buffer[:filled]`` (whose oldest line was queued at ``since``)
+        to ``lane``'s writer, which gives the buffer back to the pool once written."""
+        await self._chunk_sends[lane].send((buffer, filled, since, True))
 
-    async def write_buffer(self, lane: int, buffer: memoryview, filled: int, since: float | None = None) -> None:
-        """Place ``buffer[:filled]`` as ``lane``'s next chunk and write it in a
-        task of its own, which gives the buffer back to the pool once written.
-        ``since``: when its oldest line was queued (default: now)."""
-        if self._compressed:
-            await self._members.add(lane, buffer[:filled], lambda: self._pool.give_back(buffer),
-                                    trio.current_time() if since is None else since)
-            return
-        pieces = self._sink.place_chunk(lane, buffer[:filled])
-        self._nursery.start_soon(self._write_and_give_back, pieces, buffer)
-
-    async def write_whole(self, lane: int, chunk: memoryview, since: float | None = None) -> None:
-        """Place ``chunk`` (not a pool buffer) as ``lane``'s next chunk; waits
-        for a slot while as many such chunks as the pool has buffers are in flight."""
-        await self._whole_slots.acquire()
-        if self._compressed:
-            await self._members.add(lane, chunk, self._whole_slots.release,
-                                    trio.current_time() if since is None else since)
-            return
-        pieces = self._sink.place_chunk(lane, chunk)
-        self._nursery.start_soon(self._write_and_release_slot, pieces)
+    async def write_whole(self, lane: int, chunk: memoryview, since: float) -> None:
+        """Hand ``chunk`` (whole lines, not a pool buffer) to ``lane``'s writer."""
+        await self._chunk_sends[lane].send((chunk, chunk.nbytes, since, False))
 
     async def close(self) -> None:
         """Refuse every new call of every handle, push what each holds (once a
         push already under way has ended), end the channels, and return once
-        every chunk and the footer are placed."""
+        every chunk is written and every lane finished (the caller writes the end)."""
         for producer in self._producers:
             producer.refuse_calls()
         for producer in self._producers:
             await producer.close_for_writer()
         for send in self._sends:
             send.close()
-        await self._coalesced.wait()
+        if self._started:
+            await self._coalesced.wait()
 
     def discard(self) -> None:
         """After the writer's block: every handle raises ClosedError from now on."""
@@ -144,19 +145,47 @@ class WriteLanes:
             producer.discard_for_writer()
 
     @trio.lowlevel.enable_ki_protection
-    async def _run_coalescers(self) -> None:
+    async def _run_lanes(self) -> None:
         async with trio.open_nursery() as nursery:
-            for coalescer in self._coalescers:
-                nursery.start_soon(coalescer.run)
-        await self._members.finish_all()
-        footers = self._sink.close(len(self._footer), self._footer_text)  # (with a shard size: every shard's)
+            for lane, coalescer in enumerate(self._coalescers):
+                nursery.start_soon(self._coalesce, coalescer, self._chunk_sends[lane])
+                nursery.start_soon(self._write_lane, lane, self._chunk_receives[lane])
         self._coalesced.set()
-        self._wake_ticker()
-        for footer in footers:
-            if footer.length:  # (a part of a shared output may have no footer to write)
-                await self._sink.write_placed(footer, self._footer)
-        for padding in self._sink.fill_empty_files():
-            await self._sink.write_placed(padding, b"")
+        self._ticker_wake.set()
+
+    @staticmethod
+    async def _coalesce(coalescer: Coalescer, chunks: trio.MemorySendChannel[LaneChunk]) -> None:
+        async with chunks:  # (its end ends the lane writer's loop)
+            await coalescer.run()
+
+    @trio.lowlevel.enable_ki_protection
+    async def _write_lane(self, lane: int, chunks: trio.MemoryReceiveChannel[LaneChunk]) -> None:
+        """Write ``lane``'s chunks one at a time, in order, through the sink
+        in a worker thread; what the sink holds for the lane is written once
+        its oldest line has waited ``max_delay``, and at the end."""
+        sink = self._sink
+        async with chunks:
+            while True:
+                held_since = sink.held_since(lane)  # (no call of this lane's is running)
+                with trio.move_on_at(math.inf if held_since is None else held_since + self._max_delay) as waited:
+                    try:
+                        view, filled, since, pooled = await chunks.receive()
+                    except trio.EndOfChannel:
+                        break
+                if waited.cancelled_caught:
+                    if await sink.call(sink.flush_lane, lane, limiter=self._threads):
+                        self.deadline_flushes += 1
+                    continue
+                try:
+                    if pooled:
+                        await sink.call(sink.write_chunk, lane, view, filled, since, limiter=self._threads)
+                    else:
+                        await sink.call(sink.write_lines, lane, view, since, limiter=self._threads)
+                finally:
+                    if pooled:  # (the call has returned: the kernel is done with the buffer)
+                        self._pool.give_back(view)
+        # What the lane holds goes in its own slot (a slot holds one lane's lines).
+        await sink.call(sink.flush_lane, lane, limiter=self._threads)
 
     @trio.lowlevel.enable_ki_protection
     async def _push_stale_batches(self) -> None:
@@ -171,39 +200,17 @@ class WriteLanes:
             for producer in self._producers:
                 if producer.pending_since + delay / 2 <= now:
                     producer.send_pending_nowait()
-            self._members.finish_stale(now, delay)
-
-    def _wake_ticker(self) -> None:
-        """The writer is done, or a padded gzip member holds new text: the
-        ticker computes its next tick again (that text's line may be due
-        before the tick it sleeps until)."""
-        self._ticker_wake.set()
 
     def _next_tick(self, delay: float) -> float:
         """When the ticker looks next: when the oldest line queued in a
-        handle, or the oldest text of a padded gzip member, will have waited
-        ``delay``; ``delay`` from now when nothing waits (a line queued later
-        has its deadline after that).  What is overdue already could not be
-        pushed (its lane's channel is full, or its task is pushing it) and
-        is looked at again a quarter of ``delay`` from now."""
+        handle will have waited ``delay``; ``delay`` from now when nothing
+        waits (a line queued later has its deadline after that).  What is
+        overdue already could not be pushed (its lane's channel is full, or
+        its task is pushing it) and is looked at again a quarter of
+        ``delay`` from now."""
         now = trio.current_time()
         tick = now + delay
-        for since in [*(producer.pending_since for producer in self._producers), *self._members.text_since()]:
+        for since in (producer.pending_since for producer in self._producers):
             due = since + delay
             tick = min(tick, due if due > now else now + delay / 4)
         return tick
-
-    @trio.lowlevel.enable_ki_protection
-    async def _write_and_give_back(self, pieces: list[tuple[Placement, memoryview]], buffer: memoryview) -> None:
-        try:
-            await self._sink.write_pieces(pieces, buffer)
-        finally:
-            # The backend returns only once the kernel is done with the buffer.
-            self._pool.give_back(buffer)
-
-    @trio.lowlevel.enable_ki_protection
-    async def _write_and_release_slot(self, pieces: list[tuple[Placement, memoryview]]) -> None:
-        try:
-            await self._sink.write_pieces(pieces)
-        finally:
-            self._whole_slots.release()

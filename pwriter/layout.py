@@ -139,11 +139,22 @@ class Planner(Protocol):
     def open(self) -> Placement | None:
         """Placement of the header at open, or None when it rides with the first chunk."""
 
-    def place(self, lane: int, length: int) -> Placement:
-        """Reserve room for a chunk of ``length`` bytes (``length`` > 0) from ``lane``."""
+    def place(self, lane: int, length: int, text: int | None = None) -> Placement:
+        """Reserve room for a chunk of ``length`` bytes (``length`` > 0) from
+        ``lane``, which holds ``text`` bytes of lines (None: ``length``; a
+        gzip chunk holds more; only a shard size counts them)."""
 
     def close(self, footer_length: int) -> Placement:
         """Reserve the footer; no chunk may be placed afterwards."""
+
+    def close_files(self, footer_length: int) -> list[Placement]:
+        """:meth:`close` for every file that ends in a footer (a shard size:
+        every shard), in file order."""
+
+    def cut(self, lane: int, text: memoryview) -> list[memoryview]:
+        """``text`` (whole lines, ``lane``'s next) in the pieces that each go
+        to one file, to be placed one by one in this order (a shard size:
+        cut at the shard limits; otherwise ``[text]``)."""
 
     def file_sizes(self) -> list[int]:
         """Size each file has once everything placed so far is written."""
@@ -229,6 +240,15 @@ class _Closed:
     def paddings(self) -> list[Placement]:
         return []
 
+    def close(self, footer_length: int) -> Placement:
+        raise NotImplementedError
+
+    def close_files(self, footer_length: int) -> list[Placement]:
+        return [self.close(footer_length)]
+
+    def cut(self, lane: int, text: memoryview) -> list[memoryview]:
+        return [text]
+
 
 class StripedPlanner(_Closed):
     """One file; header, chunks and footer from one running counter."""
@@ -245,7 +265,7 @@ class StripedPlanner(_Closed):
         self._next = self.header_length
         return Placement(0, 0, self.header_length, 0, 0)
 
-    def place(self, lane: int, length: int) -> Placement:
+    def place(self, lane: int, length: int, text: int | None = None) -> Placement:
         self._check_open()
         offset, self._next = self._next, self._next + length
         return Placement(0, offset, 0, length, 0)
@@ -293,7 +313,7 @@ class _SlotKeeper(_Closed):
             return self.chunk_capacity
         return kept[1] - kept[0]
 
-    def place(self, lane: int, length: int) -> Placement:
+    def place(self, lane: int, length: int, text: int | None = None) -> Placement:
         self._check_open()
         kept = self._open.pop(lane, None)
         if kept is not None:
@@ -421,7 +441,7 @@ class SharedStripedPlanner(_Closed):
     def open(self) -> Placement | None:
         return Placement(0, 0, self.header_length, 0, 0) if self.writes_header else None
 
-    def place(self, lane: int, length: int) -> Placement:
+    def place(self, lane: int, length: int, text: int | None = None) -> Placement:
         self._check_open()
         offset = self.counter.fetch_add(length)
         self._end = max(self._end, offset + length)
@@ -495,7 +515,7 @@ class ShardedPlanner(_Closed):
         self._next[0] = self.header_length
         return Placement(0, 0, self.header_length, 0, 0)
 
-    def place(self, lane: int, length: int) -> Placement:
+    def place(self, lane: int, length: int, text: int | None = None) -> Placement:
         self._check_open()
         shard = lane % self.files
         offset = self._next[shard]
@@ -589,6 +609,9 @@ class SizedShardedPlanner(_Closed):
     def close(self, footer_length: int) -> Placement:
         """:meth:`close_shards`' last footer (the sink takes them all)."""
         return self.close_shards(footer_length)[-1]
+
+    def close_files(self, footer_length: int) -> list[Placement]:
+        return self.close_shards(footer_length)
 
     def file_sizes(self) -> list[int]:
         return list(self._sizes)

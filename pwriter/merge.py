@@ -4,7 +4,7 @@ The inputs are cut, in order, into one run per reader of about equal bytes
 (:func:`partition`).  Each reader fills a stripe buffer taken from the
 writer's pool straight from its inputs (:mod:`pwriter.inputs`, in a worker
 thread: read, decompress, clean in place) and writes every full buffer, in
-that thread, as one chunk of its lane (:meth:`~pwriter.sink.ChunkSink.write_chunk_in_thread`).
+that thread, as one chunk of its lane (:meth:`~pwriter.sink.ChunkSink.write_chunk`).
 A small input costs no thread hop of its own; a bare-event text is never
 copied in Python.  The lines of one input keep their order.  They are
 together in the output only when its reader has a file of its own (sharded,
@@ -46,18 +46,18 @@ def read_and_write(sink: ChunkSink, run: InputRun, lane: int, buffer: memoryview
         done, end, finished, long_line = fill_step(run, buffer, done, end, capacity)
         if long_line is not None:  # one line longer than a buffer: a chunk of its own
             if long_line:
-                sink.write_lines_in_thread(lane, long_line)
+                sink.write_lines(lane, long_line)
             continue
         if finished:
             break
         # Full: the complete lines go; the start of the next line is copied
         # out first (the write may put padding after the chunk).
         rest = bytes(buffer[done:end])
-        sink.write_chunk_in_thread(lane, buffer, done)
+        sink.write_chunk(lane, buffer, done)
         buffer[: len(rest)] = rest
         done, end = 0, len(rest)
-    sink.write_chunk_in_thread(lane, buffer, done)
-    sink.finish_lane_in_thread(lane)
+    sink.write_chunk(lane, buffer, done)
+    sink.finish_lane(lane)
 
 
 def partition(sizes: Sequence[int], parts: int) -> list[range]:
@@ -117,7 +117,7 @@ class MergeResult:
     salvaged: tuple[tuple[str, str, int], ...] = ()
     """With ``salvage``: (input, what was dropped, lines dropped) per damaged input."""
     member_entries: tuple[tuple[int, int, int, int, int, bool], ...] = ()
-    """Gzip output: the members written (:class:`~pwriter.sink.MemberIndex` entries)."""
+    """Gzip output: the members written (:class:`~pwriter.gzip_members.MemberIndex` entries)."""
     ends: tuple[InputEnd, ...] = ()
     """How each input ends, in read order (:mod:`pwriter.completeness`)."""
     incomplete: tuple[Incomplete, ...] = ()
@@ -242,14 +242,11 @@ async def merge(
     async def read_run(lane: int, run: InputRun) -> None:
         # Each reader fills a stripe buffer of its own, straight from its
         # inputs, and writes every full one as a chunk of its lane, from its
-        # own thread: no hop back to trio per chunk.  The lines of one input
-        # stay together and in order.
-        buffer = await writer.take_buffer()
+        # own thread: no hop back to trio per chunk.
         try:
-            await trio.to_thread.run_sync(read_and_write, writer.sink, run, lane, buffer, limiter=limiter)
+            await writer.run_maker(lambda sink, buffer: read_and_write(sink, run, lane, buffer), limiter=limiter)
         finally:
             run.close()
-            writer.give_back(buffer)  # (the last write has returned: the kernel is done with it)
 
     opened = open_share(part) if part is not None else open_writer(
         output, settings=settings, producers=len(progress.runs), force=force, inputs=inputs,
@@ -266,7 +263,7 @@ async def merge(
         writer=writer.statistics(),
         manifest=writer.manifest,
         salvaged=tuple(entry for run in progress.runs for entry in run.salvaged),
-        member_entries=tuple(writer.sink.members.entries()) if writer.compressed else (),
+        member_entries=tuple(writer.sink.placer.members.entries()) if writer.compressed else (),
         ends=ends,
         incomplete=incomplete,
         wrap=settings.wrap,

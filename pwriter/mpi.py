@@ -94,14 +94,13 @@ from .layout import (
     SharedPaddedPlanner,
     SharedStripedPlanner,
     SizedShardedPlanner,
-    gzip_padding,
-    plain_padding,
 )
 from .output import CreatedFiles, OutputSet
 from .settings import Settings
 from .sizing import FsInfo, Sizing, Striping, shard_offsets
 
 if TYPE_CHECKING:
+    from .gzip_members import MemberIndex
     from .writer import OutputFormat, WriterShare
 
 __all__ = ["launched_by_mpi", "RankFailed", "RankTimeout", "World", "WindowCounter", "RankPart", "RankOutput",
@@ -705,13 +704,13 @@ async def _count_and_exscan(world: World, inputs: list[str], sizing: Sizing, sal
         chunk_capacity = sizing.stripe_size
         total = 0
 
-        def write_chunk_in_thread(self, lane: int, buffer: memoryview, filled: int) -> None:
+        def write_chunk(self, lane: int, buffer: memoryview, filled: int) -> None:
             self.total += filled
 
-        def write_lines_in_thread(self, lane: int, lines: bytes) -> None:
+        def write_lines(self, lane: int, lines: bytes) -> None:
             self.total += len(lines)
 
-        def finish_lane_in_thread(self, lane: int) -> None:
+        def finish_lane(self, lane: int) -> None:
             pass
 
     count, error = Count(), None
@@ -735,41 +734,72 @@ def _commit(outputs: OutputSet, decision: Decision, counter: WindowCounter | Non
             texts: tuple[int, int]) -> int:
     """Step 5 on rank 0: the footer (shared file), the member index, publish.
     ``texts``: the text lengths of the header and the footer.  Returns the footer's bytes."""
-    from .output import member_index_path, write_fully
-    from .sink import MemberIndex
+    from .gzip_members import MemberIndex
+    from .output import member_index_path
 
-    written = 0
     index = MemberIndex(texts[0])
     for item in gathered:
         index.add_entries(item["entries"])
+    written = 0
     if decision.sizing.layout != "sharded":
         if exscan:
             end = header_length + sum(item["stats"].line_bytes for item in gathered)
         else:
             assert counter is not None
             end = counter.fetch_add(len(footer))
-        last = Placement(0, end, 0, len(footer), 0)
-        if end == 0 and not footer:  # no header, no event, no footer: one padding line (never an empty file)
-            padding = GZIP_MIN_PADDING if decision.compressed else 1
-            last, footer = Placement(0, 0, 0, 0, padding), (gzip_padding if decision.compressed
-                                                             else plain_padding)(padding)
-        if footer:
-            fd = os.open(decision.temporaries[0], os.O_WRONLY | os.O_CLOEXEC)
-            try:
-                os.lseek(fd, end, os.SEEK_SET)
-                write_fully(fd, footer)
-                if settings.fsync:
-                    os.fsync(fd)
-            finally:
-                os.close(fd)
-            written = len(footer)
-            index.record(last, text=texts[1], events=0)
+        written = _write_footer(decision, settings, index, end, footer, texts[1])
     sidecars = {}
     if decision.compressed:
         files = [os.path.basename(name) for name in decision.targets]
         sidecars[member_index_path(outputs.target)] = json.dumps(index.index(files)).encode()
     outputs.publish(fsync=settings.fsync, sidecars=sidecars)
     return written
+
+
+def _write_footer(decision: Decision, settings: Settings, index: MemberIndex, end: int, footer: bytes,
+                  footer_text: int) -> int:
+    """Rank 0, a shared file: write ``footer`` at ``end`` (once every rank
+    is done) through a chunk sink over the file, the one way bytes go out,
+    and record it in ``index``; when the file would be empty (no header, no
+    event, no footer), one padding line instead.  Returns the bytes written."""
+    from .backends.threads import ThreadBackend
+    from .sink import ChunkSink
+
+    if not footer and end:
+        return 0
+    fd = os.open(decision.temporaries[0], os.O_WRONLY | os.O_CLOEXEC)
+    try:
+        backend = ThreadBackend(queue_depth=1)
+        backend.register(fd, decision.temporaries[0])
+        the_file: Any = _SharedFile([decision.temporaries[0]], [fd])  # (what a sink writes to)
+        sink = ChunkSink(planner=SharedStripedPlanner(counter=LocalCounter(end), header_length=0, stripe_size=1,
+                                                      writes_header=False),
+                         output=the_file, backend=backend, header=b"", header_text=0,
+                         compressed=decision.compressed, padded=False, level=settings.level, chunk_capacity=1,
+                         writeback=False)
+        sink.placer.members = index
+        if footer:
+            placement = sink.placer.place(0, len(footer))
+            sink.placer.record(placement, text=footer_text, events=0)
+            sink.write_placed(placement, footer)
+        else:  # (end 0: never an empty file)
+            placement = Placement(0, 0, 0, 0, GZIP_MIN_PADDING if decision.compressed else 1)
+            sink.placer.record(placement, text=0, events=0)
+            sink.write_placed(placement, b"")
+        if settings.fsync:
+            os.fsync(fd)
+    finally:
+        os.close(fd)
+    return placement.length
+
+
+@dataclasses.dataclass
+class _SharedFile:
+    """The shared file as a sink writes to it: its name and its descriptor."""
+
+    targets: list[str]
+    fds: list[int]
+    direct_fds: list[int] = dataclasses.field(default_factory=list)
 
 
 def _aggregate(gathered: list[dict[str, Any]], decision: Decision, footer_bytes: int, seconds: float,

@@ -3,45 +3,48 @@
 Theory of operation
 -------------------
 Whoever made a chunk hands it to the sink, which places it (the pure
-planners of :mod:`pwriter.layout`, under one lock: worker threads place
-too), puts the header and the padding around it, and writes it through the
-backend.  There are two ways in, for the two kinds of makers:
-
-* from a worker thread that trio started (the merge's readers):
-  :meth:`ChunkSink.write_chunk_in_thread` places, compresses (gzip output)
-  and writes right there, through the backend's ``write_in_thread``, and
-  returns once the kernel is done with the buffer: no hop back to trio;
-* from the trio thread (the writer's coalescers, the header and footer):
-  :meth:`ChunkSink.place` now, then ``await`` :meth:`ChunkSink.write_placed` in a
-  task of its own.
-
-Either way the placement is taken when the chunk is ready, so the chunks of
-one lane are placed in the order their maker made them.  The sink keeps the
-gzip member index (every member's file, offset, length and text) and the
-counts of what it wrote.
+planners of :mod:`pwriter.layout`, under one lock), puts the header and the
+padding around it, and writes it through the backend.  There is one way in,
+for every maker (the merge's readers, the library's lane writers, the
+header and footer): a blocking call made in a worker thread that trio
+started, :meth:`ChunkSink.write_chunk` (and :meth:`~ChunkSink.write_lines`,
+:meth:`~ChunkSink.flush_lane`, :meth:`~ChunkSink.finish_lane`,
+:meth:`~ChunkSink.write_placed`, :meth:`~ChunkSink.write_end`), which cuts
+the text at its shard limits, compresses it into gzip members for gzip
+output, places it, splices and writes it right there, through the
+backend's blocking ``write``, and returns once the kernel is done with
+the buffer: no hop back to trio.  The placement is taken when the chunk is
+ready, so the chunks of one lane (whose calls are made one at a time) are
+placed in the order their maker made them.  Placement is the sink's
+:class:`Placer` (the planner under one lock, the shards a shard size adds,
+the padding owed, the gzip member index); the gzip members are made by
+:class:`~pwriter.gzip_members.LaneMembers`, which writes through the
+sink's callbacks.
 
 In a padded layout a lane keeps its slot (see :mod:`pwriter.layout`): the
 padding of a slot the lane leaves is written with the lane's next chunk, by
 whoever writes that chunk.  Gzip members there are sized by what they
-compress to, to fill the slot (:class:`~pwriter.compress.SlotMembers`).  A
-maker in a worker thread (a merge reader, one lane each) writes only slots
-it fills; its last, partial slot's worth goes to the sink's pool
-(:class:`SlotPool`), whose full slots are written by whoever fills them and
-whose rest ends the file at close, before the footer, unpadded when it is
-the file's last slot.  So a padded merge costs about what a striped one does.
+compress to, to fill the slot (:mod:`pwriter.gzip_members`).  A
+lane writes only slots it fills: what does not fill one is held (until the
+lane's next chunk, or a deadline, :meth:`ChunkSink.flush_lane`, which
+writes it in the slot without padding), and at the lane's end its last,
+partial slot's worth goes to the sink's pool (:class:`SlotPool`), whose
+full slots are written by whoever fills them and whose rest ends the file
+at close, before the footer, unpadded when it is the file's last slot.  So
+a padded merge costs about what a striped one does.
 
 A sharded output with a shard size (:class:`~pwriter.layout.SizedShardedPlanner`)
-grows while it is written: every way in first cuts a lane's text at its
-shard limits (:meth:`ChunkSink.shard_pieces`; for gzip output before it is
-compressed, one member per piece), and a placement that starts a new shard
-makes the sink create its file, under the placement lock, before the
+grows while it is written: every chunk is first cut at its lane's shard
+limits (:meth:`Placer.cut`, the planner's ``cut``; for gzip output before
+it is compressed, one member per piece), and a placement that starts a new
+shard makes the sink create its file, under the placement lock, before the
 placement is handed out (:meth:`~pwriter.output.OutputSet.add_shard`, then
 the backend's ``register``).  Each shard gets the header with its first
-chunk and the footer at close (:meth:`ChunkSink.close`), whatever bytes
-the writer gave as header and footer.
+chunk and the footer at close (:meth:`Placer.close`), whatever bytes the
+writer gave as header and footer.
 
 A stream output (standard output, a pipe) has no
-offsets to write at: every write of a stream, from either way in, passes one
+offsets to write at: every write of a stream passes one
 gate that lets it through once every byte placed before it is written
 (each placed chunk is being written by whoever placed it, so the earliest
 one always can go).  With fsync on, the writeback of each large written
@@ -52,30 +55,22 @@ finds little left to do.
 from __future__ import annotations
 
 import dataclasses
-import functools
 import os
 import threading
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Sequence
+from typing import Any, TypeVar
 
 import trio
 
 from .backends import Backend
-from .compress import Member, SlotMembers, gzip_member
 from .errors import WriteError
-from .layout import (
-    GZIP_MIN_PADDING,
-    Placement,
-    Planner,
-    SizedShardedPlanner,
-    gzip_padding,
-    gzip_padding_members,
-    plain_padding,
-)
+from .gzip_members import LaneMembers, Member, MemberIndex
+from .layout import GZIP_MIN_PADDING, Placement, Planner, gzip_padding, plain_padding
 from .output import Output, StreamOutput
-from .traceformat import count_newlines, rfind_newline
+from .traceformat import rfind_newline
 
-__all__ = ["ChunkSink", "SinkCounts", "MemberIndex", "StreamGate", "ThreadMembers", "SlotPool", "compress_chunk",
-           "DIRECT_ALIGNMENT", "WRITEBACK_MIN", "POOL_LANE"]
+__all__ = ["ChunkSink", "Placer", "SinkCounts", "StreamGate", "SlotPool", "DIRECT_ALIGNMENT", "WRITEBACK_MIN",
+           "POOL_LANE"]
 
 DIRECT_ALIGNMENT = 4096
 # With fsync on, every written range of at least this size gets
@@ -85,6 +80,7 @@ DIRECT_ALIGNMENT = 4096
 WRITEBACK_MIN = 256 << 10
 STREAM_POLL = 0.05  # seconds a stream write waiting for its turn sleeps between checks of cancellation
 POOL_LANE = -1  # the lane of the pool's slots (padded layouts)
+T = TypeVar("T")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -108,78 +104,307 @@ class ChunkSink:
     index.  ``chunk_capacity`` is the most bytes of lines one chunk holds.
     ``padded``: the layout keeps slots (its planner has ``full_below`` and
     ``min_padding``).
+
+    Every method that writes blocks, and is called from a worker thread
+    that trio started (never from the trio thread; see :meth:`call`); one
+    lane's calls are made one at a time, in the lane's order.
     """
 
     def __init__(self, *, planner: Planner, output: Output, backend: Backend, header: bytes,
                  header_text: int, compressed: bool, padded: bool, level: int, chunk_capacity: int,
-                 writeback: bool, stream_threads: int) -> None:
-        self._planner = planner
-        self._sized = planner if isinstance(planner, SizedShardedPlanner) else None
+                 writeback: bool) -> None:
+        self.placer = Placer(planner, output, backend, header_text=header_text, compressed=compressed)
         self._output = output
         self._backend = backend
         self._header = header
-        self._header_text = header_text
         self.compressed = compressed
         self.chunk_capacity = chunk_capacity
-        self._padding = gzip_padding if compressed else plain_padding
-        self._fds = list(output.fds)
-        self._direct_fds = list(output.direct_fds)  # empty unless O_DIRECT
-        self._lock = threading.Lock()  # placement and the counts
-        self.members = MemberIndex(header_text)
         self.padded = padded
-        self.level = level
-        # Padded layouts: the least padding a slot ends with, and the room
-        # under which a slot is full (see pwriter.layout).
-        self.min_padding: int = getattr(planner, "min_padding", 0)
-        self.full_below: int = getattr(planner, "full_below", 0)
-        self._owed: dict[tuple[int, int], list[Placement]] = {}  # (file, offset) of a chunk -> padding it writes first
-        self._held: dict[int, bytes] = {}  # padded plain: a lane's chunk that did not fill its slot (thread makers)
-        self._thread_members = ThreadMembers(self)
-        self.pool = SlotPool(self)
-        self._stream = isinstance(output, StreamOutput)
-        self._stream_gate = StreamGate()
-        # As many threads as stream writes can wait at once: a write holding
-        # a thread must never keep an earlier one from getting one.
-        self._stream_limiter = trio.CapacityLimiter(stream_threads)
-        self._writeback = writeback and not self._stream and hasattr(os, "posix_fadvise")
-        self._chunks = 0
-        self._line_bytes = 0
-        self._bytes_written = 0
-        self._direct_writes = 0
-        self._writeback_hints = 0
+        self._padding = gzip_padding if compressed else plain_padding
+        self._full_below: int = getattr(planner, "full_below", 0)  # (padded layouts, see pwriter.layout)
+        self._capacity = planner.chunk_capacity
+        # Padded plain: a lane's text that did not fill its slot, and when its oldest line was queued.
+        self._held: dict[int, tuple[bytes, float | None]] = {}
+        self._members = LaneMembers(level, padded=padded, write=self.write_members, cut=self.placer.cut,
+                                    room=self.placer.room, capacity=planner.chunk_capacity,
+                                    min_padding=getattr(planner, "min_padding", 0), full_below=self._full_below)
+        self.pool = SlotPool(self, self._members)
+        self._stream_gate = StreamGate() if isinstance(output, StreamOutput) else None
+        self._writeback = writeback and self._stream_gate is None and hasattr(os, "posix_fadvise")
+        self._lock = threading.Lock()  # the counts
+        self._counts = [0, 0, 0, 0, 0]  # (as SinkCounts)
 
     def counts(self) -> SinkCounts:
         """A snapshot of what the sink wrote so far (safe from any thread)."""
         with self._lock:
-            return SinkCounts(self._chunks, self._line_bytes, self._bytes_written, self._direct_writes,
-                              self._writeback_hints)
+            return SinkCounts(*self._counts)
 
-    def count_chunk(self, line_bytes: int) -> None:
-        """Count a chunk of ``line_bytes`` bytes of lines handed to the sink."""
+    async def call(self, method: Callable[..., T], *args: Any, limiter: trio.CapacityLimiter | None = None) -> T:
+        """From trio: call ``method`` (a blocking method of this sink, its way
+        in) in a worker thread (``limiter``: trio's default if None), never
+        abandoned: a cancelled call returns only once the thread has.  With
+        a backend whose writes complete in the trio thread (``inline``: the
+        testing :class:`~pwriter.testing.MemoryBackend`, so that a mock
+        clock sees exact times), in the trio thread instead."""
+        if self._backend.inline:
+            await trio.lowlevel.checkpoint()
+            return method(*args)
+        return await trio.to_thread.run_sync(method, *args, limiter=limiter)
+
+    # -- the one way in: blocking, from the worker thread of a chunk's maker --
+
+    def write_chunk(self, lane: int, buffer: memoryview, filled: int, since: float | None = None) -> None:
+        """Write ``buffer[:filled]`` (whole lines, at most :attr:`chunk_capacity`
+        bytes) as ``lane``'s next chunk, now, in this thread: cut at its
+        shard limits, compressed into gzip members for gzip output, placed
+        under the lock, spliced with the header and padding into ``buffer``
+        (one write of whole stripes), written through the backend.  Returns
+        once the kernel is done with the buffer; the caller keeps it (its
+        bytes after ``filled`` may have been overwritten by padding).  In a
+        padded layout, text that does not fill the lane's slot is held
+        (copied) until the lane's next chunk, :meth:`flush_lane` or
+        :meth:`finish_lane`; ``since`` is when its oldest line was queued
+        (:meth:`held_since`).  A stream output's writes wait for their turn."""
+        if filled > self.chunk_capacity or filled < 0:
+            raise ValueError(f"a chunk of {filled} bytes: it must hold 0 to {self.chunk_capacity} bytes")
+        if filled:
+            self._write_text(lane, buffer[:filled], since, buffer)
+
+    def write_lines(self, lane: int, lines: bytes | memoryview, since: float | None = None) -> None:
+        """:meth:`write_chunk` for whole lines of any length, not in a pool buffer."""
+        view = memoryview(lines)
+        if view.nbytes:
+            self._write_text(lane, view, since, None)
+
+    def flush_lane(self, lane: int) -> bool:
+        """Write what ``lane`` holds now (padded layouts: text or gzip members
+        that do not fill its slot), at the next offset of its slot, without
+        padding (a deadline).  Returns whether there was anything."""
+        if self.compressed:
+            return self._members.flush(lane)
+        held = self._held.pop(lane, None)
+        if held is not None:
+            self.write_placed(self.placer.place(lane, len(held[0])), held[0])
+        return held is not None
+
+    def held_since(self, lane: int) -> float | None:
+        """When the oldest line ``lane`` holds was queued (None: it holds none, or no time was given)."""
+        if self.compressed:
+            return self._members.held_since(lane)
+        held = self._held.get(lane)
+        return held[1] if held is not None else None
+
+    def finish_lane(self, lane: int) -> None:
+        """The end of ``lane``: padded layouts put what it held back (less
+        than a slot) into the pool (:class:`SlotPool`), whose rest
+        :meth:`write_end` writes.  A lane number is used by one maker only."""
+        if self.compressed:
+            self.pool.add_members(self._members.take(lane))
+        elif self.padded:
+            self.pool.add_text(self._held.pop(lane, (b"", None))[0])
+
+    def write_end(self, footer: bytes, footer_text: int) -> None:
+        """Once every lane is finished: write what the pool holds, the
+        footer (``footer_text``: its text length) after every chunk (with a
+        shard size: every shard's), then the padding of the slots and files
+        left unfilled (:meth:`Placer.fill_empty_files`)."""
+        for placement, body in self.pool.place_rest():
+            self.write_placed(placement, body)
+        for placement in self.placer.close(len(footer), footer_text):
+            if placement.length:  # (a part of a shared output may have no footer to write)
+                self.write_placed(placement, footer)
+        for padding in self.placer.fill_empty_files():
+            self.write_placed(padding, b"")
+
+    def write_members(self, lane: int, members: Sequence[Member]) -> None:
+        """Place gzip ``members`` as ``lane``'s next chunk (recorded for the index) and write them."""
+        self.write_placed(*self.placer.place_members(lane, members))
+
+    def write_placed(self, placement: Placement, body: bytes | memoryview, *,
+                     aligned_memory: bool = False) -> None:
+        """Write ``placement`` (header, ``body``, padding), after the padding
+        its chunk owes (:meth:`Placer.place`); a stream output waits for its
+        turn first (:class:`StreamGate`).
+
+        With O_DIRECT, a write of one page-aligned buffer (``aligned_memory``)
+        at an aligned offset and of an aligned length goes through the direct
+        descriptor; any other (the footer, a line longer than a stripe) goes
+        through the buffered one.  Their ranges never share a page.
+        """
+        for padding in self.placer.take_owed(placement):
+            self.write_placed(padding, b"")
+        fd, parts = self._parts(placement, body, aligned_memory)
+        offset = placement.offset
+        if self._stream_gate is not None:
+            # A stream takes bytes in order: wait until every byte placed
+            # before these is written (each placed chunk is being written by
+            # the thread that placed it, so the earliest always goes).
+            self._stream_gate.wait_for(offset)
+            offset = -1  # at the stream's own position
+        try:
+            self._backend.write(fd, parts, offset)
+        except OSError as exc:
+            raise WriteError(self._output.targets[placement.file], exc.strerror or str(exc), exc.errno) from None
+        self._written(placement, fd)
+        if self._stream_gate is not None:
+            self._stream_gate.advance(placement.length)
+
+    def _write_text(self, lane: int, text: memoryview, since: float | None, buffer: memoryview | None) -> None:
+        """The way of every chunk (see :meth:`write_chunk`); ``buffer``: the
+        pool buffer ``text`` starts, if it is in one."""
         with self._lock:
-            self._chunks += 1
-            self._line_bytes += line_bytes
+            self._counts[0] += 1
+            self._counts[1] += text.nbytes
+        if self.compressed:
+            self._members.add(lane, text, since)
+            return
+        pieces = self.placer.cut(lane, text)
+        if len(pieces) > 1:
+            for piece in pieces:
+                self.write_placed(self.placer.place(lane, piece.nbytes), piece)
+            return
+        if self.padded:
+            text, buffer = self._fill_slot(lane, text, buffer)
+            if not text.nbytes:
+                return
+            if self.placer.room(lane) - text.nbytes >= self._full_below:
+                # It does not fill its slot: held (copied), written before the
+                # lane's next chunk, at a deadline, or pooled at the lane's end.
+                self._held[lane] = (bytes(text), since)
+                return
+        placement = self.placer.place(lane, text.nbytes)
+        if buffer is None:
+            self.write_placed(placement, text)
+            return
+        self.write_placed(*splice(placement, buffer, text.nbytes, self._header), aligned_memory=True)
+
+    def _fill_slot(self, lane: int, text: memoryview, buffer: memoryview | None
+                   ) -> tuple[memoryview, memoryview | None]:
+        """Padded plain: write what ``lane`` held, then the first lines of
+        ``text`` that fill the rest of the lane's slot when ``text`` does not
+        fit it (so that a deadline flush costs no padding).  Returns the rest
+        of ``text``, and ``buffer`` if the rest still starts it."""
+        self.flush_lane(lane)
+        room = self.placer.room(lane)
+        if text.nbytes > room and room < self._capacity:  # the lane keeps a slot with some room
+            cut = rfind_newline(text, 0, room) + 1
+            if cut:
+                self.write_placed(self.placer.place(lane, cut), text[:cut])
+                return text[cut:], None
+        return text, buffer
+
+    def _parts(self, placement: Placement, body: bytes | memoryview,
+               aligned_memory: bool) -> tuple[int, list[bytes | memoryview]]:
+        """The descriptor and the buffers of one write: header, ``body``, padding
+        (the direct descriptor for an aligned write, see :meth:`write_placed`)."""
+        parts = [part for part, length in ((self._header, placement.head), (body, placement.body),
+                                           (self._padding(placement.pad), placement.pad)) if length]
+        direct_fds = self.placer.direct_fds
+        direct = (direct_fds and aligned_memory and len(parts) == 1
+                  and placement.offset % DIRECT_ALIGNMENT == 0 and placement.length % DIRECT_ALIGNMENT == 0)
+        return (direct_fds if direct else self.placer.fds)[placement.file], parts
+
+    def _written(self, placement: Placement, fd: int) -> None:
+        """Bookkeeping after a write."""
+        direct = fd in self.placer.direct_fds
+        hint = self._writeback and placement.length >= WRITEBACK_MIN and not direct
+        if hint:
+            # Durable output: start writing this range back now, so that the
+            # final fsync finds little left to do (see WRITEBACK_MIN).
+            os.posix_fadvise(fd, placement.offset, placement.length, os.POSIX_FADV_DONTNEED)
+        with self._lock:
+            self._counts[2] += placement.length
+            self._counts[3] += direct
+            self._counts[4] += hint
+
+    async def sync(self) -> None:
+        """fsync every file of the output (WriteError naming the file on failure)."""
+        for fd, name in zip(self.placer.fds, self._output.targets, strict=False):
+            try:
+                await self._backend.fsync(fd)
+            except OSError as exc:
+                raise WriteError(name, exc.strerror or str(exc), exc.errno) from None
+
+
+class Placer:
+    """The placement of one output's chunks (safe from any thread): the
+    planner under one lock, the shards a shard size adds (created and
+    registered with ``backend`` before a placement names them), the padding
+    a chunk owes (written before it), and the gzip member index
+    (``compressed``; ``header_text``: the header's text length)."""
+
+    def __init__(self, planner: Planner, output: Output, backend: Backend, *, header_text: int,
+                 compressed: bool) -> None:
+        self._planner = planner
+        self._output = output
+        self._backend = backend
+        self._header_text = header_text
+        self._compressed = compressed
+        self._lock = threading.Lock()
+        self.fds = list(output.fds)
+        self.direct_fds = list(output.direct_fds)  # empty unless O_DIRECT
+        self.members = MemberIndex(header_text)
+        self._owed: dict[tuple[int, int], list[Placement]] = {}  # (file, offset) of a chunk -> padding it writes first
 
     def open(self) -> Placement | None:
-        """The header's placement (None when the layout puts it in the first
-        chunk, or when this writer writes no header: a part of a shared output)."""
+        """Place the header, before any chunk (call it first): its placement
+        to write (an empty body), or None when the layout puts it in the
+        first chunk, or when this writer writes no header (a part of a
+        shared output)."""
         with self._lock:
             header = self._planner.open()
-        if header is not None and header.length == 0:
+        if header is None or header.length == 0:
             return None
-        if header is not None:
-            self.record(header, text=self._header_text, events=0)
+        self.record(header, text=self._header_text, events=0)
         return header
+
+    def place(self, lane: int, length: int, text: int | None = None) -> Placement:
+        """The planner's placement of a chunk of ``length`` bytes holding
+        ``text`` bytes of lines (None: ``length``).  The padding of a slot
+        the lane left for it is owed: written before it (:meth:`take_owed`).
+        A placement in a shard not yet made makes it first."""
+        with self._lock:
+            placement = self._planner.place(lane, length, text)
+            self._add_files(placement.file)
+            owed = self._planner.paddings()
+            if owed:
+                self._owed[(placement.file, placement.offset)] = owed
+        for padding in owed:
+            self.record(padding, text=0, events=0)
+        return placement
+
+    def place_members(self, lane: int, members: Sequence[Member]) -> tuple[Placement, bytes]:
+        """Place gzip ``members`` (``(member, text bytes, events)``) next in
+        ``lane``'s order, as one chunk, and record them for the index."""
+        body = members[0][0] if len(members) == 1 else b"".join(member for member, _, _ in members)
+        placement = self.place(lane, len(body), sum(text for _, text, _ in members))
+        if self._compressed:
+            self.members.record_members(placement, [(len(member), text, events) for member, text, events in members])
+        return placement, body
+
+    def take_owed(self, placement: Placement) -> list[Placement]:
+        """The padding to write before ``placement`` (each handed out once)."""
+        if not self._owed:
+            return []
+        with self._lock:
+            return self._owed.pop((placement.file, placement.offset), [])
+
+    def cut(self, lane: int, text: memoryview) -> list[memoryview]:
+        """``text`` in the pieces that each go to one file (the planner's ``cut``)."""
+        with self._lock:
+            return self._planner.cut(lane, text)
+
+    def room(self, lane: int) -> int:
+        """The most bytes ``lane`` can place without starting a new slot (see :meth:`Planner.room`)."""
+        with self._lock:
+            return self._planner.room(lane)
 
     def close(self, footer_length: int, footer_text: int) -> list[Placement]:
         """The footers' placements, after every chunk's: one, or with a
         shard size one for each shard (see the module docstring)."""
         with self._lock:
-            if self._sized is not None:
-                footers = self._sized.close_shards(footer_length)
-                self._add_files(footers[-1].file)
-            else:
-                footers = [self._planner.close(footer_length)]
+            footers = self._planner.close_files(footer_length)
+            self._add_files(footers[-1].file)
         for footer in footers:
             self.record(footer, text=footer_text, events=0)
         return footers
@@ -193,7 +418,7 @@ class ChunkSink:
         with self._lock:
             sizes = self._planner.file_sizes()
             placements = self._planner.paddings()
-        pad = GZIP_MIN_PADDING if self.compressed else 1
+        pad = GZIP_MIN_PADDING if self._compressed else 1
         if not self._planner.shared_file:  # (a shared file: the one who finishes it knows, pwriter.mpi)
             placements += [Placement(file, 0, 0, 0, pad) for file, size in enumerate(sizes) if size == 0]
         for placement in placements:
@@ -202,325 +427,51 @@ class ChunkSink:
 
     def record(self, placement: Placement, *, text: int, events: int) -> None:
         """Remember the gzip members of ``placement`` for the member index."""
-        if self.compressed:
+        if self._compressed:
             self.members.record(placement, text=text, events=events)
 
     def member_index(self) -> dict[str, object]:
         """The member index of a compressed output (its format: ``docs/layouts.md``)."""
         return self.members.index([os.path.basename(name) for name in self._output.targets])
 
-    def splice(self, placement: Placement, buffer: memoryview, filled: int) -> tuple[Placement, memoryview]:
-        """:func:`splice` with this output's header."""
-        return splice(placement, buffer, filled, self._header)
-
-    @trio.lowlevel.enable_ki_protection
-    async def write_placed(self, placement: Placement, body: bytes | memoryview, *,
-                           aligned_memory: bool = False) -> None:
-        """Write ``placement`` (header, ``body``, padding) to its file.
-
-        With O_DIRECT, a write of one page-aligned buffer (``aligned_memory``)
-        at an aligned offset and of an aligned length goes through the direct
-        descriptor; any other (the footer, a line longer than a stripe) goes
-        through the buffered one.  Their ranges never share a page.
-        """
-        if self._stream:  # in order, through the one gate of stream writes (a thread's)
-            await trio.to_thread.run_sync(
-                functools.partial(self.write_placed_in_thread, placement, body, aligned_memory=aligned_memory),
-                limiter=self._stream_limiter,
-            )
-            return
-        for padding in self._take_owed(placement):
-            await self.write_placed(padding, b"")
-        fd, parts = self._parts(placement, body, aligned_memory)
-        try:
-            await self._backend.write(fd, parts, placement.offset)
-        except OSError as exc:
-            raise self._write_error(placement, exc) from None
-        self._written(placement, fd)
-
-    def _parts(self, placement: Placement, body: bytes | memoryview,
-               aligned_memory: bool) -> tuple[int, list[bytes | memoryview]]:
-        """The descriptor and the buffers of one write: header, ``body``, padding.
-
-        With O_DIRECT, a write of one page-aligned buffer (``aligned_memory``)
-        at an aligned offset and of an aligned length goes through the direct
-        descriptor; any other goes through the buffered one.
-        """
-        parts = [part for part, length in ((self._header, placement.head), (body, placement.body),
-                                           (self._padding(placement.pad), placement.pad)) if length]
-        direct = (self._direct_fds and aligned_memory and len(parts) == 1
-                  and placement.offset % DIRECT_ALIGNMENT == 0 and placement.length % DIRECT_ALIGNMENT == 0)
-        return (self._direct_fds if direct else self._fds)[placement.file], parts
-
-    def _write_error(self, placement: Placement, exc: OSError) -> WriteError:
-        return WriteError(self._output.targets[placement.file], exc.strerror or str(exc), exc.errno)
-
-    def _written(self, placement: Placement, fd: int) -> None:
-        """Bookkeeping after a write (from the trio thread or a worker thread)."""
-        direct = fd in self._direct_fds
-        hint = self._writeback and placement.length >= WRITEBACK_MIN and not direct
-        if hint:
-            # Durable output: start writing this range back now, so that the
-            # final fsync finds little left to do (see WRITEBACK_MIN).
-            os.posix_fadvise(fd, placement.offset, placement.length, os.POSIX_FADV_DONTNEED)
-        with self._lock:
-            self._bytes_written += placement.length
-            self._direct_writes += direct
-            self._writeback_hints += hint
-
-    # -- the chunk sink, called from the worker thread that made the chunk --
-
-    def write_chunk_in_thread(self, lane: int, buffer: memoryview, filled: int) -> None:
-        """From a worker thread that trio started (never the trio thread):
-        write ``buffer[:filled]`` (whole lines, at most :attr:`chunk_capacity`
-        bytes) as one chunk of ``lane``, now, in this thread: placed under a
-        lock, compressed here for gzip output, written through the backend's
-        ``write_in_thread``.  Returns once the kernel is done with the
-        buffer; the caller keeps it (its bytes after ``filled`` may have been
-        overwritten by padding).  A stream output's chunks wait for their
-        turn (see :meth:`write_placed_in_thread`)."""
-        if filled > self.chunk_capacity or filled < 0:
-            raise ValueError(f"a chunk of {filled} bytes: it must hold 0 to {self.chunk_capacity} bytes")
-        if filled == 0:
-            return
-        self.count_chunk(filled)
-        if self.compressed:
-            self._thread_members.add(lane, buffer[:filled])
-            return
-        if self._sized is not None:
-            pieces = self.shard_pieces(lane, buffer[:filled])
-            if len(pieces) > 1:
-                for piece in pieces:
-                    self.write_placed_in_thread(self.place(lane, piece.nbytes), piece)
-                return
-        if self.padded:
-            self._write_held_in_thread(lane)
-            if self.room(lane) - filled >= self.full_below:
-                # It does not fill its slot: kept back (copied), written
-                # before the lane's next chunk, or pooled at the lane's end.
-                self._held[lane] = bytes(buffer[:filled])
-                return
-        placement, body = self.splice(self.place(lane, filled), buffer, filled)
-        self.write_placed_in_thread(placement, body, aligned_memory=True)
-
-    def write_lines_in_thread(self, lane: int, lines: bytes) -> None:
-        """:meth:`write_chunk_in_thread` for whole lines of any length, not in a pool buffer."""
-        self.count_chunk(len(lines))
-        if self.compressed:
-            self._thread_members.add(lane, memoryview(lines))
-            return
-        self._write_held_in_thread(lane)
-        for piece in self.shard_pieces(lane, memoryview(lines)):
-            self.write_placed_in_thread(self.place(lane, piece.nbytes), piece)
-
-    def finish_lane_in_thread(self, lane: int) -> None:
-        """The end of a thread maker's lane: padded layouts put what it held
-        back (less than a slot) into the pool.  A lane number is used by one
-        maker only."""
-        if self.compressed:
-            self.pool.add_members(self._thread_members.finish(lane))
-        elif self.padded:
-            self.pool.add_text(self._held.pop(lane, b""))
-
-    def _write_held_in_thread(self, lane: int) -> None:
-        held = self._held.pop(lane, None)
-        if held is not None:
-            self.write_placed_in_thread(self.place(lane, len(held)), held)
-
-    def slot_members(self, lane: int) -> SlotMembers:
-        """The gzip member maker of ``lane`` in a padded layout (see :class:`~pwriter.compress.SlotMembers`)."""
-        return SlotMembers(self.level, room=functools.partial(self.room, lane),
-                           capacity=self._planner.chunk_capacity,
-                           min_padding=self.min_padding, full_below=self.full_below)
-
-    def room(self, lane: int) -> int:
-        """The most bytes ``lane`` can place without starting a new slot (see :meth:`Planner.room`)."""
-        with self._lock:
-            return self._planner.room(lane)
-
-    def write_placed_in_thread(self, placement: Placement, body: bytes | memoryview, *,
-                         aligned_memory: bool = False) -> None:
-        """Write ``placement`` (header, ``body``, padding), blocking, from a worker
-        thread trio started; a stream output waits for its turn first."""
-        for padding in self._take_owed(placement):
-            self.write_placed_in_thread(padding, b"")
-        fd, parts = self._parts(placement, body, aligned_memory)
-        offset = placement.offset
-        if self._stream:
-            # A stream takes bytes in order: wait until every byte placed
-            # before these is written (each placed chunk is being written by
-            # the thread or task that placed it, so the earliest always goes).
-            self._stream_gate.wait_for(offset)
-            offset = -1  # at the stream's own position
-        try:
-            self._backend.write_in_thread(fd, parts, offset)
-        except OSError as exc:
-            raise self._write_error(placement, exc) from None
-        self._written(placement, fd)
-        if self._stream:
-            self._stream_gate.advance(placement.length)
-
-    def place(self, lane: int, length: int, text: int | None = None) -> Placement:
-        """The planner's placement of a chunk of ``text`` bytes of lines
-        (plain: ``length``), under the lock: worker threads place too.  The
-        padding of a slot the lane left for it is written with the chunk,
-        first (:meth:`write_placed`).  A placement in a shard not yet made
-        makes it first (a shard size: see the module docstring)."""
-        with self._lock:
-            if self._sized is not None:
-                placement = self._sized.place(lane, length, text)
-                self._add_files(placement.file)
-            else:
-                placement = self._planner.place(lane, length)
-            owed = self._planner.paddings()
-            if owed:
-                self._owed[(placement.file, placement.offset)] = owed
-        for padding in owed:
-            self.record(padding, text=0, events=0)
-        return placement
-
-    def shard_pieces(self, lane: int, text: memoryview) -> list[memoryview]:
-        """``text`` (whole lines, ``lane``'s next) cut at its shard limits
-        (a shard size: :meth:`SizedShardedPlanner.cut`), else ``[text]``.
-        Each piece is placed on its own, in order, before the lane's next text."""
-        if self._sized is None:
-            return [text]
-        with self._lock:
-            return self._sized.cut(lane, text)
-
     def _add_files(self, file: int) -> None:
         """Under the lock: create the shards up to number ``file`` that do not exist yet, and register them."""
-        while len(self._fds) <= file:
-            fd, direct_fd = self._output.add_shard()
-            name = self._output.targets[len(self._fds)]
+        while len(self.fds) <= file:
+            fd, direct_fd = self._output.add_shard()  # (only a set whose shards grow: a shard size)
+            name = self._output.targets[len(self.fds)]
             self._backend.register(fd, name)
             if direct_fd is not None:
                 self._backend.register(direct_fd, name)
-                self._direct_fds.append(direct_fd)
-            self._fds.append(fd)
-
-    def place_chunk(self, lane: int, chunk: memoryview) -> list[tuple[Placement, memoryview]]:
-        """Place ``chunk`` (whole lines of plain text) next in ``lane``'s
-        order: one placement, or in a padded layout two, when the chunk does
-        not fit what is left of the lane's slot: its first lines fill the
-        slot and the rest starts the lane's next one (so that a deadline
-        flush costs no padding); with a shard size, one for each shard it
-        goes to.  Write them with :meth:`write_pieces`."""
-        if self._sized is not None:
-            return [(self.place(lane, piece.nbytes), piece) for piece in self.shard_pieces(lane, chunk)]
-        pieces = []
-        room = self.room(lane) if self.padded else chunk.nbytes
-        if chunk.nbytes > room and room < self._planner.chunk_capacity:  # the lane keeps a slot with some room
-            cut = rfind_newline(chunk, 0, room) + 1
-            if cut:
-                pieces.append((self.place(lane, cut), chunk[:cut]))
-                chunk = chunk[cut:]
-        pieces.append((self.place(lane, chunk.nbytes), chunk))
-        return pieces
-
-    async def write_pieces(self, pieces: list[tuple[Placement, memoryview]], buffer: memoryview | None = None
-                           ) -> None:
-        """Write what :meth:`place_chunk` placed; ``buffer``: the pool
-        buffer the chunk fills from its start (header and padding are then
-        spliced into it, for one write of whole stripes)."""
-        if buffer is not None and len(pieces) == 1:
-            placement, body = self.splice(pieces[0][0], buffer, pieces[0][1].nbytes)
-            await self.write_placed(placement, body, aligned_memory=True)
-            return
-        for placement, body in pieces:
-            await self.write_placed(placement, body)
-
-    def _take_owed(self, placement: Placement) -> list[Placement]:
-        if not self._owed:
-            return []
-        with self._lock:
-            return self._owed.pop((placement.file, placement.offset), [])
-
-    def place_members(self, lane: int, members: Sequence[Member]) -> tuple[Placement, bytes]:
-        """Place gzip ``members`` (``(member, text bytes, events)``) next in
-        ``lane``'s order, as one chunk, and record them for the index."""
-        body = members[0][0] if len(members) == 1 else b"".join(member for member, _, _ in members)
-        placement = self.place(lane, len(body), sum(text for _, text, _ in members))
-        if self.compressed:
-            self.members.record_members(placement, [(len(member), text, events) for member, text, events in members])
-        return placement, body
-
-    async def sync(self) -> None:
-        """fsync every file of the output (WriteError naming the file on failure)."""
-        for fd, name in zip(self._fds, self._output.targets, strict=False):
-            try:
-                await self._backend.fsync(fd)
-            except OSError as exc:
-                raise WriteError(name, exc.strerror or str(exc), exc.errno) from None
-
-
-class ThreadMembers:
-    """Gzip members made in the thread of the maker of their text (the
-    merge's readers): a member per chunk, or, in a padded layout, members
-    sized to fill the lane's slots (:meth:`ChunkSink.slot_members`), each
-    slot written by the lane's thread once it is full."""
-
-    def __init__(self, sink: ChunkSink) -> None:
-        self._sink = sink
-        self._lanes: dict[int, SlotMembers] = {}  # padded: each lane's members (one thread per lane)
-
-    def add(self, lane: int, text: memoryview) -> None:
-        """Compress ``text`` (whole lines of ``lane``) into members; write what is finished."""
-        if not self._sink.padded:
-            for piece in self._sink.shard_pieces(lane, text):
-                member, events = compress_chunk(piece, self._sink.level)
-                self._write(lane, [(member, piece.nbytes, events)])
-            return
-        members = self._lanes.get(lane)
-        if members is None:
-            members = self._lanes[lane] = self._sink.slot_members(lane)
-        members.add(text, functools.partial(self._write, lane))
-
-    def finish(self, lane: int) -> list[Member]:
-        """The members ``lane`` still holds (less than a slot), at the end of its run."""
-        members = self._lanes.pop(lane, None)
-        return members.take() if members is not None else []
-
-    def _write(self, lane: int, members: list[Member]) -> None:
-        placement, body = self._sink.place_members(lane, members)
-        self._sink.write_placed_in_thread(placement, body)
+                self.direct_fds.append(direct_fd)
+            self.fds.append(fd)
 
 
 class SlotPool:
-    """Padded layouts: what the makers in worker threads held back at the
-    end of their lanes (less than a slot each), gathered into slots of the
-    pool's own lane, :data:`POOL_LANE`.  A slot the pool fills is written at
-    once by the thread that filled it; the rest is placed at close
-    (:meth:`place_rest`), the last data of the file.  One lock keeps the
-    pool's slots in order and written by one thread at a time."""
+    """Padded layouts: what the makers held back at the end of their lanes
+    (less than a slot each), gathered into slots of the pool's own lane,
+    :data:`POOL_LANE`.  A slot the pool fills is written at once by the
+    thread that filled it; the rest is placed at close (:meth:`place_rest`),
+    the last data of the file.  One lock keeps the pool's slots in order and
+    written by one thread at a time."""
 
-    def __init__(self, sink: ChunkSink) -> None:
+    def __init__(self, sink: ChunkSink, members: LaneMembers) -> None:
         self._sink = sink
+        self._members = members  # gzip output: the pool's lane among the others
         self._lock = threading.Lock()
         self._text = bytearray()  # plain output
-        self._members: SlotMembers | None = None  # gzip output: the members held for the pool's slot
 
     def add_text(self, text: bytes) -> None:
-        """Whole lines, from a worker thread; writes every slot they fill."""
+        """Whole lines; writes every slot they fill."""
         with self._lock:
             self._text += text
-            while self._text and len(self._text) >= self._sink.room(POOL_LANE):
-                placement, body = self._place_text()
-                self._sink.write_placed_in_thread(placement, body)
+            while self._text and len(self._text) >= self._sink.placer.room(POOL_LANE):
+                self._sink.write_placed(*self._place_text())
 
     def add_members(self, members: list[Member]) -> None:
-        """Gzip members, from a worker thread; writes every slot they fill."""
-        if not members:
-            return
-        with self._lock:
-            held = self._held_members()
-            for member in members:
-                available = self._sink.room(POOL_LANE) - held.held_bytes
-                if held.held and len(member[0]) != available and len(member[0]) > available - self._sink.min_padding:
-                    self._write_members(held.take())
-                held.hold(member)
-            if self._sink.room(POOL_LANE) - held.held_bytes < self._sink.full_below:
-                self._write_members(held.take())
+        """Gzip members; writes every slot they fill."""
+        if members:
+            with self._lock:
+                self._members.add_members(POOL_LANE, members)
 
     def place_rest(self) -> list[tuple[Placement, bytes]]:
         """At close (every maker is done): place what the pool holds; the caller writes it."""
@@ -528,95 +479,22 @@ class SlotPool:
             placed = []
             while self._text:
                 placed.append(self._place_text())
-            if self._members is not None and self._members.held:
-                placed.append(self._sink.place_members(POOL_LANE, self._members.take()))
+            held = self._members.take(POOL_LANE)
+            if held:
+                placed.append(self._sink.placer.place_members(POOL_LANE, held))
             return placed
-
-    def _held_members(self) -> SlotMembers:
-        if self._members is None:
-            self._members = self._sink.slot_members(POOL_LANE)
-        return self._members
-
-    def _write_members(self, members: list[Member]) -> None:
-        placement, body = self._sink.place_members(POOL_LANE, members)
-        self._sink.write_placed_in_thread(placement, body)
 
     def _place_text(self) -> tuple[Placement, bytes]:
         """The next piece of the pool's text: what fits the pool's slot (at
         least one line)."""
         text = self._text
-        room = self._sink.room(POOL_LANE)
+        room = self._sink.placer.room(POOL_LANE)
         cut = len(text) if len(text) <= room else rfind_newline(memoryview(text), 0, room) + 1
         if cut == 0:
             cut = text.index(b"\n") + 1
         body = bytes(text[:cut])
         del text[:cut]
-        return self._sink.place(POOL_LANE, len(body)), body
-
-
-class MemberIndex:
-    """The gzip members of one output, for its member index (safe from any thread).
-
-    An entry is ``(file, offset, length, text length, events, listed)``:
-    padding members are not listed, but their text counts in the
-    ``text_offset`` of the members after them.  Entries of several writers
-    of one output (MPI ranks) can be joined with :meth:`add_entries`.
-    """
-
-    def __init__(self, header_text: int) -> None:
-        self._header_text = header_text
-        self._lock = threading.Lock()
-        self._entries: list[tuple[int, int, int, int, int, bool]] = []
-
-    def record_members(self, placement: Placement, members: Sequence[tuple[int, int, int]]) -> None:
-        """Remember the members of ``placement``: its header, the body's
-        ``members`` (length, text length, events) one after the other, and its padding."""
-        file, offset = placement.file, placement.offset + placement.head
-        if placement.head:
-            self.record(Placement(file, placement.offset, placement.head, 0, 0), text=0, events=0)
-        for length, text, events in members:
-            self.record(Placement(file, offset, 0, length, 0), text=text, events=events)
-            offset += length
-        if placement.pad:
-            self.record(Placement(file, offset, 0, 0, placement.pad), text=0, events=0)
-
-    def record(self, placement: Placement, *, text: int, events: int) -> None:
-        """Remember the members of ``placement``: its header, body and padding."""
-        file, offset = placement.file, placement.offset
-        entries = []
-        if placement.head:
-            entries.append((file, offset, placement.head, self._header_text, 0, True))
-        if placement.body:
-            entries.append((file, offset + placement.head, placement.body, text, events, True))
-        if placement.pad:
-            entries.append((file, offset + placement.head + placement.body, placement.pad,
-                            gzip_padding_members(placement.pad), 0, False))
-        with self._lock:
-            self._entries.extend(entries)
-
-    def entries(self) -> list[tuple[int, int, int, int, int, bool]]:
-        with self._lock:
-            return list(self._entries)
-
-    def add_entries(self, entries: Iterable[Sequence[int]]) -> None:
-        """Join entries taken from another index (:meth:`entries`, or lists of their values)."""
-        joined = [(int(f), int(o), int(n), int(t), int(e), bool(li)) for f, o, n, t, e, li in entries]
-        with self._lock:
-            self._entries.extend(joined)
-
-    def index(self, files: list[str]) -> dict[str, object]:
-        """The member index (its format: ``docs/layouts.md``) over ``files`` (base names, in read order)."""
-        members = []
-        text_offset = first_event = 0
-        for file, offset, length, text, events, listed in sorted(self.entries()):
-            if listed:
-                members.append({
-                    "file": file, "offset": offset, "length": length, "text_offset": text_offset,
-                    "text_length": text, "first_event": first_event, "events": events,
-                })
-            text_offset += text
-            first_event += events
-        return {"format": "pwriter-members/1", "files": files, "members": members}
+        return self._sink.placer.place(POOL_LANE, len(body)), body
 
 
 class StreamGate:
@@ -647,7 +525,7 @@ class StreamGate:
 def splice(placement: Placement, buffer: memoryview, filled: int, header: bytes) -> tuple[Placement, memoryview]:
     """Put ``header`` and the padding of ``placement`` inside ``buffer``
     (around its first ``filled`` bytes) where they fit: one contiguous
-    write of whole stripes (a registered buffer for io_uring, aligned for
+    write of whole stripes (one buffer, aligned for
     O_DIRECT).  Only the first chunk has a header to make room for; the
     bytes of ``buffer`` after ``filled`` may be overwritten.  Returns the
     placement of that one write and its bytes."""
@@ -660,8 +538,3 @@ def splice(placement: Placement, buffer: memoryview, filled: int, header: bytes)
         filled = placement.length
         placement = dataclasses.replace(placement, head=0, body=filled, pad=0)
     return placement, buffer[:filled]
-
-
-def compress_chunk(text: memoryview, level: int) -> tuple[bytes, int]:
-    """``text`` as one gzip member, and the lines in it."""
-    return gzip_member(text, level), count_newlines(text)

@@ -118,12 +118,14 @@ class MemoryBackend:
     """A backend that keeps every write in memory instead of on disk.
 
     ``writes`` lists them in completion order; :meth:`contents` rebuilds each
-    file's bytes.  Writes checkpoint once and complete in the trio thread, so
-    tests with ``autojump_clock`` see exact times.  The files the writer
-    publishes stay empty.
+    file's bytes.  It is ``inline``: the writer calls its data plane in the
+    trio thread (not in worker threads), so tests with ``autojump_clock``
+    see exact times.  The files the writer publishes stay empty.
     """
 
     name = "memory"
+    inline = True
+    mechanism = "in memory, in the trio thread (a test backend)"
 
     def __init__(self) -> None:
         self.writes: list[RecordedWrite] = []
@@ -136,17 +138,13 @@ class MemoryBackend:
     def unregister(self, fd: int) -> None:
         pass
 
-    def register_buffers(self, buffers: Sequence[memoryview]) -> None:
-        pass
-
-    async def write(self, fd: int, buffers: Sequence[Buffer], offset: int) -> None:
-        await trio.lowlevel.checkpoint()
+    def write(self, fd: int, buffers: Sequence[Buffer], offset: int) -> None:
+        """Record the write, with its trio time (from the trio thread, or a worker thread trio started)."""
         data = b"".join(bytes(buffer) for buffer in buffers)
-        self.writes.append(RecordedWrite(self._names.get(fd, f"fd {fd}"), offset, data, trio.current_time()))
-
-    def write_in_thread(self, fd: int, buffers: Sequence[Buffer], offset: int) -> None:
-        data = b"".join(bytes(buffer) for buffer in buffers)
-        now = trio.from_thread.run_sync(trio.current_time)
+        try:
+            now = trio.current_time()
+        except RuntimeError:  # (a worker thread: a merge's reader)
+            now = trio.from_thread.run_sync(trio.current_time)
         self.writes.append(RecordedWrite(self._names.get(fd, f"fd {fd}"), offset, data, now))
 
     async def fsync(self, fd: int) -> None:
@@ -179,6 +177,7 @@ class MemoryBackend:
     def statistics(self) -> BackendStatistics:
         return BackendStatistics(
             backend=self.name,
+            mechanism=self.mechanism,
             writes=len(self.writes),
             bytes_written=sum(len(write.data) for write in self.writes),
             fsyncs=self._fsyncs,
@@ -218,6 +217,8 @@ class FaultBackend:
                  on: str = "any", delay: float = 0.0) -> None:
         self.inner = inner
         self.name = inner.name
+        self.inline = False  # (its writes wait for trio from a worker thread)
+        self.mechanism = inner.mechanism
         self.fail_at = fail_at
         self.error = error  # (checked, as a number: see the property)
         self.on = on
@@ -253,9 +254,6 @@ class FaultBackend:
     def unregister(self, fd: int) -> None:
         self.inner.unregister(fd)
 
-    def register_buffers(self, buffers: Sequence[memoryview]) -> None:
-        self.inner.register_buffers(buffers)
-
     async def _maybe_fail(self, kind: str, fd: int) -> None:
         if self.delay:
             await trio.sleep(self.delay)
@@ -265,13 +263,10 @@ class FaultBackend:
                 self.failed = True
                 raise OSError(self.error, os.strerror(self.error), self._names.get(fd, f"fd {fd}"))
 
-    async def write(self, fd: int, buffers: Sequence[Buffer], offset: int) -> None:
-        await self._maybe_fail("write", fd)
-        await self.inner.write(fd, buffers, offset)
-
-    def write_in_thread(self, fd: int, buffers: Sequence[Buffer], offset: int) -> None:
-        trio.from_thread.run(self._maybe_fail, "write", fd)  # (counted, failed and delayed in trio, in order)
-        self.inner.write_in_thread(fd, buffers, offset)
+    def write(self, fd: int, buffers: Sequence[Buffer], offset: int) -> None:
+        """From a worker thread: counted, failed and delayed in trio, in order; then the inner write."""
+        trio.from_thread.run(self._maybe_fail, "write", fd)
+        self.inner.write(fd, buffers, offset)
 
     async def fsync(self, fd: int) -> None:
         await self._maybe_fail("fsync", fd)

@@ -52,11 +52,10 @@ import trio
 
 from .backends import Backend, BackendStatistics, open_backend
 from .channels import DEFAULT_BATCH_BYTES, BufferPool, Producer
-from .compress import check_level, gzip_member
 from .errors import ClosedError, InputError, attach_other_errors
+from .gzip_members import check_level, gzip_member
 from .lanes import WriteLanes
 from .layout import GZIP_MIN_PADDING, Planner, make_planner
-from .members import MemberStage
 from .output import Output, OutputSet, StreamOutput, member_index_path
 from .settings import ConfigError, Settings, settings_from, settings_with
 from .sink import ChunkSink
@@ -279,8 +278,8 @@ class Writer:
     """A running writer; obtain one from :func:`open_writer`.
 
     Lines reach it through producer handles (:meth:`producer`) or, for
-    code that fills whole chunks itself, through :meth:`take_buffer` /
-    :meth:`write_buffer` and :meth:`write_lines`.
+    code that fills whole chunks itself in a worker thread, through
+    :meth:`run_maker`.
 
     Ordering: the lines of one producer handle (and the chunks of one
     ``lane``) keep their order in the output (in the sharded layout, in
@@ -323,18 +322,12 @@ class Writer:
             planner=planner, output=output, backend=backend, header=plan.header, header_text=plan.header_text,
             compressed=compress, padded=padded, level=settings.level, chunk_capacity=self.chunk_capacity,
             writeback=settings.fsync and settings.early_writeback,
-            # every pool buffer, whole chunk and member in flight, the header and the footer
-            stream_threads=3 * pool.count + 4,
         )
-        members = MemberStage(nursery=nursery, sink=self._sink, level=settings.level, padded=compress and padded,
-                              slots=pool.count)
         self._lanes = WriteLanes(nursery=nursery, sink=self._sink, pool=pool, lanes=sizing.lanes,
-                                 chunk_capacity=self.chunk_capacity, max_delay=settings.max_delay,
-                                 compressed=compress, members=members, footer=plan.footer, footer_text=plan.footer_text)
-        header_placement = self._sink.open()
-        if header_placement is not None:
-            nursery.start_soon(self._sink.write_placed, header_placement, b"")
-        self._lanes.start()
+                                 chunk_capacity=self.chunk_capacity, max_delay=settings.max_delay)
+        header = self._sink.placer.open()  # (placed before any chunk)
+        if header is not None:
+            nursery.start_soon(self._sink.call, self._sink.write_placed, header, b"")
 
     @property
     def outputs(self) -> list[str]:
@@ -350,7 +343,7 @@ class Writer:
     @property
     def sink(self) -> ChunkSink:
         """Where chunks are placed and written: makers in worker threads (the
-        merge's readers) write through :meth:`ChunkSink.write_chunk_in_thread`."""
+        merge's readers) write through :meth:`ChunkSink.write_chunk`."""
         return self._sink
 
     @property
@@ -362,58 +355,32 @@ class Writer:
         """A new handle for one producer task; close it (``async with``) when done.
 
         Handles are spread over the write lanes in turn.  A handle left open when
-        the writer's block ends is flushed and closed by the writer.
+        the writer's block ends is flushed and closed by the writer.  The
+        first handle starts the write lanes (their coalescers and the
+        ``max_delay`` ticker): a writer that never makes one (a merge) runs none.
         """
         if self._closing:
             raise ClosedError("producer() on a writer that is closing or closed")
+        self._lanes.start()
         return self._lanes.producer(batch_bytes, self.line_check)
 
-    async def take_buffer(self) -> memoryview:
-        """A stripe buffer from the writer's pool (at least
-        :attr:`chunk_capacity` bytes; waits while all are in use).
-
-        For producers that fill whole chunks themselves: the caller owns the
-        buffer until it passes it to :meth:`write_buffer` or :meth:`give_back`.
-        """
+    async def run_maker(self, make: Callable[[ChunkSink, memoryview], None], *,
+                        limiter: trio.CapacityLimiter | None = None) -> None:
+        """Run ``make(sink, buffer)`` in a worker thread (``limiter``: trio's
+        default if None): a maker of chunks that writes them itself through
+        the sink's blocking entrance (the merge's readers), with a stripe
+        buffer of the writer's pool (at least :attr:`chunk_capacity` bytes;
+        waits while all are in use) that is its own until it returns.  The
+        buffer goes back to the pool then, once the kernel is done with it,
+        whatever happened (a cancelled call returns only once the thread has
+        returned)."""
         if self._closing:
-            raise ClosedError("take_buffer() on a writer that is closing or closed")
-        return await self._pool.take()
-
-    def give_back(self, buffer: memoryview) -> None:
-        """Return a buffer from :meth:`take_buffer` unwritten (on an error path, say)."""
-        self._pool.give_back(buffer)
-
-    async def write_buffer(self, lane: int, buffer: memoryview, filled: int) -> None:
-        """Write ``buffer[:filled]`` (whole lines, at most :attr:`chunk_capacity`
-        bytes) as one chunk of ``lane``, after that lane's earlier chunks.
-
-        The writer owns ``buffer`` from now on, whatever happens (on an error
-        it is back in the pool), and returns it to the pool once written;
-        returns as soon as the chunk is placed.
-        """
-        if filled > self.chunk_capacity or filled < 0 or self._closing:
+            raise ClosedError("run_maker() on a writer that is closing or closed")
+        buffer = await self._pool.take()
+        try:
+            await trio.to_thread.run_sync(make, self._sink, buffer, limiter=limiter)
+        finally:
             self._pool.give_back(buffer)
-            if self._closing:
-                raise ClosedError("write_buffer() on a writer that is closing or closed")
-            raise ValueError(f"a chunk of {filled} bytes: it must hold 0 to {self.chunk_capacity} bytes "
-                             "(the chunk capacity)")
-        if filled == 0:
-            self._pool.give_back(buffer)
-            return
-        self._sink.count_chunk(filled)
-        await self._lanes.write_buffer(lane, buffer, filled)
-
-    async def write_lines(self, lane: int, lines: bytes) -> None:
-        """Write ``lines`` (whole lines, any length) as one chunk of ``lane``,
-        without a buffer; returns as soon as the chunk is placed.  The writer
-        keeps a reference to ``lines`` until it is written (bytes are
-        immutable, so the caller need not wait)."""
-        if self._closing:
-            raise ClosedError("write_lines() on a writer that is closing or closed")
-        if type(lines) is not bytes:
-            raise TypeError(f"write_lines takes bytes, not {type(lines).__name__}")
-        self._sink.count_chunk(len(lines))
-        await self._lanes.write_whole(lane, memoryview(lines))
 
     def statistics(self) -> WriterStatistics:
         """A snapshot of what the writer did so far (cheap; safe to call while it runs)."""
@@ -428,11 +395,11 @@ class Writer:
             fs_kind=self.fs.kind.value,
             stripe_size=self.sizing.stripe_size,
             lanes=self.sizing.lanes,
-            chunks=sink.chunks + sum(stat.chunks for stat in coalesced),
+            chunks=sink.chunks,
             writes=io.writes,
-            line_bytes=sink.line_bytes + sum(stat.bytes for stat in coalesced),
+            line_bytes=sink.line_bytes,
             bytes_written=sink.bytes_written,
-            deadline_flushes=sum(stat.deadline_flushes for stat in coalesced) + self._lanes.deadline_members,
+            deadline_flushes=sum(stat.deadline_flushes for stat in coalesced) + self._lanes.deadline_flushes,
             uncopied_chunks=sum(stat.uncopied_chunks for stat in coalesced),
             oversized_chunks=sum(stat.oversized_chunks for stat in coalesced),
             buffer_waits=self._pool.waits,
@@ -445,9 +412,13 @@ class Writer:
         )
 
     async def _close(self) -> None:
-        """The block ended normally: push what handles hold and wait until every chunk is placed."""
+        """The block ended normally: push what handles hold, wait until every
+        chunk is placed, then write what the sink's pool holds (the last,
+        partial slots of makers in worker threads), the footer (after every
+        chunk) and the padding of slots and files left unfilled."""
         self._closing = True
         await self._lanes.close()
+        await self._sink.call(self._sink.write_end, self.plan.footer, self.plan.footer_text)
 
     def _close_for_caller(self) -> None:
         """After the writer's block (published or not): every handle and call is closed."""
@@ -633,7 +604,6 @@ async def run_writer(plan: WriterPlan, output: Output, *, planner: Planner | Non
     try:
         try:
             async with opened as io:
-                io.register_buffers(pool.buffers)
                 for fd, name in zip(output.fds + output.direct_fds, output.targets + output.targets, strict=False):
                     io.register(fd, name)
                 try:
@@ -656,7 +626,7 @@ async def run_writer(plan: WriterPlan, output: Output, *, planner: Planner | Non
         if failure is not None:
             raise failure
         assert writer is not None
-        sidecars = ({member_index_path(plan.target): json.dumps(writer._sink.member_index()).encode()}
+        sidecars = ({member_index_path(plan.target): json.dumps(writer._sink.placer.member_index()).encode()}
                     if plan.compress else {})
         output.publish(fsync=settings.fsync, sidecars=sidecars)
         writer.published = True

@@ -12,13 +12,18 @@ import sys
 import pytest
 import trio
 
-from pwriter.backends import open_backend
+from pwriter.backends import MECHANISMS, open_backend
 from pwriter.settings import load_settings
 from pwriter.sizing import FsInfo, FsKind
 from pwriter.testing import read_events
 from pwriter.writer import open_writer
 
 MiB = 1 << 20
+
+
+async def write(backend, fd: int, buffers: list, offset: int) -> None:  # type: ignore[no-untyped-def]
+    """The backend's one write, blocking, in a worker thread (as the chunk sink calls it)."""
+    await trio.to_thread.run_sync(backend.write, fd, buffers, offset)
 
 
 @pytest.fixture
@@ -43,7 +48,7 @@ async def test_short_write_is_resubmitted_then_efbig_is_named(tmp_path, backend_
             backend.register(fd, "limited.pfw")
             fsize_limit(MiB + MiB // 2)
             with pytest.raises(OSError) as caught:
-                await backend.write(fd, [b"a" * MiB, b"b" * MiB], 0)
+                await write(backend, fd, [b"a" * MiB, b"b" * MiB], 0)
             stats = backend.statistics()
             backend.unregister(fd)
     finally:
@@ -62,7 +67,7 @@ async def test_errno_and_name_on_a_bad_descriptor(tmp_path, backend_name: str) -
         async with open_backend(backend_name, queue_depth=2) as backend:
             backend.register(fd, "the-output.pfw")
             with pytest.raises(OSError) as caught:
-                await backend.write(fd, [b"data"], 0)
+                await write(backend, fd, [b"data"], 0)
             backend.unregister(fd)
     finally:
         os.close(fd)
@@ -82,7 +87,7 @@ async def test_cancelled_writes_never_return_while_the_kernel_holds_the_buffer(t
             async def one(index: int) -> None:
                 buffer = bytearray(bytes([65 + index % 26])) * MiB
                 try:
-                    await backend.write(fd, [buffer], index * MiB)
+                    await write(backend, fd, [buffer], index * MiB)
                 finally:
                     # Whatever happened, the kernel is done with the buffer now:
                     # scribbling on it must not change the file.
@@ -114,7 +119,7 @@ async def test_more_writes_than_the_queue_depth(tmp_path, backend_name: str) -> 
             backend.register(fd, "f")
             async with trio.open_nursery() as nursery:
                 for index in range(64):
-                    nursery.start_soon(backend.write, fd, [b"%05d\n" % index], index * 6)
+                    nursery.start_soon(write, backend, fd, [b"%05d\n" % index], index * 6)
             await backend.fsync(fd)
             stats = backend.statistics()
             backend.unregister(fd)
@@ -122,8 +127,7 @@ async def test_more_writes_than_the_queue_depth(tmp_path, backend_name: str) -> 
         os.close(fd)
     assert path.read_bytes() == b"".join(b"%05d\n" % index for index in range(64))
     assert stats.fsyncs == 1 and stats.bytes_written == 64 * 6
-    if backend_name == "io_uring":
-        assert stats.most_in_flight <= 2  # never more than the ring holds
+    assert 1 <= stats.most_in_flight <= 64
 
 
 async def test_a_write_is_cut_into_calls_of_write_call_size(tmp_path, backend_name: str) -> None:
@@ -134,8 +138,8 @@ async def test_a_write_is_cut_into_calls_of_write_call_size(tmp_path, backend_na
     try:
         async with open_backend(backend_name, queue_depth=4, write_call_size=64 << 10) as backend:
             backend.register(fd, "f")
-            await backend.write(fd, [first, b"", second], 12_345)
-            await backend.write(fd, [b"small\n"], 12_345 + len(first) + len(second))
+            await write(backend, fd, [first, b"", second], 12_345)
+            await write(backend, fd, [b"small\n"], 12_345 + len(first) + len(second))
             stats = backend.statistics()
             backend.unregister(fd)
     finally:
@@ -167,10 +171,9 @@ async def test_writer_with_a_ring_smaller_than_its_buffers(tmp_path, backend_nam
     assert io.backend == backend_name
     # 64 KiB stripes written in calls of at most 32 KiB: more calls than chunks.
     assert io.writes >= io.bytes_written / (32 << 10) and io.writes > writer.statistics().chunks
+    assert io.mechanism == MECHANISMS[backend_name]
     if backend_name == "io_uring":
-        assert io.most_in_flight <= 2
-        assert io.submissions >= io.enter_calls > 0
-        assert io.fixed_buffer_writes > 0  # stripe buffers are registered and used
+        assert io.submissions >= io.enter_calls > 0  # (the fsync: writes are pwritev from the lanes' threads)
 
 
 def test_uring_abi_matches_build_script() -> None:
@@ -205,8 +208,8 @@ def test_without_the_extension_auto_falls_back_and_io_uring_is_refused(tmp_path)
 
 
 def test_outer_cancellation_with_writes_in_flight_ends(tmp_path, backend_name: str) -> None:
-    """Cancelling a scope that holds the backend itself while writes are in
-    flight: the writes finish, the backend closes, nothing hangs.  (The
+    """Cancelling a scope that holds the backend itself while writes and
+    fsyncs are in flight: they finish, the backend closes, nothing hangs.  (The
     io_uring reaper once died with the scope and left its waiters hanging.)
     Run in a subprocess so that a regression fails by timeout, not by hanging."""
     script = f"""
@@ -220,7 +223,8 @@ async def main():
             backend.register(fd, "f")
             async with trio.open_nursery() as nursery:
                 for index in range(8):
-                    nursery.start_soon(backend.write, fd, [bytes(8 << 20)], index * (8 << 20))
+                    nursery.start_soon(trio.to_thread.run_sync, backend.write, fd, [bytes(8 << 20)], index * (8 << 20))
+                    nursery.start_soon(backend.fsync, fd)
                 await trio.sleep(0)
                 await trio.sleep(0)
                 outer.cancel()

@@ -431,7 +431,8 @@ async def test_a_symlink_planted_at_the_temporary_name_is_never_followed(tmp_pat
     planted = tmp_path / f".m.pfw.pwriter-{os.uname().nodename}-{os.getpid()}-guessed0.tmp"
     planted.symlink_to(victim)
     async with open_writer(str(target), settings=load_settings(backend="threads", fsync=False)) as writer:
-        await writer.write_lines(0, b'{"id":1}\n')
+        async with writer.producer() as producer:
+            await producer.send_line(b'{"id":1}')
     assert victim.read_bytes() == b"precious"
     assert read_events(target) == [b'{"id":1}']
     assert os.path.islink(planted)

@@ -1,7 +1,7 @@
 """Unit tests of pwriter.lanes: WriteLanes driven directly (handles, coalescers, ticker, close).
 
 Built as the writer builds them (a planner, a ChunkSink over a file and a
-real backend, a buffer pool, a MemberStage); the oracle is the file read
+real backend, a buffer pool); the oracle is the file read
 back (decompressed with the gzip module for gzip output).
 """
 
@@ -17,11 +17,10 @@ import trio.testing
 
 from pwriter.backends import open_backend
 from pwriter.channels import BufferPool
-from pwriter.compress import gzip_member
 from pwriter.errors import ClosedError
+from pwriter.gzip_members import gzip_member
 from pwriter.lanes import WriteLanes
 from pwriter.layout import GZIP_MIN_PADDING, PaddedStripedPlanner, StripedPlanner
-from pwriter.members import MemberStage
 from pwriter.sink import ChunkSink
 from pwriter.testing import MemoryBackend
 
@@ -70,14 +69,12 @@ async def run_lanes(backend, output, *, compressed: bool, padded: bool, producer
     async with trio.open_nursery() as nursery:
         sink = ChunkSink(planner=planner, output=output, backend=backend, header=header,
                          header_text=len(HEADER_TEXT), compressed=compressed, padded=padded, level=1,
-                         chunk_capacity=planner.chunk_capacity, writeback=False, stream_threads=16)
-        members = MemberStage(nursery=nursery, sink=sink, level=1, padded=compressed and padded, slots=pool.count)
+                         chunk_capacity=planner.chunk_capacity, writeback=False)
         write_lanes = WriteLanes(nursery=nursery, sink=sink, pool=pool, lanes=lanes,
-                                 chunk_capacity=planner.chunk_capacity, max_delay=max_delay, compressed=compressed,
-                                 members=members, footer=footer, footer_text=len(FOOTER_TEXT))
-        placement = sink.open()
+                                 chunk_capacity=planner.chunk_capacity, max_delay=max_delay)
+        placement = sink.placer.open()
         if placement is not None:
-            nursery.start_soon(sink.write_placed, placement, b"")
+            nursery.start_soon(trio.to_thread.run_sync, sink.write_placed, placement, b"")
         write_lanes.start()
         handles = [write_lanes.producer(512, None) for _ in range(producers)]
 
@@ -95,7 +92,13 @@ async def run_lanes(backend, output, *, compressed: bool, padded: bool, producer
         await write_lanes.close()
         with pytest.raises(ClosedError):
             await handles[0].send_line(line(0, lines))  # refused after the close, taking nothing
+        await write_footer(sink, footer)
     return sink
+
+
+async def write_footer(sink: ChunkSink, footer: bytes) -> None:
+    """What the writer does once the lanes are closed: the pool, the footer, then the padding left to write."""
+    await trio.to_thread.run_sync(sink.write_end, footer, len(FOOTER_TEXT))
 
 
 @pytest.mark.parametrize("padded", [False, True], ids=["striped", "padded"])
@@ -137,14 +140,12 @@ async def test_a_line_reaches_the_sink_within_max_delay(autojump_clock: trio.tes
         async with trio.open_nursery() as nursery:
             sink = ChunkSink(planner=planner, output=output, backend=memory, header=HEADER_TEXT,
                              header_text=len(HEADER_TEXT), compressed=False, padded=False, level=1,
-                             chunk_capacity=planner.chunk_capacity, writeback=False, stream_threads=4)
-            members = MemberStage(nursery=nursery, sink=sink, level=1, padded=False, slots=pool.count)
+                             chunk_capacity=planner.chunk_capacity, writeback=False)
             lanes = WriteLanes(nursery=nursery, sink=sink, pool=pool, lanes=1, chunk_capacity=planner.chunk_capacity,
-                               max_delay=2.0, compressed=False, members=members, footer=FOOTER_TEXT,
-                               footer_text=len(FOOTER_TEXT))
-            header = sink.open()
+                               max_delay=2.0)
+            header = sink.placer.open()
             assert header is not None
-            nursery.start_soon(sink.write_placed, header, b"")
+            nursery.start_soon(sink.call, sink.write_placed, header, b"")
             lanes.start()
             handle = lanes.producer(1 << 20, None)
             await trio.sleep(1.0)
@@ -155,7 +156,29 @@ async def test_a_line_reaches_the_sink_within_max_delay(autojump_clock: trio.tes
             assert len(written) == 1
             written_at = written[0].time
             await lanes.close()
+            await write_footer(sink, FOOTER_TEXT)
         assert sent_at < written_at <= sent_at + 2.0
         assert memory.text() == HEADER_TEXT + line(0, 0) + FOOTER_TEXT
     finally:
         os.close(fd)
+
+
+@pytest.mark.parametrize("compressed", [False, True], ids=["plain", "gzip"])
+async def test_a_merge_starts_no_coalescer_and_no_ticker(tmp_path, settings_for, compressed: bool,
+                                                         monkeypatch: pytest.MonkeyPatch) -> None:
+    """The merge's readers write through the sink from their own threads:
+    the library's coalescers and its max_delay ticker never run."""
+    import pwriter.channels
+    from pwriter.merge import merge
+    from pwriter.testing import read_events, write_corpus
+
+    def refused(*args: object) -> None:
+        raise AssertionError("a merge started the write lanes")
+
+    monkeypatch.setattr(pwriter.channels.Coalescer, "run", refused)
+    monkeypatch.setattr(WriteLanes, "_push_stale_batches", refused)
+    inputs = write_corpus(str(tmp_path / "in"), files=3, events_per_file=200, seed=5)
+    target = str(tmp_path / ("m.pfw.gz" if compressed else "m.pfw"))
+    result = await merge(inputs, target, settings=settings_for(layout="padded-striped", stripe_size="64KiB"))
+    assert result.events == 600
+    assert len(read_events(target)) == 600

@@ -171,8 +171,9 @@ async def test_shards_get_one_stripe_each_on_spread_osts(fake_lustre, settings_f
     target = os.path.join(fake_lustre.root, "merged.pfw")
     sent = lines(2000)
     async with open_writer(target, settings=settings_for(layout="sharded", lanes=4)) as writer:
-        for lane in range(4):
-            await writer.write_lines(lane, b"".join(sent[lane::4]))
+        for lane in range(4):  # (handles go to the lanes in turn)
+            async with writer.producer() as producer:
+                await producer.send_block(b"".join(sent[lane::4]))
     calls = fake_lustre.setstripes()
     assert [call[1:7] for call in calls] == [["-c", "1", "-S", str(MiB), "-i", str(first)]  # the directory's size
                                              for first in (0, 2, 4, 6)]

@@ -17,6 +17,7 @@ import zlib
 import pytest
 import trio
 
+from pwriter.backends import MECHANISMS
 from pwriter.corpus import write_corpus
 from pwriter.output import is_temporary_name
 from pwriter.testing import event_counter, read_events, read_text
@@ -82,6 +83,9 @@ def test_merge_every_layout(corpus: str, inputs_event_count: int, tmp_path, back
     assert JSON_FIELDS <= set(report)
     assert (report["layout"], report["backend"], report["inputs"]) == (layout, backend_name, 206)
     assert report["stripe_size"] == 65536 and report["fs_kind"] in ("local", "tmpfs")
+    # How the writes went: pwritev from the readers' threads, whichever backend (io_uring: its fsyncs).
+    assert report["io"]["mechanism"] == MECHANISMS[backend_name]
+    assert report["io"]["mechanism"].startswith("pwritev from the maker threads")
     if backend_name == "io_uring":
         assert report["io"]["submissions"] >= report["io"]["enter_calls"] > 0
 
@@ -172,8 +176,11 @@ def test_gen_corpus_and_info(tmp_path) -> None:
     assert report["backend"] == ("io_uring" if report["backends"]["io_uring"]["available"] else "threads")
     assert report["reasons"]
     assert 4096 <= report["write_call_size"] <= report["stripe_size"]
+    assert report["backends"]["threads"]["mechanism"] == MECHANISMS["threads"]
+    assert report["backends"]["io_uring"]["mechanism"] == MECHANISMS["io_uring"]
     text = run_cli("info", str(tmp_path))
     assert "filesystem:" in text.stdout and "threads: available" in text.stdout
+    assert f"({MECHANISMS['io_uring']})" in text.stdout
 
 
 def test_gen_corpus_never_overwrites_and_refuses_counts_below_one(tmp_path) -> None:

@@ -75,7 +75,8 @@ def test_combine_statistics_sums_counts_and_keeps_the_rest() -> None:
 
     def stats(n: int) -> WriterStatistics:
         io = BackendStatistics(backend="threads", writes=n, bytes_written=10 * n, short_writes=n, interrupted=n,
-                               fsyncs=n, most_in_flight=n * n, submissions=n, enter_calls=n, fixed_buffer_writes=n)
+                               fsyncs=n, most_in_flight=n * n, submissions=n, enter_calls=n,
+                               mechanism="pwritev")
         return WriterStatistics(
             outputs=(f"out{n}",), layout="striped", backend="threads", fs_kind="local", stripe_size=MiB, lanes=2,
             chunks=n, writes=n, line_bytes=n, bytes_written=n, deadline_flushes=n, uncopied_chunks=n,
@@ -89,3 +90,4 @@ def test_combine_statistics_sums_counts_and_keeps_the_rest() -> None:
         assert getattr(combined, name) == 4, name
     assert (combined.io.writes, combined.io.bytes_written, combined.io.fsyncs) == (4, 40, 4)
     assert (combined.io.most_in_flight, combined.io.backend) == (9, "threads")  # the largest, not the sum
+    assert combined.io.mechanism == "pwritev"

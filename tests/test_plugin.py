@@ -68,7 +68,8 @@ async def test_sizing_on_a_fake_lustre(pwriter_fake_fs, pwriter_open_writer):
     async with pwriter_open_writer() as writer:
         assert (writer.sizing.layout, writer.sizing.stripe_size) == ("padded-striped", 1 << 20)
         assert writer.sizing.lanes <= 4
-        await writer.write_lines(0, b'{"a":1}\\n')
+        async with writer.producer() as producer:
+            await producer.send_line(b'{"a":1}')
     assert info.kind == "lustre" and writer.statistics().fs_kind == "lustre"
 
 
@@ -82,7 +83,8 @@ async def test_the_fixture_takes_settings_as_open_writer_does(pwriter_open_write
     given = load_settings(fsync=False, layout="sharded", lanes=2)
     async with pwriter_open_writer("given.pfw", settings=given, max_delay=10, producers=2) as writer:
         assert (writer.sizing.layout, writer.sizing.lanes, writer.settings.max_delay) == ("sharded", 2, 10)
-        await writer.write_lines(0, b'{"a":1}\\n')
+        async with writer.producer() as producer:
+            await producer.send_line(b'{"a":1}')
     assert read_events(writer.manifest) == [b'{"a":1}']
 
 
@@ -147,7 +149,8 @@ from pwriter.testing import FaultBackend, MemoryBackend
 async def test_an_errno_by_name(pwriter_open_writer, pwriter_fault_backend, tmp_path):
     with pytest.raises(WriteError) as raised:
         async with pwriter_open_writer(backend=pwriter_fault_backend) as writer:
-            await writer.write_lines(0, b'{"a":1}\\\\n')
+            async with writer.producer() as producer:
+                await producer.send_line(b'{"a":1}')
     assert raised.value.errno == errno.ENOSPC and "No space left" in str(raised.value)
     assert os.listdir(tmp_path) == []
 

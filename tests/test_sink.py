@@ -16,10 +16,10 @@ import zlib
 import trio
 
 from pwriter.backends import open_backend
-from pwriter.compress import gzip_member
+from pwriter.gzip_members import MemberIndex, gzip_member
 from pwriter.layout import GZIP_MIN_PADDING, PaddedStripedPlanner, Placement, StripedPlanner, gzip_padding_members
 from pwriter.output import StreamOutput
-from pwriter.sink import ChunkSink, MemberIndex, StreamGate
+from pwriter.sink import ChunkSink, StreamGate
 
 HEADER_TEXT = b"[\n"
 FOOTER_TEXT = b"]\n"
@@ -48,7 +48,12 @@ def make_sink(planner, output, backend, *, compressed: bool, padded: bool = Fals
     header = gzip_member(HEADER_TEXT, 1) if compressed else HEADER_TEXT
     return ChunkSink(planner=planner, output=output, backend=backend, header=header, header_text=len(HEADER_TEXT),
                      compressed=compressed, padded=padded, level=1, chunk_capacity=planner.chunk_capacity,
-                     writeback=False, stream_threads=16)
+                     writeback=False)
+
+
+async def write_placed(sink: ChunkSink, placement: Placement, body: bytes) -> None:
+    """The sink's blocking write, in a worker thread (as the writer calls it)."""
+    await trio.to_thread.run_sync(sink.write_placed, placement, body)
 
 
 def lane_order(text: bytes) -> dict[int, list[int]]:
@@ -64,7 +69,7 @@ def lane_order(text: bytes) -> dict[int, list[int]]:
 def check_member_index(sink: ChunkSink, data: bytes, text: bytes) -> list[dict[str, int]]:
     """The index lists members whose bytes decompress to the text at their
     text offsets; listed and unlisted (padding) members tile the file."""
-    index = sink.member_index()
+    index = sink.placer.member_index()
     assert index["format"] == "pwriter-members/1"
     members = index["members"]
     assert isinstance(members, list)
@@ -74,7 +79,7 @@ def check_member_index(sink: ChunkSink, data: bytes, text: bytes) -> list[dict[s
         assert text[member["text_offset"] : member["text_offset"] + member["text_length"]] == piece
         assert member["events"] == sum(line.startswith(b"{") for line in piece.splitlines())
         assert member["first_event"] == text[: member["text_offset"]].count(b"\n{") + text.startswith(b"{")
-    entries = sorted(sink.members.entries())
+    entries = sorted(sink.placer.members.entries())
     position = 0
     for _file, offset, length, _text, _events, _listed in entries:
         assert offset == position  # contiguous: no hole, no overlap
@@ -94,7 +99,7 @@ async def test_thread_members_out_of_order_keep_lane_order(tmp_path, backend_nam
     async with open_backend(backend_name, queue_depth=8) as backend:
         backend.register(output.fds[0], output.targets[0])
         sink = make_sink(planner, output, backend, compressed=True)
-        header = sink.open()
+        header = sink.placer.open()
         assert header is not None
 
         def lane_thread(lane: int) -> None:
@@ -102,15 +107,15 @@ async def test_thread_members_out_of_order_keep_lane_order(tmp_path, backend_nam
             for start in range(0, 60, 12):  # five chunks of twelve lines each
                 chunk = b"".join(sent[lane][start : start + 12])
                 buffer[: len(chunk)] = chunk
-                sink.write_chunk_in_thread(lane, buffer, len(chunk))
+                sink.write_chunk(lane, buffer, len(chunk))
 
         async with trio.open_nursery() as nursery:
-            nursery.start_soon(sink.write_placed, header, b"")
+            nursery.start_soon(write_placed, sink, header, b"")
             for lane in (2, 0, 1):
                 nursery.start_soon(trio.to_thread.run_sync, lane_thread, lane)
         footer = gzip_member(FOOTER_TEXT, 1)
-        for placement in sink.close(len(footer), len(FOOTER_TEXT)):
-            await sink.write_placed(placement, footer)
+        for placement in sink.placer.close(len(footer), len(FOOTER_TEXT)):
+            await write_placed(sink, placement, footer)
     output.close()
     data = path.read_bytes()
     text = gzip.decompress(data)
@@ -136,18 +141,18 @@ async def test_members_written_in_reverse_land_in_placement_order(tmp_path, back
     async with open_backend(backend_name, queue_depth=8) as backend:
         backend.register(output.fds[0], output.targets[0])
         sink = make_sink(planner, output, backend, compressed=True)
-        header = sink.open()
+        header = sink.placer.open()
         assert header is not None
         placed = []
         for start in range(0, 40, 8):
             chunk = b"".join(sent[start : start + 8])
-            placed.append(sink.place_members(0, [(gzip_member(chunk, 1), len(chunk), 8)]))
+            placed.append(sink.placer.place_members(0, [(gzip_member(chunk, 1), len(chunk), 8)]))
         footer = gzip_member(FOOTER_TEXT, 1)
-        (footer_placement,) = sink.close(len(footer), len(FOOTER_TEXT))
-        await sink.write_placed(footer_placement, footer)
+        (footer_placement,) = sink.placer.close(len(footer), len(FOOTER_TEXT))
+        await write_placed(sink, footer_placement, footer)
         for placement, body in reversed(placed):
-            await sink.write_placed(placement, body)
-        await sink.write_placed(header, b"")
+            await write_placed(sink, placement, body)
+        await write_placed(sink, header, b"")
     output.close()
     data = path.read_bytes()
     text = gzip.decompress(data)
@@ -172,7 +177,7 @@ async def test_padded_members_fill_their_slots(tmp_path, backend_name: str) -> N
     async with open_backend(backend_name, queue_depth=8) as backend:
         backend.register(output.fds[0], output.targets[0])
         sink = make_sink(planner, output, backend, compressed=True, padded=True)
-        assert sink.open() is None  # the header rides with the first slot
+        assert sink.placer.open() is None  # the header rides with the first slot
 
         def lane_thread(lane: int) -> None:
             buffer = memoryview(bytearray(planner.chunk_capacity))
@@ -180,19 +185,19 @@ async def test_padded_members_fill_their_slots(tmp_path, backend_name: str) -> N
                 chunk = b"".join(sent[lane][start : start + 50])
                 assert len(chunk) <= planner.chunk_capacity
                 buffer[: len(chunk)] = chunk
-                sink.write_chunk_in_thread(lane, buffer, len(chunk))
-            sink.finish_lane_in_thread(lane)
+                sink.write_chunk(lane, buffer, len(chunk))
+            sink.finish_lane(lane)
 
         async with trio.open_nursery() as nursery:
             for lane in range(2):
                 nursery.start_soon(trio.to_thread.run_sync, lane_thread, lane)
         for placement, body in sink.pool.place_rest():
-            await sink.write_placed(placement, body)
+            await write_placed(sink, placement, body)
         footer = gzip_member(FOOTER_TEXT, 1)
-        for placement in sink.close(len(footer), len(FOOTER_TEXT)):
-            await sink.write_placed(placement, footer)
-        for padding in sink.fill_empty_files():
-            await sink.write_placed(padding, b"")
+        for placement in sink.placer.close(len(footer), len(FOOTER_TEXT)):
+            await write_placed(sink, placement, footer)
+        for padding in sink.placer.fill_empty_files():
+            await write_placed(sink, padding, b"")
     output.close()
     data = path.read_bytes()
     text = gzip.decompress(data)
@@ -207,7 +212,7 @@ async def test_padded_members_fill_their_slots(tmp_path, backend_name: str) -> N
     members = check_member_index(sink, data, text)
     listed = {(member["offset"], member["length"]) for member in members}
     unlisted = [(offset, length, text_length) for _f, offset, length, text_length, _e, is_listed
-                in sorted(sink.members.entries()) if not is_listed]
+                in sorted(sink.placer.members.entries()) if not is_listed]
     assert unlisted  # slots were padded
     for offset, length, text_length in unlisted:
         assert (offset, length) not in listed
@@ -227,16 +232,16 @@ async def test_stream_chunks_written_in_offset_order(tmp_path, backend_name: str
         async with open_backend(backend_name, queue_depth=8) as backend:
             backend.register(output.fds[0], output.targets[0])
             sink = make_sink(planner, output, backend, compressed=False)
-            header = sink.open()
+            header = sink.placer.open()
             assert header is not None
             chunks = [b"".join(lines_of(0, 5, start)) for start in range(0, 30, 5)]
-            placed = [(sink.place(0, len(chunk)), chunk) for chunk in chunks]
-            (footer,) = sink.close(len(FOOTER_TEXT), len(FOOTER_TEXT))
+            placed = [(sink.placer.place(0, len(chunk)), chunk) for chunk in chunks]
+            (footer,) = sink.placer.close(len(FOOTER_TEXT), len(FOOTER_TEXT))
             writes = [(header, b""), *placed, (footer, FOOTER_TEXT)]
 
             async def write_late(rank: int, placement: Placement, body: bytes) -> None:
                 await trio.sleep(0.005 * (len(writes) - rank))  # the last placed starts first
-                await sink.write_placed(placement, body)
+                await write_placed(sink, placement, body)
 
             async with trio.open_nursery() as nursery:
                 for rank, (placement, body) in enumerate(writes):
@@ -305,7 +310,7 @@ def test_write_chunk_refuses_a_chunk_over_capacity(tmp_path) -> None:
     try:
         buffer = memoryview(bytearray(128))
         try:
-            sink.write_chunk_in_thread(0, buffer, 65)
+            sink.write_chunk(0, buffer, 65)
         except ValueError as exc:
             assert "65 bytes" in str(exc)
         else:
@@ -316,7 +321,7 @@ def test_write_chunk_refuses_a_chunk_over_capacity(tmp_path) -> None:
 
 
 def test_compress_chunk_is_one_member_of_its_lines() -> None:
-    from pwriter.sink import compress_chunk
+    from pwriter.gzip_members import compress_chunk
 
     text = b"".join(lines_of(0, 7))
     member, events = compress_chunk(memoryview(text), 1)
@@ -324,3 +329,38 @@ def test_compress_chunk_is_one_member_of_its_lines() -> None:
     inflater = zlib.decompressobj(wbits=31)
     assert inflater.decompress(member) == text
     assert inflater.eof and inflater.unused_data == b""  # exactly one member
+
+
+async def test_held_text_is_written_by_flush_lane_without_padding(tmp_path) -> None:
+    """Padded layouts, plain and gzip: text that does not fill its lane's
+    slot is held (held_since says since when); flush_lane writes it at the
+    next offset of the slot, unpadded, and the lane's next chunk goes right
+    after it in the same slot; write_end pads the slot and ends the file."""
+    from pwriter.testing import MemoryBackend
+
+    for compressed in (False, True):
+        memory = MemoryBackend()
+        output = FileOutput(tmp_path / ("held.pfw.gz" if compressed else "held.pfw"))
+        header = gzip_member(HEADER_TEXT, 1) if compressed else HEADER_TEXT
+        planner = PaddedStripedPlanner(header_length=len(header), stripe_size=4096,
+                                       min_padding=GZIP_MIN_PADDING if compressed else 1)
+        memory.register(output.fds[0], output.targets[0])
+        sink = make_sink(planner, output, memory, compressed=compressed, padded=True)
+        first, second = b"".join(lines_of(0, 3)), b"".join(lines_of(0, 3, start=3))
+        sink.write_lines(0, first, since=7.0)
+        assert memory.writes == [] and sink.held_since(0) == 7.0
+        assert sink.flush_lane(0) and sink.held_since(0) is None
+        assert not sink.flush_lane(0)  # nothing held any more
+        (flushed,) = memory.writes
+        assert flushed.offset == 0  # the header and the lines, at the slot's start, without padding
+        assert (gzip.decompress(flushed.data) if compressed else flushed.data) == HEADER_TEXT + first
+        sink.write_lines(0, second, since=9.0)
+        assert sink.held_since(0) == 9.0
+        sink.flush_lane(0)
+        assert memory.writes[1].offset == len(flushed.data)  # right after, in the same slot
+        footer = gzip_member(FOOTER_TEXT, 1) if compressed else FOOTER_TEXT
+        sink.write_end(footer, len(FOOTER_TEXT))
+        data = memory.contents()[output.targets[0]]
+        text = gzip.decompress(data) if compressed else data
+        assert text == HEADER_TEXT + first + second + FOOTER_TEXT  # (the file's last slot: no padding)
+        output.close()

@@ -3,30 +3,29 @@
 A backend is a small class with the same few methods (there is no abstract
 base; :class:`Backend` is only a typing protocol):
 
-``await write(fd, buffers, offset)``
+``write(fd, buffers, offset)``
     Write every byte of ``buffers`` (a list of bytes-like objects, written in
     order) to ``fd`` from ``offset`` on, retrying short writes and EINTR, in
     calls of at most ``write_call_size`` bytes (given when the backend is
     opened; ``None``: one call).  ``offset`` -1 writes at the file's own
-    position (for streams: pipes, sockets, standard output).
-    Returns only when all bytes are written; raises OSError (with errno and
-    the file name given at :meth:`register`) otherwise.  The buffers belong
-    to the backend until ``write`` returns *or* until the kernel is done with
-    them, whichever is later: a cancelled ``write`` does not return before
-    the kernel has let go of its buffers, so the caller may then reuse them.
-``write_in_thread(fd, buffers, offset)``
-    The same as ``write``, blocking, called from a worker thread that trio
-    started (never from the trio thread): a chunk is written by the thread
-    that made it, with no hop back to trio.  Returns once the kernel is done
-    with the buffers.
+    position (for streams: pipes, sockets, standard output).  Blocking:
+    called by the data plane (:mod:`pwriter.sink`) from the worker thread
+    that made the chunk, never from the trio thread, with no hop back to
+    trio.  Returns once the kernel is done with the buffers; raises OSError
+    (with errno and the file name given at :meth:`register`) otherwise.
+``mechanism``
+    How this backend's writes (and fsyncs) go to the kernel, in words: shown
+    by ``pwriter info`` and in the statistics (:attr:`BackendStatistics.mechanism`).
+``inline``
+    True only for a test double whose writes complete in the trio thread
+    (:class:`~pwriter.testing.MemoryBackend`): the data plane then makes
+    its blocking sink calls there, not in worker threads, so that a mock
+    clock sees exact times.
 ``await fsync(fd)``
     Flush the file's data and metadata to stable storage.
 ``register(fd, name)`` / ``unregister(fd)``
     Tell the backend about a file before writing to it (and which name to
     put in errors).
-``register_buffers(buffers)``
-    Tell the backend which buffers most writes will come from (the writer's
-    stripe buffers), once, so that it may pin them; best effort.
 ``await aclose()``
     Release the backend's resources; idempotent.
 ``statistics()``
@@ -56,6 +55,7 @@ __all__ = [
     "BackendStatistics",
     "BackendUnavailable",
     "BACKEND_NAMES",
+    "MECHANISMS",
     "leading",
     "at",
     "available_backends",
@@ -64,6 +64,11 @@ __all__ = [
 ]
 
 BACKEND_NAMES = ("io_uring", "threads")
+#: How each backend's writes and fsyncs go to the kernel.
+MECHANISMS = {
+    "io_uring": "pwritev from the maker threads; fsync through io_uring",
+    "threads": "pwritev from the maker threads; fsync in a worker thread",
+}
 
 
 class BackendUnavailable(UsageError):
@@ -75,6 +80,8 @@ class BackendStatistics:
     """Counters of one backend since it was opened."""
 
     backend: str
+    mechanism: str = ""
+    """How the writes (and fsyncs) went to the kernel (:data:`MECHANISMS`)."""
     writes: int = 0
     """Write operations issued to the kernel (a resumed short write counts again)."""
     bytes_written: int = 0
@@ -86,8 +93,6 @@ class BackendStatistics:
     """io_uring: operations submitted (writes and fsyncs)."""
     enter_calls: int = 0
     """io_uring: io_uring_enter system calls made to submit them."""
-    fixed_buffer_writes: int = 0
-    """io_uring: writes sent from a registered buffer (WRITE_FIXED)."""
 
     @property
     def ops_per_enter(self) -> float:
@@ -106,24 +111,21 @@ class BackendCounters:
     most_in_flight: int = 0
     submissions: int = 0
     enter_calls: int = 0
-    fixed_buffer_writes: int = 0
 
-    def snapshot(self, backend: str) -> BackendStatistics:
-        return BackendStatistics(backend=backend, **dataclasses.asdict(self))
+    def snapshot(self, backend: str, mechanism: str) -> BackendStatistics:
+        return BackendStatistics(backend=backend, mechanism=mechanism, **dataclasses.asdict(self))
 
 
 class Backend(Protocol):
     name: str
+    inline: bool
+    mechanism: str
 
     def register(self, fd: int, name: str) -> None: ...
 
     def unregister(self, fd: int) -> None: ...
 
-    def register_buffers(self, buffers: Sequence[memoryview]) -> None: ...
-
-    async def write(self, fd: int, buffers: Sequence[Buffer], offset: int) -> None: ...
-
-    def write_in_thread(self, fd: int, buffers: Sequence[Buffer], offset: int) -> None: ...
+    def write(self, fd: int, buffers: Sequence[Buffer], offset: int) -> None: ...
 
     async def fsync(self, fd: int) -> None: ...
 

@@ -1,62 +1,12 @@
-"""The io_uring backend: liburing (through our cffi module) driven by trio.
+"""The io_uring backend: writes with ``pwritev`` from the maker threads, fsyncs through io_uring.
 
 Theory of operation
 -------------------
-Some facts about io_uring, and what this module does about each.
+What this backend does, honestly (``mechanism`` in its statistics):
 
-* A ring has a submission queue of ``entries`` slots and a completion queue of
-  twice that.  We never have more operations in flight than ``entries`` (a
-  trio Semaphore admits them), so an SQE is always available and the CQ does
-  not overflow in normal operation; the reaper still honours the overflow
-  flag, because completions lost there would hang their waiters forever.
-
-* Submitting costs one ``io_uring_enter`` system call however many SQEs it
-  carries.  A write task preps its SQE (one call into C) and then yields once
-  without being cancellable; the first task to run again submits everything
-  prepared in the meantime.  Writes that become ready in the same scheduling
-  round thus share one system call ("ops per enter" in the statistics).
-
-* Completions are announced on an eventfd registered with the ring.  One
-  reaper task, run by :func:`open_io_uring_backend`, waits for it with
-  ``trio.lowlevel.wait_readable``, reads the eventfd *first* (reading it after
-  draining could swallow the wake-up of a completion posted in between), then
-  drains every CQE, 256 per call into C.  The eventfd is only a hint: one
-  wake-up can stand for many completions, and a drain can find none.
-
-* The kernel reads a buffer until the operation's CQE is posted, whatever
-  happens to the task that submitted it.  Each operation keeps its buffers,
-  its iovec array and their cffi handles referenced until its CQE is reaped,
-  and the submitting task waits for the CQE shielded from cancellation, so
-  :meth:`write` never returns (normally or by Cancelled) while the kernel may
-  still read its buffers.  That is the contract of every backend: the caller
-  may reuse or return a buffer as soon as ``write`` returns.
-
-* Registered buffers: the writer's stripe buffers are registered once; a
-  write whose only buffer lies inside one of them goes out as WRITE_FIXED,
-  sparing the kernel the page pinning of every write.  Registration counts
-  against RLIMIT_MEMLOCK and can fail (ENOMEM); then every write is a writev.
-
-* Registered files: a sparse file table; :meth:`register` puts a file in a
-  slot and its operations carry IOSQE_FIXED_FILE (no file reference taken per
-  operation).  Kernels that refuse the table get plain descriptors.
-
-* Short writes are real (RLIMIT_FSIZE, signals): the rest is resubmitted.
-  A negative result is ``-errno``, raised as OSError with the file's name.
-
-* Buffered writes to one file are carried out by the kernel's io-wq workers,
-  serialised by the inode lock: a deeper queue buys no parallelism there, and
-  their CPU time shows in the process's rusage.  The gain of io_uring is one
-  Python thread with no thread hops and few system calls; it grows with
-  O_DIRECT and many small writes.
-
-* Ctrl-C: trio delivers KeyboardInterrupt to the main task even inside
-  shielded scopes, and raises it at once in unprotected code.  The code here
-  is KI-protected, and waits for completions hold a KeyboardInterrupt back
-  until the kernel is done, then re-raise it.
-
-* Writes from worker threads (:meth:`IoUringBackend.write_in_thread`, the
-  merge's readers writing the chunks they fill) are plain ``pwritev`` calls
-  in that thread.  liburing rings are not thread-safe; a small ring of each
+* Writes are plain ``pwritev`` calls in the worker thread that made the
+  chunk (:meth:`IoUringBackend.write`, the same code as the thread
+  backend's).  liburing rings are not thread-safe; a small ring of each
   thread's own, used synchronously (prep, ``io_uring_submit_and_wait``,
   reap), was slower (``bench/floor.py``): a buffered write is handed to an
   io-wq kernel worker while the thread waits for it.  One shared ring with
@@ -64,8 +14,35 @@ Some facts about io_uring, and what this module does about each.
   reaper wakes it through a ``threading.Event``) was slower still
   (``bench/ring_lock.py``).  Figures in ``docs/performance.md``.
 
+* fsync goes through one ring driven by trio.  A ring has a submission
+  queue of ``entries`` slots and a completion queue of twice that; never
+  more operations are in flight than ``entries`` (a trio Semaphore admits
+  them), so an SQE is always available and the CQ does not overflow in
+  normal operation; the reaper still honours the overflow flag, because
+  completions lost there would hang their waiters forever.  A task preps
+  its SQE and then yields once without being cancellable; the first task
+  to run again submits everything prepared in the meantime (one
+  ``io_uring_enter`` for all: "ops per enter" in the statistics).
+
+* Completions are announced on an eventfd registered with the ring.  One
+  reaper task, run by :func:`open_io_uring_backend`, waits for it with
+  ``trio.lowlevel.wait_readable``, reads the eventfd *first* (reading it after
+  draining could swallow the wake-up of a completion posted in between), then
+  drains every CQE, 256 per call into C.  The eventfd is only a hint: one
+  wake-up can stand for many completions, and a drain can find none.  The
+  submitting task waits for its CQE shielded from cancellation.
+
+* Registered files: a sparse file table; :meth:`register` puts a file in a
+  slot and its operations carry IOSQE_FIXED_FILE (no file reference taken per
+  operation).  Kernels that refuse the table get plain descriptors.
+
+* Ctrl-C: trio delivers KeyboardInterrupt to the main task even inside
+  shielded scopes, and raises it at once in unprotected code.  The code here
+  is KI-protected, and waits for completions hold a KeyboardInterrupt back
+  until the kernel is done, then re-raise it.
+
 * Closing (shielded): wait until nothing is in flight, stop the reaper,
-  unregister files, buffers and the eventfd, ``notify_closing`` the eventfd
+  unregister the files and the eventfd, ``notify_closing`` the eventfd
   before closing it, and exit the ring.
 """
 
@@ -76,15 +53,14 @@ import dataclasses
 import errno
 import functools
 import os
-import threading
 from collections.abc import AsyncIterator, Callable, Sequence
 from contextlib import asynccontextmanager
 from typing import TYPE_CHECKING, Any
 
 import trio
 
-from . import BackendCounters, BackendStatistics, BackendUnavailable, at, byte_views, consume, leading
-from .threads import pwritev_counted
+from . import MECHANISMS, BackendCounters, BackendStatistics, BackendUnavailable
+from .threads import PwritevWrites
 
 if TYPE_CHECKING:
     from typing_extensions import Buffer
@@ -154,14 +130,16 @@ class _Operation:
 
 
 class IoUringBackend:
-    """Writes through one io_uring of at least ``queue_depth`` entries, each
-    operation at most ``write_call_size`` bytes (a larger write takes several,
-    one after the other).
+    """Writes with ``pwritev`` in the calling worker thread, each call at most
+    ``write_call_size`` bytes; fsyncs through one io_uring of at least
+    ``queue_depth`` entries (see the module docstring).
 
     Open it with :func:`open_io_uring_backend`, which also runs its reaper.
     """
 
     name = "io_uring"
+    inline = False
+    mechanism = MECHANISMS["io_uring"]
 
     def __init__(self, *, queue_depth: int, write_call_size: int | None = None) -> None:
         self.write_call_size = write_call_size
@@ -182,9 +160,6 @@ class IoUringBackend:
         self._free_file_slots = list(range(FILE_SLOTS - 1, -1, -1)) if self.fixed_files else []
         self._file_slot: dict[int, int] = {}
         self._names: dict[int, str] = {}
-        self.fixed_buffers = False
-        self._registered: list[tuple[int, int]] = []  # (address, length) by buffer index
-        self._registered_keep: object = None
         self._admit = trio.Semaphore(self.entries)
         self._operations: dict[int, _Operation] = {}
         self._next_user_data = 1
@@ -196,11 +171,8 @@ class IoUringBackend:
         self._idle.set()
         self._reaper_scope = trio.CancelScope(shield=True)
         self._closed = False
-        self._counts = BackendCounters()
-        # write_in_thread counts apart, under a lock (worker threads), from
-        # the trio thread's own counters; statistics() adds them up.
-        self._counts_lock = threading.Lock()
-        self._thread_counts = BackendCounters()
+        self._counts = BackendCounters()  # (the ring's: fsyncs, submissions, enter calls)
+        self._writes = PwritevWrites(write_call_size)  # (the maker threads' writes, counted under a lock)
 
     # -- files and buffers -------------------------------------------------
 
@@ -222,71 +194,14 @@ class IoUringBackend:
             self._lib.io_uring_register_files_update(self._ring, slot, files, 1)
             self._free_file_slots.append(slot)
 
-    def register_buffers(self, buffers: Sequence[memoryview]) -> None:
-        """Register the writer's buffers once (best effort: on failure, writev is used)."""
-        if self.fixed_buffers or not buffers:
-            return
-        handles = [self._ffi.from_buffer(buffer) for buffer in buffers]
-        iovecs = self._ffi.new("struct iovec[]", len(buffers))
-        for index, (handle, buffer) in enumerate(zip(handles, buffers, strict=True)):
-            iovecs[index].iov_base = handle
-            iovecs[index].iov_len = buffer.nbytes
-        if self._lib.io_uring_register_buffers(self._ring, iovecs, len(buffers)) == 0:
-            self.fixed_buffers = True
-            self._registered = [(self._address(handle), buffer.nbytes)
-                                for handle, buffer in zip(handles, buffers, strict=True)]
-            self._registered_keep = (handles, buffers)
-
-    def _address(self, handle: Any) -> int:
-        return int(self._ffi.cast("uintptr_t", handle))
-
-    def _fixed_index(self, address: int, length: int) -> int:
-        for index, (start, size) in enumerate(self._registered):
-            if start <= address and address + length <= start + size:
-                return index
-        return -1
-
     # -- operations --------------------------------------------------------
 
-    @trio.lowlevel.enable_ki_protection
-    async def write(self, fd: int, buffers: Sequence[Buffer], offset: int) -> None:
-        views = byte_views(buffers)
-        name = self._names.get(fd, f"fd {fd}")
-        again = 0  # EAGAIN in a row (a non-blocking pipe that is full)
-        while views:
-            batch, wanted = leading(views, self.write_call_size)
-            result = await self._operate(functools.partial(self._prep_write, fd, batch, offset))
-            if result < 0:
-                if -result == errno.EINTR:
-                    self._counts.interrupted += 1
-                    continue
-                if -result == errno.EAGAIN:
-                    self._counts.interrupted += 1
-                    again += 1
-                    await trio.sleep(min(0.0005 * 2**again, 0.05))  # back off; nothing is in flight
-                    continue
-                again = 0
-                raise OSError(-result, f"write of {wanted} bytes{at(offset)} failed: {os.strerror(-result)}",
-                              name)
-            if result == 0:
-                raise OSError(errno.EIO, f"write of {wanted} bytes{at(offset)} wrote nothing", name)
-            self._counts.bytes_written += result
-            if result < wanted:
-                self._counts.short_writes += 1
-            if offset >= 0:  # (-1: at the file's own position, which the kernel moves)
-                offset += result
-            consume(views, result)
-            if views:
-                await trio.lowlevel.checkpoint_if_cancelled()
-
-    def write_in_thread(self, fd: int, buffers: Sequence[Buffer], offset: int) -> None:
-        """:meth:`write`, blocking, from a worker thread: ``pwritev`` in that
-        thread (see the module docstring: a ring of the thread's own was
-        slower)."""
+    def write(self, fd: int, buffers: Sequence[Buffer], offset: int) -> None:
+        """Blocking, from a worker thread: ``pwritev`` in that thread (see
+        the module docstring: a ring of the thread's own was slower)."""
         if self._closed:
             raise RuntimeError("io_uring backend is closed")
-        pwritev_counted(fd, buffers, offset, self._names.get(fd, f"fd {fd}"), self.write_call_size,
-                        self._thread_counts, self._counts_lock)
+        self._writes.write(fd, buffers, offset, self._names.get(fd, f"fd {fd}"))
 
     @trio.lowlevel.enable_ki_protection
     async def fsync(self, fd: int) -> None:
@@ -298,25 +213,6 @@ class IoUringBackend:
     def _target(self, fd: int) -> tuple[int, int]:
         slot = self._file_slot.get(fd)
         return (fd, 0) if slot is None else (slot, 1)
-
-    def _prep_write(self, fd: int, views: list[memoryview], offset: int, user_data: int) -> tuple[int, object]:
-        target, fixed_file = self._target(fd)
-        offset &= _U64  # -1 (the file's own position) is all ones to the kernel
-        self._counts.writes += 1
-        handles = [self._ffi.from_buffer(view) for view in views]
-        if len(views) == 1 and self.fixed_buffers:
-            index = self._fixed_index(self._address(handles[0]), views[0].nbytes)
-            if index >= 0:
-                self._counts.fixed_buffer_writes += 1
-                rc = self._lib.pw_prep_write_fixed(self._ring, target, fixed_file, handles[0], views[0].nbytes,
-                                                   offset, index, user_data)
-                return rc, (handles, views)
-        iovecs = self._ffi.new("struct iovec[]", len(views))
-        for index, (handle, view) in enumerate(zip(handles, views, strict=True)):
-            iovecs[index].iov_base = handle
-            iovecs[index].iov_len = view.nbytes
-        rc = self._lib.pw_prep_writev(self._ring, target, fixed_file, iovecs, len(views), offset, user_data)
-        return rc, (iovecs, handles, list(views))
 
     def _prep_fsync(self, fd: int, user_data: int) -> tuple[int, object]:
         target, fixed_file = self._target(fd)
@@ -446,9 +342,6 @@ class IoUringBackend:
         if self._closed:
             return
         self._closed = True
-        if self.fixed_buffers:
-            self._lib.io_uring_unregister_buffers(self._ring)
-            self._registered_keep = None
         if self.fixed_files:
             self._lib.io_uring_unregister_files(self._ring)
         self._lib.io_uring_unregister_eventfd(self._ring)
@@ -458,12 +351,12 @@ class IoUringBackend:
         await trio.lowlevel.checkpoint()
 
     def statistics(self) -> BackendStatistics:
-        with self._counts_lock:
-            threads = dataclasses.asdict(self._thread_counts)
-        mine = dataclasses.asdict(self._counts)
-        total = {name: mine[name] + threads[name] for name in mine}
-        total["most_in_flight"] = max(mine["most_in_flight"], threads["most_in_flight"])
-        return BackendCounters(**total).snapshot(self.name)
+        ring = self._counts
+        writes = self._writes.snapshot()
+        return dataclasses.replace(writes, fsyncs=ring.fsyncs, submissions=ring.submissions,
+                                   enter_calls=ring.enter_calls,
+                                   most_in_flight=max(writes.most_in_flight, ring.most_in_flight)
+                                   ).snapshot(self.name, self.mechanism)
 
 
 @asynccontextmanager

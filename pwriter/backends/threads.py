@@ -1,14 +1,10 @@
-"""The thread-pool backend: ``os.pwritev`` in worker threads.
+"""The thread backend: ``os.pwritev`` in the worker thread that made the chunk.
 
-Each write runs in a thread from trio's thread cache, admitted by this
-backend's own CapacityLimiter (``queue_depth`` threads at most), so pwriter
-never competes with the application for trio's shared default limiter.
-
-Cancellation: ``trio.to_thread.run_sync`` is not abandoned on cancel, so a
-cancelled :meth:`ThreadBackend.write` returns (raising Cancelled) only after
-the thread's ``pwritev`` has finished: the kernel is done with the buffers
-by then, and the caller may reuse them.  The cost is that cancellation waits
-for at most one write per thread.
+A write is a blocking call made by the data plane from a worker thread
+that trio started (:mod:`pwriter.sink`): it returns once every byte is
+written, so the kernel is done with the buffers.  fsync runs in a thread
+of this backend's own CapacityLimiter (``queue_depth`` threads at most), so
+pwriter never competes with the application for trio's shared default limiter.
 """
 
 from __future__ import annotations
@@ -23,12 +19,12 @@ from typing import TYPE_CHECKING
 
 import trio
 
-from . import BackendCounters, BackendStatistics, at, byte_views, consume, leading
+from . import MECHANISMS, BackendCounters, BackendStatistics, at, byte_views, consume, leading
 
 if TYPE_CHECKING:
     from typing_extensions import Buffer
 
-__all__ = ["ThreadBackend", "WriteCounts", "pwritev_fully", "pwritev_counted"]
+__all__ = ["ThreadBackend", "WriteCounts", "pwritev_fully", "PwritevWrites"]
 
 
 @dataclasses.dataclass
@@ -78,34 +74,53 @@ def pwritev_fully(fd: int, buffers: Sequence[Buffer], offset: int, name: str, co
         consume(views, done)
 
 
-def pwritev_counted(fd: int, buffers: Sequence[Buffer], offset: int, name: str, write_call_size: int | None,
-                    counters: BackendCounters, lock: threading.Lock) -> None:
-    """:func:`pwritev_fully`, adding what it did to ``counters`` under ``lock``
-    (also when it fails): the write of every backend's ``write_in_thread``."""
-    counts = WriteCounts()
-    try:
-        pwritev_fully(fd, buffers, offset, name, counts, write_call_size)
-    finally:
-        with lock:
-            counters.writes += counts.calls
-            counters.short_writes += counts.short
-            counters.interrupted += counts.interrupted
-            counters.bytes_written += counts.written
+class PwritevWrites:
+    """The writes of a backend: ``pwritev`` in the calling thread (the maker's
+    worker thread), every byte, counted under a lock, with the most writes
+    in flight at once."""
+
+    def __init__(self, write_call_size: int | None) -> None:
+        self.write_call_size = write_call_size
+        self.counters = BackendCounters()
+        self.lock = threading.Lock()
+        self._in_flight = 0
+
+    def write(self, fd: int, buffers: Sequence[Buffer], offset: int, name: str) -> None:
+        """:func:`pwritev_fully`, adding what it did to the counters (also when it fails)."""
+        counts = WriteCounts()
+        with self.lock:
+            self._in_flight += 1
+            self.counters.most_in_flight = max(self.counters.most_in_flight, self._in_flight)
+        try:
+            pwritev_fully(fd, buffers, offset, name, counts, self.write_call_size)
+        finally:
+            with self.lock:
+                self._in_flight -= 1
+                self.counters.writes += counts.calls
+                self.counters.short_writes += counts.short
+                self.counters.interrupted += counts.interrupted
+                self.counters.bytes_written += counts.written
+
+    def snapshot(self) -> BackendCounters:
+        with self.lock:
+            return dataclasses.replace(self.counters)
 
 
 class ThreadBackend:
-    """Writes with ``os.pwritev`` in up to ``queue_depth`` threads, each
-    call at most ``write_call_size`` bytes (a larger write loops in its thread)."""
+    """Writes with ``os.pwritev`` in the calling worker thread, each call at
+    most ``write_call_size`` bytes (a larger write loops); fsyncs in a thread
+    of its own, ``queue_depth`` at most at once."""
 
     name = "threads"
+    inline = False
+    mechanism = MECHANISMS["threads"]
 
     def __init__(self, *, queue_depth: int, write_call_size: int | None = None) -> None:
         self.write_call_size = write_call_size
         self._limiter = trio.CapacityLimiter(max(1, queue_depth))
         self._names: dict[int, str] = {}
-        self._counts = BackendCounters()
-        self._counts_lock = threading.Lock()  # (write_in_thread counts from worker threads)
-        self._in_flight = 0
+        self._writes = PwritevWrites(write_call_size)
+        self._fsyncs = 0
         self._closed = False
 
     def register(self, fd: int, name: str) -> None:
@@ -114,25 +129,11 @@ class ThreadBackend:
     def unregister(self, fd: int) -> None:
         self._names.pop(fd, None)
 
-    def register_buffers(self, buffers: Sequence[memoryview]) -> None:
-        pass  # plain pwritev gains nothing from knowing the buffers
-
-    async def write(self, fd: int, buffers: Sequence[Buffer], offset: int) -> None:
+    def write(self, fd: int, buffers: Sequence[Buffer], offset: int) -> None:
+        """Blocking, in the calling worker thread (see the package docstring)."""
         if self._closed:
             raise RuntimeError("backend is closed")
-        self._in_flight += 1
-        self._counts.most_in_flight = max(self._counts.most_in_flight, self._in_flight)
-        try:
-            await trio.to_thread.run_sync(self.write_in_thread, fd, buffers, offset, limiter=self._limiter)
-        finally:
-            self._in_flight -= 1
-
-    def write_in_thread(self, fd: int, buffers: Sequence[Buffer], offset: int) -> None:
-        """:meth:`write`, in the calling worker thread (no thread of ours, no limiter)."""
-        if self._closed:
-            raise RuntimeError("backend is closed")
-        pwritev_counted(fd, buffers, offset, self._names.get(fd, f"fd {fd}"), self.write_call_size, self._counts,
-                        self._counts_lock)
+        self._writes.write(fd, buffers, offset, self._names.get(fd, f"fd {fd}"))
 
     async def fsync(self, fd: int) -> None:
         name = self._names.get(fd, f"fd {fd}")
@@ -140,10 +141,12 @@ class ThreadBackend:
             await trio.to_thread.run_sync(os.fsync, fd, limiter=self._limiter)
         except OSError as exc:
             raise OSError(exc.errno, f"fsync failed: {exc.strerror}", name) from None
-        self._counts.fsyncs += 1
+        self._fsyncs += 1
 
     async def aclose(self) -> None:
         self._closed = True
 
     def statistics(self) -> BackendStatistics:
-        return self._counts.snapshot(self.name)
+        counters = self._writes.snapshot()
+        counters.fsyncs = self._fsyncs
+        return counters.snapshot(self.name, self.mechanism)
