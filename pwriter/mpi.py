@@ -771,7 +771,7 @@ def _write_footer(decision: Decision, settings: Settings, index: MemberIndex, en
     try:
         backend = ThreadBackend(queue_depth=1)
         backend.register(fd, decision.temporaries[0])
-        the_file: Any = _SharedFile([decision.temporaries[0]], [fd])  # (what a sink writes to)
+        the_file = _SharedFile([decision.temporaries[0]], [fd])
         sink = ChunkSink(planner=SharedStripedPlanner(counter=LocalCounter(end), header_length=0, stripe_size=1,
                                                       writes_header=False),
                          output=the_file, backend=backend, header=b"", header_text=0,
@@ -795,11 +795,15 @@ def _write_footer(decision: Decision, settings: Settings, index: MemberIndex, en
 
 @dataclasses.dataclass
 class _SharedFile:
-    """The shared file as a sink writes to it: its name and its descriptor."""
+    """The shared file as rank 0's footer sink writes to it (an
+    :class:`~pwriter.output.OutputFiles`): its name and its descriptor."""
 
     targets: list[str]
     fds: list[int]
     direct_fds: list[int] = dataclasses.field(default_factory=list)
+
+    def add_shard(self) -> tuple[int, int | None]:
+        raise AssertionError("a shared file does not grow by shards")
 
 
 def _aggregate(gathered: list[dict[str, Any]], decision: Decision, footer_bytes: int, seconds: float,

@@ -101,7 +101,7 @@ from .errors import OutputExistsError, UsageError, WriteError
 if TYPE_CHECKING:
     from .sizing import Striping
 
-__all__ = ["Output", "CreatedFiles", "OutputSet", "OutputLock", "StreamOutput", "create_temporaries",
+__all__ = ["Output", "OutputFiles", "CreatedFiles", "OutputSet", "OutputLock", "StreamOutput", "create_temporaries",
            "close_quietly", "close_checked", "shard_paths", "manifest_path", "member_index_path", "lock_path",
            "names_of_output", "read_shard_set", "is_temporary_name", "open_output_directory", "write_fully",
            "TEMP_MARKER", "LOCK_SUFFIX"]
@@ -451,7 +451,28 @@ def _exists(name: str, dir_fd: int | None) -> bool:
     return True
 
 
-class Output(Protocol):
+class OutputFiles(Protocol):
+    """The files a chunk sink writes to: their names and descriptors, and
+    for a sharded output with a shard size, its next shard."""
+
+    @property
+    def targets(self) -> list[str]:
+        """The files' final names, in read order (one per descriptor of :attr:`fds`)."""
+
+    @property
+    def fds(self) -> list[int]:
+        """The files' descriptors, in read order (after :meth:`create`)."""
+
+    @property
+    def direct_fds(self) -> list[int]:
+        """Their O_DIRECT descriptors (``create(direct=True)``), else empty."""
+
+    def add_shard(self) -> tuple[int, int | None]:
+        """A sharded output with a shard size: make the next shard; returns
+        its descriptor and its O_DIRECT descriptor (or None)."""
+
+
+class Output(OutputFiles, Protocol):
     """What the writer uses of an output: its files, created (:meth:`create`),
     grown by a shard (:meth:`add_shard`), then published or discarded.
 
@@ -465,20 +486,8 @@ class Output(Protocol):
     """
 
     @property
-    def targets(self) -> list[str]:
-        """The files' final names, in read order (one per descriptor of :attr:`fds`)."""
-
-    @property
     def manifest(self) -> str | None:
         """The manifest of a sharded output, else None."""
-
-    @property
-    def fds(self) -> list[int]:
-        """The files' descriptors, in read order (after :meth:`create`)."""
-
-    @property
-    def direct_fds(self) -> list[int]:
-        """Their O_DIRECT descriptors (``create(direct=True)``), else empty."""
 
     @property
     def can_sync(self) -> bool:
@@ -486,10 +495,6 @@ class Output(Protocol):
 
     def create(self, *, direct: bool = False) -> list[int]:
         """Make (or open) the files for writing; returns :attr:`fds`."""
-
-    def add_shard(self) -> tuple[int, int | None]:
-        """A sharded output with a shard size: make the next shard; returns
-        its descriptor and its O_DIRECT descriptor (or None)."""
 
     def publish(self, *, fsync: bool, sidecars: dict[str, bytes] | None = None) -> None:
         """The files are written (and, with ``fsync``, synced): close them,

@@ -66,7 +66,7 @@ from .backends import Backend
 from .errors import WriteError
 from .gzip_members import LaneMembers, Member, MemberIndex
 from .layout import GZIP_MIN_PADDING, Placement, Planner, gzip_padding, plain_padding
-from .output import Output, StreamOutput
+from .output import OutputFiles, StreamOutput
 from .traceformat import rfind_newline
 
 __all__ = ["ChunkSink", "Placer", "SinkCounts", "StreamGate", "SlotPool", "DIRECT_ALIGNMENT", "WRITEBACK_MIN",
@@ -110,7 +110,7 @@ class ChunkSink:
     lane's calls are made one at a time, in the lane's order.
     """
 
-    def __init__(self, *, planner: Planner, output: Output, backend: Backend, header: bytes,
+    def __init__(self, *, planner: Planner, output: OutputFiles, backend: Backend, header: bytes,
                  header_text: int, compressed: bool, padded: bool, level: int, chunk_capacity: int,
                  writeback: bool) -> None:
         self.placer = Placer(planner, output, backend, header_text=header_text, compressed=compressed)
@@ -333,7 +333,7 @@ class Placer:
     a chunk owes (written before it), and the gzip member index
     (``compressed``; ``header_text``: the header's text length)."""
 
-    def __init__(self, planner: Planner, output: Output, backend: Backend, *, header_text: int,
+    def __init__(self, planner: Planner, output: OutputFiles, backend: Backend, *, header_text: int,
                  compressed: bool) -> None:
         self._planner = planner
         self._output = output
