@@ -41,7 +41,7 @@ import subprocess
 import sys
 import time
 
-from pwriter.corpus import events, write_trace
+from pwriter.faces.corpus import events, write_trace
 
 GiB = 1 << 30
 MiB = 1 << 20
@@ -143,7 +143,7 @@ def tool(name: str) -> str | None:
 
 
 def text_bytes(paths: list[str]) -> int:
-    from pwriter.testing import read_text
+    from pwriter.faces.testing import read_text
 
     return sum(len(read_text(path)) for path in paths)
 
@@ -224,7 +224,7 @@ def main() -> None:
     global BEFORE
     BEFORE = args.before
 
-    from pwriter.backends import available_backends
+    from pwriter.data.backends import available_backends
 
     backends = [name for name, reason in available_backends().items() if reason is None]
     out = os.path.join(args.dir, "out")

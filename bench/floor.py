@@ -6,12 +6,12 @@ Uses (and builds, if missing) the corpus of ``bench.py`` in ``--dir``.  In
 shuffled rounds, in this one process (so without Python start-up), it times:
 
 * ``floor``: ``--threads`` plain threads, each taking every N-th input,
-  reading it with pwriter's own :class:`~pwriter.merge.InputReader` (the
+  reading it with pwriter's own :class:`~pwriter.service.merge.InputReader` (the
   same decompression and text cleaning into a 2 MiB buffer) and writing the
   cleaned text with ``os.pwrite`` in 512 KiB calls at offsets reserved under
   a lock.  No trio, no writer service, no header or footer: a lower bound
   for the data phase of a merge, not a usable merge;
-* ``merge()``: :func:`pwriter.merge.merge` of the same inputs (striped,
+* ``merge()``: :func:`pwriter.service.merge.merge` of the same inputs (striped,
   ``--backend``, no fsync), from the call to the published output.
 
 and, as separate processes, the start-up of ``pwriter merge`` (one 19 KB
@@ -35,9 +35,9 @@ from collections.abc import Callable
 import trio
 
 from bench import PWRITER, build_corpus, build_plain
-from pwriter.inputs import InputReader
-from pwriter.merge import merge
-from pwriter.settings import load_settings
+from pwriter.data.inputs import InputReader
+from pwriter.plan.settings import load_settings
+from pwriter.service.merge import merge
 
 KiB, MiB = 1 << 10, 1 << 20
 
@@ -149,7 +149,7 @@ def startup(args: argparse.Namespace, tiny: list[str], target: str) -> None:
     starts = {
         "pwriter merge of one 256 KiB trace": merge_command,
         'python -c "import trio, pydantic, psutil"': [sys.executable, "-c", "import trio, pydantic, psutil"],
-        'python -c "import trio, pwriter.settings"': [sys.executable, "-c", "import trio, pwriter.settings"],
+        'python -c "import trio, pwriter.plan.settings"': [sys.executable, "-c", "import trio, pwriter.plan.settings"],
         'python -c "import trio"': [sys.executable, "-c", "import trio"],
         "python -c pass": [sys.executable, "-c", "pass"],
     }
@@ -162,7 +162,7 @@ def startup(args: argparse.Namespace, tiny: list[str], target: str) -> None:
         report(name, started[name])
     os.unlink(target)
     importtime_breakdown([sys.executable, "-X", "importtime", "-c",
-                          "import sys; from pwriter.cli import main; sys.exit(main(sys.argv[1:]))",
+                          "import sys; from pwriter.faces.cli import main; sys.exit(main(sys.argv[1:]))",
                           *merge_command[1:]])
     os.unlink(target)
 

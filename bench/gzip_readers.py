@@ -15,8 +15,9 @@ import argparse
 import gzip
 import io
 
-from bench import event_text
 from thread_scaling import one_and_two_threads
+
+from bench import event_text
 
 
 def main() -> None:

@@ -34,9 +34,9 @@ from collections.abc import Callable
 
 import trio
 
-from pwriter.settings import load_settings
-from pwriter.sync import open_writer_sync
-from pwriter.writer import open_writer
+from pwriter.faces.sync import open_writer_sync
+from pwriter.plan.settings import load_settings
+from pwriter.service.writer import open_writer
 
 MODES = ("loop", "send_lines", "send_line", "sync_send_lines", "sync_send_line")
 

@@ -38,11 +38,11 @@ def startup(mpiexec: str, rounds: int = 10) -> None:
     python = sys.executable
     commands = {
         "python -c pass": [python, "-c", "pass"],
-        "python -c 'import trio, pwriter.cli'": [python, "-c", "import trio, pwriter.cli"],
+        "python -c 'import trio, pwriter.faces.cli'": [python, "-c", "import trio, pwriter.faces.cli"],
         "mpiexec -n 1 python -c 'from mpi4py import MPI'": [mpiexec, "-n", "1", python, "-c", "from mpi4py import MPI"],
         "mpiexec -n 2 python -c 'from mpi4py import MPI'": [mpiexec, "-n", "2", python, "-c", "from mpi4py import MPI"],
-        "mpiexec -n 2 python -c 'import trio, pwriter.mpi; World()'": [
-            mpiexec, "-n", "2", python, "-c", "import trio; from pwriter.mpi import World; World()"],
+        "mpiexec -n 2 python -c 'import trio, pwriter.faces.mpi; World()'": [
+            mpiexec, "-n", "2", python, "-c", "import trio; from pwriter.faces.mpi import World; World()"],
     }
     walls: dict[str, list[float]] = {name: [] for name in commands}
     for _ in range(rounds):

@@ -82,9 +82,9 @@ def merges(args: argparse.Namespace, inputs: str, scratch: str) -> list[dict[str
 
 async def trickle(target: str, compress: bool, *, producers: int, every: float, seconds: float,
                   line_bytes: int) -> dict[str, object]:
-    from pwriter.settings import load_settings
-    from pwriter.sizing import FsInfo, FsKind
-    from pwriter.writer import open_writer
+    from pwriter.plan.settings import load_settings
+    from pwriter.plan.sizing import FsInfo, FsKind
+    from pwriter.service.writer import open_writer
 
     settings = load_settings(layout="padded-striped", stripe_size="1MiB", max_delay=0.25, lanes=4, fsync=False,
                              compress=compress)

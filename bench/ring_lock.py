@@ -14,7 +14,7 @@ reader thread to write the chunk it filled:
   woken by the ring's eventfd) sets when the last completion is reaped;
 * (a ring of each thread's own, used synchronously, was measured earlier and
   removed: 1.18-1.19x the floor against 1.03-1.11x for ``pwritev``; see
-  ``pwriter/backends/io_uring.py``).
+  ``pwriter/data/backends/io_uring.py``).
 
 This is a prototype for measuring, patched onto the backend here, not a
 product path: it assumes the trio thread writes nothing while the readers
@@ -37,9 +37,9 @@ import trio
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 from bench import build_corpus  # noqa: E402
-from pwriter.backends import io_uring  # noqa: E402
-from pwriter.merge import merge  # noqa: E402
-from pwriter.settings import load_settings  # noqa: E402
+from pwriter.data.backends import io_uring  # noqa: E402
+from pwriter.plan.settings import load_settings  # noqa: E402
+from pwriter.service.merge import merge  # noqa: E402
 
 KiB = 1 << 10
 THREAD_DATA = 1 << 60  # user_data of the threads' operations (the trio thread's count up from 1)

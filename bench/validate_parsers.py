@@ -16,9 +16,10 @@ import argparse
 import json
 from collections.abc import Callable
 
-from bench import event_text
 from thread_scaling import one_and_two_threads
-from pwriter.traceformat import BlockCleaner
+
+from bench import event_text
+from pwriter.plan.traceformat import BlockCleaner
 
 
 def main() -> None:
@@ -52,7 +53,7 @@ def main() -> None:
             end = BlockCleaner("bench", validate=True).clean_in_place(view, 0, len(buffer))
         assert end == len(buffer)
 
-    from pwriter.traceformat import _native
+    from pwriter.plan.traceformat import _native
 
     if _native is not None:
         checks["pwriter C check"] = native

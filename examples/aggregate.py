@@ -57,7 +57,7 @@ def tag(line: bytes, rank: str, drop_categories: Collection[str]) -> bytes | Non
 
 
 async def file_lines(path: str, *, batch_bytes: int = 1 << 20) -> AsyncGenerator[bytes, None]:
-    """The event lines of one trace file (plain or gzip), read in a worker thread a batch at a time."""
+    """The event lines of one trace file (plain or gzip), read in a thread a batch at a time."""
     with open(path, "rb") as raw:
         compressed = raw.read(2) == b"\x1f\x8b"
     handle = gzip.open(path, "rb") if compressed else open(path, "rb")

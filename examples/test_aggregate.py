@@ -14,10 +14,10 @@ from collections.abc import AsyncIterator
 
 import pytest
 import trio
-
 from aggregate import Progress, aggregate, file_lines, rank_name, tag
+
 from pwriter.errors import WriteError
-from pwriter.testing import assert_same_events, read_events, write_corpus
+from pwriter.faces.testing import assert_same_events, read_events, write_corpus
 
 
 def expected_lines(paths: list[str], drop: tuple[str, ...] = ()) -> list[bytes]:

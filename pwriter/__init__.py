@@ -21,8 +21,6 @@ them all.
 
 from __future__ import annotations
 
-import sys
-import types
 from typing import TYPE_CHECKING, Any
 
 __version__ = "0.1.0"
@@ -52,13 +50,13 @@ __all__ = [
 ]
 
 _LAZY = {
-    "open_writer": "writer",
-    "Writer": "writer",
-    "WriterStatistics": "writer",
-    "Producer": "channels",
-    "Settings": "settings",
-    "load_settings": "settings",
-    "ConfigError": "settings",
+    "open_writer": "service.writer",
+    "Writer": "service.writer",
+    "WriterStatistics": "service.writer",
+    "Producer": "service.channels",
+    "Settings": "plan.settings",
+    "load_settings": "plan.settings",
+    "ConfigError": "plan.settings",
     "PwriterError": "errors",
     "UsageError": "errors",
     "DataError": "errors",
@@ -67,16 +65,15 @@ _LAZY = {
     "ClosedError": "errors",
     "BusyError": "errors",
     "OutputExistsError": "errors",
-    "merge": "merge",
-    "collect_inputs": "merge",
-    "merge_sync": "sync",
-    "open_writer_sync": "sync",
-    "SyncWriter": "sync",
-    "SyncProducer": "sync",
+    "merge": "service.merge",
+    "collect_inputs": "service.merge",
+    "merge_sync": "faces.sync",
+    "open_writer_sync": "faces.sync",
+    "SyncWriter": "faces.sync",
+    "SyncProducer": "faces.sync",
 }
 
 if TYPE_CHECKING:
-    from .channels import Producer
     from .errors import (
         BusyError,
         ClosedError,
@@ -87,26 +84,11 @@ if TYPE_CHECKING:
         UsageError,
         WriteError,
     )
-    from .merge import collect_inputs, merge
-    from .settings import ConfigError, Settings, load_settings
-    from .sync import SyncProducer, SyncWriter, merge_sync, open_writer_sync
-    from .writer import Writer, WriterStatistics, open_writer
-
-
-class _Package(types.ModuleType):
-    """The package's own module type.  Importing a submodule makes the import
-    system set it as an attribute of its package; ``pwriter.merge`` names
-    the function, so the submodule of that name (imported by
-    ``open_writer_sync``, ``merge_sync``, ``collect_inputs``, the command
-    line...) must not replace it.  The submodule stays in ``sys.modules``."""
-
-    def __setattr__(self, name: str, value: Any) -> None:
-        if name in _LAZY and isinstance(value, types.ModuleType):
-            return
-        super().__setattr__(name, value)
-
-
-sys.modules[__name__].__class__ = _Package
+    from .faces.sync import SyncProducer, SyncWriter, merge_sync, open_writer_sync
+    from .plan.settings import ConfigError, Settings, load_settings
+    from .service.channels import Producer
+    from .service.merge import collect_inputs, merge
+    from .service.writer import Writer, WriterStatistics, open_writer
 
 
 def __getattr__(name: str) -> Any:

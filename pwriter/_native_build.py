@@ -5,7 +5,7 @@ of two patterns) that is a large share of the merge's CPU time, and it holds
 the GIL.
 Here the same check runs at memchr speed, and cffi releases the GIL around
 the call, so reader threads scan in parallel.  Optional: ``setup.py`` builds
-it where a C compiler is available, and :mod:`pwriter.traceformat` falls
+it where a C compiler is available, and :mod:`pwriter.plan.traceformat` falls
 back to the pure-Python scan (same results, tested both ways) without it.
 """
 
@@ -13,7 +13,7 @@ from __future__ import annotations
 
 from cffi import FFI
 
-# The interface's version: the Python side (pwriter.traceformat) uses a
+# The interface's version: the Python side (pwriter.plan.traceformat) uses a
 # compiled module only when its pw_abi_version() is this (a stale build is
 # left alone, and the pure-Python scan takes over).
 ABI_VERSION = 2
@@ -195,7 +195,7 @@ int pw_abi_version(void)
     return PW_ABI_VERSION;
 }
 
-/* How an event line that DFTracer's end event counts begins (pwriter.traceformat.ID_PREFIX). */
+/* How an event line that DFTracer's end event counts begins (pwriter.plan.traceformat.ID_PREFIX). */
 static const char pw_id_prefix[] = "{\"id\":";
 #define PW_ID_PREFIX_LEN (sizeof pw_id_prefix - 1)
 

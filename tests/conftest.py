@@ -4,8 +4,8 @@ import os
 
 import pytest
 
-from pwriter.backends import BACKEND_NAMES, available_backends
-from pwriter.settings import load_settings
+from pwriter.data.backends import BACKEND_NAMES, available_backends
+from pwriter.plan.settings import load_settings
 
 pytest_plugins = ["pytester"]  # tests/test_plugin.py runs pytest in a project of its own
 

@@ -36,12 +36,12 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from pwriter.errors import ClosedError
-from pwriter.settings import load_settings
-from pwriter.sizing import FsInfo, FsKind
-from pwriter.sync import open_writer_sync
-from pwriter.testing import MemoryBackend, event_counter, read_events, write_corpus
-from pwriter.traceformat import BlockCleaner
-from pwriter.writer import open_writer
+from pwriter.faces.sync import open_writer_sync
+from pwriter.faces.testing import MemoryBackend, event_counter, read_events, write_corpus
+from pwriter.plan.settings import load_settings
+from pwriter.plan.sizing import FsInfo, FsKind
+from pwriter.plan.traceformat import BlockCleaner
+from pwriter.service.writer import open_writer
 
 from helpers import BIN
 
@@ -402,8 +402,8 @@ def test_asyncio_through_the_sync_api(tmp_path, settings_for, seed: int) -> None
 
 SYNC_CTRL_C = """
 import sys, threading
-from pwriter.sync import open_writer_sync
-from pwriter.settings import load_settings
+from pwriter.faces.sync import open_writer_sync
+from pwriter.plan.settings import load_settings
 target = sys.argv[1]
 with open_writer_sync(target, settings=load_settings(fsync=False, backend=sys.argv[2])) as writer:
     def work(index):

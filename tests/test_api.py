@@ -12,7 +12,7 @@ import textwrap
 import pytest
 
 import pwriter
-from pwriter.settings import Settings
+from pwriter.plan.settings import Settings
 
 from helpers import run_cli
 
@@ -43,13 +43,13 @@ def test_every_setting_is_described_in_info_and_merge_help(tmp_path) -> None:
     "pwriter.open_writer_sync",
     "pwriter.merge_sync",
     "pwriter.collect_inputs",
-    "import pwriter.merge",
-    "import pwriter.sync, pwriter.cli, pwriter.mpi",
-    "from pwriter.merge import MergeResult",
+    "import pwriter.service.merge",
+    "import pwriter.faces.sync, pwriter.faces.cli, pwriter.faces.mpi",
+    "from pwriter.service.merge import MergeResult",
     "pwriter.merge",
 ])
 def test_pwriter_merge_is_the_function_whatever_is_imported_first(first: str) -> None:
-    """Issue 19, case 20: importing the submodule pwriter.merge (as open_writer_sync, merge_sync and
+    """Issue 19, case 20: importing the submodule that defines merge (as open_writer_sync, merge_sync and
     collect_inputs do) set the package's attribute ``merge`` to the module: ``pwriter.merge(...)`` raised
     "'module' object is not callable".  A fresh interpreter per import order."""
     script = textwrap.dedent(f"""
@@ -58,8 +58,8 @@ def test_pwriter_merge_is_the_function_whatever_is_imported_first(first: str) ->
         {first}
         from pwriter import merge
         assert pwriter.merge is merge and inspect.iscoroutinefunction(merge), pwriter.merge
-        assert merge.__module__ == "pwriter.merge" and "pwriter.merge" in sys.modules
-        assert sys.modules["pwriter.merge"].merge is merge
+        assert merge.__module__ == "pwriter.service.merge" and "pwriter.service.merge" in sys.modules
+        assert sys.modules["pwriter.service.merge"].merge is merge
     """)
     done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=60)
     assert done.returncode == 0, done.stderr

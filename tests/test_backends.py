@@ -12,17 +12,17 @@ import sys
 import pytest
 import trio
 
-from pwriter.backends import MECHANISMS, open_backend
-from pwriter.settings import load_settings
-from pwriter.sizing import FsInfo, FsKind
-from pwriter.testing import read_events
-from pwriter.writer import open_writer
+from pwriter.data.backends import MECHANISMS, open_backend
+from pwriter.faces.testing import read_events
+from pwriter.plan.settings import load_settings
+from pwriter.plan.sizing import FsInfo, FsKind
+from pwriter.service.writer import open_writer
 
 MiB = 1 << 20
 
 
 async def write(backend, fd: int, buffers: list, offset: int) -> None:  # type: ignore[no-untyped-def]
-    """The backend's one write, blocking, in a worker thread (as the chunk sink calls it)."""
+    """The backend's one write, blocking, in a thread (as the chunk sink calls it)."""
     await trio.to_thread.run_sync(backend.write, fd, buffers, offset)
 
 
@@ -178,7 +178,7 @@ async def test_writer_with_a_ring_smaller_than_its_buffers(tmp_path, backend_nam
 
 def test_uring_abi_matches_build_script() -> None:
     from pwriter import _uring_build
-    from pwriter.backends import io_uring
+    from pwriter.data.backends import io_uring
 
     assert io_uring.PW_ABI == _uring_build.PW_ABI
 
@@ -189,7 +189,7 @@ def test_without_the_extension_auto_falls_back_and_io_uring_is_refused(tmp_path)
     trace.write_bytes(b'{"a":1}\n')
     script = (
         "import sys; sys.modules['pwriter._uring'] = None\n"
-        "from pwriter.cli import main\n"
+        "from pwriter.faces.cli import main\n"
         "sys.exit(main(sys.argv[1:]))\n"
     )
 
@@ -214,7 +214,7 @@ def test_outer_cancellation_with_writes_in_flight_ends(tmp_path, backend_name: s
     Run in a subprocess so that a regression fails by timeout, not by hanging."""
     script = f"""
 import os, trio
-from pwriter.backends import open_backend
+from pwriter.data.backends import open_backend
 
 async def main():
     fd = os.open({str(tmp_path / "f")!r}, os.O_WRONLY | os.O_CREAT)

@@ -6,7 +6,7 @@ import pytest
 import trio
 import trio.testing
 
-from pwriter.channels import BufferPool, Coalescer, Producer
+from pwriter.service.channels import BufferPool, Coalescer, Producer
 
 
 class Recorder:

@@ -15,9 +15,9 @@ import sys
 
 import pytest
 
-from pwriter import traceformat
-from pwriter.completeness import InputEnd, end_event_claim, incomplete_inputs, input_end
-from pwriter.traceformat import BlockCleaner, count_prefixed
+from pwriter.plan import traceformat
+from pwriter.plan.completeness import InputEnd, end_event_claim, incomplete_inputs, input_end
+from pwriter.plan.traceformat import BlockCleaner, count_prefixed
 
 from helpers import expect_failure, run_cli
 
@@ -252,7 +252,7 @@ def test_traces_without_end_events_are_not_flagged(tmp_path) -> None:
 
 
 async def test_the_library_merge_reports_and_refuses(tmp_path, settings_for) -> None:
-    from pwriter.merge import IncompleteInputsError, merge
+    from pwriter.service.merge import IncompleteInputsError, merge
 
     paths = incomplete_corpus(tmp_path)
     result = await merge([paths["complete"], paths["cut"]], str(tmp_path / "m.pfw"), settings=settings_for())

@@ -15,11 +15,11 @@ import pytest
 import trio
 import trio.lowlevel
 
-from pwriter.corpus import write_corpus
-from pwriter.settings import load_settings
-from pwriter.sizing import FsInfo, FsKind
-from pwriter.testing import event_counter, read_events, read_text
-from pwriter.writer import open_writer
+from pwriter.faces.corpus import write_corpus
+from pwriter.faces.testing import event_counter, read_events, read_text
+from pwriter.plan.settings import load_settings
+from pwriter.plan.sizing import FsInfo, FsKind
+from pwriter.service.writer import open_writer
 
 from helpers import dftracer_tool, run_cli
 
@@ -179,7 +179,7 @@ def test_members_ending_just_before_a_stripe_boundary(short_by: int) -> None:
     """A member that ends 1 to 30 bytes before its slot's end leaves a
     remainder smaller than one padding member: the padding runs on through
     the next slot, and still no byte lies between members."""
-    from pwriter.layout import GZIP_MIN_PADDING, PaddedStripedPlanner, gzip_padding
+    from pwriter.plan.layout import GZIP_MIN_PADDING, PaddedStripedPlanner, gzip_padding
 
     stripe = 65536
     header = gzip.compress(b"[\n", mtime=0)
@@ -221,10 +221,10 @@ async def test_padded_gzip_members_are_finished_after_max_delay(tmp_path) -> Non
     delays (batch, buffer, member: max_delay each), not only at close.
     (Real clock: compression runs in threads, which a virtual clock would
     outrun; the wait is bounded, not timed.)"""
-    from pwriter.settings import load_settings
-    from pwriter.sizing import FsInfo, FsKind
-    from pwriter.testing import MemoryBackend
-    from pwriter.writer import open_writer
+    from pwriter.faces.testing import MemoryBackend
+    from pwriter.plan.settings import load_settings
+    from pwriter.plan.sizing import FsInfo, FsKind
+    from pwriter.service.writer import open_writer
 
     memory = MemoryBackend()
     target = str(tmp_path / "out.pfw.gz")

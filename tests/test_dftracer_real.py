@@ -24,8 +24,8 @@ import subprocess
 import pytest
 from test_field_readers import event_count, split
 
-from pwriter.output import read_shard_set
-from pwriter.testing import read_events, read_text
+from pwriter.data.output import read_shard_set
+from pwriter.faces.testing import read_events, read_text
 
 from dftracer_corpus import EXAMPLE, TracedRun
 from helpers import BIN, expect_failure, published, run_cli

@@ -17,10 +17,10 @@ from collections.abc import Iterator
 
 import pytest
 
-from pwriter.corpus import write_corpus
+from pwriter.data.output import is_temporary_name
 from pwriter.errors import DataError
-from pwriter.output import is_temporary_name
-from pwriter.testing import event_counter, read_events
+from pwriter.faces.corpus import write_corpus
+from pwriter.faces.testing import event_counter, read_events
 
 from helpers import BIN, expect_failure, published, run_cli
 
@@ -154,8 +154,8 @@ def test_file_size_limit_publishes_nothing(tmp_path, backend_name: str) -> None:
 
 
 async def merge_in_process(inputs: list[str], output: str, backend_name: str) -> None:
-    from pwriter.merge import merge
-    from pwriter.settings import load_settings
+    from pwriter.plan.settings import load_settings
+    from pwriter.service.merge import merge
 
     await merge(inputs, output, settings=load_settings(backend=backend_name, fsync=False))
 
@@ -165,22 +165,22 @@ async def test_input_that_changes_under_the_merge(tmp_path, backend_name: str, c
                                                   monkeypatch: pytest.MonkeyPatch) -> None:
     """An input truncated after the merge measured it, or deleted before it
     is opened: a DataError (exit 1) naming it, and no output."""
-    import pwriter.inputs
+    import pwriter.data.inputs
 
     inputs = write_corpus(str(tmp_path / "in"), files=3, events_per_file=2000, seed=5)
     victim = inputs[2]  # plain (rank_2.pfw)
     out = tmp_path / "out"
     out.mkdir()
-    real_reader = pwriter.inputs.InputReader
+    real_reader = pwriter.data.inputs.InputReader
 
-    def reader(path: str, **kwargs: object) -> pwriter.inputs.InputReader:
+    def reader(path: str, **kwargs: object) -> pwriter.data.inputs.InputReader:
         if path == victim and change == "shrinks":
             os.truncate(path, os.path.getsize(path) // 2)
         elif path == victim and change == "vanishes-before-open":
             os.unlink(path)
         return real_reader(path, **kwargs)  # type: ignore[arg-type]
 
-    monkeypatch.setattr(pwriter.inputs, "InputReader", reader)
+    monkeypatch.setattr(pwriter.data.inputs, "InputReader", reader)
     if change == "vanishes-before-start":
         os.unlink(victim)
     with pytest.raises(DataError) as raised:
@@ -209,9 +209,9 @@ async def test_input_that_changes_while_it_is_read(tmp_path, backend_name: str, 
     --salvage, the lines it had when opened (when they are still whole:
     grown, replaced or removed) with the change reported, and never a mix
     of old and new lines."""
-    import pwriter.inputs
-    from pwriter.merge import merge
-    from pwriter.settings import load_settings
+    import pwriter.data.inputs
+    from pwriter.plan.settings import load_settings
+    from pwriter.service.merge import merge
 
     directory = tmp_path / "in"
     directory.mkdir()
@@ -224,9 +224,9 @@ async def test_input_that_changes_while_it_is_read(tmp_path, backend_name: str, 
     new = events_text(0, 3000, b"new")  # as long as the old text, line for line
     out = tmp_path / "out"
     out.mkdir()
-    real_reader = pwriter.inputs.InputReader
+    real_reader = pwriter.data.inputs.InputReader
 
-    def reader(path: str, **kwargs: object) -> pwriter.inputs.InputReader:
+    def reader(path: str, **kwargs: object) -> pwriter.data.inputs.InputReader:
         opened = real_reader(path, **kwargs)  # type: ignore[arg-type]
         if path != str(victim):
             return opened
@@ -263,7 +263,7 @@ async def test_input_that_changes_while_it_is_read(tmp_path, backend_name: str, 
         else:
             os.unlink(victim)
 
-    monkeypatch.setattr(pwriter.inputs, "InputReader", reader)
+    monkeypatch.setattr(pwriter.data.inputs, "InputReader", reader)
     settings = load_settings(backend=backend_name, stripe_size="64KiB", fsync=False)
     inputs = [str(other), str(victim)]
     whole = change in ("grows", "replaced", "removed")
@@ -336,9 +336,9 @@ def test_ten_thousand_inputs_with_256_descriptors(tmp_path, backend_name: str) -
 
 PRODUCERS_SCRIPT = r"""
 import collections, resource, sys, trio
-from pwriter.settings import load_settings
-from pwriter.testing import read_events
-from pwriter.writer import open_writer
+from pwriter.plan.settings import load_settings
+from pwriter.faces.testing import read_events
+from pwriter.service.writer import open_writer
 
 producers, lines_each, backend, target = int(sys.argv[1]), int(sys.argv[2]), sys.argv[3], sys.argv[4]
 pad = b"x" * 150
@@ -414,19 +414,19 @@ async def test_a_symlink_planted_at_the_temporary_name_is_never_followed(tmp_pat
                                                                          monkeypatch: pytest.MonkeyPatch) -> None:
     """Someone who guesses the next temporary name and plants a symlink
     there: O_EXCL refuses it, another name is drawn, the victim is untouched."""
-    import pwriter.output
-    from pwriter.settings import load_settings
-    from pwriter.writer import open_writer
+    import pwriter.data.output
+    from pwriter.plan.settings import load_settings
+    from pwriter.service.writer import open_writer
 
     victim = tmp_path / "victim"
     victim.write_bytes(b"precious")
     draws = iter(["guessed0", "guessed0"])
-    real = pwriter.output.secrets.token_hex
+    real = pwriter.data.output.secrets.token_hex
 
     def token_hex(size: int) -> str:
         return next(draws, None) or real(size)
 
-    monkeypatch.setattr(pwriter.output.secrets, "token_hex", token_hex)
+    monkeypatch.setattr(pwriter.data.output.secrets, "token_hex", token_hex)
     target = tmp_path / "m.pfw"
     planted = tmp_path / f".m.pfw.pwriter-{os.uname().nodename}-{os.getpid()}-guessed0.tmp"
     planted.symlink_to(victim)

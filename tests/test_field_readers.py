@@ -12,8 +12,8 @@ import subprocess
 
 import pytest
 
-from pwriter.output import read_shard_set
-from pwriter.testing import read_text
+from pwriter.data.output import read_shard_set
+from pwriter.faces.testing import read_text
 
 from helpers import dftracer_tool, fake_ranks, run_cli
 

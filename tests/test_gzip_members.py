@@ -1,4 +1,4 @@
-"""Unit tests of pwriter.gzip_members: the one gzip member maker (LaneMembers,
+"""Unit tests of pwriter.data.gzip_members: the one gzip member maker (LaneMembers,
 SlotMembers), driven through its callbacks alone (no sink); the oracle is
 the members decompressed with the gzip module."""
 
@@ -7,8 +7,8 @@ from __future__ import annotations
 import gzip
 import hashlib
 
-from pwriter.gzip_members import LaneMembers, Member
-from pwriter.layout import GZIP_MIN_PADDING
+from pwriter.data.gzip_members import LaneMembers, Member
+from pwriter.plan.layout import GZIP_MIN_PADDING
 
 SLOT = 4096
 

@@ -1,4 +1,4 @@
-"""Unit tests of pwriter.inputs: InputReader, InputRun and fill_step, on small files.
+"""Unit tests of pwriter.data.inputs: InputReader, InputRun and fill_step, on small files.
 
 The oracle is the event lines of the text written, picked out here with
 plain Python (the lines that start with ``{``, without their line ends).
@@ -11,8 +11,8 @@ import os
 
 import pytest
 
+from pwriter.data.inputs import InputReader, InputRun, fill_step
 from pwriter.errors import DataError, InputError
-from pwriter.inputs import InputReader, InputRun, fill_step
 
 EVENTS = [b'{"id":%d,"name":"op","ts":%d,"args":{"k":"%s"}}' % (n, 1000 + n, b"v" * (n % 7)) for n in range(40)]
 

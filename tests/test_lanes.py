@@ -1,4 +1,4 @@
-"""Unit tests of pwriter.lanes: WriteLanes driven directly (handles, coalescers, ticker, close).
+"""Unit tests of pwriter.service.lanes: WriteLanes driven directly (handles, coalescers, ticker, close).
 
 Built as the writer builds them (a planner, a ChunkSink over a file and a
 real backend, a buffer pool); the oracle is the file read
@@ -15,14 +15,14 @@ import pytest
 import trio
 import trio.testing
 
-from pwriter.backends import open_backend
-from pwriter.channels import BufferPool
+from pwriter.data.backends import open_backend
+from pwriter.data.gzip_members import gzip_member
+from pwriter.data.sink import ChunkSink
 from pwriter.errors import ClosedError
-from pwriter.gzip_members import gzip_member
-from pwriter.lanes import WriteLanes
-from pwriter.layout import GZIP_MIN_PADDING, PaddedStripedPlanner, StripedPlanner
-from pwriter.sink import ChunkSink
-from pwriter.testing import MemoryBackend
+from pwriter.faces.testing import MemoryBackend
+from pwriter.plan.layout import GZIP_MIN_PADDING, PaddedStripedPlanner, StripedPlanner
+from pwriter.service.channels import BufferPool
+from pwriter.service.lanes import WriteLanes
 
 HEADER_TEXT = b"[\n"
 FOOTER_TEXT = b"]\n"
@@ -168,14 +168,14 @@ async def test_a_merge_starts_no_coalescer_and_no_ticker(tmp_path, settings_for,
                                                          monkeypatch: pytest.MonkeyPatch) -> None:
     """The merge's readers write through the sink from their own threads:
     the library's coalescers and its max_delay ticker never run."""
-    import pwriter.channels
-    from pwriter.merge import merge
-    from pwriter.testing import read_events, write_corpus
+    import pwriter.service.channels
+    from pwriter.faces.testing import read_events, write_corpus
+    from pwriter.service.merge import merge
 
     def refused(*args: object) -> None:
         raise AssertionError("a merge started the write lanes")
 
-    monkeypatch.setattr(pwriter.channels.Coalescer, "run", refused)
+    monkeypatch.setattr(pwriter.service.channels.Coalescer, "run", refused)
     monkeypatch.setattr(WriteLanes, "_push_stale_batches", refused)
     inputs = write_corpus(str(tmp_path / "in"), files=3, events_per_file=200, seed=5)
     target = str(tmp_path / ("m.pfw.gz" if compressed else "m.pfw"))

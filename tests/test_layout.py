@@ -2,7 +2,7 @@ import pytest
 from hypothesis import example, given, settings
 from hypothesis import strategies as st
 
-from pwriter.layout import (
+from pwriter.plan.layout import (
     PaddedStripedPlanner,
     Placement,
     ShardedPlanner,
@@ -173,7 +173,7 @@ def test_plain_padding_is_whitespace_ending_in_newline(length) -> None:
 def test_gzip_padding_is_whitespace_line_members_of_exact_length(length) -> None:
     import gzip
 
-    from pwriter.layout import gzip_padding, gzip_padding_members
+    from pwriter.plan.layout import gzip_padding, gzip_padding_members
 
     padding = gzip_padding(length)
     assert len(padding) == length
@@ -184,7 +184,7 @@ def test_gzip_padding_is_whitespace_line_members_of_exact_length(length) -> None
 
 
 def test_gzip_padding_refuses_what_cannot_be_built() -> None:
-    from pwriter.layout import gzip_padding
+    from pwriter.plan.layout import gzip_padding
 
     with pytest.raises(ValueError):
         gzip_padding(22)
@@ -196,7 +196,7 @@ def test_shares_of_one_counter_tile_one_file(chunks, header, layout, min_padding
     """Four shares (MPI ranks) of one file, chunks interleaved at random: the
     file is tiled, the header once at 0 (padded: alone in slot 0), padded
     chunks on whole slots, and the footer at the counter's last value."""
-    from pwriter.layout import LocalCounter, SharedPaddedPlanner, SharedStripedPlanner
+    from pwriter.plan.layout import LocalCounter, SharedPaddedPlanner, SharedStripedPlanner
 
     if layout == "padded-striped" and header + min_padding > stripe:
         return

@@ -16,10 +16,10 @@ import trio.testing
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from pwriter.settings import load_settings
-from pwriter.sizing import FsInfo, FsKind
-from pwriter.testing import MemoryBackend
-from pwriter.writer import open_writer
+from pwriter.faces.testing import MemoryBackend
+from pwriter.plan.settings import load_settings
+from pwriter.plan.sizing import FsInfo, FsKind
+from pwriter.service.writer import open_writer
 
 LOCAL = FsInfo(FsKind.LOCAL, 0xEF53, "/")
 

@@ -8,16 +8,16 @@ import sys
 
 import pytest
 
-from pwriter import lustre
-from pwriter.cli import main as cli_main
-from pwriter.detect import StatfsResult
+from pwriter.data import lustre
+from pwriter.data.detect import StatfsResult
+from pwriter.data.output import is_temporary_name
 from pwriter.errors import WriteError
-from pwriter.merge import merge
-from pwriter.output import is_temporary_name
-from pwriter.settings import ConfigError, load_settings
-from pwriter.sizing import AUTO_STRIPE_ALL_FROM, FsInfo, FsKind, plan_sizing, shard_offsets
-from pwriter.testing import read_events
-from pwriter.writer import open_writer
+from pwriter.faces.cli import main as cli_main
+from pwriter.faces.testing import read_events
+from pwriter.plan.settings import ConfigError, load_settings
+from pwriter.plan.sizing import AUTO_STRIPE_ALL_FROM, FsInfo, FsKind, plan_sizing, shard_offsets
+from pwriter.service.merge import merge
+from pwriter.service.writer import open_writer
 
 from helpers import published
 
@@ -55,14 +55,14 @@ def fake_lustre(tmp_path, monkeypatch: pytest.MonkeyPatch) -> FakeLustre:
     monkeypatch.setenv("PATH", f"{bin_dir}{os.pathsep}{os.environ['PATH']}")
     monkeypatch.setenv("FAKE_LFS_STATE", str(state))
     monkeypatch.setattr(lustre, "_api", False)  # no liblustreapi here: lfs it is
-    real_statfs = __import__("pwriter.detect", fromlist=["statfs"]).statfs
+    real_statfs = __import__("pwriter.data.detect", fromlist=["statfs"]).statfs
 
     def statfs(path: str) -> StatfsResult:
         if os.path.abspath(path).startswith(str(root)):
             return StatfsResult(LUSTRE_MAGIC, 4096)
         return real_statfs(path)
 
-    monkeypatch.setattr("pwriter.detect.statfs", statfs)
+    monkeypatch.setattr("pwriter.data.detect.statfs", statfs)
     return FakeLustre(str(root), str(state))
 
 
@@ -239,7 +239,7 @@ def test_liblustreapi_is_used_when_present(tmp_path, monkeypatch) -> None:
 
 def test_merge_api_passes_the_expected_size(fake_lustre, tmp_path, monkeypatch) -> None:
     # merge() knows its inputs' size: auto stripes over every OST from AUTO_STRIPE_ALL_FROM on.
-    monkeypatch.setattr("pwriter.sizing.AUTO_STRIPE_ALL_FROM", 1)
+    monkeypatch.setattr("pwriter.plan.sizing.AUTO_STRIPE_ALL_FROM", 1)
     source = tmp_path / "rank0.pfw"
     source.write_bytes(b"".join(lines(100)))
     import trio

@@ -17,10 +17,10 @@ import zlib
 import pytest
 import trio
 
-from pwriter.backends import MECHANISMS
-from pwriter.corpus import write_corpus
-from pwriter.output import is_temporary_name
-from pwriter.testing import event_counter, read_events, read_text
+from pwriter.data.backends import MECHANISMS
+from pwriter.data.output import is_temporary_name
+from pwriter.faces.corpus import write_corpus
+from pwriter.faces.testing import event_counter, read_events, read_text
 
 from helpers import BIN, dftracer_tool, expect_failure, fake_ranks, run_cli
 
@@ -535,14 +535,14 @@ def test_sigterm_right_after_the_temporary_is_created_leaves_nothing(tmp_path) -
     out.parent.mkdir()
     script = (
         "import os, signal, sys\n"
-        "import pwriter.output\n"
-        "real = pwriter.output.OutputSet.create\n"
+        "import pwriter.data.output\n"
+        "real = pwriter.data.output.OutputSet.create\n"
         "def create(self, *args, **kwargs):\n"
         "    fds = real(self, *args, **kwargs)\n"
         "    os.kill(os.getpid(), signal.SIGTERM)\n"
         "    return fds\n"
-        "pwriter.output.OutputSet.create = create\n"
-        "from pwriter.cli import main\n"
+        "pwriter.data.output.OutputSet.create = create\n"
+        "from pwriter.faces.cli import main\n"
         "sys.exit(main(sys.argv[1:]))\n"
     )
     done = subprocess.run([sys.executable, "-c", script, "merge", str(good), "-o", str(out)], capture_output=True,
@@ -554,7 +554,7 @@ def test_sigterm_right_after_the_temporary_is_created_leaves_nothing(tmp_path) -
 
 SIGNAL_AT = """
 import os, signal, sys
-import pwriter.output, pwriter.verify
+import pwriter.data.output, pwriter.service.verify
 where, number = sys.argv[1], getattr(signal, sys.argv[2])
 def signalling(real):
     def call(*args, **kwargs):
@@ -563,12 +563,12 @@ def signalling(real):
         return result
     return call
 if where == "create":
-    pwriter.output.OutputSet.create = signalling(pwriter.output.OutputSet.create)
+    pwriter.data.output.OutputSet.create = signalling(pwriter.data.output.OutputSet.create)
 elif where == "publish":
-    pwriter.output.OutputSet.publish = signalling(pwriter.output.OutputSet.publish)
+    pwriter.data.output.OutputSet.publish = signalling(pwriter.data.output.OutputSet.publish)
 else:
-    pwriter.verify.verify = signalling(pwriter.verify.verify)
-from pwriter.cli import main
+    pwriter.service.verify.verify = signalling(pwriter.service.verify.verify)
+from pwriter.faces.cli import main
 sys.exit(main(sys.argv[3:]))
 """
 
@@ -610,12 +610,12 @@ def test_a_signal_before_publishing_publishes_nothing_and_after_changes_nothing(
 
 def test_main_called_in_process_leaves_the_signal_handlers_as_it_found_them(tmp_path) -> None:
     """A merge ignores SIGINT and SIGTERM once published, to its process's
-    exit; ``pwriter.cli.main(argv)`` called from Python (a test, a pipeline
+    exit; ``pwriter.faces.cli.main(argv)`` called from Python (a test, a pipeline
     step) must not leave them ignored: every child process would inherit the
     ignored SIGINT (a program's Ctrl-C then did nothing)."""
     import signal
 
-    from pwriter.cli import main
+    from pwriter.faces.cli import main
 
     before = (signal.getsignal(signal.SIGINT), signal.getsignal(signal.SIGTERM))
     inputs = write_corpus(str(tmp_path / "in"), files=2, events_per_file=50, seed=2)
@@ -645,8 +645,8 @@ async def test_merge_lines_of_every_length_through_small_buffers(tmp_path, backe
     final newlines, gzip and plain: the in-place reader keeps every event."""
     import random
 
-    from pwriter.merge import merge
-    from pwriter.settings import load_settings
+    from pwriter.plan.settings import load_settings
+    from pwriter.service.merge import merge
 
     rng = random.Random(5)
     paths = []
@@ -680,8 +680,8 @@ async def test_merge_lines_of_every_length_through_small_buffers(tmp_path, backe
 async def test_more_readers_than_buffers_do_not_deadlock(tmp_path, backend_name: str) -> None:
     """Six readers sharing a pool of two buffers: a reader never waits for a
     buffer while it holds one (it once did, and the merge hung forever)."""
-    from pwriter.merge import merge
-    from pwriter.settings import load_settings
+    from pwriter.plan.settings import load_settings
+    from pwriter.service.merge import merge
 
     paths = write_corpus(str(tmp_path / "in"), files=12, events_per_file=1500)
     out = tmp_path / "merged.pfw"

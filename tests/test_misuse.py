@@ -14,17 +14,17 @@ import pytest
 import trio
 import trio.lowlevel
 
-import pwriter.channels
-import pwriter.inputs
-from pwriter.backends import open_backend
+import pwriter.data.inputs
+import pwriter.service.channels
+from pwriter.data.backends import open_backend
+from pwriter.data.inputs import collect_inputs
 from pwriter.errors import BusyError, ClosedError, DataError, InputError, UsageError
-from pwriter.inputs import collect_inputs
-from pwriter.merge import merge
-from pwriter.settings import ConfigError, load_settings
-from pwriter.sizing import FsInfo, FsKind
-from pwriter.sync import merge_sync, open_writer_sync
-from pwriter.testing import read_events, write_corpus
-from pwriter.writer import open_writer
+from pwriter.faces.sync import merge_sync, open_writer_sync
+from pwriter.faces.testing import read_events, write_corpus
+from pwriter.plan.settings import ConfigError, load_settings
+from pwriter.plan.sizing import FsInfo, FsKind
+from pwriter.service.merge import merge
+from pwriter.service.writer import open_writer
 
 from helpers import expect_failure, run_cli
 
@@ -180,20 +180,20 @@ async def test_reader_buffers_go_back_to_the_pool(tmp_path, settings_for, monkey
         with open(inputs[3], "ab") as handle:
             handle.write(b"\x00\x01 not a trace\n")
     seen: list[tuple[int, int]] = []
-    real_close = pwriter.channels.BufferPool.close
+    real_close = pwriter.service.channels.BufferPool.close
 
-    def close(pool: pwriter.channels.BufferPool) -> None:
+    def close(pool: pwriter.service.channels.BufferPool) -> None:
         seen.append((pool.available, pool.count))
         real_close(pool)
 
-    monkeypatch.setattr(pwriter.channels.BufferPool, "close", close)
-    real_fill = pwriter.inputs.InputRun.fill
+    monkeypatch.setattr(pwriter.service.channels.BufferPool, "close", close)
+    real_fill = pwriter.data.inputs.InputRun.fill
 
-    def slow_fill(run: pwriter.inputs.InputRun, *args: object) -> object:
+    def slow_fill(run: pwriter.data.inputs.InputRun, *args: object) -> object:
         time.sleep(0.02)  # (in the reader's thread) so that the merge is surely running at the cancel
         return real_fill(run, *args)  # type: ignore[arg-type]
 
-    monkeypatch.setattr(pwriter.inputs.InputRun, "fill", slow_fill)
+    monkeypatch.setattr(pwriter.data.inputs.InputRun, "fill", slow_fill)
     (tmp_path / "out").mkdir()
     with trio.move_on_after(0.05 if how == "cancelled" else 60):
         with pytest.raises(DataError) if how == "bad input" else _nothing():
@@ -212,7 +212,7 @@ class _nothing:
 
 
 async def test_io_uring_permit_is_released_when_prep_fails(tmp_path) -> None:
-    from pwriter.backends import available_backends
+    from pwriter.data.backends import available_backends
 
     if available_backends()["io_uring"] is not None:
         pytest.skip("io_uring unavailable")

@@ -17,9 +17,9 @@ import time
 import psutil
 import pytest
 
-from pwriter.corpus import write_corpus
-from pwriter.output import is_temporary_name, lock_path
-from pwriter.testing import read_events
+from pwriter.data.output import is_temporary_name, lock_path
+from pwriter.faces.corpus import write_corpus
+from pwriter.faces.testing import read_events
 
 from helpers import BIN, dftracer_tool, fake_ranks, published, run_cli
 
@@ -248,7 +248,7 @@ def test_a_write_error_on_the_ranks_fails_the_job_cleanly(corpus, tmp_path) -> N
     # writes past it fail with EFBIG, on whichever ranks make them.
     script = ("import resource, sys\nfrom mpi4py import MPI\n"
               "resource.setrlimit(resource.RLIMIT_FSIZE, (256 << 10, 256 << 10))\n"
-              "from pwriter.cli import main\nsys.exit(main(sys.argv[1:]))\n")
+              "from pwriter.faces.cli import main\nsys.exit(main(sys.argv[1:]))\n")
     process = subprocess.Popen([MPIEXEC, "-n", "2", os.path.join(BIN, "python"), "-c", script, "merge", "-d", corpus,
                                 "-o", str(out), "--no-fsync", "--layout", "striped"], stdout=subprocess.PIPE,
                                stderr=subprocess.PIPE, text=True, start_new_session=True)
@@ -263,7 +263,7 @@ def test_mpi_without_mpi4py_is_a_usage_error(monkeypatch) -> None:
     import sys
 
     from pwriter.errors import UsageError
-    from pwriter.mpi import World
+    from pwriter.faces.mpi import World
 
     monkeypatch.setitem(sys.modules, "mpi4py", None)  # as where the extra is not installed
     with pytest.raises(UsageError, match=r"mpi4py is not installed \(pip install 'pwriter\[mpi\]'\)"):
@@ -282,11 +282,11 @@ def test_every_file_gets_its_lustre_layout_on_create(corpus, single_process_even
     (bin_dir / "lfs").write_text(f"#!{os.path.join(BIN, 'python')}\nimport sys\nsys.path.insert(0, {here!r})\n"
                                  "from fake_lfs import main\nsys.exit(main(sys.argv[1:]))\n")
     (bin_dir / "lfs").chmod(0o755)
-    script = ("import os, sys\nimport pwriter.detect as detect\nfrom pwriter import lustre\n"
+    script = ("import os, sys\nimport pwriter.data.detect as detect\nfrom pwriter.data import lustre\n"
               "real = detect.statfs\nlustre._api = False\n"
               f"detect.statfs = lambda path: detect.StatfsResult(0x0BD00BD0, 4096) "
               f"if os.path.abspath(path).startswith({str(root)!r}) else real(path)\n"
-              "from pwriter.cli import main\nsys.exit(main(sys.argv[1:]))\n")
+              "from pwriter.faces.cli import main\nsys.exit(main(sys.argv[1:]))\n")
     out = root / "merged.pfw"
     process = subprocess.Popen(
         [MPIEXEC, "-n", "2", os.path.join(BIN, "python"), "-c", script, "merge", "-d", corpus, "-o", str(out),
@@ -331,7 +331,7 @@ def test_the_docs_library_example_runs_under_mpiexec(corpus, single_process_even
 
 
 async def test_merge_over_ranks_refuses_an_unknown_offsets_mode(tmp_path) -> None:
-    from pwriter.mpi import merge_over_ranks
+    from pwriter.faces.mpi import merge_over_ranks
 
     with pytest.raises(ValueError, match="offsets='fetch': expected 'counter' or 'exscan'"):
         await merge_over_ranks(None, [], None, str(tmp_path / "m.pfw"), offsets="fetch")  # type: ignore[arg-type]
@@ -397,7 +397,7 @@ def test_a_write_error_reported_at_close_fails_the_job(corpus, tmp_path) -> None
     naming the file and the rank, nothing published, nothing left."""
     out = tmp_path / "out" / "merged.pfw"
     out.parent.mkdir()
-    script = ("import errno, os, sys\nimport pwriter.output\n"
+    script = ("import errno, os, sys\nimport pwriter.data.output\n"
               "class FailingClose:\n"
               "    def __getattr__(self, name):\n"
               "        return self.close if name == 'close' else getattr(os, name)\n"
@@ -406,8 +406,8 @@ def test_a_write_error_reported_at_close_fails_the_job(corpus, tmp_path) -> None
               "        os.close(fd)\n"
               "        if '.merged.shard_001.pfw.pwriter-' in path:\n"
               "            raise OSError(errno.EIO, 'Input/output error')\n"
-              "pwriter.output.os = FailingClose()\n"
-              "from pwriter.cli import main\nsys.exit(main(sys.argv[1:]))\n")
+              "pwriter.data.output.os = FailingClose()\n"
+              "from pwriter.faces.cli import main\nsys.exit(main(sys.argv[1:]))\n")
     process = subprocess.Popen([MPIEXEC, "-n", "2", os.path.join(BIN, "python"), "-c", script, "merge", "-d", corpus,
                                 "-o", str(out), "--no-fsync", "--layout", "sharded", "--lanes", "2"],
                                stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True)

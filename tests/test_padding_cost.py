@@ -15,10 +15,10 @@ import pytest
 import trio
 from test_field_readers import event_count, split
 
-from pwriter.settings import load_settings
-from pwriter.sizing import FsInfo, FsKind
-from pwriter.testing import MemoryBackend, read_events
-from pwriter.writer import open_writer
+from pwriter.faces.testing import MemoryBackend, read_events
+from pwriter.plan.settings import load_settings
+from pwriter.plan.sizing import FsInfo, FsKind
+from pwriter.service.writer import open_writer
 
 from helpers import fake_ranks, run_cli
 
@@ -115,7 +115,7 @@ async def test_a_trickling_writer_pads_each_slot_once(tmp_path: pathlib.Path, au
     """Deadline flushes write into the lane's slot, without padding: a
     writer trickling events for 8 s writes at most its text plus (lanes + 2)
     stripes, however many deadline flushes it made."""
-    from pwriter.backends import open_backend
+    from pwriter.data.backends import open_backend
 
     target = str(tmp_path / f"trickle{suffix}")
     async with open_backend(backend_name, queue_depth=8) as backend:

@@ -1,4 +1,4 @@
-"""The writer's plan (pwriter.writer.WriterPlan): built from plain values, no I/O, printable.
+"""The writer's plan (pwriter.service.writer.WriterPlan): built from plain values, no I/O, printable.
 
 Every target lives in a directory that does not exist: a plan that touched
 the filesystem would fail there.
@@ -8,10 +8,10 @@ import gzip
 
 import pytest
 
-from pwriter.layout import GZIP_MIN_PADDING
-from pwriter.settings import ConfigError, Settings
-from pwriter.sizing import FsInfo, FsKind, plan_sizing
-from pwriter.writer import output_format, writer_plan
+from pwriter.plan.layout import GZIP_MIN_PADDING
+from pwriter.plan.settings import ConfigError, Settings
+from pwriter.plan.sizing import FsInfo, FsKind, plan_sizing
+from pwriter.service.writer import output_format, writer_plan
 
 MiB = 1 << 20
 NOWHERE = "/nonexistent-pwriter-dir/out"
@@ -70,8 +70,8 @@ def test_plan_refuses_what_cannot_be_honoured() -> None:
 
 
 def test_combine_statistics_sums_counts_and_keeps_the_rest() -> None:
-    from pwriter.backends import BackendStatistics
-    from pwriter.writer import WriterStatistics, combine_statistics
+    from pwriter.data.backends import BackendStatistics
+    from pwriter.service.writer import WriterStatistics, combine_statistics
 
     def stats(n: int) -> WriterStatistics:
         io = BackendStatistics(backend="threads", writes=n, bytes_written=10 * n, short_writes=n, interrupted=n,

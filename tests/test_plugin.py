@@ -16,7 +16,7 @@ import pytest
 import trio
 
 from pwriter.errors import WriteError
-from pwriter.testing import assert_same_events, read_events
+from pwriter.faces.testing import assert_same_events, read_events
 
 
 MARK
@@ -75,7 +75,7 @@ async def test_sizing_on_a_fake_lustre(pwriter_fake_fs, pwriter_open_writer):
 
 MARK
 async def test_the_fixture_takes_settings_as_open_writer_does(pwriter_open_writer):
-    from pwriter.settings import load_settings
+    from pwriter.plan.settings import load_settings
 
     with pytest.raises(TypeError, match="'stripe_sise'"):
         async with pwriter_open_writer(stripe_sise="64KiB"):
@@ -89,8 +89,8 @@ async def test_the_fixture_takes_settings_as_open_writer_does(pwriter_open_write
 
 
 def test_sizing_on_a_fake_nfs_without_trio(pwriter_fake_fs, tmp_path):
-    from pwriter.settings import load_settings
-    from pwriter.writer import plan
+    from pwriter.plan.settings import load_settings
+    from pwriter.service.writer import plan
 
     pwriter_fake_fs("nfs")
     fs, sizing = plan(str(tmp_path / "x.pfw"), load_settings())
@@ -142,7 +142,7 @@ import os
 import pytest
 
 from pwriter.errors import WriteError
-from pwriter.testing import FaultBackend, MemoryBackend
+from pwriter.faces.testing import FaultBackend, MemoryBackend
 
 
 @pytest.mark.pwriter_fault(fail_at=2, error="ENOSPC", on="write")

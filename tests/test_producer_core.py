@@ -1,4 +1,4 @@
-"""The producer handle's core (pwriter/handle.py): its states, its checks, its
+"""The producer handle's core (pwriter/service/handle.py): its states, its checks, its
 batch, and the promise that ``validate=True`` checks each byte once,
 through the trio handle and the sync handle alike."""
 
@@ -10,12 +10,12 @@ from collections.abc import Callable
 import pytest
 import trio
 
-import pwriter.writer
+import pwriter.service.writer
 from pwriter.errors import BusyError, ClosedError, InputError
-from pwriter.handle import HandleCore, HandleState, copy_of, join_lines
-from pwriter.sync import open_writer_sync
-from pwriter.testing import read_events
-from pwriter.writer import open_writer
+from pwriter.faces.sync import open_writer_sync
+from pwriter.faces.testing import read_events
+from pwriter.service.handle import HandleCore, HandleState, copy_of, join_lines
+from pwriter.service.writer import open_writer
 
 S = HandleState
 
@@ -202,7 +202,7 @@ class CountingChecks:
     def __init__(self, monkeypatch: pytest.MonkeyPatch) -> None:
         self.calls = 0
         self.bytes = 0
-        real = pwriter.writer._line_checker
+        real = pwriter.service.writer._line_checker
 
         def make(target: str) -> Callable[[bytes], None]:
             check = real(target)
@@ -214,7 +214,7 @@ class CountingChecks:
 
             return counted
 
-        monkeypatch.setattr(pwriter.writer, "_line_checker", make)
+        monkeypatch.setattr(pwriter.service.writer, "_line_checker", make)
 
 
 LINES = [b'{"a":1}'] * 1000  # 8 bytes each with its newline: 8,000 bytes

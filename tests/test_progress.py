@@ -11,7 +11,7 @@ import pytest
 import trio
 import trio.testing
 
-from pwriter import cli
+from pwriter.faces import cli
 
 from helpers import run_cli
 

@@ -18,14 +18,14 @@ from typing import Any
 
 import pytest
 
-import pwriter.output
-import pwriter.writer
+import pwriter.data.output
+import pwriter.service.writer
+from pwriter.data.output import is_temporary_name, lock_path, names_of_output, read_shard_set
 from pwriter.errors import OutputExistsError, UsageError, WriteError
-from pwriter.merge import collect_inputs, merge
-from pwriter.output import is_temporary_name, lock_path, names_of_output, read_shard_set
-from pwriter.settings import load_settings
-from pwriter.testing import FaultBackend, event_counter, read_events, write_corpus
-from pwriter.verify import verify
+from pwriter.faces.testing import FaultBackend, event_counter, read_events, write_corpus
+from pwriter.plan.settings import load_settings
+from pwriter.service.merge import collect_inputs, merge
+from pwriter.service.verify import verify
 
 from helpers import BIN, dftracer_tool, expect_failure, published, run_cli
 
@@ -72,7 +72,7 @@ class SweepBackend(FaultBackend):
 
 
 class SweepOs:
-    """``os`` as pwriter.output sees it, with the publishing calls counted."""
+    """``os`` as pwriter.data.output sees it, with the publishing calls counted."""
 
     COUNTED = ("link", "replace", "rename", "write", "fsync")
 
@@ -92,15 +92,15 @@ class SweepOs:
 
 
 def install_sweep(monkeypatch: pytest.MonkeyPatch, sweep: Sweep) -> None:
-    real_open_backend = pwriter.writer.open_backend
+    real_open_backend = pwriter.service.writer.open_backend
 
     @contextlib.asynccontextmanager
     async def open_backend(*args: Any, **kwargs: Any) -> AsyncIterator[Any]:
         async with real_open_backend(*args, **kwargs) as inner:
             yield SweepBackend(inner, sweep)
 
-    monkeypatch.setattr(pwriter.writer, "open_backend", open_backend)
-    monkeypatch.setattr(pwriter.output, "os", SweepOs(sweep))
+    monkeypatch.setattr(pwriter.service.writer, "open_backend", open_backend)
+    monkeypatch.setattr(pwriter.data.output, "os", SweepOs(sweep))
 
 
 @pytest.mark.parametrize("force", [False, True], ids=["new", "force"])
@@ -182,7 +182,7 @@ async def test_failed_index_publish_puts_the_old_output_back(tmp_path, settings_
             raise OSError(errno.ENOSPC, "No space left on device", destination)
         real_replace(source, destination, **dir_fds)
 
-    monkeypatch.setattr(pwriter.output.os, "replace", replace)
+    monkeypatch.setattr(pwriter.data.output.os, "replace", replace)
     with pytest.raises(WriteError, match="No space left on device"):
         await merge(inputs, target, settings=settings_for(), force=True)
     monkeypatch.undo()
@@ -192,9 +192,9 @@ async def test_failed_index_publish_puts_the_old_output_back(tmp_path, settings_
 
 def test_short_writes_of_small_files_are_resumed(tmp_path, monkeypatch: pytest.MonkeyPatch) -> None:
     real_write = os.write
-    monkeypatch.setattr(pwriter.output.os, "write", lambda fd, data: real_write(fd, bytes(data)[:7]))
+    monkeypatch.setattr(pwriter.data.output.os, "write", lambda fd, data: real_write(fd, bytes(data)[:7]))
     fd = os.open(tmp_path / "f", os.O_WRONLY | os.O_CREAT)
-    pwriter.output.write_fully(fd, b"0123456789" * 10)
+    pwriter.data.output.write_fully(fd, b"0123456789" * 10)
     os.close(fd)
     monkeypatch.undo()
     assert (tmp_path / "f").read_bytes() == b"0123456789" * 10
@@ -252,7 +252,7 @@ def test_check_lists_the_directory_once_and_examines_each_name_once(tmp_path,
         stats.append(os.fspath(path) if not isinstance(path, int) else path)
         return real_stat(path, *args, **kwargs)
 
-    files = pwriter.output.OutputSet(str(target), sharded=True, files=2, force=True)
+    files = pwriter.data.output.OutputSet(str(target), sharded=True, files=2, force=True)
     monkeypatch.setattr(os, "listdir", listdir)
     monkeypatch.setattr(os, "stat", stat)
     try:
@@ -276,10 +276,10 @@ def test_check_removes_a_killed_runs_shards_before_it_picks_the_generation(tmp_p
     (tmp_path / "merged.g1.shard_000.pfw").write_bytes(b"orphan")
     gone = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True,
                           check=True)
-    host = pwriter.output._host()
-    stale = tmp_path / f".merged.pfw.shards{pwriter.output.TEMP_MARKER}{host}-{int(gone.stdout)}-0123abcd.tmp"
+    host = pwriter.data.output._host()
+    stale = tmp_path / f".merged.pfw.shards{pwriter.data.output.TEMP_MARKER}{host}-{int(gone.stdout)}-0123abcd.tmp"
     stale.write_bytes(b"merged.g1.shard_000.pfw\n")
-    files = pwriter.output.OutputSet(str(target), sharded=True, files=2, force=True)
+    files = pwriter.data.output.OutputSet(str(target), sharded=True, files=2, force=True)
     files.check()
     try:
         assert files.generation == 1
@@ -293,13 +293,13 @@ def test_check_removes_a_killed_runs_shards_before_it_picks_the_generation(tmp_p
 async def test_library_refuses_dev_stdout_and_says_force_true(tmp_path, settings_for) -> None:
     before = os.lstat("/dev/stdout")
     with pytest.raises(UsageError, match="refusing to replace it"):
-        async with pwriter.writer.open_writer("/dev/stdout", settings=settings_for(), force=True):
+        async with pwriter.service.writer.open_writer("/dev/stdout", settings=settings_for(), force=True):
             pass
     after = os.lstat("/dev/stdout")
     assert (after.st_ino, after.st_mode) == (before.st_ino, before.st_mode)
     (tmp_path / "exists.pfw").write_bytes(b"[\n]\n")
     with pytest.raises(OutputExistsError, match=r"use force=True to replace it") as raised:
-        async with pwriter.writer.open_writer(str(tmp_path / "exists.pfw"), settings=settings_for()):
+        async with pwriter.service.writer.open_writer(str(tmp_path / "exists.pfw"), settings=settings_for()):
             pass
     assert "--force" not in str(raised.value)
 
@@ -335,7 +335,7 @@ def test_merge_to_a_closed_pipe_is_an_error(tmp_path) -> None:
 async def test_library_stream_target(tmp_path, settings_for) -> None:
     with open(tmp_path / "stream.pfw", "wb") as stream:
         stream.write(b"")
-        async with pwriter.writer.open_writer(stream, settings=settings_for(lanes=2, stripe_size="64KiB")) as w:
+        async with pwriter.service.writer.open_writer(stream, settings=settings_for(lanes=2, stripe_size="64KiB")) as w:
             async with w.producer(batch_bytes=100) as producer:
                 for n in range(2000):
                     await producer.send_line(b'{"n":%d}' % n)
@@ -362,7 +362,7 @@ def dead_pid() -> int:
 
 
 class CrashingOs:
-    """``os`` as pwriter.output sees it: the ``at``-th call that changes a
+    """``os`` as pwriter.data.output sees it: the ``at``-th call that changes a
     name (link, rename, replace, unlink) raises :class:`Crash` instead; and
     ``getpid`` is ``pid`` (that of a process that has ended, so that what the
     "killed" run leaves, its lock and temporaries, is a dead process's)."""
@@ -391,14 +391,14 @@ class CrashingOs:
 
 
 def crash_publishing(monkeypatch: pytest.MonkeyPatch, at: int | None, pid: int) -> CrashingOs:
-    """From now on pwriter.output, as process ``pid``, dies at its ``at``-th
+    """From now on pwriter.data.output, as process ``pid``, dies at its ``at``-th
     name change: a dead process's cleanup does not run (its descriptors
     still close)."""
     crashing = CrashingOs(at, pid)
-    monkeypatch.setattr(pwriter.output, "os", crashing)
-    real_discard = pwriter.output.OutputSet.discard
+    monkeypatch.setattr(pwriter.data.output, "os", crashing)
+    real_discard = pwriter.data.output.OutputSet.discard
 
-    def discard(self: pwriter.output.OutputSet) -> None:
+    def discard(self: pwriter.data.output.OutputSet) -> None:
         if at is not None and crashing.count >= at:
             self.close_files()
             if getattr(self, "_dir_fd", None) is not None:
@@ -407,7 +407,7 @@ def crash_publishing(monkeypatch: pytest.MonkeyPatch, at: int | None, pid: int) 
             return
         real_discard(self)
 
-    monkeypatch.setattr(pwriter.output.OutputSet, "discard", discard)
+    monkeypatch.setattr(pwriter.data.output.OutputSet, "discard", discard)
     return crashing
 
 
@@ -677,7 +677,7 @@ async def test_force_replaces_the_whole_set_whatever_its_layout(tmp_path) -> Non
 
 
 class FailingCloseOs:
-    """``os`` as pwriter.output sees it: closing a data file's descriptor
+    """``os`` as pwriter.data.output sees it: closing a data file's descriptor
     (a temporary of the output or of a shard) closes it, then reports EIO,
     as NFS reports a write that failed after ``write`` returned."""
 
@@ -712,7 +712,7 @@ async def test_a_write_error_reported_at_close_fails_the_merge(tmp_path, setting
     await merge(inputs[:1], target, settings=settings)
     before = snapshot(str(tmp_path / "out"))
     failing = FailingCloseOs("m")
-    monkeypatch.setattr(pwriter.output, "os", failing)
+    monkeypatch.setattr(pwriter.data.output, "os", failing)
     with pytest.raises(WriteError) as raised:
         await merge(inputs, target, settings=settings, force=True)
     monkeypatch.undo()
@@ -751,7 +751,7 @@ async def test_force_where_hard_links_are_refused(tmp_path, monkeypatch: pytest.
                                                             lanes=3, stripe_size="64KiB"))
     before = snapshot(str(out_dir))
     counting = Sweep(None)
-    monkeypatch.setattr(pwriter.output, "os", NoLinksOs(counting))
+    monkeypatch.setattr(pwriter.data.output, "os", NoLinksOs(counting))
     await merge(inputs, target, settings=settings, force=True)
     monkeypatch.undo()
     files, index = reader_view(target)
@@ -766,7 +766,7 @@ async def test_force_where_hard_links_are_refused(tmp_path, monkeypatch: pytest.
         for name, content in before.items():
             (out_dir / name).write_bytes(content)
         sweep = Sweep(fail_at)
-        monkeypatch.setattr(pwriter.output, "os", NoLinksOs(sweep))
+        monkeypatch.setattr(pwriter.data.output, "os", NoLinksOs(sweep))
         with pytest.raises((WriteError, OSError)):
             await merge(inputs, target, settings=settings, force=True)
         monkeypatch.undo()

@@ -12,7 +12,7 @@ import sys
 
 import pytest
 
-from pwriter.testing import read_events
+from pwriter.faces.testing import read_events
 
 README = pathlib.Path(__file__).resolve().parent.parent / "README.md"
 

@@ -10,10 +10,10 @@ import pathlib
 
 import pytest
 
+from pwriter.data.inputs import collect_inputs
+from pwriter.data.output import names_of_output
 from pwriter.errors import UsageError
-from pwriter.inputs import collect_inputs
-from pwriter.output import names_of_output
-from pwriter.testing import event_counter
+from pwriter.faces.testing import event_counter
 
 from helpers import expect_failure, run_cli
 

@@ -1,8 +1,8 @@
 import pytest
 
-import pwriter.settings
+import pwriter.plan.settings
 from pwriter.errors import UsageError
-from pwriter.settings import ConfigError, load_settings, parse_size, settings_from, settings_with
+from pwriter.plan.settings import ConfigError, load_settings, parse_size, settings_from, settings_with
 
 
 @pytest.mark.parametrize(
@@ -103,7 +103,7 @@ def test_environment_error_names_the_variable_and_unknown_variables_are_ignored(
 @pytest.fixture
 def fresh_warnings(monkeypatch: pytest.MonkeyPatch) -> None:
     """As in a new process: no old name has warned yet."""
-    monkeypatch.setattr(pwriter.settings, "_warned", set())
+    monkeypatch.setattr(pwriter.plan.settings, "_warned", set())
 
 
 @pytest.mark.usefixtures("fresh_warnings")

@@ -16,13 +16,13 @@ import subprocess
 import pytest
 import trio
 
-from pwriter.layout import SizedShardedPlanner
-from pwriter.merge import merge
-from pwriter.output import read_shard_set
-from pwriter.settings import ConfigError
-from pwriter.testing import read_events
-from pwriter.verify import verify
-from pwriter.writer import open_writer
+from pwriter.data.output import read_shard_set
+from pwriter.faces.testing import read_events
+from pwriter.plan.layout import SizedShardedPlanner
+from pwriter.plan.settings import ConfigError
+from pwriter.service.merge import merge
+from pwriter.service.verify import verify
+from pwriter.service.writer import open_writer
 
 from helpers import BIN, dftracer_tool, expect_failure, run_cli
 

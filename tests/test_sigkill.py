@@ -18,11 +18,11 @@ import signal
 import subprocess
 import time
 
-from pwriter.backends import available_backends
-from pwriter.corpus import write_corpus
-from pwriter.output import is_temporary_name, lock_path
-from pwriter.testing import read_text
-from pwriter.verify import verify
+from pwriter.data.backends import available_backends
+from pwriter.data.output import is_temporary_name, lock_path
+from pwriter.faces.corpus import write_corpus
+from pwriter.faces.testing import read_text
+from pwriter.service.verify import verify
 
 from helpers import BIN
 

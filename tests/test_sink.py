@@ -1,4 +1,4 @@
-"""Unit tests of pwriter.sink: ChunkSink, its member index, the stream gate and the slot pool.
+"""Unit tests of pwriter.data.sink: ChunkSink, its member index, the stream gate and the slot pool.
 
 The sink is driven directly, through its own interface (a planner, a small
 output of open files, a real backend); the oracle is the bytes on disk,
@@ -15,11 +15,11 @@ import zlib
 
 import trio
 
-from pwriter.backends import open_backend
-from pwriter.gzip_members import MemberIndex, gzip_member
-from pwriter.layout import GZIP_MIN_PADDING, PaddedStripedPlanner, Placement, StripedPlanner, gzip_padding_members
-from pwriter.output import StreamOutput
-from pwriter.sink import ChunkSink, StreamGate
+from pwriter.data.backends import open_backend
+from pwriter.data.gzip_members import MemberIndex, gzip_member
+from pwriter.data.output import StreamOutput
+from pwriter.data.sink import ChunkSink, StreamGate
+from pwriter.plan.layout import GZIP_MIN_PADDING, PaddedStripedPlanner, Placement, StripedPlanner, gzip_padding_members
 
 HEADER_TEXT = b"[\n"
 FOOTER_TEXT = b"]\n"
@@ -52,7 +52,7 @@ def make_sink(planner, output, backend, *, compressed: bool, padded: bool = Fals
 
 
 async def write_placed(sink: ChunkSink, placement: Placement, body: bytes) -> None:
-    """The sink's blocking write, in a worker thread (as the writer calls it)."""
+    """The sink's blocking write, in a thread (as the writer calls it)."""
     await trio.to_thread.run_sync(sink.write_placed, placement, body)
 
 
@@ -321,7 +321,7 @@ def test_write_chunk_refuses_a_chunk_over_capacity(tmp_path) -> None:
 
 
 def test_compress_chunk_is_one_member_of_its_lines() -> None:
-    from pwriter.gzip_members import compress_chunk
+    from pwriter.data.gzip_members import compress_chunk
 
     text = b"".join(lines_of(0, 7))
     member, events = compress_chunk(memoryview(text), 1)
@@ -336,7 +336,7 @@ async def test_held_text_is_written_by_flush_lane_without_padding(tmp_path) -> N
     slot is held (held_since says since when); flush_lane writes it at the
     next offset of the slot, unpadded, and the lane's next chunk goes right
     after it in the same slot; write_end pads the slot and ends the file."""
-    from pwriter.testing import MemoryBackend
+    from pwriter.faces.testing import MemoryBackend
 
     for compressed in (False, True):
         memory = MemoryBackend()

@@ -4,9 +4,9 @@ import subprocess
 
 import pytest
 
-from pwriter.detect import StatfsResult, detect_filesystem, nearest_existing, parse_lov_xattr
-from pwriter.settings import ConfigError, load_settings
-from pwriter.sizing import DEFAULT_STRIPE_SIZE, FsInfo, FsKind, fs_kind_from_magic, plan_sizing
+from pwriter.data.detect import StatfsResult, detect_filesystem, nearest_existing, parse_lov_xattr
+from pwriter.plan.settings import ConfigError, load_settings
+from pwriter.plan.sizing import DEFAULT_STRIPE_SIZE, FsInfo, FsKind, fs_kind_from_magic, plan_sizing
 
 MiB = 1 << 20
 GiB = 1 << 30
@@ -59,7 +59,7 @@ def test_detect_lustre_reads_lov_xattr(tmp_path) -> None:
 
 
 def test_detect_lustre_falls_back_to_lfs(tmp_path, monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr("pwriter.detect.shutil.which", lambda name: "/usr/bin/lfs")
+    monkeypatch.setattr("pwriter.data.detect.shutil.which", lambda name: "/usr/bin/lfs")
     calls = []
 
     def run(args, **kwargs):
@@ -70,7 +70,7 @@ def test_detect_lustre_falls_back_to_lfs(tmp_path, monkeypatch: pytest.MonkeyPat
         out = "2097152\n" if "--stripe-size" in args else "4\n"
         return subprocess.CompletedProcess(args, 0, stdout=out, stderr="")
 
-    monkeypatch.setattr("pwriter.lustre._api", False)
+    monkeypatch.setattr("pwriter.data.lustre._api", False)
     info = detect_filesystem(str(tmp_path), statfs=fake_statfs(0x0BD00BD0), getxattr=no_xattr, run=run)
     assert (info.stripe_size, info.stripe_count, info.ost_count) == (2 * MiB, 4, 2)
     assert info.layout_setter == "lfs"
@@ -208,8 +208,8 @@ def test_direct_io_means_padded_striped() -> None:
 
 
 def test_plan_refuses_a_share_of_no_process(tmp_path) -> None:
-    from pwriter.settings import load_settings
-    from pwriter.writer import plan
+    from pwriter.plan.settings import load_settings
+    from pwriter.service.writer import plan
 
     with pytest.raises(ValueError, match="processes_per_node=0: at least 1"):
         plan(str(tmp_path / "m.pfw"), load_settings(), processes_per_node=0)

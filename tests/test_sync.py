@@ -14,10 +14,10 @@ from concurrent.futures import ThreadPoolExecutor
 
 import pytest
 
+from pwriter.data.output import is_temporary_name
 from pwriter.errors import BusyError, ClosedError, InputError, OutputExistsError, WriteError
-from pwriter.output import is_temporary_name
-from pwriter.sync import merge_sync, open_writer_sync
-from pwriter.testing import FaultBackend, MemoryBackend, event_counter, read_events, write_corpus
+from pwriter.faces.sync import merge_sync, open_writer_sync
+from pwriter.faces.testing import FaultBackend, MemoryBackend, event_counter, read_events, write_corpus
 
 from helpers import published
 
@@ -270,9 +270,9 @@ def test_a_pool_that_outlives_the_writer_gets_closed_errors_and_loses_nothing(tm
 CTRL_C_DURING_A_SEND = r"""
 import faulthandler, os, signal, sys, threading, time
 faulthandler.dump_traceback_later(30, exit=True)  # a hang shows where every thread waits
-from pwriter.settings import load_settings
-from pwriter.sync import open_writer_sync
-from pwriter.testing import FaultBackend, MemoryBackend
+from pwriter.plan.settings import load_settings
+from pwriter.faces.sync import open_writer_sync
+from pwriter.faces.testing import FaultBackend, MemoryBackend
 
 directory = sys.argv[1]
 stuck = FaultBackend(MemoryBackend(), delay=3600)  # no write ever completes: sends wait for room

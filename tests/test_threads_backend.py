@@ -8,8 +8,8 @@ import os
 import pytest
 import trio
 
-from pwriter.backends import BackendUnavailable, available_backends, open_backend
-from pwriter.backends.threads import ThreadBackend, WriteCounts, pwritev_fully
+from pwriter.data.backends import BackendUnavailable, available_backends, open_backend
+from pwriter.data.backends.threads import ThreadBackend, WriteCounts, pwritev_fully
 
 
 def test_short_writes_are_resumed(tmp_path, monkeypatch: pytest.MonkeyPatch) -> None:

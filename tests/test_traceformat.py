@@ -4,9 +4,9 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-import pwriter.traceformat as traceformat
+import pwriter.plan.traceformat as traceformat
 from pwriter.errors import InputError
-from pwriter.traceformat import BlockCleaner
+from pwriter.plan.traceformat import BlockCleaner
 
 # The C scanner (pwriter._native) and the pure-Python scan must agree: every
 # test of the cleaner runs both ways (the C one only where it is built).
@@ -143,7 +143,7 @@ def test_rfind_newline(name: str) -> None:
 
 @given(st.lists(st.integers(0, 10**7), max_size=50), st.integers(1, 12))
 def test_partition_is_contiguous_complete_and_uses_every_reader(sizes, parts) -> None:
-    from pwriter.merge import partition
+    from pwriter.service.merge import partition
 
     runs = partition(sizes, parts)
     assert [i for run in runs for i in run] == list(range(len(sizes)))

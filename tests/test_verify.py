@@ -7,9 +7,9 @@ import json
 
 import pytest
 
-import pwriter.traceformat as traceformat
-from pwriter.corpus import write_corpus
-from pwriter.verify import verify
+import pwriter.plan.traceformat as traceformat
+from pwriter.faces.corpus import write_corpus
+from pwriter.service.verify import verify
 
 from helpers import run_cli
 
@@ -79,6 +79,6 @@ def test_verify_command_exit_codes(corpus, tmp_path) -> None:
 
 
 def _events(path: str) -> list[bytes]:
-    from pwriter.testing import read_events
+    from pwriter.faces.testing import read_events
 
     return read_events(path)

@@ -17,14 +17,14 @@ import zlib
 
 import pytest
 
+from pwriter.data.inputs import starts_array
+from pwriter.data.output import member_index_path
 from pwriter.errors import UsageError
-from pwriter.inputs import starts_array
-from pwriter.merge import merge, resolve_wrap
-from pwriter.output import member_index_path
-from pwriter.settings import ConfigError
-from pwriter.testing import read_events
-from pwriter.verify import verify
-from pwriter.writer import open_writer
+from pwriter.faces.testing import read_events
+from pwriter.plan.settings import ConfigError
+from pwriter.service.merge import merge, resolve_wrap
+from pwriter.service.verify import verify
+from pwriter.service.writer import open_writer
 
 from helpers import run_cli
 

@@ -13,13 +13,13 @@ import trio
 import trio.lowlevel
 import trio.testing
 
-from pwriter.backends import open_backend
+from pwriter.data.backends import open_backend
+from pwriter.data.output import is_temporary_name
 from pwriter.errors import UsageError, WriteError
-from pwriter.output import is_temporary_name
-from pwriter.settings import load_settings
-from pwriter.sizing import FsInfo, FsKind
-from pwriter.testing import FaultBackend, MemoryBackend, read_events, read_text
-from pwriter.writer import open_writer
+from pwriter.faces.testing import FaultBackend, MemoryBackend, read_events, read_text
+from pwriter.plan.settings import load_settings
+from pwriter.plan.sizing import FsInfo, FsKind
+from pwriter.service.writer import open_writer
 
 from helpers import published
 

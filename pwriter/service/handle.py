@@ -2,8 +2,8 @@
 
 Theory of operation
 -------------------
-pwriter has two producer handles, :class:`~pwriter.channels.Producer` for
-trio tasks and :class:`~pwriter.sync.SyncProducer` for plain threads.  Both
+pwriter has two producer handles, :class:`~pwriter.service.channels.Producer` for
+trio tasks and :class:`~pwriter.faces.sync.SyncProducer` for plain threads.  Both
 keep the same promises (lines checked and copied at the call, batched in the
 handle, one user at a time, a call that returned took its lines and one
 that raised took none), so both are built on one :class:`HandleCore`, which
@@ -36,8 +36,8 @@ import math
 import operator
 from collections.abc import Callable, Iterable
 
-from .errors import BusyError, ClosedError
-from .traceformat import count_lines
+from ..errors import BusyError, ClosedError
+from ..plan.traceformat import count_lines
 
 __all__ = ["DEFAULT_BATCH_BYTES", "HandleCore", "HandleState", "copy_of", "join_lines", "one_line"]
 

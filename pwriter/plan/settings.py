@@ -1,6 +1,6 @@
 """User-facing settings: one pydantic model, read from ``PWRITER_*``.
 
-Every field may be left at its default, in which case :mod:`pwriter.sizing`
+Every field may be left at its default, in which case :mod:`pwriter.plan.sizing`
 derives a value from the filesystem and the machine.  Explicit values (from
 the environment, the command line or the library call) always win.
 
@@ -20,14 +20,14 @@ from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, ValidationError
 
-from .errors import UsageError
+from ..errors import UsageError
 from .layout import LayoutName
 
 __all__ = ["ConfigError", "LayoutChoice", "BackendName", "WrapChoice", "Settings", "parse_size", "load_settings",
            "settings_with",
            "settings_from", "describe_settings"]
 
-LayoutChoice = Literal["auto", LayoutName]  # (the layouts themselves: pwriter.layout.LayoutName)
+LayoutChoice = Literal["auto", LayoutName]  # (the layouts themselves: pwriter.plan.layout.LayoutName)
 BackendName = Literal["auto", "io_uring", "threads"]
 WrapChoice = Literal["auto", "array", "none"]
 

@@ -4,7 +4,7 @@ Theory of operation
 -------------------
 What this backend does, honestly (``mechanism`` in its statistics):
 
-* Writes are plain ``pwritev`` calls in the worker thread that made the
+* Writes are plain ``pwritev`` calls in the thread that made the
   chunk (:meth:`IoUringBackend.write`, the same code as the thread
   backend's).  liburing rings are not thread-safe; a small ring of each
   thread's own, used synchronously (prep, ``io_uring_submit_and_wait``,
@@ -15,7 +15,7 @@ What this backend does, honestly (``mechanism`` in its statistics):
   (``bench/ring_lock.py``).  Figures in ``docs/performance.md``.
 
 * fsync goes through one ring driven by trio.  A ring has a submission
-  queue of ``entries`` slots and a completion queue of twice that; never
+  queue of ``entries`` entries and a completion queue of twice that; never
   more operations are in flight than ``entries`` (a trio Semaphore admits
   them), so an SQE is always available and the CQ does not overflow in
   normal operation; the reaper still honours the overflow flag, because
@@ -33,7 +33,7 @@ What this backend does, honestly (``mechanism`` in its statistics):
   submitting task waits for its CQE shielded from cancellation.
 
 * Registered files: a sparse file table; :meth:`register` puts a file in a
-  slot and its operations carry IOSQE_FIXED_FILE (no file reference taken per
+  table entry and its operations carry IOSQE_FIXED_FILE (no file reference taken per
   operation).  Kernels that refuse the table get plain descriptors.
 
 * Ctrl-C: trio delivers KeyboardInterrupt to the main task even inside
@@ -69,7 +69,7 @@ __all__ = ["IoUringBackend", "open_io_uring_backend", "unavailable_reason", "PW_
 
 #: Must equal PW_ABI in pwriter/_uring_build.py (a test checks it).
 PW_ABI = 1
-FILE_SLOTS = 64
+FILE_TABLE_SIZE = 64
 REAP_BATCH = 256
 MAX_ENTRIES = 4096
 _RETRY_SUBMIT = (errno.EAGAIN, errno.EBUSY, errno.EINTR)
@@ -78,7 +78,7 @@ _U64 = (1 << 64) - 1
 
 def _load() -> tuple[Any, Any]:
     try:
-        from .. import _uring
+        from ... import _uring
     except ImportError as exc:
         raise BackendUnavailable(
             f"the io_uring extension is not built ({exc}); install liburing-dev and reinstall pwriter"
@@ -130,7 +130,7 @@ class _Operation:
 
 
 class IoUringBackend:
-    """Writes with ``pwritev`` in the calling worker thread, each call at most
+    """Writes with ``pwritev`` in the calling thread, each call at most
     ``write_call_size`` bytes; fsyncs through one io_uring of at least
     ``queue_depth`` entries (see the module docstring).
 
@@ -156,9 +156,9 @@ class IoUringBackend:
             os.close(self._eventfd)
             self._lib.io_uring_queue_exit(self._ring)
             raise BackendUnavailable(f"cannot register an eventfd with io_uring: {os.strerror(-rc)}")
-        self.fixed_files = self._lib.io_uring_register_files_sparse(self._ring, FILE_SLOTS) == 0
-        self._free_file_slots = list(range(FILE_SLOTS - 1, -1, -1)) if self.fixed_files else []
-        self._file_slot: dict[int, int] = {}
+        self.fixed_files = self._lib.io_uring_register_files_sparse(self._ring, FILE_TABLE_SIZE) == 0
+        self._free_file_indexes = list(range(FILE_TABLE_SIZE - 1, -1, -1)) if self.fixed_files else []
+        self._file_index: dict[int, int] = {}
         self._names: dict[int, str] = {}
         self._admit = trio.Semaphore(self.entries)
         self._operations: dict[int, _Operation] = {}
@@ -178,26 +178,26 @@ class IoUringBackend:
 
     def register(self, fd: int, name: str) -> None:
         self._names[fd] = name
-        if self._free_file_slots:
-            slot = self._free_file_slots.pop()
+        if self._free_file_indexes:
+            index = self._free_file_indexes.pop()
             files = self._ffi.new("int[1]", [fd])
-            if self._lib.io_uring_register_files_update(self._ring, slot, files, 1) == 1:
-                self._file_slot[fd] = slot
+            if self._lib.io_uring_register_files_update(self._ring, index, files, 1) == 1:
+                self._file_index[fd] = index
             else:
-                self._free_file_slots.append(slot)
+                self._free_file_indexes.append(index)
 
     def unregister(self, fd: int) -> None:
         self._names.pop(fd, None)
-        slot = self._file_slot.pop(fd, None)
-        if slot is not None:
+        index = self._file_index.pop(fd, None)
+        if index is not None:
             files = self._ffi.new("int[1]", [-1])
-            self._lib.io_uring_register_files_update(self._ring, slot, files, 1)
-            self._free_file_slots.append(slot)
+            self._lib.io_uring_register_files_update(self._ring, index, files, 1)
+            self._free_file_indexes.append(index)
 
     # -- operations --------------------------------------------------------
 
     def write(self, fd: int, buffers: Sequence[Buffer], offset: int) -> None:
-        """Blocking, from a worker thread: ``pwritev`` in that thread (see
+        """Blocking, from a thread: ``pwritev`` in that thread (see
         the module docstring: a ring of the thread's own was slower)."""
         if self._closed:
             raise RuntimeError("io_uring backend is closed")
@@ -211,8 +211,8 @@ class IoUringBackend:
         self._counts.fsyncs += 1
 
     def _target(self, fd: int) -> tuple[int, int]:
-        slot = self._file_slot.get(fd)
-        return (fd, 0) if slot is None else (slot, 1)
+        index = self._file_index.get(fd)
+        return (fd, 0) if index is None else (index, 1)
 
     def _prep_fsync(self, fd: int, user_data: int) -> tuple[int, object]:
         target, fixed_file = self._target(fd)

@@ -3,7 +3,7 @@
 Each chunk becomes standalone gzip members, so that any member can be
 decompressed alone (see :class:`MemberIndex`) and the concatenation is an
 ordinary multi-member gzip file.  python-isal compresses (it releases the
-GIL, so worker threads compress in parallel); its levels are 0 to 3, and a
+GIL, so threads compress in parallel); its levels are 0 to 3, and a
 higher level is an error (:func:`check_level`).  Without isal, zlib does it
 (levels 1 to 9).
 
@@ -11,7 +11,7 @@ higher level is an error (:func:`check_level`).  Without isal, zlib does it
 thread of the lane's maker (blocking): a member per chunk, or in a padded
 layout members sized by what they compress to, to fill the lane's slots
 (:class:`SlotMembers`).  It places and writes through the callbacks it is
-given (the chunk sink's, :mod:`pwriter.sink`, which imports this module;
+given (the chunk sink's, :mod:`pwriter.data.sink`, which imports this module;
 this module never imports the sink).
 """
 
@@ -22,8 +22,8 @@ import threading
 from collections.abc import Callable, Iterable, Sequence
 from typing import TYPE_CHECKING
 
-from .layout import Placement, gzip_padding_members
-from .traceformat import count_newlines, rfind_newline
+from ..plan.layout import Placement, gzip_padding_members
+from ..plan.traceformat import count_newlines, rfind_newline
 
 if TYPE_CHECKING:
     from typing_extensions import Buffer
@@ -32,8 +32,8 @@ __all__ = ["gzip_member", "check_level", "compress_chunk", "Member", "SlotMember
 
 
 def check_level(level: int) -> None:
-    """Refuse (:class:`~pwriter.settings.ConfigError`) a level the codec does not have."""
-    from .settings import ConfigError
+    """Refuse (:class:`~pwriter.plan.settings.ConfigError`) a level the codec does not have."""
+    from ..plan.settings import ConfigError
 
     try:
         from isal import igzip  # noqa: F401

@@ -12,16 +12,16 @@ published:
 1. **Decide** (rank 0): collect and check the inputs and the output,
    detect the filesystem, size the writer (memory and CPUs divided among
    the ranks of each node), create the shared file's temporary, on Lustre
-   with its layout (:mod:`pwriter.lustre`), and read the layout back.  The
+   with its layout (:mod:`pwriter.data.lustre`), and read the layout back.  The
    inputs, their sizes, the sizing and the file names go to every rank.
 2. **Open**: each rank takes its share of the inputs
-   (:func:`~pwriter.merge.partition` over the ranks, by size) and opens
+   (:func:`~pwriter.service.merge.partition` over the ranks, by size) and opens
    the shared file by name; sharded, it creates its own ``lanes`` shards
    (with their layouts), so that thousands of ranks never wait for one to
    create every shard.
 3. **Merge**: each rank merges its share with the normal data plane (the
-   same readers, chunk sink and backends as one process), as one *part* of
-   the output (:class:`RankPart`):
+   same readers, chunk sink and backends as one process), as one *share* of
+   the output (:class:`RankShare`):
 
    * striped: each chunk takes the next bytes of one counter that every
      rank shares, an MPI one-sided fetch-and-add on rank 0
@@ -45,11 +45,11 @@ published:
    A rank that fails adds a huge value to the shared counter, so that every
    other rank fails at its next placement instead of finishing its share.
 4. **Close**: each rank waits for its writes and fsyncs its files; the
-   agreement says whether every part is whole.
+   agreement says whether every share is whole.
 5. **Commit** (rank 0): the footer at the counter's last value, the gzip
    member index and the shards' temporary names gathered from every rank
-   (file numbers of sharded parts made global), the manifest of a sharded
-   set; then the one all-or-nothing publish of :mod:`pwriter.output`.  Its
+   (file numbers of sharded shares made global), the manifest of a sharded
+   set; then the one all-or-nothing publish of :mod:`pwriter.data.output`.  Its
    outcome is agreed too.
 
 On failure rank 0 removes the shared file's temporary and each rank the
@@ -83,8 +83,9 @@ from typing import TYPE_CHECKING, Any, NoReturn
 
 import trio
 
-from .errors import PwriterError, UsageError
-from .layout import (
+from ..data.output import CreatedFiles, OutputSet
+from ..errors import PwriterError, UsageError
+from ..plan.layout import (
     GZIP_MIN_PADDING,
     Counter,
     LocalCounter,
@@ -95,15 +96,14 @@ from .layout import (
     SharedStripedPlanner,
     SizedShardedPlanner,
 )
-from .output import CreatedFiles, OutputSet
-from .settings import Settings
-from .sizing import FsInfo, Sizing, Striping, shard_offsets
+from ..plan.settings import Settings
+from ..plan.sizing import FsInfo, Sizing, Striping, shard_offsets
 
 if TYPE_CHECKING:
-    from .gzip_members import MemberIndex
-    from .writer import OutputFormat, WriterShare
+    from ..data.gzip_members import MemberIndex
+    from ..service.writer import OutputFormat, WriterShare
 
-__all__ = ["launched_by_mpi", "RankFailed", "RankTimeout", "World", "WindowCounter", "RankPart", "RankOutput",
+__all__ = ["launched_by_mpi", "RankFailed", "RankTimeout", "World", "WindowCounter", "RankShare", "RankOutput",
            "merge_over_ranks", "RankMergeResult"]
 
 _ENV_SIZES = ("PMI_SIZE", "OMPI_COMM_WORLD_SIZE", "PMIX_SIZE", "MPI_LOCALNRANKS")
@@ -285,34 +285,34 @@ class WindowCounter:
 
 
 class RankOutput(CreatedFiles):
-    """One rank's files of the output (an :class:`~pwriter.output.Output`):
+    """One rank's files of the output (an :class:`~pwriter.data.output.Output`):
     a shared file that rank 0 created, opened by name; or (sharded) this
     rank's own shards, which it creates itself (``first`` is the file
     number of its first, for its Lustre layout), so that thousands of ranks
     do not wait for rank 0 to create every shard one after the other.  A
-    growing part (a shard size) adds its shards as the base class does;
+    growing share (a shard size) adds its shards as the base class does;
     their final names are given by rank 0 at the commit, in the set's read
     order.
 
-    ``publish`` only records that this part is written; rank 0 publishes
-    the whole output once every part is (see the module docstring).
+    ``publish`` only records that this share is written; rank 0 publishes
+    the whole output once every share is (see the module docstring).
     ``discard`` closes this rank's descriptors, and removes the shards it
-    created unless its part was written (then rank 0 publishes or removes
+    created unless its share was written (then rank 0 publishes or removes
     them); :meth:`remove_created` removes them when another rank failed."""
 
     def __init__(self, target: str, targets: Sequence[str], *, temporaries: Sequence[str] = (),
                  first: int = 0, striping: Striping | None = None, generation: int = 0) -> None:
         super().__init__(target, targets, striping=striping, first=first, generation=generation)
         self.temporaries = list(temporaries)
-        self._creates = not temporaries  # a sharded part: this rank creates its shards
+        self._creates = not temporaries  # a sharded share: this rank creates its shards
         self.manifest: str | None = None
         self.written = False
 
     def create(self, *, direct: bool = False) -> list[int]:
         """Create this rank's shards (in the directory as it is now, even if
-        it is renamed later: see :mod:`pwriter.output`), or open the shared
+        it is renamed later: see :mod:`pwriter.data.output`), or open the shared
         file rank 0 created."""
-        from .errors import WriteError
+        from ..errors import WriteError
 
         if self._creates:
             self._create_files(direct=direct)
@@ -329,21 +329,21 @@ class RankOutput(CreatedFiles):
         return self.fds
 
     def publish(self, *, fsync: bool, sidecars: dict[str, bytes] | None = None) -> None:
-        """This part is written: close its files, checking each close
-        (:func:`~pwriter.output.close_checked`: a write error reported there
-        fails the part, and so the job)."""
+        """This share is written: close its files, checking each close
+        (:func:`~pwriter.data.output.close_checked`: a write error reported there
+        fails the share, and so the job)."""
         self._close_files_checked()
         self.written = True
 
     def discard(self) -> None:
-        """Close this rank's descriptors; remove the shards it created unless its part was written."""
+        """Close this rank's descriptors; remove the shards it created unless its share was written."""
         self.close_files()
         if not self.written:
             self.remove_created()
 
     def remove_created(self) -> None:
         """Remove the shards this rank created (nothing for a shared file)."""
-        from .output import _unlink_quietly
+        from ..data.output import _unlink_quietly
 
         if self._creates:
             for name in self.temporaries:
@@ -358,8 +358,9 @@ class RankOutput(CreatedFiles):
 
 
 @dataclasses.dataclass
-class RankPart:
-    """What one rank writes; :meth:`writer_share` makes its writer's plan (:class:`pwriter.writer.WriterShare`)."""
+class RankShare:
+    """What one rank writes; :meth:`writer_share` makes its writer's plan
+    (:class:`pwriter.service.writer.WriterShare`)."""
 
     fs: FsInfo
     sizing: Sizing
@@ -369,14 +370,14 @@ class RankPart:
     counter: Counter | None
     """Striped and padded-striped: where offsets come from."""
     form: OutputFormat
-    """The output's compression and framing (:func:`pwriter.writer.output_format`)."""
+    """The output's compression and framing (:func:`pwriter.service.writer.output_format`)."""
     shard_size: int | None = None
     """Sharded: the shard size (each shard then has the header and the footer)."""
 
     def writer_share(self, target: str, settings: Settings) -> WriterShare:
         """This rank's writer: its plan (the sizing rank 0 decided, without the
         header or footer another rank writes), its files and its planner."""
-        from .writer import WriterShare, writer_plan
+        from ..service.writer import WriterShare, writer_plan
 
         plan = writer_plan(target, settings, self.form, self.fs, self.sizing)
         planner = self.planner(header_length=plan.header_length, min_padding=plan.min_padding)
@@ -415,14 +416,14 @@ class Decision:
     wrap: str
     """The output's wrapping, ``array`` or ``none`` (``auto`` resolved from every input)."""
     generation: int = 0
-    """Sharded: the generation of the shards' names (:class:`~pwriter.output.OutputSet`)."""
+    """Sharded: the generation of the shards' names (:class:`~pwriter.data.output.OutputSet`)."""
 
 
 @dataclasses.dataclass(frozen=True)
 class RankMergeResult:
     """The merge of every rank, on rank 0: the aggregated result and each rank's share."""
 
-    result: Any  # pwriter.merge.MergeResult, with statistics summed over the ranks
+    result: Any  # pwriter.service.merge.MergeResult, with statistics summed over the ranks
     ranks: int
     per_rank: list[dict[str, Any]]
     inputs: list[str]
@@ -431,10 +432,10 @@ class RankMergeResult:
 def _decide(world: World, paths: Sequence[str], directories: Sequence[str] | None, output: str,
             settings: Settings, force: bool, offsets: str, recursive: bool = False) -> tuple[Decision, OutputSet]:
     """Step 1, on rank 0: returns the decision and the OutputSet (kept on rank 0 to publish)."""
-    from .inputs import collect_inputs, input_size
-    from .merge import resolve_wrap
-    from .output import member_index_path, names_of_output
-    from .writer import check_shard_size, follow_layout_of, output_compression, plan
+    from ..data.inputs import collect_inputs, input_size
+    from ..data.output import member_index_path, names_of_output
+    from ..service.merge import resolve_wrap
+    from ..service.writer import check_shard_size, follow_layout_of, output_compression, plan
 
     compressed = output_compression(output, settings)
     if offsets == "exscan" and (compressed or settings.direct
@@ -490,13 +491,13 @@ async def merge_over_ranks(
     result on rank 0 and None on the others; raises on every rank when any
     rank fails, and then nothing is published.  ``offsets`` is ``counter``
     or ``exscan`` (striped, uncompressed output only; see the module docstring);
-    ``recursive``: every trace below each of ``directories`` (:func:`~pwriter.inputs.collect_inputs`);
-    ``settings`` default to :func:`~pwriter.settings.load_settings`.  Rank 0
+    ``recursive``: every trace below each of ``directories`` (:func:`~pwriter.data.inputs.collect_inputs`);
+    ``settings`` default to :func:`~pwriter.plan.settings.load_settings`.  Rank 0
     decides the wrapping (``settings.wrap``, ``auto`` from every input) and
     judges the completeness of every input (``require_complete``: an
     incomplete one fails the job before anything is published)."""
-    from .settings import load_settings, settings_with
-    from .writer import output_format
+    from ..plan.settings import load_settings, settings_with
+    from ..service.writer import output_format
 
     if offsets not in ("counter", "exscan"):  # (every rank finds it: no agreement needed)
         raise ValueError(f"offsets={offsets!r}: expected 'counter' or 'exscan'")
@@ -506,21 +507,21 @@ async def merge_over_ranks(
     settings = settings_with(given, wrap=decision.wrap)  # (every rank writes as rank 0 decided)
     exscan = offsets == "exscan" and decision.sizing.layout == "striped"
     counter: WindowCounter | None = None
-    part_output: RankOutput | None = None
+    share_output: RankOutput | None = None
     hung = False  # another rank hangs: nothing collective any more
     try:
         form = output_format(output, settings)  # (a level the codec lacks fails here, agreed on below)
         inputs = _inputs_of_rank(world, decision)
-        part_output = _rank_output(world, decision, output)
-        counter, part_counter, counted = await _rank_offsets(world, decision, inputs, len(form.header), exscan,
+        share_output = _rank_output(world, decision, output)
+        counter, share_counter, counted = await _rank_offsets(world, decision, inputs, len(form.header), exscan,
                                                              salvage, validate)
-        part = _rank_part(world, decision, settings, part_output, part_counter, form)
-        result, failure = await _merge_share(world, inputs, output, settings, part, counter, counted, exscan,
+        share = _rank_share(world, decision, settings, share_output, share_counter, form)
+        result, failure = await _merge_share(world, inputs, output, settings, share, counter, counted, exscan,
                                              force=force, progress=progress, salvage=salvage, validate=validate)
         with trio.CancelScope(shield=True):  # collective from here on: every rank takes part
             await world.agree(failure)
             assert result is not None
-            gathered = world.gather(_rank_report(world, decision, settings, result, part_output, started))
+            gathered = world.gather(_rank_report(world, decision, settings, result, share_output, started))
             commit_error: BaseException | None = None
             footer_bytes = 0
             incomplete: tuple[Any, ...] = ()
@@ -535,16 +536,16 @@ async def merge_over_ranks(
             await world.agree(commit_error)
     except BaseException as exc:
         hung = isinstance(exc, RankTimeout)
-        if part_output is not None:
-            part_output.remove_created()
+        if share_output is not None:
+            share_output.remove_created()
         if world.rank == 0 and outputs is not None:
             outputs.discard()
         raise
     finally:
         if counter is not None and not hung:
             counter.free()
-        if part_output is not None:
-            part_output.close_directory()
+        if share_output is not None:
+            share_output.close_directory()
     if world.rank != 0:
         return None
     assert gathered is not None
@@ -574,7 +575,7 @@ async def _decide_everywhere(world: World, paths: Sequence[str], directories: Se
 
 def _inputs_of_rank(world: World, decision: Decision) -> list[str]:
     """Step 2: this rank's share of the inputs (by size, in order; none for a rank beyond the inputs)."""
-    from .merge import partition
+    from ..service.merge import partition
 
     share = partition(decision.sizes, world.size) if decision.sizes else []
     mine = share[world.rank] if world.rank < len(share) else range(0)
@@ -606,32 +607,32 @@ async def _rank_offsets(world: World, decision: Decision, inputs: list[str], hea
     return counter, counter, 0
 
 
-def _rank_part(world: World, decision: Decision, settings: Settings, part_output: RankOutput,
-               part_counter: Counter | None, form: OutputFormat) -> RankPart:
+def _rank_share(world: World, decision: Decision, settings: Settings, share_output: RankOutput,
+               share_counter: Counter | None, form: OutputFormat) -> RankShare:
     """What this rank writes: its files, the header (rank 0, or every shard of a
     sized sharded set) and the footer (the last rank's last shard, or every sized shard)."""
     sharded = decision.sizing.layout == "sharded"
     sized = sharded and settings.shard_size is not None
-    return RankPart(fs=decision.fs, sizing=decision.sizing, output=part_output,
+    return RankShare(fs=decision.fs, sizing=decision.sizing, output=share_output,
                     writes_header=world.rank == 0 or sized,
-                    writes_footer=sized or (sharded and world.rank == world.size - 1), counter=part_counter,
+                    writes_footer=sized or (sharded and world.rank == world.size - 1), counter=share_counter,
                     form=form, shard_size=settings.shard_size if sized else None)
 
 
-async def _merge_share(world: World, inputs: list[str], output: str, settings: Settings, part: RankPart,
+async def _merge_share(world: World, inputs: list[str], output: str, settings: Settings, share: RankShare,
                        counter: WindowCounter | None, counted: int, exscan: bool, *, force: bool, progress: Any,
                        salvage: bool, validate: bool) -> tuple[Any, BaseException | None]:
     """Step 3: merge this rank's share with the normal data plane, as its part of
     the output.  Returns the result, or the failure (to agree on; the shared
     counter is told first, so that the other ranks stop early)."""
-    from .errors import DataError
-    from .merge import MergeProgress, merge
+    from ..errors import DataError
+    from ..service.merge import MergeProgress, merge
 
     try:
         result = await merge(inputs, output, settings=settings, force=force,
                              progress=progress if progress is not None else MergeProgress(0),
                              readers=max(1, min(len(inputs), (os.cpu_count() or 1) // world.node_ranks)),
-                             salvage=salvage, validate=validate, part=part.writer_share(output, settings))
+                             salvage=salvage, validate=validate, share=share.writer_share(output, settings))
         if exscan and result.writer.line_bytes != counted:
             raise DataError(f"an input of rank {world.rank} changed while it was read: {counted} bytes of "
                             f"events counted, {result.writer.line_bytes} written")
@@ -642,7 +643,7 @@ async def _merge_share(world: World, inputs: list[str], output: str, settings: S
     return result, None
 
 
-def _rank_report(world: World, decision: Decision, settings: Settings, result: Any, part_output: RankOutput,
+def _rank_report(world: World, decision: Decision, settings: Settings, result: Any, share_output: RankOutput,
                  started: float) -> dict[str, Any]:
     """Step 4: what this rank sends rank 0 for the commit and the report."""
     sharded = decision.sizing.layout == "sharded"
@@ -655,7 +656,7 @@ def _rank_report(world: World, decision: Decision, settings: Settings, result: A
         "seconds": round(time.perf_counter() - started, 6), "stats": stats, "salvaged": result.salvaged,
         "entries": [(entry[0] + file_base, *entry[1:]) for entry in result.member_entries],
         "ends": result.ends,
-        "temporaries": part_output.temporaries if sharded else [],
+        "temporaries": share_output.temporaries if sharded else [],
     }
 
 
@@ -665,7 +666,7 @@ def _make_global(outputs: OutputSet, decision: Decision, settings: Settings, gat
     OutputSet (rank 0 publishes or removes them all); with a shard size, their
     final names and their file numbers in the member index.  Returns the
     decision with the final targets."""
-    from .output import shard_paths
+    from ..data.output import shard_paths
 
     if decision.sizing.layout != "sharded":
         return decision
@@ -685,7 +686,7 @@ def _check_and_commit(outputs: OutputSet, decision: Decision, counter: WindowCou
                       require_complete: bool) -> tuple[tuple[Any, ...], int]:
     """Step 5 on rank 0: judge every input's completeness, then commit
     (:func:`_commit`).  Returns the incomplete inputs and the footer's bytes."""
-    from .merge import check_complete
+    from ..service.merge import check_complete
 
     incomplete = check_complete([end for item in gathered for end in item["ends"]], require_complete)
     footer_bytes = _commit(outputs, decision, counter, form.footer, gathered, settings, exscan,
@@ -697,8 +698,8 @@ async def _count_and_exscan(world: World, inputs: list[str], sizing: Sizing, sal
                             validate: bool) -> tuple[int, int]:
     """``--mpi-offsets exscan``: this rank's bytes of events (one read of its
     share), and the sum over the ranks before it (``MPI_Exscan``)."""
-    from .inputs import InputRun, input_size
-    from .merge import read_and_write
+    from ..data.inputs import InputRun, input_size
+    from ..service.merge import read_and_write
 
     class Count:
         chunk_capacity = sizing.stripe_size
@@ -734,8 +735,8 @@ def _commit(outputs: OutputSet, decision: Decision, counter: WindowCounter | Non
             texts: tuple[int, int]) -> int:
     """Step 5 on rank 0: the footer (shared file), the member index, publish.
     ``texts``: the text lengths of the header and the footer.  Returns the footer's bytes."""
-    from .gzip_members import MemberIndex
-    from .output import member_index_path
+    from ..data.gzip_members import MemberIndex
+    from ..data.output import member_index_path
 
     index = MemberIndex(texts[0])
     for item in gathered:
@@ -762,8 +763,8 @@ def _write_footer(decision: Decision, settings: Settings, index: MemberIndex, en
     is done) through a chunk sink over the file, the one way bytes go out,
     and record it in ``index``; when the file would be empty (no header, no
     event, no footer), one padding line instead.  Returns the bytes written."""
-    from .backends.threads import ThreadBackend
-    from .sink import ChunkSink
+    from ..data.backends.threads import ThreadBackend
+    from ..data.sink import ChunkSink
 
     if not footer and end:
         return 0
@@ -796,7 +797,7 @@ def _write_footer(decision: Decision, settings: Settings, index: MemberIndex, en
 @dataclasses.dataclass
 class _SharedFile:
     """The shared file as rank 0's footer sink writes to it (an
-    :class:`~pwriter.output.OutputFiles`): its name and its descriptor."""
+    :class:`~pwriter.data.output.OutputFiles`): its name and its descriptor."""
 
     targets: list[str]
     fds: list[int]
@@ -808,8 +809,8 @@ class _SharedFile:
 
 def _aggregate(gathered: list[dict[str, Any]], decision: Decision, footer_bytes: int, seconds: float,
                incomplete: tuple[Any, ...] = ()) -> RankMergeResult:
-    from .merge import MergeResult
-    from .writer import combine_statistics
+    from ..service.merge import MergeResult
+    from ..service.writer import combine_statistics
 
     combined = combine_statistics([item["stats"] for item in gathered])
     writer = dataclasses.replace(combined, outputs=tuple(decision.targets), seconds=seconds, published=True,

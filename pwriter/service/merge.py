@@ -2,9 +2,9 @@
 
 The inputs are cut, in order, into one run per reader of about equal bytes
 (:func:`partition`).  Each reader fills a stripe buffer taken from the
-writer's pool straight from its inputs (:mod:`pwriter.inputs`, in a worker
+writer's pool straight from its inputs (:mod:`pwriter.data.inputs`, in a worker
 thread: read, decompress, clean in place) and writes every full buffer, in
-that thread, as one chunk of its lane (:meth:`~pwriter.sink.ChunkSink.write_chunk`).
+that thread, as one chunk of its lane (:meth:`~pwriter.data.sink.ChunkSink.write_chunk`).
 A small input costs no thread hop of its own; a bare-event text is never
 copied in Python.  The lines of one input keep their order.  They are
 together in the output only when its reader has a file of its own (sharded,
@@ -21,11 +21,11 @@ from typing import Any
 
 import trio
 
-from .completeness import Incomplete, InputEnd, incomplete_inputs
-from .errors import DataError, UsageError
-from .inputs import InputReader, InputRun, collect_inputs, fill_step, input_size, path_list, starts_array
-from .settings import Settings, settings_from, settings_with
-from .sink import ChunkSink
+from ..data.inputs import InputReader, InputRun, collect_inputs, fill_step, input_size, path_list, starts_array
+from ..data.sink import ChunkSink
+from ..errors import DataError, UsageError
+from ..plan.completeness import Incomplete, InputEnd, incomplete_inputs
+from ..plan.settings import Settings, settings_from, settings_with
 from .writer import WriterShare, WriterStatistics, error_to_raise, open_share, open_writer
 
 __all__ = ["MergeResult", "MergeProgress", "collect_inputs", "merge", "partition", "InputReader", "InputRun",
@@ -36,7 +36,7 @@ INCOMPLETE_SHOWN = 10
 
 
 def read_and_write(sink: ChunkSink, run: InputRun, lane: int, buffer: memoryview) -> None:
-    """In a worker thread: read ``run`` into ``buffer`` and write every full
+    """In a thread: read ``run`` into ``buffer`` and write every full
     buffer as a chunk of ``lane`` through the writer's chunk ``sink``, in this
     thread.  Checks for cancellation between chunks."""
     capacity = sink.chunk_capacity
@@ -60,17 +60,17 @@ def read_and_write(sink: ChunkSink, run: InputRun, lane: int, buffer: memoryview
     sink.finish_lane(lane)
 
 
-def partition(sizes: Sequence[int], parts: int) -> list[range]:
-    """Cut the inputs, in order, into ``min(parts, len(sizes))`` non-empty runs
+def partition(sizes: Sequence[int], count: int) -> list[range]:
+    """Cut the inputs, in order, into ``min(count, len(sizes))`` non-empty runs
     of about equal bytes."""
-    parts = max(1, min(parts, len(sizes)))
-    goal = sum(sizes) / parts
+    count = max(1, min(count, len(sizes)))
+    goal = sum(sizes) / count
     runs: list[range] = []
     start = filled = 0
     for index, size in enumerate(sizes):
         filled += size
         files_left = len(sizes) - index - 1
-        runs_left = parts - len(runs) - 1  # after cutting here
+        runs_left = count - len(runs) - 1  # after cutting here
         if runs_left and files_left and (filled >= goal * (len(runs) + 1) or files_left == runs_left):
             runs.append(range(start, index + 1))
             start = index + 1
@@ -117,11 +117,11 @@ class MergeResult:
     salvaged: tuple[tuple[str, str, int], ...] = ()
     """With ``salvage``: (input, what was dropped, lines dropped) per damaged input."""
     member_entries: tuple[tuple[int, int, int, int, int, bool], ...] = ()
-    """Gzip output: the members written (:class:`~pwriter.gzip_members.MemberIndex` entries)."""
+    """Gzip output: the members written (:class:`~pwriter.data.gzip_members.MemberIndex` entries)."""
     ends: tuple[InputEnd, ...] = ()
-    """How each input ends, in read order (:mod:`pwriter.completeness`)."""
+    """How each input ends, in read order (:mod:`pwriter.plan.completeness`)."""
     incomplete: tuple[Incomplete, ...] = ()
-    """The incomplete inputs among them (:func:`~pwriter.completeness.incomplete_inputs`)."""
+    """The incomplete inputs among them (:func:`~pwriter.plan.completeness.incomplete_inputs`)."""
     wrap: str = "array"
     """How the output is wrapped: ``array`` or ``none`` (``auto`` resolved)."""
 
@@ -185,13 +185,13 @@ async def merge(
     salvage: bool = False,
     validate: bool = False,
     require_complete: bool = False,
-    part: WriterShare | None = None,
+    share: WriterShare | None = None,
     **overrides: Any,
 ) -> MergeResult:
     """Merge ``inputs`` (a list of paths, checked by :func:`collect_inputs`) into ``output``.
 
     ``settings`` and any setting as a keyword as for
-    :func:`~pwriter.writer.open_writer`.  A single path (a str) where the
+    :func:`~pwriter.service.writer.open_writer`.  A single path (a str) where the
     list belongs is a TypeError; no inputs at all is a
     :class:`~pwriter.errors.UsageError`, as on the command line.
 
@@ -201,7 +201,7 @@ async def merge(
     a ``]`` last line, ``none`` nothing (NDJSON), ``auto`` array only when
     an input is array style or a pipe (:func:`resolve_wrap`).
 
-    Every input's end is checked (:mod:`pwriter.completeness`): the result's
+    Every input's end is checked (:mod:`pwriter.plan.completeness`): the result's
     ``incomplete`` lists the inputs that are empty, salvaged, cut before
     their DFTracer ``end`` event or whose ``num_events`` differs from the
     events read; with ``require_complete`` any of them is an
@@ -212,12 +212,12 @@ async def merge(
     without its end) is dropped instead, and reported in ``salvaged``.  With
     ``validate``, every event line is parsed as JSON (in C, in the reader
     threads, in parallel) and a line that is not valid JSON is damage too:
-    an error, or with ``salvage`` dropped and counted.  ``part``: this
-    process merges its share into a part of an output that several processes
-    write (:mod:`pwriter.mpi`).
+    an error, or with ``salvage`` dropped and counted.  ``share``: this
+    process merges its share into a share of an output that several processes
+    write (:mod:`pwriter.faces.mpi`).
     """
     inputs = path_list(inputs, "merge")
-    if not inputs and part is None:  # (an MPI rank may have no share of the inputs)
+    if not inputs and share is None:  # (an MPI rank may have no share of the inputs)
         raise UsageError("no inputs: merge() was given an empty list of trace files")
     settings = settings_from(settings, overrides, "merge")
     if settings.wrap == "auto":
@@ -235,8 +235,8 @@ async def merge(
         readers = max(1, min(len(inputs), max(os.cpu_count() or 1, settings.lanes or 1)))
     limiter = trio.CapacityLimiter(readers)
     progress.runs = [
-        InputRun([inputs[i] for i in part], [sizes[i] for i in part], salvage=salvage, validate=validate)
-        for part in partition(sizes, readers)
+        InputRun([inputs[i] for i in run], [sizes[i] for i in run], salvage=salvage, validate=validate)
+        for run in partition(sizes, readers)
     ]
 
     async def read_run(lane: int, run: InputRun) -> None:
@@ -248,14 +248,14 @@ async def merge(
         finally:
             run.close()
 
-    opened = open_share(part) if part is not None else open_writer(
+    opened = open_share(share) if share is not None else open_writer(
         output, settings=settings, producers=len(progress.runs), force=force, inputs=inputs,
         expected_bytes=sum(sizes))
     async with opened as writer:
         await _run_readers(progress.runs, read_run)
         ends = tuple(end for run in progress.runs for end in run.ends)
-        # (An MPI part: the ranks' ends are judged together, on rank 0.)
-        incomplete = check_complete(ends, require_complete) if part is None else ()
+        # (An MPI share: the ranks' ends are judged together, on rank 0.)
+        incomplete = check_complete(ends, require_complete) if share is None else ()
     return MergeResult(
         inputs=len(inputs),
         events=progress.events,

@@ -3,10 +3,10 @@
 Theory of operation
 -------------------
 :func:`open_writer_sync` starts one background thread that runs its own trio
-loop, and in it the very same service as :func:`~pwriter.writer.open_writer`
+loop, and in it the very same service as :func:`~pwriter.service.writer.open_writer`
 (same sizing, backends, publish).  The caller's threads never run trio code
 themselves: a :class:`SyncProducer` batches lines in the calling thread
-(joined in C, as :meth:`~pwriter.channels.Producer.send_lines` does) and
+(joined in C, as :meth:`~pwriter.service.channels.Producer.send_lines` does) and
 carries one whole block at a time into the trio thread with
 ``trio.from_thread.run``, so the thread hop is paid once per ``batch_bytes``
 (64 KiB by default), not per line.  A sync handle is used by one thread at
@@ -42,13 +42,13 @@ from typing import Any
 
 import trio
 
-from .channels import Producer
-from .errors import BusyError, ClosedError, InputError, PwriterError
-from .handle import DEFAULT_BATCH_BYTES, HandleCore, HandleState, copy_of
-from .inputs import path_list
-from .merge import MergeResult, merge
-from .settings import Settings
-from .writer import Writer, WriterStatistics, error_to_raise, open_writer
+from ..data.inputs import path_list
+from ..errors import BusyError, ClosedError, InputError, PwriterError
+from ..plan.settings import Settings
+from ..service.channels import Producer
+from ..service.handle import DEFAULT_BATCH_BYTES, HandleCore, HandleState, copy_of
+from ..service.merge import MergeResult, merge
+from ..service.writer import Writer, WriterStatistics, error_to_raise, open_writer
 
 __all__ = ["open_writer_sync", "SyncWriter", "SyncProducer", "merge_sync"]
 
@@ -263,7 +263,7 @@ class SyncWriter:
 
 class SyncProducer:
     """A handle through which one thread writes lines; the same promises as
-    :class:`~pwriter.channels.Producer` (lines checked and copied at the
+    :class:`~pwriter.service.channels.Producer` (lines checked and copied at the
     call, one handle per thread, per-handle order, a call that returned
     took its lines and one that raised took none, ``ClosedError`` after
     close and from the moment the writer starts closing), with blocking
@@ -272,7 +272,7 @@ class SyncProducer:
     reach lines still in a sync handle.
 
     The checks, the batch and the handle's state are a
-    :class:`~pwriter.handle.HandleCore`'s, run in the calling thread (each
+    :class:`~pwriter.service.handle.HandleCore`'s, run in the calling thread (each
     byte is checked there, once); a full batch is carried into the writer's
     trio thread in one hop, and sent there by a trio handle of its own.
     """
@@ -442,7 +442,7 @@ class SyncProducer:
 
 @contextmanager
 def open_writer_sync(path: Any, *, settings: Settings | None = None, **options: Any) -> Iterator[SyncWriter]:
-    """:func:`~pwriter.writer.open_writer` as a plain context manager, for
+    """:func:`~pwriter.service.writer.open_writer` as a plain context manager, for
     code that is not trio: the same keywords (``settings`` optional, any
     setting as a keyword), the same promises.
 
@@ -465,7 +465,7 @@ def open_writer_sync(path: Any, *, settings: Settings | None = None, **options: 
 
 def merge_sync(inputs: Sequence[str], output: str, *, settings: Settings | None = None,
                **options: Any) -> MergeResult:
-    """:func:`~pwriter.merge.merge` for code that is not trio (a trio loop of
+    """:func:`~pwriter.service.merge.merge` for code that is not trio (a trio loop of
     its own, in the calling thread); the same keywords and errors: a list of
     input paths (a str is a TypeError, an empty list a UsageError),
     ``settings`` optional, any setting as a keyword."""

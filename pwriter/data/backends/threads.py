@@ -1,7 +1,7 @@
-"""The thread backend: ``os.pwritev`` in the worker thread that made the chunk.
+"""The thread backend: ``os.pwritev`` in the thread that made the chunk.
 
-A write is a blocking call made by the data plane from a worker thread
-that trio started (:mod:`pwriter.sink`): it returns once every byte is
+A write is a blocking call made by the data plane from a thread
+that trio started (:mod:`pwriter.data.sink`): it returns once every byte is
 written, so the kernel is done with the buffers.  fsync runs in a thread
 of this backend's own CapacityLimiter (``queue_depth`` threads at most), so
 pwriter never competes with the application for trio's shared default limiter.
@@ -76,7 +76,7 @@ def pwritev_fully(fd: int, buffers: Sequence[Buffer], offset: int, name: str, co
 
 class PwritevWrites:
     """The writes of a backend: ``pwritev`` in the calling thread (the maker's
-    worker thread), every byte, counted under a lock, with the most writes
+    thread), every byte, counted under a lock, with the most writes
     in flight at once."""
 
     def __init__(self, write_call_size: int | None) -> None:
@@ -107,7 +107,7 @@ class PwritevWrites:
 
 
 class ThreadBackend:
-    """Writes with ``os.pwritev`` in the calling worker thread, each call at
+    """Writes with ``os.pwritev`` in the calling thread, each call at
     most ``write_call_size`` bytes (a larger write loops); fsyncs in a thread
     of its own, ``queue_depth`` at most at once."""
 
@@ -130,7 +130,7 @@ class ThreadBackend:
         self._names.pop(fd, None)
 
     def write(self, fd: int, buffers: Sequence[Buffer], offset: int) -> None:
-        """Blocking, in the calling worker thread (see the package docstring)."""
+        """Blocking, in the calling thread (see the package docstring)."""
         if self._closed:
             raise RuntimeError("backend is closed")
         self._writes.write(fd, buffers, offset, self._names.get(fd, f"fd {fd}"))

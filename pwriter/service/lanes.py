@@ -3,14 +3,14 @@
 Theory of operation
 -------------------
 Each write lane is one trio memory channel, one
-:class:`~pwriter.channels.Coalescer` and one lane writer task.  Producer
+:class:`~pwriter.service.channels.Coalescer` and one lane writer task.  Producer
 handles are spread over the lanes in turn; a handle sends whole batches
 (blocks of lines) into its lane's channel, and the coalescer copies them
 into pool buffers of at most ``chunk_capacity`` bytes, or passes a block
 that is already chunk-sized on whole.  Every chunk a coalescer makes goes
 through a small channel to its lane's writer, which hands it to the chunk
-sink's one way in (:meth:`~pwriter.sink.ChunkSink.write_chunk`, a
-blocking call: cut, gzip members, place, write) in a worker thread, and
+sink's one way in (:meth:`~pwriter.data.sink.ChunkSink.write_chunk`, a
+blocking call: cut, gzip members, place, write) in a thread, and
 then gives the buffer back to the pool.  So a lane's chunks keep its order
 (one call at a time), and a coalescer fills its next buffer while the
 previous one is written.  The worker-thread call is never abandoned: a
@@ -26,7 +26,7 @@ when the oldest line in it has waited ``max_delay`` since its call (the
 time it spent in the handle counts).  In a padded layout the sink may hold
 text (or gzip members) that does not fill the lane's slot: the lane writer
 has it written, without padding, once its oldest line has waited
-``max_delay`` (:meth:`~pwriter.sink.ChunkSink.flush_lane`), in its place
+``max_delay`` (:meth:`~pwriter.data.sink.ChunkSink.flush_lane`), in its place
 in the lane's order.  All deadlines are on the trio clock, so
 ``autojump_clock`` drives them in tests.
 
@@ -35,7 +35,7 @@ calls (ClosedError), waits for a push already under way, pushes what
 handles still hold, closes the channels, and waits until every coalescer
 has flushed and every lane writer has written its chunks and what the
 sink still held for its lane, in the lane's slot
-(:meth:`~pwriter.sink.ChunkSink.flush_lane`: a slot holds the lines of one
+(:meth:`~pwriter.data.sink.ChunkSink.flush_lane`: a slot holds the lines of one
 lane); the writer then writes the end of the output.
 """
 
@@ -46,8 +46,8 @@ from collections.abc import Callable
 
 import trio
 
+from ..data.sink import ChunkSink
 from .channels import Block, BufferPool, Coalescer, CoalescerStatistics, Producer
-from .sink import ChunkSink
 
 __all__ = ["WriteLanes", "CHANNEL_BLOCKS", "LANE_CHUNKS"]
 
@@ -161,7 +161,7 @@ class WriteLanes:
     @trio.lowlevel.enable_ki_protection
     async def _write_lane(self, lane: int, chunks: trio.MemoryReceiveChannel[LaneChunk]) -> None:
         """Write ``lane``'s chunks one at a time, in order, through the sink
-        in a worker thread; what the sink holds for the lane is written once
+        in a thread; what the sink holds for the lane is written once
         its oldest line has waited ``max_delay``, and at the end."""
         sink = self._sink
         async with chunks:

@@ -9,7 +9,7 @@ base; :class:`Backend` is only a typing protocol):
     calls of at most ``write_call_size`` bytes (given when the backend is
     opened; ``None``: one call).  ``offset`` -1 writes at the file's own
     position (for streams: pipes, sockets, standard output).  Blocking:
-    called by the data plane (:mod:`pwriter.sink`) from the worker thread
+    called by the data plane (:mod:`pwriter.data.sink`) from the thread
     that made the chunk, never from the trio thread, with no hop back to
     trio.  Returns once the kernel is done with the buffers; raises OSError
     (with errno and the file name given at :meth:`register`) otherwise.
@@ -18,8 +18,8 @@ base; :class:`Backend` is only a typing protocol):
     by ``pwriter info`` and in the statistics (:attr:`BackendStatistics.mechanism`).
 ``inline``
     True only for a test double whose writes complete in the trio thread
-    (:class:`~pwriter.testing.MemoryBackend`): the data plane then makes
-    its blocking sink calls there, not in worker threads, so that a mock
+    (:class:`~pwriter.faces.testing.MemoryBackend`): the data plane then makes
+    its blocking sink calls there, not in threads, so that a mock
     clock sees exact times.
 ``await fsync(fd)``
     Flush the file's data and metadata to stable storage.
@@ -44,7 +44,7 @@ from typing import TYPE_CHECKING, Protocol
 
 import trio
 
-from ..errors import UsageError
+from ...errors import UsageError
 
 if TYPE_CHECKING:
     from typing_extensions import Buffer
@@ -67,7 +67,7 @@ BACKEND_NAMES = ("io_uring", "threads")
 #: How each backend's writes and fsyncs go to the kernel.
 MECHANISMS = {
     "io_uring": "pwritev from the maker threads; fsync through io_uring",
-    "threads": "pwritev from the maker threads; fsync in a worker thread",
+    "threads": "pwritev from the maker threads; fsync in a thread",
 }
 
 

@@ -4,7 +4,7 @@ Their text goes straight into the caller's buffers.
 
 An :class:`InputReader` reads one input, plain or gzip (told apart by its
 magic number; decompressed with python-isal, which releases the GIL), and
-cleans its text in place (:mod:`pwriter.traceformat`, in C where built).
+cleans its text in place (:mod:`pwriter.plan.traceformat`, in C where built).
 An :class:`InputRun` is the inputs of one reader, read one after another
 into the same buffers, so that many small inputs cost one thread hop, not
 one each.  :func:`fill_step` is the one step every reader takes (the merge's
@@ -28,10 +28,10 @@ import typing
 import zlib
 from collections.abc import Sequence
 
-from .completeness import InputEnd, input_end
-from .errors import DataError, InputError, UsageError
+from ..errors import DataError, InputError, UsageError
+from ..plan.completeness import InputEnd, input_end
+from ..plan.traceformat import BOM, BlockCleaner, is_gzip_magic, is_valid_json, preview, rfind_newline
 from .output import is_temporary_name
-from .traceformat import BOM, BlockCleaner, is_gzip_magic, is_valid_json, preview, rfind_newline
 
 __all__ = ["collect_inputs", "input_size", "InputReader", "InputRun", "fill_step", "TRACE_SUFFIXES"]
 
@@ -303,7 +303,7 @@ class _WaitingFile(io.RawIOBase):
 
 def starts_array(path: str) -> bool | None:
     """Whether the text of an input begins, after a byte-order mark and
-    whitespace, with ``[`` (array style; see :mod:`pwriter.traceformat`);
+    whitespace, with ``[`` (array style; see :mod:`pwriter.plan.traceformat`);
     None for a pipe, FIFO or device, which cannot be looked at before it is
     read.  Reads only up to the first byte that is not whitespace (a few
     bytes of a gzip file's first member).  An input that cannot be read, or
@@ -590,7 +590,7 @@ class InputReader:
         return self._cleaner.events
 
     def end(self) -> InputEnd:
-        """How the input ends (for :mod:`pwriter.completeness`), once it is read whole."""
+        """How the input ends (for :mod:`pwriter.plan.completeness`), once it is read whole."""
         cleaner = self._cleaner
         return input_end(self.path, events=cleaner.events, ids=cleaner.ids, last_event=cleaner.last_event,
                          damage=self.damage)

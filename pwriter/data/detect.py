@@ -1,8 +1,8 @@
 """Filesystem detection (statfs, xattrs, ``lfs``): the I/O half of sizing.
 
 Everything here asks the operating system about a path and returns plain
-values (:class:`~pwriter.sizing.FsInfo`) for the pure policy in
-:mod:`pwriter.sizing`.  The system calls are parameters, so tests (and the
+values (:class:`~pwriter.plan.sizing.FsInfo`) for the pure policy in
+:mod:`pwriter.plan.sizing`.  The system calls are parameters, so tests (and the
 ``pwriter_fake_fs`` fixture) can pretend a path lives on Lustre or NFS.
 """
 
@@ -17,7 +17,7 @@ import subprocess
 from collections.abc import Callable
 from typing import NamedTuple
 
-from .sizing import FsInfo, FsKind, fs_kind_from_magic
+from ..plan.sizing import FsInfo, FsKind, fs_kind_from_magic
 
 __all__ = ["StatfsResult", "detect_filesystem", "file_striping", "nearest_existing", "parse_lov_xattr", "statfs"]
 
@@ -146,7 +146,7 @@ def detect_filesystem(
     Looks at ``path`` or its nearest existing parent.  On Lustre the stripe
     geometry comes from :func:`file_striping`, the OST count from ``lfs
     osts``, and how a layout can be set on create from
-    :func:`pwriter.lustre.layout_setter`; on GPFS the stripe size is the
+    :func:`pwriter.data.lustre.layout_setter`; on GPFS the stripe size is the
     block size.  Raises OSError only when statfs itself fails.  (The system
     calls default to this module's functions, looked up at call time.)
     """

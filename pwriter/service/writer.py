@@ -9,13 +9,13 @@ Task structure (all in one nursery owned by :func:`run_writer`)::
 
     producers --(blocks)--> write lanes: coalescer 0 --(chunk)--+
               --(blocks)-->             coalescer 1 --(chunk)--+--> chunk sink --> backend
-                                        ...  ticker            |    (pwriter.sink)
-    merge readers (worker threads) --(chunk, written in the thread)+
+                                        ...  ticker            |    (pwriter.data.sink)
+    merge readers (threads) --(chunk, written in the thread)+
 
 The writer is the control plane: it opens the output and the backend,
-starts the write lanes (:mod:`pwriter.lanes`: the handles, coalescers and
+starts the write lanes (:mod:`pwriter.service.lanes`: the handles, coalescers and
 ticker of the library path), and closes and publishes.  Placement and
-writing are the chunk sink's (:mod:`pwriter.sink`), which makers in worker
+writing are the chunk sink's (:mod:`pwriter.data.sink`), which makers in worker
 threads call directly; the coalescers' gzip members are the member stage's
 (:mod:`pwriter.members`).
 
@@ -25,7 +25,7 @@ waiting finish, pushes what producers still hold, closes the channels, waits unt
 flushed and every chunk is placed, places and writes the footer, waits for
 every write, fsyncs (unless disabled; with fsync, the writeback of each large
 written range was already started when it was written), and publishes the
-output all or nothing (:mod:`pwriter.output`).  When the body raises or is
+output all or nothing (:mod:`pwriter.data.output`).  When the body raises or is
 cancelled, or a write fails, every task is cancelled, the temporary files
 are removed (no checkpoint in that cleanup: a cancellation cannot cut it
 short) and the target is untouched; the
@@ -50,17 +50,17 @@ from contextlib import asynccontextmanager
 
 import trio
 
-from .backends import Backend, BackendStatistics, open_backend
+from ..data.backends import Backend, BackendStatistics, open_backend
+from ..data.gzip_members import check_level, gzip_member
+from ..data.output import Output, OutputSet, StreamOutput, member_index_path
+from ..data.sink import ChunkSink
+from ..errors import ClosedError, InputError, attach_other_errors
+from ..plan.layout import GZIP_MIN_PADDING, Planner, make_planner
+from ..plan.settings import ConfigError, Settings, settings_from, settings_with
+from ..plan.sizing import FsInfo, Sizing, follow_layout_set, plan_sizing
+from ..plan.traceformat import BlockCleaner
 from .channels import DEFAULT_BATCH_BYTES, BufferPool, Producer
-from .errors import ClosedError, InputError, attach_other_errors
-from .gzip_members import check_level, gzip_member
 from .lanes import WriteLanes
-from .layout import GZIP_MIN_PADDING, Planner, make_planner
-from .output import Output, OutputSet, StreamOutput, member_index_path
-from .settings import ConfigError, Settings, settings_from, settings_with
-from .sink import ChunkSink
-from .sizing import FsInfo, Sizing, follow_layout_set, plan_sizing
-from .traceformat import BlockCleaner
 
 __all__ = ["Writer", "WriterStatistics", "open_writer", "plan", "output_compression", "check_shard_size",
            "error_to_raise", "HEADER", "FOOTER", "wrapper_lines", "OutputFormat", "output_format", "WriterPlan",
@@ -73,8 +73,8 @@ FOOTER = b"]\n"
 def wrapper_lines(settings: Settings) -> tuple[bytes, bytes]:
     """The header and footer text of ``settings.wrap``: ``[`` and ``]``
     lines for ``array``, nothing for ``none``.  ``auto`` follows the inputs
-    of a merge (:func:`pwriter.merge.merge` resolves it first): a writer
-    given it raises :class:`~pwriter.settings.ConfigError`."""
+    of a merge (:func:`pwriter.service.merge.merge` resolves it first): a writer
+    given it raises :class:`~pwriter.plan.settings.ConfigError`."""
     if settings.wrap == "auto":
         raise ConfigError("invalid setting wrap='auto': it follows the inputs of a merge; a writer writes "
                           "wrap='array' ([ and ] lines) or wrap='none' (NDJSON)")
@@ -195,7 +195,7 @@ def plan(
     writer (``expected_bytes``: the output's size, when known) for its share
     of this machine: its memory and CPUs divided among ``processes_per_node``
     writers (MPI ranks on one node)."""
-    from .detect import detect_filesystem
+    from ..data.detect import detect_filesystem
 
     fs = fs if fs is not None else detect_filesystem(path)
     sizing = plan_sizing(fs, settings, producers=producers, expected_bytes=expected_bytes,
@@ -215,7 +215,7 @@ def _machine_share(processes_per_node: int) -> dict[str, int]:
 def follow_layout_of(temporary: str, fs: FsInfo, sizing: Sizing, settings: Settings,
                      processes_per_node: int = 1) -> tuple[FsInfo, Sizing]:
     """Lustre: read back the layout ``temporary`` got on create, and size by it (see :func:`plan`)."""
-    from .detect import file_striping
+    from ..data.detect import file_striping
 
     stripe_size, stripe_count = file_striping(temporary)
     return follow_layout_set(sizing, fs, settings, stripe_size=stripe_size, stripe_count=stripe_count,
@@ -278,7 +278,7 @@ class Writer:
     """A running writer; obtain one from :func:`open_writer`.
 
     Lines reach it through producer handles (:meth:`producer`) or, for
-    code that fills whole chunks itself in a worker thread, through
+    code that fills whole chunks itself in a thread, through
     :meth:`run_maker`.
 
     Ordering: the lines of one producer handle (and the chunks of one
@@ -342,7 +342,7 @@ class Writer:
 
     @property
     def sink(self) -> ChunkSink:
-        """Where chunks are placed and written: makers in worker threads (the
+        """Where chunks are placed and written: makers in threads (the
         merge's readers) write through :meth:`ChunkSink.write_chunk`."""
         return self._sink
 
@@ -366,7 +366,7 @@ class Writer:
 
     async def run_maker(self, make: Callable[[ChunkSink, memoryview], None], *,
                         limiter: trio.CapacityLimiter | None = None) -> None:
-        """Run ``make(sink, buffer)`` in a worker thread (``limiter``: trio's
+        """Run ``make(sink, buffer)`` in a thread (``limiter``: trio's
         default if None): a maker of chunks that writes them itself through
         the sink's blocking entrance (the merge's readers), with a stripe
         buffer of the writer's pool (at least :attr:`chunk_capacity` bytes;
@@ -414,7 +414,7 @@ class Writer:
     async def _close(self) -> None:
         """The block ended normally: push what handles hold, wait until every
         chunk is placed, then write what the sink's pool holds (the last,
-        partial slots of makers in worker threads), the footer (after every
+        partial slots of makers in threads), the footer (after every
         chunk) and the padding of slots and files left unfilled."""
         self._closing = True
         await self._lanes.close()
@@ -429,7 +429,7 @@ class Writer:
 @dataclasses.dataclass(frozen=True)
 class WriterShare:
     """One process's share of an output that several write (see
-    :mod:`pwriter.mpi`): its plan (:meth:`WriterPlan.for_share`), its files
+    :mod:`pwriter.faces.mpi`): its plan (:meth:`WriterPlan.for_share`), its files
     (``output``, created by :func:`open_share`; "publishing" only means that
     this share is written and synced) and its planner."""
 
@@ -466,15 +466,15 @@ async def open_writer(
 ) -> AsyncIterator[Writer]:
     """Open a writer that publishes ``path`` when the block ends without error.
 
-    ``settings`` default to :func:`~pwriter.settings.load_settings` (the
+    ``settings`` default to :func:`~pwriter.plan.settings.load_settings` (the
     environment); any setting given as a keyword (``fsync=False``,
     ``layout="sharded"``, ``stripe_size="1MiB"``, ``max_delay=10``, ...)
     replaces the one of that name; a keyword that names no setting is a
-    TypeError (:func:`~pwriter.settings.settings_from`, the rule of every
+    TypeError (:func:`~pwriter.plan.settings.settings_from`, the rule of every
     entrance).  ``producers``, a hint for the sizing, is at least 1.  The
     output is refused (:class:`~pwriter.errors.UsageError`) when its
     directory does not exist, when another run is writing it (its lock,
-    :class:`~pwriter.output.OutputLock`, names that run's host and pid),
+    :class:`~pwriter.data.output.OutputLock`, names that run's host and pid),
     when it exists and ``force`` is false
     (:class:`~pwriter.errors.OutputExistsError`), when it is one of
     ``inputs``, and, even with ``force``, when the name is not a regular file
@@ -483,7 +483,7 @@ async def open_writer(
     its first and last shard; with a ``shard_size``, every shard: each is a
     complete trace, and the set has as many shards as its lanes started; a
     shard size for another layout, or for a stream, is a
-    :class:`~pwriter.settings.ConfigError`); by default they follow the
+    :class:`~pwriter.plan.settings.ConfigError`); by default they follow the
     ``wrap`` setting: ``"array"`` (the default) the lines ``[`` and ``]``,
     ``"none"`` nothing (NDJSON); ``"auto"`` is for merges and is refused
     here (:func:`wrapper_lines`).  ``fs`` replaces
@@ -491,9 +491,9 @@ async def open_writer(
     settings (both for tests; a backend name is the setting).  ``compress``
     (default: a ``path`` ending in ``.gz``; :func:`output_compression`
     refuses what cannot be honoured) writes every chunk, the header and the
-    footer as standalone gzip members, compressed in worker threads, and publishes
+    footer as standalone gzip members, compressed in threads, and publishes
     a member index, ``<path>.members.json``; a ``level`` outside the
-    codec's range is a :class:`~pwriter.settings.ConfigError`.  With
+    codec's range is a :class:`~pwriter.plan.settings.ConfigError`.  With
     ``validate``, every line sent through a producer handle must be a JSON
     event line (``{...}``, valid JSON, the same C check as ``pwriter merge
     --validate``); another raises :class:`~pwriter.errors.InputError` at the
@@ -566,7 +566,7 @@ async def open_writer(
 def stream_settings(settings: Settings) -> Settings:
     """The settings of a stream output: the striped layout (read order);
     another layout, ``direct`` or a shard size is refused
-    (:class:`~pwriter.settings.ConfigError`)."""
+    (:class:`~pwriter.plan.settings.ConfigError`)."""
     if settings.layout not in ("auto", "striped") or settings.direct or settings.shard_size is not None:
         what = (f"layout={settings.layout!r}" if settings.layout not in ("auto", "striped") else "direct"
                 if settings.direct else f"shard_size={settings.shard_size}")
@@ -640,7 +640,7 @@ async def run_writer(plan: WriterPlan, output: Output, *, planner: Planner | Non
 
 def check_shard_size(settings: Settings, sizing: Sizing) -> None:
     """A shard size is only for the sharded layout: refused
-    (:class:`~pwriter.settings.ConfigError`) for any other, so that it is
+    (:class:`~pwriter.plan.settings.ConfigError`) for any other, so that it is
     never silently ignored (``layout`` auto: whichever the sizing chose)."""
     if settings.shard_size is not None and sizing.layout != "sharded":
         chosen = "" if settings.layout != "auto" else " (chosen by layout auto: give layout sharded)"
@@ -652,7 +652,7 @@ def output_compression(target: str, settings: Settings, *, stream: bool = False)
     """Whether ``target`` is written as gzip members: the ``compress``
     setting, or when it is auto (None) a name ending in ``.gz`` (a stream:
     plain).  What cannot be honoured is refused with
-    :class:`~pwriter.settings.ConfigError`: ``compress`` false for a ``.gz``
+    :class:`~pwriter.plan.settings.ConfigError`: ``compress`` false for a ``.gz``
     name (the output would be plain text under a gzip name), ``direct`` with
     gzip members (they are never whole aligned stripes: O_DIRECT would
     write nothing), a ``level`` given for plain output (nothing is

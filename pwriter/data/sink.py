@@ -3,10 +3,10 @@
 Theory of operation
 -------------------
 Whoever made a chunk hands it to the sink, which places it (the pure
-planners of :mod:`pwriter.layout`, under one lock), puts the header and the
+planners of :mod:`pwriter.plan.layout`, under one lock), puts the header and the
 padding around it, and writes it through the backend.  There is one way in,
 for every maker (the merge's readers, the library's lane writers, the
-header and footer): a blocking call made in a worker thread that trio
+header and footer): a blocking call made in a thread that trio
 started, :meth:`ChunkSink.write_chunk` (and :meth:`~ChunkSink.write_lines`,
 :meth:`~ChunkSink.flush_lane`, :meth:`~ChunkSink.finish_lane`,
 :meth:`~ChunkSink.write_placed`, :meth:`~ChunkSink.write_end`), which cuts
@@ -18,13 +18,13 @@ ready, so the chunks of one lane (whose calls are made one at a time) are
 placed in the order their maker made them.  Placement is the sink's
 :class:`Placer` (the planner under one lock, the shards a shard size adds,
 the padding owed, the gzip member index); the gzip members are made by
-:class:`~pwriter.gzip_members.LaneMembers`, which writes through the
+:class:`~pwriter.data.gzip_members.LaneMembers`, which writes through the
 sink's callbacks.
 
-In a padded layout a lane keeps its slot (see :mod:`pwriter.layout`): the
+In a padded layout a lane keeps its slot (see :mod:`pwriter.plan.layout`): the
 padding of a slot the lane leaves is written with the lane's next chunk, by
 whoever writes that chunk.  Gzip members there are sized by what they
-compress to, to fill the slot (:mod:`pwriter.gzip_members`).  A
+compress to, to fill the slot (:mod:`pwriter.data.gzip_members`).  A
 lane writes only slots it fills: what does not fill one is held (until the
 lane's next chunk, or a deadline, :meth:`ChunkSink.flush_lane`, which
 writes it in the slot without padding), and at the lane's end its last,
@@ -33,12 +33,12 @@ full slots are written by whoever fills them and whose rest ends the file
 at close, before the footer, unpadded when it is the file's last slot.  So
 a padded merge costs about what a striped one does.
 
-A sharded output with a shard size (:class:`~pwriter.layout.SizedShardedPlanner`)
+A sharded output with a shard size (:class:`~pwriter.plan.layout.SizedShardedPlanner`)
 grows while it is written: every chunk is first cut at its lane's shard
 limits (:meth:`Placer.cut`, the planner's ``cut``; for gzip output before
 it is compressed, one member per piece), and a placement that starts a new
 shard makes the sink create its file, under the placement lock, before the
-placement is handed out (:meth:`~pwriter.output.OutputSet.add_shard`, then
+placement is handed out (:meth:`~pwriter.data.output.OutputSet.add_shard`, then
 the backend's ``register``).  Each shard gets the header with its first
 chunk and the footer at close (:meth:`Placer.close`), whatever bytes the
 writer gave as header and footer.
@@ -62,12 +62,12 @@ from typing import Any, TypeVar
 
 import trio
 
+from ..errors import WriteError
+from ..plan.layout import GZIP_MIN_PADDING, Placement, Planner, gzip_padding, plain_padding
+from ..plan.traceformat import rfind_newline
 from .backends import Backend
-from .errors import WriteError
 from .gzip_members import LaneMembers, Member, MemberIndex
-from .layout import GZIP_MIN_PADDING, Placement, Planner, gzip_padding, plain_padding
 from .output import OutputFiles, StreamOutput
-from .traceformat import rfind_newline
 
 __all__ = ["ChunkSink", "Placer", "SinkCounts", "StreamGate", "SlotPool", "DIRECT_ALIGNMENT", "WRITEBACK_MIN",
            "POOL_LANE"]
@@ -105,7 +105,7 @@ class ChunkSink:
     ``padded``: the layout keeps slots (its planner has ``full_below`` and
     ``min_padding``).
 
-    Every method that writes blocks, and is called from a worker thread
+    Every method that writes blocks, and is called from a thread
     that trio started (never from the trio thread; see :meth:`call`); one
     lane's calls are made one at a time, in the lane's order.
     """
@@ -121,7 +121,7 @@ class ChunkSink:
         self.chunk_capacity = chunk_capacity
         self.padded = padded
         self._padding = gzip_padding if compressed else plain_padding
-        self._full_below: int = getattr(planner, "full_below", 0)  # (padded layouts, see pwriter.layout)
+        self._full_below: int = getattr(planner, "full_below", 0)  # (padded layouts, see pwriter.plan.layout)
         self._capacity = planner.chunk_capacity
         # Padded plain: a lane's text that did not fill its slot, and when its oldest line was queued.
         self._held: dict[int, tuple[bytes, float | None]] = {}
@@ -141,17 +141,17 @@ class ChunkSink:
 
     async def call(self, method: Callable[..., T], *args: Any, limiter: trio.CapacityLimiter | None = None) -> T:
         """From trio: call ``method`` (a blocking method of this sink, its way
-        in) in a worker thread (``limiter``: trio's default if None), never
+        in) in a thread (``limiter``: trio's default if None), never
         abandoned: a cancelled call returns only once the thread has.  With
         a backend whose writes complete in the trio thread (``inline``: the
-        testing :class:`~pwriter.testing.MemoryBackend`, so that a mock
+        testing :class:`~pwriter.faces.testing.MemoryBackend`, so that a mock
         clock sees exact times), in the trio thread instead."""
         if self._backend.inline:
             await trio.lowlevel.checkpoint()
             return method(*args)
         return await trio.to_thread.run_sync(method, *args, limiter=limiter)
 
-    # -- the one way in: blocking, from the worker thread of a chunk's maker --
+    # -- the one way in: blocking, from the thread of a chunk's maker --
 
     def write_chunk(self, lane: int, buffer: memoryview, filled: int, since: float | None = None) -> None:
         """Write ``buffer[:filled]`` (whole lines, at most :attr:`chunk_capacity`
@@ -211,7 +211,7 @@ class ChunkSink:
         for placement, body in self.pool.place_rest():
             self.write_placed(placement, body)
         for placement in self.placer.close(len(footer), footer_text):
-            if placement.length:  # (a part of a shared output may have no footer to write)
+            if placement.length:  # (a share of a shared output may have no footer to write)
                 self.write_placed(placement, footer)
         for padding in self.placer.fill_empty_files():
             self.write_placed(padding, b"")
@@ -233,7 +233,7 @@ class ChunkSink:
         """
         for padding in self.placer.take_owed(placement):
             self.write_placed(padding, b"")
-        fd, parts = self._parts(placement, body, aligned_memory)
+        fd, buffers = self._buffers(placement, body, aligned_memory)
         offset = placement.offset
         if self._stream_gate is not None:
             # A stream takes bytes in order: wait until every byte placed
@@ -242,7 +242,7 @@ class ChunkSink:
             self._stream_gate.wait_for(offset)
             offset = -1  # at the stream's own position
         try:
-            self._backend.write(fd, parts, offset)
+            self._backend.write(fd, buffers, offset)
         except OSError as exc:
             raise WriteError(self._output.targets[placement.file], exc.strerror or str(exc), exc.errno) from None
         self._written(placement, fd)
@@ -293,16 +293,16 @@ class ChunkSink:
                 return text[cut:], None
         return text, buffer
 
-    def _parts(self, placement: Placement, body: bytes | memoryview,
+    def _buffers(self, placement: Placement, body: bytes | memoryview,
                aligned_memory: bool) -> tuple[int, list[bytes | memoryview]]:
         """The descriptor and the buffers of one write: header, ``body``, padding
         (the direct descriptor for an aligned write, see :meth:`write_placed`)."""
-        parts = [part for part, length in ((self._header, placement.head), (body, placement.body),
+        buffers = [buffer for buffer, length in ((self._header, placement.head), (body, placement.body),
                                            (self._padding(placement.pad), placement.pad)) if length]
         direct_fds = self.placer.direct_fds
-        direct = (direct_fds and aligned_memory and len(parts) == 1
+        direct = (direct_fds and aligned_memory and len(buffers) == 1
                   and placement.offset % DIRECT_ALIGNMENT == 0 and placement.length % DIRECT_ALIGNMENT == 0)
-        return (direct_fds if direct else self.placer.fds)[placement.file], parts
+        return (direct_fds if direct else self.placer.fds)[placement.file], buffers
 
     def _written(self, placement: Placement, fd: int) -> None:
         """Bookkeeping after a write."""
@@ -419,7 +419,7 @@ class Placer:
             sizes = self._planner.file_sizes()
             placements = self._planner.paddings()
         pad = GZIP_MIN_PADDING if self._compressed else 1
-        if not self._planner.shared_file:  # (a shared file: the one who finishes it knows, pwriter.mpi)
+        if not self._planner.shared_file:  # (a shared file: the one who finishes it knows, pwriter.faces.mpi)
             placements += [Placement(file, 0, 0, 0, pad) for file, size in enumerate(sizes) if size == 0]
         for placement in placements:
             self.record(placement, text=0, events=0)
@@ -509,7 +509,7 @@ class StreamGate:
         self._turn = threading.Condition()
 
     def wait_for(self, offset: int) -> None:
-        """Block (in a worker thread trio started) until every byte before ``offset`` is written."""
+        """Block (in a thread trio started) until every byte before ``offset`` is written."""
         with self._turn:
             while self._next != offset:
                 self._turn.wait(STREAM_POLL)

@@ -8,12 +8,12 @@ an output with its inputs (or with the lines that were sent) and says which
 lines are missing or extra.
 
 Building corpora: ``events`` and ``write_corpus`` (from
-:mod:`pwriter.corpus`) make realistic DFTracer events and trace files.
+:mod:`pwriter.faces.corpus`) make realistic DFTracer events and trace files.
 
 Doubles: :class:`MemoryBackend` records writes instead of making them;
 :class:`FaultBackend` makes the Nth operation fail, or every operation slow;
 :class:`FakeFilesystems` makes paths look as if they were on Lustre, GPFS,
-BeeGFS, NFS or tmpfs.  The pytest plugin (:mod:`pwriter.pytest_plugin`)
+BeeGFS, NFS or tmpfs.  The pytest plugin (:mod:`pwriter.faces.pytest_plugin`)
 hands them to tests as fixtures.
 """
 
@@ -29,11 +29,11 @@ from typing import TYPE_CHECKING
 
 import trio
 
-from .backends import Backend, BackendStatistics
+from ..data.backends import Backend, BackendStatistics
+from ..data.output import read_shard_set
+from ..plan.sizing import FsInfo, FsKind
+from ..plan.traceformat import BlockCleaner, is_gzip_magic
 from .corpus import events, write_corpus
-from .output import read_shard_set
-from .sizing import FsInfo, FsKind
-from .traceformat import BlockCleaner, is_gzip_magic
 
 if TYPE_CHECKING:
     from typing_extensions import Buffer
@@ -119,7 +119,7 @@ class MemoryBackend:
 
     ``writes`` lists them in completion order; :meth:`contents` rebuilds each
     file's bytes.  It is ``inline``: the writer calls its data plane in the
-    trio thread (not in worker threads), so tests with ``autojump_clock``
+    trio thread (not in threads), so tests with ``autojump_clock``
     see exact times.  The files the writer publishes stay empty.
     """
 
@@ -139,11 +139,11 @@ class MemoryBackend:
         pass
 
     def write(self, fd: int, buffers: Sequence[Buffer], offset: int) -> None:
-        """Record the write, with its trio time (from the trio thread, or a worker thread trio started)."""
+        """Record the write, with its trio time (from the trio thread, or a thread trio started)."""
         data = b"".join(bytes(buffer) for buffer in buffers)
         try:
             now = trio.current_time()
-        except RuntimeError:  # (a worker thread: a merge's reader)
+        except RuntimeError:  # (a thread: a merge's reader)
             now = trio.from_thread.run_sync(trio.current_time)
         self.writes.append(RecordedWrite(self._names.get(fd, f"fd {fd}"), offset, data, now))
 
@@ -217,7 +217,7 @@ class FaultBackend:
                  on: str = "any", delay: float = 0.0) -> None:
         self.inner = inner
         self.name = inner.name
-        self.inline = False  # (its writes wait for trio from a worker thread)
+        self.inline = False  # (its writes wait for trio from a thread)
         self.mechanism = inner.mechanism
         self.fail_at = fail_at
         self.error = error  # (checked, as a number: see the property)
@@ -264,7 +264,7 @@ class FaultBackend:
                 raise OSError(self.error, os.strerror(self.error), self._names.get(fd, f"fd {fd}"))
 
     def write(self, fd: int, buffers: Sequence[Buffer], offset: int) -> None:
-        """From a worker thread: counted, failed and delayed in trio, in order; then the inner write."""
+        """From a thread: counted, failed and delayed in trio, in order; then the inner write."""
         trio.from_thread.run(self._maybe_fail, "write", fd)
         self.inner.write(fd, buffers, offset)
 
@@ -295,14 +295,14 @@ class FakeFilesystems:
 
     :meth:`add` declares that everything under a directory is on, say,
     Lustre with 1 MiB stripes over 8 OSTs; :meth:`detect` answers like
-    :func:`pwriter.detect.detect_filesystem` (which it stands in for while
+    :func:`pwriter.data.detect.detect_filesystem` (which it stands in for while
     installed), from the declarations first and the real filesystem
     otherwise.  The planners and the sizing policy see exactly what real
     detection would have given them.
     """
 
     def __init__(self) -> None:
-        from .detect import detect_filesystem
+        from ..data.detect import detect_filesystem
 
         self.declared: dict[str, FsInfo] = {}
         self._real_detection = detect_filesystem
@@ -313,7 +313,7 @@ class FakeFilesystems:
         ``"gpfs"``, ``"beegfs"``, ``"nfs"``, ``"tmpfs"``, ``"local"``) with
         this stripe geometry (``stripe_size`` in bytes or as ``"1MiB"``);
         returns what detection will report."""
-        from .settings import parse_size
+        from ..plan.settings import parse_size
 
         kind = FsKind(kind)
         size = parse_size(stripe_size) if stripe_size is not None else None

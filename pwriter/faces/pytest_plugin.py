@@ -5,7 +5,7 @@ wherever pwriter is installed; every fixture's name starts with ``pwriter_``.
 The fixtures are plain (synchronous) fixtures that hand out objects and
 factories, so they work in pytest-trio's ``trio_mode`` and with explicit
 ``@pytest.mark.trio`` alike, and with the ``autojump_clock`` fixture: the
-writer's flush deadlines (``max_delay``) and :class:`~pwriter.testing.FaultBackend`
+writer's flush deadlines (``max_delay``) and :class:`~pwriter.faces.testing.FaultBackend`
 delays are on the trio clock, so a test of a 10-second flush delay runs
 instantly.  Assert on *when* data is written through
 ``pwriter_memory_backend`` (plain output), which completes writes in the
@@ -29,11 +29,11 @@ from typing import TYPE_CHECKING, Any, Protocol
 import pytest
 
 if TYPE_CHECKING:  # imported by the fixtures, so that pytest starts fast where they are not used
-    from .backends import Backend
-    from .settings import Settings
-    from .sizing import FsInfo, FsKind
+    from ..data.backends import Backend
+    from ..plan.settings import Settings
+    from ..plan.sizing import FsInfo, FsKind
+    from ..service.writer import Writer
     from .testing import FaultBackend, MemoryBackend
-    from .writer import Writer
 
 __all__ = ["OpenWriter", "FakeFs"]
 
@@ -91,9 +91,9 @@ def pwriter_fault_backend(request: pytest.FixtureRequest) -> FaultBackend:
     name (``"ENOSPC"``), and an unknown one, or an ``on`` other than
     ``"any"``, ``"write"`` or ``"fsync"``, is a ValueError.  ``inner`` is the backend
     that does the real work: ``"threads"`` (real files, the default) or
-    ``"memory"`` (its :class:`~pwriter.testing.MemoryBackend` is ``.inner``).
+    ``"memory"`` (its :class:`~pwriter.faces.testing.MemoryBackend` is ``.inner``).
     """
-    from .backends.threads import ThreadBackend
+    from ..data.backends.threads import ThreadBackend
     from .testing import FaultBackend, MemoryBackend
 
     marker = request.node.get_closest_marker("pwriter_fault")
@@ -110,14 +110,14 @@ def pwriter_fake_fs(monkeypatch: pytest.MonkeyPatch, tmp_path: os.PathLike[str])
     """Pretend that tmp_path (or a given path) is on Lustre, GPFS, BeeGFS, NFS or tmpfs, for sizing.
 
     ``pwriter_fake_fs("lustre", stripe_size="1MiB", stripe_count=8)``
-    returns the :class:`~pwriter.sizing.FsInfo` that detection now reports
+    returns the :class:`~pwriter.plan.sizing.FsInfo` that detection now reports
     for every path under ``path`` (default: the test's ``tmp_path``), so
     ``open_writer`` and ``pwriter_open_writer`` size themselves for it.
     """
     from .testing import FakeFilesystems
 
     fakes = FakeFilesystems()
-    monkeypatch.setattr("pwriter.detect.detect_filesystem", fakes.detect)
+    monkeypatch.setattr("pwriter.data.detect.detect_filesystem", fakes.detect)
 
     def fake(kind: FsKind | str, *, stripe_size: int | str | None = None, stripe_count: int | None = None,
              path: str | os.PathLike[str] | None = None) -> FsInfo:
@@ -146,7 +146,7 @@ def pwriter_open_writer(tmp_path: os.PathLike[str]) -> OpenWriter:
     def open_test_writer(name: str = "out.pfw", *, settings: Settings | None = None,
                          backend: str | Backend | None = None,
                          **options: Any) -> contextlib.AbstractAsyncContextManager[Writer]:
-        from .writer import open_writer
+        from ..service.writer import open_writer
 
         if settings is None:
             options.setdefault("fsync", False)

@@ -6,7 +6,7 @@ A Lustre file's layout (stripe count, stripe size, first OST) is fixed once
 its objects are allocated, that is at its first write; a file created the
 ordinary way gets its directory's default, often a single stripe, and then
 every writer of a large merge streams to one OST.  So pwriter creates each
-temporary *with* its layout (the policy is :func:`pwriter.sizing.plan_sizing`'s
+temporary *with* its layout (the policy is :func:`pwriter.plan.sizing.plan_sizing`'s
 ``striping``), then opens it for writing:
 
 * through liblustreapi's ``llapi_file_open``, which creates the file
@@ -18,7 +18,7 @@ temporary *with* its layout (the policy is :func:`pwriter.sizing.plan_sizing`'s
   the file with that layout (and refuses a file that exists), then
   ``open(O_WRONLY | O_NOFOLLOW)``.
 
-Reading a layout back is :func:`pwriter.detect.file_striping`.  Every
+Reading a layout back is :func:`pwriter.data.detect.file_striping`.  Every
 command and library here is a parameter or looked up at call time, so that
 tests can put a fake ``lfs`` on ``PATH``.
 """

@@ -96,10 +96,10 @@ import time
 from collections.abc import Callable, Iterable, Sequence
 from typing import TYPE_CHECKING, Protocol, TypeVar
 
-from .errors import OutputExistsError, UsageError, WriteError
+from ..errors import OutputExistsError, UsageError, WriteError
 
 if TYPE_CHECKING:
-    from .sizing import Striping
+    from ..plan.sizing import Striping
 
 __all__ = ["Output", "OutputFiles", "CreatedFiles", "OutputSet", "OutputLock", "StreamOutput", "create_temporaries",
            "close_quietly", "close_checked", "shard_paths", "manifest_path", "member_index_path", "lock_path",
@@ -478,7 +478,7 @@ class Output(OutputFiles, Protocol):
 
     Implemented by :class:`OutputSet` (a file set, published all or
     nothing), :class:`StreamOutput` (a stream: nothing to publish or take
-    back) and :class:`pwriter.mpi.RankOutput` (one MPI rank's share: its
+    back) and :class:`pwriter.faces.mpi.RankOutput` (one MPI rank's share: its
     "publish" only says that the share is written; rank 0 publishes the
     whole set).  What comes before the writer (an :class:`OutputSet`'s
     :meth:`~OutputSet.check`, which takes the output's lock) is each
@@ -512,7 +512,7 @@ class CreatedFiles:
     growing sharded set each next shard (:meth:`add_shard`).  ``first`` is
     the file number of the first target (for its Lustre layout),
     ``generation`` that of the shards' names.  The base of
-    :class:`OutputSet` and of :class:`pwriter.mpi.RankOutput`."""
+    :class:`OutputSet` and of :class:`pwriter.faces.mpi.RankOutput`."""
 
     def __init__(self, target: str, targets: Sequence[str], *, striping: Striping | None = None, first: int = 0,
                  generation: int = 0) -> None:
@@ -684,7 +684,7 @@ class OutputSet(CreatedFiles):
         With ``direct``, each file also gets a second descriptor opened with
         O_DIRECT (:attr:`direct_fds`), for the writes that are aligned.
         With a ``striping`` (Lustre), each file is created with that layout
-        (:func:`pwriter.lustre.create_striped`); a layout that cannot be set
+        (:func:`pwriter.data.lustre.create_striped`); a layout that cannot be set
         is a :class:`WriteError` naming the file.  On failure, everything is
         discarded (the lock released).
         """

@@ -9,9 +9,9 @@ Facts about DFTracer 2.x traces this rests on:
   per file) carry no ``id``.
 * The tracer writes ``id`` as the first key of an event, so an event that
   ``num_events`` counts is an event line that begins with ``{"id":``
-  (:data:`~pwriter.traceformat.ID_PREFIX`).  That is the rule used here:
+  (:data:`~pwriter.plan.traceformat.ID_PREFIX`).  That is the rule used here:
   it needs no JSON parsing, and the C scanner counts such lines as it
-  cleans (:class:`~pwriter.traceformat.BlockCleaner`).  An event that
+  cleans (:class:`~pwriter.plan.traceformat.BlockCleaner`).  An event that
   carries ``id`` elsewhere than first is not counted.
 * A process that never finalizes (PyTorch data-loader workers, ``exec``,
   containers, a crash) leaves an empty file, or one cut short without its

@@ -1,9 +1,9 @@
 """The sizing policy: how to write, given where and with what.
 
 This module is pure: it never does I/O and never imports trio.  Detection
-(:mod:`pwriter.detect`) turns a path into a :class:`FsInfo`; psutil and
+(:mod:`pwriter.data.detect`) turns a path into a :class:`FsInfo`; psutil and
 ``os.cpu_count`` give the machine; :func:`plan_sizing` turns those plain
-values and the user's :class:`~pwriter.settings.Settings` into a
+values and the user's :class:`~pwriter.plan.settings.Settings` into a
 :class:`Sizing`.  Every automatic choice records a one-line reason, shown by
 ``pwriter info``.
 
@@ -39,7 +39,7 @@ Layout
 Lustre layout on create (``stripe_count``)
     A new Lustre file gets the directory's default layout, often one stripe,
     so that every writer of a large merge hits one OST.  pwriter sets the
-    layout of each temporary before its first byte (:mod:`pwriter.lustre`):
+    layout of each temporary before its first byte (:mod:`pwriter.data.lustre`):
     an explicit count N (or -1, every OST) as asked; ``auto`` stripes an
     output of ``AUTO_STRIPE_ALL_FROM`` (1 GiB) or more over every OST, gives
     each shard of a sharded output one stripe with the shards' first OSTs

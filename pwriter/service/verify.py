@@ -21,10 +21,10 @@ import os
 from collections.abc import Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 
-from . import traceformat
-from .errors import UsageError
-from .inputs import InputReader, fill_step
-from .output import manifest_path, read_shard_set
+from ..data.inputs import InputReader, fill_step
+from ..data.output import manifest_path, read_shard_set
+from ..errors import UsageError
+from ..plan import traceformat
 
 __all__ = ["VerifyResult", "verify", "output_files"]
 
@@ -49,7 +49,7 @@ class VerifyResult:
 def output_files(output: str) -> list[str]:
     """The files of an output in read order: the shards its ``.shards``
     manifest lists (given directly or beside ``output``: a manifest wins over
-    a file of the output's name, see :mod:`pwriter.output`), or the file itself."""
+    a file of the output's name, see :mod:`pwriter.data.output`), or the file itself."""
     if output.endswith(".shards") and os.path.isfile(output):
         return read_shard_set(output)
     if os.path.isfile(manifest_path(output)):
@@ -61,7 +61,7 @@ def output_files(output: str) -> list[str]:
 
 def _cleaned_buffers(path: str, salvage: bool = False, validate: bool = False) -> Iterator[memoryview]:
     """The cleaned event text of ``path``, one buffer-full at a time (whole
-    lines), read with the merge's own step (:func:`~pwriter.inputs.fill_step`)
+    lines), read with the merge's own step (:func:`~pwriter.data.inputs.fill_step`)
     and, for an input, with the merge's ``salvage`` and ``validate``."""
     buffer = memoryview(bytearray(BUFFER))
     reader = InputReader(path, salvage=salvage, validate=validate)

@@ -40,7 +40,7 @@ from collections.abc import Awaitable, Callable, Iterable
 
 import trio
 
-from .errors import ClosedError
+from ..errors import ClosedError
 from .handle import DEFAULT_BATCH_BYTES, NEWLINE, HandleCore, HandleState, copy_of, join_lines, one_line
 
 __all__ = ["Block", "BufferPool", "Producer", "join_lines", "one_line", "Coalescer", "CoalescerStatistics",
@@ -138,7 +138,7 @@ class Producer:
     writer pushes what the handle holds.
 
     The checks, the batch and the handle's state are a
-    :class:`~pwriter.handle.HandleCore`'s; this class sends what it forms.
+    :class:`~pwriter.service.handle.HandleCore`'s; this class sends what it forms.
     """
 
     def __init__(self, channel: trio.MemorySendChannel[Block], *, batch_bytes: int = DEFAULT_BATCH_BYTES,

@@ -32,7 +32,7 @@ class _Parser(argparse.ArgumentParser):
 def _settings_epilog() -> str:
     """The PWRITER_* settings and what each means (built only for --help:
     it imports pydantic, which a merge does not need to start)."""
-    from .settings import describe_settings
+    from ..plan.settings import describe_settings
 
     rows = describe_settings()
     width = max(len(name) for name, _, _ in rows)
@@ -169,7 +169,7 @@ def main(argv: Sequence[str] | None = None) -> int:
 def _run(arguments: list[str]) -> int:
     """:func:`main` for ``arguments``, leaving the signal handlers as a merge set them."""
     args = _parser(settings_help="-h" in arguments or "--help" in arguments).parse_args(arguments)
-    from .errors import OutputExistsError, PwriterError, other_errors
+    from ..errors import OutputExistsError, PwriterError, other_errors
 
     try:
         code = _command(args)
@@ -231,7 +231,7 @@ def _say(line: str) -> None:
     except (AttributeError, ValueError, OSError):  # (stderr replaced by an object without a descriptor)
         sys.stderr.write(data.decode(sys.stderr.encoding or "utf-8", "replace"))
         return
-    from .output import write_fully
+    from ..data.output import write_fully
 
     write_fully(fd, data)
 
@@ -347,7 +347,7 @@ def _lanes(args: argparse.Namespace) -> str | None:
     old: str | None = getattr(args, "old_workers", None)
     if old is None:
         return lanes
-    from .settings import _warn_once, one_value
+    from ..plan.settings import _warn_once, one_value
 
     _warn_once("pwriter: warning: --workers is now --lanes", stderr=True)
     given = None if lanes is None else (f"--lanes {lanes}", lanes)
@@ -356,7 +356,7 @@ def _lanes(args: argparse.Namespace) -> str | None:
 
 
 def _settings(args: argparse.Namespace) -> Any:
-    from .settings import load_settings
+    from ..plan.settings import load_settings
 
     return load_settings(
         layout=getattr(args, "layout", None),
@@ -382,9 +382,9 @@ def _wrap_choice(args: argparse.Namespace) -> str | None:
 
 
 def _merge(args: argparse.Namespace) -> int:
-    from .errors import UsageError
-    from .merge import MergeProgress, collect_inputs, merge
-    from .output import names_of_output
+    from ..data.output import names_of_output
+    from ..errors import UsageError
+    from ..service.merge import MergeProgress, collect_inputs, merge
 
     _SIGNALS.install()
     settings = _settings(args)
@@ -407,7 +407,7 @@ def _merge(args: argparse.Namespace) -> int:
 
 def _check_recursive(args: argparse.Namespace) -> None:
     """``-r`` reads directories: without ``-d`` it would be ignored, so it is refused."""
-    from .errors import UsageError
+    from ..errors import UsageError
 
     if args.recursive and not args.directory:
         raise UsageError("-r/--recursive: give the directories to read below with -d DIR")
@@ -424,7 +424,7 @@ def _run_merge(args: argparse.Namespace, work: Any, progress: Any, *, show_progr
     (the output is published) changes nothing: its result is returned."""
     import trio
 
-    from .writer import error_to_raise
+    from ..service.writer import error_to_raise
 
     async def run() -> Any:
         signalled: list[int] = []
@@ -458,8 +458,8 @@ def _report_merge(args: argparse.Namespace, settings: Any, result: Any, inputs: 
     _warn_incomplete(result.incomplete)
     checked = None
     if args.verify:
-        from .errors import DataError
-        from .verify import verify
+        from ..errors import DataError
+        from ..service.verify import verify
 
         try:
             with _SIGNALS.interruptible():
@@ -476,7 +476,7 @@ def _report_merge(args: argparse.Namespace, settings: Any, result: Any, inputs: 
 
 def _warn_incomplete(incomplete: Sequence[Any]) -> None:
     """One warning line per incomplete input (the first ``INCOMPLETE_SHOWN``), then a count of the rest."""
-    from .merge import INCOMPLETE_SHOWN
+    from ..service.merge import INCOMPLETE_SHOWN
 
     for entry in incomplete[:INCOMPLETE_SHOWN]:
         if entry.why.startswith("salvaged: "):
@@ -497,11 +497,11 @@ def _under_mpi() -> bool:
 
 
 def _merge_mpi(args: argparse.Namespace, settings: Any) -> int:
-    """``pwriter merge`` with every MPI rank (:mod:`pwriter.mpi`): rank 0
+    """``pwriter merge`` with every MPI rank (:mod:`pwriter.faces.mpi`): rank 0
     reports (progress, the result, the one error line); every rank exits
     with the same code."""
-    from .errors import PwriterError, UsageError
-    from .merge import MergeProgress
+    from ..errors import PwriterError, UsageError
+    from ..service.merge import MergeProgress
     from .mpi import RankTimeout, World, merge_over_ranks
 
     world = World(timeout=settings.mpi_timeout)
@@ -599,9 +599,9 @@ def _report_stream(args: argparse.Namespace) -> Any:
 
 
 def _verify(args: argparse.Namespace) -> int:
-    from .inputs import collect_inputs
-    from .output import names_of_output
-    from .verify import output_files
+    from ..data.inputs import collect_inputs
+    from ..data.output import names_of_output
+    from ..service.verify import output_files
 
     _check_recursive(args)
     outputs = output_files(args.output)
@@ -613,7 +613,7 @@ def _verify(args: argparse.Namespace) -> int:
 
 def _report_verification(output: str, inputs: list[str], *, as_json: bool, salvage: bool, validate: bool) -> int:
     """Verify, print the result (one JSON object, or a line), return the exit code."""
-    from .verify import verify
+    from ..service.verify import verify
 
     checked = verify(output, inputs, salvage=salvage, validate=validate)
     if as_json:
@@ -708,9 +708,9 @@ def _render_progress(progress: Any, elapsed: float, *, tty: bool) -> None:
 
 
 def _info(args: argparse.Namespace) -> int:
-    from .backends import MECHANISMS, available_backends, resolve_backend_name
-    from .settings import ConfigError, describe_settings, parse_size
-    from .writer import plan
+    from ..data.backends import MECHANISMS, available_backends, resolve_backend_name
+    from ..plan.settings import ConfigError, describe_settings, parse_size
+    from ..service.writer import plan
 
     settings = _settings(args)
     try:
@@ -789,7 +789,7 @@ def _info(args: argparse.Namespace) -> int:
 
 def _member_summary(path: str) -> dict[str, Any] | None:
     """What the member index of a compressed output says, if it has one."""
-    from .output import member_index_path
+    from ..data.output import member_index_path
 
     index_path = member_index_path(path)
     try:
@@ -809,8 +809,8 @@ def _member_summary(path: str) -> dict[str, Any] | None:
 
 
 def _gen_corpus(args: argparse.Namespace) -> int:
+    from ..errors import OutputExistsError
     from .corpus import write_corpus
-    from .errors import OutputExistsError
 
     try:
         paths = write_corpus(args.directory, files=args.files, events_per_file=args.events, seed=args.seed,

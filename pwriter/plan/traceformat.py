@@ -17,7 +17,7 @@ released) where that module is built, else as three ``bytes`` scans.  Only
 lines that are not bare events (wrapper lines, blank lines, indentation,
 CRLF) are trimmed one by one in Python.
 
-For the completeness of an input (:mod:`pwriter.completeness`) the cleaner
+For the completeness of an input (:mod:`pwriter.plan.completeness`) the cleaner
 also keeps two facts, without parsing: how many event lines begin with
 ``{"id":`` (:data:`ID_PREFIX`; DFTracer 2.x writes ``id`` first in every
 event its ``end`` event counts, and no ``id`` in metadata lines), counted
@@ -29,7 +29,7 @@ from __future__ import annotations
 import json
 from typing import Any
 
-from .errors import InputError
+from ..errors import InputError
 
 __all__ = ["BlockCleaner", "is_gzip_magic", "is_valid_json", "rfind_newline", "line_end", "preview", "count_newlines",
            "count_prefixed", "ID_PREFIX"]
@@ -317,7 +317,7 @@ def line_end(text: memoryview, start: int) -> int:
 
 def _load_native() -> tuple[Any, Any] | None:
     try:
-        from . import _native as module
+        from .. import _native as module
     except ImportError:
         return None
     version = getattr(module.lib, "pw_abi_version", None)
