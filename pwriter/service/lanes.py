@@ -13,7 +13,7 @@ sink's one way in (:meth:`~pwriter.data.sink.ChunkSink.write_chunk`, a
 blocking call: cut, gzip members, place, write) in a thread, and
 then gives the buffer back to the pool.  So a lane's chunks keep its order
 (one call at a time), and a coalescer fills its next buffer while the
-previous one is written.  The worker-thread call is never abandoned: a
+previous one is written.  The call in the thread is never abandoned: a
 cancelled lane writer waits for it, so a buffer goes back to the pool only
 once no thread uses it.
 

@@ -2,7 +2,7 @@
 
 The inputs are cut, in order, into one run per reader of about equal bytes
 (:func:`partition`).  Each reader fills a stripe buffer taken from the
-writer's pool straight from its inputs (:mod:`pwriter.data.inputs`, in a worker
+writer's pool straight from its inputs (:mod:`pwriter.data.inputs`, in a
 thread: read, decompress, clean in place) and writes every full buffer, in
 that thread, as one chunk of its lane (:meth:`~pwriter.data.sink.ChunkSink.write_chunk`).
 A small input costs no thread hop of its own; a bare-event text is never

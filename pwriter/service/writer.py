@@ -7,17 +7,17 @@ and :func:`run_writer` runs it (an MPI rank runs its share's plan through
 
 Task structure (all in one nursery owned by :func:`run_writer`)::
 
-    producers --(blocks)--> write lanes: coalescer 0 --(chunk)--+
-              --(blocks)-->             coalescer 1 --(chunk)--+--> chunk sink --> backend
-                                        ...  ticker            |    (pwriter.data.sink)
-    merge readers (threads) --(chunk, written in the thread)+
+    producers --(blocks)--> coalescer 0 --(chunk)--> lane writer 0 --thread--+
+              --(blocks)--> coalescer 1 --(chunk)--> lane writer 1 --thread--+--> chunk sink --> backend
+                            ...  ticker                                      |    (pwriter.data.sink)
+    merge readers (threads) --(chunk, written in the reader's own thread)----+
 
 The writer is the control plane: it opens the output and the backend,
-starts the write lanes (:mod:`pwriter.service.lanes`: the handles, coalescers and
-ticker of the library path), and closes and publishes.  Placement and
-writing are the chunk sink's (:mod:`pwriter.data.sink`), which makers in worker
-threads call directly; the coalescers' gzip members are the member stage's
-(:mod:`pwriter.members`).
+starts the write lanes with the first producer handle
+(:mod:`pwriter.service.lanes`: the coalescers, lane writers and ticker of
+the library path; a merge starts none), and closes and publishes.
+Placement, gzip members and writing are the chunk sink's
+(:mod:`pwriter.data.sink`), which every maker calls in a thread.
 
 When the body of the ``async with`` ends normally, the writer refuses
 every new call of a producer handle (ClosedError), lets a push already
