@@ -1,4 +1,4 @@
-"""Output names, temporary files, the output lock and atomic publication.
+"""Outputs: what a writer writes to (the Output protocol, a file set, a stream), and a file set's atomic publication.
 
 What an output name stands for
 ------------------------------

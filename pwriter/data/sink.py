@@ -38,7 +38,7 @@ grows while it is written: every chunk is first cut at its lane's shard
 limits (:meth:`Placer.cut`, the planner's ``cut``; for gzip output before
 it is compressed, one member per piece), and a placement that starts a new
 shard makes the sink create its file, under the placement lock, before the
-placement is handed out (:meth:`~pwriter.data.output.OutputSet.add_shard`, then
+placement is handed out (:meth:`~pwriter.data.output.OutputFiles.add_shard`, then
 the backend's ``register``).  Each shard gets the header with its first
 chunk and the footer at close (:meth:`Placer.close`), whatever bytes the
 writer gave as header and footer.
@@ -349,8 +349,8 @@ class Placer:
     def open(self) -> Placement | None:
         """Place the header, before any chunk (call it first): its placement
         to write (an empty body), or None when the layout puts it in the
-        first chunk, or when this writer writes no header (a part of a
-        shared output)."""
+        first chunk, or when this writer writes no header (a share of an
+        output that several processes write)."""
         with self._lock:
             header = self._planner.open()
         if header is None or header.length == 0:

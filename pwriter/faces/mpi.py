@@ -622,8 +622,8 @@ def _rank_share(world: World, decision: Decision, settings: Settings, share_outp
 async def _merge_share(world: World, inputs: list[str], output: str, settings: Settings, share: RankShare,
                        counter: WindowCounter | None, counted: int, exscan: bool, *, force: bool, progress: Any,
                        salvage: bool, validate: bool) -> tuple[Any, BaseException | None]:
-    """Step 3: merge this rank's share with the normal data plane, as its part of
-    the output.  Returns the result, or the failure (to agree on; the shared
+    """Step 3: merge this rank's inputs with the normal data plane, as its share
+    of the output.  Returns the result, or the failure (to agree on; the shared
     counter is told first, so that the other ranks stop early)."""
     from ..errors import DataError
     from ..service.merge import MergeProgress, merge

@@ -58,7 +58,7 @@ readers refuse); an overlap would lose data.
   before compression for gzip output), and the planner starts the new shard
   on the same rule, from the text length of each placement.
 
-Several processes (MPI ranks, :mod:`pwriter.mpi`) can write one striped or
+Several processes (MPI ranks, :mod:`pwriter.faces.mpi`) can write one striped or
 padded-striped file, each its *share* of it: each gets a shared-file planner
 (:class:`SharedStripedPlanner`, :class:`SharedPaddedPlanner`) whose offsets
 come from one :class:`Counter` that all of them use (an atomic fetch-add

@@ -129,7 +129,8 @@ class Settings(BaseModel):
     buffers_per_lane: BuffersPerLane = Field(
         default=None, description="stripe buffers per lane (default 4, cut to the memory budget)")
     queue_depth: QueueDepth = Field(
-        default=None, description="writes in flight at once (io_uring entries, or threads)")
+        default=None, description="fsyncs in flight at once (io_uring entries, or threads); each write is made "
+                                  "in the thread that made its chunk")
     write_call_size: WriteCallSize = Field(
         default=None,
         description="most bytes one write system call carries, a multiple of 4 KiB (default 512 KiB; "

@@ -60,16 +60,19 @@ sharded, each with its own file; all take their buffers from one shared pool)
     and parallel filesystems (latency hiding).
 
 Buffers
-    ``buffers_per_lane`` (default 4: one filling, up to three in flight)
-    stripe-sized buffers per lane, cut down to fit the memory budget:
+    ``buffers_per_lane`` (default 4) stripe-sized buffers per lane, in one
+    pool (a library lane holds at most three at once: one filling, one
+    waiting for its lane writer, one being written; a merge reader holds
+    one), cut down to fit the memory budget:
     at most a quarter of the available memory and at most 256 MiB unless set.
     Fewer buffers per lane first (down to 2), then fewer lanes.
 
 Queue depth
-    How many writes may be in flight at once: one per buffer, since a buffer
-    is owned by its write until the write completes.
+    How many fsyncs the backend keeps in flight at once (io_uring entries,
+    or threads): one per buffer.  Writes are not counted here: each is made
+    in the thread of its chunk's maker, so the makers bound them.
 
-Write call size (the most bytes one system call or io_uring operation carries)
+Write call size (the most bytes one write system call carries)
     Buffered writes: 512 KiB (at most the stripe size); a chunk is written in
     as many calls as that takes.  Recent kernels fill the page cache with
     folios as large as the write call and its offset's alignment allow (up
@@ -187,9 +190,9 @@ class Sizing:
     ``stripe_size`` is the capacity of every buffer and the flush threshold in
     bytes; ``buffers`` is the total number of such buffers (the writer's
     whole memory for data is ``buffers * stripe_size``); ``queue_depth`` is
-    the number of writes that may be in flight at once; ``write_call_size``
-    is the most bytes the backend puts in one system call (or io_uring
-    operation): a write of a larger chunk takes several.
+    the number of fsyncs the backend may have in flight at once;
+    ``write_call_size`` is the most bytes the backend puts in one write
+    system call: a write of a larger chunk takes several.
     """
 
     layout: LayoutName

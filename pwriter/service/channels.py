@@ -1,4 +1,4 @@
-"""Producer handles, coalescers and the buffer pool: from many producer tasks to full stripe buffers.
+"""From many producer tasks to full stripe buffers: the trio producer handle, the coalescer, the buffer pool.
 
 Theory of operation
 -------------------
@@ -24,11 +24,13 @@ that fills at least half a buffer by itself is not copied: it is written as
 it is, as a chunk of its own (an *uncopied* chunk).  So is a single line
 longer than a buffer (an *oversized* chunk).
 
-Backpressure: ``flush`` hands the buffer to a write that gives it back to the
-pool when the kernel is done with it.  When every buffer is in flight,
-``pool.take()`` waits, the coalescer stops receiving, its channel fills, and
-producers wait in ``send``.  Memory is thus bounded by the pool plus
-``channel_blocks`` blocks per coalescer plus one batch per producer.
+Backpressure: ``flush`` hands the buffer to its lane's writer, which gives
+it back to the pool when the kernel is done with it.  When every buffer is
+taken, ``pool.take()`` waits, the coalescer stops receiving, its channel
+fills, and producers wait in ``send``.  Memory is thus bounded by the pool
+plus :data:`~pwriter.service.lanes.CHANNEL_BLOCKS` blocks per coalescer
+(and the whole blocks waiting for each lane's writer) plus one batch per
+producer.
 """
 
 from __future__ import annotations
@@ -66,7 +68,7 @@ class BufferPool:
         self._memory = mmap.mmap(-1, count * size)
         whole = memoryview(self._memory)
         self.buffers = [whole[index * size : (index + 1) * size] for index in range(count)]
-        """Every buffer of the pool (for registration with a backend), taken or not."""
+        """Every buffer of the pool, taken or not (released by :meth:`close`)."""
         whole.release()
         self._free = self.buffers[::-1]  # a stack: the first buffer is taken first
         self._free_count = trio.Semaphore(count)
@@ -361,11 +363,11 @@ class Coalescer:
 
     ``flush(lane, buffer, filled, since)`` takes ownership of ``buffer`` (it
     must give it back to the pool when written); ``write_whole(lane, view,
-    since)`` places a chunk of whole lines that did not go through a buffer
-    and gets it written (it may return before the write completes: it keeps
+    since)`` hands on a chunk of whole lines that did not go through a
+    buffer, to be written (it may return before the write is done: it keeps
     ``view``).  ``since`` is the trio time the chunk's oldest line was
-    queued, so that a stage that holds text further (padded gzip members)
-    keeps the ``max_delay`` bound from the line's call.
+    queued, so that the chunk sink, which may hold a padded lane's text or
+    gzip members further, keeps the ``max_delay`` bound from the line's call.
     """
 
     def __init__(

@@ -1,4 +1,4 @@
-"""The library path's write lanes: producer handles, coalescers, lane writers and the ticker.
+"""The library's write lanes: from the blocks of producer handles to chunk-sink calls, in order and on time.
 
 Theory of operation
 -------------------
@@ -19,11 +19,11 @@ once no thread uses it.
 
 Every block carries the time its oldest line was queued, and a line waits
 at most ``max_delay`` from its call to its chunk's hand-off to the sink:
-the ticker pushes each handle's batch before its oldest line has waited
-``max_delay`` (once it has waited half of it, so that the ticker wakes at
-most about twice per ``max_delay``), and a coalescer flushes its buffer
-when the oldest line in it has waited ``max_delay`` since its call (the
-time it spent in the handle counts).  In a padded layout the sink may hold
+the ticker pushes each handle's batch by the time its oldest line has
+waited ``max_delay`` (with every other batch that has waited half of it,
+so that the ticker wakes at most about twice per ``max_delay``), and a
+coalescer flushes its buffer when the oldest line in it has waited
+``max_delay`` since its call (the time it spent in the handle counts).  In a padded layout the sink may hold
 text (or gzip members) that does not fill the lane's slot: the lane writer
 has it written, without padding, once its oldest line has waited
 ``max_delay`` (:meth:`~pwriter.data.sink.ChunkSink.flush_lane`), in its place

@@ -196,7 +196,8 @@ async def merge(
     :class:`~pwriter.errors.UsageError`, as on the command line.
 
     Every event line of every input appears exactly once in the output; the
-    lines of one input stay together and in order.  The ``wrap`` setting
+    lines of one input keep their order (with more than one reader, lines
+    of other inputs may come between them).  The ``wrap`` setting
     says what surrounds them: ``array`` (the default) a ``[`` first line and
     a ``]`` last line, ``none`` nothing (NDJSON), ``auto`` array only when
     an input is array style or a pipe (:func:`resolve_wrap`).
@@ -205,8 +206,8 @@ async def merge(
     ``incomplete`` lists the inputs that are empty, salvaged, cut before
     their DFTracer ``end`` event or whose ``num_events`` differs from the
     events read; with ``require_complete`` any of them is an
-    :class:`IncompleteInputsError` and nothing is published.  Raises :class:`InputError` /
-    :class:`DataError` (and publishes nothing) when an input is damaged or a
+    :class:`IncompleteInputsError` and nothing is published.  Raises
+    :class:`~pwriter.errors.InputError` / :class:`DataError` (and publishes nothing) when an input is damaged or a
     read or write fails.  With ``salvage``, the damaged tail of an input
     cut short by a crash (a last line that is not a whole event, a gzip file
     without its end) is dropped instead, and reported in ``salvaged``.  With
@@ -227,10 +228,8 @@ async def merge(
         progress = MergeProgress(total_input_bytes=0)
     progress.total_input_bytes = sum(sizes)
     if readers is None:
-        # One reader per CPU: more contend for the GIL.  10,000 plain inputs
-        # of 64 KiB, in process: 1 and 2 readers 0.33-0.39 s, 4 readers
-        # 0.53-0.61 s (2 CPUs); a mixed 135 MiB corpus and its gzip copy: 2
-        # readers as fast as 4 or faster.
+        # One reader per CPU: more contend for the GIL (measured: "One
+        # reader per CPU" in docs/performance.md).
         # An explicit --lanes still gets that many lanes (shards).
         readers = max(1, min(len(inputs), max(os.cpu_count() or 1, settings.lanes or 1)))
     limiter = trio.CapacityLimiter(readers)

@@ -197,8 +197,9 @@ def resolve_backend_name(name: str) -> str:
 async def open_backend(name: str, *, queue_depth: int, write_call_size: int | None = None) -> AsyncIterator[Backend]:
     """Open the backend called ``name`` (``auto``: the best one available).
 
-    ``queue_depth`` bounds the operations in flight at once;
-    ``write_call_size`` bounds the bytes of one write call (``None``: a
+    ``queue_depth`` bounds the fsyncs in flight at once (io_uring entries,
+    or threads; a write is made in the thread of its chunk's maker, so the
+    makers bound the writes); ``write_call_size`` bounds the bytes of one write call (``None``: a
     write is one call, however large).  On exit the
     backend waits (shielded) for what is in flight and releases its
     resources.  Raises :class:`BackendUnavailable` when the named backend

@@ -119,7 +119,8 @@ async def _wait_through_interrupts(event: trio.Event) -> None:
 
 
 class _Operation:
-    """One submitted operation: what the kernel may still be reading, and its result."""
+    """One submitted operation (an fsync): its completion, its result, and in
+    ``keep`` what the kernel may read until it completes (nothing for an fsync)."""
 
     __slots__ = ("done", "keep", "result")
 
@@ -174,7 +175,7 @@ class IoUringBackend:
         self._counts = BackendCounters()  # (the ring's: fsyncs, submissions, enter calls)
         self._writes = PwritevWrites(write_call_size)  # (the maker threads' writes, counted under a lock)
 
-    # -- files and buffers -------------------------------------------------
+    # -- files -------------------------------------------------------------
 
     def register(self, fd: int, name: str) -> None:
         self._names[fd] = name
@@ -269,8 +270,7 @@ class IoUringBackend:
         A retryable failure (EAGAIN, EBUSY, EINTR) leaves them queued: the
         reaper submits again after its next drain.  Any other failure means
         the kernel took none of them: their operations fail with that errno
-        and the backend refuses further work (the SQEs are never submitted,
-        so the kernel never sees the buffers they name).
+        and the backend refuses further work (the SQEs are never submitted).
         """
         rc = self._lib.io_uring_submit(self._ring)
         self._counts.enter_calls += 1
