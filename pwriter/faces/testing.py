@@ -118,9 +118,11 @@ class MemoryBackend:
     """A backend that keeps every write in memory instead of on disk.
 
     ``writes`` lists them in completion order; :meth:`contents` rebuilds each
-    file's bytes.  It is ``inline``: the writer calls its data plane in the
-    trio thread (not in threads), so tests with ``autojump_clock``
-    see exact times.  The files the writer publishes stay empty.
+    file's bytes.  It is ``inline``: the writer makes its own chunk-sink
+    calls (its lanes', the header's and the end's) in the trio thread, not
+    in threads, so tests with ``autojump_clock`` see exact times; a merge's
+    readers still write from their threads.  The files the writer
+    publishes stay empty.
     """
 
     name = "memory"
