@@ -68,8 +68,8 @@ Buffers
     Fewer buffers per lane first (down to 2), then fewer lanes.
 
 Queue depth
-    How many fsyncs the backend keeps in flight at once (io_uring entries,
-    or threads): one per buffer.  Writes are not counted here: each is made
+    How many fsyncs the backend may have in flight at once (io_uring
+    entries, or threads): one per buffer unless set.  Writes are not counted here: each is made
     in the thread of its chunk's maker, so the makers bound them.
 
 Write call size (the most bytes one write system call carries)
