@@ -120,7 +120,7 @@ class Producer:
     ``ValueError`` and takes nothing.  Lines are copied at the call (a
     ``bytearray`` may be reused as soon as the call returns) and batched
     locally; they reach the writer in blocks: :meth:`flush` pushes the batch
-    now, and the writer pushes a batch before its oldest line has waited
+    now, and the writer pushes a batch by the time its oldest line has waited
     ``max_delay`` seconds (trio clock).  Closing the handle pushes what is
     left.  The lines of one handle keep their order in the output.  A call
     after the handle closed raises :class:`~pwriter.errors.ClosedError`.
