@@ -29,21 +29,17 @@ int io_uring_submit(struct io_uring *ring);
 int io_uring_submit_and_wait(struct io_uring *ring, unsigned wait_nr);
 int io_uring_register_eventfd(struct io_uring *ring, int fd);
 int io_uring_unregister_eventfd(struct io_uring *ring);
-int io_uring_register_buffers(struct io_uring *ring, const struct iovec *iovecs, unsigned nr_iovecs);
-int io_uring_unregister_buffers(struct io_uring *ring);
 int io_uring_register_files_sparse(struct io_uring *ring, unsigned nr);
 int io_uring_register_files_update(struct io_uring *ring, unsigned off, const int *files, unsigned nr_files);
 int io_uring_unregister_files(struct io_uring *ring);
 
 int pw_abi(void);
+/* pw_prep_writev: not used by pwriter itself since its writes are pwritev calls; bench/ring_lock.py measures a shared ring with it. */
 int pw_prep_writev(struct io_uring *ring, int fd, int fixed_file, const struct iovec *iovecs,
                    unsigned nr, uint64_t offset, uint64_t user_data);
-int pw_prep_write_fixed(struct io_uring *ring, int fd, int fixed_file, const void *buf, unsigned nbytes,
-                        uint64_t offset, int buf_index, uint64_t user_data);
 int pw_prep_fsync(struct io_uring *ring, int fd, int fixed_file, uint64_t user_data);
 unsigned pw_reap(struct io_uring *ring, uint64_t *user_data, int32_t *res, unsigned max);
 int pw_cq_has_overflow(struct io_uring *ring);
-unsigned pw_sq_ready(struct io_uring *ring);
 """
 
 SOURCE = """
@@ -68,17 +64,6 @@ int pw_prep_writev(struct io_uring *ring, int fd, int fixed_file, const struct i
     if (!sqe)
         return -EBUSY;
     io_uring_prep_writev(sqe, fd, iovecs, nr, offset);
-    pw_finish(sqe, fixed_file, user_data);
-    return 0;
-}
-
-int pw_prep_write_fixed(struct io_uring *ring, int fd, int fixed_file, const void *buf, unsigned nbytes,
-                        uint64_t offset, int buf_index, uint64_t user_data)
-{
-    struct io_uring_sqe *sqe = io_uring_get_sqe(ring);
-    if (!sqe)
-        return -EBUSY;
-    io_uring_prep_write_fixed(sqe, fd, buf, nbytes, offset, buf_index);
     pw_finish(sqe, fixed_file, user_data);
     return 0;
 }
@@ -109,8 +94,6 @@ unsigned pw_reap(struct io_uring *ring, uint64_t *user_data, int32_t *res, unsig
 }
 
 int pw_cq_has_overflow(struct io_uring *ring) { return io_uring_cq_has_overflow(ring) ? 1 : 0; }
-
-unsigned pw_sq_ready(struct io_uring *ring) { return io_uring_sq_ready(ring); }
 """ % PW_ABI
 
 ffibuilder = FFI()

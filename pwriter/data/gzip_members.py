@@ -23,7 +23,7 @@ from collections.abc import Callable, Iterable, Sequence
 from typing import TYPE_CHECKING
 
 from ..plan.layout import Placement, gzip_padding_members
-from ..plan.traceformat import count_newlines, rfind_newline
+from ..plan.traceformat import count_newlines, line_end, rfind_newline
 
 if TYPE_CHECKING:
     from typing_extensions import Buffer
@@ -118,7 +118,7 @@ class SlotMembers:
                 # alone over whole slots if not even a new one holds it.
                 member = self._member(text[done:], self._capacity - self._min_padding)
                 if member is None:
-                    member = self._make(text[done : done + _first_line_end(text[done:])])
+                    member = self._make(text[done : line_end(text, done)])
                 place([member])
             else:
                 self.hold(member)
@@ -169,17 +169,6 @@ class SlotMembers:
         member = gzip_member(text, self.level)
         self.ratio = max(len(member) - MEMBER_OVERHEAD, 1) / text.nbytes * RATIO_MARGIN
         return member, text.nbytes, count_newlines(text)
-
-
-def _first_line_end(text: memoryview) -> int:
-    """The length of the first line of ``text``, its newline included (all of it if it has none)."""
-    start = 0
-    while start < text.nbytes:
-        found = bytes(text[start : start + 65536]).find(b"\n")
-        if found >= 0:
-            return start + found + 1
-        start += 65536
-    return text.nbytes
 
 
 class LaneMembers:

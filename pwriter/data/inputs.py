@@ -709,7 +709,7 @@ class InputRun:
 
     def __init__(self, paths: Sequence[str], sizes: Sequence[int], *, salvage: bool = False,
                  validate: bool = False) -> None:
-        self._paths = paths
+        self.paths = paths
         self._sizes = sizes
         self._salvage = salvage
         self._validate = validate
@@ -732,9 +732,9 @@ class InputRun:
     def _fill(self, buffer: memoryview, done: int, end: int, capacity: int) -> tuple[int, int, bool]:
         while True:
             if self.reader is None:
-                if self._next == len(self._paths):
+                if self._next == len(self.paths):
                     return done, end, True
-                self.reader = InputReader(self._paths[self._next], salvage=self._salvage,
+                self.reader = InputReader(self.paths[self._next], salvage=self._salvage,
                                           validate=self._validate, size=self._sizes[self._next])
             done, end, finished = self.reader.fill(buffer, done, end, capacity)
             if finished:

@@ -43,10 +43,9 @@ from collections.abc import Awaitable, Callable, Iterable
 import trio
 
 from ..errors import ClosedError
-from .handle import DEFAULT_BATCH_BYTES, NEWLINE, HandleCore, HandleState, copy_of, join_lines, one_line
+from .handle import DEFAULT_BATCH_BYTES, NEWLINE, HandleCore, HandleState, copy_of
 
-__all__ = ["Block", "BufferPool", "Producer", "join_lines", "one_line", "Coalescer", "CoalescerStatistics",
-           "DEFAULT_BATCH_BYTES"]
+__all__ = ["Block", "BufferPool", "Producer", "Coalescer", "CoalescerStatistics"]
 
 OPEN = HandleState.OPEN
 _KEPT_ALIVE: list[object] = []

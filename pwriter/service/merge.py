@@ -98,7 +98,7 @@ class MergeProgress:
 
     @property
     def files(self) -> int:
-        return sum(len(run._paths) for run in self.runs)
+        return sum(len(run.paths) for run in self.runs)
 
     @property
     def text_bytes(self) -> int:

@@ -59,7 +59,8 @@ from ..plan.layout import GZIP_MIN_PADDING, Planner, make_planner
 from ..plan.settings import ConfigError, Settings, settings_from, settings_with
 from ..plan.sizing import FsInfo, Sizing, follow_layout_set, plan_sizing
 from ..plan.traceformat import BlockCleaner
-from .channels import DEFAULT_BATCH_BYTES, BufferPool, Producer
+from .channels import BufferPool, Producer
+from .handle import DEFAULT_BATCH_BYTES
 from .lanes import WriteLanes
 
 __all__ = ["Writer", "WriterStatistics", "open_writer", "plan", "output_compression", "check_shard_size",

@@ -119,14 +119,12 @@ async def _wait_through_interrupts(event: trio.Event) -> None:
 
 
 class _Operation:
-    """One submitted operation (an fsync): its completion, its result, and in
-    ``keep`` what the kernel may read until it completes (nothing for an fsync)."""
+    """One submitted operation (an fsync): its completion and its result."""
 
-    __slots__ = ("done", "keep", "result")
+    __slots__ = ("done", "result")
 
-    def __init__(self, keep: object) -> None:
+    def __init__(self) -> None:
         self.done = trio.Event()
-        self.keep = keep
         self.result = 0
 
 
@@ -143,7 +141,6 @@ class IoUringBackend:
     mechanism = MECHANISMS["io_uring"]
 
     def __init__(self, *, queue_depth: int, write_call_size: int | None = None) -> None:
-        self.write_call_size = write_call_size
         self._ffi, self._lib = _load()
         wanted = max(2, min(queue_depth, MAX_ENTRIES))
         self.entries = 1 << (wanted - 1).bit_length()
@@ -215,11 +212,11 @@ class IoUringBackend:
         index = self._file_index.get(fd)
         return (fd, 0) if index is None else (index, 1)
 
-    def _prep_fsync(self, fd: int, user_data: int) -> tuple[int, object]:
+    def _prep_fsync(self, fd: int, user_data: int) -> int:
         target, fixed_file = self._target(fd)
-        return self._lib.pw_prep_fsync(self._ring, target, fixed_file, user_data), None
+        return int(self._lib.pw_prep_fsync(self._ring, target, fixed_file, user_data))
 
-    async def _operate(self, prep: Callable[[int], tuple[int, object]]) -> int:
+    async def _operate(self, prep: Callable[[int], int]) -> int:
         """Prep one SQE, get it submitted, and wait (uncancellably) for its CQE."""
         if self._closed:
             raise RuntimeError("io_uring backend is closed")
@@ -229,14 +226,14 @@ class IoUringBackend:
         user_data = self._next_user_data
         self._next_user_data += 1
         try:
-            rc, keep = prep(user_data)
+            rc = prep(user_data)
         except BaseException:
             self._admit.release()  # nothing was queued
             raise
         if rc < 0:
             self._admit.release()
             raise OSError(-rc, f"cannot queue an io_uring operation: {os.strerror(-rc)}")
-        operation = _Operation(keep)
+        operation = _Operation()
         self._operations[user_data] = operation
         self._idle = trio.Event() if self._idle.is_set() else self._idle
         self._queued.append(user_data)
@@ -284,7 +281,6 @@ class IoUringBackend:
         while self._queued:
             operation = self._operations.pop(self._queued.popleft())
             operation.result = rc
-            operation.keep = None
             operation.done.set()
         if not self._operations:
             self._idle.set()
@@ -316,7 +312,6 @@ class IoUringBackend:
             for index in range(count):
                 operation = self._operations.pop(self._reap_user_data[index])
                 operation.result = self._reap_result[index]
-                operation.keep = None
                 operation.done.set()
             if count == REAP_BATCH:
                 continue

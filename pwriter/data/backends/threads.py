@@ -116,7 +116,6 @@ class ThreadBackend:
     mechanism = MECHANISMS["threads"]
 
     def __init__(self, *, queue_depth: int, write_call_size: int | None = None) -> None:
-        self.write_call_size = write_call_size
         self._limiter = trio.CapacityLimiter(max(1, queue_depth))
         self._names: dict[int, str] = {}
         self._writes = PwritevWrites(write_call_size)
