@@ -34,7 +34,7 @@ int io_uring_register_files_update(struct io_uring *ring, unsigned off, const in
 int io_uring_unregister_files(struct io_uring *ring);
 
 int pw_abi(void);
-/* pw_prep_writev: not used by pwriter itself since its writes are pwritev calls; bench/ring_lock.py measures a shared ring with it. */
+/* pw_prep_writev: pwriter writes with pwritev; bench/ring_lock.py measures a shared ring with this. */
 int pw_prep_writev(struct io_uring *ring, int fd, int fixed_file, const struct iovec *iovecs,
                    unsigned nr, uint64_t offset, uint64_t user_data);
 int pw_prep_fsync(struct io_uring *ring, int fd, int fixed_file, uint64_t user_data);
