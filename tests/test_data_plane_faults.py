@@ -5,7 +5,9 @@ oracle is the file read back (or its absence, with the error raised)."""
 
 from __future__ import annotations
 
+import collections
 import os
+import time
 from collections.abc import Awaitable
 
 import pytest
@@ -13,7 +15,7 @@ import trio
 
 from pwriter.data.backends import open_backend
 from pwriter.errors import ClosedError, WriteError, other_errors
-from pwriter.faces.testing import FaultBackend
+from pwriter.faces.testing import FaultBackend, read_events
 from pwriter.plan.sizing import FsInfo, FsKind
 from pwriter.service.channels import Producer
 from pwriter.service.writer import error_to_raise, open_writer
@@ -99,3 +101,59 @@ def test_the_error_raised_is_the_cause_not_its_consequences() -> None:
     own = ValueError("the body's own")
     body = BaseExceptionGroup("body", [cancelled, own])
     assert error_to_raise(BaseExceptionGroup("writer", [body, failed]), body) is body
+
+
+class SteadyBuffers:
+    """A backend around a real one that checks that the bytes of every write
+    stay as they were while the write is under way (a pool buffer given
+    back to the pool while a thread writes it would be refilled)."""
+
+    def __init__(self, inner) -> None:
+        self.inner = inner
+        self.name, self.inline, self.mechanism = inner.name, False, inner.mechanism
+        self.changed = 0
+
+    def register(self, fd: int, name: str) -> None:
+        self.inner.register(fd, name)
+
+    def unregister(self, fd: int) -> None:
+        self.inner.unregister(fd)
+
+    def write(self, fd: int, buffers, offset: int) -> None:
+        before = [bytes(buffer) for buffer in buffers]
+        time.sleep(0.0005)  # (a window for a coalescer to refill a buffer given back too early)
+        self.inner.write(fd, buffers, offset)
+        self.changed += [bytes(buffer) for buffer in buffers] != before
+
+    async def fsync(self, fd: int) -> None:
+        await self.inner.fsync(fd)
+
+    async def aclose(self) -> None:
+        await self.inner.aclose()
+
+    def statistics(self):
+        return self.inner.statistics()
+
+
+@pytest.mark.parametrize("layout", ["striped", "padded-striped"])
+@pytest.mark.parametrize("suffix", [".pfw", ".pfw.gz"])
+async def test_cancelling_the_block_while_lane_threads_write(tmp_path, settings_for, layout: str,
+                                                            suffix: str) -> None:
+    """The writer's block cancelled at several moments while lane writers
+    write in threads (short ``max_delay``: deadline flushes too): the
+    cancellation is caught by its scope, nothing is published or left, no
+    buffer changes under a write; a block that was not cancelled in time
+    published every line once."""
+    settings = settings_for(layout=layout, stripe_size="64KiB", max_delay=0.001, lanes=3)
+    for trial, after in enumerate((0.0, 0.005, 0.01, 0.02, 0.04, 0.08, 10.0)):
+        target = tmp_path / f"out{trial}{suffix}"
+        async with open_backend(settings.backend, queue_depth=8) as inner:
+            steady = SteadyBuffers(inner)
+            with trio.move_on_after(after) as scope:
+                await write_through(target, settings, steady, producers=4, lines=2000)
+        assert steady.changed == 0
+        if scope.cancelled_caught:
+            assert not [name for name in os.listdir(tmp_path) if name.startswith(f"out{trial}")]
+        else:
+            assert collections.Counter(read_events(target)) == collections.Counter(
+                event(index, n) for index in range(4) for n in range(2000))
