@@ -265,7 +265,9 @@ class Producer:
                               "nothing was taken") from None
 
     def send_pending_nowait(self) -> bool:
-        """Send the queued lines if the channel has room now; False if not.
+        """Send the queued lines if the channel has room now; False if not
+        (the lines stay queued; so when the lane's coalescer is gone, as
+        when the writer fails).
 
         Used by the writer to push a batch that waited too long (also one
         left in a handle closed under cancellation).  Does nothing while a
@@ -279,7 +281,7 @@ class Producer:
         since = core.pending_since
         try:
             self._channel.send_nowait((since, core.take()))
-        except trio.WouldBlock:
+        except (trio.WouldBlock, trio.BrokenResourceError):  # (broken: the lane is gone, the writer is failing)
             core.unsent()
             return False
         core.sent()

@@ -688,15 +688,31 @@ def _line_checker(target: str) -> Callable[[bytes], None]:
     return check
 
 
+def _leaves(exc: BaseException) -> list[BaseException]:
+    """The exceptions in ``exc``, groups opened."""
+    if isinstance(exc, BaseExceptionGroup):
+        return [leaf for inner in exc.exceptions for leaf in _leaves(inner)]
+    return [exc]
+
+
+def _only_consequences(body_error: BaseException) -> bool:
+    """Whether the body's exception is only cancellations and handles' ClosedErrors (see :func:`error_to_raise`)."""
+    return all(isinstance(leaf, (trio.Cancelled, ClosedError)) for leaf in _leaves(body_error))
+
+
 def error_to_raise(group: BaseExceptionGroup[BaseException], body_error: BaseException | None = None
                    ) -> BaseException:
     """The one exception to raise for a group that pwriter's own nurseries made.
 
     ``body_error``, the exception of the caller's own code (an exception
     group included), is returned as it is, untouched unless pwriter's tasks
-    failed too.  Otherwise the first error that is not ``Cancelled``.  The
-    other errors are kept on it (:func:`~pwriter.errors.attach_other_errors`),
-    never dropped.
+    failed too.  Otherwise the first error that is not ``Cancelled`` nor
+    a :class:`~pwriter.errors.ClosedError` (a handle refusing a push because
+    the lanes had stopped: a consequence), if there is one; so too when
+    the body's exception is only such consequences (a group of them from
+    the body's own nursery included).  The other errors
+    are kept on it (:func:`~pwriter.errors.attach_other_errors`), never
+    dropped.
     """
     leaves: list[BaseException] = []
 
@@ -711,6 +727,10 @@ def error_to_raise(group: BaseExceptionGroup[BaseException], body_error: BaseExc
 
     walk(group)
     errors = [leaf for leaf in leaves if not isinstance(leaf, trio.Cancelled)]
+    if body_error is not None and errors and _only_consequences(body_error):
+        errors += [leaf for leaf in _leaves(body_error) if not isinstance(leaf, trio.Cancelled)]
+        body_error = None
+    errors.sort(key=lambda error: isinstance(error, ClosedError))  # (the consequences last)
     if body_error is not None and not isinstance(body_error, trio.Cancelled):
         return attach_other_errors(body_error, errors)
     if errors:
