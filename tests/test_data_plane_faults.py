@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import collections
 import os
+import threading
 import time
 from collections.abc import Awaitable
 
@@ -157,3 +158,43 @@ async def test_cancelling_the_block_while_lane_threads_write(tmp_path, settings_
         else:
             assert collections.Counter(read_events(target)) == collections.Counter(
                 event(index, n) for index in range(4) for n in range(2000))
+
+
+@pytest.mark.parametrize("stream", [False, True])
+async def test_the_writer_does_not_wait_for_trios_default_thread_limiter(tmp_path, settings_for, stream: bool) -> None:
+    """The header and the end are written in a thread of the writer's own:
+    with every token of trio's default limiter held elsewhere (an
+    application's own blocking calls), a writer still opens, writes and
+    closes (a stream's writes wait at its gate behind the header). Before,
+    they took a token of the default limiter and waited for it."""
+    default = trio.to_thread.current_default_thread_limiter()
+    holders = [object() for _ in range(int(default.total_tokens))]
+    read: list[bytes] = []
+    if stream:
+        read_end, write_end = os.pipe()
+        target: object = os.fdopen(write_end, "wb")
+
+        def read_all() -> None:
+            with os.fdopen(read_end, "rb") as pipe:
+                read.append(pipe.read())
+
+        reader = threading.Thread(target=read_all)
+        reader.start()
+    else:
+        target = str(tmp_path / "out.pfw")
+    for holder in holders:
+        default.acquire_on_behalf_of_nowait(holder)
+    try:
+        with trio.fail_after(20):
+            async with open_writer(target, settings=settings_for(wrap="array")) as writer:
+                async with writer.producer() as producer:
+                    await producer.send_lines([event(0, n) for n in range(1000)])
+    finally:
+        for holder in holders:
+            default.release_on_behalf_of(holder)
+        if stream:
+            target.close()  # type: ignore[attr-defined]
+            reader.join()
+    lines = (read[0] if stream else (tmp_path / "out.pfw").read_bytes()).splitlines()
+    assert lines[0] == b"[" and lines[-1] == b"]"
+    assert sorted(line for line in lines[1:-1] if line.strip()) == sorted(event(0, n) for n in range(1000))

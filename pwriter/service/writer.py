@@ -42,6 +42,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import functools
 import json
 import os
 import typing
@@ -326,9 +327,14 @@ class Writer:
         )
         self._lanes = WriteLanes(nursery=nursery, sink=self._sink, pool=pool, lanes=sizing.lanes,
                                  chunk_capacity=self.chunk_capacity, max_delay=settings.max_delay)
+        # The writer's own sink calls (the header, the end) get a thread of
+        # their own: makers holding every token of another limiter, their
+        # writes waiting at a stream's gate behind the header, cannot hold it up.
+        self._own_thread = trio.CapacityLimiter(1)
         header = self._sink.placer.open()  # (placed before any chunk)
         if header is not None:
-            nursery.start_soon(self._sink.call, self._sink.write_placed, header, b"")
+            nursery.start_soon(functools.partial(self._sink.call, self._sink.write_placed, header, b"",
+                                                 limiter=self._own_thread))
 
     @property
     def outputs(self) -> list[str]:
@@ -419,7 +425,8 @@ class Writer:
         chunk) and the padding of slots and files left unfilled."""
         self._closing = True
         await self._lanes.close()
-        await self._sink.call(self._sink.write_end, self.plan.footer, self.plan.footer_text)
+        await self._sink.call(self._sink.write_end, self.plan.footer, self.plan.footer_text,
+                              limiter=self._own_thread)
 
     def _close_for_caller(self) -> None:
         """After the writer's block (published or not): every handle and call is closed."""
