@@ -695,10 +695,12 @@ def _line_checker(target: str) -> Callable[[bytes], None]:
     return check
 
 
-def _leaves(exc: BaseException) -> list[BaseException]:
-    """The exceptions in ``exc``, groups opened."""
+def _leaves(exc: BaseException, skip: BaseException | None = None) -> list[BaseException]:
+    """The exceptions in ``exc``, groups opened, leaving out ``skip`` (and what it holds)."""
+    if exc is skip:
+        return []
     if isinstance(exc, BaseExceptionGroup):
-        return [leaf for inner in exc.exceptions for leaf in _leaves(inner)]
+        return [leaf for inner in exc.exceptions for leaf in _leaves(inner, skip)]
     return [exc]
 
 
@@ -721,18 +723,7 @@ def error_to_raise(group: BaseExceptionGroup[BaseException], body_error: BaseExc
     are kept on it (:func:`~pwriter.errors.attach_other_errors`), never
     dropped.
     """
-    leaves: list[BaseException] = []
-
-    def walk(exc: BaseException) -> None:
-        if exc is body_error:
-            return
-        if isinstance(exc, BaseExceptionGroup):
-            for inner in exc.exceptions:
-                walk(inner)
-        else:
-            leaves.append(exc)
-
-    walk(group)
+    leaves = _leaves(group, skip=body_error)
     errors = [leaf for leaf in leaves if not isinstance(leaf, trio.Cancelled)]
     if body_error is not None and errors and _only_consequences(body_error):
         errors += [leaf for leaf in _leaves(body_error) if not isinstance(leaf, trio.Cancelled)]
