@@ -8,8 +8,8 @@ import os
 import pytest
 import trio
 
-from pwriter.data.backends import BackendUnavailable, available_backends, open_backend
-from pwriter.data.backends.threads import ThreadBackend, WriteCounts, pwritev_fully
+from pwriter.data.backends import BackendCounters, BackendUnavailable, available_backends, open_backend
+from pwriter.data.backends.threads import ThreadBackend, pwritev_fully
 
 
 def test_short_writes_are_resumed(tmp_path, monkeypatch: pytest.MonkeyPatch) -> None:
@@ -25,7 +25,7 @@ def test_short_writes_are_resumed(tmp_path, monkeypatch: pytest.MonkeyPatch) -> 
     monkeypatch.setattr(os, "pwritev", stingy)
     path = tmp_path / "f"
     fd = os.open(path, os.O_WRONLY | os.O_CREAT)
-    result = WriteCounts()
+    result = BackendCounters()
     try:
         pwritev_fully(fd, [b"hello", b"", b" world\n"], 10, "f", result)
     finally:
@@ -33,8 +33,8 @@ def test_short_writes_are_resumed(tmp_path, monkeypatch: pytest.MonkeyPatch) -> 
     data = path.read_bytes()
     assert data[10:] == b"hello world\n"
     assert data[:10] == bytes(10)
-    assert result.calls == len(calls) == 5 and result.short == 4  # 3+2, 3+3+1 bytes
-    assert result.written == 12
+    assert result.writes == len(calls) == 5 and result.short_writes == 4  # 3+2, 3+3+1 bytes
+    assert result.bytes_written == 12
 
 
 def test_calls_carry_at_most_write_call_size_even_after_short_writes(tmp_path, monkeypatch: pytest.MonkeyPatch) -> None:
@@ -52,14 +52,14 @@ def test_calls_carry_at_most_write_call_size_even_after_short_writes(tmp_path, m
     path = tmp_path / "f"
     fd = os.open(path, os.O_WRONLY | os.O_CREAT)
     parts = [bytes([65 + n]) * 10_000 for n in range(5)]
-    counts = WriteCounts()
+    counts = BackendCounters()
     try:
         pwritev_fully(fd, parts, 0, "f", counts, write_call_size=4096)
     finally:
         os.close(fd)
     assert path.read_bytes() == b"".join(parts)
-    assert max(sizes) == 4096 and len(sizes) == counts.calls
-    assert counts.short == counts.calls // 3 and counts.written == 50_000
+    assert max(sizes) == 4096 and len(sizes) == counts.writes
+    assert counts.short_writes == counts.writes // 3 and counts.bytes_written == 50_000
 
 
 def test_eintr_is_retried(tmp_path, monkeypatch: pytest.MonkeyPatch) -> None:
@@ -74,19 +74,19 @@ def test_eintr_is_retried(tmp_path, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(os, "pwritev", flaky)
     path = tmp_path / "f"
     fd = os.open(path, os.O_WRONLY | os.O_CREAT)
-    counts = WriteCounts()
+    counts = BackendCounters()
     try:
         pwritev_fully(fd, [b"abc"], 0, "f", counts)
     finally:
         os.close(fd)
     assert path.read_bytes() == b"abc"
-    assert (counts.calls, counts.short, counts.interrupted) == (2, 0, 1)
+    assert (counts.writes, counts.short_writes, counts.interrupted) == (2, 0, 1)
 
 
 def test_zero_byte_write_is_an_error_not_a_loop(tmp_path, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(os, "pwritev", lambda fd, buffers, offset: 0)
     with pytest.raises(OSError) as caught:
-        pwritev_fully(3, [b"abc"], 0, "named.pfw", WriteCounts())
+        pwritev_fully(3, [b"abc"], 0, "named.pfw", BackendCounters())
     assert caught.value.errno == errno.EIO and caught.value.filename == "named.pfw"
 
 

@@ -112,6 +112,13 @@ class BackendCounters:
     submissions: int = 0
     enter_calls: int = 0
 
+    def add_writes(self, call: BackendCounters) -> None:
+        """Add the write counts of ``call`` (one :func:`~pwriter.data.backends.threads.pwritev_fully`'s)."""
+        self.writes += call.writes
+        self.bytes_written += call.bytes_written
+        self.short_writes += call.short_writes
+        self.interrupted += call.interrupted
+
     def snapshot(self, backend: str, mechanism: str) -> BackendStatistics:
         return BackendStatistics(backend=backend, mechanism=mechanism, **dataclasses.asdict(self))
 

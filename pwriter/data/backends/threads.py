@@ -24,22 +24,13 @@ from . import MECHANISMS, BackendCounters, BackendStatistics, at, byte_views, co
 if TYPE_CHECKING:
     from typing_extensions import Buffer
 
-__all__ = ["ThreadBackend", "WriteCounts", "pwritev_fully", "PwritevWrites"]
+__all__ = ["ThreadBackend", "pwritev_fully", "PwritevWrites"]
 
 
-@dataclasses.dataclass
-class WriteCounts:
-    """What one :func:`pwritev_fully` call did, kept even when it fails."""
-
-    calls: int = 0
-    short: int = 0
-    interrupted: int = 0
-    written: int = 0
-
-
-def pwritev_fully(fd: int, buffers: Sequence[Buffer], offset: int, name: str, counts: WriteCounts,
+def pwritev_fully(fd: int, buffers: Sequence[Buffer], offset: int, name: str, counts: BackendCounters,
                   write_call_size: int | None = None) -> None:
-    """Write all of ``buffers`` at ``offset``, counting into ``counts``.
+    """Write all of ``buffers`` at ``offset``, counting its system calls,
+    bytes, short writes and retries into ``counts`` (kept when it fails).
 
     ``offset`` -1 writes at the file's own position (a stream, with
     ``writev``).  Each ``pwritev`` carries at most ``write_call_size`` bytes (``None``: all
@@ -51,7 +42,7 @@ def pwritev_fully(fd: int, buffers: Sequence[Buffer], offset: int, name: str, co
     while views:
         batch, wanted = leading(views, write_call_size)
         try:
-            counts.calls += 1
+            counts.writes += 1
             done = os.pwritev(fd, batch, offset) if offset >= 0 else os.writev(fd, batch)
         except InterruptedError:
             counts.interrupted += 1
@@ -66,9 +57,9 @@ def pwritev_fully(fd: int, buffers: Sequence[Buffer], offset: int, name: str, co
             raise OSError(exc.errno, f"write of {wanted} bytes{at(offset)} failed: {exc.strerror}", name) from None
         if done == 0:
             raise OSError(errno.EIO, f"write of {wanted} bytes{at(offset)} wrote nothing", name)
-        counts.written += done
+        counts.bytes_written += done
         if done < wanted:
-            counts.short += 1
+            counts.short_writes += 1
         if offset >= 0:
             offset += done
         consume(views, done)
@@ -87,7 +78,7 @@ class PwritevWrites:
 
     def write(self, fd: int, buffers: Sequence[Buffer], offset: int, name: str) -> None:
         """:func:`pwritev_fully`, adding what it did to the counters (also when it fails)."""
-        counts = WriteCounts()
+        counts = BackendCounters()
         with self.lock:
             self._in_flight += 1
             self.counters.most_in_flight = max(self.counters.most_in_flight, self._in_flight)
@@ -96,10 +87,7 @@ class PwritevWrites:
         finally:
             with self.lock:
                 self._in_flight -= 1
-                self.counters.writes += counts.calls
-                self.counters.short_writes += counts.short
-                self.counters.interrupted += counts.interrupted
-                self.counters.bytes_written += counts.written
+                self.counters.add_writes(counts)
 
     def snapshot(self) -> BackendCounters:
         with self.lock:
