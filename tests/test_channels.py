@@ -6,7 +6,7 @@ import pytest
 import trio
 import trio.testing
 
-from pwriter.service.channels import BufferPool, Coalescer, Producer
+from pwriter.service.channels import SCHEDULE_EVERY, BufferPool, Coalescer, Producer
 
 
 class Recorder:
@@ -236,16 +236,39 @@ async def test_a_cancelled_send_takes_nothing_whichever_the_method(autojump_cloc
     assert b"".join(recorder.chunks) == b"{first}\n{queued}\n"
 
 
-async def test_every_send_is_a_checkpoint() -> None:
-    """Issue 19, case 22: ``send_line`` and ``send_lines`` are checkpoints
-    (a tight loop of them lets other tasks run), whether or not they push."""
-    pool, send, recorder, coalescer = make(capacity=4000)
+async def test_every_send_is_a_cancel_point_and_a_tight_loop_lets_others_run() -> None:
+    """Issue 19, case 22: a tight loop of ``send_line`` or ``send_lines``
+    lets other tasks run (a schedule point at least once in SCHEDULE_EVERY
+    calls, and at every push); every call is a cancel point (the test above
+    cancels each one before it starts); ``send_block`` and ``flush`` are
+    full checkpoints."""
+    pool, send, recorder, coalescer = make(capacity=1 << 20)
+    ran, done = 0, False
+
+    async def other_task() -> None:
+        nonlocal ran
+        while not done:
+            ran += 1
+            await trio.lowlevel.checkpoint()
+
     async with trio.open_nursery() as nursery:
         nursery.start_soon(coalescer.run)
+        nursery.start_soon(other_task)
         async with Producer(send, batch_bytes=1 << 20) as producer:
             for call in (lambda: producer.send_line(b"{a}"), lambda: producer.send_lines([b"{b}", b"{c}"]),
-                         lambda: producer.send_lines([]), lambda: producer.send_block(b"{d}\n"),
-                         lambda: producer.send_block(b""), lambda: producer.flush(), lambda: producer.flush()):
+                         lambda: producer.send_lines([])):
+                before = ran
+                for _ in range(2 * SCHEDULE_EVERY):  # (twice: the order within a scheduler batch is random)
+                    await call()
+                assert ran > before  # the other task ran during the loop
+                with trio.CancelScope() as scope:
+                    scope.cancel()
+                    await call()
+                assert scope.cancelled_caught
+            for call in (lambda: producer.send_block(b"{d}\n"), lambda: producer.send_block(b""),
+                         lambda: producer.flush(), lambda: producer.flush()):
                 with trio.testing.assert_checkpoints():
                     await call()
-    assert b"".join(recorder.chunks) == b"{a}\n{b}\n{c}\n{d}\n"
+        done = True
+    expected = b"{a}\n" * 2 * SCHEDULE_EVERY + b"{b}\n{c}\n" * 2 * SCHEDULE_EVERY + b"{d}\n"
+    assert b"".join(recorder.chunks) == expected

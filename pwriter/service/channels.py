@@ -108,6 +108,13 @@ Block = tuple[float, bytes]
 its oldest line was queued (the coalescer's deadline counts from there)."""
 
 
+SCHEDULE_EVERY = 64
+"""A ``send_line`` or ``send_lines`` that only queues lets the scheduler
+switch tasks once in this many calls: every call is a cancel point, but a
+schedule point costs more than queuing a line, and a tight loop that yields
+this often starves no other task."""
+
+
 class Producer:
     """A handle through which one task writes lines.
 
@@ -124,7 +131,9 @@ class Producer:
     left.  The lines of one handle keep their order in the output.  A call
     after the handle closed raises :class:`~pwriter.errors.ClosedError`.
 
-    Every call is a checkpoint.  A call that returned accepted its lines; a
+    Every call is a cancel point and, but for a ``send_line`` or
+    ``send_lines`` that only queues (those yield once in
+    :data:`SCHEDULE_EVERY` calls), a schedule point.  A call that returned accepted its lines; a
     call that raised, cancelled included, took none of them, as trio's own
     sends: a cancelled ``send_line``, ``send_lines`` or ``send_block``
     leaves the lines queued before it as they were, and a cancelled
@@ -147,6 +156,7 @@ class Producer:
         self._channel = channel
         self._core = HandleCore(batch_bytes=batch_bytes, check=check, user="task", clock=trio.current_time)
         self._push_done: trio.Event | None = None  # set when a push ends (the writer's close waits for it)
+        self._calls_unyielded = 0  # calls since this handle last let the scheduler switch tasks
 
     @property
     def state(self) -> HandleState:
@@ -173,10 +183,18 @@ class Producer:
             raise core.refusal("send_line")
         line = core.line(line)
         await trio.lowlevel.checkpoint_if_cancelled()
-        if core.add(line):
-            await trio.lowlevel.cancel_shielded_checkpoint()
-        else:
+        if not core.add(line):
             await self._push(line)
+        elif self._yield_due():
+            await trio.lowlevel.cancel_shielded_checkpoint()
+
+    def _yield_due(self) -> bool:
+        """Whether this call, one that queued without pushing, is a schedule point."""
+        self._calls_unyielded += 1
+        if self._calls_unyielded < SCHEDULE_EVERY:
+            return False
+        self._calls_unyielded = 0
+        return True
 
     async def send_lines(self, lines: Iterable[bytes]) -> None:
         """Queue many lines at once (newlines added where missing; every
@@ -187,10 +205,10 @@ class Producer:
             raise core.refusal("send_lines")
         block = core.lines(lines)
         await trio.lowlevel.checkpoint_if_cancelled()
-        if core.add(block):
-            await trio.lowlevel.cancel_shielded_checkpoint()
-        else:
+        if not core.add(block):
             await self._push(block)
+        elif self._yield_due():
+            await trio.lowlevel.cancel_shielded_checkpoint()
 
     async def send_block(self, block: bytes) -> None:
         """Send a block of whole lines (newline-terminated; one is added at the end if missing).
