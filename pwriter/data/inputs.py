@@ -9,7 +9,9 @@ An :class:`InputRun` is the inputs of one reader, read one after another
 into the same buffers, so that many small inputs cost one thread hop, not
 one each.  :func:`fill_step` is the one step every reader takes (the merge's
 readers and ``pwriter verify`` alike): fill the buffer with whole cleaned
-lines, or finish a line longer than the buffer.  ``--salvage`` keeps what a
+lines, or finish a line longer than the buffer.  :func:`read_and_write` is
+the merge's reader loop: fill steps, each full buffer written as a chunk
+through the writer's chunk sink, in the reader's own thread.  ``--salvage`` keeps what a
 crashed rank's damaged input still holds.  Everything here blocks: it is
 meant to run in threads (whose waits on a pipe or FIFO a trio
 cancellation ends).  An input is read as it was when opened (see
@@ -28,12 +30,18 @@ import typing
 import zlib
 from collections.abc import Sequence
 
+import trio
+
 from ..errors import DataError, InputError, UsageError
 from ..plan.completeness import InputEnd, input_end
 from ..plan.traceformat import BOM, BlockCleaner, is_gzip_magic, is_valid_json, preview, rfind_newline
 from .output import is_temporary_name
 
-__all__ = ["collect_inputs", "input_size", "InputReader", "InputRun", "fill_step", "TRACE_SUFFIXES"]
+if typing.TYPE_CHECKING:
+    from .sink import ChunkSink
+
+__all__ = ["collect_inputs", "input_size", "InputReader", "InputRun", "fill_step", "read_and_write",
+           "TRACE_SUFFIXES"]
 
 PEEK_SIZE = 64 << 10
 TRACE_SUFFIXES = (".pfw", ".pfw.gz")
@@ -280,8 +288,6 @@ class _WaitingFile(io.RawIOBase):
                 return got
 
     def _wait_readable(self) -> None:
-        import trio
-
         if self._in_trio is None:
             try:
                 trio.from_thread.check_cancelled()
@@ -792,3 +798,27 @@ def fill_step(source: LineSource, buffer: memoryview, done: int, end: int,
     buffer[: len(rest)] = rest
     return 0, len(rest), False, line
 
+
+def read_and_write(sink: ChunkSink, run: InputRun, lane: int, buffer: memoryview) -> None:
+    """In a thread: read ``run`` into ``buffer`` and write every full
+    buffer as a chunk of ``lane`` through the writer's chunk ``sink``, in this
+    thread.  Checks for cancellation between chunks."""
+    capacity = sink.chunk_capacity
+    done = end = 0
+    while True:
+        trio.from_thread.check_cancelled()
+        done, end, finished, long_line = fill_step(run, buffer, done, end, capacity)
+        if long_line is not None:  # one line longer than a buffer: a chunk of its own
+            if long_line:
+                sink.write_lines(lane, long_line)
+            continue
+        if finished:
+            break
+        # Full: the complete lines go; the start of the next line is copied
+        # out first (the write may put padding after the chunk).
+        rest = bytes(buffer[done:end])
+        sink.write_chunk(lane, buffer, done)
+        buffer[: len(rest)] = rest
+        done, end = 0, len(rest)
+    sink.write_chunk(lane, buffer, done)
+    sink.finish_lane(lane)

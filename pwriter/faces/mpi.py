@@ -698,8 +698,7 @@ async def _count_and_exscan(world: World, inputs: list[str], sizing: Sizing, sal
                             validate: bool) -> tuple[int, int]:
     """``--mpi-offsets exscan``: this rank's bytes of events (one read of its
     share), and the sum over the ranks before it (``MPI_Exscan``)."""
-    from ..data.inputs import InputRun, input_size
-    from ..service.merge import read_and_write
+    from ..data.inputs import InputRun, input_size, read_and_write
 
     class Count:
         chunk_capacity = sizing.stripe_size

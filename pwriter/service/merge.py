@@ -1,10 +1,12 @@
 """``pwriter merge``: many trace files in, one well-formed trace out.
 
 The inputs are cut, in order, into one run per reader of about equal bytes
-(:func:`partition`).  Each reader fills a stripe buffer taken from the
-writer's pool straight from its inputs (:mod:`pwriter.data.inputs`, in a
-thread: read, decompress, clean in place) and writes every full buffer, in
-that thread, as one chunk of its lane (:meth:`~pwriter.data.sink.ChunkSink.write_chunk`).
+(:func:`partition`).  This module only starts the readers: each runs
+:func:`~pwriter.data.inputs.read_and_write` in a thread of its own
+(:meth:`~pwriter.service.writer.Writer.run_maker`), which fills a stripe
+buffer taken from the writer's pool straight from its inputs (read,
+decompress, clean in place) and writes every full buffer, in that thread,
+as one chunk of its lane (:meth:`~pwriter.data.sink.ChunkSink.write_chunk`).
 A small input costs no thread hop of its own; a bare-event text is never
 copied in Python.  The lines of one input keep their order.  They are
 together in the output only when its reader has a file of its own (sharded,
@@ -21,8 +23,7 @@ from typing import Any
 
 import trio
 
-from ..data.inputs import InputReader, InputRun, collect_inputs, fill_step, input_size, path_list, starts_array
-from ..data.sink import ChunkSink
+from ..data.inputs import InputReader, InputRun, collect_inputs, input_size, path_list, read_and_write, starts_array
 from ..errors import DataError, UsageError
 from ..plan.completeness import Incomplete, InputEnd, incomplete_inputs
 from ..plan.settings import Settings, settings_from, settings_with
@@ -33,31 +34,6 @@ __all__ = ["MergeResult", "MergeProgress", "collect_inputs", "merge", "partition
 
 #: Incomplete inputs named one by one in an error or a report; the rest are counted.
 INCOMPLETE_SHOWN = 10
-
-
-def read_and_write(sink: ChunkSink, run: InputRun, lane: int, buffer: memoryview) -> None:
-    """In a thread: read ``run`` into ``buffer`` and write every full
-    buffer as a chunk of ``lane`` through the writer's chunk ``sink``, in this
-    thread.  Checks for cancellation between chunks."""
-    capacity = sink.chunk_capacity
-    done = end = 0
-    while True:
-        trio.from_thread.check_cancelled()
-        done, end, finished, long_line = fill_step(run, buffer, done, end, capacity)
-        if long_line is not None:  # one line longer than a buffer: a chunk of its own
-            if long_line:
-                sink.write_lines(lane, long_line)
-            continue
-        if finished:
-            break
-        # Full: the complete lines go; the start of the next line is copied
-        # out first (the write may put padding after the chunk).
-        rest = bytes(buffer[done:end])
-        sink.write_chunk(lane, buffer, done)
-        buffer[: len(rest)] = rest
-        done, end = 0, len(rest)
-    sink.write_chunk(lane, buffer, done)
-    sink.finish_lane(lane)
 
 
 def partition(sizes: Sequence[int], count: int) -> list[range]:
