@@ -53,7 +53,7 @@ _LAZY = {
     "open_writer": "service.writer",
     "Writer": "service.writer",
     "WriterStatistics": "service.writer",
-    "Producer": "service.channels",
+    "Producer": "service.handle",
     "Settings": "plan.settings",
     "load_settings": "plan.settings",
     "ConfigError": "plan.settings",
@@ -86,7 +86,7 @@ if TYPE_CHECKING:
     )
     from .faces.sync import SyncProducer, SyncWriter, merge_sync, open_writer_sync
     from .plan.settings import ConfigError, Settings, load_settings
-    from .service.channels import Producer
+    from .service.handle import Producer
     from .service.merge import collect_inputs, merge
     from .service.writer import Writer, WriterStatistics, open_writer
 

@@ -1,7 +1,7 @@
 """Helpers shared by the test modules (imported as ``from helpers import ...``;
 the fixtures are in conftest.py): running the command line as a user would,
-checking a documented failure, naming a published output, and finding the
-field's tools."""
+checking a documented failure, naming a published output, finding the
+field's tools, and a coalescer whose flushes are recorded in memory."""
 
 from __future__ import annotations
 
@@ -11,6 +11,9 @@ import subprocess
 import sys
 
 import pytest
+import trio
+
+from pwriter.service.lanes import BufferPool, Coalescer
 
 # The dftracer-utils binaries (and the venv's pwriter, mpiexec) live beside this interpreter.
 BIN = os.path.dirname(sys.executable)
@@ -60,3 +63,43 @@ def fake_ranks(directory: str | os.PathLike[str], *, ranks: int, epochs: int, st
     subprocess.run([dftracer_tool("dftracer_gen_fake_trace"), "-o", os.fspath(directory), "-p", str(ranks),
                     "-H", str(hosts), "-e", str(epochs), "-s", str(steps)], check=True, capture_output=True,
                    timeout=120)
+
+
+class Recorder:
+    """Plays the writer: records each flushed chunk and gives buffers back."""
+
+    def __init__(self, pool: BufferPool, hold: bool = False) -> None:
+        self.pool = pool
+        self.chunks: list[bytes] = []
+        self.oversized: list[bytes] = []
+        self.flush_times: list[float] = []
+        self.held: list[memoryview] = []
+        self.hold = hold
+
+    async def flush(self, lane: int, buffer: memoryview, filled: int, since: float) -> None:
+        self.chunks.append(bytes(buffer[:filled]))
+        self.flush_times.append(trio.current_time())
+        if self.hold:
+            self.held.append(buffer)
+        else:
+            self.pool.give_back(buffer)
+
+    async def write_whole(self, lane: int, view: memoryview, since: float) -> None:
+        self.oversized.append(bytes(view))
+        self.chunks.append(bytes(view))
+
+    def release(self) -> None:
+        while self.held:
+            self.pool.give_back(self.held.pop())
+
+
+def recorded_coalescer(capacity: int = 100, buffers: int = 4, max_delay: float = 1.0, hold: bool = False,
+                       channel: int = 8):
+    """A coalescer of lane 0 over a pool and a :class:`Recorder`, and its
+    channel's send end: (pool, send, recorder, coalescer)."""
+    pool = BufferPool(buffers, max(capacity, 4096))
+    send, receive = trio.open_memory_channel[bytes](channel)
+    recorder = Recorder(pool, hold=hold)
+    coalescer = Coalescer(0, receive, pool, capacity=capacity, max_delay=max_delay, flush=recorder.flush,
+                          write_whole=recorder.write_whole)
+    return pool, send, recorder, coalescer

@@ -18,7 +18,7 @@ from pwriter.data.backends import open_backend
 from pwriter.errors import ClosedError, WriteError, other_errors
 from pwriter.faces.testing import FaultBackend, read_events
 from pwriter.plan.sizing import FsInfo, FsKind
-from pwriter.service.channels import Producer
+from pwriter.service.handle import Producer
 from pwriter.service.writer import error_to_raise, open_writer
 
 LOCAL = FsInfo(FsKind.LOCAL, 0xEF53, "/")

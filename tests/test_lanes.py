@@ -1,6 +1,8 @@
-"""Unit tests of pwriter.service.lanes: WriteLanes driven directly (handles, coalescers, ticker, close).
+"""Unit tests of pwriter.service.lanes: the buffer pool, a coalescer without
+a disk (its flushes recorded in memory), and WriteLanes driven directly
+(handles, coalescers, ticker, close).
 
-Built as the writer builds them (a planner, a ChunkSink over a file and a
+The lanes are built as the writer builds them (a planner, a ChunkSink over a file and a
 real backend, a buffer pool); the oracle is the file read
 back (decompressed with the gzip module for gzip output).
 """
@@ -21,8 +23,10 @@ from pwriter.data.sink import ChunkSink
 from pwriter.errors import ClosedError
 from pwriter.faces.testing import MemoryBackend
 from pwriter.plan.layout import GZIP_MIN_PADDING, PaddedStripedPlanner, StripedPlanner
-from pwriter.service.channels import BufferPool
-from pwriter.service.lanes import WriteLanes
+from pwriter.service.handle import Producer
+from pwriter.service.lanes import BufferPool, Coalescer, WriteLanes
+
+from helpers import recorded_coalescer
 
 HEADER_TEXT = b"[\n"
 FOOTER_TEXT = b"]\n"
@@ -168,17 +172,148 @@ async def test_a_merge_starts_no_coalescer_and_no_ticker(tmp_path, settings_for,
                                                          monkeypatch: pytest.MonkeyPatch) -> None:
     """The merge's readers write through the sink from their own threads:
     the library's coalescers and its max_delay ticker never run."""
-    import pwriter.service.channels
     from pwriter.faces.testing import read_events, write_corpus
     from pwriter.service.merge import merge
 
     def refused(*args: object) -> None:
         raise AssertionError("a merge started the write lanes")
 
-    monkeypatch.setattr(pwriter.service.channels.Coalescer, "run", refused)
+    monkeypatch.setattr(Coalescer, "run", refused)
     monkeypatch.setattr(WriteLanes, "_push_stale_batches", refused)
     inputs = write_corpus(str(tmp_path / "in"), files=3, events_per_file=200, seed=5)
     target = str(tmp_path / ("m.pfw.gz" if compressed else "m.pfw"))
     result = await merge(inputs, target, settings=settings_for(layout="padded-striped", stripe_size="64KiB"))
     assert result.events == 600
     assert len(read_events(target)) == 600
+
+
+def test_pool_buffers_are_page_aligned_and_disjoint() -> None:
+    import ctypes
+
+    pool = BufferPool(3, 8192)
+
+    async def take_all() -> list[memoryview]:
+        return [await pool.take() for _ in range(3)]
+
+    buffers = trio.run(take_all)
+    addresses = sorted(ctypes.addressof(ctypes.c_char.from_buffer(b)) for b in buffers)
+    assert all(address % 4096 == 0 for address in addresses)
+    assert [b - a for a, b in zip(addresses, addresses[1:], strict=False)] == [8192, 8192]
+    for buffer in buffers:
+        pool.give_back(buffer)
+    pool.close()
+
+
+async def test_pool_reuses_the_last_buffer_given_back_and_serves_waiters_in_order() -> None:
+    pool = BufferPool(3, 4096)
+    first, second, third = [await pool.take() for _ in range(3)]
+    assert pool.available == 0
+    pool.give_back(first)
+    pool.give_back(second)
+    assert await pool.take() is second  # the one given back last: still warm in the caches
+    assert await pool.take() is first
+    served: list[str] = []
+
+    async def wait_for_one(name: str) -> None:
+        buffer = await pool.take()
+        served.append(name)
+        pool.give_back(buffer)
+
+    async with trio.open_nursery() as nursery:
+        for name in ("a", "b", "c"):
+            nursery.start_soon(wait_for_one, name)
+            await trio.testing.wait_all_tasks_blocked()
+        assert served == [] and pool.waits == 3
+        pool.give_back(first)
+    assert served == ["a", "b", "c"]
+    pool.give_back(second)
+    pool.give_back(third)
+    assert pool.available == 3
+    pool.close()
+
+
+async def test_chunks_hold_whole_lines_and_everything_arrives() -> None:
+    pool, send, recorder, coalescer = recorded_coalescer(capacity=100)
+    lines = [f'{{"id":{i},"pad":"{"x" * (i % 37)}"}}\n'.encode() for i in range(200)]
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(coalescer.run)
+        async with Producer(send, batch_bytes=150) as producer:
+            for line in lines:
+                await producer.send_line(line)
+    joined = b"".join(recorder.chunks)
+    assert joined == b"".join(lines)  # one producer: order kept
+    for chunk in recorder.chunks:
+        assert chunk.endswith(b"\n") and len(chunk) <= 100
+    stats = coalescer.statistics()
+    assert stats.chunks == len(recorder.chunks) and stats.bytes == len(joined)
+
+
+async def test_line_longer_than_a_buffer_is_written_alone() -> None:
+    pool, send, recorder, coalescer = recorded_coalescer(capacity=64)
+    big = b"{" + b"x" * 300 + b"}\n"
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(coalescer.run)
+        async with Producer(send) as producer:
+            await producer.send_block(b"{a}\n" + big + b"{b}\n")
+    assert recorder.oversized == [big]
+    assert b"".join(recorder.chunks) == b"{a}\n" + big + b"{b}\n"
+    assert coalescer.statistics().oversized_chunks == 1
+
+
+async def test_max_delay_flushes_on_the_trio_clock(autojump_clock: trio.testing.MockClock) -> None:
+    pool, send, recorder, coalescer = recorded_coalescer(capacity=4000, max_delay=10.0)
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(coalescer.run)
+        async with Producer(send) as producer:
+            start = trio.current_time()
+            await producer.send_block(b"{early}\n")
+            await trio.sleep(60)
+            assert recorder.chunks == [b"{early}\n"]
+            assert recorder.flush_times[0] - start == pytest.approx(10.0)
+    assert coalescer.statistics().deadline_flushes == 1
+
+
+async def test_backpressure_when_the_pool_is_empty() -> None:
+    pool, send, recorder, coalescer = recorded_coalescer(capacity=30, buffers=2, hold=True, channel=1)
+    blocks = [b"{%03d....}\n" % i for i in range(20)]  # 10 bytes: three per buffer
+    sent = 0
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(coalescer.run)
+
+        async def produce() -> None:
+            nonlocal sent
+            async with Producer(send) as producer:
+                for block in blocks:
+                    await producer.send_block(block)
+                    sent += 1
+
+        nursery.start_soon(produce)
+        await trio.testing.wait_all_tasks_blocked()
+        # Two buffers flushed and held; the coalescer waits for a third; the
+        # channel (1 block) is full; the producer waits.
+        assert len(recorder.chunks) == 2
+        assert sent < 20
+        stalled = sent
+        await trio.testing.wait_all_tasks_blocked()
+        assert sent == stalled
+        while sent < 20 or b"".join(recorder.chunks) != b"".join(blocks):
+            recorder.release()
+            await trio.testing.wait_all_tasks_blocked()
+    recorder.release()
+    assert b"".join(recorder.chunks) == b"".join(blocks)
+    assert all(len(chunk) <= 30 for chunk in recorder.chunks)
+    assert pool.waits > 0
+
+
+async def test_large_blocks_are_written_without_a_copy() -> None:
+    pool, send, recorder, coalescer = recorded_coalescer(capacity=100)
+    half = b"{" + b"h" * 58 + b"}\n"  # 61 bytes: at least half a buffer
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(coalescer.run)
+        async with Producer(send) as producer:
+            await producer.send_block(b"{s}\n")
+            await producer.send_block(half)
+            await producer.send_block(b"{t}\n")
+    assert recorder.chunks == [b"{s}\n", half, b"{t}\n"]  # order kept: the small one is flushed first
+    assert recorder.oversized == [half]
+    assert coalescer.statistics().uncopied_chunks == 1

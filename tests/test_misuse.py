@@ -15,7 +15,7 @@ import trio
 import trio.lowlevel
 
 import pwriter.data.inputs
-import pwriter.service.channels
+import pwriter.service.lanes
 from pwriter.data.backends import open_backend
 from pwriter.data.inputs import collect_inputs
 from pwriter.errors import BusyError, ClosedError, DataError, InputError, UsageError
@@ -180,13 +180,13 @@ async def test_reader_buffers_go_back_to_the_pool(tmp_path, settings_for, monkey
         with open(inputs[3], "ab") as handle:
             handle.write(b"\x00\x01 not a trace\n")
     seen: list[tuple[int, int]] = []
-    real_close = pwriter.service.channels.BufferPool.close
+    real_close = pwriter.service.lanes.BufferPool.close
 
-    def close(pool: pwriter.service.channels.BufferPool) -> None:
+    def close(pool: pwriter.service.lanes.BufferPool) -> None:
         seen.append((pool.available, pool.count))
         real_close(pool)
 
-    monkeypatch.setattr(pwriter.service.channels.BufferPool, "close", close)
+    monkeypatch.setattr(pwriter.service.lanes.BufferPool, "close", close)
     real_fill = pwriter.data.inputs.InputRun.fill
 
     def slow_fill(run: pwriter.data.inputs.InputRun, *args: object) -> object:

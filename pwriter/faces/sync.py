@@ -6,7 +6,7 @@ Theory of operation
 loop, and in it the very same service as :func:`~pwriter.service.writer.open_writer`
 (same sizing, backends, publish).  The caller's threads never run trio code
 themselves: a :class:`SyncProducer` batches lines in the calling thread
-(joined in C, as :meth:`~pwriter.service.channels.Producer.send_lines` does) and
+(joined in C, as :meth:`~pwriter.service.handle.Producer.send_lines` does) and
 carries one whole block at a time into the trio thread with
 ``trio.from_thread.run``, so the thread hop is paid once per ``batch_bytes``
 (64 KiB by default), not per line.  A sync handle is used by one thread at
@@ -45,8 +45,7 @@ import trio
 from ..data.inputs import path_list
 from ..errors import BusyError, ClosedError, InputError, PwriterError
 from ..plan.settings import Settings
-from ..service.channels import Producer
-from ..service.handle import DEFAULT_BATCH_BYTES, HandleCore, HandleState, copy_of
+from ..service.handle import DEFAULT_BATCH_BYTES, HandleCore, HandleState, Producer, copy_of
 from ..service.merge import MergeResult, merge
 from ..service.writer import Writer, WriterStatistics, error_to_raise, open_writer
 
@@ -263,7 +262,7 @@ class SyncWriter:
 
 class SyncProducer:
     """A handle through which one thread writes lines; the same promises as
-    :class:`~pwriter.service.channels.Producer` (lines checked and copied at the
+    :class:`~pwriter.service.handle.Producer` (lines checked and copied at the
     call, one handle per thread, per-handle order, a call that returned
     took its lines and one that raised took none, ``ClosedError`` after
     close and from the moment the writer starts closing), with blocking

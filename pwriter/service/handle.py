@@ -1,8 +1,8 @@
-"""The core of a producer handle: line checks, the batch, and the handle's state.
+"""The producer handles: the core both share (line checks, the batch, the handle's state) and the trio handle.
 
 Theory of operation
 -------------------
-pwriter has two producer handles, :class:`~pwriter.service.channels.Producer` for
+pwriter has two producer handles, :class:`Producer` for
 trio tasks and :class:`~pwriter.faces.sync.SyncProducer` for plain threads.  Both
 keep the same promises (lines checked and copied at the call, batched in the
 handle, one user at a time, a call that returned took its lines and one
@@ -27,6 +27,18 @@ handle carries them into the writer's trio thread, and each wakes whoever
 waits for a push to end.  A sync handle's core is changed only by the
 thread that holds that handle's lock, or by the writer's close once no
 call can start.
+
+A trio channel ``send`` costs far more than appending to a list, and a
+trace event is a few hundred bytes.  So a :class:`Producer` never sends
+single lines: it appends them to its core's batch and sends one joined
+*block* (whole, newline-terminated lines) when the batch holds
+``batch_bytes``, with the trio time its oldest line was queued.  Each
+producer is bound to one lane's bounded channel
+(:mod:`pwriter.service.lanes`); all lines of one producer therefore pass
+through one coalescer in order, and since a coalescer's chunks are placed
+in the order it fills them, **lines of one producer keep their order** in
+the output (in the sharded layout, in read order).  Across producers there
+is no order.
 """
 
 from __future__ import annotations
@@ -36,10 +48,13 @@ import math
 import operator
 from collections.abc import Callable, Iterable
 
+import trio
+
 from ..errors import BusyError, ClosedError
 from ..plan.traceformat import count_lines
 
-__all__ = ["DEFAULT_BATCH_BYTES", "HandleCore", "HandleState", "copy_of", "join_lines", "one_line"]
+__all__ = ["Block", "DEFAULT_BATCH_BYTES", "HandleCore", "HandleState", "Producer", "SCHEDULE_EVERY", "copy_of",
+           "join_lines", "one_line"]
 
 DEFAULT_BATCH_BYTES = 64 << 10
 NEWLINE = b"\n"
@@ -317,3 +332,259 @@ def join_lines(lines: Iterable[bytes]) -> bytes:
         pass
     # A mix: line by line.
     return b"".join([one_line(line if type(line) is bytes else copy_of(line, "send_lines")) for line in lines])
+
+
+Block = tuple[float, bytes]
+"""What a lane's channel carries: a block of whole lines and the trio time
+its oldest line was queued (the coalescer's deadline counts from there)."""
+
+
+SCHEDULE_EVERY = 64
+"""A ``send_line`` or ``send_lines`` that only queues lets the scheduler
+switch tasks once in this many calls: every call is a cancel point, but a
+schedule point costs more than queuing a line, and a tight loop that yields
+this often starves no other task."""
+
+
+class Producer:
+    """A handle through which one task writes lines.
+
+    Use it from one task at a time (``async with writer.producer() as p:``);
+    a second task that calls it while the first waits inside a call gets
+    :class:`~pwriter.errors.BusyError` (nothing of its call is taken).  A line
+    is one record: bytes-like, not empty, with no newline except at its end
+    (one is added when missing); anything else raises ``TypeError`` or
+    ``ValueError`` and takes nothing.  Lines are copied at the call (a
+    ``bytearray`` may be reused as soon as the call returns) and batched
+    locally; they reach the writer in blocks: :meth:`flush` pushes the batch
+    now, and the writer pushes a batch by the time its oldest line has waited
+    ``max_delay`` seconds (trio clock).  Closing the handle pushes what is
+    left.  The lines of one handle keep their order in the output.  A call
+    after the handle closed raises :class:`~pwriter.errors.ClosedError`.
+
+    Every call is a cancel point and, but for a ``send_line`` or
+    ``send_lines`` that only queues (those yield once in
+    :data:`SCHEDULE_EVERY` calls), a schedule point.  A call that returned accepted its lines; a
+    call that raised, cancelled included, took none of them, as trio's own
+    sends: a cancelled ``send_line``, ``send_lines`` or ``send_block``
+    leaves the lines queued before it as they were, and a cancelled
+    :meth:`flush` keeps them queued (they go with the next push or at close:
+    nothing is lost or sent twice).  So retrying a cancelled call writes its
+    lines once.  Only cancelling the writer itself discards lines, and then
+    nothing is published.
+
+    The writer's close: from the moment it starts, every call raises
+    :class:`~pwriter.errors.ClosedError` and takes nothing; a call already
+    waiting to push is let finish first (the close waits for it), then the
+    writer pushes what the handle holds.
+
+    The checks, the batch and the handle's state are a
+    :class:`~pwriter.service.handle.HandleCore`'s; this class sends what it forms.
+    """
+
+    def __init__(self, channel: trio.MemorySendChannel[Block], *, batch_bytes: int = DEFAULT_BATCH_BYTES,
+                 check: Callable[[bytes], None] | None = None) -> None:
+        self._channel = channel
+        self._core = HandleCore(batch_bytes=batch_bytes, check=check, user="task", clock=trio.current_time)
+        self._push_done: trio.Event | None = None  # set when a push ends (the writer's close waits for it)
+        self._calls_unyielded = 0  # calls since this handle last let the scheduler switch tasks
+
+    @property
+    def state(self) -> HandleState:
+        """Where the handle is in its life."""
+        return self._core.state
+
+    @property
+    def pending_since(self) -> float:
+        """The trio time the oldest queued line was queued (inf when none is)."""
+        return self._core.pending_since
+
+    @property
+    def finished(self) -> bool:
+        """Whether the handle sends nothing more (its channel is closed)."""
+        return self._core.finished
+
+    async def send_line(self, line: bytes) -> None:
+        """Queue one line (a newline is added if it has none)."""
+        # The hot path of the library: kept to a few operations per line.
+        if type(line) is not bytes:
+            line = copy_of(line, "send_line")
+        core = self._core
+        if core.state is not OPEN:
+            raise core.refusal("send_line")
+        line = core.line(line)
+        await trio.lowlevel.checkpoint_if_cancelled()
+        if not core.add(line):
+            await self._push(line)
+        elif self._yield_due():
+            await trio.lowlevel.cancel_shielded_checkpoint()
+
+    def _yield_due(self) -> bool:
+        """Whether this call, one that queued without pushing, is a schedule point."""
+        self._calls_unyielded += 1
+        if self._calls_unyielded < SCHEDULE_EVERY:
+            return False
+        self._calls_unyielded = 0
+        return True
+
+    async def send_lines(self, lines: Iterable[bytes]) -> None:
+        """Queue many lines at once (newlines added where missing; every
+        line is checked as in :meth:`send_line`, and if one is refused,
+        none of them is taken)."""
+        core = self._core
+        if core.state is not OPEN:
+            raise core.refusal("send_lines")
+        block = core.lines(lines)
+        await trio.lowlevel.checkpoint_if_cancelled()
+        if not core.add(block):
+            await self._push(block)
+        elif self._yield_due():
+            await trio.lowlevel.cancel_shielded_checkpoint()
+
+    async def send_block(self, block: bytes) -> None:
+        """Send a block of whole lines (newline-terminated; one is added at the end if missing).
+
+        The block is copied unless it is ``bytes``, and sent as it is, after
+        anything queued before it.
+        """
+        if type(block) is not bytes:
+            block = copy_of(block, "send_block")
+        core = self._core
+        if core.state is not OPEN:
+            raise core.refusal("send_block")
+        block = core.block(block)
+        if not block:
+            await trio.lowlevel.checkpoint()
+            return
+        await self._push(block=block)
+
+    async def _send_checked(self, block: bytes) -> None:
+        """For a sync handle: send ``block``, whole lines that the sync
+        handle's own core formed and checked (each byte is checked once)."""
+        if self._core.state is not OPEN:
+            raise self._core.refusal("send_block")
+        await self._push(block=block)
+
+    async def flush(self) -> None:
+        """Send the queued lines now.
+
+        If cancelled, the lines stay queued (nothing is lost or sent twice).
+        """
+        core = self._core
+        if core.state is not OPEN:
+            raise core.refusal("flush")
+        if not core.pending:
+            await trio.lowlevel.checkpoint()
+            return
+        await self._push()
+
+    async def _push(self, lines: bytes = b"", *, block: bytes = b"") -> None:
+        """Push the queued lines and ``lines`` (the current call's) as one
+        block, then ``block`` as a block of its own; the handle is busy
+        meanwhile (its caller checked that it may push).
+
+        If this raises (cancelled included), ``lines`` and ``block`` were
+        not taken, and the queue holds what it held before unless it was sent.
+        """
+        core = self._core
+        core.start_push()
+        try:
+            if core.pending or lines:
+                since = core.pending_since if core.pending else trio.current_time()
+                joined = core.take(lines)
+                try:
+                    await self._send(since, joined)
+                except BaseException:
+                    core.unsent()
+                    raise
+                core.sent()
+            if block:
+                await self._send(trio.current_time(), block)
+        finally:
+            core.end_push()
+            if self._push_done is not None:
+                self._push_done.set()
+
+    async def _send(self, since: float, block: bytes) -> None:
+        """Send one block (a checkpoint; if it raises, the block was not sent)."""
+        try:
+            await self._channel.send((since, block))
+        except (trio.ClosedResourceError, trio.BrokenResourceError):
+            raise ClosedError("a send on a producer handle whose writer closed while it waited: "
+                              "nothing was taken") from None
+
+    def send_pending_nowait(self) -> bool:
+        """Send the queued lines if the channel has room now; False if not
+        (the lines stay queued; so when the lane's coalescer is gone, as
+        when the writer fails).
+
+        Used by the writer to push a batch that waited too long (also one
+        left in a handle closed under cancellation).  Does nothing while a
+        push of the handle waits.
+        """
+        core = self._core
+        if not core.pending:
+            return True
+        if not core.may_push:
+            return False
+        since = core.pending_since
+        try:
+            self._channel.send_nowait((since, core.take()))
+        except (trio.WouldBlock, trio.BrokenResourceError):  # (broken: the lane is gone, the writer is failing)
+            core.unsent()
+            return False
+        core.sent()
+        return True
+
+    async def aclose(self) -> None:
+        """Push what is queued and close this handle's channel; idempotent.
+
+        If the push is cancelled (the producer's own task was), the lines
+        stay queued and the writer pushes them: lines a call accepted are
+        never lost, only the writer's own cancellation drops them.  Once the
+        writer is closing, this does nothing: the writer pushes what the
+        handle holds.
+        """
+        core = self._core
+        if not core.start_close("aclose"):
+            return
+        if core.pending:
+            await self._push()
+        self._finish()
+
+    def refuse_calls(self) -> None:
+        """The writer starts closing: from now on every call raises
+        :class:`~pwriter.errors.ClosedError` and takes nothing (a push
+        already waiting goes on)."""
+        self._core.refuse()
+
+    async def close_for_writer(self) -> None:
+        """At the writer's close: refuse calls, wait until a push already
+        waiting (a call of the handle's task, or its ``aclose``) has ended,
+        then push what the handle still holds and close its channel."""
+        core = self._core
+        core.refuse()
+        while core.pushing:
+            self._push_done = trio.Event()
+            await self._push_done.wait()
+        if not core.finished:
+            if core.pending:
+                await self._push()
+            self._finish()
+
+    def discard_for_writer(self) -> None:
+        """The writer ended without publishing (or is past publishing): close
+        the handle as it is; a push still waiting raises ClosedError, and
+        so does every later call."""
+        self._core.refuse()
+        self._finish()
+
+    def _finish(self) -> None:
+        if self._core.finish():
+            self._channel.close()
+
+    async def __aenter__(self) -> Producer:
+        return self
+
+    async def __aexit__(self, *exc_info: object) -> None:
+        await self.aclose()

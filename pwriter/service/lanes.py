@@ -3,7 +3,7 @@
 Theory of operation
 -------------------
 Each write lane is one trio memory channel, one
-:class:`~pwriter.service.channels.Coalescer` and one lane writer task.  Producer
+:class:`Coalescer` and one lane writer task.  Producer
 handles are spread over the lanes in turn; a handle sends whole batches
 (blocks of lines) into its lane's channel, and the coalescer copies them
 into pool buffers of at most ``chunk_capacity`` bytes, or passes a block
@@ -37,22 +37,249 @@ has flushed and every lane writer has written its chunks and what the
 sink still held for its lane, in the lane's slot
 (:meth:`~pwriter.data.sink.ChunkSink.flush_lane`: a slot holds the lines of one
 lane); the writer then writes the end of the output.
+
+The coalescer and the buffer pool
+---------------------------------
+A :class:`Coalescer` receives blocks and copies them into a stripe buffer
+taken from the :class:`BufferPool`, a fixed set of page-aligned buffers
+carved from one anonymous ``mmap``.  A buffer is handed to ``flush`` when the
+next line would not fit, when its oldest line has waited ``max_delay``
+seconds on the trio clock since its producer's call queued it (blocks
+already in the channel join it first), or when the channel closes.  Blocks
+are cut only at newlines, so a chunk always holds whole lines.  A block
+that fills at least half a buffer by itself is not copied: it is written as
+it is, as a chunk of its own (an *uncopied* chunk).  So is a single line
+longer than a buffer (an *oversized* chunk).
+
+Backpressure: ``flush`` hands the buffer to its lane's writer, which gives
+it back to the pool when the kernel is done with it.  When every buffer is
+taken, ``pool.take()`` waits, the coalescer stops receiving, its channel
+fills, and producers wait in ``send``.  Memory is thus bounded by the pool
+plus :data:`CHANNEL_BLOCKS` blocks per coalescer (and the whole blocks
+waiting for each lane's writer) plus one batch per producer.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import math
-from collections.abc import Callable
+import mmap
+from collections.abc import Awaitable, Callable
 
 import trio
 
 from ..data.sink import ChunkSink
-from .channels import Block, BufferPool, Coalescer, CoalescerStatistics, Producer
+from .handle import NEWLINE, Block, Producer
 
-__all__ = ["WriteLanes", "CHANNEL_BLOCKS", "LANE_CHUNKS"]
+__all__ = ["WriteLanes", "CHANNEL_BLOCKS", "LANE_CHUNKS", "Block", "BufferPool", "Coalescer", "CoalescerStatistics"]
 
 CHANNEL_BLOCKS = 8  # blocks a lane's channel holds before a producer's send waits
 LANE_CHUNKS = 1  # chunks waiting for a lane's writer while it writes one (then the coalescer waits)
+
+_KEPT_ALIVE: list[object] = []
+
+
+class BufferPool:
+    """``count`` page-aligned buffers of ``size`` bytes each.
+
+    :meth:`take` gives a buffer (a writable memoryview) and waits while all
+    are out; :meth:`give_back` returns one.  The caller that took a buffer
+    owns it until it gives it back.
+    """
+
+    def __init__(self, count: int, size: int) -> None:
+        if count < 1 or size < 1:
+            raise ValueError("a pool needs at least one buffer of at least one byte")
+        self.count = count
+        self.size = size
+        self._memory = mmap.mmap(-1, count * size)
+        whole = memoryview(self._memory)
+        self.buffers = [whole[index * size : (index + 1) * size] for index in range(count)]
+        """Every buffer of the pool, taken or not (released by :meth:`close`)."""
+        whole.release()
+        self._free = self.buffers[::-1]  # a stack: the first buffer is taken first
+        self._free_count = trio.Semaphore(count)
+        self.waits = 0
+
+    @property
+    def available(self) -> int:
+        return len(self._free)
+
+    async def take(self) -> memoryview:
+        try:
+            self._free_count.acquire_nowait()
+        except trio.WouldBlock:
+            self.waits += 1
+            await self._free_count.acquire()
+        return self._free.pop()
+
+    def give_back(self, buffer: memoryview) -> None:
+        self._free.append(buffer)
+        self._free_count.release()
+
+    def close(self) -> None:
+        """Release the memory; every buffer must have been given back."""
+        self._free.clear()
+        try:
+            for buffer in self.buffers:
+                buffer.release()
+            self._memory.close()
+        except BufferError:
+            # Something still exports a buffer (an aborted operation, a live
+            # traceback).  Never unmap memory that may still be referenced:
+            # keep it, and its views, to the end of the process.
+            _KEPT_ALIVE.append((self._memory, self.buffers))
+
+
+@dataclasses.dataclass(frozen=True)
+class CoalescerStatistics:
+    """What one coalescer did: ``chunks`` flushed (``bytes`` of lines in them),
+    how many were flushed by the delay deadline, how many were large blocks
+    written without a copy, and how many oversized single-line chunks."""
+
+    lane: int
+    chunks: int
+    bytes: int
+    deadline_flushes: int
+    uncopied_chunks: int
+    oversized_chunks: int
+
+
+FlushBuffer = Callable[[int, memoryview, int, float], Awaitable[None]]
+WriteWhole = Callable[[int, memoryview, float], Awaitable[None]]
+
+
+class Coalescer:
+    """Packs the blocks of one channel into stripe buffers (see module docstring).
+
+    ``flush(lane, buffer, filled, since)`` takes ownership of ``buffer`` (it
+    must give it back to the pool when written); ``write_whole(lane, view,
+    since)`` hands on a chunk of whole lines that did not go through a
+    buffer, to be written (it may return before the write is done: it keeps
+    ``view``).  ``since`` is the trio time the chunk's oldest line was
+    queued, so that the chunk sink, which may hold a padded lane's text or
+    gzip members further, keeps the ``max_delay`` bound from the line's call.
+    """
+
+    def __init__(
+        self,
+        lane: int,
+        blocks: trio.MemoryReceiveChannel[Block],
+        pool: BufferPool,
+        *,
+        capacity: int,
+        max_delay: float,
+        flush: FlushBuffer,
+        write_whole: WriteWhole,
+    ) -> None:
+        if capacity > pool.size:
+            raise ValueError("chunk capacity exceeds the pool's buffer size")
+        self.lane = lane
+        self._blocks = blocks
+        self._pool = pool
+        self._capacity = capacity
+        self._max_delay = max_delay
+        self._flush = flush
+        self._write_whole = write_whole
+        self._buffer: memoryview | None = None
+        self._filled = 0
+        self._deadline = math.inf  # when the oldest line in the buffer will have waited max_delay
+        self._taken = 0  # buffers taken so far (tells a buffer from the next)
+        self._chunks = 0
+        self._bytes = 0
+        self._deadline_flushes = 0
+        self._uncopied = 0
+        self._oversized = 0
+
+    def statistics(self) -> CoalescerStatistics:
+        return CoalescerStatistics(
+            self.lane, self._chunks, self._bytes, self._deadline_flushes, self._uncopied, self._oversized
+        )
+
+    @trio.lowlevel.enable_ki_protection
+    async def run(self) -> None:
+        """Consume blocks until the channel is closed, then flush the last buffer."""
+        with self._blocks:
+            while True:
+                with trio.move_on_at(self._deadline) as waited:
+                    try:
+                        since, block = await self._blocks.receive()
+                    except trio.EndOfChannel:
+                        break
+                if waited.cancelled_caught:
+                    self._deadline_flushes += 1
+                    await self._flush_due()
+                    continue
+                await self._add(since, block)
+        await self._flush_buffer()
+
+    async def _flush_due(self) -> None:
+        """The buffer's oldest line has waited ``max_delay``: blocks already
+        waiting in the channel (they waited too) join it while it has room,
+        then it is flushed."""
+        due = self._taken
+        while self._taken == due and self._buffer is not None:
+            try:
+                since, block = self._blocks.receive_nowait()
+            except (trio.WouldBlock, trio.EndOfChannel):
+                break
+            await self._add(since, block)
+        if self._taken == due:
+            await self._flush_buffer()
+
+    async def _add(self, since: float, block: bytes) -> None:
+        view = memoryview(block)
+        position, size = 0, len(block)
+        if self._capacity // 2 <= size <= self._capacity:
+            await self._flush_buffer()  # what came before goes first
+            self._uncopied += 1
+            self._chunks += 1
+            self._bytes += size
+            await self._write_whole(self.lane, view, since)
+            return
+        while position < size:
+            if self._buffer is None:
+                self._buffer = await self._pool.take()
+                self._filled = 0
+                self._taken += 1
+            room = self._capacity - self._filled
+            if size - position <= room:
+                cut = size
+            else:
+                cut = block.rfind(NEWLINE, position, position + room) + 1
+                if cut <= 0:  # not even one line fits in what is left
+                    if self._filled:
+                        await self._flush_buffer()
+                        continue
+                    cut = block.index(NEWLINE, position) + 1  # one line larger than a buffer
+                    self._oversized += 1
+                    self._chunks += 1
+                    self._bytes += cut - position
+                    await self._write_whole(self.lane, view[position:cut], since)
+                    position = cut
+                    continue
+            length = cut - position
+            self._buffer[self._filled : self._filled + length] = view[position:cut]
+            self._filled += length
+            self._deadline = min(self._deadline, since + self._max_delay)
+            position = cut
+            if self._filled >= self._capacity or cut < size:
+                await self._flush_buffer()
+
+    async def _flush_buffer(self) -> None:
+        buffer, filled = self._buffer, self._filled
+        since = self._deadline - self._max_delay  # (when the buffer's oldest line was queued)
+        self._deadline = math.inf
+        if buffer is None:
+            return
+        self._buffer, self._filled = None, 0
+        if not filled:
+            self._pool.give_back(buffer)
+            return
+        self._chunks += 1
+        self._bytes += filled
+        await self._flush(self.lane, buffer, filled, since)
+
 
 # A chunk for a lane writer: its bytes, how many, when its oldest line was
 # queued, and whether it is a pool buffer (given back once written).

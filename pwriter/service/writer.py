@@ -60,9 +60,8 @@ from ..plan.layout import GZIP_MIN_PADDING, Planner, make_planner
 from ..plan.settings import ConfigError, Settings, settings_from, settings_with
 from ..plan.sizing import FsInfo, Sizing, follow_layout_set, plan_sizing
 from ..plan.traceformat import BlockCleaner
-from .channels import BufferPool, Producer
-from .handle import DEFAULT_BATCH_BYTES
-from .lanes import WriteLanes
+from .handle import DEFAULT_BATCH_BYTES, Producer
+from .lanes import BufferPool, WriteLanes
 
 __all__ = ["Writer", "WriterStatistics", "open_writer", "plan", "output_compression", "check_shard_size",
            "error_to_raise", "HEADER", "FOOTER", "wrapper_lines", "OutputFormat", "output_format", "WriterPlan",

@@ -1,6 +1,8 @@
-"""The producer handle's core (pwriter/service/handle.py): its states, its checks, its
-batch, and the promise that ``validate=True`` checks each byte once,
-through the trio handle and the sync handle alike."""
+"""The producer handles (pwriter/service/handle.py): the core's states, its
+checks, its batch, and the promise that ``validate=True`` checks each byte
+once, through the trio handle and the sync handle alike; then the trio
+handle (:class:`Producer`) over a coalescer whose flushes are recorded in
+memory: what a call takes, cancelled or not, and its schedule points."""
 
 from __future__ import annotations
 
@@ -9,13 +11,16 @@ from collections.abc import Callable
 
 import pytest
 import trio
+import trio.testing
 
 import pwriter.service.writer
 from pwriter.errors import BusyError, ClosedError, InputError
 from pwriter.faces.sync import open_writer_sync
 from pwriter.faces.testing import read_events
-from pwriter.service.handle import HandleCore, HandleState, copy_of, join_lines
+from pwriter.service.handle import SCHEDULE_EVERY, HandleCore, HandleState, Producer, copy_of, join_lines
 from pwriter.service.writer import open_writer
+
+from helpers import recorded_coalescer
 
 S = HandleState
 
@@ -279,3 +284,99 @@ def test_a_handle_reports_its_state(tmp_path, settings_for) -> None:
         assert left.state is S.ENDED and left.finished
 
     trio.run(trio_face)
+
+
+async def test_missing_newlines_are_added_never_glued() -> None:
+    pool, send, recorder, coalescer = recorded_coalescer()
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(coalescer.run)
+        async with Producer(send) as producer:
+            await producer.send_line(b"{1}")
+            await producer.send_lines([b"{2}", b"{3}\n", b"{4}"])
+            await producer.send_block(b"{5}\n{6}")
+            await producer.send_line(b"{7}\n")
+    assert b"".join(recorder.chunks) == b"{1}\n{2}\n{3}\n{4}\n{5}\n{6}\n{7}\n"
+
+
+async def test_cancelled_send_loses_nothing_already_accepted() -> None:
+    pool, send, recorder, coalescer = recorded_coalescer(capacity=4000, channel=1)
+    async with trio.open_nursery() as nursery:
+        producer = Producer(send, batch_bytes=1 << 20)
+        await producer.send_block(b"{first}\n")  # fills the channel: nobody receives yet
+        await producer.send_line(b"{queued}")
+        with trio.move_on_after(0.01) as scope:
+            await producer.flush()  # blocks: the channel is full
+        assert scope.cancelled_caught
+        with trio.move_on_after(0.01):
+            await producer.send_block(b"{cancelled}\n")
+        nursery.start_soon(coalescer.run)
+        await producer.aclose()
+    assert b"".join(recorder.chunks) == b"{first}\n{queued}\n"
+
+
+async def test_a_cancelled_send_takes_nothing_whichever_the_method(autojump_clock: trio.testing.MockClock) -> None:
+    """Issue 19, case 5: a cancelled ``send_line``, ``send_lines`` or
+    ``send_block`` takes nothing, as trio's own sends (before, the first two
+    had queued their lines all the same); the handle's queue is as it was
+    before the call, and a cancelled flush keeps what earlier calls queued."""
+    pool, send, recorder, coalescer = recorded_coalescer(capacity=4000, channel=1)
+    producer = Producer(send, batch_bytes=20)
+    await producer.send_block(b"{first}\n")  # fills the channel: nobody receives yet
+    await producer.send_line(b"{queued}")  # 9 bytes of 20: stays queued
+    for call in (lambda: producer.send_line(b"{cancelled-line}"),
+                 lambda: producer.send_lines([b"{cancelled}", b"{lines}"]),
+                 lambda: producer.send_block(b"{cancelled-block}\n"), producer.flush):
+        with trio.move_on_after(1) as scope:
+            await call()  # each one must push (a full batch, a block, a flush), and the channel is full
+        assert scope.cancelled_caught
+        assert producer._core.pending == [b"{queued}\n"] and producer._core.pending_bytes == 9
+    for call in (lambda: producer.send_line(b"{c}"), lambda: producer.send_lines([b"{c}"]),
+                 lambda: producer.send_lines([]), lambda: producer.send_block(b"{c}\n"),
+                 lambda: producer.send_block(b""), producer.flush):
+        with trio.CancelScope() as scope:
+            scope.cancel()  # cancelled before the call: a checkpoint raises at once, taking nothing
+            await call()
+        assert scope.cancelled_caught
+        assert producer._core.pending == [b"{queued}\n"]
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(coalescer.run)
+        await producer.aclose()
+    assert b"".join(recorder.chunks) == b"{first}\n{queued}\n"
+
+
+async def test_every_send_is_a_cancel_point_and_a_tight_loop_lets_others_run() -> None:
+    """Issue 19, case 22: a tight loop of ``send_line`` or ``send_lines``
+    lets other tasks run (a schedule point at least once in SCHEDULE_EVERY
+    calls, and at every push); every call is a cancel point (the test above
+    cancels each one before it starts); ``send_block`` and ``flush`` are
+    full checkpoints."""
+    pool, send, recorder, coalescer = recorded_coalescer(capacity=1 << 20)
+    ran, done = 0, False
+
+    async def other_task() -> None:
+        nonlocal ran
+        while not done:
+            ran += 1
+            await trio.lowlevel.checkpoint()
+
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(coalescer.run)
+        nursery.start_soon(other_task)
+        async with Producer(send, batch_bytes=1 << 20) as producer:
+            for call in (lambda: producer.send_line(b"{a}"), lambda: producer.send_lines([b"{b}", b"{c}"]),
+                         lambda: producer.send_lines([])):
+                before = ran
+                for _ in range(2 * SCHEDULE_EVERY):  # (twice: the order within a scheduler batch is random)
+                    await call()
+                assert ran > before  # the other task ran during the loop
+                with trio.CancelScope() as scope:
+                    scope.cancel()
+                    await call()
+                assert scope.cancelled_caught
+            for call in (lambda: producer.send_block(b"{d}\n"), lambda: producer.send_block(b""),
+                         lambda: producer.flush(), lambda: producer.flush()):
+                with trio.testing.assert_checkpoints():
+                    await call()
+        done = True
+    expected = b"{a}\n" * 2 * SCHEDULE_EVERY + b"{b}\n{c}\n" * 2 * SCHEDULE_EVERY + b"{d}\n"
+    assert b"".join(recorder.chunks) == expected
