@@ -207,7 +207,7 @@ class CountingChecks:
     def __init__(self, monkeypatch: pytest.MonkeyPatch) -> None:
         self.calls = 0
         self.bytes = 0
-        real = pwriter.service.writer._line_checker
+        real = pwriter.service.writer.line_checker
 
         def make(target: str) -> Callable[[bytes], None]:
             check = real(target)
@@ -219,7 +219,7 @@ class CountingChecks:
 
             return counted
 
-        monkeypatch.setattr(pwriter.service.writer, "_line_checker", make)
+        monkeypatch.setattr(pwriter.service.writer, "line_checker", make)
 
 
 LINES = [b'{"a":1}'] * 1000  # 8 bytes each with its newline: 8,000 bytes

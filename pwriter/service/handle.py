@@ -50,11 +50,11 @@ from collections.abc import Callable, Iterable
 
 import trio
 
-from ..errors import BusyError, ClosedError
-from ..plan.traceformat import count_lines
+from ..errors import BusyError, ClosedError, InputError
+from ..plan.traceformat import BlockCleaner, count_lines
 
 __all__ = ["Block", "DEFAULT_BATCH_BYTES", "HandleCore", "HandleState", "Producer", "SCHEDULE_EVERY", "copy_of",
-           "join_lines", "one_line"]
+           "join_lines", "line_checker", "one_line"]
 
 DEFAULT_BATCH_BYTES = 64 << 10
 NEWLINE = b"\n"
@@ -332,6 +332,18 @@ def join_lines(lines: Iterable[bytes]) -> bytes:
         pass
     # A mix: line by line.
     return b"".join([one_line(line if type(line) is bytes else copy_of(line, "send_lines")) for line in lines])
+
+
+def line_checker(target: str) -> Callable[[bytes], None]:
+    """``validate=True``: a check that raises InputError for a block that is not all JSON event lines."""
+    name = f"a line sent to {target}"
+
+    def check(block: bytes) -> None:
+        cleaned = BlockCleaner(name, validate=True).feed(block)
+        if cleaned != block:  # a wrapper, blank or untrimmed line: not an event line as sent
+            raise InputError(name, "not a JSON event line as sent (blank, wrapper or surrounded by spaces)")
+
+    return check
 
 
 Block = tuple[float, bytes]

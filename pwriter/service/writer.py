@@ -55,12 +55,11 @@ from ..data.backends import Backend, BackendStatistics, open_backend
 from ..data.gzip_members import check_level, gzip_member
 from ..data.output import Output, OutputSet, StreamOutput, member_index_path
 from ..data.sink import ChunkSink
-from ..errors import ClosedError, InputError, attach_other_errors
+from ..errors import ClosedError, attach_other_errors
 from ..plan.layout import GZIP_MIN_PADDING, Planner, make_planner
 from ..plan.settings import ConfigError, Settings, settings_from, settings_with
 from ..plan.sizing import FsInfo, Sizing, follow_layout_set, plan_sizing
-from ..plan.traceformat import BlockCleaner
-from .handle import DEFAULT_BATCH_BYTES, Producer
+from .handle import DEFAULT_BATCH_BYTES, Producer, line_checker
 from .lanes import BufferPool, WriteLanes
 
 __all__ = ["Writer", "WriterStatistics", "open_writer", "plan", "output_compression", "check_shard_size",
@@ -309,7 +308,7 @@ class Writer:
         self.sizing = sizing
         self.compressed = compress
         self.published = False
-        self.line_check = _line_checker(plan.target) if plan.validate else None
+        self.line_check = line_checker(plan.target) if plan.validate else None
         """The check every line sent through a handle passes (``validate=True``), else None."""
         self._planner = planner
         self._output = output
@@ -680,18 +679,6 @@ def output_compression(target: str, settings: Settings, *, stream: bool = False)
 
 def _is_stream(path: object) -> bool:
     return path == "-" or (not isinstance(path, (str, bytes, os.PathLike)) and hasattr(path, "fileno"))
-
-
-def _line_checker(target: str) -> Callable[[bytes], None]:
-    """``validate=True``: a check that raises InputError for a block that is not all JSON event lines."""
-    name = f"a line sent to {target}"
-
-    def check(block: bytes) -> None:
-        cleaned = BlockCleaner(name, validate=True).feed(block)
-        if cleaned != block:  # a wrapper, blank or untrimmed line: not an event line as sent
-            raise InputError(name, "not a JSON event line as sent (blank, wrapper or surrounded by spaces)")
-
-    return check
 
 
 def _leaves(exc: BaseException, skip: BaseException | None = None) -> list[BaseException]:
