@@ -49,29 +49,16 @@ __all__ = [
     "SyncProducer",
 ]
 
-_LAZY = {
-    "open_writer": "service.writer",
-    "Writer": "service.writer",
-    "WriterStatistics": "service.writer",
-    "Producer": "service.handle",
-    "Settings": "plan.settings",
-    "load_settings": "plan.settings",
-    "ConfigError": "plan.settings",
-    "PwriterError": "errors",
-    "UsageError": "errors",
-    "DataError": "errors",
-    "InputError": "errors",
-    "WriteError": "errors",
-    "ClosedError": "errors",
-    "BusyError": "errors",
-    "OutputExistsError": "errors",
-    "merge": "service.merge",
-    "collect_inputs": "service.merge",
-    "merge_sync": "faces.sync",
-    "open_writer_sync": "faces.sync",
-    "SyncWriter": "faces.sync",
-    "SyncProducer": "faces.sync",
+_MODULES = {
+    "service.writer": ("open_writer", "Writer", "WriterStatistics"),
+    "service.handle": ("Producer",),
+    "plan.settings": ("Settings", "load_settings", "ConfigError"),
+    "errors": ("PwriterError", "UsageError", "DataError", "InputError", "WriteError", "ClosedError", "BusyError",
+               "OutputExistsError"),
+    "service.merge": ("merge", "collect_inputs"),
+    "faces.sync": ("merge_sync", "open_writer_sync", "SyncWriter", "SyncProducer"),
 }
+_LAZY = {name: module for module, names in _MODULES.items() for name in names}
 
 if TYPE_CHECKING:
     from .errors import (

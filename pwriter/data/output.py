@@ -3,82 +3,75 @@
 What an output name stands for
 ------------------------------
 An output name ``merged.pfw`` stands for one *set* of files in its
-directory, whatever its layout or compression: the data file
-``merged.pfw`` (one-file layouts), the member index
-``merged.pfw.members.json`` (compressed output), the manifest
+directory: the data file ``merged.pfw`` (one-file layouts), the member
+index ``merged.pfw.members.json`` (compressed), the manifest
 ``merged.pfw.shards`` (sharded) and the shards it lists
 (``merged.shard_000.pfw`` or ``merged.g1.shard_000.pfw``, ...).  A reader
 takes the manifest when there is one (it wins over a data file of the
-same name), else the data file; a member index beside it describes that
-set (its ``files``) or is absent, never another set's.
+same name), else the data file; a member index describes that set or is
+absent, never another set's.
 
 One run at a time
 -----------------
 A run holds the output's lock, ``.<name>.pwriter-lock`` beside it, from
 :meth:`OutputSet.check` until it has published or failed
-(:class:`OutputLock`): created with ``O_CREAT | O_EXCL``, which is atomic on
-local filesystems, NFSv3 and later, and Lustre (``flock`` is not reliable
-across NFS clients), and holding ``host pid``.  A second run is refused
-(:class:`UsageError`, exit 2) naming the holder's host and pid; a lock
-whose holder ran on this host and is gone (SIGKILL) is taken over.  The
-lock, like the temporaries, is hidden and never matches ``*.pfw`` or
-``*.pfw.gz``, so ``merge -d`` never reads it.
+(:class:`OutputLock`): created with ``O_CREAT | O_EXCL`` (atomic on local
+filesystems, NFSv3 and later, and Lustre; ``flock`` is not reliable across
+NFS clients), holding ``host pid``.  A second run is refused
+(:class:`UsageError`) naming the holder; a lock whose holder ran on this
+host and is gone is taken over.  Like the temporaries, the lock is hidden
+and never matches ``*.pfw`` or ``*.pfw.gz``.
 
 Publishing
 ----------
-Data goes to temporary files beside the targets, created exclusively
-(``O_EXCL``, so never through a planted symlink), with the target's final
-permissions (those of the file it replaces, else the umask's).  Every
-operation happens relative to a descriptor of the output's directory,
-opened once: a directory renamed while the run works still gets the whole
-output, or nothing, and no temporary elsewhere.  :meth:`OutputSet.publish`
+Data goes to temporaries beside the targets, created exclusively
+(``O_EXCL``: never through a planted symlink) with the target's final
+permissions.  Every operation goes through a descriptor of the output's
+directory, opened once: a directory renamed meanwhile still gets the whole
+output or nothing.  :meth:`OutputSet.publish`
 
-1. closes the data files, checking each close (a filesystem may report a
-   failed write only there: NFS does);
-2. writes and (with fsync) syncs each small file, the member index and the
-   manifest, to a temporary of its own;
+1. closes the data files, checking each close (NFS may report a failed
+   write only there);
+2. writes and (with fsync) syncs the member index and the manifest to
+   temporaries of their own;
 3. keeps every file that a later step replaces or removes before the
    commit under a hard link with a temporary name (where links are
    refused, by renaming it away right before that step);
-4. renames, in this order: the new shards (names of a generation that no
-   file has, so no manifest lists them); the old member index away; the
-   data file (one-file layouts) or the manifest (sharded): the *commit*;
-   the old manifest away (a one-file output replacing a sharded set: this
-   is then the commit); the new member index; then syncs the directory;
+4. renames, in this order: the new shards (of a generation that no file
+   has, so no manifest lists them); the old member index away; the data
+   file (one-file layouts) or the manifest (sharded): the *commit*; the
+   old manifest away (a one-file output replacing a sharded set: then the
+   commit); the new member index; then syncs the directory;
 5. only then removes what the new set does not reuse: the old shards, the
-   old data file (a sharded set replacing a one-file output), the kept
-   files, the kept old manifest last.
+   old data file, the kept files, the kept old manifest last.
 
 A failure in 1 to 4 puts every name back as it was (the same inodes),
 removes what was new and raises :class:`WriteError`.
 
-Temporary names look like ``.<name>.pwriter-<host>-<pid>-<random>.tmp``:
-hidden, recognisable, and never matching ``*.pfw`` or ``*.pfw.gz``.  The
-next run to an output name removes, under the lock, the temporaries of any
-file of its set left by processes of this host that are gone, and the
-shards that those temporaries' manifests list and the current manifest
-does not (a killed run's): only such shards, never a file merely named
-like one.  ``merge -d`` leaves out every file of the output's set and
-every shard a manifest temporary lists (:func:`names_of_output`).
+Temporary names look like ``.<name>.pwriter-<host>-<pid>-<random>.tmp``.
+The next run to an output name removes, under the lock, the temporaries of
+its set left by gone processes of this host, and the shards that those
+temporaries' manifests list and the current manifest does not (a killed
+run's), never a file merely named like one.  ``merge -d`` leaves out every
+file of the set and every shard a manifest temporary lists
+(:func:`names_of_output`).
 
-What a SIGKILL leaves, by the step it lands in (the lock always, taken
-over by the next run on this host):
+What a SIGKILL leaves, by the step it lands in (and the lock, taken over
+by the next run on this host):
 
-* writing, staging the small files, keeping links: the old set whole, and
-  temporaries;
-* renaming the new shards: the old set (its manifest lists the old
-  shards); the new shards beside it, listed by no manifest but by the
+* writing, staging, keeping links: the old set whole, and temporaries;
+* renaming the new shards: the old set; the new shards, listed only by the
   staged manifest temporary, so removed by the next run;
 * hiding the old member index, up to the commit: the old set, without its
   member index;
 * from the commit to renaming the new member index: the new set, without
-  its member index (a one-file output replacing a sharded set: the new
-  data file is in place but the old manifest, until it goes, still wins);
-* after: the new set whole; old shards and the old data file, listed by a
-  kept manifest temporary, removed by the next run; temporaries.
+  its member index (a one-file output replacing a sharded set: the old
+  manifest, until it goes, still wins);
+* after: the new set whole; old files listed by a kept manifest temporary,
+  removed by the next run; temporaries.
 
-Where hard links are refused (vfat, CIFS, some FUSE filesystems), a name
-that is replaced is absent between its renaming away and the new file's
+Where hard links are refused (vfat, CIFS, some FUSE filesystems), a
+replaced name is absent between its renaming away and the new file's
 renaming in; a kill between them leaves the previous file under its kept
 temporary name.
 """
@@ -138,10 +131,8 @@ def _stem_and_suffix(name: str) -> tuple[str, str]:
 
 
 def shard_paths(target: str, count: int, generation: int = 0) -> list[str]:
-    """Shard names for ``target`` in read order: ``merged.pfw`` ->
-    ``merged.shard_000.pfw``, ... (generation 1: ``merged.g1.shard_000.pfw``);
-    the suffix is kept last so that tools that select ``*.pfw`` /
-    ``*.pfw.gz`` still see every shard."""
+    """Shard names for ``target`` in read order: ``merged.pfw`` -> ``merged.shard_000.pfw``, ...
+    (generation 1: ``merged.g1.shard_000.pfw``); the suffix stays last, so ``*.pfw`` still selects them."""
     directory, name = os.path.split(target)
     stem, suffix = _stem_and_suffix(name)
     width = max(3, len(str(count - 1)))
@@ -151,8 +142,7 @@ def shard_paths(target: str, count: int, generation: int = 0) -> list[str]:
 
 
 def _shard_pattern(target: str) -> re.Pattern[str]:
-    """The base names of ``target``'s shards, of any generation and count
-    (exactly: no other name matches); group 1 is the generation (None for 0)."""
+    """Exactly the base names of ``target``'s shards, of any generation; group 1 is the generation (None: 0)."""
     stem, suffix = _stem_and_suffix(os.path.basename(target))
     return re.compile(re.escape(stem) + r"(?:\.g([0-9]+))?\.shard_[0-9]{3,}" + re.escape(suffix) + r"\Z")
 
@@ -192,10 +182,8 @@ def _stale_temporary_of(entry: str) -> str | None:
 
 
 def _at_fresh_name(target: str, make: Callable[[str], T]) -> tuple[str, T]:
-    """``make(name)`` for a new temporary name of ``target``, drawing another
-    name while ``make`` finds it taken (FileExistsError: a planted file or
-    symlink, or another process's temporary); returns the name and what
-    ``make`` returned."""
+    """``make(name)`` for a new temporary name of ``target``, drawing another while ``make`` raises
+    FileExistsError; returns the name and what ``make`` returned."""
     for attempts_left in reversed(range(8)):
         name = _temporary_name(target)
         try:
@@ -207,10 +195,8 @@ def _at_fresh_name(target: str, make: Callable[[str], T]) -> tuple[str, T]:
 
 
 def open_output_directory(target: str) -> int:
-    """A descriptor of ``target``'s directory, through which its files are
-    created, renamed and removed (so that they stay in the directory as it
-    was, even if it is renamed meanwhile); :class:`WriteError` naming
-    ``target`` when it cannot be opened."""
+    """A descriptor of ``target``'s directory, through which its files are created, renamed and removed;
+    :class:`WriteError` naming ``target`` when it cannot be opened."""
     directory = os.path.dirname(os.path.abspath(target))
     try:
         return os.open(directory, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
@@ -228,10 +214,8 @@ def close_quietly(fds: Iterable[int]) -> None:
 
 
 def close_checked(fds: Sequence[int], names: Sequence[str]) -> None:
-    """Close every descriptor of ``fds`` (the file ``names[i]``), and raise
-    :class:`WriteError` naming the first whose close failed: a filesystem
-    may report a failed write only there (NFS does), so the file must not
-    be published.  Every descriptor is closed either way."""
+    """Close every descriptor of ``fds`` (the file ``names[i]``); :class:`WriteError` naming the first whose
+    close failed (NFS may report a failed write only there)."""
     failure: tuple[str, OSError] | None = None
     for fd, name in zip(fds, names, strict=False):
         try:
@@ -251,12 +235,9 @@ def _in(dir_fd: int | None, path: str) -> str:
 
 def _create_exclusively(target: str, create: Callable[[str], int] | None = None,
                         dir_fd: int | None = None) -> tuple[str, int]:
-    """A new temporary file beside ``target`` (never through an existing
-    name or a planted symlink: ``O_EXCL``), with the target's final
-    permissions; returns its name and descriptor.  ``create(name)`` makes
-    and opens the file instead of ``open`` (a Lustre layout on create); it
-    raises FileExistsError for a name that is taken.  With ``dir_fd``, the
-    names are taken in that directory (``create`` still gets the path)."""
+    """A new temporary beside ``target`` (``O_EXCL``), with the target's permissions; returns its name and
+    descriptor.  ``create(path)`` makes and opens it instead of ``open`` (a Lustre layout); with ``dir_fd``,
+    names are taken in that directory."""
     try:
         mode: int | None = stat_module.S_IMODE(os.stat(_in(dir_fd, target), dir_fd=dir_fd).st_mode)
     except OSError:
@@ -281,13 +262,10 @@ def _same_file(a: os.stat_result, b: os.stat_result) -> bool:
 def create_temporaries(output: str, targets: Sequence[str], *, direct: bool = False,
                        striping: Striping | None = None, first: int = 0, dir_fd: int | None = None
                        ) -> tuple[list[str], list[int], list[int]]:
-    """A temporary beside each of ``targets`` (files ``first``, ``first + 1``,
-    ... of ``output``), created exclusively (:func:`_create_exclusively`;
-    in ``dir_fd``, the targets' directory, when given), with ``striping``'s
-    layout for that file number where given; returns the temporaries, their
-    descriptors and (``direct``) their O_DIRECT descriptors.  On failure,
-    removes what it created and raises :class:`WriteError` naming
-    ``output`` (:class:`UsageError` where the filesystem refuses O_DIRECT)."""
+    """A temporary beside each of ``targets`` (files ``first``, ... of ``output``; :func:`_create_exclusively`),
+    with ``striping``'s layout for its file number; returns the temporaries, their descriptors and (``direct``)
+    their O_DIRECT descriptors.  On failure removes what it made and raises :class:`WriteError` naming
+    ``output`` (:class:`UsageError` where O_DIRECT is refused)."""
     temporaries: list[str] = []
     fds: list[int] = []
     direct_fds: list[int] = []
@@ -319,21 +297,13 @@ def create_temporaries(output: str, targets: Sequence[str], *, direct: bool = Fa
 
 
 class OutputLock:
-    """The lock of one output name: ``.<name>.pwriter-lock`` in its
-    directory (``dir_fd``), holding ``host pid``; see the module docstring.
+    """The lock of one output name (see the module docstring), in the directory ``dir_fd``.
 
-    :meth:`acquire` creates it with ``O_CREAT | O_EXCL``.  When it exists,
-    its holder is read: a holder that runs (or that cannot be checked: on
-    another host) makes :meth:`acquire` raise :class:`UsageError` naming its
-    host and pid; a holder of this host that is gone is a stale lock, taken
-    over.  Taking over is itself exclusive: the taker first creates
-    ``.<name>.pwriter-lock.break`` (``O_EXCL``), checks again under it that
-    the lock still names the same dead holder, removes the lock, removes the
-    breaker, and then competes for a new lock like anyone.  Only a taker
-    holding the breaker removes a lock that is not its own, so two takers
-    never remove a live lock.  (A breaker left by a process killed while
-    holding it, a few microseconds, is removed like a stale lock, without
-    a breaker of its own.)
+    A holder that runs, or cannot be checked (another host), makes :meth:`acquire` raise :class:`UsageError`
+    naming it; a gone holder of this host is taken over, exclusively: the taker creates
+    ``.<name>.pwriter-lock.break`` (``O_EXCL``), checks under it that the lock still names that holder,
+    removes the lock and the breaker, then competes for a new lock like anyone.  So two takers never remove
+    a live lock.  (A breaker whose holder is gone is removed like a stale lock.)
     """
 
     ATTEMPTS = 20
@@ -394,8 +364,8 @@ class OutputLock:
         return fd
 
     def _holder(self, name: str) -> tuple[str, int | None] | None:
-        """The ``(host, pid)`` that ``name`` holds; None if it is gone; pid None
-        if it never gets a readable content (within :attr:`UNREADABLE_WAIT`)."""
+        """The ``(host, pid)`` that ``name`` holds; None if it is gone; pid None if unreadable for
+        :attr:`UNREADABLE_WAIT`."""
         deadline = time.monotonic() + self.UNREADABLE_WAIT
         while True:
             content = _read_quietly(name, self._dir_fd)
@@ -452,8 +422,7 @@ def _exists(name: str, dir_fd: int | None) -> bool:
 
 
 class OutputFiles(Protocol):
-    """The files a chunk sink writes to: their names and descriptors, and
-    for a sharded output with a shard size, its next shard."""
+    """The files a chunk sink writes to, and (a shard size) their next shard."""
 
     @property
     def targets(self) -> list[str]:
@@ -468,21 +437,14 @@ class OutputFiles(Protocol):
         """Their O_DIRECT descriptors (``create(direct=True)``), else empty."""
 
     def add_shard(self) -> tuple[int, int | None]:
-        """A sharded output with a shard size: make the next shard; returns
-        its descriptor and its O_DIRECT descriptor (or None)."""
+        """Make the next shard (a shard size); returns its descriptor and its O_DIRECT one (or None)."""
 
 
 class Output(OutputFiles, Protocol):
-    """What the writer uses of an output: its files, created (:meth:`create`),
-    grown by a shard (:meth:`add_shard`), then published or discarded.
+    """What the writer uses of an output: its files, created, grown by a shard, published or discarded.
 
-    Implemented by :class:`OutputSet` (a file set, published all or
-    nothing), :class:`StreamOutput` (a stream: nothing to publish or take
-    back) and :class:`pwriter.faces.mpi.RankOutput` (one MPI rank's share: its
-    "publish" only says that the share is written; rank 0 publishes the
-    whole set).  What comes before the writer (an :class:`OutputSet`'s
-    :meth:`~OutputSet.check`, which takes the output's lock) is each
-    implementation's own.
+    Implemented by :class:`OutputSet` (published all or nothing), :class:`StreamOutput` (nothing to publish
+    or take back) and :class:`pwriter.faces.mpi.RankOutput` (one rank's share; rank 0 publishes the set).
     """
 
     @property
@@ -497,22 +459,17 @@ class Output(OutputFiles, Protocol):
         """Make (or open) the files for writing; returns :attr:`fds`."""
 
     def publish(self, *, fsync: bool, sidecars: dict[str, bytes] | None = None) -> None:
-        """The files are written (and, with ``fsync``, synced): close them,
-        checking each close, and put them in place with ``sidecars`` (name ->
-        content); raises, publishing nothing, on failure."""
+        """Close the written (and with ``fsync`` synced) files, checking each close, and put them in place with
+        ``sidecars`` (name -> content); raises, publishing nothing, on failure."""
 
     def discard(self) -> None:
         """Close the files and take back what can be (idempotent; also the end of a publish)."""
 
 
 class CreatedFiles:
-    """Files that an output creates itself: a temporary beside each of
-    :attr:`targets` (:func:`create_temporaries`, through a descriptor of the
-    output's directory opened once, with ``striping``'s layout), and for a
-    growing sharded set each next shard (:meth:`add_shard`).  ``first`` is
-    the file number of the first target (for its Lustre layout),
-    ``generation`` that of the shards' names.  The base of
-    :class:`OutputSet` and of :class:`pwriter.faces.mpi.RankOutput`."""
+    """Files an output creates itself (:func:`create_temporaries`), and for a growing sharded set each next
+    shard.  ``first``: the file number of the first target (its Lustre layout); ``generation``: of the shard
+    names.  The base of :class:`OutputSet` and :class:`pwriter.faces.mpi.RankOutput`."""
 
     def __init__(self, target: str, targets: Sequence[str], *, striping: Striping | None = None, first: int = 0,
                  generation: int = 0) -> None:
@@ -541,12 +498,8 @@ class CreatedFiles:
             dir_fd=self._open_directory())
 
     def add_shard(self) -> tuple[int, int | None]:
-        """A growing set: create the next shard's temporary, as the others
-        were (exclusively, with the layout of its file number); returns its
-        descriptor and its O_DIRECT descriptor (or None).  :attr:`targets`
-        then names every shard (their number's width may grow).  Raises
-        :class:`WriteError` naming the output when it cannot be created; the
-        files are then discarded by their owner as on any error."""
+        """A growing set: create the next shard's temporary as the others were; returns its descriptor and
+        its O_DIRECT one (or None).  :attr:`targets` then names every shard (the number's width may grow)."""
         assert self._dir_fd is not None, "add_shard: files that this output created"
         index = len(self.fds)
         names = shard_paths(self.target, index + 1, self._generation)
@@ -590,24 +543,14 @@ def _survey(name: str, dir_fd: int) -> _Found:
 
 
 class OutputSet(CreatedFiles):
-    """The files of one output: targets in read order, their temporaries, and
-    (sharded) the manifest.  :meth:`check` takes the output's lock and
-    decides the names, :meth:`create` makes the temporaries (with
-    ``striping``'s Lustre layout, when given); finished by :meth:`publish`
-    or :meth:`discard` (which also releases the lock, and may follow a
-    publish).
+    """The files of one output: targets in read order, their temporaries, and (sharded) the manifest.
+    :meth:`check` takes the lock and decides the names, :meth:`create` makes the temporaries; finished by
+    :meth:`publish` or :meth:`discard` (which releases the lock, and may follow a publish).
 
-    A sharded output gets shard names of a *generation* that no file has
-    (``merged.shard_000.pfw`` and ``merged.g1.shard_000.pfw`` alternate as
-    one set replaces another), so that a reader following the old manifest
-    never sees a new shard.  ``force`` replaces the whole set the name
-    stands for, whatever its layout or compression.
-
-    A sharded output of ``files=0`` *grows*: :meth:`create` makes no shard,
-    and :meth:`add_shard` makes each one while the output is written (a
-    shard size), a temporary like the others (created exclusively, with
-    the Lustre layout of its file number), published or removed with the
-    set.  Its shards are named in the order they were added.
+    Shard names are of a *generation* that no file has (``merged.shard_000.pfw`` and
+    ``merged.g1.shard_000.pfw`` alternate), so a reader of the old manifest never sees a new shard.
+    ``force`` replaces the whole set the name stands for.  A sharded output of ``files=0`` *grows*:
+    :meth:`add_shard` makes each shard while it is written.
     """
 
     def __init__(self, target: str, *, sharded: bool, files: int, force: bool, sidecars: Sequence[str] = (),
@@ -632,21 +575,13 @@ class OutputSet(CreatedFiles):
         return self._generation
 
     def check(self, inputs: Iterable[str] = ()) -> None:
-        """Take the output's lock (:class:`OutputLock`), then decide and check
-        the names, all under it.
+        """Take the output's lock, then, under it, decide and check the names.
 
-        Refuses, with :class:`UsageError` (and then releases the lock): a
-        missing output directory, a sharded output's name that its manifest
-        cannot list (a newline in it), an output that another run is writing (its host
-        and pid named), an existing output (any file of the name's set,
-        without ``force``), an output that is one of ``inputs`` (same
-        device and inode, whatever the path; a file of the set that ``force``
-        would remove counts too), and, even with ``force``, an output name
-        that is not a regular file or a symlink to one (a directory, FIFO,
-        socket, device, dangling link): replacing such a name with a file is
-        never what was meant.  Removes what killed runs of this host left
-        (see the module docstring) and, sharded, picks the shard generation.
-        The directory is listed once, under the lock.
+        Refuses with :class:`UsageError` (releasing the lock): a missing directory, a sharded name with a
+        newline (its manifest could not list it), an output another run is writing, an existing output
+        without ``force``, an output that is one of ``inputs`` (same inode; a file ``force`` would remove
+        counts too), and even with ``force`` a name that is not a regular file or a symlink to one.
+        Removes what killed runs of this host left and, sharded, picks the shard generation.
         """
         directory = os.path.dirname(os.path.abspath(self.target))
         if not os.path.isdir(directory):
@@ -679,15 +614,9 @@ class OutputSet(CreatedFiles):
             raise
 
     def create(self, *, direct: bool = False) -> list[int]:
-        """Create the temporary files exclusively; returns their descriptors in read order.
-
-        With ``direct``, each file also gets a second descriptor opened with
-        O_DIRECT (:attr:`direct_fds`), for the writes that are aligned.
-        With a ``striping`` (Lustre), each file is created with that layout
-        (:func:`pwriter.data.lustre.create_striped`); a layout that cannot be set
-        is a :class:`WriteError` naming the file.  On failure, everything is
-        discarded (the lock released).
-        """
+        """Create the temporaries (with ``striping``'s Lustre layout; ``direct``: also an O_DIRECT descriptor
+        each, :attr:`direct_fds`); returns their descriptors in read order.  On failure everything is
+        discarded (the lock released)."""
         try:
             self._create_files(direct=direct)
         except BaseException:
@@ -696,18 +625,10 @@ class OutputSet(CreatedFiles):
         return self.fds
 
     def publish(self, *, fsync: bool, sidecars: dict[str, bytes] | None = None) -> None:
-        """Put the (already written and, with ``fsync``, synced) temporaries
-        in place as the output's whole set, all or nothing, in the steps of
-        the module docstring (:class:`_Publication`); ``sidecars`` (name ->
-        content) are the small files to publish with it (the member index).
-
-        A failed close of a data file raises :class:`WriteError` naming it;
-        any failure up to the directory's sync puts every previous file back,
-        byte for byte (the same inode), removes what was new, and raises
-        :class:`WriteError` (or :class:`UsageError` for an output that
-        appeared meanwhile without ``force``).  Either way nothing is
-        published, and the lock is released.
-        """
+        """Put the written temporaries and ``sidecars`` (name -> content) in place as the whole set, all or
+        nothing (the module docstring's steps).  On failure every previous file is back (the same inode) and
+        :class:`WriteError` is raised (:class:`UsageError`: an output appeared meanwhile without ``force``);
+        the lock is released either way."""
         try:
             self._close_files_checked()
         except BaseException:
@@ -725,8 +646,7 @@ class OutputSet(CreatedFiles):
         self.discard()
 
     def discard(self) -> None:
-        """Close and remove every temporary file, and release the lock; the
-        targets are untouched.  Idempotent; also the end of a publish."""
+        """Close and remove every temporary and release the lock (idempotent; also the end of a publish)."""
         self.close_files()
         for temporary in self.temporaries:
             _unlink_quietly(temporary, self._dir_fd)
@@ -740,11 +660,9 @@ class OutputSet(CreatedFiles):
 
 def _remove_leftovers(target: str, entries: Iterable[str], found: _Found, inputs: list[os.stat_result],
                       dir_fd: int) -> set[str]:
-    """Remove the temporaries of every file of ``target``'s set that
-    processes of this host which are gone left (of ``entries``, the
-    directory's), and first the shards that their manifests (staged or kept)
-    list and the current one does not (unless one is among ``inputs``: then
-    it stays, and is read).  Returns the names it removed."""
+    """Remove the temporaries of ``target``'s set (of ``entries``) that gone processes of this host left, and
+    first the shards their manifests list and the current one does not (unless an input).  Returns the
+    names removed."""
     name = os.path.basename(target)
     pattern = _shard_pattern(target)
     ours = {name, member_index_path(name), manifest_path(name)}
@@ -779,9 +697,7 @@ def _is_input(name: str, inputs: list[os.stat_result], dir_fd: int) -> bool:
 
 
 def _free_generation(target: str, entries: Iterable[str]) -> int:
-    """The first generation of ``target``'s shard names of which no file is
-    among ``entries``, of any shard number (see :class:`OutputSet`): a
-    growing set may take any number of them."""
+    """The first generation of ``target``'s shard names of which no file is among ``entries``."""
     pattern = _shard_pattern(target)
     taken = set()
     for entry in entries:
@@ -793,10 +709,8 @@ def _free_generation(target: str, entries: Iterable[str]) -> int:
 
 def _check_names(names: Sequence[str], replaced: Sequence[str], input_stats: list[tuple[str, os.stat_result]],
                  *, force: bool) -> None:
-    """Refuse (:meth:`OutputSet.check`) a name of ``names`` that is an input,
-    exists without ``force``, or (unless ``replaced``: an old shard that goes)
-    is not a regular file or a symlink to one.  Each name is examined once
-    (``lstat``; ``stat`` too for a symlink)."""
+    """Refuse a name of ``names`` that is an input, exists without ``force``, or (unless ``replaced``) is
+    not a regular file or a symlink to one (:meth:`OutputSet.check`)."""
     for name in names:
         try:
             link = os.lstat(name)
@@ -822,8 +736,7 @@ def _check_names(names: Sequence[str], replaced: Sequence[str], input_stats: lis
 
 
 def _check_replaceable(name: str, link: os.stat_result, stat: os.stat_result | None) -> None:
-    """Refuse to replace ``name`` (``lstat`` ``link``, ``stat`` None if it
-    leads nowhere) unless it is a regular file or a symlink to one."""
+    """Refuse ``name`` (``stat`` None: a dangling link) unless a regular file or a symlink to one."""
     if _is_system_name(name, is_link=stat_module.S_ISLNK(link.st_mode)):
         raise UsageError(f"{name}: the output is a device or process file (/dev, /proc); "
                          "refusing to replace it (use -o - for standard output)")
@@ -840,13 +753,9 @@ _Step = tuple[str, str, str]
 
 
 class _Publication:
-    """One publish of an :class:`OutputSet` (steps 2 to 5 of the module
-    docstring), in its directory ``dir_fd``: :meth:`run` plans the renames
-    and stages the small files, keeps what goes, takes the steps, and after
-    the commit removes what the new set does not reuse; a failure before
-    then is undone (:meth:`_restore`) and raised.  Every temporary it makes
-    joins the set's ``temporaries`` (so that a discard removes it), and one
-    that becomes a published name leaves them."""
+    """One publish of an :class:`OutputSet` (steps 2 to 5 of the module docstring) in ``dir_fd``; a failure
+    before the commit is undone (:meth:`_restore`).  Every temporary it makes joins the set's
+    ``temporaries`` until it becomes a published name."""
 
     def __init__(self, files: OutputSet, dir_fd: int, *, fsync: bool) -> None:
         self.files = files
@@ -856,8 +765,7 @@ class _Publication:
         self.kept: dict[str, str] = {}  # name -> the temporary that keeps its previous file ("": links are refused)
 
     def run(self, sidecars: dict[str, bytes]) -> None:
-        """Publish, with ``sidecars``; raises OSError or :class:`UsageError`
-        (every name then holds what it held before)."""
+        """Publish, with ``sidecars``; raises OSError or :class:`UsageError`, every name as before."""
         try:
             found, steps = self._plan(sidecars)
             self._keep_what_goes(steps)
@@ -894,8 +802,7 @@ class _Publication:
         return found, steps
 
     def _stage_small(self, name: str, content: bytes) -> str:
-        """Write a small file (manifest, index) fully to a temporary of its
-        own (short writes resumed) and sync it; returns the temporary."""
+        """Write a small file (manifest, index) to a temporary of its own and sync it; returns the temporary."""
         path = os.path.join(os.path.dirname(self.files.target), name)
         temporary, fd = _create_exclusively(path, dir_fd=self.dir_fd)
         self.files.temporaries.append(temporary)
@@ -908,8 +815,7 @@ class _Publication:
         return temporary
 
     def _keep_what_goes(self, steps: list[_Step]) -> None:
-        """Before any step: keep (a hard link) every file that a step
-        replaces or removes before the commit."""
+        """Keep (a hard link) every file that a step replaces or removes before the commit."""
         for step, name, _ in steps:
             if name not in self.kept and (step == "hide" or self.files.force) and _exists(name, self.dir_fd):
                 self.kept[name] = self._keep(name, by_link=True)
@@ -931,10 +837,8 @@ class _Publication:
                 done.append(("put", name, name in kept and ("hide", name, False) not in done))
 
     def _keep(self, name: str, *, by_link: bool) -> str:
-        """Keep ``name``'s current file (or symlink) under a new temporary name,
-        by a hard link, or by renaming it there (``by_link`` false).  Returns
-        the temporary's base name, or "" where links are refused (the caller
-        then keeps it by renaming, right before the name is replaced)."""
+        """Keep ``name``'s file under a new temporary name, by a hard link or (``by_link`` false) a rename;
+        returns the temporary's base name, or "" where links are refused."""
         dir_fd = self.dir_fd
 
         def keep(temporary: str) -> None:
@@ -956,29 +860,25 @@ class _Publication:
         return os.path.basename(backup)
 
     def _rename(self, temporary: str, target: str) -> None:
-        """Put ``temporary`` onto ``target``: replacing it with ``force``,
-        else never over a file that appeared while the set was written."""
+        """Put ``temporary`` onto ``target``: with ``force`` replacing it, else never over a file."""
         dir_fd = self.dir_fd
-        if self.files.force:
-            os.replace(temporary, target, src_dir_fd=dir_fd, dst_dir_fd=dir_fd)
-            self._forget(temporary)
-            return
         appeared = OutputExistsError(os.path.join(os.path.dirname(self.files.target), target),
                                      "output appeared while writing")
-        try:
-            os.link(temporary, target, src_dir_fd=dir_fd, dst_dir_fd=dir_fd, follow_symlinks=False)
-        except FileExistsError:
-            raise appeared from None
-        except OSError as exc:
-            if exc.errno not in _NO_LINKS:
-                raise
-            # no hard links here: fall back to a checked rename
-            if _exists(target, dir_fd):
+        if self.files.force:
+            os.replace(temporary, target, src_dir_fd=dir_fd, dst_dir_fd=dir_fd)
+        else:
+            try:
+                os.link(temporary, target, src_dir_fd=dir_fd, dst_dir_fd=dir_fd, follow_symlinks=False)
+            except FileExistsError:
                 raise appeared from None
-            os.rename(temporary, target, src_dir_fd=dir_fd, dst_dir_fd=dir_fd)
-            self._forget(temporary)
-            return
-        os.unlink(temporary, dir_fd=dir_fd)
+            except OSError as exc:
+                if exc.errno not in _NO_LINKS:
+                    raise
+                if _exists(target, dir_fd):  # no hard links here: a checked rename
+                    raise appeared from None
+                os.rename(temporary, target, src_dir_fd=dir_fd, dst_dir_fd=dir_fd)
+            else:
+                os.unlink(temporary, dir_fd=dir_fd)
         self._forget(temporary)
 
     def _forget(self, temporary: str) -> None:
@@ -1018,10 +918,7 @@ class _Publication:
 
 
 def names_of_output(target: str) -> list[str]:
-    """Every file that the output name ``target`` stands for (the data file,
-    its member index, its manifest and the shards that lists), and every
-    shard of it that a manifest temporary lists (a run's that is writing, or
-    that was killed): what ``merge -d`` leaves out of its inputs."""
+    """Every file of ``target``'s set, and every shard a manifest temporary lists: what ``merge -d`` skips."""
     directory, name = os.path.split(target)
     manifest = manifest_path(target)
     names = [target, member_index_path(target), manifest, *read_shard_set(manifest)]
@@ -1039,13 +936,8 @@ def names_of_output(target: str) -> list[str]:
 
 
 class StreamOutput:
-    """An output that is a stream (standard output, a pipe, an open file):
-    an :class:`Output` of one file written in order.
-
-    There is nothing to create, publish or discard: bytes written to a
-    stream cannot be taken back.  The writer writes its chunks in offset
-    order (at the stream's own position: ``offset`` -1 for the backend).
-    """
+    """A stream (standard output, a pipe, an open file) as an :class:`Output` of one file, written in order
+    at its own position; nothing to create, publish or discard."""
 
     manifest = None
 
@@ -1065,8 +957,7 @@ class StreamOutput:
         self.can_sync = stat_module.S_ISREG(mode) or stat_module.S_ISBLK(mode)
 
     def create(self, *, direct: bool = False) -> list[int]:
-        """The stream's descriptor (O_DIRECT is refused: a stream has no
-        aligned offsets)."""
+        """The stream's descriptor (O_DIRECT refused)."""
         if direct:
             raise UsageError(f"{self.target}: --direct needs a file, not a stream")
         return self.fds
@@ -1083,8 +974,7 @@ class StreamOutput:
 
 
 def write_fully(fd: int, content: bytes) -> None:
-    """``os.write`` until every byte of ``content`` is written (short writes
-    resumed, EINTR retried); a write of nothing is EIO, not a loop."""
+    """``os.write`` every byte of ``content`` (short writes resumed, EINTR retried; a zero write is EIO)."""
     view = memoryview(content)
     while view:
         try:
@@ -1097,9 +987,7 @@ def write_fully(fd: int, content: bytes) -> None:
 
 
 def _is_system_name(name: str, *, is_link: bool) -> bool:
-    """Whether ``name`` (a symlink: ``is_link``) is, or leads through symlinks
-    to, a name under /dev or /proc (``/dev/stdout`` -> ``/proc/self/fd/1`` ->
-    whatever fd 1 is now); /dev/shm, a plain tmpfs, is not."""
+    """Whether ``name`` is, or leads through symlinks to, a name under /dev or /proc (not /dev/shm)."""
     paths = [os.path.abspath(name), os.path.realpath(name)]
     if is_link:
         paths.append(os.readlink(name))
@@ -1120,14 +1008,13 @@ def read_shard_set(manifest: str) -> list[str]:
 
 
 def _read_manifest(manifest: str, dir_fd: int | None = None) -> list[str]:
-    """The names a manifest lists, one a line, exactly (nothing stripped but
-    the newline: a name may begin or end with a space); [] if it cannot be read."""
+    """The names a manifest lists, one a line, nothing stripped but the newline; [] if unreadable."""
     content = _read_quietly(manifest, dir_fd) or b""
     return [os.fsdecode(line) for line in content.split(b"\n") if line]
 
 
 def _read_quietly(path: str, dir_fd: int | None) -> bytes | None:
-    """The content of the small file ``path`` (relative to ``dir_fd``, see :func:`_in`); None if it cannot be read."""
+    """The content of the small file ``path`` (:func:`_in`); None if it cannot be read."""
     try:
         fd = os.open(_in(dir_fd, path), os.O_RDONLY | os.O_CLOEXEC, dir_fd=dir_fd)
     except OSError:

@@ -30,8 +30,7 @@ class _Parser(argparse.ArgumentParser):
 
 
 def _settings_epilog() -> str:
-    """The PWRITER_* settings and what each means (built only for --help:
-    it imports pydantic, which a merge does not need to start)."""
+    """The PWRITER_* settings and what each means (built only for --help: it imports pydantic)."""
     from ..plan.settings import describe_settings
 
     rows = describe_settings()
@@ -154,12 +153,8 @@ def _gen_corpus_arguments(gen: argparse.ArgumentParser) -> None:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    """Run the command line; returns the exit code.
-
-    As the command itself (``argv`` None) a merge ignores SIGINT and SIGTERM
-    once its output is published, to the process's exit; called from Python
-    with ``argv``, it leaves the process's signal handlers as it found them.
-    """
+    """Run the command line; returns the exit code.  Called with ``argv``, it leaves the signal handlers as
+    it found them (as the command, a published merge ignores SIGINT and SIGTERM to the exit)."""
     if argv is not None:
         with _SIGNALS.restored():
             return _run(list(argv))
@@ -211,19 +206,15 @@ def _command(args: argparse.Namespace) -> int:
 
 
 def _printable(text: str) -> str:
-    """``text`` as the terminal may show it: every character that is not
-    printable (newline, CR, ESC and the other control characters, in a file
-    name say) escaped as ``repr`` escapes it, so that a name can neither
-    break an error line in two nor drive the terminal."""
+    """``text`` with every unprintable character (newline, ESC, ...) escaped as ``repr`` does, so that a
+    file name can neither break an error line nor drive the terminal."""
     if text.isprintable():
         return text
     return "".join(char if char.isprintable() else repr(char)[1:-1] for char in text)
 
 
 def _say(line: str) -> None:
-    """Write one line to stderr (escaped by :func:`_printable`) with one write
-    call: ranks under mpiexec share stderr, and a line written in pieces
-    can be glued to another rank's."""
+    """Write one line to stderr (:func:`_printable`) in one write call (ranks under mpiexec share stderr)."""
     sys.stderr.flush()  # (what was printed before comes first)
     data = (_printable(line) + "\n").encode(sys.stderr.encoding or "utf-8", "backslashreplace")
     try:
@@ -237,9 +228,7 @@ def _say(line: str) -> None:
 
 
 def _stdout_closed() -> None:
-    """The reader of stdout went away (``pwriter info . | head``): what is
-    left to write goes to /dev/null, as Python's documentation advises, so
-    that the flush at exit does not fail again and print a traceback."""
+    """The reader of stdout went away: what is left goes to /dev/null, so the flush at exit cannot fail."""
     devnull = os.open(os.devnull, os.O_WRONLY)
     os.dup2(devnull, sys.stdout.fileno())
     os.close(devnull)
@@ -262,13 +251,9 @@ def _error_kind(error: BaseException) -> tuple[object, ...]:
 
 
 class _SignalPolicy:
-    """What SIGINT and SIGTERM do to ``pwriter merge``, outside the merge's
-    own signal receiver (:func:`_cancel_on_signals`): before the output is
-    published, they end the command (:class:`_Signalled`: exit 130 or 143,
-    nothing published); once it is published they are ignored (SIG_IGN, which
-    the interpreter keeps to its very exit, where it would put a handler of
-    ours back to the default action), except that they end a ``--verify``
-    under way (its own error: exit 1)."""
+    """What SIGINT and SIGTERM do to ``pwriter merge`` outside :func:`_cancel_on_signals`: before the
+    output is published they end the command (:class:`_Signalled`); after, they are ignored (SIG_IGN, which
+    the interpreter keeps to its exit), except that they end a ``--verify`` under way (exit 1)."""
 
     def __init__(self) -> None:
         self.published = False
@@ -315,8 +300,7 @@ _SIGNALS = _SignalPolicy()
 
 
 class _Signalled(Exception):
-    """SIGINT or SIGTERM arrived before the merge published: it was cancelled
-    and published nothing (exit 128 + the signal's number)."""
+    """SIGINT or SIGTERM arrived before the merge published: nothing is (exit 128 + the signal's number)."""
 
     def __init__(self, number: int) -> None:
         self.exit_code = 128 + number
@@ -324,12 +308,9 @@ class _Signalled(Exception):
 
 
 async def _cancel_on_signals(scope: Any, signalled: list[int], *, task_status: Any) -> None:
-    """Cancel ``scope`` at the first SIGINT or SIGTERM (the writer removes its
-    temporaries as it unwinds).  Started with ``nursery.start``: the receiver
-    is in place before anything is created that a signal must not leave
-    behind.  SIGINT too comes here, not as a KeyboardInterrupt raised
-    wherever the main thread is: a merge is cancelled only at checkpoints,
-    so it ends either before its output is published, or after."""
+    """Cancel ``scope`` at the first SIGINT or SIGTERM (started with ``nursery.start``: in place before
+    anything is created).  SIGINT comes here too, not as a KeyboardInterrupt anywhere: a merge is
+    cancelled only at checkpoints, so it ends either before its output is published, or after."""
     import trio
 
     with trio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:
@@ -341,8 +322,7 @@ async def _cancel_on_signals(scope: Any, signalled: list[int], *, task_status: A
 
 
 def _lanes(args: argparse.Namespace) -> str | None:
-    """``--lanes``, or its old name ``--workers`` (which warns once); both
-    with different values is a usage error."""
+    """``--lanes``, or its old name ``--workers`` (which warns; both with different values: an error)."""
     lanes: str | None = getattr(args, "lanes", None)
     old: str | None = getattr(args, "old_workers", None)
     if old is None:
@@ -358,19 +338,10 @@ def _lanes(args: argparse.Namespace) -> str | None:
 def _settings(args: argparse.Namespace) -> Any:
     from ..plan.settings import load_settings
 
-    return load_settings(
-        layout=getattr(args, "layout", None),
-        backend=getattr(args, "backend", None),
-        stripe_size=getattr(args, "stripe_size", None),
-        stripe_count=getattr(args, "stripe_count", None),
-        lanes=_lanes(args),
-        shard_size=getattr(args, "shard_size", None),
-        fsync=getattr(args, "fsync", None),
-        direct=getattr(args, "direct", None),
-        compress=getattr(args, "compress", None),
-        level=getattr(args, "level", None),
-        wrap=_wrap_choice(args),
-    )
+    options = ("layout", "backend", "stripe_size", "stripe_count", "shard_size", "fsync", "direct", "compress",
+               "level")
+    return load_settings(lanes=_lanes(args), wrap=_wrap_choice(args),
+                         **{name: getattr(args, name, None) for name in options})
 
 
 def _wrap_choice(args: argparse.Namespace) -> str | None:
@@ -418,10 +389,8 @@ def _progress_wanted(args: argparse.Namespace) -> bool:
 
 
 def _run_merge(args: argparse.Namespace, work: Any, progress: Any, *, show_progress: bool) -> Any:
-    """``trio.run`` of ``await work()``, with progress on stderr and SIGINT or
-    SIGTERM cancelling it (then :class:`_Signalled`); the one error to raise
-    for a group of them.  A signal that arrives once ``work()`` has returned
-    (the output is published) changes nothing: its result is returned."""
+    """``trio.run`` of ``await work()``, with progress on stderr and SIGINT or SIGTERM cancelling it (then
+    :class:`_Signalled`; once ``work()`` has returned, a signal changes nothing); one error for a group."""
     import trio
 
     from ..service.writer import error_to_raise
@@ -497,9 +466,7 @@ def _under_mpi() -> bool:
 
 
 def _merge_mpi(args: argparse.Namespace, settings: Any) -> int:
-    """``pwriter merge`` with every MPI rank (:mod:`pwriter.faces.mpi`): rank 0
-    reports (progress, the result, the one error line); every rank exits
-    with the same code."""
+    """``pwriter merge`` with every MPI rank: rank 0 reports; every rank exits with the same code."""
     from ..errors import PwriterError, UsageError
     from ..service.merge import MergeProgress
     from .mpi import RankTimeout, World, merge_over_ranks
@@ -533,34 +500,16 @@ def _merge_mpi(args: argparse.Namespace, settings: Any) -> int:
 def _print_merge(args: argparse.Namespace, settings: Any, result: Any, checked: Any, ranks: Any = None) -> None:
     stats = result.writer
     if args.json:
+        io = {name: getattr(stats.io, name) for name in ("mechanism", "submissions", "enter_calls", "ops_per_enter",
+                                                          "short_writes", "most_in_flight", "bytes_written")}
         report = {
-            "outputs": list(stats.outputs),
-            "manifest": result.manifest,
-            "layout": stats.layout,
-            "backend": stats.backend,
-            "fs_kind": stats.fs_kind,
-            "stripe_size": stats.stripe_size,
-            "lanes": stats.lanes,
-            "inputs": result.inputs,
-            "events": result.events,
-            "input_bytes": result.input_bytes,
-            "bytes_written": stats.bytes_written,
-            "chunks": stats.chunks,
-            "writes": stats.writes,
-            "io": {
-                "mechanism": stats.io.mechanism,
-                "submissions": stats.io.submissions,
-                "enter_calls": stats.io.enter_calls,
-                "ops_per_enter": round(stats.io.ops_per_enter, 3),
-                "short_writes": stats.io.short_writes,
-                "most_in_flight": stats.io.most_in_flight,
-                "bytes_written": stats.io.bytes_written,
-            },
-            "fsync": settings.fsync,
-            "direct": settings.direct,
-            "direct_writes": stats.direct_writes,
-            "writeback_hints": stats.writeback_hints,
-            "compressed": stats.compressed,
+            "outputs": list(stats.outputs), "manifest": result.manifest,
+            **_fields(stats, "layout", "backend", "fs_kind", "stripe_size", "lanes"),
+            **_fields(result, "inputs", "events", "input_bytes"),
+            **_fields(stats, "bytes_written", "chunks", "writes"),
+            "io": {**io, "ops_per_enter": round(io["ops_per_enter"], 3)},
+            **_fields(settings, "fsync", "direct"),
+            **_fields(stats, "direct_writes", "writeback_hints", "compressed"),
             "seconds": round(stats.seconds, 6),
             "validated": args.validate,
             "dropped_lines": result.dropped_lines,
@@ -585,6 +534,11 @@ def _print_merge(args: argparse.Namespace, settings: Any, result: Any, checked: 
         )
         if checked is not None and checked.match:
             print(f"verified: the output holds exactly the {checked.input_events} event lines of the inputs")
+
+
+def _fields(source: Any, *names: str) -> dict[str, Any]:
+    """``source``'s attributes ``names``, by name (for a JSON report)."""
+    return {name: getattr(source, name) for name in names}
 
 
 def _over_ranks(ranks: Any) -> str:
@@ -627,10 +581,7 @@ def _report_verification(output: str, inputs: list[str], *, as_json: bool, salva
 def _verification_report(checked: Any) -> dict[str, Any]:
     return {
         "verified": checked.match,
-        "output_events": checked.output_events,
-        "input_events": checked.input_events,
-        "missing": checked.missing,
-        "extra": checked.extra,
+        **_fields(checked, "output_events", "input_events", "missing", "extra"),
         "missing_examples": [line.decode("utf-8", "replace") for line in checked.missing_examples],
         "extra_examples": [line.decode("utf-8", "replace") for line in checked.extra_examples],
     }
@@ -650,8 +601,7 @@ PROGRESS_EVERY_LOG = 5.0
 
 
 async def _show_progress(progress: Any, *, tty: bool) -> None:
-    """Progress on stderr: a line rewritten in place (and cleared, so that no
-    stale characters stay) on a terminal; elsewhere one plain line every few seconds."""
+    """Progress on stderr: a line rewritten in place on a terminal, else a line every few seconds."""
     import trio
 
     start = trio.current_time()
@@ -674,8 +624,7 @@ def _fraction(progress: Any) -> float:
 
 
 def progress_text(progress: Any, elapsed: float, fraction: float | None = None) -> str:
-    """One progress report: fraction, input files done of all, events,
-    text written, rate and ETA (from the input bytes read so far)."""
+    """One progress report: fraction, files done, events, text written, rate and ETA."""
     if fraction is None:
         fraction = _fraction(progress)
     text = progress.text_bytes
@@ -729,21 +678,15 @@ def _info(args: argparse.Namespace) -> int:
                     "path": args.path,
                     "fs_kind": fs.kind.value,
                     "fs_magic": hex(fs.magic),
-                    "mount_point": fs.mount_point,
-                    "block_size": fs.block_size,
+                    **_fields(fs, "mount_point", "block_size"),
                     "fs_stripe_size": fs.stripe_size,
                     "fs_stripe_count": fs.stripe_count,
                     "ost_count": fs.ost_count,
                     "lustre_layout": None if striping is None else {
                         "stripe_count": striping.stripe_count, "stripe_size": striping.stripe_size,
                         "first_osts": list(striping.offsets), "set_by": fs.layout_setter},
-                    "layout": sizing.layout,
-                    "lanes": sizing.lanes,
-                    "stripe_size": sizing.stripe_size,
-                    "buffers": sizing.buffers,
-                    "queue_depth": sizing.queue_depth,
-                    "write_call_size": sizing.write_call_size,
-                    "memory_budget": sizing.memory_budget,
+                    **_fields(sizing, "layout", "lanes", "stripe_size", "buffers", "queue_depth", "write_call_size",
+                              "memory_budget"),
                     "backend": chosen,
                     "reasons": list(sizing.reasons),
                     "backends": {name: {"available": why is None, "reason": why, "mechanism": MECHANISMS[name]}

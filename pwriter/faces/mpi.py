@@ -2,72 +2,56 @@
 
 Theory of operation
 -------------------
-Every rank runs the same command line.  The ranks go through the same
-steps in the same order, and each step ends in an *agreement* (a
-non-blocking all-reduce of "did anyone fail?", polled from trio, then the
-first failure's message from the rank that had it), so that an error on any
-rank ends every rank the same way, with the same exit code, and nothing is
-published:
+Every rank runs the same command line and goes through the same steps in
+the same order; each step ends in an *agreement* (a non-blocking
+all-reduce of "did anyone fail?", polled from trio, then the first
+failure's message), so that an error on any rank ends every rank the same
+way, with the same exit code, and nothing is published:
 
-1. **Decide** (rank 0): collect and check the inputs and the output,
-   detect the filesystem, size the writer (memory and CPUs divided among
-   the ranks of each node), create the shared file's temporary, on Lustre
-   with its layout (:mod:`pwriter.data.lustre`), and read the layout back.  The
-   inputs, their sizes, the sizing and the file names go to every rank.
+1. **Decide** (rank 0): collect and check the inputs and the output, detect
+   the filesystem, size the writer (memory and CPUs divided among the ranks
+   of each node), create the shared file's temporary (on Lustre with its
+   layout, read back).  The decision goes to every rank.
 2. **Open**: each rank takes its share of the inputs
-   (:func:`~pwriter.service.merge.partition` over the ranks, by size) and opens
-   the shared file by name; sharded, it creates its own ``lanes`` shards
-   (with their layouts), so that thousands of ranks never wait for one to
-   create every shard.
-3. **Merge**: each rank merges its share with the normal data plane (the
-   same readers, chunk sink and backends as one process), as one *share* of
-   the output (:class:`RankShare`):
+   (:func:`~pwriter.service.merge.partition`, by size) and opens the shared
+   file by name; sharded, it creates its own ``lanes`` shards, so that
+   thousands of ranks never wait for one to create every shard.
+3. **Merge**: each rank merges its share with the normal data plane, as one
+   *share* of the output (:class:`RankShare`):
 
-   * striped: each chunk takes the next bytes of one counter that every
-     rank shares, an MPI one-sided fetch-and-add on rank 0
-     (:class:`WindowCounter`), which starts after the header; or, with
-     ``--mpi-offsets exscan``, each rank first counts its share's bytes
-     (one more read of it), an exclusive prefix sum gives each rank its
-     own range, and chunks take their offsets from a counter of the rank's
-     own (``bench/mpi.py`` measures both; the shared counter is the
-     default: it reads once and works for gzip inputs alike);
+   * striped: each chunk takes the next bytes of one counter shared by every
+     rank, an MPI one-sided fetch-and-add on rank 0 (:class:`WindowCounter`);
+     or, with ``--mpi-offsets exscan``, each rank first counts its share's
+     bytes (one more read), and an exclusive prefix sum gives it its own
+     range;
    * padded-striped: each chunk takes whole stripe slots from the shared
-     counter, so no two ranks ever write one stripe; slot 0 holds the header
-     alone, padded;
-   * sharded: each rank writes its own shards (rank r has shards r x w to
-     r x w + w - 1); the header starts rank 0's first, the footer ends the
-     last rank's last.  With a shard size, each rank makes its shards as its
-     lanes start them, each a complete trace (header and footer), and at
-     least one (a rank with no events: the header and footer alone); the
-     set's read order is rank 0's shards, then rank 1's, ..., each rank's
-     in the order it started them.
+     counter, so no two ranks write one stripe; slot 0 holds the header;
+   * sharded: rank r writes shards r x w to r x w + w - 1; the header starts
+     rank 0's first, the footer ends the last rank's last.  With a shard
+     size, each rank makes its shards as its lanes start them, each a
+     complete trace, at least one; the set's read order is rank 0's shards,
+     then rank 1's, ...
 
    A rank that fails adds a huge value to the shared counter, so that every
-   other rank fails at its next placement instead of finishing its share.
+   other rank fails at its next placement.
 4. **Close**: each rank waits for its writes and fsyncs its files; the
    agreement says whether every share is whole.
-5. **Commit** (rank 0): the footer at the counter's last value, the gzip
-   member index and the shards' temporary names gathered from every rank
-   (file numbers of sharded shares made global), the manifest of a sharded
-   set; then the one all-or-nothing publish of :mod:`pwriter.data.output`.  Its
-   outcome is agreed too.
+5. **Commit** (rank 0): the footer at the counter's last value, the member
+   index and the shard names gathered from every rank, the manifest; then
+   the one all-or-nothing publish of :mod:`pwriter.data.output`, agreed too.
 
 On failure rank 0 removes the shared file's temporary and each rank the
-shards it created.  A rank killed outright (SIGKILL)
-makes the launcher end the job (mpiexec kills every rank): nothing is
-published, and the temporaries left behind are removed by the next merge
-into the same output whose rank 0 runs on the same host, as after a single
-process's SIGKILL (another host cannot tell whether their process still runs).
-SIGTERM to the launcher (a batch system ending the job): mpiexec passes it
-on to every rank, and each ends as one process does (its merge cancelled,
-exit 143).  A rank that hangs (a read that never returns, a stopped
-process) would keep the others waiting at the next agreement for ever:
-after ``World.timeout`` (``PWRITER_MPI_TIMEOUT``) a waiting rank gives up
-(:class:`RankTimeout`), removes what it created, says so, and aborts the
-job (``MPI_Abort``): nothing is published.
+shards it created.  A rank killed outright makes mpiexec kill every rank:
+nothing is published, and the next merge into the output whose rank 0 runs
+on the same host removes the temporaries, as after one process's SIGKILL.
+SIGTERM to the launcher reaches every rank, and each ends as one process
+does (exit 143).  A rank that hangs would keep the others waiting at the
+next agreement: after ``World.timeout`` (``PWRITER_MPI_TIMEOUT``) a waiting
+rank gives up (:class:`RankTimeout`), removes what it created, says so, and
+aborts the job (``MPI_Abort``).
 
-mpi4py is imported only here, and only when the process runs under an MPI
-launcher or ``--mpi`` is given (``pip install 'pwriter[mpi]'``).
+mpi4py is imported only here, and only under an MPI launcher or with
+``--mpi`` (``pip install 'pwriter[mpi]'``).
 """
 
 from __future__ import annotations
@@ -84,7 +68,7 @@ from typing import TYPE_CHECKING, Any, NoReturn
 import trio
 
 from ..data.output import CreatedFiles, OutputSet
-from ..errors import PwriterError, UsageError
+from ..errors import PwriterError, UsageError, WriteError
 from ..plan.layout import (
     GZIP_MIN_PADDING,
     Counter,
@@ -108,9 +92,7 @@ __all__ = ["launched_by_mpi", "RankFailed", "RankTimeout", "World", "WindowCount
 
 _ENV_SIZES = ("PMI_SIZE", "OMPI_COMM_WORLD_SIZE", "PMIX_SIZE", "MPI_LOCALNRANKS")
 ABORTED = 1 << 62  # added to the shared counter by a rank that fails
-# Seconds between tests of a pending agreement: from POLL_FIRST, doubling up
-# to POLL_MAX, so that a rank that waits long for the others (its share done
-# first) takes little CPU from them on a shared node.
+# Seconds between tests of a pending agreement, doubling: a waiting rank takes little CPU from the others.
 POLL_FIRST, POLL_MAX = 0.0005, 0.01
 
 
@@ -134,17 +116,14 @@ class RankFailed(PwriterError):
 
 
 class RankTimeout(PwriterError):
-    """This rank waited longer than ``World.timeout`` for the others at one
-    agreement: one of them hangs.  The job cannot end together any more:
-    after its own cleanup, the rank ends it with :meth:`World.abort`."""
+    """This rank waited longer than ``World.timeout`` at one agreement: another hangs, so after its own
+    cleanup the rank ends the job (:meth:`World.abort`)."""
 
 
 class World:
-    """The ranks of one merge (``MPI.COMM_WORLD``), with the agreements and
-    exchanges the steps need.  Collective: every rank makes the same calls
-    in the same order.  ``timeout``: the longest a rank waits for the others
-    at one agreement (seconds on the trio clock; None: for ever), then
-    :class:`RankTimeout`."""
+    """The ranks of one merge, with the agreements and exchanges the steps need (collective: every rank
+    makes the same calls in order).  ``timeout``: the longest wait at one agreement (trio clock seconds;
+    None: for ever), then :class:`RankTimeout`."""
 
     def __init__(self, comm: Any = None, *, timeout: float | None = None) -> None:
         try:
@@ -164,17 +143,11 @@ class World:
         node.Free()
 
     async def agree(self, error: BaseException | None, *, name_rank: bool = True) -> None:
-        """Every rank says whether it failed; raises, on every rank, the
-        failure of the lowest failing rank: :class:`RankFailed` with that
-        rank's message, which names the rank (``name_rank``; on the failing
-        rank itself, chained to its own error; a cancellation or
-        KeyboardInterrupt is re-raised as it is there), or without
-        ``name_rank`` the failing rank's own exception there.  A rank that
-        only stopped because another failed (:data:`ABORTED`) yields to a
-        rank with an error of its own.  Shielded: an agreement, once
-        started, is finished, or given up after ``timeout`` with
-        :class:`RankTimeout` (the others never came: the job must be
-        aborted)."""
+        """Every rank says whether it failed; every rank raises the lowest failing rank's failure:
+        :class:`RankFailed` with its message naming the rank (``name_rank``; the failing rank chains its own
+        error, and re-raises a cancellation or KeyboardInterrupt as it is), else its own exception there.
+        A rank stopped only by another's failure yields to a rank with an error of its own.  Shielded;
+        given up after ``timeout`` with :class:`RankTimeout`."""
         if error is None:
             key = 2 * self.size
         elif isinstance(error, RankFailed):
@@ -216,10 +189,8 @@ class World:
         return self.comm.bcast(result, root=0)
 
     def abort(self, exit_code: int) -> NoReturn:
-        """End every rank of the job now (``MPI_Abort``), this process
-        first: after a :class:`RankTimeout`, when the ranks can no longer end
-        together.  (Never returns; a normal exit would wait in
-        ``MPI_Finalize`` for the rank that hangs.)"""
+        """End every rank of the job now (``MPI_Abort``), this process first (after a :class:`RankTimeout`:
+        a normal exit would wait in ``MPI_Finalize`` for the rank that hangs)."""
         try:
             self.comm.Abort(exit_code)
         finally:
@@ -244,11 +215,9 @@ def _describe(error: BaseException | None, rank: int) -> tuple[str, int]:
 
 
 class WindowCounter:
-    """The shared counter of a striped or padded-striped output: one 64-bit
-    integer in an MPI window on rank 0, reserved from with an atomic
-    ``MPI_Fetch_and_op`` (passive target, one lock-all epoch for the whole
-    merge).  Callers in one rank hold the chunk sink's lock, so one thread
-    at a time uses the window.  Created and freed collectively."""
+    """The shared counter of a striped or padded-striped output: a 64-bit integer in an MPI window on rank 0,
+    reserved from with ``MPI_Fetch_and_op`` (one lock-all epoch for the merge; callers hold the chunk sink's
+    lock).  Created and freed collectively."""
 
     def __init__(self, world: World, start: int) -> None:
         MPI = world.MPI
@@ -285,20 +254,10 @@ class WindowCounter:
 
 
 class RankOutput(CreatedFiles):
-    """One rank's files of the output (an :class:`~pwriter.data.output.Output`):
-    a shared file that rank 0 created, opened by name; or (sharded) this
-    rank's own shards, which it creates itself (``first`` is the file
-    number of its first, for its Lustre layout), so that thousands of ranks
-    do not wait for rank 0 to create every shard one after the other.  A
-    growing share (a shard size) adds its shards as the base class does;
-    their final names are given by rank 0 at the commit, in the set's read
-    order.
-
-    ``publish`` only records that this share is written; rank 0 publishes
-    the whole output once every share is (see the module docstring).
-    ``discard`` closes this rank's descriptors, and removes the shards it
-    created unless its share was written (then rank 0 publishes or removes
-    them); :meth:`remove_created` removes them when another rank failed."""
+    """One rank's files of the output (an :class:`~pwriter.data.output.Output`): the shared file rank 0
+    created, opened by name; or (sharded) the shards this rank creates itself (``first``: the file number
+    of its first), named finally by rank 0 at the commit.  ``publish`` only records that the share is
+    written; rank 0 publishes the whole output."""
 
     def __init__(self, target: str, targets: Sequence[str], *, temporaries: Sequence[str] = (),
                  first: int = 0, striping: Striping | None = None, generation: int = 0) -> None:
@@ -309,11 +268,7 @@ class RankOutput(CreatedFiles):
         self.written = False
 
     def create(self, *, direct: bool = False) -> list[int]:
-        """Create this rank's shards (in the directory as it is now, even if
-        it is renamed later: see :mod:`pwriter.data.output`), or open the shared
-        file rank 0 created."""
-        from ..errors import WriteError
-
+        """Create this rank's shards, or open the shared file rank 0 created."""
         if self._creates:
             self._create_files(direct=direct)
             return self.fds
@@ -329,9 +284,7 @@ class RankOutput(CreatedFiles):
         return self.fds
 
     def publish(self, *, fsync: bool, sidecars: dict[str, bytes] | None = None) -> None:
-        """This share is written: close its files, checking each close
-        (:func:`~pwriter.data.output.close_checked`: a write error reported there
-        fails the share, and so the job)."""
+        """This share is written: close its files, checking each close (a failure fails the job)."""
         self._close_files_checked()
         self.written = True
 
@@ -359,8 +312,7 @@ class RankOutput(CreatedFiles):
 
 @dataclasses.dataclass
 class RankShare:
-    """What one rank writes; :meth:`writer_share` makes its writer's plan
-    (:class:`pwriter.service.writer.WriterShare`)."""
+    """What one rank writes; :meth:`writer_share` makes its writer's plan."""
 
     fs: FsInfo
     sizing: Sizing
@@ -375,8 +327,8 @@ class RankShare:
     """Sharded: the shard size (each shard then has the header and the footer)."""
 
     def writer_share(self, target: str, settings: Settings) -> WriterShare:
-        """This rank's writer: its plan (the sizing rank 0 decided, without the
-        header or footer another rank writes), its files and its planner."""
+        """This rank's writer: its plan (rank 0's sizing; no header or footer another rank writes), files
+        and planner."""
         from ..service.writer import WriterShare, writer_plan
 
         plan = writer_plan(target, settings, self.form, self.fs, self.sizing)
@@ -486,16 +438,11 @@ async def merge_over_ranks(
     offsets: str = "counter",
     recursive: bool = False,
 ) -> RankMergeResult | None:
-    """Merge ``paths`` (and the traces of each of ``directories``) into ``output`` with every
-    rank of ``world`` (see the module docstring).  Collective.  Returns the
-    result on rank 0 and None on the others; raises on every rank when any
-    rank fails, and then nothing is published.  ``offsets`` is ``counter``
-    or ``exscan`` (striped, uncompressed output only; see the module docstring);
-    ``recursive``: every trace below each of ``directories`` (:func:`~pwriter.data.inputs.collect_inputs`);
-    ``settings`` default to :func:`~pwriter.plan.settings.load_settings`.  Rank 0
-    decides the wrapping (``settings.wrap``, ``auto`` from every input) and
-    judges the completeness of every input (``require_complete``: an
-    incomplete one fails the job before anything is published)."""
+    """Merge ``paths`` (and the traces of ``directories``, below them with ``recursive``) into ``output``
+    with every rank of ``world``.  Collective: the result on rank 0, None elsewhere; when any rank fails,
+    every rank raises and nothing is published.  ``offsets``: ``counter`` or ``exscan`` (striped, plain
+    output).  Rank 0 decides the wrapping and judges every input's completeness (``require_complete``:
+    an incomplete one fails the job before publishing)."""
     from ..plan.settings import load_settings, settings_with
     from ..service.writer import output_format
 
@@ -555,8 +502,7 @@ async def merge_over_ranks(
 async def _decide_everywhere(world: World, paths: Sequence[str], directories: Sequence[str] | None, output: str,
                              settings: Settings, force: bool, offsets: str, recursive: bool
                              ) -> tuple[Decision, OutputSet | None]:
-    """Step 1: rank 0 decides (:func:`_decide`), every rank learns the decision.
-    Returns it with the OutputSet rank 0 keeps to publish (None elsewhere)."""
+    """Step 1: rank 0 decides, every rank learns it; with the OutputSet rank 0 keeps (None elsewhere)."""
     kept: list[OutputSet] = []  # rank 0: the OutputSet, to publish or discard
 
     def decide() -> Decision:
@@ -593,9 +539,8 @@ def _rank_output(world: World, decision: Decision, output: str) -> RankOutput:
 
 async def _rank_offsets(world: World, decision: Decision, inputs: list[str], header_length: int, exscan: bool,
                         salvage: bool, validate: bool) -> tuple[WindowCounter | None, Counter | None, int]:
-    """Step 2, striped and padded-striped: where this rank's offsets come from
-    (the shared window counter, or with ``exscan`` a counter of the rank's own
-    range), and the bytes of events counted for exscan.  Collective."""
+    """Step 2 (collective), striped and padded-striped: the shared counter, the counter offsets come from
+    (with ``exscan`` one of the rank's own range), and the bytes ``exscan`` counted."""
     sizing = decision.sizing
     if sizing.layout == "sharded":
         return None, None, 0
@@ -609,8 +554,8 @@ async def _rank_offsets(world: World, decision: Decision, inputs: list[str], hea
 
 def _rank_share(world: World, decision: Decision, settings: Settings, share_output: RankOutput,
                share_counter: Counter | None, form: OutputFormat) -> RankShare:
-    """What this rank writes: its files, the header (rank 0, or every shard of a
-    sized sharded set) and the footer (the last rank's last shard, or every sized shard)."""
+    """What this rank writes: the header (rank 0, or every sized shard) and the footer (the last rank's
+    last shard, or every sized shard)."""
     sharded = decision.sizing.layout == "sharded"
     sized = sharded and settings.shard_size is not None
     return RankShare(fs=decision.fs, sizing=decision.sizing, output=share_output,
@@ -622,9 +567,8 @@ def _rank_share(world: World, decision: Decision, settings: Settings, share_outp
 async def _merge_share(world: World, inputs: list[str], output: str, settings: Settings, share: RankShare,
                        counter: WindowCounter | None, counted: int, exscan: bool, *, force: bool, progress: Any,
                        salvage: bool, validate: bool) -> tuple[Any, BaseException | None]:
-    """Step 3: merge this rank's inputs with the normal data plane, as its share
-    of the output.  Returns the result, or the failure (to agree on; the shared
-    counter is told first, so that the other ranks stop early)."""
+    """Step 3: merge this rank's inputs as its share; returns the result, or the failure to agree on
+    (told to the shared counter first, so that the others stop early)."""
     from ..errors import DataError
     from ..service.merge import MergeProgress, merge
 
@@ -662,10 +606,8 @@ def _rank_report(world: World, decision: Decision, settings: Settings, result: A
 
 def _make_global(outputs: OutputSet, decision: Decision, settings: Settings, gathered: list[dict[str, Any]],
                  output: str) -> Decision:
-    """Step 5 on rank 0, sharded: every rank's shards in read order go to the
-    OutputSet (rank 0 publishes or removes them all); with a shard size, their
-    final names and their file numbers in the member index.  Returns the
-    decision with the final targets."""
+    """Step 5 on rank 0, sharded: every rank's shards, in read order, join the OutputSet; with a shard size,
+    with their final names and file numbers.  Returns the decision with the final targets."""
     from ..data.output import shard_paths
 
     if decision.sizing.layout != "sharded":
@@ -679,19 +621,6 @@ def _make_global(outputs: OutputSet, decision: Decision, settings: Settings, gat
         base += len(item["temporaries"])
     outputs.targets = shard_paths(output, base, decision.generation)
     return dataclasses.replace(decision, targets=list(outputs.targets))
-
-
-def _check_and_commit(outputs: OutputSet, decision: Decision, counter: WindowCounter | None, form: OutputFormat,
-                      gathered: list[dict[str, Any]], settings: Settings, exscan: bool,
-                      require_complete: bool) -> tuple[tuple[Any, ...], int]:
-    """Step 5 on rank 0: judge every input's completeness, then commit
-    (:func:`_commit`).  Returns the incomplete inputs and the footer's bytes."""
-    from ..service.merge import check_complete
-
-    incomplete = check_complete([end for item in gathered for end in item["ends"]], require_complete)
-    footer_bytes = _commit(outputs, decision, counter, form.footer, gathered, settings, exscan,
-                           len(form.header), (form.header_text, form.footer_text))
-    return incomplete, footer_bytes
 
 
 async def _count_and_exscan(world: World, inputs: list[str], sizing: Sizing, salvage: bool,
@@ -729,39 +658,39 @@ async def _count_and_exscan(world: World, inputs: list[str], sizing: Sizing, sal
     return count.total, int(before or 0)
 
 
-def _commit(outputs: OutputSet, decision: Decision, counter: WindowCounter | None, footer: bytes,
-            gathered: list[dict[str, Any]], settings: Settings, exscan: bool, header_length: int,
-            texts: tuple[int, int]) -> int:
-    """Step 5 on rank 0: the footer (shared file), the member index, publish.
-    ``texts``: the text lengths of the header and the footer.  Returns the footer's bytes."""
+def _check_and_commit(outputs: OutputSet, decision: Decision, counter: WindowCounter | None, form: OutputFormat,
+                      gathered: list[dict[str, Any]], settings: Settings, exscan: bool,
+                      require_complete: bool) -> tuple[tuple[Any, ...], int]:
+    """Step 5 on rank 0: judge every input's completeness, then the footer (shared file), the member index,
+    publish.  Returns the incomplete inputs and the footer's bytes."""
     from ..data.gzip_members import MemberIndex
     from ..data.output import member_index_path
+    from ..service.merge import check_complete
 
-    index = MemberIndex(texts[0])
+    incomplete = check_complete([end for item in gathered for end in item["ends"]], require_complete)
+    index = MemberIndex(form.header_text)
     for item in gathered:
         index.add_entries(item["entries"])
     written = 0
     if decision.sizing.layout != "sharded":
         if exscan:
-            end = header_length + sum(item["stats"].line_bytes for item in gathered)
+            end = len(form.header) + sum(item["stats"].line_bytes for item in gathered)
         else:
             assert counter is not None
-            end = counter.fetch_add(len(footer))
-        written = _write_footer(decision, settings, index, end, footer, texts[1])
+            end = counter.fetch_add(len(form.footer))
+        written = _write_footer(decision, settings, index, end, form.footer, form.footer_text)
     sidecars = {}
     if decision.compressed:
         files = [os.path.basename(name) for name in decision.targets]
         sidecars[member_index_path(outputs.target)] = json.dumps(index.index(files)).encode()
     outputs.publish(fsync=settings.fsync, sidecars=sidecars)
-    return written
+    return incomplete, written
 
 
 def _write_footer(decision: Decision, settings: Settings, index: MemberIndex, end: int, footer: bytes,
                   footer_text: int) -> int:
-    """Rank 0, a shared file: write ``footer`` at ``end`` (once every rank
-    is done) through a chunk sink over the file, the one way bytes go out,
-    and record it in ``index``; when the file would be empty (no header, no
-    event, no footer), one padding line instead.  Returns the bytes written."""
+    """Rank 0, a shared file: write ``footer`` at ``end`` through a chunk sink and record it in ``index``
+    (a file that would be empty gets one padding line instead).  Returns the bytes written."""
     from ..data.backends.threads import ThreadBackend
     from ..data.sink import ChunkSink
 
@@ -795,8 +724,7 @@ def _write_footer(decision: Decision, settings: Settings, index: MemberIndex, en
 
 @dataclasses.dataclass
 class _SharedFile:
-    """The shared file as rank 0's footer sink writes to it (an
-    :class:`~pwriter.data.output.OutputFiles`): its name and its descriptor."""
+    """The shared file as rank 0's footer sink writes to it (an :class:`~pwriter.data.output.OutputFiles`)."""
 
     targets: list[str]
     fds: list[int]

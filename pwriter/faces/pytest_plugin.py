@@ -1,16 +1,10 @@
 """pwriter's pytest plugin: fixtures for tests of code that writes through pwriter.
 
-Registered through the ``pytest11`` entry point ``pwriter``, so it is active
-wherever pwriter is installed; every fixture's name starts with ``pwriter_``.
-The fixtures are plain (synchronous) fixtures that hand out objects and
-factories, so they work in pytest-trio's ``trio_mode`` and with explicit
-``@pytest.mark.trio`` alike, and with the ``autojump_clock`` fixture: the
-writer's flush deadlines (``max_delay``) and :class:`~pwriter.faces.testing.FaultBackend`
-delays are on the trio clock, so a test of a 10-second flush delay runs
-instantly.  Assert on *when* data is written through
-``pwriter_memory_backend`` (plain output), which completes writes in the
-trio thread: real backends and gzip compression work in threads, which a
-virtual clock does not wait for::
+Registered through the ``pytest11`` entry point ``pwriter``.  The fixtures are plain ones that hand out
+objects and factories, so they work under pytest-trio (``trio_mode`` or ``@pytest.mark.trio``) and with
+``autojump_clock``: the writer's deadlines are on the trio clock.  Assert on *when* data is written through
+``pwriter_memory_backend`` (plain output): real backends and gzip work in threads, which a virtual clock
+does not wait for::
 
     async def test_events_arrive(pwriter_open_writer, pwriter_memory_backend, autojump_clock):
         async with pwriter_open_writer(backend=pwriter_memory_backend, max_delay=10) as writer:
@@ -85,13 +79,8 @@ def pwriter_memory_backend() -> MemoryBackend:
 def pwriter_fault_backend(request: pytest.FixtureRequest) -> FaultBackend:
     """A pwriter backend that fails the Nth write or fsync with an errno, or delays every one.
 
-    Configured per test by ``@pytest.mark.pwriter_fault(fail_at=2,
-    error=errno.ENOSPC, on="write", delay=0.0, inner="threads")`` (or by
-    setting the same attributes before use); ``error`` is an errno or its
-    name (``"ENOSPC"``), and an unknown one, or an ``on`` other than
-    ``"any"``, ``"write"`` or ``"fsync"``, is a ValueError.  ``inner`` is the backend
-    that does the real work: ``"threads"`` (real files, the default) or
-    ``"memory"`` (its :class:`~pwriter.faces.testing.MemoryBackend` is ``.inner``).
+    Configured by ``@pytest.mark.pwriter_fault(fail_at=2, error=errno.ENOSPC, on="write", delay=0.0,
+    inner="threads")`` (or its attributes); ``inner``: ``"threads"`` (real files, the default) or ``"memory"``.
     """
     from ..data.backends.threads import ThreadBackend
     from .testing import FaultBackend, MemoryBackend
@@ -109,10 +98,8 @@ def pwriter_fault_backend(request: pytest.FixtureRequest) -> FaultBackend:
 def pwriter_fake_fs(monkeypatch: pytest.MonkeyPatch, tmp_path: os.PathLike[str]) -> FakeFs:
     """Pretend that tmp_path (or a given path) is on Lustre, GPFS, BeeGFS, NFS or tmpfs, for sizing.
 
-    ``pwriter_fake_fs("lustre", stripe_size="1MiB", stripe_count=8)``
-    returns the :class:`~pwriter.plan.sizing.FsInfo` that detection now reports
-    for every path under ``path`` (default: the test's ``tmp_path``), so
-    ``open_writer`` and ``pwriter_open_writer`` size themselves for it.
+    ``pwriter_fake_fs("lustre", stripe_size="1MiB", stripe_count=8, path=...)`` returns the
+    :class:`~pwriter.plan.sizing.FsInfo` that detection now reports under ``path`` (default ``tmp_path``).
     """
     from .testing import FakeFilesystems
 
@@ -131,16 +118,8 @@ def pwriter_fake_fs(monkeypatch: pytest.MonkeyPatch, tmp_path: os.PathLike[str])
 def pwriter_open_writer(tmp_path: os.PathLike[str]) -> OpenWriter:
     """Open a pwriter writer on a file in tmp_path: ``async with pwriter_open_writer("out.pfw") as writer``.
 
-    The keywords are :func:`pwriter.open_writer`'s, by the same rule:
-    ``settings`` optional, any setting as a keyword on top
-    (``layout="sharded"``, ``stripe_size="64KiB"``, ``max_delay=10``, ...),
-    ``force``, ``producers``, ...; a keyword that is neither is a TypeError.
-    ``backend`` is a backend name (``"threads"``, ``"io_uring"`` or
-    ``"auto"``) or a backend object (``pwriter_memory_backend``,
-    ``pwriter_fault_backend``).  Without ``settings``, the backend is
-    ``"threads"`` and ``fsync`` is off unless given; a ``settings`` object
-    is used as it is.  The output is published in ``tmp_path`` when the
-    block ends without error, as :func:`pwriter.open_writer` promises.
+    The keywords are :func:`pwriter.open_writer`'s; ``backend`` is a name or a backend object.  Without
+    ``settings`` the backend is ``"threads"`` and ``fsync`` is off unless given.
     """
 
     def open_test_writer(name: str = "out.pfw", *, settings: Settings | None = None,

@@ -2,34 +2,21 @@
 
 Theory of operation
 -------------------
-:func:`open_writer_sync` starts one background thread that runs its own trio
-loop, and in it the very same service as :func:`~pwriter.service.writer.open_writer`
-(same sizing, backends, publish).  The caller's threads never run trio code
-themselves: a :class:`SyncProducer` batches lines in the calling thread
-(joined in C, as :meth:`~pwriter.service.handle.Producer.send_lines` does) and
-carries one whole block at a time into the trio thread with
-``trio.from_thread.run``, so the thread hop is paid once per ``batch_bytes``
-(64 KiB by default), not per line.  A sync handle is used by one thread at
-a time: a call while another thread is inside a call of the same handle
-raises :class:`~pwriter.errors.BusyError` and takes nothing (give each
-thread its own handle; passing one from thread to thread is fine).
+:func:`open_writer_sync` runs the very same service as :func:`~pwriter.service.writer.open_writer` on a
+trio loop in a background thread.  The caller's threads never run trio code: a :class:`SyncProducer`
+batches lines in the calling thread and carries one block at a time into the trio thread
+(``trio.from_thread.run``), so the hop is paid once per ``batch_bytes``, not per line.  A handle is used
+by one thread at a time: a call while another thread is inside one raises
+:class:`~pwriter.errors.BusyError` and takes nothing.
 
-Ending the ``with`` block normally first stops the calls: from then on
-every call raises :class:`~pwriter.errors.ClosedError` and takes nothing,
-and a call in progress in another thread ends first (the close refuses
-every handle's calls, then waits until the call under way in each has
-ended).  Then it closes every handle (pushing what it holds), lets the
-service write the footer, fsync and publish, and joins the thread: when
-``with`` returns, the output is complete under its name.  An exception
-inside the block (Ctrl-C included) cancels the service, which removes its
-temporaries and publishes nothing; the caller's exception
-propagates unchanged, and calls still waiting in other threads raise
-ClosedError.  Ctrl-C that lands while a call waits for the service leaves
-unknown whether that call took its lines: the writer then publishes nothing
-(if the program goes on, later calls raise ClosedError and the close
-raises).  When the service fails on its own (a full disk), the next call
-from any thread, and the end of the block, raise that error, with the same
-exception type as the trio API.
+Ending the ``with`` block normally first stops the calls (from then on each raises
+:class:`~pwriter.errors.ClosedError` and takes nothing; a call under way in another thread ends first),
+then closes every handle, lets the service publish, and joins the thread: when ``with`` returns, the
+output is complete.  An exception inside the block (Ctrl-C included) cancels the service, which publishes
+nothing; the exception propagates unchanged.  Ctrl-C while a call waits for the service leaves unknown
+whether it took its lines: the writer then publishes nothing (later calls raise ClosedError, and so does
+the close).  When the service fails on its own, the next call and the end of the block raise that error,
+with the trio API's exception type.
 """
 
 from __future__ import annotations
@@ -108,9 +95,8 @@ class SyncWriter:
             raise _Aborted
 
     def _call(self, function: Any, *args: Any) -> Any:
-        """Run ``await function(*args)`` in the service's trio thread; the
-        service's own error, if it failed, is raised instead of what that
-        failure made the call raise."""
+        """``await function(*args)`` in the trio thread; the service's own error, if it failed, instead of
+        what that failure made the call raise."""
         if self._closed:
             raise ClosedError("the writer is closed")
         try:
@@ -138,11 +124,7 @@ class SyncWriter:
         return self._error if self._error is not None else closed
 
     def _refusal(self, call: str) -> ClosedError | None:
-        """The error for ``call`` once the writer closes (or a call was interrupted by Ctrl-C), else None.
-
-        (A handle's calls are refused by the handle itself: the writer's
-        close refuses every handle's calls.)
-        """
+        """The error for ``call`` once the writer closes (or a call was interrupted by Ctrl-C), else None."""
         if self._closing:
             return ClosedError(f"{call}: its writer is closing or closed: nothing was taken")
         if self._interrupted:
@@ -164,14 +146,8 @@ class SyncWriter:
             raise self._error
 
     def _end(self, exc: BaseException | None) -> None:
-        """Finish the service: publish (``exc`` None) or abort, and join its thread.
-
-        From here on every call raises ClosedError.  To publish, the calls
-        in progress in other threads end first (what they took is written):
-        the close refuses every handle's calls and waits for the call under
-        way in each; on abort they raise ClosedError.  Ctrl-C while waiting
-        aborts.
-        """
+        """Finish the service: publish (``exc`` None: calls under way end first) or abort (they raise
+        ClosedError), and join its thread.  Ctrl-C while waiting aborts."""
         try:
             with self._handles_lock:
                 self._closing = True
@@ -261,19 +237,10 @@ class SyncWriter:
 
 
 class SyncProducer:
-    """A handle through which one thread writes lines; the same promises as
-    :class:`~pwriter.service.handle.Producer` (lines checked and copied at the
-    call, one handle per thread, per-handle order, a call that returned
-    took its lines and one that raised took none, ``ClosedError`` after
-    close and from the moment the writer starts closing), with blocking
-    calls.  Lines wait in the handle until it holds ``batch_bytes`` (or
-    :meth:`flush`, or :meth:`close`); the writer's ``max_delay`` does not
-    reach lines still in a sync handle.
-
-    The checks, the batch and the handle's state are a
-    :class:`~pwriter.service.handle.HandleCore`'s, run in the calling thread (each
-    byte is checked there, once); a full batch is carried into the writer's
-    trio thread in one hop, and sent there by a trio handle of its own.
+    """A handle through which one thread writes lines, with the promises of
+    :class:`~pwriter.service.handle.Producer` and blocking calls.  Lines wait in the handle until it holds
+    ``batch_bytes`` (or :meth:`flush`, :meth:`close`); the writer's ``max_delay`` does not reach them.  The
+    checks and the batch (a :class:`~pwriter.service.handle.HandleCore`) run in the calling thread.
     """
 
     def __init__(self, writer: SyncWriter, inner: Producer, batch_bytes: int,
@@ -281,8 +248,6 @@ class SyncProducer:
         self._writer = writer
         self._inner = inner
         self._core = HandleCore(batch_bytes=batch_bytes, check=check, user="thread")
-        # Held by a call for as long as it runs (the core is BUSY meanwhile),
-        # and by the writer while it changes the core's state.
         self._guard = threading.Lock()
 
     @property
@@ -291,12 +256,9 @@ class SyncProducer:
         return self._core.state
 
     def _enter(self, call: str) -> None:
-        """A call starts: it holds the handle's lock, and the handle is BUSY,
-        until :meth:`_leave` (a closing writer takes that lock, so it waits
-        for the call)."""
-        writer = self._writer
-        if writer._closing or writer._interrupted or not self._guard.acquire(blocking=False):
-            raise self._refusal(call)
+        """A call starts: it holds the handle's lock (which a closing writer waits for), BUSY, until
+        :meth:`_leave`."""
+        self._lock(call)
         try:
             self._core.start_call(call)
         except BaseException:
@@ -304,7 +266,8 @@ class SyncProducer:
             raise
 
     def _lock(self, call: str) -> None:
-        """Take the handle's lock for ``call`` (not a call: the handle stays as it is), or raise what refuses it."""
+        """Take the handle's lock for ``call`` (held by a call while it runs, and by the writer while it changes
+        the core's state), or raise what refuses it."""
         writer = self._writer
         if writer._closing or writer._interrupted or not self._guard.acquire(blocking=False):
             raise self._refusal(call)
@@ -316,9 +279,7 @@ class SyncProducer:
         return refusal if refusal is not None else self._core.refusal(call)
 
     def _leave(self) -> None:
-        """The call ends: it releases the lock (and if the writer started
-        closing meanwhile without waiting for the call, that is, aborting, the
-        handle refuses calls from now on: it is the call's to mark)."""
+        """The call ends and releases the lock (an aborting writer left the handle for it to refuse)."""
         self._core.end_call()
         if self._writer._closing:
             self._core.refuse()
@@ -348,8 +309,7 @@ class SyncProducer:
             self._leave()
 
     def _push(self, lines: bytes = b"") -> None:
-        """Send the queued lines and ``lines`` as one block (if this raises,
-        ``lines`` were not taken and the queue holds what it held before)."""
+        """Send the queued lines and ``lines`` as one block (on failure, none taken)."""
         core = self._core
         block = core.take(lines)
         try:
@@ -383,9 +343,7 @@ class SyncProducer:
             self._leave()
 
     def close(self) -> None:
-        """Push what is queued and close the handle; idempotent.  Once the
-        writer is closing this does nothing: the writer pushes what the
-        handle holds."""
+        """Push what is queued and close the handle; idempotent (once the writer closes, it does that)."""
         try:
             self._lock("close")
         except ClosedError:
@@ -406,25 +364,20 @@ class SyncProducer:
             self._guard.release()
 
     def _refuse(self, *, wait: bool) -> None:
-        """The writer starts closing: refuse every call from now on.  With
-        ``wait``, a call under way in another thread ends first (its lines
-        are written); without, the handle is left to that call, which the
-        writer's end makes raise ClosedError."""
+        """The writer starts closing: refuse every call from now on (``wait``: a call under way ends first;
+        else the handle is left to it)."""
         if self._guard.acquire(blocking=wait):
             self._core.refuse()
             self._guard.release()
 
     def _finish(self) -> None:
-        """The writer has ended: the handle sends nothing more.  (A call
-        still under way in another thread after an abort keeps the handle:
-        it fails, and leaves the handle refusing calls.)"""
+        """The writer has ended: the handle sends nothing more (unless a call, after an abort, still has it)."""
         if self._guard.acquire(blocking=False):
             self._core.finish()
             self._guard.release()
 
     async def _async_close(self) -> None:
-        """At the writer's close, in the trio thread (no call is in progress
-        and none starts): the handle's last lines go too."""
+        """At the writer's close, in the trio thread (no call in progress): the handle's last lines go too."""
         core = self._core
         if core.pending and not core.finished:
             await self._inner._send_checked(core.take())
@@ -441,16 +394,10 @@ class SyncProducer:
 
 @contextmanager
 def open_writer_sync(path: Any, *, settings: Settings | None = None, **options: Any) -> Iterator[SyncWriter]:
-    """:func:`~pwriter.service.writer.open_writer` as a plain context manager, for
-    code that is not trio: the same keywords (``settings`` optional, any
-    setting as a keyword), the same promises.
-
-    ``with open_writer_sync("merged.pfw") as writer:`` starts the service on
-    a trio loop of its own in a background thread; ``writer.producer()``
-    gives a handle per thread.  Leaving the block normally publishes the
-    output (complete when ``with`` returns); an exception inside it
-    publishes nothing and propagates unchanged.  Errors of the service reach
-    the caller's thread with the same exception types as the trio API.
+    """:func:`~pwriter.service.writer.open_writer` as a plain context manager, for code that is not trio:
+    the same keywords and promises.  ``writer.producer()`` gives a handle per thread.  Leaving the block
+    normally publishes the output (complete when ``with`` returns); an exception inside it publishes
+    nothing and propagates unchanged.
     """
     writer = SyncWriter(path, {"settings": settings, **options})
     writer._start()
@@ -464,10 +411,8 @@ def open_writer_sync(path: Any, *, settings: Settings | None = None, **options: 
 
 def merge_sync(inputs: Sequence[str], output: str, *, settings: Settings | None = None,
                **options: Any) -> MergeResult:
-    """:func:`~pwriter.service.merge.merge` for code that is not trio (a trio loop of
-    its own, in the calling thread); the same keywords and errors: a list of
-    input paths (a str is a TypeError, an empty list a UsageError),
-    ``settings`` optional, any setting as a keyword."""
+    """:func:`~pwriter.service.merge.merge` for code that is not trio (a trio loop of its own in the calling
+    thread), with the same keywords and errors."""
     inputs = path_list(inputs, "merge_sync")  # (refused here, before a trio loop starts)
     try:
         return trio.run(lambda: merge(inputs, output, settings=settings, **options), strict_exception_groups=True)

@@ -1,20 +1,6 @@
-"""Helpers for tests of code that writes through pwriter.
-
-Reading back: ``read_text`` gives the whole text of an output (plain, gzip,
-or a sharded set through its manifest, in read order); ``read_events`` the
-event lines of any trace or output, wrapper and blank lines dropped;
-``event_counter`` a multiset of event lines; ``assert_same_events`` compares
-an output with its inputs (or with the lines that were sent) and says which
-lines are missing or extra.
-
-Building corpora: ``events`` and ``write_corpus`` (from
-:mod:`pwriter.faces.corpus`) make realistic DFTracer events and trace files.
-
-Doubles: :class:`MemoryBackend` records writes instead of making them;
-:class:`FaultBackend` makes the Nth operation fail, or every operation slow;
-:class:`FakeFilesystems` makes paths look as if they were on Lustre, GPFS,
-BeeGFS, NFS or tmpfs.  The pytest plugin (:mod:`pwriter.faces.pytest_plugin`)
-hands them to tests as fixtures.
+"""Helpers for tests of code that writes through pwriter: reading outputs back, comparing event lines,
+building corpora, and test doubles (a memory backend, a fault backend, fake filesystems) that the pytest
+plugin (:mod:`pwriter.faces.pytest_plugin`) hands out as fixtures.
 """
 
 from __future__ import annotations
@@ -31,7 +17,7 @@ import trio
 
 from ..data.backends import Backend, BackendStatistics
 from ..data.output import read_shard_set
-from ..plan.sizing import FsInfo, FsKind
+from ..plan.sizing import FS_MAGIC, FsInfo, FsKind
 from ..plan.traceformat import BlockCleaner, is_gzip_magic
 from .corpus import events, write_corpus
 
@@ -76,14 +62,9 @@ def assert_same_events(
     output: str | os.PathLike[str] | Sequence[bytes],
     expected: Iterable[str | os.PathLike[str]] | Iterable[bytes],
 ) -> None:
-    """Assert that ``output`` holds exactly the expected event lines, as a
-    multiset (order is not compared: across producers there is none).
-
-    ``output`` is an output path (plain, gzip or sharded) or its event lines
-    (e.g. ``MemoryBackend.events()``); ``expected`` is input paths or the
-    lines that were sent (with or without their newlines).  The
-    AssertionError says how many lines are missing and extra, with examples.
-    """
+    """Assert that ``output`` (a path, or event lines such as ``MemoryBackend.events()``) holds exactly the
+    ``expected`` event lines (input paths, or the lines sent), as multisets; the AssertionError says how
+    many are missing and extra, with examples."""
     got = collections.Counter(
         read_events(output) if isinstance(output, (str, os.PathLike)) else [line.strip() for line in output]
     )
@@ -105,8 +86,7 @@ def assert_same_events(
 
 @dataclasses.dataclass(frozen=True)
 class RecordedWrite:
-    """One write seen by :class:`MemoryBackend`: the file name given at
-    register, the offset, the bytes, and the trio time it completed."""
+    """One write seen by :class:`MemoryBackend`, with the trio time it completed."""
 
     name: str
     offset: int
@@ -115,14 +95,9 @@ class RecordedWrite:
 
 
 class MemoryBackend:
-    """A backend that keeps every write in memory instead of on disk.
-
-    ``writes`` lists them in completion order; :meth:`contents` rebuilds each
-    file's bytes.  It is ``inline``: the writer makes its own chunk-sink
-    calls (its lanes', the header's and the end's) in the trio thread, not
-    in threads, so tests with ``autojump_clock`` see exact times; a merge's
-    readers still write from their threads.  The files the writer
-    publishes stay empty.
+    """A backend that keeps every write (``writes``, in completion order) in memory; the published files
+    stay empty.  It is ``inline``: the writer's own chunk-sink calls run in the trio thread, so tests with
+    ``autojump_clock`` see exact times (a merge's readers still write from their threads).
     """
 
     name = "memory"
@@ -157,8 +132,7 @@ class MemoryBackend:
         pass
 
     def contents(self) -> dict[str, bytes]:
-        """Each file's bytes as the writes left them (holes as NUL bytes),
-        files in the order they were registered (read order)."""
+        """Each file's bytes as the writes left them (holes as NUL bytes), in read order."""
         files: dict[str, bytearray] = {name: bytearray() for name in self._names.values()}
         for write in self.writes:
             data = files.setdefault(write.name, bytearray())
@@ -190,8 +164,7 @@ FAULT_OPERATIONS = ("any", "write", "fsync")
 
 
 def errno_number(error: int | str) -> int:
-    """An errno given as a number (``errno.ENOSPC``) or by name (``"ENOSPC"``);
-    ValueError for a name or number that is no errno."""
+    """An errno given as a number or by name (``"ENOSPC"``); ValueError for anything else."""
     if isinstance(error, str):
         number = getattr(errno, error, None) if error.startswith("E") else None
         if not isinstance(number, int):
@@ -203,16 +176,10 @@ def errno_number(error: int | str) -> int:
 
 
 class FaultBackend:
-    """Wraps a real backend and makes operation number ``fail_at`` (counting
-    writes and fsyncs from 1, or only those that ``on`` names: ``"write"``
-    or ``"fsync"``) fail with ``OSError(error)``, like a disk that fills up
-    (ENOSPC), breaks (EIO) or loses the file (EBADF); ``error`` is an errno
-    number or its name (``"ENOSPC"``).  ``delay`` seconds (trio clock) are
-    added before every operation completes.  Another ``on`` or an unknown
-    errno is a ValueError.
-
-    Short writes and EINTR are not injected here: every backend absorbs them
-    itself (tests/test_backends.py provokes them for real).
+    """Wraps a backend and makes operation number ``fail_at`` (writes and fsyncs from 1, or only those
+    ``on`` names) fail with ``OSError(error)`` (an errno or its name); ``delay`` seconds (trio clock) before
+    every operation.  Another ``on`` or an unknown errno is a ValueError.  (Short writes and EINTR are not
+    injected: every backend absorbs them itself.)
     """
 
     def __init__(self, inner: Backend, *, fail_at: int | None = None, error: int | str = errno.EIO,
@@ -281,26 +248,13 @@ class FaultBackend:
         return self.inner.statistics()
 
 
-#: A statfs magic number for each kind (ext4's for a local disk).
-FS_MAGIC_OF: dict[FsKind, int] = {
-    FsKind.LUSTRE: 0x0BD00BD0,
-    FsKind.GPFS: 0x47504653,
-    FsKind.BEEGFS: 0x19830326,
-    FsKind.NFS: 0x6969,
-    FsKind.TMPFS: 0x01021994,
-    FsKind.LOCAL: 0xEF53,
-}
+#: A statfs magic number for each kind (the first :data:`~pwriter.plan.sizing.FS_MAGIC` has; ext4's for local).
+FS_MAGIC_OF: dict[FsKind, int] = {**{kind: magic for magic, kind in reversed(FS_MAGIC.items())}, FsKind.LOCAL: 0xEF53}
 
 
 class FakeFilesystems:
-    """Paths that pretend to be on another filesystem, for sizing tests.
-
-    :meth:`add` declares that everything under a directory is on, say,
-    Lustre with 1 MiB stripes over 8 OSTs; :meth:`detect` answers like
-    :func:`pwriter.data.detect.detect_filesystem` (which it stands in for while
-    installed), from the declarations first and the real filesystem
-    otherwise.  The planners and the sizing policy see exactly what real
-    detection would have given them.
+    """Paths that pretend to be on another filesystem: :meth:`detect` stands in for
+    :func:`pwriter.data.detect.detect_filesystem`, answering from :meth:`add`'s declarations first.
     """
 
     def __init__(self) -> None:
@@ -311,10 +265,8 @@ class FakeFilesystems:
 
     def add(self, path: str | os.PathLike[str], kind: FsKind | str, *, stripe_size: int | str | None = None,
             stripe_count: int | None = None, block_size: int = 4096) -> FsInfo:
-        """Everything under ``path`` is on a ``kind`` filesystem (``"lustre"``,
-        ``"gpfs"``, ``"beegfs"``, ``"nfs"``, ``"tmpfs"``, ``"local"``) with
-        this stripe geometry (``stripe_size`` in bytes or as ``"1MiB"``);
-        returns what detection will report."""
+        """Everything under ``path`` is on a ``kind`` filesystem (``"lustre"``, ``"nfs"``, ...) with this stripe
+        geometry (``stripe_size`` in bytes or as ``"1MiB"``); returns what detection will report."""
         from ..plan.settings import parse_size
 
         kind = FsKind(kind)

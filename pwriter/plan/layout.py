@@ -6,75 +6,55 @@ Makers (the writer's coalescers, the merge's readers) fill buffers with
 whole lines; each chunk belongs to a write *lane* (a shard, when sharded).
 When a buffer is full, the chunk sink asks the planner for a
 :class:`Placement`: a file index, an offset, and what surrounds the chunk
-there.  The planner answers at once and never does I/O; the sink then
-writes ``[header] + chunk + [padding]`` at that offset with a single
-vectored write.  Because offsets are decided when a chunk is
-*ready* rather than in advance, lanes never wait for each other, and the
-order of chunks in the file is the order in which they became ready.
+there.  The planner answers at once and never does I/O (nor locks: the sink
+calls it under its placement lock); the sink writes ``[header] + chunk +
+[padding]`` there in one vectored write.  Offsets are decided when a chunk
+is *ready*, so lanes never wait for each other.
 
-Each planner keeps one invariant, checked by the property tests: the
-placements it hands out tile every file from offset 0 to its final size with
-no gap and no overlap.  A gap would be a hole of zero bytes (which trace
-readers refuse); an overlap would lose data.
+Each planner keeps one invariant, checked by the property tests: its
+placements tile every file from offset 0 to its final size with no gap (a
+hole of zero bytes, which trace readers refuse) and no overlap (lost data).
 
 * **striped**: one file.  The header takes ``[0, len(header))`` at open;
-  every chunk takes the next ``len(chunk)`` bytes from a counter; the footer is
-  reserved last, at close, so it ends the file whatever order lanes finish in.
-  (No planner is thread-safe: the chunk sink calls them under its placement
-  lock, since threads place too.)
+  every chunk takes the next ``len(chunk)`` bytes from a counter; the footer
+  is reserved last, at close.
 
 * **padded-striped**: one file cut into slots of ``stripe_size`` bytes, each
-  written by one lane only.  A lane takes a slot when it places its first
-  chunk and keeps it: its next chunks go right after, at the next offset in
-  that slot (a deadline flush writes a few lines there, without padding),
+  written by one lane only.  A lane keeps the slot of its first chunk: its
+  next chunks go right after (a deadline flush writes a few lines there),
   until a chunk would not fit; then the rest of the slot is padding and the
   chunk starts the lane's next slot.  A chunk that leaves less than
-  ``full_below`` bytes of its slot fills it: its padding is written with it,
-  so a full slot is one write of a whole stripe.  The header is written in
-  the same write as the first chunk, at offset 0 (so :meth:`room` of a new
-  slot is ``stripe_size - len(header)``).  A chunk larger than a slot (only
-  a single line longer than the stripe makes one) takes as many whole slots
-  as it needs.  Padding is never shorter than ``min_padding`` bytes: a chunk
-  fits a slot only if what it leaves is none or at least that much (plain
-  text needs 1 byte, ``"\\n"``; a gzip padding member more).  The padding
-  of the slots left behind is handed out by :meth:`paddings`, and at close
-  the lanes' last slots are padded too, except the last slot of the file:
-  the footer follows its lines directly.  If no chunk was ever written, the
-  file is just header and footer.
+  ``full_below`` bytes of its slot is written with its padding, so a full
+  slot is one write of a whole stripe.  The header rides with the first
+  chunk at offset 0.  A chunk larger than a slot (a line longer than the
+  stripe) takes as many whole slots as it needs.  Padding is never shorter
+  than ``min_padding`` (plain: 1 byte; gzip: one padding member).  The
+  padding of slots left behind is handed out by :meth:`paddings`; at close
+  the lanes' last slots are padded too, except the file's last, which the
+  footer follows directly.
 
 * **sharded**: one file per lane.  The header starts shard 0, the footer ends
-  the last shard; each lane appends its chunks to its own shard.  Read order
-  is shard 0, 1, 2, ...: concatenating the shards in that order gives one
-  well-formed file.
+  the last shard; read order is shard 0, 1, 2, ...
 
 * **sharded with a shard size** (:class:`SizedShardedPlanner`): each lane
-  writes a sequence of shards of its own, and starts a new one once its
-  shard holds ``shard_size`` bytes of lines.  Every shard is a complete
-  trace: the header starts it (with its first chunk) and the footer ends it
-  (placed at close).  Files are numbered in the order they are started,
-  which is their read order: each lane's shards come in its order.  So
-  that a shard ends within one line of ``shard_size``, the sink cuts a
-  lane's text at the shard limits before it is placed (:meth:`SizedShardedPlanner.cut`,
-  before compression for gzip output), and the planner starts the new shard
-  on the same rule, from the text length of each placement.
+  writes shards of its own, starting a new one once its shard holds
+  ``shard_size`` bytes of lines; every shard is a complete trace, and files
+  are numbered (and read) in the order they are started.  The sink cuts a
+  lane's text at the shard limits before placing it
+  (:meth:`SizedShardedPlanner.cut`, before compression).
 
-Several processes (MPI ranks, :mod:`pwriter.faces.mpi`) can write one striped or
-padded-striped file, each its *share* of it: each gets a shared-file planner
-(:class:`SharedStripedPlanner`, :class:`SharedPaddedPlanner`) whose offsets
-come from one :class:`Counter` that all of them use (an atomic fetch-add
-that the caller provides; the planners stay pure).  The header is placed by
-the one share that writes it, on its own (padded: alone in slot 0), and the
-footer by whoever finishes the file, once every share is done, at the
-counter's last value.  A padded share keeps its lanes' slots as one process
-does; the slots come from the counter, so no two shares write one.  A sharded
-output under MPI is one :class:`ShardedPlanner` per rank over that rank's own shards.
+Several processes (MPI ranks, :mod:`pwriter.faces.mpi`) can write one
+striped or padded-striped file, each its *share*, through shared-file
+planners (:class:`SharedStripedPlanner`, :class:`SharedPaddedPlanner`)
+whose offsets come from one :class:`Counter` that the caller provides (an
+atomic fetch-add; the planners stay pure).  The header is placed by the
+share that writes it (padded: alone in slot 0), the footer by whoever
+finishes the file, at the counter's last value.
 
-Plain padding is ``n - 1`` spaces and a newline: a whitespace-only line, which
-every trace reader skips (see ``docs/layouts.md``).  Gzip padding is one or
-more gzip members with an FEXTRA field that each hold one whitespace line,
-``"\n"`` (23 bytes at least, so gzip planners use ``min_padding=23``); never
-an empty member, which one field reader stops at.  Chunks are then whole
-gzip members.
+Plain padding is ``n - 1`` spaces and a newline, a line every trace reader
+skips (``docs/layouts.md``).  Gzip padding is gzip members with an FEXTRA
+field that each hold one ``"\n"`` (23 bytes at least); never an empty
+member, which one field reader stops at.  Chunks are then whole members.
 """
 
 from __future__ import annotations

@@ -1,11 +1,10 @@
 """The sizing policy: how to write, given where and with what.
 
-This module is pure: it never does I/O and never imports trio.  Detection
-(:mod:`pwriter.data.detect`) turns a path into a :class:`FsInfo`; psutil and
-``os.cpu_count`` give the machine; :func:`plan_sizing` turns those plain
-values and the user's :class:`~pwriter.plan.settings.Settings` into a
-:class:`Sizing`.  Every automatic choice records a one-line reason, shown by
-``pwriter info``.
+This module is pure (no I/O, no trio).  Detection (:mod:`pwriter.data.detect`)
+turns a path into a :class:`FsInfo`; :func:`plan_sizing` turns that, the
+machine and the user's :class:`~pwriter.plan.settings.Settings` into a
+:class:`Sizing`, with a one-line reason for every automatic choice (shown by
+``pwriter info``).
 
 The rules (explicit settings always win):
 
@@ -14,75 +13,53 @@ Filesystem kind
     parent): NFS, Lustre, GPFS, BeeGFS, tmpfs/ramfs, anything else is local.
 
 Stripe size (the unit of every write, and the flush threshold)
-    Lustre: the layout's stripe size (``lustre.lov`` xattr or ``lfs``).
-    GPFS: the filesystem block size, which GPFS stripes by.
-    Otherwise 2 MiB: large enough that the per-chunk work in Python costs
-    little, while larger buffers were no faster and cost more memory
-    (``bench/buffer_sizes.py --part 2``; figures in ``docs/performance.md``).
-    Always a multiple of 4 KiB so that buffers can be used with O_DIRECT.
+    Lustre: the layout's stripe size.  GPFS: the block size, which GPFS
+    stripes by.  Otherwise 2 MiB: the per-chunk work in Python costs little,
+    and larger buffers were no faster (``bench/buffer_sizes.py --part 2``).
+    Always a multiple of 4 KiB, for O_DIRECT.
 
 Layout
-    O_DIRECT (``direct``): padded-striped, the one layout whose writes all
-    start and end on stripe boundaries.
-    NFS: sharded.  The NFS client keeps no coherence between writers of one
-    file beyond close-to-open, and serialises writes per inode; one file per
-    lane is both safe and parallel.
-    Lustre, GPFS, BeeGFS with a known stripe size: padded-striped, so that each
-    write covers whole stripes and no two lanes contend for one stripe's
-    lock.  With plain text the padding costs less than one line per stripe.
-    A parallel filesystem whose stripe size is unknown: sharded (the
-    reference writer's newest rule: unaligned shared-file writes are the
-    slow case there).
-    Local disks, tmpfs: striped.  One file, chunks at offsets reserved from a
-    counter; the page cache makes alignment irrelevant.
+    O_DIRECT: padded-striped, the one layout whose writes all start and end
+    on stripe boundaries.
+    NFS: sharded (no coherence between writers of one file beyond
+    close-to-open, and writes serialised per inode).
+    Lustre, GPFS, BeeGFS with a known stripe size: padded-striped, so that
+    each write covers whole stripes and no two lanes contend for one
+    stripe's lock.  With an unknown stripe size: sharded.
+    Local disks, tmpfs: striped (the page cache makes alignment irrelevant).
 
 Lustre layout on create (``stripe_count``)
-    A new Lustre file gets the directory's default layout, often one stripe,
-    so that every writer of a large merge hits one OST.  pwriter sets the
-    layout of each temporary before its first byte (:mod:`pwriter.data.lustre`):
-    an explicit count N (or -1, every OST) as asked; ``auto`` stripes an
-    output of ``AUTO_STRIPE_ALL_FROM`` (1 GiB) or more over every OST, gives
-    each shard of a sharded output one stripe with the shards' first OSTs
-    spread evenly, and leaves smaller or unsized outputs to the directory's
-    default; 0 always leaves it.  The stripe size set is the stripe size
-    above, so that every buffer is whole stripes.  The writer reads the
-    layout back after setting it and sizes itself by what it got.
+    A new Lustre file gets the directory's default layout, often one stripe.
+    pwriter sets each temporary's layout before its first byte
+    (:mod:`pwriter.data.lustre`): an explicit count N (-1: every OST) as
+    asked; ``auto`` stripes an output of ``AUTO_STRIPE_ALL_FROM`` or more over
+    every OST, gives each shard one stripe with the first OSTs spread evenly,
+    and leaves smaller or unsized outputs to the default; 0 always leaves
+    it.  The stripe size set is the one above.  The writer reads the layout
+    back and sizes itself by what it got.
 
-Lanes (write lanes: the library's coalescers, the merge's readers; when
-sharded, each with its own file; all take their buffers from one shared pool)
-    Never more than the producers (a lane with no producer idles) and never
-    more than 2 x the CPUs.  On Lustre, never more than the stripe count of
-    a shared file: more concurrent writers than stripes add no OST to the
-    write, only contention.  (The planners do not tie a lane to an OST: its
-    offsets or slots come from one counter, so lanes in flight together
-    land on whichever stripes the counter hands out.)  Otherwise at most 4 on local disks
-    and tmpfs (one page-cache copy per core is the ceiling) and 8 on networked
-    and parallel filesystems (latency hiding).
+Lanes (the library's coalescers, the merge's readers; sharded, each with its file)
+    Never more than the producers, nor 2 x the CPUs; on Lustre, nor the
+    stripe count of a shared file (more writers than stripes add only
+    contention).  Otherwise at most 4 on local disks and tmpfs and 8 on
+    networked and parallel filesystems (latency hiding).
 
 Buffers
     ``buffers_per_lane`` (default 4) stripe-sized buffers per lane, in one
-    pool (a library lane holds at most three at once: one filling, one
-    waiting for its lane writer, one being written; a merge reader holds
-    one), cut down to fit the memory budget:
-    at most a quarter of the available memory and at most 256 MiB unless set.
-    Fewer buffers per lane first (down to 2), then fewer lanes.
+    pool, cut down to fit the memory budget (at most a quarter of the
+    available memory and 256 MiB unless set): fewer buffers per lane first
+    (down to 2), then fewer lanes.
 
 Queue depth
-    How many fsyncs the backend may have in flight at once (io_uring
-    entries, or threads): one per buffer unless set.  Writes are not counted here: each is made
-    in the thread of its chunk's maker, so the makers bound them.
+    How many fsyncs the backend may have in flight (one per buffer unless
+    set); writes are made in their chunk's maker thread, so the makers bound them.
 
 Write call size (the most bytes one write system call carries)
-    Buffered writes: 512 KiB (at most the stripe size); a chunk is written in
-    as many calls as that takes.  Recent kernels fill the page cache with
-    folios as large as the write call and its offset's alignment allow (up
-    to 2 MiB).  On a virtual machine that hands free memory back to its host
-    (virtio-balloon free page reporting), large folios come from exactly the
-    free blocks the host has taken back, and writing them is slow now and
-    then; smaller calls cost more system calls.  512 KiB is the choice that
-    was never far from the best (``bench/buffer_sizes.py --part 3``; figures
-    in ``docs/performance.md``).
-    O_DIRECT writes bypass the page cache: one call per stripe.
+    Buffered writes: 512 KiB (at most the stripe size).  Kernels fill the
+    page cache with folios as large as the write call allows, and on a
+    virtual machine that hands free memory back to its host, large folios
+    are slow now and then; 512 KiB was never far from the best
+    (``bench/buffer_sizes.py --part 3``).  O_DIRECT: one call per stripe.
 """
 
 from __future__ import annotations

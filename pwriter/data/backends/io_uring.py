@@ -4,42 +4,32 @@ Theory of operation
 -------------------
 What this backend does, honestly (``mechanism`` in its statistics):
 
-* Writes are plain ``pwritev`` calls in the thread that made the
-  chunk (:meth:`IoUringBackend.write`, the same code as the thread
-  backend's).  liburing rings are not thread-safe; a small ring of each
-  thread's own, used synchronously (prep, ``io_uring_submit_and_wait``,
-  reap), was slower (``bench/floor.py``): a buffered write is handed to an
-  io-wq kernel worker while the thread waits for it.  One shared ring with
-  a submission lock (the thread preps and submits under the lock, the
-  reaper wakes it through a ``threading.Event``) was slower still
-  (``bench/ring_lock.py``).  Figures in ``docs/performance.md``.
+* Writes are plain ``pwritev`` calls in the thread that made the chunk
+  (:meth:`IoUringBackend.write`, the thread backend's code): a ring per
+  thread, or one shared ring under a lock, was slower, since a buffered
+  write is handed to an io-wq kernel worker while the thread waits
+  (``bench/floor.py``, ``docs/performance.md``).
 
 * fsync goes through one ring driven by trio.  A ring has a submission
-  queue of ``entries`` entries and a completion queue of twice that; never
-  more operations are in flight than ``entries`` (a trio Semaphore admits
-  them), so an SQE is always available and the CQ does not overflow in
-  normal operation; the reaper still honours the overflow flag, because
-  completions lost there would hang their waiters forever.  A task preps
-  its SQE and then yields once without being cancellable; the first task
-  to run again submits everything prepared in the meantime (one
-  ``io_uring_enter`` for all: "ops per enter" in the statistics).
+  queue of ``entries`` entries and a completion queue of twice that; a trio
+  Semaphore admits at most ``entries`` operations, so an SQE is always
+  available (the reaper still honours the CQ overflow flag: a lost
+  completion would hang its waiter).  A task preps its SQE and yields once,
+  uncancellable; the first to run again submits everything prepared
+  meanwhile (one ``io_uring_enter``: "ops per enter" in the statistics).
 
 * Completions are announced on an eventfd registered with the ring.  One
   reaper task, run by :func:`open_io_uring_backend`, waits for it with
-  ``trio.lowlevel.wait_readable``, reads the eventfd *first* (reading it after
-  draining could swallow the wake-up of a completion posted in between), then
-  drains every CQE, 256 per call into C.  The eventfd is only a hint: one
-  wake-up can stand for many completions, and a drain can find none.  The
-  submitting task waits for its CQE shielded from cancellation.
+  ``trio.lowlevel.wait_readable``, reads the eventfd *first* (after draining,
+  it could swallow the wake-up of a completion posted in between), then
+  drains every CQE.  The eventfd is only a hint: one wake-up can stand for
+  many completions, or none.  The submitter waits for its CQE shielded.
 
-* Registered files: a sparse file table; :meth:`register` puts a file in a
-  table entry and its operations carry IOSQE_FIXED_FILE (no file reference taken per
-  operation).  Kernels that refuse the table get plain descriptors.
+* Registered files: :meth:`register` puts a file in a sparse table and its
+  operations carry IOSQE_FIXED_FILE; kernels that refuse it get plain descriptors.
 
-* Ctrl-C: trio delivers KeyboardInterrupt to the main task even inside
-  shielded scopes, and raises it at once in unprotected code.  The code here
-  is KI-protected, and waits for completions hold a KeyboardInterrupt back
-  until the kernel is done, then re-raise it.
+* Ctrl-C: the code here is KI-protected, and a wait for a completion holds
+  a KeyboardInterrupt back until the kernel is done, then re-raises it.
 
 * Closing (shielded): wait until nothing is in flight, stop the reaper,
   unregister the files and the eventfd, ``notify_closing`` the eventfd
