@@ -12,6 +12,7 @@ from __future__ import annotations
 import gzip
 import hashlib
 import os
+import threading
 
 import pytest
 import trio
@@ -20,7 +21,7 @@ import trio.testing
 from pwriter.data.backends import open_backend
 from pwriter.data.gzip_members import gzip_member
 from pwriter.data.sink import ChunkSink
-from pwriter.errors import ClosedError
+from pwriter.errors import ClosedError, WriteError
 from pwriter.faces.testing import MemoryBackend
 from pwriter.plan.layout import GZIP_MIN_PADDING, PaddedStripedPlanner, StripedPlanner
 from pwriter.service.handle import Producer
@@ -317,3 +318,86 @@ async def test_large_blocks_are_written_without_a_copy() -> None:
     assert recorder.chunks == [b"{s}\n", half, b"{t}\n"]  # order kept: the small one is flushed first
     assert recorder.oversized == [half]
     assert coalescer.statistics().uncopied_chunks == 1
+
+
+async def test_a_lane_writer_that_fails_leaves_only_its_own_error(tmp_path) -> None:
+    """The lane writer's call fails while its coalescer waits to hand it the
+    next chunk: the lanes raise that error alone.  The coalescer's send
+    breaks when the lane writer's channel closes, and that
+    BrokenResourceError must never reach the user in place of the write
+    error (the coalescer is cancelled at its channel's close).  Trials
+    cover both orders of trio's run batch."""
+    planner = StripedPlanner(header_length=0, stripe_size=STRIPE)
+
+    def failing_write(*args: object) -> None:
+        gate.wait(10)
+        raise WriteError("out.pfw", "No space left on device", 28)
+
+    async with open_backend("threads", queue_depth=4) as backend:
+        for trial in range(16):
+            output = FileOutput(tmp_path / f"out{trial}.pfw")
+            backend.register(output.fds[0], output.targets[0])
+            gate = threading.Event()
+            sink = ChunkSink(planner=planner, output=output, backend=backend, header=b"", header_text=0,
+                             compressed=False, padded=False, level=1, chunk_capacity=planner.chunk_capacity,
+                             writeback=False)
+            sink.write_chunk = sink.write_lines = failing_write  # type: ignore[method-assign]
+            with pytest.raises(BaseExceptionGroup) as raised, trio.fail_after(10):
+                async with trio.open_nursery() as nursery:
+                    lanes = WriteLanes(nursery=nursery, sink=sink, pool=BufferPool(4, STRIPE), lanes=1,
+                                       chunk_capacity=planner.chunk_capacity, max_delay=60)
+                    lanes.start()
+                    handle = lanes.producer(1 << 20, None)
+                    for n in range(4):  # whole chunks: one in the failing call, one queued, one waiting to be sent
+                        await handle.send_block(b'{"n":%d,"pad":"%s"}\n' % (n, b"x" * 3000))
+                    await trio.testing.wait_all_tasks_blocked()
+                    assert lanes._chunk_sends[0].statistics().tasks_waiting_send == 1
+                    gate.set()
+            os.close(output.fds[0])
+            errors = [leaf for leaf in leaves(raised.value) if not isinstance(leaf, trio.Cancelled)]
+            assert [type(error) for error in errors] == [WriteError], (trial, errors)
+
+
+async def test_a_write_error_that_lands_while_the_lanes_are_cancelled_is_raised(tmp_path) -> None:
+    """The lane writer's call fails after the writer began cancelling the
+    lanes (its block failed, as when handles got ClosedError because of
+    that very failure): the write error is raised, not replaced by a
+    Cancelled at the close of the lane's channel (a checkpoint in that
+    cleanup masked it, and with it the cause of the whole failure)."""
+    planner = StripedPlanner(header_length=0, stripe_size=STRIPE)
+    output = FileOutput(tmp_path / "out.pfw")
+    gate = threading.Event()
+
+    def failing_write(*args: object) -> None:
+        gate.wait(10)
+        raise WriteError("out.pfw", "No space left on device", 28)
+
+    async with open_backend("threads", queue_depth=4) as backend:
+        backend.register(output.fds[0], output.targets[0])
+        sink = ChunkSink(planner=planner, output=output, backend=backend, header=b"", header_text=0,
+                         compressed=False, padded=False, level=1, chunk_capacity=planner.chunk_capacity,
+                         writeback=False)
+        sink.write_chunk = sink.write_lines = failing_write  # type: ignore[method-assign]
+        raised: BaseException | None = None
+        try:
+            with trio.CancelScope() as scope, trio.fail_after(10):
+                async with trio.open_nursery() as nursery:
+                    lanes = WriteLanes(nursery=nursery, sink=sink, pool=BufferPool(4, STRIPE), lanes=1,
+                                       chunk_capacity=planner.chunk_capacity, max_delay=60)
+                    lanes.start()
+                    handle = lanes.producer(1 << 20, None)
+                    await handle.send_block(b'{"n":1,"pad":"%s"}\n' % (b"x" * 3000))
+                    await trio.testing.wait_all_tasks_blocked()  # the lane writer's call waits at the gate
+                    scope.cancel()
+                    gate.set()
+        except BaseException as error:  # (the test looks at what it is)
+            raised = error
+    os.close(output.fds[0])
+    assert raised is not None, "the write error was lost"
+    assert [type(leaf) for leaf in leaves(raised) if not isinstance(leaf, trio.Cancelled)] == [WriteError]
+
+
+def leaves(error: BaseException) -> list[BaseException]:
+    if isinstance(error, BaseExceptionGroup):
+        return [leaf for inner in error.exceptions for leaf in leaves(inner)]
+    return [error]

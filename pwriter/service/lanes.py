@@ -382,8 +382,13 @@ class WriteLanes:
 
     @staticmethod
     async def _coalesce(coalescer: Coalescer, chunks: trio.MemorySendChannel[LaneChunk]) -> None:
-        async with chunks:  # (its end ends the lane writer's loop)
-            await coalescer.run()
+        # Channels close with a plain ``with``: a checkpoint in this cleanup
+        # could put a Cancelled in place of the error on its way out.
+        with chunks:  # (its end ends the lane writer's loop)
+            try:
+                await coalescer.run()
+            except trio.BrokenResourceError:
+                pass  # the lane writer is gone: it failed (or was cancelled), and that is what is raised
 
     @trio.lowlevel.enable_ki_protection
     async def _write_lane(self, lane: int, chunks: trio.MemoryReceiveChannel[LaneChunk]) -> None:
@@ -391,7 +396,7 @@ class WriteLanes:
         in a thread; what the sink holds for the lane is written once
         its oldest line has waited ``max_delay``, and at the end."""
         sink = self._sink
-        async with chunks:
+        with chunks:
             while True:
                 held_since = sink.held_since(lane)  # (no call of this lane's is running)
                 with trio.move_on_at(math.inf if held_since is None else held_since + self._max_delay) as waited:
