@@ -73,7 +73,7 @@ async def run_lanes(backend, output, *, compressed: bool, padded: bool, producer
     pool = BufferPool(4, STRIPE)
     async with trio.open_nursery() as nursery:
         sink = ChunkSink(planner=planner, output=output, backend=backend, header=header,
-                         header_text=len(HEADER_TEXT), compressed=compressed, padded=padded, level=1,
+                         header_text=len(HEADER_TEXT), compressed=compressed, level=1,
                          chunk_capacity=planner.chunk_capacity, writeback=False)
         write_lanes = WriteLanes(nursery=nursery, sink=sink, pool=pool, lanes=lanes,
                                  chunk_capacity=planner.chunk_capacity, max_delay=max_delay)
@@ -144,7 +144,7 @@ async def test_a_line_reaches_the_sink_within_max_delay(autojump_clock: trio.tes
         sent_at = written_at = None
         async with trio.open_nursery() as nursery:
             sink = ChunkSink(planner=planner, output=output, backend=memory, header=HEADER_TEXT,
-                             header_text=len(HEADER_TEXT), compressed=False, padded=False, level=1,
+                             header_text=len(HEADER_TEXT), compressed=False, level=1,
                              chunk_capacity=planner.chunk_capacity, writeback=False)
             lanes = WriteLanes(nursery=nursery, sink=sink, pool=pool, lanes=1, chunk_capacity=planner.chunk_capacity,
                                max_delay=2.0)
@@ -339,7 +339,7 @@ async def test_a_lane_writer_that_fails_leaves_only_its_own_error(tmp_path) -> N
             backend.register(output.fds[0], output.targets[0])
             gate = threading.Event()
             sink = ChunkSink(planner=planner, output=output, backend=backend, header=b"", header_text=0,
-                             compressed=False, padded=False, level=1, chunk_capacity=planner.chunk_capacity,
+                             compressed=False, level=1, chunk_capacity=planner.chunk_capacity,
                              writeback=False)
             sink.write_chunk = sink.write_lines = failing_write  # type: ignore[method-assign]
             with pytest.raises(BaseExceptionGroup) as raised, trio.fail_after(10):
@@ -375,7 +375,7 @@ async def test_a_write_error_that_lands_while_the_lanes_are_cancelled_is_raised(
     async with open_backend("threads", queue_depth=4) as backend:
         backend.register(output.fds[0], output.targets[0])
         sink = ChunkSink(planner=planner, output=output, backend=backend, header=b"", header_text=0,
-                         compressed=False, padded=False, level=1, chunk_capacity=planner.chunk_capacity,
+                         compressed=False, level=1, chunk_capacity=planner.chunk_capacity,
                          writeback=False)
         sink.write_chunk = sink.write_lines = failing_write  # type: ignore[method-assign]
         raised: BaseException | None = None

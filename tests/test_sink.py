@@ -44,10 +44,10 @@ def lines_of(lane: int, count: int, start: int = 0, pad: int = 0) -> list[bytes]
                                                    .encode()[:pad]) for seq in range(start, start + count)]
 
 
-def make_sink(planner, output, backend, *, compressed: bool, padded: bool = False) -> ChunkSink:
+def make_sink(planner, output, backend, *, compressed: bool) -> ChunkSink:
     header = gzip_member(HEADER_TEXT, 1) if compressed else HEADER_TEXT
     return ChunkSink(planner=planner, output=output, backend=backend, header=header, header_text=len(HEADER_TEXT),
-                     compressed=compressed, padded=padded, level=1, chunk_capacity=planner.chunk_capacity,
+                     compressed=compressed, level=1, chunk_capacity=planner.chunk_capacity,
                      writeback=False)
 
 
@@ -176,7 +176,7 @@ async def test_padded_members_fill_their_slots(tmp_path, backend_name: str) -> N
     sent = {lane: lines_of(lane, 400, pad=40) for lane in range(2)}
     async with open_backend(backend_name, queue_depth=8) as backend:
         backend.register(output.fds[0], output.targets[0])
-        sink = make_sink(planner, output, backend, compressed=True, padded=True)
+        sink = make_sink(planner, output, backend, compressed=True)
         assert sink.placer.open() is None  # the header rides with the first slot
 
         def lane_thread(lane: int) -> None:
@@ -345,7 +345,7 @@ async def test_held_text_is_written_by_flush_lane_without_padding(tmp_path) -> N
         planner = PaddedStripedPlanner(header_length=len(header), stripe_size=4096,
                                        min_padding=GZIP_MIN_PADDING if compressed else 1)
         memory.register(output.fds[0], output.targets[0])
-        sink = make_sink(planner, output, memory, compressed=compressed, padded=True)
+        sink = make_sink(planner, output, memory, compressed=compressed)
         first, second = b"".join(lines_of(0, 3)), b"".join(lines_of(0, 3, start=3))
         sink.write_lines(0, first, since=7.0)
         assert memory.writes == [] and sink.held_since(0) == 7.0

@@ -102,8 +102,8 @@ class ChunkSink:
     ``header`` is what the planner's header placement holds (a gzip member
     for compressed output); ``header_text`` its text length, for the member
     index.  ``chunk_capacity`` is the most bytes of lines one chunk holds.
-    ``padded``: the layout keeps slots (its planner has ``full_below`` and
-    ``min_padding``).
+    A padded-striped planner's layout keeps slots (:attr:`padded`; the
+    planner has ``full_below`` and ``min_padding``).
 
     Every method that writes blocks, and is called from a thread
     that trio started (never from the trio thread; see :meth:`call`); one
@@ -111,7 +111,7 @@ class ChunkSink:
     """
 
     def __init__(self, *, planner: Planner, output: OutputFiles, backend: Backend, header: bytes,
-                 header_text: int, compressed: bool, padded: bool, level: int, chunk_capacity: int,
+                 header_text: int, compressed: bool, level: int, chunk_capacity: int,
                  writeback: bool) -> None:
         self.placer = Placer(planner, output, backend, header_text=header_text, compressed=compressed)
         self._output = output
@@ -119,13 +119,13 @@ class ChunkSink:
         self._header = header
         self.compressed = compressed
         self.chunk_capacity = chunk_capacity
-        self.padded = padded
+        self.padded = planner.layout == "padded-striped"
         self._padding = gzip_padding if compressed else plain_padding
         self._full_below: int = getattr(planner, "full_below", 0)  # (padded layouts, see pwriter.plan.layout)
         self._capacity = planner.chunk_capacity
         # Padded plain: a lane's text that did not fill its slot, and when its oldest line was queued.
         self._held: dict[int, tuple[bytes, float | None]] = {}
-        self._members = LaneMembers(level, padded=padded, write=self.write_members, cut=self.placer.cut,
+        self._members = LaneMembers(level, padded=self.padded, write=self.write_members, cut=self.placer.cut,
                                     room=self.placer.room, capacity=planner.chunk_capacity,
                                     min_padding=getattr(planner, "min_padding", 0), full_below=self._full_below)
         self.pool = SlotPool(self, self._members)

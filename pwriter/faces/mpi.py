@@ -704,7 +704,7 @@ def _write_footer(decision: Decision, settings: Settings, index: MemberIndex, en
         sink = ChunkSink(planner=SharedStripedPlanner(counter=LocalCounter(end), header_length=0, stripe_size=1,
                                                       writes_header=False),
                          output=the_file, backend=backend, header=b"", header_text=0,
-                         compressed=decision.compressed, padded=False, level=settings.level, chunk_capacity=1,
+                         compressed=decision.compressed, level=settings.level, chunk_capacity=1,
                          writeback=False)
         sink.placer.members = index
         if footer:

@@ -317,10 +317,9 @@ class Writer:
         self._started = trio.current_time()
         self._finished: float | None = None
         self._closing = False
-        padded = planner.layout == "padded-striped"
         self._sink = ChunkSink(
             planner=planner, output=output, backend=backend, header=plan.header, header_text=plan.header_text,
-            compressed=compress, padded=padded, level=settings.level, chunk_capacity=self.chunk_capacity,
+            compressed=compress, level=settings.level, chunk_capacity=self.chunk_capacity,
             writeback=settings.fsync and settings.early_writeback,
         )
         self._lanes = WriteLanes(nursery=nursery, sink=self._sink, pool=pool, lanes=sizing.lanes,
