@@ -400,7 +400,26 @@ class LocalCounter:
         return value
 
 
-class SharedStripedPlanner(_Closed):
+class _Share:
+    """One share of a file that several processes write: new bytes are
+    taken from the shared ``counter``; the share ends where the furthest of
+    them does."""
+
+    files = 1
+    shared_file = True
+    counter: Counter
+    _end: int
+
+    def _take(self, length: int) -> int:
+        offset = self.counter.fetch_add(length)
+        self._end = max(self._end, offset + length)
+        return offset
+
+    def file_sizes(self) -> list[int]:
+        return [self._end]  # of this share: the file ends at the counter's last value
+
+
+class SharedStripedPlanner(_Share, _Closed):
     """One share of a striped file that several processes write: each chunk
     takes the next bytes of the shared ``counter``, which starts after the
     header.  Only the share with ``writes_header`` places the header (at
@@ -408,8 +427,6 @@ class SharedStripedPlanner(_Closed):
     the footer goes at the counter's value once every share is done)."""
 
     layout: LayoutName = "striped"
-    files = 1
-    shared_file = True
 
     def __init__(self, *, counter: Counter, header_length: int, stripe_size: int, writes_header: bool) -> None:
         self.counter = counter
@@ -423,20 +440,15 @@ class SharedStripedPlanner(_Closed):
 
     def place(self, lane: int, length: int, text: int | None = None) -> Placement:
         self._check_open()
-        offset = self.counter.fetch_add(length)
-        self._end = max(self._end, offset + length)
-        return Placement(0, offset, 0, length, 0)
+        return Placement(0, self._take(length), 0, length, 0)
 
     def close(self, footer_length: int) -> Placement:
         self._check_open()
         self.closed = True
         return Placement(0, self._end, 0, 0, 0)
 
-    def file_sizes(self) -> list[int]:
-        return [self._end]  # of this share: the file ends at the counter's last value
 
-
-class SharedPaddedPlanner(_SlotKeeper):
+class SharedPaddedPlanner(_Share, _SlotKeeper):
     """One share of a padded-striped file that several processes write:
     slot 0 holds the header alone (padded), placed by the share with
     ``writes_header``; every new slot is taken whole from the shared
@@ -446,8 +458,6 @@ class SharedPaddedPlanner(_SlotKeeper):
     :class:`SharedStripedPlanner`); every kept slot is padded at close."""
 
     layout: LayoutName = "padded-striped"
-    files = 1
-    shared_file = True
 
     def __init__(self, *, counter: Counter, header_length: int, stripe_size: int, min_padding: int,
                  writes_header: bool) -> None:
@@ -463,19 +473,11 @@ class SharedPaddedPlanner(_SlotKeeper):
             return None
         return Placement(0, 0, self.header_length, 0, self.stripe_size - self.header_length)
 
-    def _take(self, length: int) -> int:
-        offset = self.counter.fetch_add(length)
-        self._end = max(self._end, offset + length)
-        return offset
-
     def close(self, footer_length: int) -> Placement:
         self._check_open()
         self.closed = True
         self._pad_kept()
         return Placement(0, self._end, 0, 0, 0)
-
-    def file_sizes(self) -> list[int]:
-        return [self._end]
 
 
 class ShardedPlanner(_Closed):
