@@ -213,19 +213,35 @@ def _readable_gzip_text(fd: int, limit: int, *, skip: int) -> bytes:
     return bytes(rest)
 
 
-class _FileUpTo(io.RawIOBase):
+class _RawInput(io.RawIOBase):
+    """A raw reader of ``fd`` (owned: closed with the reader), which counts
+    the bytes read so far (:meth:`tell`)."""
+
+    def __init__(self, fd: int) -> None:
+        super().__init__()
+        self._fd = fd
+        self._position = 0
+
+    def readable(self) -> bool:
+        return True
+
+    def tell(self) -> int:
+        return self._position
+
+    def close(self) -> None:
+        if not self.closed:
+            os.close(self._fd)
+        super().close()
+
+
+class _FileUpTo(_RawInput):
     """The first ``limit`` bytes of a regular file, read through ``fd``
     (owned) with ``preadv``: a file that grows while it is read is read as
     it was when opened."""
 
     def __init__(self, fd: int, limit: int) -> None:
-        super().__init__()
-        self._fd = fd
+        super().__init__(fd)
         self._limit = limit
-        self._position = 0
-
-    def readable(self) -> bool:
-        return True
 
     def seekable(self) -> bool:
         return True
@@ -233,9 +249,6 @@ class _FileUpTo(io.RawIOBase):
     def seek(self, offset: int, whence: int = os.SEEK_SET) -> int:
         base = {os.SEEK_SET: 0, os.SEEK_CUR: self._position, os.SEEK_END: self._limit}[whence]
         self._position = max(0, base + offset)
-        return self._position
-
-    def tell(self) -> int:
         return self._position
 
     def readinto(self, buffer: typing.Any) -> int:
@@ -247,13 +260,8 @@ class _FileUpTo(io.RawIOBase):
         self._position += got
         return got
 
-    def close(self) -> None:
-        if not self.closed:
-            os.close(self._fd)
-        super().close()
 
-
-class _WaitingFile(io.RawIOBase):
+class _WaitingFile(_RawInput):
     """A pipe, FIFO or device read through ``fd`` (owned, non-blocking):
     each read first waits until the descriptor is readable, in trio when
     called from a thread trio started, so that a cancellation (Ctrl-C,
@@ -262,16 +270,8 @@ class _WaitingFile(io.RawIOBase):
     ``poll``."""
 
     def __init__(self, fd: int) -> None:
-        super().__init__()
-        self._fd = fd
-        self._position = 0
+        super().__init__(fd)
         self._in_trio: bool | None = None
-
-    def readable(self) -> bool:
-        return True
-
-    def tell(self) -> int:
-        return self._position
 
     def readinto(self, buffer: typing.Any) -> int:
         with memoryview(buffer) as view, view.cast("B") as target:
@@ -300,11 +300,6 @@ class _WaitingFile(io.RawIOBase):
             poller = select.poll()
             poller.register(self._fd, select.POLLIN)
             poller.poll()
-
-    def close(self) -> None:
-        if not self.closed:
-            os.close(self._fd)
-        super().close()
 
 
 def starts_array(path: str) -> bool | None:

@@ -484,11 +484,7 @@ def _merge_mpi(args: argparse.Namespace, settings: Any) -> int:
     except RankTimeout as exc:  # another rank hangs: no agreement, so this rank says it and ends the job
         print(f"pwriter: error: {exc}", file=sys.stderr, flush=True)
         world.abort(exc.exit_code)
-    except _Signalled as exc:
-        if world.rank != 0:  # (rank 0 says it, once)
-            return exc.exit_code
-        raise
-    except PwriterError as exc:
+    except (_Signalled, PwriterError) as exc:
         if world.rank != 0:  # rank 0 says it, once
             return exc.exit_code
         raise
