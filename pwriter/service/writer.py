@@ -113,9 +113,10 @@ def output_format(target: str, settings: Settings, *, stream: bool = False, head
 
 
 @dataclasses.dataclass(frozen=True)
-class WriterPlan:
+class WriterPlan(OutputFormat):
     """Everything a writer decides before it touches a file, as plain values
-    (built by :func:`writer_plan`; printable, and testable without I/O).
+    (built by :func:`writer_plan`; printable, and testable without I/O): its
+    framing (the fields of :class:`OutputFormat`) and the rest.
 
     The planner's parameters are ``sizing.layout``, ``header_length``,
     ``sizing.stripe_size``, ``sizing.lanes``, ``min_padding`` and
@@ -131,11 +132,6 @@ class WriterPlan:
     settings: Settings
     fs: FsInfo
     sizing: Sizing
-    compress: bool
-    header: bytes
-    footer: bytes
-    header_text: int
-    footer_text: int
     header_length: int
     files: int
     sidecars: tuple[str, ...]
@@ -180,8 +176,7 @@ def writer_plan(target: str, settings: Settings, form: OutputFormat, fs: FsInfo,
     # (with a shard size, the set grows: its shards are made as they are started)
     files = (0 if settings.shard_size is not None else sizing.lanes) if sharded else 1
     return WriterPlan(
-        target=target, stream=stream, settings=settings, fs=fs, sizing=sizing, compress=form.compress,
-        header=form.header, footer=form.footer, header_text=form.header_text, footer_text=form.footer_text,
+        **dataclasses.asdict(form), target=target, stream=stream, settings=settings, fs=fs, sizing=sizing,
         header_length=len(form.header), files=files,
         sidecars=(member_index_path(target),) if form.compress else (), validate=validate,
     )
