@@ -120,7 +120,7 @@ def build_gzip(plain: list[str], directory: str) -> list[str]:
         return paths
     shutil.rmtree(directory, ignore_errors=True)
     os.makedirs(directory)
-    for source, target in zip(plain, paths):
+    for source, target in zip(plain, paths, strict=True):
         with open(source, "rb") as handle:
             data = handle.read()
         with open(target, "wb") as handle:
@@ -234,7 +234,8 @@ def main() -> None:
     small = build_plain(os.path.join(args.dir, "small"), 256, 1024)
     size = text_bytes(plain)
     small_size = text_bytes(small)
-    print(f"pwriter bench: {os.cpu_count()} CPUs, corpus {args.dir} built/checked in {time.perf_counter() - started:.0f} s;"
+    built = time.perf_counter() - started
+    print(f"pwriter bench: {os.cpu_count()} CPUs, corpus {args.dir} built/checked in {built:.0f} s;"
           f" backends {', '.join(backends)}; median of {args.rounds} rounds after a warm-up round")
     merged = os.path.join(out, "merged.pfw")
     results: list[dict[str, object]] = []
@@ -277,8 +278,8 @@ def main() -> None:
         many = build_plain(many_dir, 625, 10_000)
         run_group("10,000 files of 64 KiB, -d DIR, no fsync", text_bytes(many), {
         "cat DIR/* > out": f"cat {many_dir}/*.pfw > {out}/cat.pfw",
-        **{f"pwriter -d DIR {backend} --no-fsync": [PWRITER, "merge", "-d", many_dir, "-o", merged, "--no-progress", "--backend",
-                                                   backend, "--no-fsync"] for backend in backends},
+        **{f"pwriter -d DIR {backend} --no-fsync": [PWRITER, "merge", "-d", many_dir, "-o", merged, "--no-progress",
+                                                   "--backend", backend, "--no-fsync"] for backend in backends},
         }, args.rounds, out, results)
 
     fio = tool("fio")
@@ -330,7 +331,8 @@ def main() -> None:
             os.makedirs(out)
             mib = sum(os.path.getsize(path) for path in paths) / MiB
             print(f"  {label:<10} {mib:8.0f} {run.wall:8.3f} {run.rss_kib / 1024:8.0f}")
-            results.append({"group": "memory", "corpus_mib": mib, "seconds": run.wall, "peak_rss_mib": run.rss_kib / 1024})
+            results.append({"group": "memory", "corpus_mib": mib, "seconds": run.wall,
+                            "peak_rss_mib": run.rss_kib / 1024})
 
     if "library" in wanted:
         print("\nlibrary path: 8 producers, 200-byte lines, batches of 10,000, striped file, no fsync "

@@ -5,7 +5,7 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 bash scripts/setup.sh
 if [ "$#" -eq 0 ]; then  # the whole run (CI): the linters first
-    .venv/bin/python -m ruff check pwriter tests
+    .venv/bin/python -m ruff check pwriter tests bench
     .venv/bin/python -m mypy pwriter
 fi
 exec .venv/bin/python -m pytest "$@"
