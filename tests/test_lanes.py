@@ -397,6 +397,29 @@ async def test_a_write_error_that_lands_while_the_lanes_are_cancelled_is_raised(
     assert [type(leaf) for leaf in leaves(raised) if not isinstance(leaf, trio.Cancelled)] == [WriteError]
 
 
+async def test_a_coalescer_never_ends_quietly_when_its_lane_writer_vanished() -> None:
+    """A coalescer whose chunk channel broke while nothing was cancelled
+    (no lane writer failure explains it) raises ClosedError: its chunks
+    would be missing from the output, so the writer must not publish."""
+    pool = BufferPool(2, STRIPE)
+    blocks_send, blocks_receive = trio.open_memory_channel[tuple[float, bytes]](4)
+    chunk_send, chunk_receive = trio.open_memory_channel[tuple[memoryview, int, float, bool]](1)
+
+    async def flush(lane: int, buffer: memoryview, filled: int, since: float) -> None:
+        await chunk_send.send((buffer, filled, since, True))
+
+    async def write_whole(lane: int, view: memoryview, since: float) -> None:
+        await chunk_send.send((view, view.nbytes, since, False))
+
+    coalescer = Coalescer(0, blocks_receive, pool, capacity=STRIPE, max_delay=60, flush=flush,
+                          write_whole=write_whole)
+    chunk_receive.close()  # the lane writer is gone, and nothing is cancelled
+    await blocks_send.send((0.0, b'{"pad":"%s"}\n' % (b"x" * 3000)))
+    blocks_send.close()
+    with pytest.raises(ClosedError, match="lane 0's writer stopped"):
+        await WriteLanes._coalesce(coalescer, chunk_send)
+
+
 def leaves(error: BaseException) -> list[BaseException]:
     if isinstance(error, BaseExceptionGroup):
         return [leaf for inner in error.exceptions for leaf in leaves(inner)]

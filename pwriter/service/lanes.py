@@ -69,6 +69,7 @@ from collections.abc import Awaitable, Callable
 import trio
 
 from ..data.sink import ChunkSink
+from ..errors import ClosedError
 from .handle import NEWLINE, Block, Producer
 
 __all__ = ["WriteLanes", "CHANNEL_BLOCKS", "LANE_CHUNKS", "Block", "BufferPool", "Coalescer", "CoalescerStatistics"]
@@ -388,7 +389,11 @@ class WriteLanes:
             try:
                 await coalescer.run()
             except trio.BrokenResourceError:
-                pass  # the lane writer is gone: it failed (or was cancelled), and that is what is raised
+                # The lane writer is gone: it failed or was cancelled, and the
+                # lanes are cancelled by now; that is what is raised.  Never
+                # end quietly otherwise: chunks would be missing from the output.
+                await trio.lowlevel.checkpoint_if_cancelled()
+                raise ClosedError(f"lane {coalescer.lane}'s writer stopped before its chunks were written") from None
 
     @trio.lowlevel.enable_ki_protection
     async def _write_lane(self, lane: int, chunks: trio.MemoryReceiveChannel[LaneChunk]) -> None:
