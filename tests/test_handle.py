@@ -6,21 +6,26 @@ memory: what a call takes, cancelled or not, and its schedule points."""
 
 from __future__ import annotations
 
+import json
 import math
 from collections.abc import Callable
 
 import pytest
 import trio
+import trio.lowlevel
 import trio.testing
 
 import pwriter.service.writer
 from pwriter.errors import BusyError, ClosedError, InputError
 from pwriter.faces.sync import open_writer_sync
-from pwriter.faces.testing import read_events
+from pwriter.faces.testing import MemoryBackend, read_events
+from pwriter.plan.sizing import FsInfo, FsKind
 from pwriter.service.handle import SCHEDULE_EVERY, HandleCore, HandleState, Producer, copy_of, join_lines
 from pwriter.service.writer import open_writer
 
 from helpers import recorded_coalescer
+
+LOCAL = FsInfo(FsKind.LOCAL, 0xEF53, "/")
 
 S = HandleState
 
@@ -380,3 +385,44 @@ async def test_every_send_is_a_cancel_point_and_a_tight_loop_lets_others_run() -
         done = True
     expected = b"{a}\n" * 2 * SCHEDULE_EVERY + b"{b}\n{c}\n" * 2 * SCHEDULE_EVERY + b"{d}\n"
     assert b"".join(recorder.chunks) == expected
+
+
+@pytest.mark.parametrize("handles", [1, 50])
+def test_a_task_that_works_between_its_calls_still_gets_max_delay(tmp_path, monkeypatch, handles: int) -> None:
+    """A producer task that does blocking work between its calls (0.1 s of
+    it, shown by jumping the mock clock: no other task runs meanwhile),
+    over one handle or round-robin over many: the writer's ticker still
+    pushes every batch before its oldest line waited ``max_delay`` plus
+    about one call's work.  Yielding once in SCHEDULE_EVERY calls alone
+    let batches wait 6 to 12 s with ``max_delay=1``; each call now also
+    checks the time since its handle's last schedule point.  (The memory
+    backend writes in the trio thread: a real thread's write would take no
+    mock time and the jumps would outrun it.)"""
+    waits: list[float] = []
+    real = Producer.send_pending_nowait
+
+    def recorded(self: Producer) -> bool:
+        wait = trio.current_time() - self.pending_since if self._core.pending else None
+        pushed = real(self)
+        if wait is not None and pushed:
+            waits.append(wait)
+        return pushed
+
+    monkeypatch.setattr(Producer, "send_pending_nowait", recorded)
+    clock = trio.testing.MockClock()
+    memory = MemoryBackend()
+
+    async def main() -> None:
+        async with open_writer(str(tmp_path / "out.pfw"), max_delay=1.0, backend=memory, fs=LOCAL) as writer:
+            producers = [await writer.producer().__aenter__() for _ in range(handles)]
+            await trio.lowlevel.checkpoint()  # the lanes and the ticker run
+            for n in range(400):
+                clock.jump(0.1)  # blocking work in the producer's task
+                await producers[n % handles].send_line(b'{"n":%d}' % n)
+            for producer in producers:
+                await producer.aclose()
+
+    trio.run(main, clock=clock)
+    assert waits and max(waits) <= 1.0 + 0.2 + 1e-9, max(waits)
+    text = memory.text().decode()
+    assert sorted(json.loads(line)["n"] for line in text.splitlines() if line.startswith("{")) == list(range(400))

@@ -11,7 +11,7 @@ import pytest
 from pwriter.plan.layout import GZIP_MIN_PADDING
 from pwriter.plan.settings import ConfigError, Settings
 from pwriter.plan.sizing import FsInfo, FsKind, plan_sizing
-from pwriter.service.writer import output_format, writer_plan
+from pwriter.service.writer import output_format, plan, writer_plan
 
 MiB = 1 << 20
 NOWHERE = "/nonexistent-pwriter-dir/out"
@@ -91,3 +91,16 @@ def test_combine_statistics_sums_counts_and_keeps_the_rest() -> None:
     assert (combined.io.writes, combined.io.bytes_written, combined.io.fsyncs) == (4, 40, 4)
     assert (combined.io.most_in_flight, combined.io.backend) == (9, "threads")  # the largest, not the sum
     assert combined.io.mechanism == "pwritev"
+
+
+def test_a_writer_plan_serves_as_the_framing_of_another(tmp_path) -> None:
+    """A WriterPlan is an OutputFormat (it extends it): given as the framing
+    of a new plan, only the framing's fields are taken (every field of the
+    plan was, and clashed with the new plan's own: TypeError)."""
+    settings = Settings()
+    first_target, second_target = str(tmp_path / "a.pfw"), str(tmp_path / "b.pfw")
+    fs, sizing = plan(first_target, settings)
+    first = writer_plan(first_target, settings, output_format(first_target, settings), fs, sizing)
+    second = writer_plan(second_target, settings, first, fs, sizing)
+    assert second.target == second_target
+    assert (second.header, second.footer, second.compress) == (first.header, first.footer, first.compress)

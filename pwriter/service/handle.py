@@ -53,8 +53,8 @@ import trio
 from ..errors import BusyError, ClosedError, InputError
 from ..plan.traceformat import BlockCleaner, count_lines
 
-__all__ = ["Block", "DEFAULT_BATCH_BYTES", "HandleCore", "HandleState", "Producer", "SCHEDULE_EVERY", "copy_of",
-           "join_lines", "line_checker", "one_line"]
+__all__ = ["Block", "DEFAULT_BATCH_BYTES", "HandleCore", "HandleState", "Producer", "SCHEDULE_AFTER", "SCHEDULE_EVERY",
+           "copy_of", "join_lines", "line_checker", "one_line"]
 
 DEFAULT_BATCH_BYTES = 64 << 10
 NEWLINE = b"\n"
@@ -353,9 +353,15 @@ its oldest line was queued (the coalescer's deadline counts from there)."""
 
 SCHEDULE_EVERY = 64
 """A ``send_line`` or ``send_lines`` that only queues lets the scheduler
-switch tasks once in this many calls: every call is a cancel point, but a
-schedule point costs more than queuing a line, and a tight loop that yields
-this often starves no other task."""
+switch tasks once in this many calls of its handle, or sooner (see
+:data:`SCHEDULE_AFTER`): every call is a cancel point, but a schedule point
+costs more than queuing a line."""
+
+SCHEDULE_AFTER = 1 / 16
+"""... and at the first such call once this fraction of the writer's
+``max_delay`` has passed (trio clock) since the handle's last schedule
+point: a task that works between its calls still lets the writer's
+deadlines run in time, and a tight loop over many handles starves no task."""
 
 
 class Producer:
@@ -376,7 +382,8 @@ class Producer:
 
     Every call is a cancel point and, but for a ``send_line`` or
     ``send_lines`` that only queues (those yield once in
-    :data:`SCHEDULE_EVERY` calls), a schedule point.  A call that returned accepted its lines; a
+    :data:`SCHEDULE_EVERY` calls, or after :data:`SCHEDULE_AFTER` of
+    ``max_delay``), a schedule point.  A call that returned accepted its lines; a
     call that raised, cancelled included, took none of them, as trio's own
     sends: a cancelled ``send_line``, ``send_lines`` or ``send_block``
     leaves the lines queued before it as they were, and a cancelled
@@ -395,11 +402,13 @@ class Producer:
     """
 
     def __init__(self, channel: trio.MemorySendChannel[Block], *, batch_bytes: int = DEFAULT_BATCH_BYTES,
-                 check: Callable[[bytes], None] | None = None) -> None:
+                 check: Callable[[bytes], None] | None = None, max_delay: float = 1.0) -> None:
         self._channel = channel
         self._core = HandleCore(batch_bytes=batch_bytes, check=check, user="task", clock=trio.current_time)
         self._push_done: trio.Event | None = None  # set when a push ends (the writer's close waits for it)
         self._calls_unyielded = 0  # calls since this handle last let the scheduler switch tasks
+        self._schedule_after = max_delay * SCHEDULE_AFTER
+        self._schedule_by = trio.current_time() + self._schedule_after  # when a call that only queues yields
 
     @property
     def state(self) -> HandleState:
@@ -435,8 +444,13 @@ class Producer:
         """Whether this call, one that queued without pushing, is a schedule point."""
         self._calls_unyielded += 1
         if self._calls_unyielded < SCHEDULE_EVERY:
-            return False
+            now = trio.current_time()
+            if now < self._schedule_by:
+                return False
+        else:
+            now = trio.current_time()
         self._calls_unyielded = 0
+        self._schedule_by = now + self._schedule_after
         return True
 
     async def send_lines(self, lines: Iterable[bytes]) -> None:

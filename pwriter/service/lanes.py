@@ -335,7 +335,7 @@ class WriteLanes:
         """A new handle on the next lane in turn."""
         send = self._sends[self._next_lane % len(self._sends)]
         self._next_lane += 1
-        producer = Producer(send.clone(), batch_bytes=batch_bytes, check=check)
+        producer = Producer(send.clone(), batch_bytes=batch_bytes, check=check, max_delay=self._max_delay)
         # A handle closed by its task is dropped here, unless its last push
         # was cancelled: close() pushes that.
         self._producers = [existing for existing in self._producers if not existing.finished]

@@ -175,8 +175,9 @@ def writer_plan(target: str, settings: Settings, form: OutputFormat, fs: FsInfo,
     sharded = sizing.layout == "sharded"
     # (with a shard size, the set grows: its shards are made as they are started)
     files = (0 if settings.shard_size is not None else sizing.lanes) if sharded else 1
+    framing = {field.name: getattr(form, field.name) for field in dataclasses.fields(OutputFormat)}
     return WriterPlan(
-        **dataclasses.asdict(form), target=target, stream=stream, settings=settings, fs=fs, sizing=sizing,
+        **framing, target=target, stream=stream, settings=settings, fs=fs, sizing=sizing,
         header_length=len(form.header), files=files,
         sidecars=(member_index_path(target),) if form.compress else (), validate=validate,
     )
