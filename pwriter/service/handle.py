@@ -410,11 +410,9 @@ class Producer:
         self._push_done: trio.Event | None = None  # set when a push ends (the writer's close waits for it)
         self._calls_unyielded = 0  # calls since this handle last let the scheduler switch tasks
         self._schedule_after = max_delay * SCHEDULE_AFTER
-        # Elapsed time is what a task that works between its calls costs the
-        # others: the system's monotonic clock (what trio's own clock runs
-        # on, and cheaper to read) unless a test drives trio's clock.
-        clock = trio.lowlevel.current_clock()
-        self._now = trio.current_time if isinstance(clock, trio.testing.MockClock) else time.perf_counter
+        # (the clock trio's own runs on, and cheaper to read, unless a test drives trio's clock)
+        mocked = isinstance(trio.lowlevel.current_clock(), trio.testing.MockClock)
+        self._now = trio.current_time if mocked else time.perf_counter
         self._schedule_by = self._now() + self._schedule_after  # when a call that only queues yields
 
     @property
