@@ -46,11 +46,11 @@ from __future__ import annotations
 import enum
 import math
 import operator
+import sys
 import time
 from collections.abc import Callable, Iterable
 
 import trio
-import trio.testing
 
 from ..errors import BusyError, ClosedError, InputError
 from ..plan.traceformat import BlockCleaner, count_lines
@@ -366,6 +366,17 @@ point: a task that works between its calls still lets the writer's
 deadlines run in time, and a tight loop over many handles starves no task."""
 
 
+def _elapsed_clock() -> Callable[[], float]:
+    """What measures the time between a handle's schedule points: the clock
+    trio's own runs on (cheaper to read than trio's), unless a test drives
+    trio's clock with a MockClock.  (``trio.testing``, which imports pytest,
+    is looked up, never imported: a MockClock in use implies it.)"""
+    testing = sys.modules.get("trio.testing")
+    if testing is not None and isinstance(trio.lowlevel.current_clock(), testing.MockClock):
+        return trio.current_time
+    return time.perf_counter
+
+
 class Producer:
     """A handle through which one task writes lines.
 
@@ -410,9 +421,7 @@ class Producer:
         self._push_done: trio.Event | None = None  # set when a push ends (the writer's close waits for it)
         self._calls_unyielded = 0  # calls since this handle last let the scheduler switch tasks
         self._schedule_after = max_delay * SCHEDULE_AFTER
-        # (the clock trio's own runs on, and cheaper to read, unless a test drives trio's clock)
-        mocked = isinstance(trio.lowlevel.current_clock(), trio.testing.MockClock)
-        self._now = trio.current_time if mocked else time.perf_counter
+        self._now = _elapsed_clock()
         self._schedule_by = self._now() + self._schedule_after  # when a call that only queues yields
 
     @property
