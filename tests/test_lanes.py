@@ -26,6 +26,7 @@ from pwriter.faces.testing import MemoryBackend
 from pwriter.plan.layout import GZIP_MIN_PADDING, PaddedStripedPlanner, StripedPlanner
 from pwriter.service.handle import Producer
 from pwriter.service.lanes import BufferPool, Coalescer, WriteLanes
+from pwriter.service.writer import _leaves
 
 from helpers import recorded_coalescer
 
@@ -354,7 +355,7 @@ async def test_a_lane_writer_that_fails_leaves_only_its_own_error(tmp_path) -> N
                     assert lanes._chunk_sends[0].statistics().tasks_waiting_send == 1
                     gate.set()
             os.close(output.fds[0])
-            errors = [leaf for leaf in leaves(raised.value) if not isinstance(leaf, trio.Cancelled)]
+            errors = [leaf for leaf in _leaves(raised.value) if not isinstance(leaf, trio.Cancelled)]
             assert [type(error) for error in errors] == [WriteError], (trial, errors)
 
 
@@ -394,7 +395,7 @@ async def test_a_write_error_that_lands_while_the_lanes_are_cancelled_is_raised(
             raised = error
     os.close(output.fds[0])
     assert raised is not None, "the write error was lost"
-    assert [type(leaf) for leaf in leaves(raised) if not isinstance(leaf, trio.Cancelled)] == [WriteError]
+    assert [type(leaf) for leaf in _leaves(raised) if not isinstance(leaf, trio.Cancelled)] == [WriteError]
 
 
 async def test_a_coalescer_never_ends_quietly_when_its_lane_writer_vanished() -> None:
@@ -418,9 +419,3 @@ async def test_a_coalescer_never_ends_quietly_when_its_lane_writer_vanished() ->
     blocks_send.close()
     with pytest.raises(ClosedError, match="lane 0's writer stopped"):
         await WriteLanes._coalesce(coalescer, chunk_send)
-
-
-def leaves(error: BaseException) -> list[BaseException]:
-    if isinstance(error, BaseExceptionGroup):
-        return [leaf for inner in error.exceptions for leaf in leaves(inner)]
-    return [error]
