@@ -353,11 +353,12 @@ Block = tuple[float, bytes]
 its oldest line was queued (the coalescer's deadline counts from there)."""
 
 
-SCHEDULE_EVERY = 64
+SCHEDULE_EVERY = 256
 """A ``send_line`` or ``send_lines`` that only queues lets the scheduler
-switch tasks once in this many calls of its handle, or sooner (see
-:data:`SCHEDULE_AFTER`): every call is a cancel point, but a schedule point
-costs more than queuing a line."""
+switch tasks once this many calls of its handle have passed since its last
+schedule point (a push is one), or sooner (see :data:`SCHEDULE_AFTER`):
+every call is a cancel point, but a schedule point costs more than queuing
+a line."""
 
 SCHEDULE_AFTER = 1 / 16
 """... and at the first such call once this fraction of the writer's
@@ -451,18 +452,16 @@ class Producer:
         await trio.lowlevel.checkpoint_if_cancelled()
         if not core.add(line):
             await self._push(line)
-        elif self._yield_due():
-            await trio.lowlevel.cancel_shielded_checkpoint()
-
-    def _yield_due(self) -> bool:
-        """Whether this call, one that queued without pushing, is a schedule point."""
+            return
         self._calls_unyielded += 1
-        now = self._now()
-        if self._calls_unyielded < SCHEDULE_EVERY and now < self._schedule_by:
-            return False
+        if self._calls_unyielded >= SCHEDULE_EVERY or self._now() >= self._schedule_by:
+            await self._schedule_point()
+
+    async def _schedule_point(self) -> None:
+        """Let the scheduler switch tasks (a call that queued without pushing, and is due to)."""
         self._calls_unyielded = 0
-        self._schedule_by = now + self._schedule_after
-        return True
+        self._schedule_by = self._now() + self._schedule_after
+        await trio.lowlevel.cancel_shielded_checkpoint()
 
     async def send_lines(self, lines: Iterable[bytes]) -> None:
         """Queue many lines at once (newlines added where missing; every
@@ -475,8 +474,10 @@ class Producer:
         await trio.lowlevel.checkpoint_if_cancelled()
         if not core.add(block):
             await self._push(block)
-        elif self._yield_due():
-            await trio.lowlevel.cancel_shielded_checkpoint()
+            return
+        self._calls_unyielded += 1
+        if self._calls_unyielded >= SCHEDULE_EVERY or self._now() >= self._schedule_by:
+            await self._schedule_point()
 
     async def send_block(self, block: bytes) -> None:
         """Send a block of whole lines (newline-terminated; one is added at the end if missing).
@@ -525,6 +526,8 @@ class Producer:
         """
         core = self._core
         core.start_push()
+        self._calls_unyielded = 0  # (a push is a schedule point: sending into the lane's channel)
+        self._schedule_by = self._now() + self._schedule_after
         try:
             if core.pending or lines:
                 since = core.pending_since if core.pending else trio.current_time()
