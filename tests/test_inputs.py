@@ -198,6 +198,35 @@ def test_input_that_grows_while_read(tmp_path) -> None:
         assert reader.damage is not None and "grew" in reader.damage
 
 
+@pytest.mark.parametrize("compressed", [False, True], ids=["plain", "gzip"])
+@pytest.mark.parametrize("refusing", [("pread", "preadv", "readv"), ("readv",)], ids=["every-read", "past-the-cache"])
+def test_a_filesystem_that_honours_nonblocking_reads_of_a_regular_file(tmp_path, monkeypatch, compressed,
+                                                                      refusing) -> None:
+    """Inputs are opened O_NONBLOCK (a FIFO must not block the open) and a
+    plain regular file is left so: where its filesystem honours that, a read
+    that would block raises BlockingIOError, and the reader makes the file
+    blocking and reads on.  Simulated: the ``refusing`` reads of a
+    non-blocking descriptor raise (``readv`` alone: the first bytes were cached)."""
+    text = b"[\n" + b"\n".join(EVENTS) + b"\n]\n"
+    path = tmp_path / ("honours.pfw.gz" if compressed else "honours.pfw")
+    path.write_bytes(gzip.compress(text) if compressed else text)
+    refused = []
+
+    def honouring(read):
+        def call(fd, *args):
+            if not os.get_blocking(fd):
+                refused.append(read.__name__)
+                raise BlockingIOError(11, "Resource temporarily unavailable")
+            return read(fd, *args)
+        return call
+
+    for name in refusing:
+        monkeypatch.setattr(os, name, honouring(getattr(os, name)))
+    assert read_file(path)[0] == EVENTS
+    # each refused once at most: blocking from then on (gzip inputs are made blocking once their magic is read)
+    assert refused == [refusing[0]] if refusing[0] == "pread" or not compressed else refused == []
+
+
 def test_input_that_shrank_since_the_merge_began(tmp_path) -> None:
     text = b"\n".join(EVENTS[:10]) + b"\n"
     path = tmp_path / "shrunk.pfw"

@@ -367,7 +367,7 @@ class _InputFile:
     A plain regular file is read with ``os.readv`` straight into the
     caller's buffer, up to its size when opened: no buffered reader, a few
     system calls for a small file (open, fstat, pread of the magic, read,
-    then fstat and stat to check it did not change, close).  gzip files and
+    then a stat of its name to check it did not change, close).  gzip files and
     pipes (which cannot pread: FIFOs are inputs too) go through a buffered
     reader that can peek; pipes, FIFOs and devices have no size to check,
     and are opened and read without blocking a cancellation
@@ -404,9 +404,15 @@ class _InputFile:
             opened = os.fstat(fd)
             self._opened = opened if stat_module.S_ISREG(opened.st_mode) else None
             if self._opened is not None:
-                os.set_blocking(fd, True)
-                head = os.pread(fd, 2, 0)
+                # Left O_NONBLOCK, which reads of a regular file ignore (one system call fewer per input), unless
+                # its filesystem honours it: then made blocking at the first read that would block.
+                try:
+                    head = os.pread(fd, 2, 0)
+                except BlockingIOError:
+                    os.set_blocking(fd, True)
+                    head = os.pread(fd, 2, 0)
                 if is_gzip_magic(head):
+                    os.set_blocking(fd, True)
                     self._raw = io.BufferedReader(_FileUpTo(fd, opened.st_size), buffer_size=PEEK_SIZE)
                 else:
                     self._fd = fd
@@ -464,14 +470,14 @@ class _InputFile:
         """How a regular input changed since it was opened (None: not at
         all), and whether the bytes it had then are still there unchanged."""
         try:
-            now = os.fstat(self._descriptor)
-        except OSError as exc:
-            raise DataError(f"{self.path}: read failed: {exc.strerror}") from None
-        try:
             named = os.stat(self.path)
         except OSError:
             named = None
         same_file = named is not None and (named.st_dev, named.st_ino) == (opened.st_dev, opened.st_ino)
+        try:
+            now = named if named is not None and same_file else os.fstat(self._descriptor)  # (one inode: one call)
+        except OSError as exc:
+            raise DataError(f"{self.path}: read failed: {exc.strerror}") from None
         if now.st_size > opened.st_size:
             return f"it grew from {opened.st_size} to {now.st_size} bytes (still being written?)", True
         if now.st_size < opened.st_size:
@@ -510,7 +516,11 @@ class _InputFile:
                 if stop <= start:
                     return 0
                 with buffer[start:stop] as target:
-                    got = os.readv(self._fd, [target])
+                    try:
+                        got = os.readv(self._fd, [target])
+                    except BlockingIOError:  # (see __init__)
+                        os.set_blocking(self._fd, True)
+                        got = os.readv(self._fd, [target])
             else:
                 assert self._raw is not None
                 with buffer[start:stop] as target:
