@@ -284,6 +284,41 @@ def test_input_run_reads_many_inputs_in_one_fill(tmp_path) -> None:
     assert len(run.ends) == 4 and run.salvaged == []
 
 
+def test_an_input_read_whole_is_freed_at_once(tmp_path, monkeypatch) -> None:
+    """An InputRun lets go of each input it has read, its gzip reader's
+    buffers included, without waiting for the garbage collector: a cycle
+    between a reader and its file held about 110 KiB per gzip input until a
+    collection (a 64-input gzip merge peaked 18 MiB higher)."""
+    import gc
+    import weakref
+
+    from pwriter.data import inputs
+
+    made = []
+    original = inputs._InputFile
+
+    class Watched(original):  # type: ignore[misc, valid-type]
+        def __init__(self, *args, **kwargs) -> None:
+            made.append(weakref.ref(self))
+            super().__init__(*args, **kwargs)
+
+    monkeypatch.setattr(inputs, "_InputFile", Watched)
+    paths = []
+    for number in range(6):
+        path = tmp_path / f"rank{number}.pfw.gz"
+        path.write_bytes(gzip.compress(b"\n".join(EVENTS) + b"\n"))
+        paths.append(str(path))
+    run = InputRun(paths, [os.path.getsize(path) for path in paths])
+    gc.disable()
+    try:
+        lines, _ = read_all(run, 512)
+        run.close()
+        assert lines == EVENTS * 6
+        assert len(made) == 6 and [ref() for ref in made] == [None] * 6
+    finally:
+        gc.enable()
+
+
 def test_input_run_reports_what_salvage_dropped(tmp_path) -> None:
     good = tmp_path / "a.pfw"
     good.write_bytes(b"\n".join(EVENTS[:3]) + b"\n")

@@ -379,17 +379,18 @@ class _InputFile:
     :class:`DataError` naming it.  With ``salvage``, an input that grew (a
     rank still writing it) or whose name now means another file (or none)
     keeps the text it had when opened, and a truncated gzip the text that
-    decompresses; each is told to ``note``.  One rewritten in place is an
+    decompresses; each is added to ``notes``.  One rewritten in place is an
     error still (its lines may mix the old text and the new).
     """
 
-    def __init__(self, path: str, *, salvage: bool, size: int, note: typing.Callable[[str], None]) -> None:
+    def __init__(self, path: str, *, salvage: bool, size: int, notes: list[str]) -> None:
         self.path = path
         self.salvage = salvage
         self.size = size  # bytes when the merge began: reading fewer means it shrank
         self.text_read = 0
         """Bytes of text read so far."""
-        self._note = note
+        self._notes = notes  # (its reader's list: a callback into the reader would make a cycle, which
+        # keeps a gzip reader's buffers alive until the garbage collector runs)
         self._recovered: bytes | None = None  # the readable rest of a truncated gzip
         self._checked = False  # whether the input was checked for a change since it was opened
         self._fd: int | None = None
@@ -461,7 +462,7 @@ class _InputFile:
             return
         what, whole = change
         if self.salvage and whole:
-            self._note(f"{what}: kept the {self._opened.st_size} bytes it had when opened")
+            self._notes.append(f"{what}: kept the {self._opened.st_size} bytes it had when opened")
             return
         hint = "--salvage keeps the lines it had when opened" if whole else "its lines may mix the old text and the new"
         raise DataError(f"{self.path}: the input changed while it was read: {what} ({hint})")
@@ -530,7 +531,7 @@ class _InputFile:
             if not self.salvage or self._opened is None:
                 raise self._truncated() from None
             self._recovered = _readable_gzip_text(self._descriptor, self._opened.st_size, skip=self.text_read)
-            self._note("truncated gzip: kept what decompresses")
+            self._notes.append("truncated gzip: kept what decompresses")
             return self.read_into(buffer, start, stop)
         except (gzip.BadGzipFile, *_gzip_errors()) as exc:  # type: ignore[misc]
             self._check_unchanged()  # (corrupt because it was rewritten while read?)
@@ -590,9 +591,9 @@ class InputReader:
     def __init__(self, path: str, *, salvage: bool = False, validate: bool = False, size: int = 0) -> None:
         self.path = path
         self.salvage = salvage
-        self.damage: str | None = None  # what --salvage dropped, if anything
+        self._notes: list[str] = []  # what --salvage kept or dropped
         self.dropped_lines = 0
-        self._file = _InputFile(path, salvage=salvage, size=size, note=self._note)
+        self._file = _InputFile(path, salvage=salvage, size=size, notes=self._notes)
         self.compressed = self._file.compressed
         self._cleaner = BlockCleaner(path, validate=validate, drop_invalid=salvage)
 
@@ -675,8 +676,13 @@ class InputReader:
                 break
         return self._cleaner.feed(b"".join(parts)), rest
 
+    @property
+    def damage(self) -> str | None:
+        """What ``salvage`` kept or dropped of this input (None: nothing)."""
+        return "; ".join(self._notes) or None
+
     def _note(self, what: str) -> None:
-        self.damage = f"{self.damage}; {what}" if self.damage else what
+        self._notes.append(what)
 
     def _note_invalid_lines(self) -> None:
         """--salvage --validate: count and describe the invalid lines dropped."""
