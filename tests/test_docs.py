@@ -105,3 +105,15 @@ def test_every_long_page_opens_with_its_contents(page: pathlib.Path) -> None:
     listed = set(re.findall(r"\]\(#([^)]+)\)", opening))
     assert [section for section in sections if section not in listed] == [], \
         f"{page.name} is long: list every section before the first one"
+
+
+@pytest.mark.parametrize("name", ["README.md", "docs/api.md", "docs/performance.md"])
+def test_the_pages_give_the_handle_schedule_period_the_code_has(name: str) -> None:
+    """Where a page says how often a ``send_line`` that only queues yields
+    ("once in N calls"), N is ``handle.SCHEDULE_EVERY`` (the pages that
+    describe the library as it is; docs/faults.md keeps the history)."""
+    from pwriter.service.handle import SCHEDULE_EVERY
+
+    text = " ".join(prose_lines(ROOT / name))
+    said = [int(number) for number in re.findall(r"once in (\d+)\s+calls", text)]
+    assert [number for number in said if number != SCHEDULE_EVERY] == []
