@@ -526,8 +526,6 @@ class Producer:
         """
         core = self._core
         core.start_push()
-        self._calls_unyielded = 0  # (a push is a schedule point: sending into the lane's channel)
-        self._schedule_by = self._now() + self._schedule_after
         try:
             if core.pending or lines:
                 since = core.pending_since if core.pending else trio.current_time()
@@ -552,6 +550,8 @@ class Producer:
         except (trio.ClosedResourceError, trio.BrokenResourceError):
             raise ClosedError("a send on a producer handle whose writer closed while it waited: "
                               "nothing was taken") from None
+        self._calls_unyielded = 0  # (a send into the lane's channel was a schedule point)
+        self._schedule_by = self._now() + self._schedule_after
 
     def send_pending_nowait(self) -> bool:
         """Send the queued lines if the channel has room now; False if not
