@@ -58,6 +58,8 @@ def path_list(paths: Sequence[str | os.PathLike[str]], function: str, what: str 
     if isinstance(paths, (str, bytes, os.PathLike)):
         raise TypeError(f"{function}() takes a list of paths as {what}, not a single "
                         f"{type(paths).__name__} ({[paths]!r} for one)")
+    if isinstance(paths, list) and all(type(path) is str for path in paths):
+        return list(paths)  # (the usual case, in one C loop: a merge may have many thousand inputs)
     listed = []
     for path in paths:
         if not isinstance(path, (str, os.PathLike)) or not isinstance(os.fspath(path), str):
@@ -155,7 +157,7 @@ def _traces_in(directory: str, excluded: set[tuple[int, int, str]], *, recursive
                 continue
             if (where.st_dev, where.st_ino, entry.name) in excluded:
                 continue
-            found.append((_natural_key(os.path.join(relative, entry.name)), entry.path))
+            found.append((_natural_key(os.path.join(relative, entry.name) if relative else entry.name), entry.path))
     return [path for _, path in sorted(found)]
 
 
@@ -444,7 +446,7 @@ class _InputFile:
     def check_whole(self) -> None:
         """At the end of the input: it must not have shrunk since the merge
         began, nor changed since it was opened (see the class docstring)."""
-        consumed = self.raw_offset
+        consumed = self.text_read if self._raw is None else self.raw_offset  # (plain: the text is the file)
         least = max(self.size, self._opened.st_size if self._opened is not None else 0)
         self._check_unchanged()
         if consumed < least:
@@ -638,7 +640,8 @@ class InputReader:
                     buffer[done + len(line)] = 10
                     end = done + len(line) + 1
             done = self._cleaner.clean_in_place(buffer, done, end)
-            self._note_invalid_lines()
+            if self._cleaner.invalid:
+                self._note_invalid_lines()
             return done, done, True
         if end == start:
             return done, end, False  # full: the caller must make room
@@ -679,18 +682,17 @@ class InputReader:
     @property
     def damage(self) -> str | None:
         """What ``salvage`` kept or dropped of this input (None: nothing)."""
-        return "; ".join(self._notes) or None
+        return "; ".join(self._notes) if self._notes else None
 
     def _note(self, what: str) -> None:
         self._notes.append(what)
 
     def _note_invalid_lines(self) -> None:
-        """--salvage --validate: count and describe the invalid lines dropped."""
+        """--salvage --validate: count and describe the invalid lines dropped (there are some)."""
         cleaner = self._cleaner
-        if cleaner.invalid:
-            self.dropped_lines += cleaner.invalid
-            shown = ", ".join(cleaner.invalid_examples) + (", ..." if cleaner.invalid > 3 else "")
-            self._note(f"dropped {cleaner.invalid} lines that are not valid JSON: {shown}")
+        self.dropped_lines += cleaner.invalid
+        shown = ", ".join(cleaner.invalid_examples) + (", ..." if cleaner.invalid > 3 else "")
+        self._note(f"dropped {cleaner.invalid} lines that are not valid JSON: {shown}")
 
     def _keeps_last_line(self, line: bytes, offset: int) -> bool:
         """Whether the last line of the input, which has no newline, is
@@ -756,9 +758,10 @@ class InputRun:
             done, end, finished = self.reader.fill(buffer, done, end, capacity)
             if finished:
                 self.events += self.reader.events
-                self.ends.append(self.reader.end())
-                if self.reader.damage:
-                    self.salvaged.append((self.reader.path, self.reader.damage, self.reader.dropped_lines))
+                ended = self.reader.end()
+                self.ends.append(ended)
+                if ended.damage:
+                    self.salvaged.append((ended.path, ended.damage, self.reader.dropped_lines))
                 self.close()
                 self.files_done += 1
                 self.bytes_done += self._sizes[self._next]

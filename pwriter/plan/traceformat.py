@@ -161,7 +161,8 @@ class BlockCleaner:
         self.lines += lines
         self.events += kept
         self.ids += ids
-        self._keep_last_event(buffer, start, write)
+        if write > start:  # (_keep_last_event, with the scan's own view: one call per block, not three)
+            self.last_event = bytes(buffer[(lib.pw_rfind_newline(view, start, write - 1) + 1 or start) : write - 1])
         return write
 
     def _keep_last_event(self, buffer: memoryview, start: int, stop: int) -> None:
