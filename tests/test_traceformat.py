@@ -242,3 +242,43 @@ def test_count_lines_c_and_python_agree(block: bytes) -> None:
     for name in SCANNERS:
         with scanner(name):
             assert traceformat.count_lines(block) == expected
+
+
+@given(traces(), st.lists(st.integers(0, 10**6), max_size=6), st.sampled_from(SCANNERS), st.integers(0, 3))
+def test_the_last_event_wherever_the_text_is_cut_and_placed(trace, cuts, name, before) -> None:
+    """``last_event`` (the completeness report reads the ``end`` event from
+    it) is the last event line of the text, whether the text is fed in
+    pieces (blocks that clean to nothing leave it as it was) or cleaned in
+    place after other text, whose newlines it must not reach back to."""
+    text, events = trace
+    expected = events[-1] if events else None
+    with scanner(name):
+        cleaned, cleaner = clean(text, cuts)
+        assert cleaner.last_event == expected
+        if text and not text.endswith(b"\n"):
+            text += b"\n"
+        earlier = b'{"id":0,"before":1}\n' * before + b"#"  # (not a newline just before the text)
+        buffer = memoryview(bytearray(earlier + text + b'{"after":1}\n'))
+        cleaner = BlockCleaner("t.pfw")
+        cleaner.clean_in_place(buffer, len(earlier), len(earlier) + len(text))
+    assert cleaner.last_event == expected
+
+
+@pytest.mark.parametrize("name", SCANNERS)
+def test_the_last_event_is_the_last_one_kept(name: str) -> None:
+    """An event line dropped as invalid (``--salvage --validate``) or a
+    block of wrapper lines only is not the last event: the one kept before it is."""
+    with scanner(name):
+        cleaner = BlockCleaner("t.pfw", validate=True, drop_invalid=True)
+        cleaner.feed(b'[\r\n  {"id":1}\r\n{"id":2,"x":}\n')
+        assert cleaner.last_event == b'{"id":1}'
+        cleaner.feed(b"]\r\n")
+        assert cleaner.last_event == b'{"id":1}'
+        # The block's only event at its start, text before it in the buffer (a newline, then not).
+        for text in (b'{"z":0}\n#{"only":1}\n', b'{"z":0}\n#[\r\n {"only":1}\n]\n'):
+            buffer = memoryview(bytearray(text))
+            cleaner = BlockCleaner("t.pfw")
+            assert cleaner.clean_in_place(buffer, 9, len(text)) == 20
+            assert cleaner.last_event == b'{"only":1}'
+            cleaner.clean_in_place(buffer, 9, 9)
+            assert cleaner.last_event == b'{"only":1}'
