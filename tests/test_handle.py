@@ -387,6 +387,23 @@ async def test_every_send_is_a_cancel_point_and_a_tight_loop_lets_others_run() -
     assert b"".join(recorder.chunks) == expected
 
 
+async def test_a_push_that_fails_is_no_schedule_point() -> None:
+    """A push whose send fails (the lane's channel is gone: ClosedError,
+    the lines stay queued) let no other task run, so it does not restart
+    the handle's count of calls since its last schedule point: the call
+    that completes SCHEDULE_EVERY calls that only queue still yields."""
+    send, receive = trio.open_memory_channel[tuple[float, bytes]](1)
+    await receive.aclose()
+    producer = Producer(send, batch_bytes=1 << 20, max_delay=1e9)  # (no schedule point for time)
+    for _ in range(SCHEDULE_EVERY - 1):
+        await producer.send_line(b"{a}")
+    with pytest.raises(ClosedError, match="nothing was taken"):
+        await producer.flush()
+    assert b"".join(producer._core.pending) == b"{a}\n" * (SCHEDULE_EVERY - 1)  # (nothing was taken)
+    with trio.testing.assert_checkpoints():  # (the count's SCHEDULE_EVERY-th call)
+        await producer.send_line(b"{b}")
+
+
 @pytest.mark.parametrize("handles", [1, 50])
 def test_a_task_that_works_between_its_calls_still_gets_max_delay(tmp_path, monkeypatch, handles: int) -> None:
     """A producer task that does blocking work between its calls (0.1 s of
