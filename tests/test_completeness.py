@@ -152,6 +152,42 @@ def test_the_cleaner_in_place_counts_too(scanner: str) -> None:
     assert (cleaner.events, cleaner.ids, end_event_claim(cleaner.last_event)) == (54, 51, 50)
 
 
+@pytest.mark.parametrize("capacity", [64, 300, 1000, 1 << 16])
+def test_each_input_of_a_run_ends_as_its_own_text_does(tmp_path, scanner: str, capacity: int) -> None:
+    """The ends an InputRun reads, through buffers of any size (64: every
+    event a line longer than the buffer): an input's last event is its own
+    (an input without events after one that ended claims nothing), and a
+    closing ``]`` read in a fill of its own leaves the end event last."""
+    from pwriter.data.inputs import InputRun, fill_step
+
+    texts = {
+        "a.pfw": b"[\n" + trace_2x(5, pid=1, end=5) + b"]\n",
+        "b.pfw": b"[\n]\n",
+        "c.pfw.gz": gzip.compress(b"[\r\n" + trace_2x(3, pid=3, end=4).replace(b"\n", b"\r\n") + b"]"),
+        "d.pfw": trace_2x(4, pid=4).rstrip(b"\n"),
+    }
+    paths = []
+    for name, data in texts.items():
+        (tmp_path / name).write_bytes(data)
+        paths.append(str(tmp_path / name))
+    run = InputRun(paths, [os.path.getsize(path) for path in paths])
+    buffer = memoryview(bytearray(capacity))
+    done = end = 0
+    try:
+        while True:
+            done, end, finished, _ = fill_step(run, buffer, done, end, capacity)
+            buffer[: end - done] = buffer[done:end]
+            done, end = 0, end - done
+            if finished:
+                break
+    finally:
+        run.close()
+    assert run.ends == [InputEnd(paths[0], 9, 5, 5), InputEnd(paths[1], 0, 0, None),
+                        InputEnd(paths[2], 7, 3, 4), InputEnd(paths[3], 7, 4, None)]
+    assert [item.why for item in incomplete_inputs(run.ends)] == [
+        "no end event", "num_events 4, read 3", "no end event"]
+
+
 # --- the merge's report ---------------------------------------------------------------------------------------------
 
 def incomplete_corpus(tmp_path) -> dict[str, str]:
