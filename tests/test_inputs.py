@@ -8,10 +8,11 @@ from __future__ import annotations
 
 import gzip
 import os
+import pathlib
 
 import pytest
 
-from pwriter.data.inputs import InputReader, InputRun, fill_step
+from pwriter.data.inputs import InputReader, InputRun, fill_step, path_list
 from pwriter.errors import DataError, InputError
 
 EVENTS = [b'{"id":%d,"name":"op","ts":%d,"args":{"k":"%s"}}' % (n, 1000 + n, b"v" * (n % 7)) for n in range(40)]
@@ -332,3 +333,20 @@ def test_input_run_reports_what_salvage_dropped(tmp_path) -> None:
         run.close()
     assert lines == EVENTS[:6]
     assert [(path, dropped) for path, _what, dropped in run.salvaged] == [(str(cut), 1)]
+
+
+def test_path_list_gives_a_new_list_of_str_and_refuses_other_items() -> None:
+    """The paths of a merge: a list of str is copied (the caller's list is
+    not the one the merge keeps), a path object becomes its str, and an
+    item that is not a str path (bytes included) is a TypeError naming it,
+    among str paths too."""
+    given = ["a.pfw", "b.pfw"]
+    listed = path_list(given, "merge")
+    assert listed == given and listed is not given
+    given.append("c.pfw")
+    assert listed == ["a.pfw", "b.pfw"]
+    assert path_list(("a.pfw", pathlib.Path("d/b.pfw")), "merge") == ["a.pfw", "d/b.pfw"]
+    assert path_list([], "merge") == []
+    for items in ([b"a.pfw"], ["a.pfw", b"b.pfw"], ["a.pfw", 3], ["a.pfw", None]):
+        with pytest.raises(TypeError, match=r"^merge\(\): inputs must be str paths, not (bytes|int|NoneType)"):
+            path_list(items, "merge")  # type: ignore[arg-type]
