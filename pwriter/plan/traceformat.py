@@ -161,15 +161,15 @@ class BlockCleaner:
         self.lines += lines
         self.events += kept
         self.ids += ids
-        if write > start:  # (_keep_last_event, with the scan's own view: one call per block, not three)
-            self.last_event = bytes(buffer[(lib.pw_rfind_newline(view, start, write - 1) + 1 or start) : write - 1])
+        if write > start:  # (the scan's own view finds the newline before the last event)
+            self._keep_last_event(buffer, start, write, lib.pw_rfind_newline(view, start, write - 1))
         return write
 
-    def _keep_last_event(self, buffer: memoryview, start: int, stop: int) -> None:
-        """Keep the last of the cleaned events ``buffer[start:stop]``, if any."""
-        if stop > start:
-            last_start = rfind_newline(buffer, start, stop - 1) + 1 or start
-            self.last_event = bytes(buffer[last_start : stop - 1])
+    def _keep_last_event(self, buffer: memoryview | bytes, start: int, stop: int, newline_before: int) -> None:
+        """Keep the last of the cleaned events ``buffer[start:stop]`` (there
+        is one), which follows the newline at ``newline_before`` (-1: none,
+        it begins at ``start``)."""
+        self.last_event = bytes(buffer[(newline_before + 1 or start) : stop - 1])
 
     def _clean_python(self, block: bytes) -> bytes:
         """:meth:`clean_in_place` without the C scanner, on a copy."""
@@ -194,8 +194,8 @@ class BlockCleaner:
         self.lines += lines
         self.events += kept
         self.ids += count_prefixed(cleaned, ID_PREFIX)
-        with memoryview(cleaned) as view:
-            self._keep_last_event(view, 0, len(cleaned))
+        if cleaned:
+            self._keep_last_event(cleaned, 0, len(cleaned), cleaned.rfind(b"\n", 0, len(cleaned) - 1))
         return cleaned
 
     def _clean_slowly(self, block: bytes, offset: int, lines_before: int) -> tuple[int, bytes]:
