@@ -394,17 +394,13 @@ class Producer:
     left.  The lines of one handle keep their order in the output.  A call
     after the handle closed raises :class:`~pwriter.errors.ClosedError`.
 
-    Every call is a cancel point and, but for a ``send_line`` or
-    ``send_lines`` that only queues (those yield once in
-    :data:`SCHEDULE_EVERY` calls, or after :data:`SCHEDULE_AFTER` of
-    ``max_delay``), a schedule point.  A call that returned accepted its lines; a
-    call that raised, cancelled included, took none of them, as trio's own
-    sends: a cancelled ``send_line``, ``send_lines`` or ``send_block``
-    leaves the lines queued before it as they were, and a cancelled
-    :meth:`flush` keeps them queued (they go with the next push or at close:
-    nothing is lost or sent twice).  So retrying a cancelled call writes its
-    lines once.  Only cancelling the writer itself discards lines, and then
-    nothing is published.
+    Every call is a cancel point and, but for a ``send_line`` or ``send_lines`` that only queues (those yield
+    at least once in :data:`SCHEDULE_EVERY` calls, or after :data:`SCHEDULE_AFTER` of ``max_delay``), a
+    schedule point.  A call that returned accepted its lines; a call that raised, cancelled included, took none
+    of them, as trio's own sends: a cancelled ``send_line``, ``send_lines`` or ``send_block`` leaves the lines
+    queued before it as they were, and a cancelled :meth:`flush` keeps them queued (they go with the next push
+    or at close: nothing is lost or sent twice).  So retrying a cancelled call writes its lines once.  Only
+    cancelling the writer itself discards lines, and then nothing is published.
 
     The writer's close: from the moment it starts, every call raises
     :class:`~pwriter.errors.ClosedError` and takes nothing; a call already
@@ -459,9 +455,13 @@ class Producer:
 
     async def _schedule_point(self) -> None:
         """Let the scheduler switch tasks (a call that queued without pushing, and is due to)."""
+        self._scheduled()
+        await trio.lowlevel.cancel_shielded_checkpoint()
+
+    def _scheduled(self) -> None:
+        """The handle passed a schedule point: the count and the time to the next one start again."""
         self._calls_unyielded = 0
         self._schedule_by = self._now() + self._schedule_after
-        await trio.lowlevel.cancel_shielded_checkpoint()
 
     async def send_lines(self, lines: Iterable[bytes]) -> None:
         """Queue many lines at once (newlines added where missing; every
@@ -550,8 +550,7 @@ class Producer:
         except (trio.ClosedResourceError, trio.BrokenResourceError):
             raise ClosedError("a send on a producer handle whose writer closed while it waited: "
                               "nothing was taken") from None
-        self._calls_unyielded = 0  # (a send into the lane's channel was a schedule point)
-        self._schedule_by = self._now() + self._schedule_after
+        self._scheduled()  # (a send into the lane's channel is a schedule point)
 
     def send_pending_nowait(self) -> bool:
         """Send the queued lines if the channel has room now; False if not
