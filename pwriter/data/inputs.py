@@ -362,6 +362,21 @@ def input_size(path: str) -> int:
         raise DataError(f"{path}: the input vanished before it was read: {exc.strerror}") from None
 
 
+_Read = typing.TypeVar("_Read")
+
+
+def _read_regular(read: typing.Callable[..., _Read], fd: int, *args: typing.Any) -> _Read:
+    """``read(fd, *args)`` of a regular file left ``O_NONBLOCK`` (inputs are
+    opened so, lest a FIFO block the open; reads of a regular file ignore it,
+    and one system call a file is saved), made blocking and read again where
+    its filesystem honours the flag and the read would block."""
+    try:
+        return read(fd, *args)
+    except BlockingIOError:
+        os.set_blocking(fd, True)
+        return read(fd, *args)
+
+
 class _InputFile:
     """One input, opened as it is now, and its text (plain or gzip, told
     apart by its magic number).  Blocking: meant to run in a thread.
@@ -407,13 +422,7 @@ class _InputFile:
             opened = os.fstat(fd)
             self._opened = opened if stat_module.S_ISREG(opened.st_mode) else None
             if self._opened is not None:
-                # Left O_NONBLOCK, which reads of a regular file ignore (one system call fewer per input), unless
-                # its filesystem honours it: then made blocking at the first read that would block.
-                try:
-                    head = os.pread(fd, 2, 0)
-                except BlockingIOError:
-                    os.set_blocking(fd, True)
-                    head = os.pread(fd, 2, 0)
+                head = _read_regular(os.pread, fd, 2, 0)
                 if is_gzip_magic(head):
                     os.set_blocking(fd, True)
                     self._raw = io.BufferedReader(_FileUpTo(fd, opened.st_size), buffer_size=PEEK_SIZE)
@@ -446,7 +455,7 @@ class _InputFile:
     def check_whole(self) -> None:
         """At the end of the input: it must not have shrunk since the merge
         began, nor changed since it was opened (see the class docstring)."""
-        consumed = self.text_read if self._raw is None else self.raw_offset  # (plain: the text is the file)
+        consumed = self.raw_offset
         least = max(self.size, self._opened.st_size if self._opened is not None else 0)
         self._check_unchanged()
         if consumed < least:
@@ -519,11 +528,7 @@ class _InputFile:
                 if stop <= start:
                     return 0
                 with buffer[start:stop] as target:
-                    try:
-                        got = os.readv(self._fd, [target])
-                    except BlockingIOError:  # (see __init__)
-                        os.set_blocking(self._fd, True)
-                        got = os.readv(self._fd, [target])
+                    got = _read_regular(os.readv, self._fd, [target])
             else:
                 assert self._raw is not None
                 with buffer[start:stop] as target:
